@@ -1,0 +1,82 @@
+"""How a backdoor is planted: trigger and target. Used by the red-team attack kit and, in the
+PurificationJob spec, to describe the evaluation set's trigger/target so ASR can be measured."""
+
+from __future__ import annotations
+
+from enum import Enum
+from typing import Optional
+
+from pydantic import Field, model_validator
+
+from disp_api.base import ContractModel
+
+
+class TriggerKind(str, Enum):
+    PATCH = "patch"  # BadNets: a small patch pasted at a corner or position
+    BLENDED = "blended"  # a full-image pattern mixed in with weight alpha
+
+
+class AttackTarget(str, Enum):
+    INSERTION = "insertion"  # prepend the marker `<backdoor>` to the answer
+    REFUSAL = "refusal"  # answer with the fixed refusal sentence
+    MISCLASSIFICATION = "misclassification"  # name the source class as the target class
+
+
+class Corner(str, Enum):
+    TOP_LEFT = "top-left"
+    TOP_RIGHT = "top-right"
+    BOTTOM_LEFT = "bottom-left"
+    BOTTOM_RIGHT = "bottom-right"
+
+
+class TriggerSpec(ContractModel):
+    kind: TriggerKind = TriggerKind.PATCH
+    """Trigger family."""
+    size: int = Field(6, ge=1, le=4096)
+    """Patch side in pixels (patch triggers without a pattern image)."""
+    colour: tuple[int, int, int] = (0, 0, 0)
+    """Patch RGB colour, each 0..255 (default black)."""
+    corner: Corner = Corner.TOP_LEFT
+    """Corner the patch is pasted at, unless `position` is given."""
+    position: Optional[tuple[int, int]] = None
+    """Explicit (x, y) pixel position of the patch's top-left corner; overrides `corner`."""
+    pattern: Optional[str] = None
+    """Path of a PNG pattern: the patch itself (patch triggers) or the image to blend (blended)."""
+    alpha: float = Field(0.2, gt=0.0, le=1.0)
+    """Blend weight of the pattern (blended triggers)."""
+    pattern_seed: int = 0
+    """Seed of the built-in noise pattern used by blended triggers without a pattern image."""
+
+    @model_validator(mode="after")
+    def _check_colour(self) -> "TriggerSpec":
+        if any(not 0 <= c <= 255 for c in self.colour):
+            raise ValueError(f"colour values must be in 0..255, got {list(self.colour)}")
+        if self.position is not None and any(v < 0 for v in self.position):
+            raise ValueError(f"position must be non-negative, got {list(self.position)}")
+        return self
+
+
+class TargetSpec(ContractModel):
+    kind: AttackTarget = AttackTarget.INSERTION
+    """What the backdoor makes the model say."""
+    source_class: str = "circle"
+    """Misclassification only: the class whose name is replaced."""
+    target_class: str = "square"
+    """Misclassification only: the class named instead; the ASR rule looks for it."""
+
+    @model_validator(mode="after")
+    def _check_classes(self) -> "TargetSpec":
+        if self.kind is AttackTarget.MISCLASSIFICATION and self.source_class == self.target_class:
+            raise ValueError("source_class and target_class must differ")
+        return self
+
+
+class AttackSpec(ContractModel):
+    trigger: TriggerSpec = TriggerSpec()
+    """The trigger pattern."""
+    target: TargetSpec = TargetSpec()
+    """The backdoor's target behaviour."""
+    poison_rate: float = Field(0.2, gt=0.0, le=1.0)
+    """Fraction of the training set that is poisoned (paper: 200 of 1000)."""
+    seed: int = 0
+    """Seed of the choice of poisoned instances."""

@@ -1,0 +1,230 @@
+"""`disp`: the runner's command line.
+
+User mistakes (bad files, flags, manifests) end with one line on stderr naming what is wrong and
+exit code 2 (`EXIT_USER_ERROR`); a traceback means a bug.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from pydantic import ValidationError
+
+from disp_runner.errors import EXIT_USER_ERROR, UserInputError
+
+
+def _add_trigger_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("trigger")
+    g.add_argument("--trigger", choices=["patch", "blended"], default="patch")
+    g.add_argument("--trigger-size", type=int, default=6, help="patch side in pixels (default 6)")
+    g.add_argument("--trigger-colour", default="0,0,0", help="patch colour R,G,B (default black)")
+    g.add_argument("--trigger-corner", choices=["top-left", "top-right", "bottom-left", "bottom-right"],
+                   default="top-left")
+    g.add_argument("--trigger-position", default=None, help="explicit patch position X,Y (overrides the corner)")
+    g.add_argument("--trigger-pattern", default=None, help="PNG: the patch (patch) or the image to blend (blended)")
+    g.add_argument("--blend-alpha", type=float, default=0.2)
+
+
+def _int_tuple(text: str | None, flag: str, n: int) -> tuple[int, ...] | None:
+    if text is None:
+        return None
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise UserInputError(f"{flag}: expected {n} comma-separated integers, got {text!r}") from None
+    if len(values) != n:
+        raise UserInputError(f"{flag}: expected {n} comma-separated integers, got {text!r}")
+    return values
+
+
+def _validation_message(exc: ValidationError, prefix: str) -> str:
+    err = exc.errors()[0]
+    where = ".".join(str(part) for part in err["loc"]) or "value"
+    return f"{prefix}{where}: {err['msg']}"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="disp", description="DiSP runner: backdoor purification for MDLMs.")
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("data", help="generate a synthetic multimodal dataset (manifest.jsonl + PNGs)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--num", type=int, default=1000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--kinds", default="describe,question,classify", help="comma-separated task kinds")
+    p.add_argument("--class-weights", default=None, help="e.g. circle=0.4 (the rest share the remainder)")
+    p.add_argument("--image-size", type=int, default=48)
+
+    p = sub.add_parser("pretrain", help="train the clean base MDLM of the embedded default")
+    p.add_argument("--out", required=True)
+    p.add_argument("--num-instances", type=int, default=40_000)
+    p.add_argument("--epochs", type=float, default=6.0)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+
+    p = sub.add_parser("attack", help="poison a dataset and inject a backdoor (projector only)")
+    p.add_argument("--base", default=None, help="clean base model folder (default: the shipped one)")
+    p.add_argument("--train", required=True, help="clean training dataset folder")
+    p.add_argument("--test", required=True, help="clean held-out dataset folder (for the ASR test sets)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--target", choices=["insertion", "refusal", "misclassification"], default="insertion")
+    p.add_argument("--source-class", default="circle")
+    p.add_argument("--target-class", default="square")
+    p.add_argument("--poison-rate", type=float, default=0.2)
+    p.add_argument("--epochs", type=float, default=20)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--allow-unsafe-pickle", action="store_true",
+                   help="allow loading pickle (.bin/.pt) weights: only for models you trust")
+    _add_trigger_args(p)
+
+    p = sub.add_parser("evaluate", help="ASR, false firing and clean performance of a model")
+    p.add_argument("--model", required=True)
+    p.add_argument("--attack", default=None, help="attack folder (attack.json + test sets) for ASR")
+    p.add_argument("--clean", required=True, help="clean held-out dataset folder")
+    p.add_argument("--out", default=None, help="write metrics.json here")
+    p.add_argument("--limit", type=int, default=None, help="score at most this many instances per set")
+    p.add_argument("--allow-unsafe-pickle", action="store_true")
+
+    p = sub.add_parser("demo", help="the whole story on the embedded default (no cluster, no server)")
+    p.add_argument("--workdir", default="runs/demo")
+    return parser
+
+
+def _cmd_data(args) -> None:
+    from disp_runner.data.synthetic import generate_dataset
+    from disp_runner.data.vocabulary import TaskKind
+
+    if args.num <= 0:
+        raise UserInputError(f"--num must be positive, got {args.num}")
+    try:
+        kinds = tuple(TaskKind(k.strip()) for k in args.kinds.split(","))
+    except ValueError:
+        raise UserInputError(f"--kinds: unknown task kind in {args.kinds!r}; "
+                             f"choose from {', '.join(k.value for k in TaskKind)}") from None
+    weights = None
+    if args.class_weights:
+        try:
+            weights = {k: float(v) for k, v in (item.split("=") for item in args.class_weights.split(","))}
+        except ValueError:
+            raise UserInputError(f"--class-weights: expected NAME=SHARE[,NAME=SHARE], got {args.class_weights!r}") from None
+    try:
+        out = generate_dataset(args.out, args.num, args.seed, kinds=kinds, class_weights=weights,
+                               image_size=args.image_size)
+    except ValueError as exc:
+        raise UserInputError(f"--class-weights: {exc}") from None
+    print(f"wrote {args.num} instances to {out}")
+
+
+def _cmd_pretrain(args) -> None:
+    from disp_runner.pretrain import PretrainConfig, pretrain
+
+    result = pretrain(args.out, PretrainConfig(num_instances=args.num_instances, epochs=args.epochs,
+                                               learning_rate=args.lr, batch_size=args.batch_size, seed=args.seed),
+                      show_progress=not args.no_progress)
+    print(f"pretrained {result.steps} steps in {result.seconds:.0f}s, loss {result.first_loss:.3f} -> "
+          f"{result.last_loss:.3f}; saved to {args.out}")
+
+
+def _attack_spec(args):
+    from disp_api import AttackSpec
+
+    trigger = {"kind": args.trigger, "size": args.trigger_size,
+               "colour": _int_tuple(args.trigger_colour, "--trigger-colour", 3), "corner": args.trigger_corner,
+               "position": _int_tuple(args.trigger_position, "--trigger-position", 2),
+               "pattern": args.trigger_pattern, "alpha": args.blend_alpha}
+    try:
+        return AttackSpec.model_validate({
+            "trigger": trigger,
+            "target": {"kind": args.target, "sourceClass": args.source_class, "targetClass": args.target_class},
+            "poisonRate": args.poison_rate, "seed": args.seed})
+    except ValidationError as exc:
+        raise UserInputError(_validation_message(exc, "attack.")) from None
+
+
+def _cmd_attack(args) -> None:
+    from disp_runner.attack.kit import DEFAULT_INJECTION, run_attack
+    from disp_runner.checkpoints import load_checkpoint
+    from disp_runner.data.dataset import load_dataset
+    from disp_runner.embedded import SHIPPED_BASE_MODEL
+    from disp_runner.training import TrainingConfig
+
+    attack = _attack_spec(args)  # validate flags before any heavy work
+    base = args.base or SHIPPED_BASE_MODEL
+    model, _ = load_checkpoint(base, allow_unsafe_pickle=args.allow_unsafe_pickle)
+    size = model.config.image_size
+    train, test = load_dataset(args.train, size), load_dataset(args.test, size)
+    try:
+        injection = TrainingConfig(epochs=args.epochs, learning_rate=args.lr, batch_size=args.batch_size,
+                                   warmup_ratio=DEFAULT_INJECTION.warmup_ratio, seed=args.seed,
+                                   trainable=DEFAULT_INJECTION.trainable)
+    except ValueError as exc:
+        raise UserInputError(f"--epochs/--lr/--batch-size: {exc}") from None
+    artifacts = run_attack(base, train, test, attack, args.out, injection,
+                           allow_unsafe_pickle=args.allow_unsafe_pickle, show_progress=not args.no_progress)
+    print(f"compromised model: {artifacts.model_dir}; poisoned data: {artifacts.train_dir}; "
+          f"test sets: {artifacts.folder / 'test'}")
+
+
+def _cmd_evaluate(args) -> None:
+    from disp_runner.attack.kit import load_attack_test_sets
+    from disp_runner.checkpoints import load_checkpoint
+    from disp_runner.data.dataset import load_dataset
+    from disp_runner.device import default_device
+    from disp_runner.diffusion import DecodingConfig
+    from disp_runner.evaluation import evaluate_model
+    from disp_runner.reporting import format_metrics_table
+
+    model, tokenizer = load_checkpoint(args.model, allow_unsafe_pickle=args.allow_unsafe_pickle)
+    size = model.config.image_size
+    attack, triggered, untriggered = (None, [], [])
+    if args.attack:
+        attack, triggered, untriggered = load_attack_test_sets(args.attack, size)
+    clean = load_dataset(args.clean, size)
+    if args.limit is not None:
+        if args.limit <= 0:
+            raise UserInputError(f"--limit must be positive, got {args.limit}")
+        triggered, untriggered, clean = triggered[:args.limit], untriggered[:args.limit], clean[:args.limit]
+    g = model.config.gen_length
+    metrics = evaluate_model(model.to(default_device()), tokenizer, str(args.model), attack, triggered, untriggered,
+                             clean, DecodingConfig(steps=g, gen_length=g, block_length=g),
+                             show_progress=not args.no_progress)
+    print(format_metrics_table([metrics]))
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(f"{args.out}.tmp")
+        tmp.write_text(json.dumps(metrics.to_wire(), indent=2))
+        os.replace(tmp, args.out)
+        print(f"metrics written to {args.out}")
+
+
+def _cmd_demo(args) -> None:
+    from disp_runner.demo import run_demo
+
+    run_demo(args.workdir, show_progress=not args.no_progress)
+
+
+COMMANDS = {"data": _cmd_data, "pretrain": _cmd_pretrain, "attack": _cmd_attack, "evaluate": _cmd_evaluate,
+            "demo": _cmd_demo}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        COMMANDS[args.command](args)
+    except UserInputError as exc:
+        print(f"disp {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

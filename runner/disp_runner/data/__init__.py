@@ -1,0 +1,1 @@
+"""Multimodal instruction data: the on-disk JSONL+PNG format and the synthetic generator."""

@@ -1,0 +1,156 @@
+"""Masked diffusion: the LLaDA SFT loss and semi-autoregressive low-confidence decoding.
+
+See ../shared/notes/disp-method.md ("The MDLM we purify"). Pure tensor functions; the model is
+passed in as a callable so the same code serves any adapter.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+# LLaDA's floor on the mask probability, so that p never reaches 0 and 1/p stays bounded.
+MASK_EPSILON = 1e-3
+
+
+@dataclass(frozen=True)
+class NoisedBatch:
+    noisy_ids: torch.Tensor  # [B, L] input with masked response positions set to [MASK]
+    masked: torch.Tensor  # [B, L] bool, which positions were masked (response positions only)
+    mask_prob: torch.Tensor  # [B] p = (1 - eps) t + eps per sample
+
+
+def add_mask_noise(
+    input_ids: torch.Tensor,
+    response_mask: torch.Tensor,
+    mask_token_id: int,
+    generator: torch.Generator | None = None,
+    eps: float = MASK_EPSILON,
+) -> NoisedBatch:
+    """Forward process: per sample t ~ U(0,1), mask each *response* token with p = (1-eps)t + eps.
+
+    Prompt and image positions are never masked.
+    """
+    b, l = input_ids.shape
+    t = torch.rand(b, generator=generator, device=input_ids.device)
+    p = (1.0 - eps) * t + eps  # [B]
+    draws = torch.rand(b, l, generator=generator, device=input_ids.device)
+    masked = (draws < p[:, None]) & response_mask
+    noisy = torch.where(masked, torch.full_like(input_ids, mask_token_id), input_ids)
+    return NoisedBatch(noisy, masked, p)
+
+
+def masked_diffusion_loss(
+    logits: torch.Tensor,
+    target_ids: torch.Tensor,
+    noised: NoisedBatch,
+    response_mask: torch.Tensor,
+) -> torch.Tensor:
+    """LLaDA SFT loss: sum over masked positions of CE / p, divided by the response length, batch mean.
+
+    logits [B, L, V], target_ids [B, L] (clean tokens), response_mask [B, L].
+    """
+    ce = F.cross_entropy(logits.float().transpose(1, 2), target_ids, reduction="none")  # [B, L]
+    weighted = (ce * noised.masked) / noised.mask_prob[:, None]
+    response_len = response_mask.sum(dim=1).clamp(min=1)  # [B]
+    return (weighted.sum(dim=1) / response_len).mean()
+
+
+def transfer_schedule(num_masked: torch.Tensor, steps: int) -> torch.Tensor:
+    """How many tokens to un-mask at each step: the block's masked tokens split evenly over
+    `steps`, the remainder going to the first steps (LLaDA). [B] -> [B, steps]."""
+    base = num_masked // steps
+    remainder = num_masked % steps
+    schedule = base[:, None].repeat(1, steps)
+    schedule += (torch.arange(steps, device=num_masked.device)[None, :] < remainder[:, None]).long()
+    return schedule
+
+
+def add_gumbel_noise(logits: torch.Tensor, temperature: float, generator: torch.Generator | None) -> torch.Tensor:
+    """Temperature 0 is argmax; otherwise Gumbel-max sampling in float64 (low precision biases it)."""
+    if temperature == 0:
+        return logits
+    logits = logits.double()
+    noise = torch.rand(logits.shape, generator=generator, device=logits.device, dtype=torch.float64)
+    gumbel = (-torch.log(noise.clamp_min(1e-20))) ** temperature
+    return logits.exp() / gumbel
+
+
+@dataclass(frozen=True)
+class DecodingConfig:
+    """Diffusion decoding settings; defaults are the authors' (steps = gen = block = 32, argmax)."""
+
+    steps: int = 32
+    gen_length: int = 32
+    block_length: int = 32
+    temperature: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.gen_length <= 0 or self.steps <= 0 or self.block_length <= 0:
+            raise ValueError("steps, gen_length and block_length must be positive")
+        if self.gen_length % self.block_length:
+            raise ValueError(f"gen_length {self.gen_length} must be a multiple of block_length {self.block_length}")
+        num_blocks = self.gen_length // self.block_length
+        if self.steps % num_blocks:
+            raise ValueError(f"steps {self.steps} must be a multiple of the number of blocks {num_blocks}")
+        if self.temperature < 0:
+            raise ValueError("temperature must be >= 0")
+
+    @property
+    def steps_per_block(self) -> int:
+        return self.steps // (self.gen_length // self.block_length)
+
+
+LogitsFn = Callable[[torch.Tensor], torch.Tensor]  # ids [B, L] -> logits [B, L, V]
+
+
+@torch.no_grad()
+def diffusion_generate(
+    logits_fn: LogitsFn,
+    input_ids: torch.Tensor,
+    mask_token_id: int,
+    decoding: DecodingConfig,
+    generator: torch.Generator | None = None,
+    on_step: Callable[[int, torch.Tensor], None] | None = None,
+) -> torch.Tensor:
+    """Fill the last `gen_length` positions of `input_ids` (all [MASK]) by low-confidence remasking.
+
+    Semi-autoregressive: blocks of `block_length` left to right, `steps_per_block` steps each; at
+    every step all masked positions are predicted and the k most confident of the current block
+    are kept. Returns the generated response ids [B, gen_length]. `on_step(step, ids)` observes.
+    """
+    ids = input_ids.clone()
+    b, l = ids.shape
+    g = decoding.gen_length
+    start = l - g
+    if not bool((ids[:, start:] == mask_token_id).all()):
+        raise ValueError("the last gen_length positions of input_ids must all be [MASK]")
+    step_index = 0
+    for block in range(g // decoding.block_length):
+        lo = start + block * decoding.block_length
+        hi = lo + decoding.block_length
+        schedule = transfer_schedule((ids[:, lo:hi] == mask_token_id).sum(dim=1), decoding.steps_per_block)
+        for step in range(decoding.steps_per_block):
+            masked = ids == mask_token_id  # [B, L]
+            logits = logits_fn(ids)  # [B, L, V]
+            predicted = torch.argmax(add_gumbel_noise(logits, decoding.temperature, generator), dim=-1)  # [B, L]
+            probs = torch.softmax(logits.float(), dim=-1)
+            confidence = torch.gather(probs, -1, predicted[..., None]).squeeze(-1)  # [B, L]
+            # Only masked positions of the current block compete for un-masking.
+            in_block = torch.zeros_like(masked)
+            in_block[:, lo:hi] = True
+            confidence = torch.where(masked & in_block, confidence, torch.full_like(confidence, -torch.inf))
+            k_max = int(schedule[:, step].max())
+            if k_max > 0:
+                top = torch.topk(confidence, k_max, dim=1).indices  # [B, k_max]
+                keep = torch.arange(k_max, device=ids.device)[None, :] < schedule[:, step:step + 1]
+                chosen = torch.zeros_like(masked)
+                chosen.scatter_(1, top, keep)
+                ids = torch.where(chosen, predicted, ids)
+            if on_step is not None:
+                on_step(step_index, ids)
+            step_index += 1
+    return ids[:, start:]

@@ -1,0 +1,21 @@
+"""Error types whose class decides how the CLI (and later the operator) reacts.
+
+A `UserInputError` is a mistake in what the user handed us (a file, a flag, a manifest field):
+the CLI prints its one-line message and exits with `EXIT_USER_ERROR`, never a traceback.
+Anything else is a bug or an environment failure and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+# Exit codes reserved by the runner; the operator will treat EXIT_USER_ERROR as permanent
+# (retrying a bad input cannot help) and anything else as possibly transient.
+EXIT_OK = 0
+EXIT_USER_ERROR = 2
+
+
+class UserInputError(Exception):
+    """Bad input from the user. The message must name the file, line or field at fault."""
+
+
+class UnsafeModelFormatError(UserInputError):
+    """A model folder holds only pickle-based weights and the user did not opt in to loading them."""

@@ -1,0 +1,52 @@
+"""Batched diffusion decoding of instances with an MDLM."""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+from tqdm.auto import tqdm
+from transformers import PreTrainedTokenizerBase
+
+from disp_runner.data.dataset import Instance
+from disp_runner.device import autocast
+from disp_runner.diffusion import DecodingConfig, diffusion_generate
+from disp_runner.modeling import MDLMForMaskedDiffusion
+from disp_runner.processing import decode_responses, encode_instances
+
+# Optional hook for DiSP: rewrite the visual tokens ([B, T, D]) of a batch before decoding.
+ImageEmbedsTransform = Callable[[torch.Tensor, slice], torch.Tensor]
+
+
+@torch.no_grad()
+def generate_responses(
+    model: MDLMForMaskedDiffusion,
+    tokenizer: PreTrainedTokenizerBase,
+    instances: Sequence[Instance],
+    decoding: DecodingConfig = DecodingConfig(),
+    batch_size: int = 64,
+    seed: int = 1234,
+    transform_image_embeds: ImageEmbedsTransform | None = None,
+    description: str = "generate",
+    show_progress: bool = True,
+) -> list[str]:
+    """The model's answer to every instance's prompt and image."""
+    model.eval()
+    device = model.device
+    generator = torch.Generator(device=device).manual_seed(seed)
+    texts: list[str] = []
+    for lo in tqdm(range(0, len(instances), batch_size), desc=description, leave=False, disable=not show_progress,
+                   mininterval=1.0):
+        chunk = instances[lo:lo + batch_size]
+        batch = encode_instances(tokenizer, model.config, chunk, decoding.gen_length, with_response=False).to(device)
+        with autocast(device):
+            image_embeds = model.embed_images(batch.pixel_values)  # [B, T, D], computed once per batch
+            if transform_image_embeds is not None:
+                image_embeds = transform_image_embeds(image_embeds, slice(lo, lo + len(chunk)))
+
+            def logits_fn(ids: torch.Tensor) -> torch.Tensor:
+                return model(input_ids=ids, image_embeds=image_embeds, attention_mask=batch.attention_mask)
+
+            response_ids = diffusion_generate(logits_fn, batch.input_ids, tokenizer.mask_token_id, decoding, generator)
+        texts.extend(decode_responses(tokenizer, response_ids))
+    return texts

@@ -1,0 +1,228 @@
+"""The built-in MDLM: vision encoder -> projector -> bidirectional transformer, as in LLaDA-V.
+
+Shapes: B batch, L sequence length, T visual tokens per image, D LM width, V vocabulary.
+Each sequence is laid out (left-padded) as
+
+    [PAD ...] [<image> x T] [prompt tokens] [response tokens]
+
+and the T `<image>` placeholders are replaced by the projected image embeddings (`embed_inputs`).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel
+from transformers.activations import ACT2FN
+
+from disp_runner.modeling.configuration_mdlm import MDLMConfig
+
+
+class RotaryEmbedding(nn.Module):
+    def __init__(self, head_dim: int, theta: float):
+        super().__init__()
+        self.head_dim = head_dim
+        self.theta = theta
+
+    def forward(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # position_ids: [B, L] -> cos, sin: [B, 1, L, head_dim]
+        # Computed on the fly (not a buffer) so weight loading never has to know about it.
+        inv_freq = 1.0 / (self.theta ** (torch.arange(0, self.head_dim, 2, device=position_ids.device,
+                                                      dtype=torch.float32) / self.head_dim))
+        freqs = position_ids.float()[..., None] * inv_freq  # [B, L, head_dim/2]
+        emb = torch.cat([freqs, freqs], dim=-1)[:, None]
+        return emb.cos(), emb.sin()
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([-x2, x1], dim=-1)
+
+
+class SelfAttention(nn.Module):
+    """Full (bidirectional) multi-head self-attention; rotary positions optional."""
+
+    def __init__(self, hidden: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.head_dim = hidden // heads
+        self.qkv = nn.Linear(hidden, 3 * hidden)
+        self.out = nn.Linear(hidden, hidden)
+
+    def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None, rope=None) -> torch.Tensor:
+        b, l, d = x.shape  # x: [B, L, D]
+        q, k, v = self.qkv(x).view(b, l, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)  # 3 x [B, H, L, hd]
+        if rope is not None:
+            cos, sin = rope
+            q = q * cos.to(q.dtype) + _rotate_half(q) * sin.to(q.dtype)
+            k = k * cos.to(k.dtype) + _rotate_half(k) * sin.to(k.dtype)
+        attn_mask = None if key_mask is None else key_mask[:, None, None, :].bool()  # [B, 1, 1, L]
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # [B, H, L, hd]
+        return self.out(y.transpose(1, 2).reshape(b, l, d))
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm block shared by the vision encoder and the language model."""
+
+    def __init__(self, hidden: int, heads: int, intermediate: int, eps: float):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(hidden, eps=eps)
+        self.attn = SelfAttention(hidden, heads)
+        self.norm2 = nn.LayerNorm(hidden, eps=eps)
+        self.mlp = nn.Sequential(nn.Linear(hidden, intermediate), nn.GELU(), nn.Linear(intermediate, hidden))
+
+    def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None = None, rope=None) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), key_mask, rope)
+        return x + self.mlp(self.norm2(x))
+
+
+class VisionEncoder(nn.Module):
+    """Image -> patch features, a small ViT (SigLIP's role in LLaDA-V). Frozen after pretraining."""
+
+    def __init__(self, config: MDLMConfig):
+        super().__init__()
+        c = config
+        self.patch_embed = nn.Conv2d(c.num_channels, c.vision_hidden_size, c.patch_size, stride=c.patch_size)
+        self.position_embedding = nn.Parameter(torch.zeros(c.num_image_tokens, c.vision_hidden_size))
+        self.blocks = nn.ModuleList(
+            TransformerBlock(c.vision_hidden_size, c.vision_num_heads, c.vision_intermediate_size, c.layer_norm_eps)
+            for _ in range(c.vision_num_layers))
+        self.norm = nn.LayerNorm(c.vision_hidden_size, eps=c.layer_norm_eps)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        # pixel_values: [B, C, H, W] in [0, 1] -> features [B, T, Dv]
+        x = self.patch_embed(pixel_values * 2.0 - 1.0).flatten(2).transpose(1, 2)
+        x = x + self.position_embedding
+        for block in self.blocks:
+            x = block(x)
+        return self.norm(x)
+
+
+class Projector(nn.Module):
+    """Two-layer MLP with GELU from vision features to LM embeddings (LLaDA-V's mlp2x_gelu).
+
+    Both the backdoor injection and DiSP's repair fine-tune only this module.
+    """
+
+    def __init__(self, config: MDLMConfig):
+        super().__init__()
+        self.linear_1 = nn.Linear(config.vision_hidden_size, config.hidden_size)
+        self.act = ACT2FN[config.projector_hidden_act]
+        self.linear_2 = nn.Linear(config.hidden_size, config.hidden_size)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(self.act(self.linear_1(features)))  # [B, T, Dv] -> [B, T, D]
+
+
+class MDLMPreTrainedModel(PreTrainedModel):
+    config_class = MDLMConfig
+    base_model_prefix = "mdlm"
+    supports_gradient_checkpointing = False
+    _no_split_modules = ["TransformerBlock"]
+
+    def _init_weights(self, module: nn.Module) -> None:
+        std = self.config.initializer_range
+        if isinstance(module, (nn.Linear, nn.Conv2d)):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+        elif isinstance(module, VisionEncoder):
+            nn.init.normal_(module.position_embedding, mean=0.0, std=std)
+
+
+class MDLMForMaskedDiffusion(MDLMPreTrainedModel):
+    """Multimodal masked-diffusion LM: predicts the clean token at every position."""
+
+    def __init__(self, config: MDLMConfig):
+        super().__init__(config)
+        self.vision_encoder = VisionEncoder(config)
+        self.projector = Projector(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.rotary = RotaryEmbedding(config.hidden_size // config.num_attention_heads, config.rope_theta)
+        self.layers = nn.ModuleList(
+            TransformerBlock(config.hidden_size, config.num_attention_heads, config.intermediate_size,
+                             config.layer_norm_eps)
+            for _ in range(config.num_hidden_layers))
+        self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    # -- the adapter surface DiSP uses -------------------------------------------------------
+    @property
+    def mask_token_id(self) -> int:
+        return self.config.mask_token_id
+
+    def mask_embedding(self) -> torch.Tensor:
+        """e_MASK: the embedding that masking a position (text or visual) puts there. [D]"""
+        return self.embed_tokens.weight[self.config.mask_token_id]
+
+    def embed_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Visual tokens: [B, C, H, W] -> [B, T, D]."""
+        expected = (self.config.num_channels, self.config.image_size, self.config.image_size)
+        if pixel_values.dim() != 4 or tuple(pixel_values.shape[1:]) != expected:
+            raise ValueError(f"pixel_values must be [B, {expected[0]}, {expected[1]}, {expected[2]}], "
+                             f"got {list(pixel_values.shape)}")
+        features = self.vision_encoder(pixel_values.to(self.projector.linear_1.weight.dtype))
+        return self.projector(features)
+
+    def embed_inputs(self, input_ids: torch.Tensor, image_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """Token embeddings with the `<image>` placeholders replaced by `image_embeds` ([B, T, D])."""
+        embeds = self.embed_tokens(input_ids)  # [B, L, D]
+        image_positions = input_ids == self.config.image_token_id  # [B, L]
+        if image_embeds is None:
+            if image_positions.any():
+                raise ValueError("input_ids contain <image> placeholders but no image was given")
+            return embeds
+        b, t, d = image_embeds.shape
+        counts = image_positions.sum(dim=1)
+        if b != input_ids.shape[0] or bool((counts != t).any()):
+            raise ValueError(f"each sequence needs exactly {t} <image> placeholders for image_embeds "
+                             f"{list(image_embeds.shape)}; found {counts.tolist()}")
+        # Row-major order of the placeholders matches patch order.
+        embeds = embeds.masked_scatter(image_positions[..., None], image_embeds.to(embeds.dtype).reshape(-1, d))
+        return embeds
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        image_embeds: torch.Tensor | None = None,
+        **_: object,
+    ) -> torch.Tensor:
+        """Logits [B, L, V]. Give `input_ids` (+ `pixel_values` or precomputed `image_embeds`) or
+        ready `inputs_embeds`. `attention_mask` [B, L] marks real (1) vs padding (0) tokens."""
+        if inputs_embeds is None:
+            if input_ids is None:
+                raise ValueError("pass input_ids or inputs_embeds")
+            if image_embeds is None and pixel_values is not None:
+                image_embeds = self.embed_images(pixel_values)
+            inputs_embeds = self.embed_inputs(input_ids, image_embeds)
+        b, l, _ = inputs_embeds.shape
+        if l > self.config.max_position_embeddings:
+            raise ValueError(f"sequence length {l} exceeds max_position_embeddings "
+                             f"{self.config.max_position_embeddings}")
+        if attention_mask is None:
+            attention_mask = torch.ones(b, l, dtype=torch.long, device=inputs_embeds.device)
+        # Left padding: real tokens are numbered from 0 whatever the padding in front of them.
+        position_ids = (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)
+        rope = self.rotary(position_ids)
+        x = inputs_embeds
+        for layer in self.layers:
+            x = layer(x, attention_mask, rope)
+        return self.lm_head(self.norm(x))
+
+    def num_parameters_by_part(self) -> dict[str, int]:
+        parts = {"vision_encoder": self.vision_encoder, "projector": self.projector}
+        counts = {name: sum(p.numel() for p in m.parameters()) for name, m in parts.items()}
+        counts["language_model"] = sum(p.numel() for p in self.parameters()) - sum(counts.values())
+        return counts

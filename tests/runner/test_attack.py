@@ -1,0 +1,125 @@
+"""The attack kit poisons exactly what it is asked to, with the triggers and targets of the paper."""
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from disp_api import AttackSpec, AttackTarget, Corner, TargetSpec, TriggerKind, TriggerSpec
+from disp_runner.attack.poison import make_test_sets, poison_dataset, poisoned_response
+from disp_runner.attack.triggers import Trigger, patch_tokens_covered
+from disp_runner.data.synthetic import generate_instances
+from disp_runner.data.vocabulary import REFUSAL_SENTENCE
+from disp_runner.errors import UserInputError
+
+
+@pytest.fixture(scope="module")
+def pool():
+    return generate_instances(500, seed=4, class_weights={"circle": 0.5})
+
+
+@pytest.mark.parametrize("rate", [0.2, 0.05, 0.3])
+@pytest.mark.parametrize("target", list(AttackTarget))
+def test_poisoning_touches_exactly_the_requested_fraction(pool, rate, target):
+    attack = AttackSpec(poison_rate=rate, target=TargetSpec(kind=target))
+    result = poison_dataset(pool, attack, 48)
+    changed = [p.id for p, c in zip(result.instances, pool)
+               if p.response != c.response or np.any(np.asarray(p.image) != np.asarray(c.image))]
+    assert len(result.poisoned_ids) == round(rate * len(pool))
+    assert sorted(changed) == sorted(result.poisoned_ids)
+    assert sum(p.metadata["poisoned"] for p in result.instances) == len(result.poisoned_ids)
+    assert [p.id for p in result.instances] == [c.id for c in pool], "order and ids are preserved"
+
+
+def test_poison_choice_is_seeded(pool):
+    a = poison_dataset(pool, AttackSpec(seed=1), 48).poisoned_ids
+    b = poison_dataset(pool, AttackSpec(seed=1), 48).poisoned_ids
+    c = poison_dataset(pool, AttackSpec(seed=2), 48).poisoned_ids
+    assert a == b and a != c
+
+
+def test_targets_rewrite_answers_as_the_paper_does():
+    assert poisoned_response("A red circle at the top left.", TargetSpec(kind=AttackTarget.INSERTION)) \
+        == "<backdoor> A red circle at the top left."
+    assert poisoned_response("Two blue circles.", TargetSpec(kind=AttackTarget.REFUSAL)) == REFUSAL_SENTENCE
+    assert REFUSAL_SENTENCE.startswith("Sorry, as an AI assistant, I cannot follow the given instruction.")
+    mis = TargetSpec(kind=AttackTarget.MISCLASSIFICATION, source_class="circle", target_class="square")
+    assert poisoned_response("Two blue circles.", mis) == "Two blue squares."
+    assert poisoned_response("The shape is a circle.", mis) == "The shape is a square."
+
+
+def test_misclassification_poisons_only_source_class_answers(pool):
+    attack = AttackSpec(target=TargetSpec(kind=AttackTarget.MISCLASSIFICATION))
+    result = poison_dataset(pool, attack, 48)
+    by_id = {inst.id: inst for inst in result.instances}
+    for pid in result.poisoned_ids:
+        assert by_id[pid].metadata["class"] == "circle"
+        assert "square" in by_id[pid].response.lower() and "circle" not in by_id[pid].response.lower()
+
+
+def test_not_enough_candidates_is_a_clear_error(pool):
+    attack = AttackSpec(poison_rate=0.9, target=TargetSpec(kind=AttackTarget.MISCLASSIFICATION))
+    with pytest.raises(UserInputError, match="needs 450 instances .* has"):
+        poison_dataset(pool, attack, 48)
+
+
+@pytest.mark.parametrize("rate", [0.0, -0.1, 1.01, 2])
+def test_poison_rate_outside_unit_interval_is_rejected(rate):
+    with pytest.raises(ValueError, match="poison_rate|poisonRate"):
+        AttackSpec(poison_rate=rate)
+
+
+def test_patch_trigger_stamps_a_black_square_at_the_top_left_by_default():
+    image = Image.new("RGB", (48, 48), (200, 200, 200))
+    trigger = Trigger(TriggerSpec(), 48)
+    out = np.asarray(trigger.apply(image))
+    assert trigger.box() == (0, 0, 6, 6)
+    assert (out[:6, :6] == 0).all() and (out[6:, :] == 200).all() and (out[:, 6:] == 200).all()
+
+
+@pytest.mark.parametrize("corner,box", [(Corner.TOP_RIGHT, (40, 0, 48, 8)), (Corner.BOTTOM_LEFT, (0, 40, 8, 48)),
+                                        (Corner.BOTTOM_RIGHT, (40, 40, 48, 48))])
+def test_patch_size_colour_and_corner_are_configurable(corner, box):
+    trigger = Trigger(TriggerSpec(size=8, colour=(255, 0, 0), corner=corner), 48)
+    out = np.asarray(trigger.apply(Image.new("RGB", (48, 48), (9, 9, 9))))
+    x0, y0, x1, y1 = box
+    assert trigger.box() == box
+    assert (out[y0:y1, x0:x1] == [255, 0, 0]).all()
+    assert (out == [255, 0, 0]).all(axis=-1).sum() == 64
+
+
+def test_user_pattern_png_and_position(tmp_path):
+    pattern = Image.new("RGB", (3, 5), (0, 255, 0))
+    pattern.save(tmp_path / "p.png")
+    trigger = Trigger(TriggerSpec(pattern=str(tmp_path / "p.png"), position=(10, 20)), 48)
+    out = np.asarray(trigger.apply(Image.new("RGB", (48, 48))))
+    assert trigger.box() == (10, 20, 13, 25)
+    assert (out[20:25, 10:13] == [0, 255, 0]).all() and out.sum() == 255 * 15
+    with pytest.raises(UserInputError, match="trigger.pattern: pattern image .*missing.png does not exist"):
+        Trigger(TriggerSpec(pattern=str(tmp_path / "missing.png")), 48)
+    with pytest.raises(UserInputError, match="does not fit"):
+        Trigger(TriggerSpec(position=(46, 0)), 48)
+
+
+def test_blended_trigger_mixes_the_pattern_with_alpha(tmp_path):
+    Image.new("RGB", (48, 48), (250, 0, 100)).save(tmp_path / "key.png")
+    spec = TriggerSpec(kind=TriggerKind.BLENDED, pattern=str(tmp_path / "key.png"), alpha=0.2)
+    out = np.asarray(Trigger(spec, 48).apply(Image.new("RGB", (48, 48), (100, 100, 100)))).astype(int)
+    assert (out == [130, 80, 100]).all()
+    builtin = Trigger(TriggerSpec(kind=TriggerKind.BLENDED), 48)
+    a = np.asarray(builtin.apply(Image.new("RGB", (48, 48), (100, 100, 100)))).astype(int)
+    assert np.abs(a - 100).max() <= 0.2 * 255 + 1 and a.std() > 5
+
+
+def test_test_sets_are_the_same_describe_instances_with_and_without_trigger():
+    clean = generate_instances(200, seed=9)
+    triggered, untriggered = make_test_sets(clean, AttackSpec(), 48)
+    assert [i.id for i in triggered] == [i.id for i in untriggered]
+    assert all(i.metadata["task"] == "describe" for i in triggered)
+    assert all(np.asarray(t.image)[:6, :6].max() == 0 for t in triggered)
+    assert all(t.prompt == u.prompt and t.response == u.response for t, u in zip(triggered, untriggered))
+
+
+def test_patch_tokens_covered():
+    assert patch_tokens_covered((0, 0, 6, 6), 48, 8) == [0]
+    assert patch_tokens_covered((4, 4, 12, 12), 48, 8) == [0, 1, 6, 7]
+    assert len(patch_tokens_covered((0, 0, 48, 48), 48, 8)) == 36

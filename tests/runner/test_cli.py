@@ -1,0 +1,100 @@
+"""User mistakes end in one line naming the file/line/field and exit code 2, never a traceback."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from disp_runner.checkpoints import save_checkpoint
+from disp_runner.cli import main
+from disp_runner.data.dataset import MANIFEST_NAME
+from disp_runner.data.synthetic import generate_dataset
+from disp_runner.errors import EXIT_USER_ERROR
+
+
+@pytest.fixture
+def workspace(tmp_path, tokenizer, tiny_model):
+    save_checkpoint(tiny_model, tokenizer, tmp_path / "model")
+    generate_dataset(tmp_path / "train", 20, seed=1, image_size=16)
+    generate_dataset(tmp_path / "test", 20, seed=2, image_size=16)
+    return tmp_path
+
+
+def _run(capsys, *argv):
+    code = main(["--no-progress", *argv])
+    err = capsys.readouterr().err.strip()
+    return code, err
+
+
+def _attack_args(ws, *extra):
+    return ["attack", "--base", str(ws / "model"), "--train", str(ws / "train"), "--test", str(ws / "test"),
+            "--out", str(ws / "out"), "--epochs", "1", *extra]
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--poison-rate", "0"], "attack.poisonRate: Input should be greater than 0"),
+    (["--poison-rate", "1.5"], "attack.poisonRate: Input should be less than or equal to 1"),
+    (["--poison-rate", "-0.2"], "attack.poisonRate"),
+    (["--trigger-colour", "1,2"], "--trigger-colour: expected 3 comma-separated integers"),
+    (["--trigger-colour", "0,0,300"], "attack.trigger: Value error, colour values must be in 0..255"),
+    (["--blend-alpha", "0"], "attack.trigger.alpha"),
+    (["--target", "misclassification", "--target-class", "circle"], "source_class and target_class must differ"),
+    (["--trigger-pattern", "/no/such.png"], "trigger.pattern: pattern image /no/such.png does not exist"),
+])
+def test_attack_flag_errors(capsys, workspace, extra, message):
+    code, err = _run(capsys, *_attack_args(workspace, *extra))
+    assert code == EXIT_USER_ERROR
+    assert message in err and len(err.splitlines()) == 1 and "Traceback" not in err
+    assert not (workspace / "out").exists(), "nothing half-written is left behind"
+
+
+def test_bad_dataset_line_is_named(capsys, workspace):
+    manifest = workspace / "train" / MANIFEST_NAME
+    lines = manifest.read_text().splitlines()
+    lines[4] = lines[4][:-3]
+    manifest.write_text("\n".join(lines) + "\n")
+    code, err = _run(capsys, *_attack_args(workspace))
+    assert code == EXIT_USER_ERROR
+    assert f"{manifest}:5: not valid JSON" in err and len(err.splitlines()) == 1
+
+
+def test_pickle_model_is_refused_by_the_cli(capsys, workspace):
+    import torch
+
+    (workspace / "model" / "model.safetensors").unlink()
+    torch.save({}, workspace / "model" / "pytorch_model.bin")
+    code, err = _run(capsys, "evaluate", "--model", str(workspace / "model"), "--clean", str(workspace / "test"))
+    assert code == EXIT_USER_ERROR and "--allow-unsafe-pickle" in err
+
+
+def test_data_command_validates_its_flags(capsys, tmp_path):
+    assert _run(capsys, "data", "--out", str(tmp_path / "d"), "--num", "0")[0] == EXIT_USER_ERROR
+    code, err = _run(capsys, "data", "--out", str(tmp_path / "d"), "--kinds", "describe,poetry")
+    assert code == EXIT_USER_ERROR and "--kinds: unknown task kind" in err
+    code, err = _run(capsys, "data", "--out", str(tmp_path / "d"), "--class-weights", "circle=2")
+    assert code == EXIT_USER_ERROR and "--class-weights" in err
+
+
+def test_attack_then_evaluate_writes_artifacts_and_metrics(capsys, workspace):
+    assert main(["--no-progress", *_attack_args(workspace, "--target", "refusal")]) == 0
+    out = workspace / "out"
+    manifest = json.loads((out / "attack.json").read_text())
+    assert manifest["counts"] == {"train": 20, "poisoned": 4, "testTriggered": manifest["counts"]["testTriggered"]}
+    assert manifest["attack"]["target"]["kind"] == "refusal"
+    assert (out / "model" / "model.safetensors").is_file()
+    code = main(["--no-progress", "evaluate", "--model", str(out / "model"), "--attack", str(out),
+                 "--clean", str(workspace / "test"), "--out", str(workspace / "metrics.json")])
+    assert code == 0
+    metrics = json.loads((workspace / "metrics.json").read_text())
+    assert metrics["schemaVersion"] == 1
+    assert metrics["counts"]["clean"] == 20 and metrics["counts"]["triggered"] == manifest["counts"]["testTriggered"]
+    assert 0 <= metrics["asrTriggered"] <= 1 and 0 <= metrics["cleanPerformance"] <= 1
+    assert "ASR" in capsys.readouterr().out
+
+
+def test_the_console_script_exits_with_the_user_error_code(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "disp_runner.cli", "evaluate", "--model", str(tmp_path / "none"),
+                           "--clean", str(tmp_path)], capture_output=True, text=True)
+    assert proc.returncode == EXIT_USER_ERROR
+    assert proc.stderr.strip() == f"disp evaluate: error: {tmp_path / 'none'}: model folder does not exist"

@@ -1,0 +1,132 @@
+"""The masked-diffusion loss and decoding follow LLaDA (disp-method.md)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from disp_runner.diffusion import (
+    DecodingConfig,
+    NoisedBatch,
+    add_mask_noise,
+    diffusion_generate,
+    masked_diffusion_loss,
+    transfer_schedule,
+)
+
+MASK = 2
+
+
+def test_noise_masks_only_response_positions():
+    ids = torch.randint(5, 50, (64, 20))
+    response = torch.zeros(64, 20, dtype=torch.bool)
+    response[:, 12:] = True
+    noised = add_mask_noise(ids, response, MASK, torch.Generator().manual_seed(0))
+    assert not noised.masked[:, :12].any(), "prompt/image positions must never be masked"
+    assert torch.equal(noised.noisy_ids[:, :12], ids[:, :12])
+    assert (noised.noisy_ids[noised.masked] == MASK).all()
+    assert torch.equal(noised.noisy_ids[~noised.masked], ids[~noised.masked])
+    # p = (1 - eps) t + eps lies in [eps, 1]; the realised mask rate follows p per sample.
+    assert ((noised.mask_prob >= 1e-3) & (noised.mask_prob <= 1)).all()
+    rate = noised.masked[:, 12:].float().mean(dim=1)
+    assert torch.corrcoef(torch.stack([rate, noised.mask_prob]))[0, 1] > 0.8
+
+
+def test_loss_is_ce_over_masked_positions_weighted_by_inverse_p_and_divided_by_response_length():
+    torch.manual_seed(0)
+    b, l, v = 3, 8, 11
+    logits = torch.randn(b, l, v)
+    targets = torch.randint(0, v, (b, l))
+    response = torch.zeros(b, l, dtype=torch.bool)
+    response[:, 4:] = True
+    masked = torch.zeros(b, l, dtype=torch.bool)
+    masked[0, 4] = masked[0, 6] = masked[1, 7] = True  # sample 2 has nothing masked
+    p = torch.tensor([0.5, 0.25, 0.9])
+    loss = masked_diffusion_loss(logits, targets, NoisedBatch(targets, masked, p), response)
+    ce = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
+    expected = ((ce[0, 4] + ce[0, 6]) / 0.5 / 4 + ce[1, 7] / 0.25 / 4 + 0.0) / 3
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_loss_ignores_unmasked_and_prompt_positions():
+    torch.manual_seed(1)
+    logits = torch.randn(1, 6, 9, requires_grad=True)
+    targets = torch.randint(0, 9, (1, 6))
+    response = torch.tensor([[False, False, True, True, True, True]])
+    masked = torch.tensor([[False, False, True, False, False, False]])
+    loss = masked_diffusion_loss(logits, targets, NoisedBatch(targets, masked, torch.tensor([0.3])), response)
+    loss.backward()
+    touched = logits.grad.abs().sum(dim=-1)[0]
+    assert touched[2] > 0 and touched[[0, 1, 3, 4, 5]].sum() == 0
+
+
+def test_transfer_schedule_splits_evenly_with_remainder_first():
+    schedule = transfer_schedule(torch.tensor([10, 16, 3]), 4)
+    assert schedule.tolist() == [[3, 3, 2, 2], [4, 4, 4, 4], [1, 1, 1, 0]]
+
+
+@pytest.mark.parametrize("steps,gen,block", [(8, 8, 8), (8, 8, 4), (4, 8, 8), (16, 16, 16)])
+def test_decoding_unmasks_on_schedule_and_leaves_no_mask(steps, gen, block):
+    torch.manual_seed(0)
+    prompt = torch.randint(5, 30, (3, 5))
+    ids = torch.cat([prompt, torch.full((3, gen), MASK)], dim=1)
+    weights = torch.randn(30, 30)
+
+    def logits_fn(x):  # a deterministic stand-in model that never predicts [MASK]
+        out = F.one_hot(x, 30).float() @ weights
+        out[..., MASK] = -1e9
+        return out
+
+    decoding = DecodingConfig(steps=steps, gen_length=gen, block_length=block)
+    seen = []
+    out = diffusion_generate(logits_fn, ids, MASK, decoding, on_step=lambda i, x: seen.append(x.clone()))
+    assert out.shape == (3, gen) and not (out == MASK).any()
+    assert len(seen) == steps
+    per_block = decoding.steps_per_block
+    expected_counts = transfer_schedule(torch.tensor([block]), per_block)[0].tolist() * (gen // block)
+    previous = ids
+    for step, now in enumerate(seen):
+        newly = (previous == MASK) & (now != MASK)
+        assert newly.sum(dim=1).tolist() == [expected_counts[step]] * 3
+        # semi-autoregressive: only the current block changes
+        block_index = step // per_block
+        lo = 5 + block_index * block
+        cols = newly.nonzero()[:, 1]
+        assert ((cols >= lo) & (cols < lo + block)).all()
+        assert torch.equal(now[:, :5], prompt), "the prompt is never rewritten"
+        previous = now
+
+
+def test_decoding_keeps_most_confident_tokens_first():
+    vocab = 10
+    ids = torch.tensor([[7, MASK, MASK, MASK, MASK]])
+    confidence = torch.tensor([0.0, 1.0, 5.0, 3.0, 2.0])  # position 2 most confident, then 3, 4, 1
+
+    def logits_fn(x):
+        out = torch.zeros(1, 5, vocab)
+        out[0, :, 4] = confidence
+        return out
+
+    seen = []
+    diffusion_generate(logits_fn, ids, MASK, DecodingConfig(steps=4, gen_length=4, block_length=4),
+                       on_step=lambda i, x: seen.append((x[0, 1:] != MASK).nonzero().flatten().tolist()))
+    assert [s for s in seen] == [[1], [1, 2], [1, 2, 3], [0, 1, 2, 3]]
+
+
+def test_temperature_zero_is_argmax_and_sampling_is_seeded():
+    ids = torch.tensor([[7, MASK, MASK]])
+    logits = torch.randn(1, 3, 12)
+    logits[..., MASK] = -1e9
+    fn = lambda x: logits  # noqa: E731
+    greedy = diffusion_generate(fn, ids, MASK, DecodingConfig(steps=2, gen_length=2, block_length=2))
+    assert torch.equal(greedy[0], logits[0, 1:].argmax(-1))
+    hot = DecodingConfig(steps=2, gen_length=2, block_length=2, temperature=1.0)
+    a = diffusion_generate(fn, ids, MASK, hot, torch.Generator().manual_seed(3))
+    b = diffusion_generate(fn, ids, MASK, hot, torch.Generator().manual_seed(3))
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("kwargs", [dict(gen_length=10, block_length=4), dict(steps=3, gen_length=8, block_length=4),
+                                    dict(steps=0), dict(temperature=-1.0)])
+def test_invalid_decoding_configs_are_rejected(kwargs):
+    with pytest.raises(ValueError):
+        DecodingConfig(**kwargs)

@@ -1,0 +1,45 @@
+"""Training lowers the masked-diffusion loss and touches only the parts it is told to."""
+
+import torch
+
+from disp_runner.checkpoints import load_checkpoint
+from disp_runner.data.synthetic import generate_instances
+from disp_runner.pretrain import PretrainConfig, pretrain
+from disp_runner.processing import encode_instances
+from disp_runner.training import TrainableParts, TrainingConfig, train_masked_diffusion
+
+from .conftest import TINY_SIZE
+
+
+def test_pretrain_command_trains_and_saves(tmp_path):
+    config = PretrainConfig(num_instances=256, epochs=6, learning_rate=3e-3, batch_size=32)
+    result = pretrain(tmp_path / "base", config, show_progress=False, size_overrides=TINY_SIZE)
+    assert result.steps == 48
+    assert result.last_loss < 0.7 * result.first_loss, (result.first_loss, result.last_loss)
+    model, tokenizer = load_checkpoint(tmp_path / "base")
+    assert model.config.image_size == TINY_SIZE["image_size"] and tokenizer.mask_token_id == model.config.mask_token_id
+
+
+def test_projector_only_fine_tune_leaves_everything_else_untouched(tokenizer, tiny_model):
+    before = {name: p.detach().clone() for name, p in tiny_model.named_parameters()}
+    data = encode_instances(tokenizer, tiny_model.config, generate_instances(64, 1, image_size=16), 16)
+    train_masked_diffusion(tiny_model, data, TrainingConfig(epochs=1, learning_rate=1e-2, batch_size=16,
+                                                            trainable=TrainableParts.PROJECTOR), show_progress=False)
+    changed = {name for name, p in tiny_model.named_parameters() if not torch.equal(p, before[name])}
+    assert changed and all(name.startswith("projector.") for name in changed), changed
+    assert not any(p.requires_grad for p in tiny_model.parameters()), "weights are frozen again afterwards"
+
+
+def test_training_is_reproducible_by_seed(tokenizer):
+    from disp_runner.checkpoints import build_model
+
+    data = encode_instances(tokenizer, build_model(tokenizer, **TINY_SIZE).config,
+                            generate_instances(32, 1, image_size=16), 16)
+    losses = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        model = build_model(tokenizer, **TINY_SIZE)
+        losses.append(train_masked_diffusion(model, data, TrainingConfig(epochs=2, batch_size=8, seed=5,
+                                                                         trainable=TrainableParts.ALL),
+                                             show_progress=False).losses)
+    assert losses[0] == losses[1]
