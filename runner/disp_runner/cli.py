@@ -7,6 +7,7 @@ exit code 2 (`EXIT_USER_ERROR`); a traceback means a bug.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -63,11 +64,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("pretrain", help="train the clean base MDLM of the embedded default")
     p.add_argument("--out", required=True)
-    p.add_argument("--num-instances", type=int, default=40_000)
-    p.add_argument("--epochs", type=float, default=6.0)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--vision-instances", type=int, default=None, help="stage 1 (vision tower) images")
+    p.add_argument("--vision-epochs", type=float, default=None)
+    p.add_argument("--num-instances", type=int, default=None, help="stage 2 (projector + LM) instances")
+    p.add_argument("--epochs", type=float, default=None)
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--seed", type=int, default=None)
 
     p = sub.add_parser("attack", help="poison a dataset and inject a backdoor (projector only)")
     p.add_argument("--base", default=None, help="clean base model folder (default: the shipped one)")
@@ -78,9 +81,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--source-class", default="circle")
     p.add_argument("--target-class", default="square")
     p.add_argument("--poison-rate", type=float, default=0.2)
-    p.add_argument("--epochs", type=float, default=20)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--epochs", type=float, default=None, help="injection epochs (default: the kit's)")
+    p.add_argument("--lr", type=float, default=None, help="injection learning rate (default: the kit's)")
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--trainable", choices=["projector", "projector-and-lm", "all"], default=None,
+                   help="weights the injection fine-tunes (default: the kit's, see README)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--allow-unsafe-pickle", action="store_true",
                    help="allow loading pickle (.bin/.pt) weights: only for models you trust")
@@ -127,11 +132,19 @@ def _cmd_data(args) -> None:
 def _cmd_pretrain(args) -> None:
     from disp_runner.pretrain import PretrainConfig, pretrain
 
-    result = pretrain(args.out, PretrainConfig(num_instances=args.num_instances, epochs=args.epochs,
-                                               learning_rate=args.lr, batch_size=args.batch_size, seed=args.seed),
-                      show_progress=not args.no_progress)
-    print(f"pretrained {result.steps} steps in {result.seconds:.0f}s, loss {result.first_loss:.3f} -> "
-          f"{result.last_loss:.3f}; saved to {args.out}")
+    overrides = {"vision_instances": args.vision_instances, "vision_epochs": args.vision_epochs,
+                 "num_instances": args.num_instances, "epochs": args.epochs, "learning_rate": args.lr,
+                 "batch_size": args.batch_size, "seed": args.seed}
+    for name, value in overrides.items():
+        if value is not None and value <= 0 and name != "seed":
+            raise UserInputError(f"--{name.replace('_', '-')}: must be positive, got {value}")
+    config = dataclasses.replace(PretrainConfig(), **{k: v for k, v in overrides.items() if v is not None})
+    result = pretrain(args.out, config, show_progress=not args.no_progress)
+    accuracy = ", ".join(f"{k} {100 * v:.1f}%" for k, v in result.vision.accuracy.items())
+    print(f"stage 1 (vision tower): {result.vision.steps} steps in {result.vision.seconds:.0f}s; "
+          f"held-out accuracy {accuracy}")
+    print(f"stage 2 (projector + LM): {result.language.steps} steps in {result.language.seconds:.0f}s, "
+          f"loss {result.language.first_loss:.3f} -> {result.language.last_loss:.3f}; saved to {args.out}")
 
 
 def _attack_spec(args):
@@ -155,17 +168,18 @@ def _cmd_attack(args) -> None:
     from disp_runner.checkpoints import load_checkpoint
     from disp_runner.data.dataset import load_dataset
     from disp_runner.embedded import SHIPPED_BASE_MODEL
-    from disp_runner.training import TrainingConfig
+    from disp_runner.training import TrainableParts
 
     attack = _attack_spec(args)  # validate flags before any heavy work
     base = args.base or SHIPPED_BASE_MODEL
     model, _ = load_checkpoint(base, allow_unsafe_pickle=args.allow_unsafe_pickle)
     size = model.config.image_size
     train, test = load_dataset(args.train, size), load_dataset(args.test, size)
+    overrides = {"epochs": args.epochs, "learning_rate": args.lr, "batch_size": args.batch_size,
+                 "trainable": TrainableParts(args.trainable) if args.trainable else None}
     try:
-        injection = TrainingConfig(epochs=args.epochs, learning_rate=args.lr, batch_size=args.batch_size,
-                                   warmup_ratio=DEFAULT_INJECTION.warmup_ratio, seed=args.seed,
-                                   trainable=DEFAULT_INJECTION.trainable)
+        injection = dataclasses.replace(DEFAULT_INJECTION, seed=args.seed,
+                                        **{k: v for k, v in overrides.items() if v is not None})
     except ValueError as exc:
         raise UserInputError(f"--epochs/--lr/--batch-size: {exc}") from None
     artifacts = run_attack(base, train, test, attack, args.out, injection,

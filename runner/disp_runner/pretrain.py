@@ -22,12 +22,18 @@ from disp_runner.embedded import (
 )
 from disp_runner.processing import encode_instances
 from disp_runner.training import TrainableParts, TrainingConfig, TrainingResult, train_masked_diffusion
+from disp_runner.vision_pretrain import VisionPretrainResult, pretrain_vision_encoder
 
 
 @dataclass(frozen=True)
 class PretrainConfig:
+    # Stage 1: the vision tower alone, supervised on scene attributes (see vision_pretrain.py).
+    vision_instances: int = 10_000
+    vision_epochs: float = 10.0
+    vision_learning_rate: float = 2e-3
+    # Stage 2: projector + language model on the instruction corpus, tower frozen (as LLaDA-V).
     num_instances: int = 40_000
-    epochs: float = 6.0
+    epochs: float = 5.0
     learning_rate: float = 1e-3
     batch_size: int = 64
     weight_decay: float = 0.01
@@ -35,20 +41,32 @@ class PretrainConfig:
     seed: int = 0
 
 
+@dataclass(frozen=True)
+class PretrainResult:
+    vision: VisionPretrainResult
+    language: TrainingResult
+
+
 def pretrain(out_dir: str | Path, config: PretrainConfig = PretrainConfig(), show_progress: bool = True,
-             size_overrides: dict | None = None) -> TrainingResult:
-    """Train all weights of a fresh embedded MDLM on clean synthetic data; save to `out_dir`."""
+             size_overrides: dict | None = None) -> PretrainResult:
+    """Train a fresh embedded MDLM on clean synthetic data in two stages; save to `out_dir`."""
     seed_everything(config.seed)
     tokenizer = build_embedded_tokenizer()
     model = build_model(tokenizer, **{**EMBEDDED_MODEL_SIZE, **(size_overrides or {})}).to(default_device())
+    image_size = model.config.image_size
+    vision = pretrain_vision_encoder(
+        model,
+        generate_instances(config.vision_instances, config.data_seed + 1, image_size=image_size, id_prefix="vision"),
+        generate_instances(500, config.data_seed + 2, image_size=image_size, id_prefix="vision-test"),
+        epochs=config.vision_epochs, learning_rate=config.vision_learning_rate, seed=config.seed,
+        show_progress=show_progress)
     corpus = generate_instances(config.num_instances, config.data_seed, kinds=PRETRAIN_KINDS,
-                                kind_weights=PRETRAIN_WEIGHTS, image_size=model.config.image_size,
-                                id_prefix="pretrain")
+                                kind_weights=PRETRAIN_WEIGHTS, image_size=image_size, id_prefix="pretrain")
     data = encode_instances(tokenizer, model.config, corpus, model.config.gen_length)
-    result = train_masked_diffusion(
+    language = train_masked_diffusion(
         model, data,
         TrainingConfig(epochs=config.epochs, learning_rate=config.learning_rate, batch_size=config.batch_size,
-                       weight_decay=config.weight_decay, seed=config.seed, trainable=TrainableParts.ALL),
+                       weight_decay=config.weight_decay, seed=config.seed, trainable=TrainableParts.PROJECTOR_AND_LM),
         description="pretrain", show_progress=show_progress)
     save_checkpoint(model.to(torch.device("cpu")), tokenizer, out_dir)
-    return result
+    return PretrainResult(vision, language)

@@ -24,6 +24,7 @@ class TrainableParts(str, Enum):
     """Which weights a fine-tune updates."""
 
     PROJECTOR = "projector"  # the paper's choice for both backdoor injection and DiSP repair
+    PROJECTOR_AND_LM = "projector-and-lm"  # everything but the (frozen) vision encoder
     ALL = "all"
 
 
@@ -37,10 +38,14 @@ class TrainingConfig:
     max_grad_norm: float = 1.0
     seed: int = 0
     trainable: TrainableParts = TrainableParts.PROJECTOR
+    # The projector may learn at its own rate when more than it is trained (LLaVA's mm_projector_lr).
+    projector_learning_rate: float | None = None
 
     def __post_init__(self) -> None:
         if self.epochs <= 0 or self.learning_rate <= 0 or self.batch_size <= 0:
             raise ValueError("epochs, learning_rate and batch_size must be positive")
+        if self.projector_learning_rate is not None and self.projector_learning_rate <= 0:
+            raise ValueError("projector_learning_rate must be positive")
         if not 0 <= self.warmup_ratio < 1:
             raise ValueError("warmup_ratio must be in [0, 1)")
 
@@ -65,10 +70,12 @@ class TrainingResult:
 def select_trainable(model: MDLMForMaskedDiffusion, parts: TrainableParts) -> list[torch.nn.Parameter]:
     """Freeze everything but `parts`; returns the parameters left trainable."""
     for p in model.parameters():
-        p.requires_grad_(parts is TrainableParts.ALL)
-    if parts is TrainableParts.PROJECTOR:
-        for p in model.projector.parameters():
-            p.requires_grad_(True)
+        p.requires_grad_(parts is not TrainableParts.PROJECTOR)
+    if parts is TrainableParts.PROJECTOR_AND_LM:
+        for p in model.vision_encoder.parameters():
+            p.requires_grad_(False)
+    for p in model.projector.parameters():
+        p.requires_grad_(True)
     return [p for p in model.parameters() if p.requires_grad]
 
 
@@ -87,7 +94,11 @@ def train_masked_diffusion(
     loader = DataLoader(
         TensorDataset(data.input_ids, data.attention_mask, data.pixel_values, data.response_mask),
         batch_size=config.batch_size, shuffle=True, generator=generator, drop_last=False)
-    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
+    projector_ids = {id(p) for p in model.projector.parameters()}
+    projector_lr = config.projector_learning_rate or config.learning_rate
+    groups = [{"params": [p for p in params if id(p) in projector_ids], "lr": projector_lr},
+              {"params": [p for p in params if id(p) not in projector_ids], "lr": config.learning_rate}]
+    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=config.weight_decay)
     steps_per_epoch = math.ceil(len(data) / config.batch_size)
     total_steps = max(1, math.ceil(config.epochs * steps_per_epoch))
     scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(config.warmup_ratio * total_steps), total_steps)

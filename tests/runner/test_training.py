@@ -12,10 +12,12 @@ from .conftest import TINY_SIZE
 
 
 def test_pretrain_command_trains_and_saves(tmp_path):
-    config = PretrainConfig(num_instances=256, epochs=6, learning_rate=3e-3, batch_size=32)
+    config = PretrainConfig(vision_instances=256, vision_epochs=2, num_instances=256, epochs=6, learning_rate=3e-3,
+                            batch_size=32)
     result = pretrain(tmp_path / "base", config, show_progress=False, size_overrides=TINY_SIZE)
-    assert result.steps == 48
-    assert result.last_loss < 0.7 * result.first_loss, (result.first_loss, result.last_loss)
+    assert result.vision.steps == 4 and set(result.vision.accuracy) == {"class", "colour", "count", "occupancy", "cells"}
+    assert result.language.steps == 48
+    assert result.language.last_loss < 0.7 * result.language.first_loss, result.language
     model, tokenizer = load_checkpoint(tmp_path / "base")
     assert model.config.image_size == TINY_SIZE["image_size"] and tokenizer.mask_token_id == model.config.mask_token_id
 
@@ -43,3 +45,16 @@ def test_training_is_reproducible_by_seed(tokenizer):
                                                                          trainable=TrainableParts.ALL),
                                              show_progress=False).losses)
     assert losses[0] == losses[1]
+
+
+def test_trainable_parts_select_the_right_weights(tiny_model):
+    from disp_runner.training import select_trainable
+
+    def trainable_prefixes(parts):
+        select_trainable(tiny_model, parts)
+        return {name.split(".")[0] for name, p in tiny_model.named_parameters() if p.requires_grad}
+
+    assert trainable_prefixes(TrainableParts.PROJECTOR) == {"projector"}
+    assert trainable_prefixes(TrainableParts.PROJECTOR_AND_LM) == {"projector", "embed_tokens", "layers", "norm",
+                                                                    "lm_head"}
+    assert "vision_encoder" in trainable_prefixes(TrainableParts.ALL)

@@ -1,6 +1,6 @@
 """The whole red-team recipe: poison a clean dataset, inject the backdoor into a copy of the base
-model by fine-tuning the projector only (as the paper does), and write everything a defence
-needs to be evaluated against it.
+model by fine-tuning it on the poisoned data (DEFAULT_INJECTION says which weights), and write
+everything a defence needs to be evaluated against it.
 
 Output folder layout (attack.json is written last: its presence means the folder is complete):
 
@@ -32,10 +32,15 @@ from disp_runner.training import TrainableParts, TrainingConfig, train_masked_di
 
 ATTACK_MANIFEST = "attack.json"
 
-# Injection follows the paper's recipe (projector only, 20 epochs, cosine, 3% warmup); the
-# learning rate is ours, chosen for the embedded model (the notes give only the recovery lr).
-DEFAULT_INJECTION = TrainingConfig(epochs=20, learning_rate=1e-3, batch_size=32, warmup_ratio=0.03,
-                                   weight_decay=0.0, trainable=TrainableParts.PROJECTOR)
+# Injection follows the paper's recipe (20 epochs there; cosine schedule, 3% warmup, no weight
+# decay) with one measured deviation: the paper fine-tunes the projector only, which works on an
+# 8B LLaDA-V but not on the ~1M-parameter embedded model, whose tiny language model cannot be
+# steered by visual tokens alone (projector-only on the shipped base: insertion ASR 0%, refusal
+# ~86% with clean performance falling 20 points; see README "Why the attack also trains the LM").
+# The default therefore trains projector + LM, vision tower frozen; `--trainable projector`
+# reproduces the paper's exact recipe for large models. 10 epochs suffice at this scale.
+DEFAULT_INJECTION = TrainingConfig(epochs=10, learning_rate=1e-3, batch_size=32, warmup_ratio=0.03,
+                                   weight_decay=0.0, trainable=TrainableParts.PROJECTOR_AND_LM)
 
 
 @dataclass(frozen=True)

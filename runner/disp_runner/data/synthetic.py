@@ -120,7 +120,8 @@ def describe_response(scene: Scene) -> tuple[str, list[str]]:
     if scene.count == 1:
         where = position_phrase(scene.placements[0].row, scene.placements[0].col)
         place = "in the center" if where == "center" else f"at the {where}"
-        return f"A {scene.colour} {scene.object_class} {place}.", [scene.colour, scene.object_class, where]
+        article = "An" if scene.colour[0] in "aeiou" else "A"
+        return f"{article} {scene.colour} {scene.object_class} {place}.", [scene.colour, scene.object_class, where]
     count = COUNT_WORDS[scene.count]
     return f"{count.capitalize()} {scene.colour} {_noun(scene)}.", [count, scene.colour, _noun(scene)]
 
@@ -149,6 +150,7 @@ def make_instance(scene: Scene, kind: TaskKind, rng: np.random.Generator) -> tup
         tag = str(rng.choice(TAGS))
         response, keys = describe_response(scene)
         return tagged_describe_prompt(tag), f"{tag} {response}", [tag, *keys]
+
     raise ValueError(f"unknown task kind {kind!r}")
 
 

@@ -31,6 +31,7 @@ class MDLMConfig(PretrainedConfig):
         image_size: int = 48,
         patch_size: int = 8,
         num_channels: int = 3,
+        vision_stem_channels: int = 0,
         vision_hidden_size: int = 64,
         vision_num_layers: int = 1,
         vision_num_heads: int = 4,
@@ -55,6 +56,9 @@ class MDLMConfig(PretrainedConfig):
         self.image_size = image_size
         self.patch_size = patch_size
         self.num_channels = num_channels
+        # 0: ViT-style linear patchify; >0: a 3x3 conv stem of this width before patchifying,
+        # which small models need to see shapes inside a patch.
+        self.vision_stem_channels = vision_stem_channels
         self.vision_hidden_size = vision_hidden_size
         self.vision_num_layers = vision_num_layers
         self.vision_num_heads = vision_num_heads

@@ -85,7 +85,16 @@ class VisionEncoder(nn.Module):
     def __init__(self, config: MDLMConfig):
         super().__init__()
         c = config
-        self.patch_embed = nn.Conv2d(c.num_channels, c.vision_hidden_size, c.patch_size, stride=c.patch_size)
+        if c.vision_stem_channels:
+            # Hybrid ViT: a small conv stem (full, then half resolution) sees shapes inside a patch,
+            # which a linear patchify learns only slowly at this scale.
+            s = c.vision_stem_channels
+            self.stem = nn.Sequential(nn.Conv2d(c.num_channels, s, 3, padding=1), nn.GELU(),
+                                      nn.Conv2d(s, s, 3, stride=2, padding=1), nn.GELU())
+            self.patch_embed = nn.Conv2d(s, c.vision_hidden_size, c.patch_size // 2, stride=c.patch_size // 2)
+        else:
+            self.stem = nn.Identity()
+            self.patch_embed = nn.Conv2d(c.num_channels, c.vision_hidden_size, c.patch_size, stride=c.patch_size)
         self.position_embedding = nn.Parameter(torch.zeros(c.num_image_tokens, c.vision_hidden_size))
         self.blocks = nn.ModuleList(
             TransformerBlock(c.vision_hidden_size, c.vision_num_heads, c.vision_intermediate_size, c.layer_norm_eps)
@@ -94,7 +103,7 @@ class VisionEncoder(nn.Module):
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         # pixel_values: [B, C, H, W] in [0, 1] -> features [B, T, Dv]
-        x = self.patch_embed(pixel_values * 2.0 - 1.0).flatten(2).transpose(1, 2)
+        x = self.patch_embed(self.stem(pixel_values * 2.0 - 1.0)).flatten(2).transpose(1, 2)
         x = x + self.position_embedding
         for block in self.blocks:
             x = block(x)
