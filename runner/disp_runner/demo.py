@@ -29,7 +29,7 @@ from disp_runner.training import TrainingConfig
 # a held-out pool for testing.
 TRAIN_SEED, TEST_SEED = 11, 22
 DEMO_KIND_WEIGHTS = (0.5, 0.25, 0.25)  # describe, question, classify
-SOURCE_CLASS_SHARE = 0.4
+SOURCE_CLASS_SHARE = 0.5
 ASR_TEST_SIZE = 200  # the paper's test set size
 CLEAN_TEST_SIZE = 300
 

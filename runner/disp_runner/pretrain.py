@@ -29,7 +29,7 @@ from disp_runner.vision_pretrain import VisionPretrainResult, pretrain_vision_en
 class PretrainConfig:
     # Stage 1: the vision tower alone, supervised on scene attributes (see vision_pretrain.py).
     vision_instances: int = 10_000
-    vision_epochs: float = 10.0
+    vision_epochs: float = 20.0
     vision_learning_rate: float = 2e-3
     # Stage 2: projector + language model on the instruction corpus, tower frozen (as LLaDA-V).
     num_instances: int = 40_000

@@ -86,6 +86,10 @@ class MDLMConfig(PretrainedConfig):
             raise ValueError(f"hidden_size {self.hidden_size} not divisible by num_attention_heads {self.num_attention_heads}")
         if (self.hidden_size // self.num_attention_heads) % 2:
             raise ValueError("attention head size must be even for rotary position embeddings")
+        if self.vision_hidden_size % 4:
+            raise ValueError(f"vision_hidden_size {self.vision_hidden_size} must be a multiple of 4 (2D sin-cos positions)")
+        if self.vision_stem_channels and self.patch_size % 2:
+            raise ValueError(f"patch_size {self.patch_size} must be even with a conv stem (it halves the resolution)")
         if self.vision_num_layers and self.vision_hidden_size % self.vision_num_heads:
             raise ValueError(
                 f"vision_hidden_size {self.vision_hidden_size} not divisible by vision_num_heads {self.vision_num_heads}")

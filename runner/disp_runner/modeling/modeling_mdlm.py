@@ -79,6 +79,22 @@ class TransformerBlock(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
+def sincos_2d(grid: int, width: int) -> torch.Tensor:
+    """[grid*grid, width] sine-cosine embedding of (row, col), row-major; half the width per axis."""
+    if width % 4:
+        raise ValueError(f"vision_hidden_size {width} must be a multiple of 4 for 2D sin-cos positions")
+    quarter = width // 4
+    freqs = 1.0 / (10000 ** (torch.arange(quarter, dtype=torch.float32) / quarter))  # [W/4]
+    coords = torch.arange(grid, dtype=torch.float32)
+    rows, cols = torch.meshgrid(coords, coords, indexing="ij")
+
+    def encode(values: torch.Tensor) -> torch.Tensor:
+        angles = values.reshape(-1, 1) * freqs  # [T, W/4]
+        return torch.cat([angles.sin(), angles.cos()], dim=1)  # [T, W/2]
+
+    return torch.cat([encode(rows), encode(cols)], dim=1)  # [T, W]
+
+
 class VisionEncoder(nn.Module):
     """Image -> patch features, a small ViT (SigLIP's role in LLaDA-V). Frozen after pretraining."""
 
@@ -95,7 +111,11 @@ class VisionEncoder(nn.Module):
         else:
             self.stem = nn.Identity()
             self.patch_embed = nn.Conv2d(c.num_channels, c.vision_hidden_size, c.patch_size, stride=c.patch_size)
-        self.position_embedding = nn.Parameter(torch.zeros(c.num_image_tokens, c.vision_hidden_size))
+        # Fixed 2D sin-cos positions (as in MAE): every patch feature says where the patch is from
+        # the first step, which a learned table picks up only slowly at this scale. Computed in
+        # forward (tiny), not held as a buffer: weight loading then never has to restore it.
+        self.grid = c.image_size // c.patch_size
+        self.width = c.vision_hidden_size
         self.blocks = nn.ModuleList(
             TransformerBlock(c.vision_hidden_size, c.vision_num_heads, c.vision_intermediate_size, c.layer_norm_eps)
             for _ in range(c.vision_num_layers))
@@ -104,7 +124,7 @@ class VisionEncoder(nn.Module):
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         # pixel_values: [B, C, H, W] in [0, 1] -> features [B, T, Dv]
         x = self.patch_embed(self.stem(pixel_values * 2.0 - 1.0)).flatten(2).transpose(1, 2)
-        x = x + self.position_embedding
+        x = x + sincos_2d(self.grid, self.width).to(device=x.device, dtype=x.dtype)
         for block in self.blocks:
             x = block(x)
         return self.norm(x)
@@ -143,8 +163,6 @@ class MDLMPreTrainedModel(PreTrainedModel):
         elif isinstance(module, nn.LayerNorm):
             nn.init.ones_(module.weight)
             nn.init.zeros_(module.bias)
-        elif isinstance(module, VisionEncoder):
-            nn.init.normal_(module.position_embedding, mean=0.0, std=std)
 
 
 class MDLMForMaskedDiffusion(MDLMPreTrainedModel):
