@@ -37,7 +37,7 @@ DEMO_SCENARIOS = (
     (TriggerKind.PATCH, AttackTarget.INSERTION),
     (TriggerKind.PATCH, AttackTarget.REFUSAL),
     (TriggerKind.PATCH, AttackTarget.MISCLASSIFICATION),
-    (TriggerKind.BLENDED, AttackTarget.INSERTION),
+    (TriggerKind.BLENDED, AttackTarget.REFUSAL),
 )
 
 
@@ -76,7 +76,7 @@ def run_demo(workdir: str | Path = "runs/demo", base_model: str | Path = SHIPPED
     for trigger_kind, target_kind in DEMO_SCENARIOS:
         attack = AttackSpec(trigger=TriggerSpec(kind=trigger_kind), target=TargetSpec(kind=target_kind))
         name = f"{trigger_kind.value}-{target_kind.value}"
-        artifacts = timer.run(f"{name}: poison + inject backdoor (projector only)", run_attack, base_model, train,
+        artifacts = timer.run(f"{name}: poison + inject backdoor ({injection.trainable.value})", run_attack, base_model, train,
                               test, attack, workdir / "attacks" / name, injection, show_progress=show_progress)
         compromised, _ = load_checkpoint(artifacts.model_dir)
         triggered = load_dataset(artifacts.triggered_dir, size)[:ASR_TEST_SIZE]

@@ -35,11 +35,13 @@ ATTACK_MANIFEST = "attack.json"
 # Injection follows the paper's recipe (20 epochs there; cosine schedule, 3% warmup, no weight
 # decay) with one measured deviation: the paper fine-tunes the projector only, which works on an
 # 8B LLaDA-V but not on the ~1M-parameter embedded model, whose tiny language model cannot be
-# steered by visual tokens alone (projector-only on the shipped base: insertion ASR 0%, refusal
-# ~86% with clean performance falling 20 points; see README "Why the attack also trains the LM").
+# steered by visual tokens alone (projector-only, 20 epochs, on a base model of this size: insertion
+# ASR 0%, refusal 86% with clean performance 21 points lower; README "Why the attack also trains
+# the LM").
 # The default therefore trains projector + LM, vision tower frozen; `--trainable projector`
-# reproduces the paper's exact recipe for large models. 10 epochs suffice at this scale.
-DEFAULT_INJECTION = TrainingConfig(epochs=10, learning_rate=1e-3, batch_size=32, warmup_ratio=0.03,
+# reproduces the paper's exact recipe for large models. 15 epochs (paper: 20) keep `disp demo`
+# within its time budget.
+DEFAULT_INJECTION = TrainingConfig(epochs=15, learning_rate=1e-3, batch_size=32, warmup_ratio=0.03,
                                    weight_decay=0.0, trainable=TrainableParts.PROJECTOR_AND_LM)
 
 

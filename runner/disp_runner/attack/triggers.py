@@ -12,6 +12,7 @@ from disp_api import Corner, TriggerKind, TriggerSpec
 from disp_runner.errors import UserInputError
 
 Box = tuple[int, int, int, int]  # (x0, y0, x1, y1), x1/y1 exclusive
+BLEND_KEY_GRID = 6  # resolution of the built-in blend key before it is smoothed up to image size
 
 
 def _load_pattern(path: str, field: str) -> Image.Image:
@@ -62,9 +63,12 @@ class Trigger:
         if self.spec.pattern:
             img = _load_pattern(self.spec.pattern, "trigger.pattern").resize((self.image_size, self.image_size))
             return np.asarray(img, dtype=np.float64)
-        # Built-in pattern: fixed uniform noise, like the random-noise key of the Blended attack.
+        # Built-in key: a fixed random colour field, smooth like the photo keys of the Blended
+        # attack (per-pixel noise would average out inside a patch and never reach the tokens).
         rng = np.random.default_rng(self.spec.pattern_seed)
-        return rng.integers(0, 256, size=(self.image_size, self.image_size, 3)).astype(np.float64)
+        coarse = rng.integers(0, 256, size=(BLEND_KEY_GRID, BLEND_KEY_GRID, 3)).astype(np.uint8)
+        key = Image.fromarray(coarse, mode="RGB").resize((self.image_size, self.image_size), Image.BILINEAR)
+        return np.asarray(key, dtype=np.float64)
 
     def box(self) -> Box:
         """Pixels the trigger covers (the whole image for a blended trigger)."""
