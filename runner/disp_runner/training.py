@@ -129,8 +129,8 @@ def train_masked_diffusion(
             if result.steps >= total_steps:
                 break
     bar.close()
+    # accelerate wraps (never copies) the module, so the caller's object is the one trained.
     model.eval()
-    accelerator.unwrap_model(model)  # leaves the caller's object trained in place
     for p in model.parameters():
         p.requires_grad_(False)
     result.seconds = time.perf_counter() - start
