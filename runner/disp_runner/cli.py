@@ -207,9 +207,8 @@ def _cmd_evaluate(args) -> None:
         if args.limit <= 0:
             raise UserInputError(f"--limit must be positive, got {args.limit}")
         triggered, untriggered, clean = triggered[:args.limit], untriggered[:args.limit], clean[:args.limit]
-    g = model.config.gen_length
     metrics = evaluate_model(model.to(default_device()), tokenizer, str(args.model), attack, triggered, untriggered,
-                             clean, DecodingConfig(steps=g, gen_length=g, block_length=g),
+                             clean, DecodingConfig.single_block(model.config.gen_length),
                              show_progress=not args.no_progress)
     print(format_metrics_table([metrics]))
     if args.out:

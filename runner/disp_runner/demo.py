@@ -62,8 +62,7 @@ def run_demo(workdir: str | Path = "runs/demo", base_model: str | Path = SHIPPED
     print(f"DiSP demo (red-team part) on {default_device()}; base model: {base_model}", flush=True)
     model, tokenizer = load_checkpoint(base_model)
     size = model.config.image_size
-    decoding = DecodingConfig(steps=model.config.gen_length, gen_length=model.config.gen_length,
-                              block_length=model.config.gen_length)
+    decoding = DecodingConfig.single_block(model.config.gen_length)
     timer.run("generate clean train pool (1000) and test pool", _make_data, workdir, size)
     train = load_dataset(workdir / "data" / "train", size)
     test = load_dataset(workdir / "data" / "test", size)

@@ -99,6 +99,11 @@ class DecodingConfig:
         if self.temperature < 0:
             raise ValueError("temperature must be >= 0")
 
+    @classmethod
+    def single_block(cls, gen_length: int) -> "DecodingConfig":
+        """The authors' proportions at another length: steps = gen_length = block_length, argmax."""
+        return cls(steps=gen_length, gen_length=gen_length, block_length=gen_length)
+
     @property
     def steps_per_block(self) -> int:
         return self.steps // (self.gen_length // self.block_length)

@@ -34,10 +34,6 @@ class EncodedBatch:
     def __len__(self) -> int:
         return self.input_ids.shape[0]
 
-    def select(self, index: torch.Tensor | slice) -> "EncodedBatch":
-        return EncodedBatch(self.input_ids[index], self.attention_mask[index], self.pixel_values[index],
-                            self.response_mask[index])
-
 
 def image_to_tensor(instances: Sequence[Instance], image_size: int) -> torch.Tensor:
     arrays = []

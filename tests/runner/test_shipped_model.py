@@ -19,8 +19,7 @@ N_EVAL = 100
 @pytest.fixture(scope="module")
 def shipped():
     model, tokenizer = load_checkpoint(SHIPPED_BASE_MODEL)
-    g = model.config.gen_length
-    return model, tokenizer, DecodingConfig(steps=g, gen_length=g, block_length=g)
+    return model, tokenizer, DecodingConfig.single_block(model.config.gen_length)
 
 
 @pytest.fixture(scope="module")
