@@ -2,15 +2,28 @@
 kubernetes imports, so the operator image stays small)."""
 
 from disp_api.attack import AttackSpec, AttackTarget, Corner, TargetSpec, TriggerKind, TriggerSpec
-from disp_api.metrics import EvaluationMetrics, MetricsCounts
+from disp_api.metrics import EvaluationMetrics, MetricsCounts, PurificationMetrics
+from disp_api.spec import (
+    DatasetSource,
+    DecodingSpec,
+    EvaluationSpec,
+    FinetuneSpec,
+    MaskingSpec,
+    ModelSource,
+    ObjectMeta,
+    OutputSpec,
+    ParallelismSpec,
+    PurificationJob,
+    PurificationJobSpec,
+    RelabelSpec,
+    SaliencySpec,
+    StageName,
+    TrainableParts,
+)
 
 __all__ = [
-    "AttackSpec",
-    "AttackTarget",
-    "Corner",
-    "EvaluationMetrics",
-    "MetricsCounts",
-    "TargetSpec",
-    "TriggerKind",
-    "TriggerSpec",
+    "AttackSpec", "AttackTarget", "Corner", "DatasetSource", "DecodingSpec", "EvaluationMetrics", "EvaluationSpec",
+    "FinetuneSpec", "MaskingSpec", "MetricsCounts", "ModelSource", "ObjectMeta", "OutputSpec", "ParallelismSpec",
+    "PurificationJob", "PurificationJobSpec", "PurificationMetrics", "RelabelSpec", "SaliencySpec", "StageName",
+    "TargetSpec", "TrainableParts", "TriggerKind", "TriggerSpec",
 ]

@@ -50,3 +50,28 @@ class EvaluationMetrics(ContractModel):
     """Decoding settings used (steps, genLength, blockLength, temperature)."""
     seconds: float = Field(0.0, ge=0.0)
     """Wall time of the evaluation."""
+
+
+class PurificationMetrics(ContractModel):
+    """`evaluate/metrics.json` of a purification run: the compromised model against the purified one."""
+
+    schema_version: int = METRICS_SCHEMA_VERSION
+    """Version of this schema."""
+    asr_before: float = Field(ge=0.0, le=1.0)
+    """ASR of the compromised model on triggered inputs."""
+    asr_after: float = Field(ge=0.0, le=1.0)
+    """ASR of the purified model on triggered inputs."""
+    false_firing_before: float = Field(ge=0.0, le=1.0)
+    """Attack rule firing without the trigger, compromised model."""
+    false_firing_after: float = Field(ge=0.0, le=1.0)
+    """Attack rule firing without the trigger, purified model."""
+    clean_performance_before: Optional[float] = Field(None, ge=0.0, le=1.0)
+    """Clean accuracy of the compromised model (when a clean set is given)."""
+    clean_performance_after: Optional[float] = Field(None, ge=0.0, le=1.0)
+    """Clean accuracy of the purified model."""
+    retention: Optional[float] = Field(None, ge=0.0)
+    """clean_performance_after / clean_performance_before."""
+    before: EvaluationMetrics
+    """Full evaluation of the compromised model."""
+    after: EvaluationMetrics
+    """Full evaluation of the purified model."""

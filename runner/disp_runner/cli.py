@@ -99,6 +99,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=None, help="score at most this many instances per set")
     p.add_argument("--allow-unsafe-pickle", action="store_true")
 
+    p = sub.add_parser("run", help="run a PurificationJob manifest (YAML/JSON): all stages, or one stage/shard")
+    p.add_argument("manifest", help="PurificationJob YAML or JSON file")
+    p.add_argument("--stage", choices=[s.value for s in _stage_names()], default=None,
+                   help="run only this stage (what a runner pod does); default: all, in order")
+    p.add_argument("--shard", default=None, help="INDEX/COUNT: only this shard of a sharded stage (saliency, relabel)")
+    p.add_argument("--merge", action="store_true", help="combine the completed shards of --stage")
+    p.add_argument("--output", default=None, help="output root (default: the manifest's spec.output.uri)")
+
     p = sub.add_parser("demo", help="the whole story on the embedded default (no cluster, no server)")
     p.add_argument("--workdir", default="runs/demo")
     return parser
@@ -219,6 +227,57 @@ def _cmd_evaluate(args) -> None:
         print(f"metrics written to {args.out}")
 
 
+def _stage_names():
+    from disp_api import StageName
+
+    return list(StageName)
+
+
+def _cmd_run(args) -> None:
+    from disp_api import StageName
+    from disp_runner.jobfile import load_job
+    from disp_runner.pipeline.artifacts import RunLayout, Shard
+    from disp_runner.pipeline.context import StageContext, local_path
+    from disp_runner.pipeline.runner import merge_shards, run_job, run_stage
+    from disp_runner.stages import STAGES
+
+    job = load_job(args.manifest)
+    shard = Shard.parse(args.shard) if args.shard else None  # before any heavy work
+    stage = StageName(args.stage) if args.stage else None
+    if (shard or args.merge) and stage is None:
+        raise UserInputError("--shard and --merge need --stage")
+    if stage is not None and stage not in job.spec.stages():
+        raise UserInputError(f"--stage {stage.value}: this job has no such stage (no spec.evaluation?)")
+    root = Path(args.output) if args.output else local_path(job.spec.output.uri, "spec.output.uri")
+
+    def report(outcome) -> None:
+        where = f" shard {outcome.shard.label}" if outcome.shard else ""
+        state = "complete, skipped" if outcome.skipped else f"done in {outcome.seconds:.1f}s"
+        figures = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                            for k, v in outcome.metrics.items() if isinstance(v, (int, float, str)))
+        print(f"{outcome.stage.value}{where}: {state}; {figures}", flush=True)
+
+    if shard is None and not args.merge:
+        run_job(job, root, only=stage, show_progress=not args.no_progress, on_outcome=report)
+    else:
+        ctx = StageContext(job=job, layout=RunLayout.for_job(job, root), shard=shard,
+                           show_progress=not args.no_progress)
+        runner_stage = STAGES[stage]
+        if not hasattr(runner_stage, "merge"):
+            raise UserInputError(f"--stage {stage.value} cannot be sharded; only saliency and relabel can")
+        if args.merge:
+            report(merge_shards(runner_stage, ctx, shard.count if shard else _shards(job, stage)))
+        else:
+            report(run_stage(runner_stage, ctx))
+    print(f"run folder: {RunLayout.for_job(job, root).root}")
+
+
+def _shards(job, stage) -> int:
+    from disp_runner.pipeline.runner import shard_count
+
+    return shard_count(job, stage)
+
+
 def _cmd_demo(args) -> None:
     from disp_runner.demo import run_demo
 
@@ -226,7 +285,7 @@ def _cmd_demo(args) -> None:
 
 
 COMMANDS = {"data": _cmd_data, "pretrain": _cmd_pretrain, "attack": _cmd_attack, "evaluate": _cmd_evaluate,
-            "demo": _cmd_demo}
+            "run": _cmd_run, "demo": _cmd_demo}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

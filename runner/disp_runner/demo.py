@@ -1,18 +1,31 @@
-"""`disp demo`: the whole red-team story on the embedded default, offline, in minutes.
+"""`disp demo`: the whole story on the embedded default, offline, in minutes.
 
 Shipped clean base model -> poisoned datasets -> compromised models (three targets with the patch
-trigger, one with the Blended trigger) -> ASR, false firing and clean performance for each.
+trigger, one with the Blended trigger) -> one PurificationJob per compromised model, run by the
+same code as `disp run` -> ASR before/after, false firing, clean performance and retention.
 """
 
 from __future__ import annotations
 
-import json
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from disp_api import AttackSpec, AttackTarget, EvaluationMetrics, TargetSpec, TriggerKind, TriggerSpec
-from disp_runner.attack.kit import DEFAULT_INJECTION, run_attack
+import yaml
+
+from disp_api import (
+    AttackSpec,
+    AttackTarget,
+    PurificationJob,
+    PurificationMetrics,
+    StageName,
+    TargetSpec,
+    TrainableParts,
+    TriggerKind,
+    TriggerSpec,
+)
+from disp_runner.attack.kit import DEFAULT_INJECTION, AttackArtifacts, run_attack
 from disp_runner.checkpoints import load_checkpoint
 from disp_runner.data.dataset import load_dataset
 from disp_runner.data.synthetic import generate_dataset
@@ -21,7 +34,10 @@ from disp_runner.device import default_device
 from disp_runner.diffusion import DecodingConfig
 from disp_runner.embedded import SHIPPED_BASE_MODEL
 from disp_runner.evaluation import evaluate_model
-from disp_runner.reporting import format_metrics_table
+from disp_runner.pipeline.artifacts import RunLayout
+from disp_runner.pipeline.runner import StageOutcome, run_job
+from disp_runner.reporting import PurificationRow, format_purification_table
+from disp_runner.stages.evaluate import METRICS_FILE
 from disp_runner.training import TrainingConfig
 
 # The demo's data: a 1000-instance training pool (the paper's 800 clean + 200 poisoned) whose
@@ -30,8 +46,7 @@ from disp_runner.training import TrainingConfig
 TRAIN_SEED, TEST_SEED = 11, 22
 DEMO_KIND_WEIGHTS = (0.5, 0.25, 0.25)  # describe, question, classify
 SOURCE_CLASS_SHARE = 0.5
-ASR_TEST_SIZE = 200  # the paper's test set size
-CLEAN_TEST_SIZE = 300
+EVAL_SIZE = 200  # the paper's test set size, for ASR, false firing and clean performance
 
 DEMO_SCENARIOS = (
     (TriggerKind.PATCH, AttackTarget.INSERTION),
@@ -39,6 +54,13 @@ DEMO_SCENARIOS = (
     (TriggerKind.PATCH, AttackTarget.MISCLASSIFICATION),
     (TriggerKind.BLENDED, AttackTarget.REFUSAL),
 )
+
+# DiSP's repair for the embedded model. Every saliency, masking and relabeling setting is the
+# method's default; the fine-tune differs from the paper's projector-only recipe exactly as the
+# attack does (DEFAULT_INJECTION trains projector + LM, because a ~1M-parameter LM cannot be
+# steered through the projector alone): DiSP repairs the weights the attack changed, for 4 epochs
+# (the attack's 15 / 4, the paper's rule of thumb 1/5-1/10 rounded up to whole epochs).
+DEMO_FINETUNE = {"epochs": 4, "learningRate": 3e-4, "trainable": TrainableParts.PROJECTOR_AND_LM.value}
 
 
 @dataclass
@@ -54,41 +76,89 @@ class StepTimer:
         return value
 
 
+def demo_job(name: str, artifacts: AttackArtifacts, attack: AttackSpec, clean_dir: Path, output: Path,
+             gen_length: int) -> dict:
+    """The PurificationJob manifest for one compromised model, as a user would write it."""
+    decoding = {"steps": gen_length, "genLength": gen_length, "blockLength": gen_length}
+    return {
+        "apiVersion": "disp.dev/v1alpha1",
+        "kind": "PurificationJob",
+        "metadata": {"name": name},
+        "spec": {
+            "model": {"uri": str(artifacts.model_dir)},
+            "dataset": {"uri": str(artifacts.train_dir)},
+            "output": {"uri": str(output)},
+            "relabel": {"decoding": decoding},
+            "finetune": DEMO_FINETUNE,
+            "evaluation": {
+                "attack": attack.to_wire(),
+                "triggeredUri": str(artifacts.triggered_dir),
+                "untriggeredUri": str(artifacts.untriggered_dir),
+                "cleanUri": str(clean_dir),
+                "decoding": decoding,
+                "maxInstances": EVAL_SIZE,
+            },
+        },
+    }
+
+
 def run_demo(workdir: str | Path = "runs/demo", base_model: str | Path = SHIPPED_BASE_MODEL,
-             injection: TrainingConfig = DEFAULT_INJECTION, show_progress: bool = True) -> list[EvaluationMetrics]:
+             injection: TrainingConfig = DEFAULT_INJECTION, scenarios=DEMO_SCENARIOS,
+             show_progress: bool = True) -> list[PurificationRow]:
     workdir = Path(workdir)
     timer = StepTimer()
     start = time.perf_counter()
-    print(f"DiSP demo (red-team part) on {default_device()}; base model: {base_model}", flush=True)
+    print(f"DiSP demo on {default_device()}; base model: {base_model}", flush=True)
     model, tokenizer = load_checkpoint(base_model)
     size = model.config.image_size
-    decoding = DecodingConfig.single_block(model.config.gen_length)
+    gen_length = model.config.gen_length
     timer.run("generate clean train pool (1000) and test pool", _make_data, workdir, size)
     train = load_dataset(workdir / "data" / "train", size)
     test = load_dataset(workdir / "data" / "test", size)
-    clean_test = test[:CLEAN_TEST_SIZE]
+    base = timer.run("evaluate the clean base model", evaluate_model, model.to(default_device()), tokenizer,
+                     str(base_model), None, [], [], test[:EVAL_SIZE], DecodingConfig.single_block(gen_length),
+                     show_progress=show_progress)
+    print(f"  clean base model: clean performance {100 * base.clean_performance:.1f}%", flush=True)
 
-    results: list[EvaluationMetrics] = []
-    base = timer.run("evaluate clean base model", evaluate_model, model, tokenizer, str(base_model), None,
-                     [], [], clean_test, decoding, show_progress=show_progress)
-    results.append(base)
-    for trigger_kind, target_kind in DEMO_SCENARIOS:
+    rows: list[PurificationRow] = []
+    for trigger_kind, target_kind in scenarios:
         attack = AttackSpec(trigger=TriggerSpec(kind=trigger_kind), target=TargetSpec(kind=target_kind))
         name = f"{trigger_kind.value}-{target_kind.value}"
-        artifacts = timer.run(f"{name}: poison + inject backdoor ({injection.trainable.value})", run_attack, base_model, train,
-                              test, attack, workdir / "attacks" / name, injection, show_progress=show_progress)
-        compromised, _ = load_checkpoint(artifacts.model_dir)
-        triggered = load_dataset(artifacts.triggered_dir, size)[:ASR_TEST_SIZE]
-        untriggered = load_dataset(artifacts.untriggered_dir, size)[:ASR_TEST_SIZE]
-        metrics = timer.run(f"{name}: evaluate", evaluate_model, compromised.to(default_device()), tokenizer,
-                            str(artifacts.model_dir), attack, triggered, untriggered, clean_test, decoding,
-                            show_progress=show_progress)
-        (artifacts.folder / "metrics.json").write_text(json.dumps(metrics.to_wire(), indent=2))
-        results.append(metrics)
+        artifacts = timer.run(f"{name}: poison + inject backdoor", run_attack, base_model, train, test, attack,
+                              workdir / "attacks" / name, injection, show_progress=show_progress)
+        document = demo_job(name, artifacts, attack, workdir / "data" / "test", workdir, gen_length)
+        manifest = workdir / "jobs" / f"{name}.yaml"
+        manifest.parent.mkdir(parents=True, exist_ok=True)
+        manifest.write_text(yaml.safe_dump(document, sort_keys=False))
+        job = PurificationJob.model_validate(document)
+        layout = RunLayout.for_job(job, workdir)
+        shutil.rmtree(layout.root, ignore_errors=True)  # the model was just re-injected: start the run afresh
+        outcomes: list[StageOutcome] = timer.run(f"{name}: DiSP (disp run {manifest})", run_job, job, workdir,
+                                                 show_progress=show_progress, on_outcome=_print_outcome)
+        metrics = PurificationMetrics.model_validate_json(
+            (layout.stage_dir(StageName.EVALUATE) / METRICS_FILE).read_text())
+        masking = next(o for o in outcomes if o.stage is StageName.MASKING).metrics
+        rows.append(PurificationRow(name=name, metrics=metrics,
+                                    localisation=masking.get("triggerLocalisation"),
+                                    stage_seconds=_seconds_per_stage(outcomes)))
     print()
-    print(format_metrics_table(results, baseline=base))
-    print(f"\ntotal {time.perf_counter() - start:.1f}s; artifacts under {workdir}/")
-    return results
+    print(format_purification_table(rows))
+    print(f"\nclean base model: clean performance {100 * base.clean_performance:.1f}%")
+    print(f"total {time.perf_counter() - start:.1f}s; manifests under {workdir}/jobs/, stage outputs and "
+          f"saliency reports (masking/report.png) under {workdir}/runs/")
+    return rows
+
+
+def _seconds_per_stage(outcomes: list[StageOutcome]) -> dict[str, float]:
+    seconds: dict[str, float] = {}
+    for o in outcomes:  # shards and their merge add up
+        seconds[o.stage.value] = seconds.get(o.stage.value, 0.0) + o.seconds
+    return seconds
+
+
+def _print_outcome(outcome: StageOutcome) -> None:
+    state = "skipped (complete)" if outcome.skipped else f"{outcome.seconds:5.1f}s"
+    print(f"      {outcome.stage.value:<9} {state}", flush=True)
 
 
 def _make_data(workdir: Path, image_size: int) -> None:

@@ -29,15 +29,22 @@ def generate_responses(
     transform_image_embeds: ImageEmbedsTransform | None = None,
     description: str = "generate",
     show_progress: bool = True,
+    index_offset: int = 0,
+    on_batch: Callable[[int], None] | None = None,
 ) -> list[str]:
-    """The model's answer to every instance's prompt and image."""
+    """The model's answer to every instance's prompt and image.
+
+    Decoding noise is seeded per batch from `seed` and the batch's global position
+    (`index_offset` + its start), so a shard of whole batches decodes exactly as the full run.
+    `on_batch(done)` is called after each batch with the number of instances answered so far."""
     model.eval()
     device = model.device
-    generator = torch.Generator(device=device).manual_seed(seed)
+    generator = torch.Generator(device=device)
     texts: list[str] = []
     for lo in tqdm(range(0, len(instances), batch_size), desc=description, leave=False, disable=not show_progress,
                    mininterval=1.0):
         chunk = instances[lo:lo + batch_size]
+        generator.manual_seed(seed * 1_000_003 + (index_offset + lo) // batch_size)
         batch = encode_instances(tokenizer, model.config, chunk, decoding.gen_length, with_response=False).to(device)
         with autocast(device):
             image_embeds = model.embed_images(batch.pixel_values)  # [B, T, D], computed once per batch
@@ -49,4 +56,6 @@ def generate_responses(
 
             response_ids = diffusion_generate(logits_fn, batch.input_ids, tokenizer.mask_token_id, decoding, generator)
         texts.extend(decode_responses(tokenizer, response_ids))
+        if on_batch is not None:
+            on_batch(len(texts))
     return texts

@@ -31,6 +31,10 @@ class PretrainConfig:
     vision_instances: int = 10_000
     vision_epochs: float = 20.0
     vision_learning_rate: float = 2e-3
+    # Both stages teach the model to answer from partial visual evidence (see vision_pretrain.py
+    # and TrainingConfig.visual_mask_ratio): up to half the tokens dropped or masked per example.
+    vision_token_drop_ratio: float = 0.5
+    visual_mask_ratio: float = 0.5
     # Stage 2: projector + language model on the instruction corpus, tower frozen (as LLaDA-V).
     num_instances: int = 40_000
     epochs: float = 5.0
@@ -59,14 +63,15 @@ def pretrain(out_dir: str | Path, config: PretrainConfig = PretrainConfig(), sho
         generate_instances(config.vision_instances, config.data_seed + 1, image_size=image_size, id_prefix="vision"),
         generate_instances(500, config.data_seed + 2, image_size=image_size, id_prefix="vision-test"),
         epochs=config.vision_epochs, learning_rate=config.vision_learning_rate, seed=config.seed,
-        show_progress=show_progress)
+        token_drop_ratio=config.vision_token_drop_ratio, show_progress=show_progress)
     corpus = generate_instances(config.num_instances, config.data_seed, kinds=PRETRAIN_KINDS,
                                 kind_weights=PRETRAIN_WEIGHTS, image_size=image_size, id_prefix="pretrain")
     data = encode_instances(tokenizer, model.config, corpus, model.config.gen_length)
     language = train_masked_diffusion(
         model, data,
         TrainingConfig(epochs=config.epochs, learning_rate=config.learning_rate, batch_size=config.batch_size,
-                       weight_decay=config.weight_decay, seed=config.seed, trainable=TrainableParts.PROJECTOR_AND_LM),
+                       weight_decay=config.weight_decay, seed=config.seed, trainable=TrainableParts.PROJECTOR_AND_LM,
+                       visual_mask_ratio=config.visual_mask_ratio),
         description="pretrain", show_progress=show_progress)
     save_checkpoint(model.to(torch.device("cpu")), tokenizer, out_dir)
     return PretrainResult(vision, language)

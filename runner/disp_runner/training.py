@@ -4,28 +4,28 @@ same code runs on one CPU, one GPU or several GPUs (bf16 on GPU)."""
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass, field
-from enum import Enum
+from pathlib import Path
+from typing import Callable
 
 import torch
 from accelerate import Accelerator
+from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, TensorDataset
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
+from disp_api import TrainableParts
+from disp_runner.errors import UserInputError
 from disp_runner.diffusion import add_mask_noise, masked_diffusion_loss
 from disp_runner.modeling import MDLMForMaskedDiffusion
 from disp_runner.processing import EncodedBatch
-
-
-class TrainableParts(str, Enum):
-    """Which weights a fine-tune updates."""
-
-    PROJECTOR = "projector"  # the paper's choice for both backdoor injection and DiSP repair
-    PROJECTOR_AND_LM = "projector-and-lm"  # everything but the (frozen) vision encoder
-    ALL = "all"
 
 
 @dataclass(frozen=True)
@@ -40,12 +40,18 @@ class TrainingConfig:
     trainable: TrainableParts = TrainableParts.PROJECTOR
     # The projector may learn at its own rate when more than it is trained (LLaVA's mm_projector_lr).
     projector_learning_rate: float | None = None
+    # Visual-token masking augmentation: each example gets a fraction r ~ U(0, this) of its visual
+    # tokens replaced by e_MASK. Pretraining uses it so the base model, like large MDLMs, answers
+    # from partial visual evidence (DiSP's relabeling masks 30% of the tokens); 0 disables it.
+    visual_mask_ratio: float = 0.0
 
     def __post_init__(self) -> None:
         if self.epochs <= 0 or self.learning_rate <= 0 or self.batch_size <= 0:
             raise ValueError("epochs, learning_rate and batch_size must be positive")
         if self.projector_learning_rate is not None and self.projector_learning_rate <= 0:
             raise ValueError("projector_learning_rate must be positive")
+        if not 0 <= self.visual_mask_ratio <= 1:
+            raise ValueError("visual_mask_ratio must be in [0, 1]")
         if not 0 <= self.warmup_ratio < 1:
             raise ValueError("warmup_ratio must be in [0, 1)")
 
@@ -79,21 +85,50 @@ def select_trainable(model: MDLMForMaskedDiffusion, parts: TrainableParts) -> li
     return [p for p in model.parameters() if p.requires_grad]
 
 
+def patch_detail(pixel_values: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """How much each patch varies (pixel std): [B, C, H, W] -> [B, T], row-major like the tokens."""
+    b, c, _, _ = pixel_values.shape
+    patches = pixel_values.unfold(2, patch_size, patch_size).unfold(3, patch_size, patch_size)  # [B,C,h,w,p,p]
+    return patches.reshape(b, c, -1, patch_size * patch_size).std(dim=-1).mean(dim=1)
+
+
+def random_token_mask(pixel_values: torch.Tensor, patch_size: int, max_ratio: float,
+                      generator: torch.Generator) -> torch.Tensor:
+    """[B, T] bool, the visual tokens to mask: each row masks ⌊r·T⌋ tokens, r ~ U(0, max_ratio).
+    Half the rows pick them at random; the other half take the most detailed patches first (objects
+    and edges, where saliency concentrates), so the model learns to answer when the very tokens
+    DiSP would mask are gone."""
+    detail = patch_detail(pixel_values.float(), patch_size)
+    b, t = detail.shape
+    device = detail.device
+    noise = torch.rand(b, t, generator=generator, device=device)
+    detail_first = torch.rand(b, 1, generator=generator, device=device) < 0.5
+    priority = torch.where(detail_first, detail / detail.amax(dim=1, keepdim=True).clamp_min(1e-6) + 0.1 * noise, noise)
+    count = (torch.rand(b, 1, generator=generator, device=device) * max_ratio * t).floor()  # [B, 1]
+    rank = torch.argsort(torch.argsort(priority, dim=1, descending=True), dim=1)  # rank of every token
+    return rank < count
+
+
 def train_masked_diffusion(
     model: MDLMForMaskedDiffusion,
     data: EncodedBatch,
     config: TrainingConfig,
     description: str = "train",
     show_progress: bool = True,
+    checkpoint_dir: Path | None = None,
+    on_epoch_end: Callable[[int], None] | None = None,
+    on_step: Callable[[int, int], None] | None = None,
 ) -> TrainingResult:
-    """Fine-tune `model` in place on `data` with the LLaDA SFT objective."""
+    """Fine-tune `model` in place on `data` with the LLaDA SFT objective.
+
+    Data order and diffusion noise are seeded per epoch, so with `checkpoint_dir` the loop saves
+    its state after every whole epoch and a rerun resumes from the last one, ending with the same
+    weights as an uninterrupted run. `on_epoch_end(epoch)` runs after each saved epoch (1-based);
+    `on_step(step, total_steps)` after each optimiser step."""
     accelerator = Accelerator(mixed_precision="bf16" if torch.cuda.is_available() else "no",
                               cpu=not torch.cuda.is_available())
     params = select_trainable(model, config.trainable)
-    generator = torch.Generator().manual_seed(config.seed)
-    loader = DataLoader(
-        TensorDataset(data.input_ids, data.attention_mask, data.pixel_values, data.response_mask),
-        batch_size=config.batch_size, shuffle=True, generator=generator, drop_last=False)
+    dataset = TensorDataset(data.input_ids, data.attention_mask, data.pixel_values, data.response_mask)
     projector_ids = {id(p) for p in model.projector.parameters()}
     projector_lr = config.projector_learning_rate or config.learning_rate
     groups = [{"params": [p for p in params if id(p) in projector_ids], "lr": projector_lr},
@@ -102,19 +137,39 @@ def train_masked_diffusion(
     steps_per_epoch = math.ceil(len(data) / config.batch_size)
     total_steps = max(1, math.ceil(config.epochs * steps_per_epoch))
     scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(config.warmup_ratio * total_steps), total_steps)
-    model.train()
-    model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
-    noise_generator = torch.Generator(device=accelerator.device).manual_seed(config.seed + 1)
-    mask_id = accelerator.unwrap_model(model).config.mask_token_id
     result = TrainingResult(steps=0, seconds=0.0)
+    first_epoch = 0
+    if checkpoint_dir is not None:
+        resumed = load_training_checkpoint(checkpoint_dir, model, optimizer)
+        if resumed is not None:
+            first_epoch, result.losses = resumed
+            result.steps = min(total_steps, first_epoch * steps_per_epoch)
+            for _ in range(result.steps):  # the schedule is a pure function of the step count
+                scheduler.step()
+    model.train()
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    unwrapped = accelerator.unwrap_model(model)
+    mask_id, patch_size = unwrapped.config.mask_token_id, unwrapped.config.patch_size
+    noise_generator = torch.Generator(device=accelerator.device)
     start = time.perf_counter()
-    bar = tqdm(total=total_steps, desc=description, disable=not show_progress or not accelerator.is_main_process,
-               leave=False, mininterval=1.0)
+    bar = tqdm(total=total_steps, initial=result.steps, desc=description, leave=False, mininterval=1.0,
+               disable=not show_progress or not accelerator.is_main_process)
+    epoch = first_epoch
     while result.steps < total_steps:
+        # Per-epoch seeds make every epoch reproducible on its own, which is what resuming needs.
+        order = torch.Generator().manual_seed(config.seed * 1_000_003 + epoch)
+        loader = accelerator.prepare_data_loader(
+            DataLoader(dataset, batch_size=config.batch_size, shuffle=True, generator=order, drop_last=False))
+        noise_generator.manual_seed(config.seed * 1_000_003 + epoch + 500_009)
         for input_ids, attention_mask, pixel_values, response_mask in loader:
             noised = add_mask_noise(input_ids, response_mask, mask_id, noise_generator)
+            image_token_mask = None
+            if config.visual_mask_ratio > 0:
+                image_token_mask = random_token_mask(pixel_values, patch_size, config.visual_mask_ratio,
+                                                     noise_generator)
             with accelerator.autocast():
-                logits = model(input_ids=noised.noisy_ids, pixel_values=pixel_values, attention_mask=attention_mask)
+                logits = model(input_ids=noised.noisy_ids, pixel_values=pixel_values, attention_mask=attention_mask,
+                               image_token_mask=image_token_mask)
             loss = masked_diffusion_loss(logits, input_ids, noised, response_mask)
             accelerator.backward(loss)
             if config.max_grad_norm:
@@ -126,8 +181,16 @@ def train_masked_diffusion(
             result.steps += 1
             bar.update(1)
             bar.set_postfix(loss=f"{result.losses[-1]:.3f}", refresh=False)
+            if on_step is not None:
+                on_step(result.steps, total_steps)
             if result.steps >= total_steps:
                 break
+        epoch += 1
+        if result.steps == epoch * steps_per_epoch:  # a whole epoch: a resumable point
+            if checkpoint_dir is not None and accelerator.is_main_process:
+                save_training_checkpoint(checkpoint_dir, epoch, unwrapped, optimizer, result.losses)
+            if on_epoch_end is not None:
+                on_epoch_end(epoch)
     bar.close()
     # accelerate wraps (never copies) the module, so the caller's object is the one trained.
     model.eval()
@@ -135,3 +198,62 @@ def train_masked_diffusion(
         p.requires_grad_(False)
     result.seconds = time.perf_counter() - start
     return result
+
+
+# -- epoch checkpoints ----------------------------------------------------------------------------
+# Safetensors for every tensor (never pickle: a run folder may sit in a shared bucket) and JSON for
+# the rest. Only trainable weights are saved: the projector alone by default, a few MB even for
+# billion-parameter models.
+
+def _epoch_dir(checkpoint_dir: Path, epoch: int) -> Path:
+    return checkpoint_dir / f"epoch-{epoch:04d}"
+
+
+def save_training_checkpoint(checkpoint_dir: Path, epoch: int, model: torch.nn.Module,
+                             optimizer: torch.optim.Optimizer, losses: list[float]) -> None:
+    final = _epoch_dir(checkpoint_dir, epoch)
+    checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=checkpoint_dir))
+    weights = {name: p.detach().cpu().contiguous() for name, p in model.named_parameters() if p.requires_grad}
+    save_file(weights, str(staging / "trainable.safetensors"))
+    state = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for index, entry in state["state"].items():
+        for key, value in entry.items():
+            if torch.is_tensor(value):
+                tensors[f"{index}.{key}"] = value.detach().cpu().contiguous()
+            else:
+                scalars[f"{index}.{key}"] = value
+    save_file(tensors, str(staging / "optimizer.safetensors"))
+    (staging / "state.json").write_text(json.dumps({"epoch": epoch, "losses": losses, "scalars": scalars,
+                                                    "param_groups": state["param_groups"]}))
+    os.replace(staging, final)  # the folder appears complete or not at all
+    for older in checkpoint_dir.glob("epoch-*"):
+        if older != final:
+            shutil.rmtree(older, ignore_errors=True)
+
+
+def load_training_checkpoint(checkpoint_dir: Path, model: torch.nn.Module,
+                             optimizer: torch.optim.Optimizer) -> tuple[int, list[float]] | None:
+    """Restore the last epoch checkpoint into `model` and `optimizer`; (epoch, losses) or None."""
+    epochs = sorted(checkpoint_dir.glob("epoch-*")) if checkpoint_dir.is_dir() else []
+    if not epochs:
+        return None
+    folder = epochs[-1]
+    state = json.loads((folder / "state.json").read_text())
+    weights = load_file(str(folder / "trainable.safetensors"))
+    own = dict(model.named_parameters())
+    trainable = {name for name, p in own.items() if p.requires_grad}
+    if set(weights) != trainable:
+        raise UserInputError(f"{folder}: checkpoint holds other trainable weights than this fine-tune "
+                             f"(was `trainable` changed?); delete {checkpoint_dir} to start over")
+    with torch.no_grad():
+        for name, tensor in weights.items():
+            own[name].copy_(tensor)
+    tensors = load_file(str(folder / "optimizer.safetensors"))
+    per_param: dict[int, dict] = {}
+    for key, value in [*tensors.items(), *state["scalars"].items()]:
+        index, name = key.split(".", 1)
+        per_param.setdefault(int(index), {})[name] = value
+    optimizer.load_state_dict({"state": per_param, "param_groups": state["param_groups"]})
+    return int(state["epoch"]), list(state["losses"])

@@ -21,6 +21,7 @@ from disp_runner.data.dataset import Instance
 from disp_runner.data.vocabulary import CLASSES, COLOURS
 from disp_runner.modeling import MDLMForMaskedDiffusion
 from disp_runner.processing import image_to_tensor
+from disp_runner.training import random_token_mask
 
 _CLASS_INDEX = {name: i for i, name in enumerate(CLASSES)}
 _COLOUR_INDEX = {name: i for i, name in enumerate(COLOURS)}
@@ -39,8 +40,13 @@ class AttributeHeads(nn.Module):
         # the features to say *where* things are, as a general-purpose tower's do.
         self.cells_head = nn.Linear(width, LAYOUT_CELLS)
 
-    def forward(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
-        pooled = features.mean(dim=1)  # [B, T, Dv] -> [B, Dv]
+    def forward(self, features: torch.Tensor, keep: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """`keep` [B, T] (1 = pool this token) lets training pool over a subset of the tokens."""
+        if keep is None:
+            pooled = features.mean(dim=1)  # [B, T, Dv] -> [B, Dv]
+        else:
+            weights = keep.to(features.dtype)[..., None]  # [B, T, 1]
+            pooled = (features * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1.0)
         return {"class": self.class_head(pooled), "colour": self.colour_head(pooled),
                 "count": self.count_head(pooled), "occupancy": self.occupancy_head(features).squeeze(-1),
                 "cells": self.cells_head(pooled)}
@@ -71,7 +77,7 @@ class VisionPretrainResult:
 
 def pretrain_vision_encoder(model: MDLMForMaskedDiffusion, train: Sequence[Instance], held_out: Sequence[Instance],
                             epochs: float = 3.0, learning_rate: float = 2e-3, batch_size: int = 128, seed: int = 0,
-                            show_progress: bool = True) -> VisionPretrainResult:
+                            token_drop_ratio: float = 0.5, show_progress: bool = True) -> VisionPretrainResult:
     torch.manual_seed(seed)
     device = model.device
     encoder = model.vision_encoder
@@ -88,13 +94,19 @@ def pretrain_vision_encoder(model: MDLMForMaskedDiffusion, train: Sequence[Insta
     total = max(1, int(epochs * steps_per_epoch))
     scheduler = get_cosine_schedule_with_warmup(optimizer, max(1, total // 30), total)
     generator = torch.Generator().manual_seed(seed)
+    drop_generator = torch.Generator(device=device).manual_seed(seed + 1)
     start = time.perf_counter()
     encoder.train()
     step = 0
     with tqdm(total=total, desc="pretrain vision", leave=False, disable=not show_progress, mininterval=1.0) as bar:
         while step < total:
             for idx in torch.randperm(len(train), generator=generator).split(batch_size):
-                out = heads(encoder(pixels[idx].to(device)))
+                batch_pixels = pixels[idx].to(device)
+                # Scene attributes are read from a random subset of the tokens that often leaves out
+                # the object's own patches: the tower learns to spread what it sees over all tokens,
+                # as large towers do, so masking a few tokens (DiSP) does not blind the model.
+                keep = ~random_token_mask(batch_pixels, model.config.patch_size, token_drop_ratio, drop_generator)
+                out = heads(encoder(batch_pixels), keep)
                 loss = sum(F.cross_entropy(out[k], labels[k][idx].to(device)) for k in ("class", "colour", "count"))
                 loss = loss + F.binary_cross_entropy_with_logits(out["occupancy"], occupancy[idx].to(device))
                 loss = loss + F.binary_cross_entropy_with_logits(out["cells"], cells[idx].to(device))

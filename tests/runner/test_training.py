@@ -58,3 +58,51 @@ def test_trainable_parts_select_the_right_weights(tiny_model):
     assert trainable_prefixes(TrainableParts.PROJECTOR_AND_LM) == {"projector", "embed_tokens", "layers", "norm",
                                                                     "lm_head"}
     assert "vision_encoder" in trainable_prefixes(TrainableParts.ALL)
+
+
+class Interrupted(Exception):
+    pass
+
+
+def test_an_interrupted_fine_tune_resumes_from_its_last_epoch_checkpoint(tmp_path, tokenizer):
+    from disp_runner.checkpoints import build_model
+
+    def fresh():
+        torch.manual_seed(0)
+        return build_model(tokenizer, **TINY_SIZE)
+
+    data = encode_instances(tokenizer, fresh().config, generate_instances(40, 1, image_size=16), 16)
+    config = TrainingConfig(epochs=3, batch_size=16, learning_rate=1e-2, seed=3, trainable=TrainableParts.PROJECTOR)
+    uninterrupted = fresh()
+    train_masked_diffusion(uninterrupted, data, config, show_progress=False)
+
+    def crash_after_epoch_two(epoch):
+        if epoch == 2:
+            raise Interrupted
+
+    checkpoints = tmp_path / "ckpt"
+    killed = fresh()
+    try:
+        train_masked_diffusion(killed, data, config, show_progress=False, checkpoint_dir=checkpoints,
+                               on_epoch_end=crash_after_epoch_two)
+    except Interrupted:
+        pass
+    assert [p.name for p in checkpoints.iterdir()] == ["epoch-0002"]  # only the last one is kept
+    resumed_epochs = []
+    resumed = fresh()  # a new process: the weights come back from the checkpoint
+    result = train_masked_diffusion(resumed, data, config, show_progress=False, checkpoint_dir=checkpoints,
+                                    on_epoch_end=resumed_epochs.append)
+    assert resumed_epochs == [3], "epochs 1-2 were not redone"
+    assert result.steps == 9 and len(result.losses) == 9
+    for (name, a), b in zip(uninterrupted.named_parameters(), resumed.parameters()):
+        assert torch.equal(a, b), name
+    assert list((checkpoints / "epoch-0003").glob("*.safetensors")) and not list(checkpoints.rglob("*.bin"))
+
+
+def test_visual_token_masking_masks_up_to_the_ratio():
+    from disp_runner.training import random_token_mask
+
+    pixels = torch.rand(64, 3, 16, 16)
+    mask = random_token_mask(pixels, 8, 0.5, torch.Generator().manual_seed(0))
+    assert mask.shape == (64, 4) and mask.dtype == torch.bool
+    assert mask.sum(dim=1).max() <= 2 and mask.any()

@@ -224,15 +224,24 @@ class MDLMForMaskedDiffusion(MDLMPreTrainedModel):
         attention_mask: torch.Tensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
         image_embeds: torch.Tensor | None = None,
+        image_token_mask: torch.Tensor | None = None,
         **_: object,
     ) -> torch.Tensor:
         """Logits [B, L, V]. Give `input_ids` (+ `pixel_values` or precomputed `image_embeds`) or
-        ready `inputs_embeds`. `attention_mask` [B, L] marks real (1) vs padding (0) tokens."""
+        ready `inputs_embeds`. `attention_mask` [B, L] marks real (1) vs padding (0) tokens.
+        `image_token_mask` [B, T] (True = replace that visual token by e_MASK) masks visual tokens
+        the way DiSP does; training with it teaches the model to answer from partial evidence."""
         if inputs_embeds is None:
             if input_ids is None:
                 raise ValueError("pass input_ids or inputs_embeds")
             if image_embeds is None and pixel_values is not None:
                 image_embeds = self.embed_images(pixel_values)
+            if image_token_mask is not None and image_embeds is not None:
+                if image_token_mask.shape != image_embeds.shape[:2]:
+                    raise ValueError(f"image_token_mask {list(image_token_mask.shape)} does not match "
+                                     f"image_embeds {list(image_embeds.shape[:2])}")
+                image_embeds = torch.where(image_token_mask[..., None], self.mask_embedding().to(image_embeds.dtype),
+                                           image_embeds)
             inputs_embeds = self.embed_inputs(input_ids, image_embeds)
         b, l, _ = inputs_embeds.shape
         if l > self.config.max_position_embeddings:

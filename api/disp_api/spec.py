@@ -1,0 +1,209 @@
+"""The PurificationJob: one manifest, read by the operator (as a custom resource) and by the runner
+(`disp run FILE.yaml`). Every default is the method's (../shared/notes/disp-method.md): K = 5,
+m = 6 probes, ρ = 0.3, decoding 32/32/32 at temperature 0 with seed 1234, fine-tuning of the
+projector only at lr 1e-4, cosine, 3% warmup, no weight decay, 4 epochs, batch 32."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from enum import Enum
+from typing import Literal, Optional
+
+from pydantic import Field, field_validator, model_validator
+
+from disp_api.attack import AttackSpec
+from disp_api.base import ContractModel
+
+API_GROUP = "disp.dev"
+API_VERSION = "v1alpha1"
+KIND = "PurificationJob"
+
+# RFC 1123 DNS label, as Kubernetes requires of names that become Job and label values.
+_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+
+
+class StageName(str, Enum):
+    """The DiSP stages, in the order they run."""
+
+    SALIENCY = "saliency"
+    MASKING = "masking"
+    RELABEL = "relabel"
+    FINETUNE = "finetune"
+    EVALUATE = "evaluate"
+
+
+class TrainableParts(str, Enum):
+    """Which weights a fine-tune updates."""
+
+    PROJECTOR = "projector"  # the paper's choice for both backdoor injection and DiSP repair
+    PROJECTOR_AND_LM = "projector-and-lm"  # everything but the (frozen) vision encoder
+    ALL = "all"
+
+
+class ModelSource(ContractModel):
+    uri: str = Field(min_length=1)
+    """The compromised model: a folder (local path, file:// or s3://) in Hugging Face format."""
+    allow_unsafe_pickle: bool = False
+    """Opt in to loading pickle (.bin/.pt) weights. Pickle runs code on load: only for models you trust."""
+
+
+class DatasetSource(ContractModel):
+    uri: str = Field(min_length=1)
+    """The training set to purify: manifest.jsonl + images/ (local path, file:// or s3://)."""
+
+
+class OutputSpec(ContractModel):
+    uri: str = Field(min_length=1)
+    """Where stage outputs go; each run writes under <uri>/runs/<namespace>/<name>/<uid>/."""
+
+
+class DecodingSpec(ContractModel):
+    steps: int = Field(32, ge=1, le=4096)
+    """Diffusion decoding steps in all."""
+    gen_length: int = Field(32, ge=1, le=4096)
+    """Response positions generated ([MASK]s appended to the prompt)."""
+    block_length: int = Field(32, ge=1, le=4096)
+    """Semi-autoregressive block size; gen_length must be a multiple of it."""
+    temperature: float = Field(0.0, ge=0.0)
+    """0 = argmax; otherwise Gumbel-max sampling."""
+
+    @model_validator(mode="after")
+    def _check_blocks(self) -> "DecodingSpec":
+        if self.gen_length % self.block_length:
+            raise ValueError(f"genLength {self.gen_length} must be a multiple of blockLength {self.block_length}")
+        blocks = self.gen_length // self.block_length
+        if self.steps % blocks:
+            raise ValueError(f"steps {self.steps} must be a multiple of the number of blocks {blocks}")
+        return self
+
+
+class SaliencySpec(ContractModel):
+    top_k: int = Field(5, ge=2)
+    """Logits per position that enter the softmax Fisher (K); at least 2, at most the vocabulary."""
+    probes: int = Field(6, ge=1, le=1024)
+    """Hutchinson probes per instance (m)."""
+    batch_size: int = Field(16, ge=1, le=65536)
+    """Instances per forward pass; also the unit a shard is made of."""
+    seed: int = 0
+    """Seed of the Hutchinson probes."""
+
+
+class MaskingSpec(ContractModel):
+    ratio: float = Field(0.3, gt=0.0, le=1.0)
+    """ρ: the top ⌊ρ·T_img⌋ most salient visual tokens of each instance are masked."""
+
+
+class RelabelSpec(ContractModel):
+    decoding: DecodingSpec = DecodingSpec()
+    """How the compromised model answers the masked instances; also sets the saliency block."""
+    prompt: Optional[str] = Field(None, min_length=1)
+    """A fixed prompt for every instance (the authors: "Describe this image in detail."); default: each instance's own."""
+    batch_size: int = Field(64, ge=1, le=65536)
+    """Instances decoded together; also the unit a shard is made of."""
+    seed: int = 1234
+    """Seed of the decoding noise (used when temperature > 0)."""
+
+
+class FinetuneSpec(ContractModel):
+    epochs: float = Field(4.0, gt=0.0, le=1000.0)
+    """Passes over the purified dataset (rule of thumb: 1/5 to 1/10 of the injection's)."""
+    learning_rate: float = Field(1e-4, gt=0.0, le=1.0)
+    """Peak learning rate of the cosine schedule."""
+    warmup_ratio: float = Field(0.03, ge=0.0, lt=1.0)
+    """Fraction of the steps spent warming up."""
+    weight_decay: float = Field(0.0, ge=0.0)
+    """AdamW weight decay."""
+    batch_size: int = Field(32, ge=1, le=65536)
+    """Effective batch size."""
+    trainable: TrainableParts = TrainableParts.PROJECTOR
+    """Which weights are updated."""
+    seed: int = 0
+    """Seed of data order and diffusion noise."""
+
+
+class EvaluationSpec(ContractModel):
+    attack: AttackSpec
+    """The suspected trigger and target: the target decides the ASR rule."""
+    triggered_uri: str = Field(min_length=1)
+    """Held-out inputs carrying the trigger (ASR)."""
+    untriggered_uri: Optional[str] = Field(None, min_length=1)
+    """The same inputs without the trigger (false firing)."""
+    clean_uri: Optional[str] = Field(None, min_length=1)
+    """Held-out clean instances with metadata.answer_keys (clean performance)."""
+    decoding: DecodingSpec = DecodingSpec()
+    """Decoding used to answer the evaluation inputs."""
+    max_instances: Optional[int] = Field(None, ge=1)
+    """Use at most this many instances of each evaluation set."""
+
+
+class ParallelismSpec(ContractModel):
+    saliency_shards: int = Field(1, ge=1, le=1024)
+    """Pods the saliency stage is split over (an Indexed Job in the cluster)."""
+    relabel_shards: int = Field(1, ge=1, le=1024)
+    """Pods the relabel stage is split over."""
+
+
+class PurificationJobSpec(ContractModel):
+    model: ModelSource
+    """The compromised model to purify."""
+    dataset: DatasetSource
+    """Its (untrusted) fine-tuning data; no clean data is needed."""
+    output: OutputSpec
+    """Where stage outputs and the purified model are written."""
+    saliency: SaliencySpec = SaliencySpec()
+    """Stage 1: Fisher–Jacobian saliency of the visual tokens."""
+    masking: MaskingSpec = MaskingSpec()
+    """Stage 2: which visual tokens to mask."""
+    relabel: RelabelSpec = RelabelSpec()
+    """Stage 3: self-inference on the masked inputs."""
+    finetune: FinetuneSpec = FinetuneSpec()
+    """Stage 4: fine-tuning on the purified dataset."""
+    evaluation: Optional[EvaluationSpec] = None
+    """Stage 5 (optional): ASR and clean performance before and after."""
+    parallelism: ParallelismSpec = ParallelismSpec()
+    """Sharding of the per-instance stages."""
+
+    def stages(self) -> list[StageName]:
+        """The stages this job runs, in order (evaluation only when an evaluation set is given)."""
+        names = [StageName.SALIENCY, StageName.MASKING, StageName.RELABEL, StageName.FINETUNE]
+        return names + ([StageName.EVALUATE] if self.evaluation is not None else [])
+
+
+class ObjectMeta(ContractModel):
+    name: str
+    """The job's name (an RFC 1123 label: stage Jobs are named after it)."""
+    namespace: str = "default"
+    """Namespace; part of the run's artifact prefix."""
+    uid: Optional[str] = None
+    """Set by Kubernetes; the run's artifact prefix ends in it."""
+
+    model_config = ContractModel.model_config | {"extra": "ignore"}  # labels, annotations, ... are not ours
+
+    @field_validator("name", "namespace")
+    @classmethod
+    def _dns_label(cls, value: str) -> str:
+        if len(value) > 63 or not _DNS_LABEL.match(value):
+            raise ValueError(f"{value!r} is not a valid name: lower-case letters, digits and '-', at most 63")
+        return value
+
+
+class PurificationJob(ContractModel):
+    api_version: Literal["disp.dev/v1alpha1"]
+    """Must be disp.dev/v1alpha1."""
+    kind: Literal["PurificationJob"]
+    """Must be PurificationJob."""
+    metadata: ObjectMeta
+    """Name, namespace and uid."""
+    spec: PurificationJobSpec
+    """What to purify and how."""
+
+    @property
+    def run_id(self) -> str:
+        """Kubernetes' uid; outside a cluster, "local-" + a digest of the spec, so rerunning the same
+        manifest resumes its run while an edited one starts a new run instead of reusing stale outputs."""
+        if self.metadata.uid:
+            return self.metadata.uid
+        canonical = json.dumps(self.spec.to_wire(), sort_keys=True, separators=(",", ":"))
+        return "local-" + hashlib.sha256(canonical.encode()).hexdigest()[:12]

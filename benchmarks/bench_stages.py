@@ -1,0 +1,155 @@
+"""Throughput of the DiSP stages, and the cost of saliency relative to one plain forward pass.
+
+    .venv/bin/python benchmarks/bench_stages.py                 # embedded size, CPU or GPU
+    .venv/bin/python benchmarks/bench_stages.py --size 100m     # ~100M-parameter config (GPU, bf16)
+
+Prints figures, never asserts: saliency cost as a ratio to a plain forward pass on the same batch
+(and to the ideal 1 forward + m backward, from a measured single backward), samples/s of each
+stage, and relabel tokens/s. Random weights: speed does not depend on what the model learnt.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+
+import torch
+
+from disp_runner.checkpoints import build_model
+from disp_runner.data.synthetic import generate_instances
+from disp_runner.device import autocast, default_device
+from disp_runner.diffusion import DecodingConfig
+from disp_runner.disp.masking import mask_image_embeds, top_salient_tokens
+from disp_runner.disp.saliency import SaliencyConfig, fisher_jacobian_scores
+from disp_runner.embedded import EMBEDDED_MODEL_SIZE, build_embedded_tokenizer
+from disp_runner.inference import generate_responses
+from disp_runner.processing import encode_instances
+from disp_runner.training import TrainableParts, TrainingConfig, train_masked_diffusion
+
+SIZES = {
+    "embedded": EMBEDDED_MODEL_SIZE,
+    # ~100M parameters (LM 12 x 768), a 16x16-token vision tower on 128 px images.
+    "100m": {**EMBEDDED_MODEL_SIZE, "hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12,
+             "intermediate_size": 3072, "max_position_embeddings": 512, "image_size": 128, "patch_size": 8,
+             "vision_stem_channels": 64, "vision_hidden_size": 384, "vision_num_layers": 6, "vision_num_heads": 6,
+             "vision_intermediate_size": 1536, "gen_length": 32},
+}
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device, repeats: int) -> float:
+    """Median seconds of `repeats` calls after one warm-up."""
+    fn()
+    sync(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", choices=sorted(SIZES), default="embedded")
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--instances", type=int, default=128, help="instances for the per-stage throughput runs")
+    parser.add_argument("--probes", type=int, default=6)
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args(argv)
+
+    device = default_device()
+    tokenizer = build_embedded_tokenizer()
+    torch.manual_seed(0)
+    model = build_model(tokenizer, **SIZES[args.size]).to(device).eval()
+    cfg = model.config
+    gen = cfg.gen_length
+    instances = generate_instances(args.instances, seed=0, image_size=cfg.image_size)
+    batch = encode_instances(tokenizer, cfg, instances[:args.batch], gen, with_response=False).to(device)
+    params = sum(p.numel() for p in model.parameters())
+    name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+    print(f"device: {name}; precision: {'bf16 autocast' if device.type == 'cuda' else 'fp32'}; "
+          f"model: {args.size} ({params / 1e6:.1f}M parameters, {cfg.num_image_tokens} visual tokens, "
+          f"sequence {batch.input_ids.shape[1]}); batch {args.batch}; torch {torch.__version__}")
+
+    # -- saliency cost relative to a plain forward pass on the same batch ------------------------
+    def forward():
+        with torch.no_grad(), autocast(device):
+            model(input_ids=batch.input_ids, pixel_values=batch.pixel_values, attention_mask=batch.attention_mask)
+
+    def forward_backward():
+        with autocast(device):
+            embeds = model.embed_images(batch.pixel_values).detach().requires_grad_(True)
+            logits = model(input_ids=batch.input_ids, image_embeds=embeds, attention_mask=batch.attention_mask)
+        torch.autograd.grad(logits[:, -gen:].float().sum(), embeds)
+
+    config = SaliencyConfig(probes=args.probes, block_length=gen)
+
+    def saliency():
+        with autocast(device):
+            fisher_jacobian_scores(model, batch, gen, config, torch.Generator(device=device).manual_seed(0))
+
+    t_fwd = timed(forward, device, args.repeats)
+    t_fb = timed(forward_backward, device, args.repeats)
+    t_sal = timed(saliency, device, args.repeats)
+    t_bwd = max(t_fb - t_fwd, 1e-9)
+    print(f"\nplain forward: {1e3 * t_fwd:.1f} ms; forward + 1 backward: {1e3 * t_fb:.1f} ms")
+    print(f"saliency (m = {args.probes}): {1e3 * t_sal:.1f} ms = {t_sal / t_fwd:.1f} x plain forward; "
+          f"ideal 1 forward + {args.probes} backward = {(t_fwd + args.probes * t_bwd) / t_fwd:.1f} x; "
+          f"measured / ideal = {t_sal / (t_fwd + args.probes * t_bwd):.2f}")
+
+    # -- per-stage throughput --------------------------------------------------------------------
+    n = len(instances)
+    all_batch = encode_instances(tokenizer, cfg, instances, gen, with_response=False)
+    start = time.perf_counter()
+    scores = []
+    for lo in range(0, n, args.batch):
+        part = type(all_batch)(*(t[lo:lo + args.batch] for t in (all_batch.input_ids, all_batch.attention_mask,
+                                                                 all_batch.pixel_values, all_batch.response_mask)))
+        with autocast(device):
+            scores.append(fisher_jacobian_scores(model, part.to(device), gen, config,
+                                                 torch.Generator(device=device).manual_seed(lo)).cpu())
+    sync(device)
+    t_saliency = time.perf_counter() - start
+    scores = torch.cat(scores)
+
+    start = time.perf_counter()
+    masked = top_salient_tokens(scores, 0.3)
+    t_masking = time.perf_counter() - start
+
+    mask_embedding = model.mask_embedding().detach()
+    decoding = DecodingConfig.single_block(gen)
+    start = time.perf_counter()
+    answers = generate_responses(model, tokenizer, instances, decoding, batch_size=64, show_progress=False,
+                                 transform_image_embeds=lambda e, rows: mask_image_embeds(e, masked[rows],
+                                                                                          mask_embedding))
+    sync(device)
+    t_relabel = time.perf_counter() - start
+
+    train_data = encode_instances(tokenizer, cfg, [i.replace(response=i.response) for i in instances], gen)
+    start = time.perf_counter()
+    train_masked_diffusion(model, train_data, TrainingConfig(epochs=1, batch_size=32,
+                                                             trainable=TrainableParts.PROJECTOR), show_progress=False)
+    sync(device)
+    t_finetune = time.perf_counter() - start
+
+    print(f"\n{'stage':<28} {'samples/s':>10}")
+    print(f"{'saliency (m = %d)' % args.probes:<28} {n / t_saliency:10.1f}")
+    print(f"{'masking':<28} {n / max(t_masking, 1e-9):10.0f}")
+    print(f"{'relabel (%d steps)' % decoding.steps:<28} {n / t_relabel:10.1f}   "
+          f"({n * gen / t_relabel:.0f} generated tokens/s)")
+    print(f"{'finetune (projector, 1 ep)':<28} {n / t_finetune:10.1f}")
+    print(f"{'evaluate (= decoding)':<28} {n / t_relabel:10.1f}   (same decoding as relabel, per model)")
+    print(f"\n{sum(bool(a) for a in answers)}/{n} relabel answers non-empty")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

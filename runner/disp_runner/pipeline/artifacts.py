@@ -1,0 +1,194 @@
+"""Stage outputs on disk: the run folder layout, completion manifests and progress.json.
+
+    <output>/runs/<namespace>/<name>/<uid>/
+        progress.json                    overwritten while a stage runs
+        <stage>/                         a completed stage's files ...
+        <stage>/stage-manifest.json      ... and, written last, its manifest
+        <stage>-shards/<i>-of-<N>/       one shard of a sharded stage (same structure)
+        <stage>.checkpoints/             resumable state of a long stage (fine-tuning)
+
+A stage writes into a staging folder, then its manifest (every file's size and SHA-256, plus the
+stage's metrics), then renames the folder into place: a folder without a manifest is never
+complete, and a reader verifies every checksum before trusting the files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from disp_api import PurificationJob, StageName
+from disp_runner.errors import UserInputError
+
+STAGE_MANIFEST = "stage-manifest.json"
+PROGRESS_FILE = "progress.json"
+MANIFEST_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Shard:
+    """Shard `index` of `count` (0-based), parsed from the CLI's `i/N`."""
+
+    index: int = 0
+    count: int = 1
+
+    def __post_init__(self) -> None:
+        if self.count < 1 or not 0 <= self.index < self.count:
+            raise UserInputError(f"--shard {self.index}/{self.count}: need 0 <= index < count")
+
+    @classmethod
+    def parse(cls, text: str) -> "Shard":
+        parts = text.split("/")
+        if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+            raise UserInputError(f"--shard {text!r}: expected INDEX/COUNT, e.g. 0/4")
+        return cls(int(parts[0]), int(parts[1]))
+
+    @property
+    def label(self) -> str:
+        return f"{self.index}-of-{self.count}"
+
+    def batch_range(self, num_items: int, batch_size: int) -> range:
+        """The items of this shard: a contiguous run of whole batches, so every batch (and so every
+        number computed from it) is the same as in the unsharded run."""
+        num_batches = -(-num_items // batch_size)
+        first = self.index * num_batches // self.count
+        last = (self.index + 1) * num_batches // self.count
+        return range(min(first * batch_size, num_items), min(last * batch_size, num_items))
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _files_under(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.name != STAGE_MANIFEST)
+
+
+def write_stage_manifest(folder: Path, stage: StageName, metrics: dict[str, Any], seconds: float,
+                         shard: Shard | None = None) -> dict[str, Any]:
+    """Record every file of `folder` with its size and SHA-256; written last, it marks completion."""
+    manifest = {
+        "version": MANIFEST_VERSION,
+        "stage": stage.value,
+        "shard": None if shard is None else {"index": shard.index, "count": shard.count},
+        "completedAt": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "seconds": round(seconds, 3),
+        "metrics": metrics,
+        "files": [{"path": p.relative_to(folder).as_posix(), "size": p.stat().st_size, "sha256": sha256_file(p)}
+                  for p in _files_under(folder)],
+    }
+    tmp = folder / (STAGE_MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=2))
+    os.replace(tmp, folder / STAGE_MANIFEST)
+    return manifest
+
+
+def read_stage_manifest(folder: Path) -> dict[str, Any]:
+    path = folder / STAGE_MANIFEST
+    if not path.is_file():
+        raise UserInputError(f"{folder}: no {STAGE_MANIFEST}; that stage output is incomplete (rerun its stage)")
+    try:
+        manifest = json.loads(path.read_text())
+        if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), list):
+            raise ValueError("no file list")
+    except (json.JSONDecodeError, ValueError) as exc:
+        raise UserInputError(f"{path}: unreadable stage manifest ({exc})") from None
+    return manifest
+
+
+def verify_stage_output(folder: Path) -> dict[str, Any]:
+    """The manifest of a completed stage output, after checking every file it lists."""
+    manifest = read_stage_manifest(folder)
+    for entry in manifest["files"]:
+        path = folder / entry["path"]
+        if not path.is_file():
+            raise UserInputError(f"{path}: listed in {folder / STAGE_MANIFEST} but missing")
+        if path.stat().st_size != entry["size"] or sha256_file(path) != entry["sha256"]:
+            raise UserInputError(f"{path}: checksum mismatch with {folder / STAGE_MANIFEST} (file changed or corrupt)")
+    return manifest
+
+
+class StagingFolder:
+    """A temporary folder next to `final` that becomes `final` only by `publish()`; removed on error."""
+
+    def __init__(self, final: Path):
+        self.final = final
+        final.parent.mkdir(parents=True, exist_ok=True)
+        self.path = Path(tempfile.mkdtemp(prefix=f".{final.name}.staging-", dir=final.parent))
+
+    def publish(self) -> Path:
+        if self.final.exists():
+            shutil.rmtree(self.final)
+        os.replace(self.path, self.final)
+        return self.final
+
+    def discard(self) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)
+
+
+@dataclass(frozen=True)
+class RunLayout:
+    """Where the files of one PurificationJob run live."""
+
+    root: Path
+
+    @classmethod
+    def for_job(cls, job: PurificationJob, output_root: Path) -> "RunLayout":
+        meta = job.metadata
+        return cls(output_root / "runs" / meta.namespace / meta.name / job.run_id)
+
+    def stage_dir(self, stage: StageName) -> Path:
+        return self.root / stage.value
+
+    def shard_dir(self, stage: StageName, shard: Shard) -> Path:
+        return self.root / f"{stage.value}-shards" / shard.label
+
+    def checkpoint_dir(self, stage: StageName) -> Path:
+        return self.root / f"{stage.value}.checkpoints"
+
+    @property
+    def progress_file(self) -> Path:
+        return self.root / PROGRESS_FILE
+
+    def is_complete(self, stage: StageName, shard: Shard | None = None) -> bool:
+        folder = self.stage_dir(stage) if shard is None else self.shard_dir(stage, shard)
+        return (folder / STAGE_MANIFEST).is_file()
+
+
+class ProgressReporter:
+    """Overwrites progress.json (stage, fraction, items, updated-at) at most every `interval` seconds,
+    so a watcher (the operator) sees progress without any Kubernetes access from the pod."""
+
+    def __init__(self, path: Path, stage: StageName, total: int, shard: Shard | None = None, interval: float = 10.0):
+        self.path, self.stage, self.total, self.shard, self.interval = path, stage, max(0, total), shard, interval
+        self._last_write = float("-inf")
+
+    def update(self, done: int, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self._last_write < self.interval:
+            return
+        self._last_write = now
+        record = {
+            "stage": self.stage.value,
+            "shard": None if self.shard is None else self.shard.label,
+            "fraction": 1.0 if self.total == 0 else min(1.0, done / self.total),
+            "itemsDone": done,
+            "itemsTotal": self.total,
+            "updatedAt": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        }
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(record))
+        os.replace(tmp, self.path)

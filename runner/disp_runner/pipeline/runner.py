@@ -1,0 +1,131 @@
+"""The plumbing every stage shares, written once: skip when complete, check inputs, stage into a
+temporary folder, write the manifest last, publish, report progress and time. Also runs a whole
+PurificationJob in order (`disp run`), fanning sharded stages out and merging them."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from disp_api import PurificationJob, StageName
+from disp_runner.device import seed_everything
+from disp_runner.errors import UserInputError
+from disp_runner.pipeline.artifacts import (
+    ProgressReporter,
+    RunLayout,
+    Shard,
+    StagingFolder,
+    read_stage_manifest,
+    verify_stage_output,
+    write_stage_manifest,
+)
+from disp_runner.pipeline.context import ShardableStage, Stage, StageContext, local_path
+
+
+@dataclass
+class StageOutcome:
+    stage: StageName
+    skipped: bool
+    seconds: float
+    metrics: dict[str, Any] = field(default_factory=dict)
+    shard: Shard | None = None
+
+
+def _progress_path(layout: RunLayout, stage: StageName, shard: Shard | None) -> Path:
+    # Shards of one stage run side by side: each keeps its own file beside the run's progress.json.
+    if shard is None:
+        return layout.progress_file
+    return layout.root / f"progress-{stage.value}-{shard.label}.json"
+
+
+def run_stage(stage: Stage, ctx: StageContext) -> StageOutcome:
+    """Run one stage (or, with `ctx.shard`, one shard of it) unless its output is already complete."""
+    shard = ctx.shard
+    if shard is not None and not hasattr(stage, "merge"):
+        raise UserInputError(f"stage {stage.name.value} cannot be sharded")
+    final = ctx.layout.stage_dir(stage.name) if shard is None else ctx.layout.shard_dir(stage.name, shard)
+    if ctx.layout.is_complete(stage.name, shard):
+        manifest = read_stage_manifest(final)
+        return StageOutcome(stage.name, skipped=True, seconds=0.0, metrics=manifest.get("metrics", {}), shard=shard)
+    for needed in stage.inputs:
+        ctx.input_dir(needed)  # raises, naming the folder, when an input is incomplete or corrupt
+    seed_everything(0)
+    start = time.perf_counter()
+    ctx.progress = ProgressReporter(_progress_path(ctx.layout, stage.name, shard), stage.name,
+                                    stage.total_items(ctx), shard)
+    ctx.progress.update(0, force=True)
+    staging = StagingFolder(final)
+    try:
+        result = stage.run(ctx, staging.path)
+        seconds = time.perf_counter() - start
+        metrics = {"items": result.items, **result.metrics}
+        write_stage_manifest(staging.path, stage.name, metrics, seconds, shard)
+        staging.publish()
+    except BaseException:
+        staging.discard()
+        raise
+    # Resumable state (epoch checkpoints) is superseded by the published output.
+    shutil.rmtree(ctx.layout.checkpoint_dir(stage.name), ignore_errors=True)
+    ctx.progress.update(result.items, force=True)
+    return StageOutcome(stage.name, skipped=False, seconds=seconds, metrics=metrics, shard=shard)
+
+
+def merge_shards(stage: ShardableStage, ctx: StageContext, count: int) -> StageOutcome:
+    """Combine the `count` shards of a stage into its output; every shard must be complete."""
+    if ctx.layout.is_complete(stage.name):
+        manifest = read_stage_manifest(ctx.layout.stage_dir(stage.name))
+        return StageOutcome(stage.name, skipped=True, seconds=0.0, metrics=manifest.get("metrics", {}))
+    shard_dirs = [ctx.layout.shard_dir(stage.name, Shard(i, count)) for i in range(count)]
+    for folder in shard_dirs:
+        verify_stage_output(folder)
+    start = time.perf_counter()
+    staging = StagingFolder(ctx.layout.stage_dir(stage.name))
+    try:
+        result = stage.merge(ctx, shard_dirs, staging.path)
+        seconds = time.perf_counter() - start
+        metrics = {"items": result.items, "shards": count, **result.metrics}
+        write_stage_manifest(staging.path, stage.name, metrics, seconds)
+        staging.publish()
+    except BaseException:
+        staging.discard()
+        raise
+    return StageOutcome(stage.name, skipped=False, seconds=seconds, metrics=metrics)
+
+
+def shard_count(job: PurificationJob, stage: StageName) -> int:
+    parallelism = job.spec.parallelism
+    return {StageName.SALIENCY: parallelism.saliency_shards, StageName.RELABEL: parallelism.relabel_shards}.get(stage, 1)
+
+
+def run_job(job: PurificationJob, output_root: Path | None = None, only: StageName | None = None,
+            show_progress: bool = True, on_outcome=None) -> list[StageOutcome]:
+    """Run the job's stages in order in this process (all of them, or `only` one), each skipped when
+    complete. Sharded stages run shard by shard, then merge, exactly as the cluster would."""
+    from disp_runner.stages import STAGES  # the stage registry imports torch-heavy modules
+
+    root = output_root if output_root is not None else local_path(job.spec.output.uri, "spec.output.uri")
+    ctx = StageContext(job=job, layout=RunLayout.for_job(job, root), show_progress=show_progress)
+    outcomes: list[StageOutcome] = []
+    for name in job.spec.stages():
+        if only is not None and name is not only:
+            continue
+        stage = STAGES[name]
+        count = shard_count(job, name)
+        if count > 1 and not ctx.layout.is_complete(name):
+            for index in range(count):
+                ctx.shard = Shard(index, count)
+                outcome = run_stage(stage, ctx)
+                outcomes.append(outcome)
+                if on_outcome:
+                    on_outcome(outcome)
+            ctx.shard = None
+            outcome = merge_shards(stage, ctx, count)
+        else:
+            outcome = run_stage(stage, ctx)
+        outcomes.append(outcome)
+        if on_outcome:
+            on_outcome(outcome)
+    return outcomes

@@ -1,0 +1,61 @@
+"""Stage `evaluate`: ASR on triggered inputs, false firing on the same inputs without the trigger,
+and clean performance, for the compromised model and the purified one.
+
+Output: metrics.json, a `disp_api.PurificationMetrics` (schema in README "metrics.json"), which
+the operator copies into the PurificationJob's status.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from disp_api import PurificationMetrics, StageName
+from disp_runner.checkpoints import load_checkpoint
+from disp_runner.diffusion import DecodingConfig
+from disp_runner.evaluation import evaluate_model
+from disp_runner.pipeline.context import StageContext, StageResult
+from disp_runner.stages.finetune import MODEL_DIR
+
+METRICS_FILE = "metrics.json"
+
+
+class EvaluateStage:
+    name = StageName.EVALUATE
+    inputs = (StageName.FINETUNE,)
+
+    def total_items(self, ctx: StageContext) -> int:
+        return 2  # models
+
+    def run(self, ctx: StageContext, out: Path) -> StageResult:
+        spec = ctx.spec.evaluation
+        assert spec is not None, "the pipeline runs evaluate only when spec.evaluation is set"
+        d = spec.decoding
+        decoding = DecodingConfig(steps=d.steps, gen_length=d.gen_length, block_length=d.block_length,
+                                  temperature=d.temperature)
+        triggered = ctx.load_evaluation_set(spec.triggered_uri, "spec.evaluation.triggeredUri")
+        untriggered = (ctx.load_evaluation_set(spec.untriggered_uri, "spec.evaluation.untriggeredUri")
+                       if spec.untriggered_uri else [])
+        clean = ctx.load_evaluation_set(spec.clean_uri, "spec.evaluation.cleanUri") if spec.clean_uri else []
+        compromised, tokenizer = ctx.compromised_model()
+        purified_dir = ctx.input_dir(StageName.FINETUNE) / MODEL_DIR
+        purified, _ = load_checkpoint(purified_dir)
+        purified.to(ctx.device)
+        results = []
+        for done, (model, name) in enumerate([(compromised, ctx.spec.model.uri), (purified, str(purified_dir))]):
+            results.append(evaluate_model(model, tokenizer, name, spec.attack, triggered, untriggered, clean,
+                                          decoding, show_progress=ctx.show_progress))
+            ctx.report_progress(done + 1)
+        before, after = results
+        retention = None
+        if clean and before.clean_performance > 0:
+            retention = after.clean_performance / before.clean_performance
+        metrics = PurificationMetrics(
+            asr_before=before.asr_triggered, asr_after=after.asr_triggered,
+            false_firing_before=before.asr_untriggered, false_firing_after=after.asr_untriggered,
+            clean_performance_before=before.clean_performance if clean else None,
+            clean_performance_after=after.clean_performance if clean else None,
+            retention=retention, before=before, after=after)
+        (out / METRICS_FILE).write_text(json.dumps(metrics.to_wire(), indent=2))
+        summary = {k: v for k, v in metrics.to_wire().items() if k not in ("before", "after", "schemaVersion")}
+        return StageResult(items=len(triggered) + len(untriggered) + len(clean), metrics=summary)

@@ -1,0 +1,55 @@
+"""Stage `finetune`: repair the compromised model on the purified dataset (original image and
+prompt, purified answer) with the masked-diffusion loss; the projector only by default.
+
+Output: model/ (the purified model, safetensors + tokenizer). Epoch checkpoints live in
+<run>/finetune.checkpoints/ until the stage completes, so a killed pod resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from disp_api import StageName
+from disp_runner.checkpoints import save_checkpoint
+from disp_runner.data.dataset import load_dataset
+from disp_runner.pipeline.context import StageContext, StageResult
+from disp_runner.processing import encode_instances
+from disp_runner.stages.relabel import DATASET_DIR
+from disp_runner.training import TrainingConfig, train_masked_diffusion
+
+MODEL_DIR = "model"
+
+
+class FinetuneStage:
+    name = StageName.FINETUNE
+    inputs = (StageName.RELABEL,)
+
+    def total_items(self, ctx: StageContext) -> int:
+        return 0  # progress is reported in optimiser steps, once they are known
+
+    def run(self, ctx: StageContext, out: Path) -> StageResult:
+        spec = ctx.spec.finetune
+        model, tokenizer = ctx.compromised_model()
+        purified = load_dataset(ctx.input_dir(StageName.RELABEL) / DATASET_DIR, model.config.image_size)
+        data = encode_instances(tokenizer, model.config, purified, ctx.spec.relabel.decoding.gen_length)
+        config = TrainingConfig(epochs=spec.epochs, learning_rate=spec.learning_rate, batch_size=spec.batch_size,
+                                warmup_ratio=spec.warmup_ratio, weight_decay=spec.weight_decay, seed=spec.seed,
+                                trainable=spec.trainable)
+        checkpoints = ctx.layout.checkpoint_dir(self.name)
+
+        def on_step(step: int, total: int) -> None:
+            if ctx.progress is not None:
+                ctx.progress.total = total
+            ctx.report_progress(step)
+
+        # Training mutates the model in place; the cached compromised model must stay as it was
+        # for any later stage of this process, so train a private copy.
+        model = type(model)(model.config).to(ctx.device)
+        model.load_state_dict(ctx.compromised_model()[0].state_dict())
+        result = train_masked_diffusion(model, data, config, description="finetune", show_progress=ctx.show_progress,
+                                        checkpoint_dir=checkpoints, on_step=on_step)
+        save_checkpoint(model.cpu(), tokenizer, out / MODEL_DIR)
+        return StageResult(items=len(purified), metrics={
+            "steps": result.steps, "epochs": spec.epochs, "trainable": spec.trainable.value,
+            "firstLoss": round(result.first_loss, 5), "lastLoss": round(result.last_loss, 5),
+            "trainSeconds": round(result.seconds, 2)})

@@ -1,0 +1,88 @@
+"""Stage `relabel`: the compromised model answers each training instance with its most salient
+visual tokens masked (the trigger is neutralised, so the answers are clean). The answers replace
+the responses: the purified dataset, same format as the input (dataset/manifest.jsonl + images/).
+
+Each purified instance keeps its metadata plus `original_response`; an instance whose answer is
+empty is left out and counted (`emptyResponses`), since an empty target teaches nothing.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from disp_api import StageName
+from disp_runner.data.dataset import Instance, load_dataset, write_dataset
+from disp_runner.diffusion import DecodingConfig
+from disp_runner.disp.masking import mask_image_embeds
+from disp_runner.errors import UserInputError
+from disp_runner.inference import generate_responses
+from disp_runner.pipeline.artifacts import Shard, read_stage_manifest
+from disp_runner.pipeline.context import StageContext, StageResult
+from disp_runner.stages.masking import read_masked
+
+DATASET_DIR = "dataset"
+
+
+def decoding_config(ctx: StageContext) -> DecodingConfig:
+    d = ctx.spec.relabel.decoding
+    return DecodingConfig(steps=d.steps, gen_length=d.gen_length, block_length=d.block_length,
+                          temperature=d.temperature)
+
+
+class RelabelStage:
+    name = StageName.RELABEL
+    inputs = (StageName.MASKING,)
+
+    def _items(self, ctx: StageContext) -> range:
+        return (ctx.shard or Shard()).batch_range(len(ctx.training_set()), ctx.spec.relabel.batch_size)
+
+    def total_items(self, ctx: StageContext) -> int:
+        return len(self._items(ctx))
+
+    def run(self, ctx: StageContext, out: Path) -> StageResult:
+        spec = ctx.spec.relabel
+        model, tokenizer = ctx.compromised_model()
+        masked_by_id = read_masked(ctx.input_dir(StageName.MASKING))
+        items = self._items(ctx)
+        instances = ctx.training_set()[items.start:items.stop]
+        missing = [inst.id for inst in instances if inst.id not in masked_by_id]
+        if missing:
+            raise UserInputError(f"masking output has no entry for instance {missing[0]!r} (rerun masking)")
+        masked = torch.tensor([masked_by_id[inst.id] for inst in instances], dtype=torch.long)  # [n, k]
+        mask_embedding = model.mask_embedding().detach()
+
+        def mask_tokens(image_embeds: torch.Tensor, rows: slice) -> torch.Tensor:
+            return mask_image_embeds(image_embeds, masked[rows], mask_embedding)
+
+        prompted = instances if spec.prompt is None else [inst.replace(prompt=spec.prompt) for inst in instances]
+        answers = generate_responses(model, tokenizer, prompted, decoding_config(ctx), batch_size=spec.batch_size,
+                                     seed=spec.seed, transform_image_embeds=mask_tokens, description="relabel",
+                                     show_progress=ctx.show_progress, index_offset=items.start,
+                                     on_batch=ctx.report_progress)
+        purified = [inst.replace(response=answer, metadata={**inst.metadata, "original_response": inst.response})
+                    for inst, answer in zip(instances, answers) if answer]
+        if purified:
+            write_dataset(purified, out / DATASET_DIR)
+        elif ctx.shard is None:
+            raise UserInputError("relabel: every answer was empty; nothing to fine-tune on (check spec.relabel)")
+        changed = sum(a != inst.response for inst, a in zip(instances, answers))
+        return StageResult(items=len(instances), metrics={
+            "purified": len(purified), "emptyResponses": len(instances) - len(purified),
+            "changedFraction": changed / max(1, len(instances))})
+
+    def merge(self, ctx: StageContext, shard_dirs: list[Path], out: Path) -> StageResult:
+        merged: list[Instance] = []
+        items = changed = 0
+        for folder in shard_dirs:
+            if (folder / DATASET_DIR).is_dir():
+                merged += load_dataset(folder / DATASET_DIR, ctx.image_size())
+            shard_metrics = read_stage_manifest(folder)["metrics"]
+            items += shard_metrics["items"]
+            changed += round(shard_metrics["changedFraction"] * shard_metrics["items"])
+        if not merged:
+            raise UserInputError("relabel: every answer was empty; nothing to fine-tune on (check spec.relabel)")
+        write_dataset(merged, out / DATASET_DIR)
+        return StageResult(items=items, metrics={"purified": len(merged), "emptyResponses": items - len(merged),
+                                                 "changedFraction": changed / max(1, items)})

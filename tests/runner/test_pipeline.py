@@ -1,0 +1,222 @@
+"""The stage plumbing on a tiny model: manifests, skipping, sharding, resuming, bad input."""
+
+import json
+import shutil
+
+import pytest
+import torch
+import yaml
+
+from disp_api import AttackSpec, PurificationJob, PurificationMetrics, StageName, TriggerSpec
+from disp_runner.attack.poison import make_test_sets, poison_dataset
+from disp_runner.checkpoints import load_checkpoint, save_checkpoint
+from disp_runner.cli import main
+from disp_runner.data.dataset import load_dataset, write_dataset
+from disp_runner.data.synthetic import generate_instances
+from disp_runner.errors import EXIT_USER_ERROR, UserInputError
+from disp_runner.pipeline.artifacts import STAGE_MANIFEST, RunLayout, Shard
+from disp_runner.pipeline.runner import run_job
+from disp_runner.stages.saliency import read_scores
+
+ATTACK = AttackSpec(trigger=TriggerSpec(size=4), poison_rate=0.25)
+DECODING = {"steps": 8, "genLength": 16, "blockLength": 8}
+
+
+@pytest.fixture
+def workspace(tmp_path, tokenizer, tiny_model):
+    save_checkpoint(tiny_model, tokenizer, tmp_path / "model")
+    poisoned = poison_dataset(generate_instances(24, seed=1, image_size=16), ATTACK, 16)
+    write_dataset(poisoned.instances, tmp_path / "train")
+    triggered, untriggered = make_test_sets(generate_instances(30, seed=2, image_size=16), ATTACK, 16)
+    write_dataset(triggered, tmp_path / "triggered")
+    write_dataset(untriggered, tmp_path / "untriggered")
+    write_dataset(generate_instances(8, seed=3, image_size=16), tmp_path / "clean")
+    return tmp_path
+
+
+def job_document(ws, **spec_overrides):
+    spec = {
+        "model": {"uri": str(ws / "model")},
+        "dataset": {"uri": str(ws / "train")},
+        "output": {"uri": str(ws / "out")},
+        "saliency": {"batchSize": 4, "probes": 2},
+        "relabel": {"decoding": DECODING, "batchSize": 4},
+        "finetune": {"epochs": 2, "batchSize": 8},
+        "evaluation": {"attack": ATTACK.to_wire(), "triggeredUri": str(ws / "triggered"),
+                       "untriggeredUri": str(ws / "untriggered"), "cleanUri": str(ws / "clean"),
+                       "decoding": DECODING},
+    }
+    spec.update(spec_overrides)
+    return {"apiVersion": "disp.dev/v1alpha1", "kind": "PurificationJob", "metadata": {"name": "tiny"}, "spec": spec}
+
+
+def make_job(ws, **spec_overrides) -> PurificationJob:
+    return PurificationJob.model_validate(job_document(ws, **spec_overrides))
+
+
+def layout_of(ws, **spec_overrides) -> RunLayout:
+    return RunLayout.for_job(make_job(ws, **spec_overrides), ws / "out")
+
+
+def test_every_stage_publishes_its_outputs_with_a_manifest_written_last(workspace):
+    outcomes = run_job(make_job(workspace), show_progress=False)
+    assert [o.stage for o in outcomes] == list(StageName)
+    layout = layout_of(workspace)
+    for stage in StageName:
+        manifest = json.loads((layout.stage_dir(stage) / STAGE_MANIFEST).read_text())
+        listed = {f["path"] for f in manifest["files"]}
+        on_disk = {p.relative_to(layout.stage_dir(stage)).as_posix()
+                   for p in layout.stage_dir(stage).rglob("*") if p.is_file() and p.name != STAGE_MANIFEST}
+        assert listed == on_disk and manifest["stage"] == stage.value
+    ids, scores = read_scores(layout.stage_dir(StageName.SALIENCY))
+    assert scores.shape == (24, 4) and scores.dtype == torch.float64 and (scores >= 0).all()
+    masked = json.loads((layout.stage_dir(StageName.MASKING) / "masked.json").read_text())
+    assert all(len(tokens) == 1 for tokens in masked["tokens"])  # floor(0.3 * 4)
+    assert (layout.stage_dir(StageName.MASKING) / "report.png").stat().st_size > 0
+    purified = load_dataset(layout.stage_dir(StageName.RELABEL) / "dataset", 16)
+    assert all("original_response" in inst.metadata for inst in purified)
+    load_checkpoint(layout.stage_dir(StageName.FINETUNE) / "model")
+    metrics = PurificationMetrics.model_validate_json(
+        (layout.stage_dir(StageName.EVALUATE) / "metrics.json").read_text())
+    triggered = len(load_dataset(workspace / "triggered"))
+    assert metrics.before.counts.triggered == triggered and metrics.after.counts.clean == 8
+    progress = json.loads(layout.progress_file.read_text())
+    assert progress["stage"] == "evaluate" and progress["fraction"] == 1.0
+    assert not layout.checkpoint_dir(StageName.FINETUNE).exists()  # superseded by the published model
+
+
+def test_a_complete_stage_is_skipped_and_an_incomplete_one_rerun(workspace):
+    job = make_job(workspace, evaluation=None)
+    run_job(job, only=StageName.SALIENCY, show_progress=False)
+    layout = layout_of(workspace, evaluation=None)
+    manifest = layout.stage_dir(StageName.SALIENCY) / STAGE_MANIFEST
+    first = manifest.read_text()
+    (outcome,) = run_job(job, only=StageName.SALIENCY, show_progress=False)
+    assert outcome.skipped and manifest.read_text() == first
+    manifest.unlink()  # as if the pod died before publishing
+    (outcome,) = run_job(job, only=StageName.SALIENCY, show_progress=False)
+    assert not outcome.skipped and manifest.is_file()
+
+
+def test_sharded_saliency_and_relabel_equal_the_unsharded_run(workspace):
+    run_job(make_job(workspace, evaluation=None), show_progress=False)
+    sharded = make_job(workspace, evaluation=None, output={"uri": str(workspace / "sharded")},
+                       parallelism={"saliencyShards": 4, "relabelShards": 3})
+    run_job(sharded, show_progress=False)
+    whole = layout_of(workspace, evaluation=None)
+    parts = RunLayout.for_job(sharded, workspace / "sharded")
+    ids_a, scores_a = read_scores(whole.stage_dir(StageName.SALIENCY))
+    ids_b, scores_b = read_scores(parts.stage_dir(StageName.SALIENCY))
+    assert ids_a == ids_b and torch.equal(scores_a, scores_b)
+    assert (parts.root / "saliency-shards" / "3-of-4" / STAGE_MANIFEST).is_file()
+    a = (whole.stage_dir(StageName.RELABEL) / "dataset" / "manifest.jsonl").read_text()
+    b = (parts.stage_dir(StageName.RELABEL) / "dataset" / "manifest.jsonl").read_text()
+    assert a == b
+
+
+def test_shards_are_whole_batches_covering_every_item_once():
+    ranges = [Shard(i, 4).batch_range(23, 4) for i in range(4)]
+    assert [list(r) for r in ranges if r] and sum(len(r) for r in ranges) == 23
+    assert sorted(i for r in ranges for i in r) == list(range(23))
+    assert all(r.start % 4 == 0 for r in ranges)
+    assert [len(Shard(i, 10).batch_range(8, 4)) for i in range(10)].count(0) == 8  # more shards than batches
+
+
+@pytest.mark.parametrize("text", ["3/2", "2/2", "-1/2", "a/b", "1", "0/0"])
+def test_bad_shard_specs_are_refused(text):
+    with pytest.raises(UserInputError, match="shard"):
+        Shard.parse(text)
+
+
+def test_a_stage_never_reads_an_input_without_its_manifest(workspace):
+    job = make_job(workspace, evaluation=None)
+    run_job(job, only=StageName.SALIENCY, show_progress=False)
+    layout = layout_of(workspace, evaluation=None)
+    (layout.stage_dir(StageName.SALIENCY) / STAGE_MANIFEST).unlink()
+    with pytest.raises(UserInputError, match="no stage-manifest.json"):
+        run_job(job, only=StageName.MASKING, show_progress=False)
+    assert not layout.stage_dir(StageName.MASKING).exists()
+
+
+def test_a_corrupted_input_fails_its_checksum(workspace):
+    job = make_job(workspace, evaluation=None)
+    run_job(job, only=StageName.SALIENCY, show_progress=False)
+    scores = layout_of(workspace, evaluation=None).stage_dir(StageName.SALIENCY) / "scores.safetensors"
+    data = bytearray(scores.read_bytes())
+    data[-1] ^= 0xFF
+    scores.write_bytes(bytes(data))
+    with pytest.raises(UserInputError, match="scores.safetensors: checksum mismatch"):
+        run_job(job, only=StageName.MASKING, show_progress=False)
+    assert not layout_of(workspace, evaluation=None).stage_dir(StageName.MASKING).exists()
+
+
+def test_a_failing_stage_leaves_nothing_that_looks_complete(workspace, monkeypatch):
+    from disp_runner.stages.relabel import RelabelStage
+
+    def boom(*_a, **_k):
+        raise RuntimeError("pod killed")
+
+    job = make_job(workspace, evaluation=None)
+    monkeypatch.setattr(RelabelStage, "run", boom)
+    with pytest.raises(RuntimeError):
+        run_job(job, show_progress=False)
+    layout = layout_of(workspace, evaluation=None)
+    assert layout.is_complete(StageName.MASKING) and not layout.stage_dir(StageName.RELABEL).exists()
+    assert not [p for p in layout.root.iterdir() if "staging" in p.name]
+
+
+# -- the command line: bad manifests and flags end in one line and exit code 2 ---------------------
+
+def write_manifest(ws, document) -> str:
+    path = ws / "job.yaml"
+    path.write_text(yaml.safe_dump(document, sort_keys=False))
+    return str(path)
+
+
+@pytest.mark.parametrize("change,message", [
+    (lambda d: d["spec"]["masking"].update(ratio=0), "spec.masking.ratio: Input should be greater than 0"),
+    (lambda d: d["spec"]["masking"].update(ratio=1.5), "spec.masking.ratio: Input should be less than or equal to 1"),
+    (lambda d: d["spec"]["saliency"].update(probes=0), "spec.saliency.probes: Input should be greater than or equal to 1"),
+    (lambda d: d["spec"]["saliency"].update(topK=1), "spec.saliency.topK: Input should be greater than or equal to 2"),
+    (lambda d: d["spec"]["saliency"].update(topk=5), "spec.saliency.topk: unknown field"),
+    (lambda d: d["spec"]["finetune"].update(epochs="many"), "spec.finetune.epochs: Input should be a valid number"),
+    (lambda d: d["spec"].pop("dataset"), "spec.dataset: Field required"),
+    (lambda d: d.update(kind="Job"), "kind: Input should be 'PurificationJob'"),
+])
+def test_bad_manifests_name_the_field_and_line(workspace, capsys, change, message):
+    document = job_document(workspace, masking={"ratio": 0.3})
+    change(document)
+    code = main(["--no-progress", "run", write_manifest(workspace, document)])
+    err = capsys.readouterr().err.strip()
+    assert code == EXIT_USER_ERROR and message in err and "job.yaml:" in err and len(err.splitlines()) == 1
+    assert not (workspace / "out").exists()
+
+
+def test_top_k_larger_than_the_vocabulary_fails_before_anything_completes(workspace, capsys):
+    document = job_document(workspace, saliency={"topK": 100_000})
+    code = main(["--no-progress", "run", write_manifest(workspace, document)])
+    err = capsys.readouterr().err.strip()
+    assert code == EXIT_USER_ERROR and "spec.saliency.topK: 100000 is larger than the vocabulary" in err
+    assert not layout_of(workspace, saliency={"topK": 100_000}).is_complete(StageName.SALIENCY)
+
+
+def test_shard_flag_errors(workspace, capsys):
+    path = write_manifest(workspace, job_document(workspace))
+    for argv, message in [(["--stage", "saliency", "--shard", "3/2"], "--shard 3/2: need 0 <= index < count"),
+                          (["--shard", "0/2"], "--shard and --merge need --stage"),
+                          (["--stage", "finetune", "--shard", "0/2"], "finetune cannot be sharded")]:
+        code = main(["--no-progress", "run", path, *argv])
+        assert code == EXIT_USER_ERROR and message in capsys.readouterr().err
+
+
+def test_cli_runs_one_shard_then_merges(workspace, capsys):
+    path = write_manifest(workspace, job_document(workspace, parallelism={"saliencyShards": 2}))
+    assert main(["--no-progress", "run", path, "--stage", "saliency", "--shard", "1/2"]) == 0
+    layout = layout_of(workspace, parallelism={"saliencyShards": 2})
+    assert layout.is_complete(StageName.SALIENCY, Shard(1, 2)) and not layout.is_complete(StageName.SALIENCY)
+    assert main(["--no-progress", "run", path, "--stage", "saliency", "--merge"]) == EXIT_USER_ERROR
+    assert "0-of-2" in capsys.readouterr().err
+    assert main(["--no-progress", "run", path, "--stage", "saliency", "--shard", "0/2"]) == 0
+    assert main(["--no-progress", "run", path, "--stage", "saliency", "--merge"]) == 0
+    assert layout.is_complete(StageName.SALIENCY)
+    assert read_scores(layout.stage_dir(StageName.SALIENCY))[1].shape[0] == 24

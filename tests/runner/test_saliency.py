@@ -1,0 +1,136 @@
+"""DiSP's saliency maths: the Hutchinson estimator against an explicit Jacobian, and masking."""
+
+import pytest
+import torch
+
+from disp_runner.data.synthetic import generate_instances
+from disp_runner.disp.masking import mask_image_embeds, tokens_to_mask, top_salient_tokens, trigger_localisation
+from disp_runner.disp.saliency import SaliencyConfig, fisher_jacobian_scores, fisher_probe, first_step_top_logits
+from disp_runner.processing import encode_instances
+
+GEN = 8
+
+
+@pytest.fixture
+def one_instance(tokenizer, tiny_model):
+    inst = generate_instances(1, seed=3, image_size=16)
+    return encode_instances(tokenizer, tiny_model.config, inst, GEN, with_response=False)
+
+
+def exact_scores(model, batch, config: SaliencyConfig) -> torch.Tensor:
+    """½ δe_iᵀ Jᵀ F J δe_i with J = ∂z/∂e from torch.autograd.functional.jacobian, in float64. [T]"""
+    model = model.double()
+    batch.pixel_values = batch.pixel_values.double()
+    with torch.no_grad():
+        embeds = model.embed_images(batch.pixel_values)[0]  # [T, D]
+        delta = model.mask_embedding()[None, :] - embeds  # [T, D]
+
+    def top_logits(e):
+        return first_step_top_logits(model, batch, e[None], GEN, config.top_k, config.block_length)[0]  # [G, K]
+
+    z = top_logits(embeds)
+    jac = torch.autograd.functional.jacobian(top_logits, embeds)  # [G, K, T, D]
+    p = torch.softmax(z, dim=-1)  # [G, K]
+    fisher = torch.diag_embed(p) - p[..., :, None] * p[..., None, :]  # [G, K, K]
+    jd = torch.einsum("gktd,td->tgk", jac, delta)  # J δe_i for every token i: [T, G, K]
+    return 0.5 * torch.einsum("tgk,gkl,tgl->t", jd, fisher, jd)
+
+
+def test_probe_covariance_is_the_softmax_fisher():
+    p = torch.softmax(torch.tensor([2.0, 1.0, 0.5, -1.0, 0.0], dtype=torch.float64), dim=0)
+    q = fisher_probe(p.expand(200_000, 5), torch.Generator().manual_seed(0))
+    covariance = q.T @ q / q.shape[0]
+    assert torch.allclose(covariance, torch.diag(p) - torch.outer(p, p), atol=3e-3)
+    # F·1 = 0 (softmax is shift-invariant), so every probe sums to zero.
+    assert torch.allclose(q.sum(dim=1), torch.zeros(q.shape[0], dtype=torch.float64), atol=1e-12)
+
+
+def repeated(batch, rows: int):
+    """The same instance `rows` times: each row draws its own probes, i.e. an independent estimate."""
+    return type(batch)(*(t.expand(rows, *t.shape[1:]).clone() for t in (
+        batch.input_ids, batch.attention_mask, batch.pixel_values, batch.response_mask)))
+
+
+def test_hutchinson_converges_to_the_explicit_jacobian_quadratic_form(tiny_model, one_instance):
+    config = SaliencyConfig(top_k=5, probes=64, block_length=GEN)
+    model = tiny_model.double()
+    one_instance.pixel_values = one_instance.pixel_values.double()
+    exact = exact_scores(model, one_instance, config)
+    # 64 rows x 64 probes = 4096 probes in all.
+    rows = fisher_jacobian_scores(model, repeated(one_instance, 64), GEN, config, torch.Generator().manual_seed(0))
+    estimate = rows.mean(dim=0)
+    assert exact.min() > 0
+    # Each probe's term is a squared Gaussian: relative standard error sqrt(2/4096) ≈ 2.2%.
+    assert torch.allclose(estimate, exact, rtol=0.1), (estimate / exact)
+    assert torch.argmax(estimate) == torch.argmax(exact)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_hutchinson_with_six_probes_is_unbiased_across_seeds(tiny_model, one_instance, seed):
+    config = SaliencyConfig(top_k=5, probes=6, block_length=GEN)
+    model = tiny_model.double()
+    one_instance.pixel_values = one_instance.pixel_values.double()
+    exact = exact_scores(model, one_instance, config)
+    runs = fisher_jacobian_scores(model, repeated(one_instance, 300), GEN, config,
+                                  torch.Generator().manual_seed(seed))  # 300 independent m = 6 estimates
+    assert runs.dtype == torch.float64
+    # Mean of 300 x 6 probes: relative standard error sqrt(2/1800) ≈ 3.3%.
+    assert torch.allclose(runs.mean(dim=0), exact, rtol=0.15), runs.mean(dim=0) / exact
+    assert (runs.std(dim=0) > 0).all()  # each row drew its own probes
+
+
+def test_scores_are_computed_per_instance_in_a_batch(tokenizer, tiny_model):
+    instances = generate_instances(3, seed=5, image_size=16)
+    config = SaliencyConfig(probes=2, block_length=GEN)
+    batch = encode_instances(tokenizer, tiny_model.config, instances, GEN, with_response=False)
+    together = fisher_jacobian_scores(tiny_model, batch, GEN, config, torch.Generator().manual_seed(1))
+    assert together.shape == (3, tiny_model.config.num_image_tokens) and together.dtype == torch.float64
+    # The same probes drawn for a batch of one give the first row's scores.
+    alone_batch = encode_instances(tokenizer, tiny_model.config, instances[:1], GEN, with_response=False)
+    exact_model = exact_scores(tiny_model, alone_batch, config)
+    assert torch.all(together >= 0) and exact_model.shape == together.shape[1:]
+
+
+@pytest.mark.parametrize("bad", [dict(top_k=1), dict(probes=0), dict(block_length=0)])
+def test_invalid_saliency_settings_are_refused(bad):
+    with pytest.raises(ValueError):
+        SaliencyConfig(**bad)
+
+
+def test_top_k_larger_than_the_vocabulary_is_refused(tiny_model, one_instance):
+    config = SaliencyConfig(top_k=tiny_model.config.vocab_size + 1, block_length=GEN)
+    with pytest.raises(ValueError, match="vocabulary"):
+        fisher_jacobian_scores(tiny_model, one_instance, GEN, config, torch.Generator())
+
+
+@pytest.mark.parametrize("tokens,ratio,expected", [(36, 0.3, 10), (10, 0.3, 3), (576, 0.3, 172), (4, 1.0, 4),
+                                                    (4, 0.2, 0)])
+def test_masking_count_is_floor_of_ratio_times_tokens(tokens, ratio, expected):
+    assert tokens_to_mask(tokens, ratio) == expected
+
+
+@pytest.mark.parametrize("ratio", [0.0, -0.1, 1.01])
+def test_ratio_outside_zero_one_is_refused(ratio):
+    with pytest.raises(ValueError, match="ratio"):
+        tokens_to_mask(36, ratio)
+
+
+def test_masking_picks_the_highest_scored_tokens():
+    scores = torch.tensor([[0.1, 5.0, 0.3, 2.0, 0.0, 9.0, 1.0, 0.2, 0.4, 3.0],
+                           [1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0]], dtype=torch.float64)
+    chosen = top_salient_tokens(scores, 0.3)
+    assert chosen.tolist()[0] == [5, 1, 9]
+    assert chosen.tolist()[1] == [0, 1, 2]  # ties: lowest index first, deterministic
+
+
+def test_masked_tokens_become_the_mask_embedding():
+    embeds = torch.randn(2, 4, 3)
+    mask = torch.tensor([7.0, 8.0, 9.0])
+    out = mask_image_embeds(embeds, torch.tensor([[0, 2], [3, 1]]), mask)
+    assert torch.equal(out[0, 0], mask) and torch.equal(out[0, 2], mask) and torch.equal(out[1, 3], mask)
+    assert torch.equal(out[0, 1], embeds[0, 1]) and torch.equal(out[1, 0], embeds[1, 0])
+
+
+def test_trigger_localisation_is_the_covered_fraction():
+    assert trigger_localisation([0, 5, 9], [0, 1]) == 0.5
+    assert trigger_localisation([0, 1, 9], [0, 1]) == 1.0
