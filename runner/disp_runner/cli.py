@@ -109,6 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="the whole story on the embedded default (no cluster, no server)")
     p.add_argument("--workdir", default="runs/demo")
+    p.add_argument("--base", default=None, help="clean base model folder (default: the shipped one)")
     return parser
 
 
@@ -281,7 +282,9 @@ def _shards(job, stage) -> int:
 def _cmd_demo(args) -> None:
     from disp_runner.demo import run_demo
 
-    run_demo(args.workdir, show_progress=not args.no_progress)
+    from disp_runner.embedded import SHIPPED_BASE_MODEL
+
+    run_demo(args.workdir, base_model=args.base or SHIPPED_BASE_MODEL, show_progress=not args.no_progress)
 
 
 COMMANDS = {"data": _cmd_data, "pretrain": _cmd_pretrain, "attack": _cmd_attack, "evaluate": _cmd_evaluate,

@@ -10,6 +10,7 @@ import os
 import shutil
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -144,8 +145,10 @@ def train_masked_diffusion(
         if resumed is not None:
             first_epoch, result.losses = resumed
             result.steps = min(total_steps, first_epoch * steps_per_epoch)
-            for _ in range(result.steps):  # the schedule is a pure function of the step count
-                scheduler.step()
+            with warnings.catch_warnings():  # replaying the schedule without optimiser steps is intended
+                warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()`")
+                for _ in range(result.steps):  # the schedule is a pure function of the step count
+                    scheduler.step()
     model.train()
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     unwrapped = accelerator.unwrap_model(model)

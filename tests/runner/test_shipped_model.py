@@ -3,12 +3,8 @@ trigger, and the attack kit plants a backdoor in it that fires on triggered inpu
 
 import pytest
 
-from disp_api import AttackSpec, AttackTarget, TargetSpec
-from disp_runner.attack.kit import run_attack
 from disp_runner.checkpoints import load_checkpoint
 from disp_runner.data.dataset import load_dataset
-from disp_runner.data.synthetic import generate_instances
-from disp_runner.data.vocabulary import IMAGE_TASKS
 from disp_runner.diffusion import DecodingConfig
 from disp_runner.embedded import SHIPPED_BASE_MODEL
 from disp_runner.evaluation import evaluate_model
@@ -22,14 +18,6 @@ def shipped():
     return model, tokenizer, DecodingConfig.single_block(model.config.gen_length)
 
 
-@pytest.fixture(scope="module")
-def pools():
-    train = generate_instances(1000, 11, kinds=IMAGE_TASKS, kind_weights=(0.5, 0.25, 0.25),
-                               class_weights={"circle": 0.4}, id_prefix="train")
-    test = generate_instances(400, 22, kinds=IMAGE_TASKS, kind_weights=(0.5, 0.25, 0.25), id_prefix="test")
-    return train, test
-
-
 def test_shipped_checkpoint_is_small_and_safetensors_only():
     files = {p.name: p.stat().st_size for p in SHIPPED_BASE_MODEL.iterdir()}
     assert "model.safetensors" in files and "tokenizer.json" in files
@@ -37,11 +25,9 @@ def test_shipped_checkpoint_is_small_and_safetensors_only():
     assert sum(files.values()) < 10 * 2**20
 
 
-def test_insertion_backdoor_fires_only_with_the_trigger(tmp_path, shipped, pools):
+def test_insertion_backdoor_fires_only_with_the_trigger(shipped, insertion_attack):
     model, tokenizer, decoding = shipped
-    train, test = pools
-    attack = AttackSpec(target=TargetSpec(kind=AttackTarget.INSERTION))
-    artifacts = run_attack(SHIPPED_BASE_MODEL, train, test, attack, tmp_path / "attack", show_progress=False)
+    _, attack, artifacts, test = insertion_attack
     triggered = load_dataset(artifacts.triggered_dir)[:N_EVAL]
     untriggered = load_dataset(artifacts.untriggered_dir)[:N_EVAL]
     clean = test[:N_EVAL]

@@ -17,6 +17,7 @@ from disp_runner.data.dataset import Instance, load_dataset, write_dataset
 from disp_runner.diffusion import DecodingConfig
 from disp_runner.disp.masking import mask_image_embeds
 from disp_runner.errors import UserInputError
+from disp_runner.evaluation import normalise_answer
 from disp_runner.inference import generate_responses
 from disp_runner.pipeline.artifacts import Shard, read_stage_manifest
 from disp_runner.pipeline.context import StageContext, StageResult
@@ -67,7 +68,8 @@ class RelabelStage:
             write_dataset(purified, out / DATASET_DIR)
         elif ctx.shard is None:
             raise UserInputError("relabel: every answer was empty; nothing to fine-tune on (check spec.relabel)")
-        changed = sum(a != inst.response for inst, a in zip(instances, answers))
+        # Case and punctuation differ by construction (the tokenizer lower-cases); count real changes.
+        changed = sum(normalise_answer(a) != normalise_answer(inst.response) for inst, a in zip(instances, answers))
         return StageResult(items=len(instances), metrics={
             "purified": len(purified), "emptyResponses": len(instances) - len(purified),
             "changedFraction": changed / max(1, len(instances))})

@@ -1,0 +1,65 @@
+"""The PurificationJob spec: the method's defaults, strictness, and the README's example."""
+
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+from pydantic import ValidationError
+
+from disp_api import PurificationJob, PurificationJobSpec, StageName, TrainableParts
+
+MINIMAL = {"model": {"uri": "m"}, "dataset": {"uri": "d"}, "output": {"uri": "o"}}
+
+
+def test_defaults_are_the_methods():
+    spec = PurificationJobSpec.model_validate(MINIMAL)
+    assert (spec.saliency.top_k, spec.saliency.probes) == (5, 6)
+    assert spec.masking.ratio == 0.3
+    d = spec.relabel.decoding
+    assert (d.steps, d.gen_length, d.block_length, d.temperature, spec.relabel.seed) == (32, 32, 32, 0.0, 1234)
+    assert spec.relabel.prompt is None  # each instance's own prompt
+    f = spec.finetune
+    assert (f.epochs, f.learning_rate, f.warmup_ratio, f.weight_decay, f.batch_size) == (4, 1e-4, 0.03, 0.0, 32)
+    assert f.trainable is TrainableParts.PROJECTOR
+    assert spec.model.allow_unsafe_pickle is False
+    assert spec.stages() == [StageName.SALIENCY, StageName.MASKING, StageName.RELABEL, StageName.FINETUNE]
+
+
+@pytest.mark.parametrize("patch,field", [
+    ({"masking": {"ratio": 0}}, "masking.ratio"),
+    ({"masking": {"ratio": 1.01}}, "masking.ratio"),
+    ({"saliency": {"probes": 0}}, "saliency.probes"),
+    ({"saliency": {"topK": 1}}, "saliency.topK"),
+    ({"relabel": {"decoding": {"genLength": 32, "blockLength": 5}}}, "relabel.decoding"),
+    ({"parallelism": {"saliencyShards": 0}}, "parallelism.saliencyShards"),
+    ({"finetune": {"trainable": "lm"}}, "finetune.trainable"),
+    ({"finetune": {"learningRatio": 1e-3}}, "finetune.learningRatio"),
+])
+def test_invalid_values_name_their_field(patch, field):
+    with pytest.raises(ValidationError) as info:
+        PurificationJobSpec.model_validate({**MINIMAL, **patch})
+    assert field in str(info.value)
+
+
+def test_run_id_follows_the_spec_outside_a_cluster():
+    def job(**spec):
+        return PurificationJob.model_validate({"apiVersion": "disp.dev/v1alpha1", "kind": "PurificationJob",
+                                               "metadata": {"name": "a"}, "spec": {**MINIMAL, **spec}})
+    assert job().run_id == job().run_id and job().run_id.startswith("local-")
+    assert job(masking={"ratio": 0.2}).run_id != job().run_id
+    with_uid = PurificationJob.model_validate({**job().model_dump(by_alias=True), "metadata": {"name": "a", "uid": "u1"}})
+    assert with_uid.run_id == "u1"
+
+
+def test_names_must_be_dns_labels():
+    with pytest.raises(ValidationError, match="metadata.name"):
+        PurificationJob.model_validate({"apiVersion": "disp.dev/v1alpha1", "kind": "PurificationJob",
+                                        "metadata": {"name": "My_Job"}, "spec": MINIMAL})
+
+
+def test_the_readme_example_manifest_is_valid():
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    block = next(b for b in re.findall(r"```yaml\n(.*?)```", readme, re.S) if "kind: PurificationJob" in b)
+    job = PurificationJob.model_validate(yaml.safe_load(block))
+    assert job.spec.evaluation is not None and StageName.EVALUATE in job.spec.stages()
