@@ -5,6 +5,7 @@ same code runs on one CPU, one GPU or several GPUs (bf16 on GPU)."""
 from __future__ import annotations
 
 import json
+import re
 import math
 import os
 import shutil
@@ -146,7 +147,7 @@ def train_masked_diffusion(
             first_epoch, result.losses = resumed
             result.steps = min(total_steps, first_epoch * steps_per_epoch)
             with warnings.catch_warnings():  # replaying the schedule without optimiser steps is intended
-                warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()`")
+                warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()`"))
                 for _ in range(result.steps):  # the schedule is a pure function of the step count
                     scheduler.step()
     model.train()

@@ -45,6 +45,7 @@ class StageContext:
     progress: ProgressReporter | None = None
     _model: tuple[MDLMForMaskedDiffusion, PreTrainedTokenizerBase] | None = field(default=None, repr=False)
     _training_set: list[Instance] | None = field(default=None, repr=False)
+    _verified: set[Path] = field(default_factory=set, repr=False)
 
     @property
     def spec(self) -> PurificationJobSpec:
@@ -80,7 +81,9 @@ class StageContext:
     def input_dir(self, stage: StageName) -> Path:
         """A previous stage's output folder, checked against its manifest."""
         folder = self.layout.stage_dir(stage)
-        verify_stage_output(folder)
+        if folder not in self._verified:  # hash each input once per process, however often it is read
+            verify_stage_output(folder)
+            self._verified.add(folder)
         return folder
 
     def report_progress(self, done: int) -> None:

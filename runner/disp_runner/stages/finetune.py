@@ -7,6 +7,7 @@ Output: model/ (the purified model, safetensors + tokenizer). Epoch checkpoints 
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 from disp_api import StageName
@@ -44,8 +45,7 @@ class FinetuneStage:
 
         # Training mutates the model in place; the cached compromised model must stay as it was
         # for any later stage of this process, so train a private copy.
-        model = type(model)(model.config).to(ctx.device)
-        model.load_state_dict(ctx.compromised_model()[0].state_dict())
+        model = copy.deepcopy(model)
         result = train_masked_diffusion(model, data, config, description="finetune", show_progress=ctx.show_progress,
                                         checkpoint_dir=checkpoints, on_step=on_step)
         save_checkpoint(model.cpu(), tokenizer, out / MODEL_DIR)

@@ -90,7 +90,12 @@ def draw_report(path: Path, instances: Sequence[Instance], masked: Sequence[Sequ
     without = [i for i, inst in enumerate(instances) if i not in set(with_trigger)]
     rows = [r[:REPORT_SAMPLES] for r in (with_trigger, without) if r]
     cell = image_size * REPORT_SCALE
-    sheet = Image.new("RGB", (REPORT_SAMPLES * (cell + 4) + 4, len(rows) * (cell + 4) + 4), "white")
+    top = 18  # caption
+    sheet = Image.new("RGB", (REPORT_SAMPLES * (cell + 4) + 4, top + len(rows) * (cell + 4) + 4), "white")
+    caption = "red: masked visual tokens (thick: most salient)"
+    if with_trigger:
+        caption = "top row: known trigger (green box); " + caption
+    ImageDraw.Draw(sheet).text((4, 4), caption, fill=(0, 0, 0))
     grid = image_size // patch_size
     for r, row in enumerate(rows):
         for c, index in enumerate(row):
@@ -106,5 +111,5 @@ def draw_report(path: Path, instances: Sequence[Instance], masked: Sequence[Sequ
             if box and known_trigger_tokens(inst, image_size, patch_size):
                 x0, y0, x1, y1 = (v * REPORT_SCALE for v in box)
                 draw.rectangle([x0, y0, x1 - 1, y1 - 1], outline=(0, 200, 0), width=2)
-            sheet.paste(img, (4 + c * (cell + 4), 4 + r * (cell + 4)))
+            sheet.paste(img, (4 + c * (cell + 4), top + r * (cell + 4)))
     sheet.save(path, format="PNG")
