@@ -12,6 +12,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from disp_api import DecodingSpec
+
 # LLaDA's floor on the mask probability, so that p never reaches 0 and 1/p stays bounded.
 MASK_EPSILON = 1e-3
 
@@ -98,6 +100,12 @@ class DecodingConfig:
             raise ValueError(f"steps {self.steps} must be a multiple of the number of blocks {num_blocks}")
         if self.temperature < 0:
             raise ValueError("temperature must be >= 0")
+
+    @classmethod
+    def from_spec(cls, spec: DecodingSpec) -> "DecodingConfig":
+        """The decoding a PurificationJob asks for (spec.relabel.decoding, spec.evaluation.decoding)."""
+        return cls(steps=spec.steps, gen_length=spec.gen_length, block_length=spec.block_length,
+                   temperature=spec.temperature)
 
     @classmethod
     def single_block(cls, gen_length: int) -> "DecodingConfig":

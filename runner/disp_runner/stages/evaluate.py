@@ -30,9 +30,7 @@ class EvaluateStage:
     def run(self, ctx: StageContext, out: Path) -> StageResult:
         spec = ctx.spec.evaluation
         assert spec is not None, "the pipeline runs evaluate only when spec.evaluation is set"
-        d = spec.decoding
-        decoding = DecodingConfig(steps=d.steps, gen_length=d.gen_length, block_length=d.block_length,
-                                  temperature=d.temperature)
+        decoding = DecodingConfig.from_spec(spec.decoding)
         triggered = ctx.load_evaluation_set(spec.triggered_uri, "spec.evaluation.triggeredUri")
         untriggered = (ctx.load_evaluation_set(spec.untriggered_uri, "spec.evaluation.untriggeredUri")
                        if spec.untriggered_uri else [])

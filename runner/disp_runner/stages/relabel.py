@@ -26,12 +26,6 @@ from disp_runner.stages.masking import read_masked
 DATASET_DIR = "dataset"
 
 
-def decoding_config(ctx: StageContext) -> DecodingConfig:
-    d = ctx.spec.relabel.decoding
-    return DecodingConfig(steps=d.steps, gen_length=d.gen_length, block_length=d.block_length,
-                          temperature=d.temperature)
-
-
 class RelabelStage:
     name = StageName.RELABEL
     inputs = (StageName.MASKING,)
@@ -58,10 +52,10 @@ class RelabelStage:
             return mask_image_embeds(image_embeds, masked[rows], mask_embedding)
 
         prompted = instances if spec.prompt is None else [inst.replace(prompt=spec.prompt) for inst in instances]
-        answers = generate_responses(model, tokenizer, prompted, decoding_config(ctx), batch_size=spec.batch_size,
-                                     seed=spec.seed, transform_image_embeds=mask_tokens, description="relabel",
-                                     show_progress=ctx.show_progress, index_offset=items.start,
-                                     on_batch=ctx.report_progress)
+        answers = generate_responses(model, tokenizer, prompted, DecodingConfig.from_spec(spec.decoding),
+                                     batch_size=spec.batch_size, seed=spec.seed, transform_image_embeds=mask_tokens,
+                                     description="relabel", show_progress=ctx.show_progress,
+                                     index_offset=items.start, on_batch=ctx.report_progress)
         purified = [inst.replace(response=answer, metadata={**inst.metadata, "original_response": inst.response})
                     for inst, answer in zip(instances, answers) if answer]
         if purified:
