@@ -17,13 +17,15 @@ from disp_api.spec import (
     PurificationJobSpec,
     RelabelSpec,
     SaliencySpec,
+    SecretKeyRef,
     StageName,
+    StorageSpec,
     TrainableParts,
 )
 
 __all__ = [
     "AttackSpec", "AttackTarget", "Corner", "DatasetSource", "DecodingSpec", "EvaluationMetrics", "EvaluationSpec",
     "FinetuneSpec", "MaskingSpec", "MetricsCounts", "ModelSource", "ObjectMeta", "OutputSpec", "ParallelismSpec",
-    "PurificationJob", "PurificationJobSpec", "PurificationMetrics", "RelabelSpec", "SaliencySpec", "StageName",
+    "PurificationJob", "PurificationJobSpec", "PurificationMetrics", "RelabelSpec", "SaliencySpec", "SecretKeyRef", "StageName", "StorageSpec",
     "TargetSpec", "TrainableParts", "TriggerKind", "TriggerSpec",
 ]

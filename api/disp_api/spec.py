@@ -59,6 +59,26 @@ class OutputSpec(ContractModel):
     """Where stage outputs go; each run writes under <uri>/runs/<namespace>/<name>/<uid>/."""
 
 
+class SecretKeyRef(ContractModel):
+    name: str = Field(min_length=1)
+    """Name of the Kubernetes Secret in the job's namespace."""
+    access_key_key: str = "accessKey"
+    """Key in the Secret that holds the access key."""
+    secret_key_key: str = "secretKey"
+    """Key in the Secret that holds the secret key."""
+
+
+class StorageSpec(ContractModel):
+    endpoint: Optional[str] = Field(None, min_length=1)
+    """S3/MinIO endpoint host[:port] for s3:// URIs, e.g. minio.minio.svc:9000."""
+    secure: bool = True
+    """Use TLS to reach the endpoint."""
+    region: Optional[str] = None
+    """Bucket region, when the server needs one."""
+    credentials_secret: Optional[SecretKeyRef] = None
+    """Secret holding the access and secret keys (never the keys themselves)."""
+
+
 class DecodingSpec(ContractModel):
     steps: int = Field(32, ge=1, le=4096)
     """Diffusion decoding steps in all."""
@@ -152,6 +172,8 @@ class PurificationJobSpec(ContractModel):
     """Its (untrusted) fine-tuning data; no clean data is needed."""
     output: OutputSpec
     """Where stage outputs and the purified model are written."""
+    storage: Optional[StorageSpec] = None
+    """How to reach S3/MinIO when any URI is s3://."""
     saliency: SaliencySpec = SaliencySpec()
     """Stage 1: Fisher–Jacobian saliency of the visual tokens."""
     masking: MaskingSpec = MaskingSpec()

@@ -237,9 +237,8 @@ def _stage_names():
 def _cmd_run(args) -> None:
     from disp_api import StageName
     from disp_runner.jobfile import load_job
-    from disp_runner.pipeline.artifacts import RunLayout, Shard
-    from disp_runner.pipeline.context import StageContext, local_path
-    from disp_runner.pipeline.runner import merge_shards, run_job, run_stage
+    from disp_runner.pipeline.artifacts import Shard
+    from disp_runner.pipeline.runner import merge_shards, open_run, run_job, run_stage
     from disp_runner.stages import STAGES
 
     job = load_job(args.manifest)
@@ -249,7 +248,7 @@ def _cmd_run(args) -> None:
         raise UserInputError("--shard and --merge need --stage")
     if stage is not None and stage not in job.spec.stages():
         raise UserInputError(f"--stage {stage.value}: this job has no such stage (no spec.evaluation?)")
-    root = Path(args.output) if args.output else local_path(job.spec.output.uri, "spec.output.uri")
+    root = Path(args.output) if args.output else None
 
     def report(outcome) -> None:
         where = f" shard {outcome.shard.label}" if outcome.shard else ""
@@ -261,8 +260,7 @@ def _cmd_run(args) -> None:
     if shard is None and not args.merge:
         run_job(job, root, only=stage, show_progress=not args.no_progress, on_outcome=report)
     else:
-        ctx = StageContext(job=job, layout=RunLayout.for_job(job, root), shard=shard,
-                           show_progress=not args.no_progress)
+        ctx = open_run(job, root, shard=shard, show_progress=not args.no_progress)
         runner_stage = STAGES[stage]
         if not hasattr(runner_stage, "merge"):
             raise UserInputError(f"--stage {stage.value} cannot be sharded; only saliency and relabel can")
@@ -270,7 +268,9 @@ def _cmd_run(args) -> None:
             report(merge_shards(runner_stage, ctx, shard.count if shard else _shards(job, stage)))
         else:
             report(run_stage(runner_stage, ctx))
-    print(f"run folder: {RunLayout.for_job(job, root).root}")
+    ctx = open_run(job, root, show_progress=False)
+    where = f"s3://{ctx.remote.bucket}/{ctx.remote.prefix}" if ctx.remote else str(ctx.layout.root)
+    print(f"run folder: {where}")
 
 
 def _shards(job, stage) -> int:

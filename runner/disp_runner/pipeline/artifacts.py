@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from disp_api import PurificationJob, StageName
 from disp_runner.errors import UserInputError
@@ -171,8 +171,10 @@ class ProgressReporter:
     """Overwrites progress.json (stage, fraction, items, updated-at) at most every `interval` seconds,
     so a watcher (the operator) sees progress without any Kubernetes access from the pod."""
 
-    def __init__(self, path: Path, stage: StageName, total: int, shard: Shard | None = None, interval: float = 10.0):
+    def __init__(self, path: Path, stage: StageName, total: int, shard: Shard | None = None, interval: float = 10.0,
+                 mirror: Callable[[Path], None] | None = None):
         self.path, self.stage, self.total, self.shard, self.interval = path, stage, max(0, total), shard, interval
+        self.mirror = mirror  # e.g. a put to the run's S3 prefix, where the operator reads it
         self._last_write = float("-inf")
 
     def update(self, done: int, force: bool = False) -> None:
@@ -192,3 +194,5 @@ class ProgressReporter:
         tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
         tmp.write_text(json.dumps(record))
         os.replace(tmp, self.path)
+        if self.mirror is not None:
+            self.mirror(self.path)

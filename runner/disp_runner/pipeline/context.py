@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Protocol
@@ -15,17 +17,34 @@ from disp_runner.data.dataset import Instance, load_dataset
 from disp_runner.device import default_device
 from disp_runner.errors import UserInputError
 from disp_runner.modeling import MDLMForMaskedDiffusion
-from disp_runner.pipeline.artifacts import ProgressReporter, RunLayout, Shard, verify_stage_output
+from disp_runner.pipeline.artifacts import (
+    STAGE_MANIFEST,
+    ProgressReporter,
+    RunLayout,
+    Shard,
+    verify_stage_output,
+)
+from disp_runner.store.credentials import open_s3_store
+from disp_runner.store.location import Location, Scheme
+from disp_runner.store.s3 import S3Store
+from disp_runner.store.tree import download_folder, download_stage, remote_stage_complete, upload_stage
 
 
-def local_path(uri: str, field_name: str) -> Path:
-    """A local folder from a manifest URI (plain path or file://)."""
-    if uri.startswith("file://"):
-        return Path(uri[len("file://"):])
-    if "://" in uri:
-        scheme = uri.split("://", 1)[0]
-        raise UserInputError(f"{field_name}: {scheme}:// URIs are not supported by this runner yet ({uri})")
-    return Path(uri)
+def scratch_root() -> Path:
+    """Local working space for S3-backed runs (a pod's writable scratch volume): $DISP_SCRATCH."""
+    return Path(os.environ.get("DISP_SCRATCH") or Path(tempfile.gettempdir()) / "disp-scratch")
+
+
+@dataclass(frozen=True)
+class RemoteRun:
+    """The S3 prefix a run's stage outputs are mirrored to (published there, manifest last)."""
+
+    store: S3Store
+    bucket: str
+    prefix: str
+
+    def stage_prefix(self, layout: RunLayout, folder: Path) -> str:
+        return f"{self.prefix}/{folder.relative_to(layout.root).as_posix()}"
 
 
 @dataclass
@@ -46,6 +65,8 @@ class StageContext:
     _model: tuple[MDLMForMaskedDiffusion, PreTrainedTokenizerBase] | None = field(default=None, repr=False)
     _training_set: list[Instance] | None = field(default=None, repr=False)
     _verified: set[Path] = field(default_factory=set, repr=False)
+    remote: RemoteRun | None = None
+    _stores: dict[str, S3Store] = field(default_factory=dict, repr=False)
 
     @property
     def spec(self) -> PurificationJobSpec:
@@ -55,10 +76,53 @@ class StageContext:
     def device(self) -> torch.device:
         return default_device()
 
+    def s3_store(self) -> S3Store:
+        if self.remote is not None:
+            return self.remote.store
+        if "default" not in self._stores:
+            self._stores["default"] = open_s3_store(self.spec.storage)
+        return self._stores["default"]
+
+    def materialise(self, uri: str, field_name: str) -> Path:
+        """A local folder holding what `uri` names: the folder itself, or an ETag-keyed cached copy
+        of an s3:// prefix (a rerun downloads only what changed)."""
+        location = Location.parse(uri, field_name)
+        if location.scheme is Scheme.LOCAL:
+            return location.path
+        cache = scratch_root() / "cache" / location.bucket / location.key
+        return download_folder(self.s3_store(), location.bucket, location.key, cache)
+
+    def is_complete(self, folder: Path) -> bool:
+        if (folder / STAGE_MANIFEST).is_file():
+            return True
+        return self.remote is not None and remote_stage_complete(
+            self.remote.store, self.remote.bucket, self.remote.stage_prefix(self.layout, folder))
+
+    def fetch(self, folder: Path) -> Path:
+        """A completed stage output (stage or shard folder), downloaded when it lives in S3 only,
+        and checked against its manifest."""
+        if folder not in self._verified:
+            if self.remote is not None and not (folder / STAGE_MANIFEST).is_file():
+                download_stage(self.remote.store, self.remote.bucket, self.remote.stage_prefix(self.layout, folder),
+                               folder)
+            verify_stage_output(folder)
+            self._verified.add(folder)
+        return folder
+
+    def uri_of(self, folder: Path) -> str:
+        """Where a run folder's content lives for users: its S3 URI in an S3-backed run."""
+        if self.remote is None:
+            return str(folder)
+        return f"s3://{self.remote.bucket}/{self.remote.stage_prefix(self.layout, folder)}"
+
+    def publish_remote(self, folder: Path) -> None:
+        if self.remote is not None:
+            upload_stage(folder, self.remote.store, self.remote.bucket, self.remote.stage_prefix(self.layout, folder))
+
     def compromised_model(self) -> tuple[MDLMForMaskedDiffusion, PreTrainedTokenizerBase]:
         """The model under purification (loaded once per process, on the stage's device)."""
         if self._model is None:
-            path = local_path(self.spec.model.uri, "spec.model.uri")
+            path = self.materialise(self.spec.model.uri, "spec.model.uri")
             model, tokenizer = load_checkpoint(path, allow_unsafe_pickle=self.spec.model.allow_unsafe_pickle)
             self._model = (model.to(self.device).eval(), tokenizer)
         return self._model
@@ -69,22 +133,18 @@ class StageContext:
     def training_set(self) -> list[Instance]:
         """The untrusted fine-tuning data, validated against the model's image size."""
         if self._training_set is None:
-            path = local_path(self.spec.dataset.uri, "spec.dataset.uri")
+            path = self.materialise(self.spec.dataset.uri, "spec.dataset.uri")
             self._training_set = load_dataset(path, self.image_size())
         return self._training_set
 
     def load_evaluation_set(self, uri: str, field_name: str) -> list[Instance]:
-        instances = load_dataset(local_path(uri, field_name), self.image_size())
+        instances = load_dataset(self.materialise(uri, field_name), self.image_size())
         limit = self.spec.evaluation.max_instances if self.spec.evaluation else None
         return instances[:limit] if limit else instances
 
     def input_dir(self, stage: StageName) -> Path:
         """A previous stage's output folder, checked against its manifest."""
-        folder = self.layout.stage_dir(stage)
-        if folder not in self._verified:  # hash each input once per process, however often it is read
-            verify_stage_output(folder)
-            self._verified.add(folder)
-        return folder
+        return self.fetch(self.layout.stage_dir(stage))  # hashed once per process, however often read
 
     def report_progress(self, done: int) -> None:
         if self.progress is not None:

@@ -19,10 +19,11 @@ from disp_runner.pipeline.artifacts import (
     Shard,
     StagingFolder,
     read_stage_manifest,
-    verify_stage_output,
     write_stage_manifest,
 )
-from disp_runner.pipeline.context import ShardableStage, Stage, StageContext, local_path
+from disp_runner.pipeline.context import RemoteRun, ShardableStage, Stage, StageContext, scratch_root
+from disp_runner.store.credentials import open_s3_store
+from disp_runner.store.location import Location, Scheme
 
 
 @dataclass
@@ -47,15 +48,15 @@ def run_stage(stage: Stage, ctx: StageContext) -> StageOutcome:
     if shard is not None and not hasattr(stage, "merge"):
         raise UserInputError(f"stage {stage.name.value} cannot be sharded")
     final = ctx.layout.stage_dir(stage.name) if shard is None else ctx.layout.shard_dir(stage.name, shard)
-    if ctx.layout.is_complete(stage.name, shard):
-        manifest = read_stage_manifest(final)
+    if ctx.is_complete(final):
+        manifest = read_stage_manifest(ctx.fetch(final))
         return StageOutcome(stage.name, skipped=True, seconds=0.0, metrics=manifest.get("metrics", {}), shard=shard)
     for needed in stage.inputs:
         ctx.input_dir(needed)  # raises, naming the folder, when an input is incomplete or corrupt
     seed_everything(0)
     start = time.perf_counter()
     ctx.progress = ProgressReporter(_progress_path(ctx.layout, stage.name, shard), stage.name,
-                                    stage.total_items(ctx), shard)
+                                    stage.total_items(ctx), shard, mirror=_progress_mirror(ctx))
     ctx.progress.update(0, force=True)
     staging = StagingFolder(final)
     try:
@@ -67,6 +68,7 @@ def run_stage(stage: Stage, ctx: StageContext) -> StageOutcome:
     except BaseException:
         staging.discard()
         raise
+    ctx.publish_remote(final)  # files first, manifest last: a crash here leaves the stage incomplete
     # Resumable state (epoch checkpoints) is superseded by the published output.
     shutil.rmtree(ctx.layout.checkpoint_dir(stage.name), ignore_errors=True)
     ctx.progress.update(result.items, force=True)
@@ -75,12 +77,12 @@ def run_stage(stage: Stage, ctx: StageContext) -> StageOutcome:
 
 def merge_shards(stage: ShardableStage, ctx: StageContext, count: int) -> StageOutcome:
     """Combine the `count` shards of a stage into its output; every shard must be complete."""
-    if ctx.layout.is_complete(stage.name):
-        manifest = read_stage_manifest(ctx.layout.stage_dir(stage.name))
+    if ctx.is_complete(ctx.layout.stage_dir(stage.name)):
+        manifest = read_stage_manifest(ctx.fetch(ctx.layout.stage_dir(stage.name)))
         return StageOutcome(stage.name, skipped=True, seconds=0.0, metrics=manifest.get("metrics", {}))
     shard_dirs = [ctx.layout.shard_dir(stage.name, Shard(i, count)) for i in range(count)]
     for folder in shard_dirs:
-        verify_stage_output(folder)
+        ctx.fetch(folder)  # raises, naming the shard, when one is incomplete
     start = time.perf_counter()
     staging = StagingFolder(ctx.layout.stage_dir(stage.name))
     try:
@@ -92,7 +94,35 @@ def merge_shards(stage: ShardableStage, ctx: StageContext, count: int) -> StageO
     except BaseException:
         staging.discard()
         raise
+    ctx.publish_remote(ctx.layout.stage_dir(stage.name))
     return StageOutcome(stage.name, skipped=False, seconds=seconds, metrics=metrics)
+
+
+def open_run(job: PurificationJob, output_root: Path | None = None, shard: Shard | None = None,
+             show_progress: bool = True) -> StageContext:
+    """The context a run's stages share. An s3:// output is mirrored: stages work in a local scratch
+    copy of the run folder and publish each output to S3 (files, then manifest)."""
+    location = Location.parse(job.spec.output.uri, "spec.output.uri")
+    if output_root is not None or location.scheme is Scheme.LOCAL:
+        root = output_root if output_root is not None else location.path
+        return StageContext(job=job, layout=RunLayout.for_job(job, root), shard=shard, show_progress=show_progress)
+    layout = RunLayout.for_job(job, scratch_root() / "runs" / location.bucket / location.key)
+    store = open_s3_store(job.spec.storage)
+    store.check_bucket(location.bucket)  # fail at once, naming the bucket, rather than after a stage
+    run_path = RunLayout.for_job(job, Path()).root.as_posix()  # runs/<namespace>/<name>/<uid>
+    remote = RemoteRun(store, location.bucket, "/".join(filter(None, [location.key, run_path])))
+    return StageContext(job=job, layout=layout, shard=shard, show_progress=show_progress, remote=remote)
+
+
+def _progress_mirror(ctx: StageContext):
+    if ctx.remote is None:
+        return None
+    remote = ctx.remote
+
+    def put(path: Path) -> None:
+        remote.store.put_bytes(remote.bucket, remote.stage_prefix(ctx.layout, path), path.read_bytes())
+
+    return put
 
 
 def shard_count(job: PurificationJob, stage: StageName) -> int:
@@ -106,15 +136,14 @@ def run_job(job: PurificationJob, output_root: Path | None = None, only: StageNa
     complete. Sharded stages run shard by shard, then merge, exactly as the cluster would."""
     from disp_runner.stages import STAGES  # the stage registry imports torch-heavy modules
 
-    root = output_root if output_root is not None else local_path(job.spec.output.uri, "spec.output.uri")
-    ctx = StageContext(job=job, layout=RunLayout.for_job(job, root), show_progress=show_progress)
+    ctx = open_run(job, output_root, show_progress=show_progress)
     outcomes: list[StageOutcome] = []
     for name in job.spec.stages():
         if only is not None and name is not only:
             continue
         stage = STAGES[name]
         count = shard_count(job, name)
-        if count > 1 and not ctx.layout.is_complete(name):
+        if count > 1 and not ctx.is_complete(ctx.layout.stage_dir(name)):
             for index in range(count):
                 ctx.shard = Shard(index, count)
                 outcome = run_stage(stage, ctx)

@@ -40,7 +40,8 @@ class EvaluateStage:
         purified, _ = load_checkpoint(purified_dir)
         purified.to(ctx.device)
         results = []
-        for done, (model, name) in enumerate([(compromised, ctx.spec.model.uri), (purified, str(purified_dir))]):
+        purified_uri = ctx.uri_of(ctx.layout.stage_dir(StageName.FINETUNE)) + "/" + MODEL_DIR
+        for done, (model, name) in enumerate([(compromised, ctx.spec.model.uri), (purified, purified_uri)]):
             results.append(evaluate_model(model, tokenizer, name, spec.attack, triggered, untriggered, clean,
                                           decoding, show_progress=ctx.show_progress))
             ctx.report_progress(done + 1)

@@ -1,0 +1,44 @@
+"""Where a manifest URI points: a local folder (plain path or file://) or an S3 prefix (s3://bucket/key)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+
+from disp_runner.errors import UserInputError
+
+
+class Scheme(str, Enum):
+    LOCAL = "file"
+    S3 = "s3"
+
+
+@dataclass(frozen=True)
+class Location:
+    scheme: Scheme
+    path: Path | None = None  # LOCAL
+    bucket: str = ""  # S3
+    key: str = ""  # S3 prefix, no leading or trailing "/"
+
+    @classmethod
+    def parse(cls, uri: str, field_name: str) -> "Location":
+        if uri.startswith("s3://"):
+            bucket, _, key = uri[len("s3://"):].partition("/")
+            if not bucket:
+                raise UserInputError(f"{field_name}: {uri!r} names no bucket (expected s3://BUCKET/PREFIX)")
+            return cls(Scheme.S3, bucket=bucket, key=key.strip("/"))
+        if uri.startswith("file://"):
+            return cls(Scheme.LOCAL, path=Path(uri[len("file://"):]))
+        if "://" in uri:
+            raise UserInputError(f"{field_name}: unsupported URI scheme in {uri!r} (use a path, file:// or s3://)")
+        return cls(Scheme.LOCAL, path=Path(uri))
+
+    def child(self, *parts: str) -> "Location":
+        if self.scheme is Scheme.LOCAL:
+            return Location(Scheme.LOCAL, path=self.path.joinpath(*parts))
+        key = "/".join(p.strip("/") for p in (self.key, *parts) if p.strip("/"))
+        return Location(Scheme.S3, bucket=self.bucket, key=key)
+
+    def __str__(self) -> str:
+        return str(self.path) if self.scheme is Scheme.LOCAL else f"s3://{self.bucket}/{self.key}"

@@ -1,0 +1,162 @@
+"""S3 / MinIO access through the minio SDK, with one retry policy: exponential backoff on transient
+failures (connection errors, 5xx, throttling), an immediate one-line error naming the bucket and
+key on permanent ones (no such bucket or key, access denied, bad credentials)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator, TypeVar
+
+import urllib3
+from minio import Minio
+from minio.error import InvalidResponseError, S3Error, ServerError
+
+from disp_runner.errors import UserInputError
+
+T = TypeVar("T")
+
+# Multipart part size: large enough for few requests on multi-GB shards, small enough to stream.
+PART_SIZE = 16 * 2**20
+PERMANENT_CODES = {"NoSuchBucket", "NoSuchKey", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch",
+                   "InvalidBucketName", "AllAccessDisabled", "NoSuchUpload", "InvalidArgument"}
+TRANSIENT_CODES = {"SlowDown", "Throttling", "ThrottlingException", "RequestTimeout", "InternalError",
+                   "ServiceUnavailable", "RequestTimeTooSkewed", "OperationAborted"}
+
+
+class StoreError(UserInputError):
+    """A permanent storage failure (or transient failures past the retry budget), naming bucket/key."""
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    attempts: int = 6  # first try included
+    base_delay: float = 0.5  # seconds; doubles each retry, with jitter
+    max_delay: float = 20.0
+
+    def delay(self, attempt: int) -> float:
+        return min(self.max_delay, self.base_delay * 2 ** attempt) * (0.5 + random.random() / 2)
+
+
+def is_transient(exc: BaseException) -> bool:
+    if isinstance(exc, S3Error):
+        return exc.code in TRANSIENT_CODES or (exc.code not in PERMANENT_CODES and exc.response is not None
+                                               and exc.response.status >= 500)
+    if isinstance(exc, ServerError):  # a 5xx without an S3 error body
+        return True
+    if isinstance(exc, InvalidResponseError):
+        return getattr(exc, "_code", 500) >= 500
+    return isinstance(exc, (urllib3.exceptions.HTTPError, ConnectionError, TimeoutError))
+
+
+def describe(exc: BaseException) -> str:
+    if isinstance(exc, S3Error):
+        return f"{exc.code}: {exc.message}"
+    return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}".rstrip(": ")
+
+
+class S3Store:
+    """Objects in S3-compatible storage (MinIO in the cluster)."""
+
+    def __init__(self, endpoint: str, access_key: str | None, secret_key: str | None, secure: bool = True,
+                 region: str | None = None, retry: RetryPolicy = RetryPolicy(),
+                 sleep: Callable[[float], None] = time.sleep):
+        # The SDK's own HTTP retries are off: this class decides what is worth retrying.
+        http = urllib3.PoolManager(timeout=urllib3.Timeout(connect=10, read=300),
+                                   retries=urllib3.Retry(total=0, connect=0, read=0, redirect=0, status=0),
+                                   maxsize=10)
+        self.client = Minio(endpoint, access_key=access_key, secret_key=secret_key, secure=secure, region=region,
+                            http_client=http)
+        self.retry = retry
+        self.sleep = sleep
+        self.endpoint = endpoint
+
+    def _call(self, what: str, bucket: str, key: str, fn: Callable[[], T]) -> T:
+        where = f"s3://{bucket}/{key}" if key else f"s3://{bucket}"
+        for attempt in range(self.retry.attempts):
+            try:
+                return fn()
+            except ValueError as exc:  # the SDK's own checks, e.g. an invalid bucket name
+                raise StoreError(f"{what} {where}: {exc}") from None
+            except (S3Error, ServerError, InvalidResponseError, urllib3.exceptions.HTTPError, ConnectionError,
+                    TimeoutError) as exc:
+                if not is_transient(exc):
+                    raise StoreError(f"{what} {where}: {describe(exc)}") from None
+                if attempt + 1 == self.retry.attempts:
+                    raise StoreError(f"{what} {where}: still failing after {self.retry.attempts} attempts "
+                                     f"({describe(exc)}) at {self.endpoint}") from None
+                self.sleep(self.retry.delay(attempt))
+        raise AssertionError("unreachable")
+
+    def upload_file(self, path: Path, bucket: str, key: str) -> str:
+        """Stream a local file to an object (multipart above PART_SIZE); returns the ETag."""
+        result = self._call("upload to", bucket, key, lambda: self.client.fput_object(
+            bucket, key, str(path), part_size=PART_SIZE, num_parallel_uploads=1))
+        return result.etag
+
+    def download_file(self, bucket: str, key: str, path: Path, sha256: str | None = None) -> None:
+        """Stream an object to `path` (never whole in memory); with `sha256`, verify it."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.part")
+        self._call("download of", bucket, key, lambda: self.client.fget_object(bucket, key, str(tmp)))
+        if sha256 is not None:
+            actual = _sha256(tmp)
+            if actual != sha256:
+                tmp.unlink(missing_ok=True)
+                raise StoreError(f"s3://{bucket}/{key}: checksum mismatch (expected sha256 {sha256[:12]}…, "
+                                 f"got {actual[:12]}…); the object changed or is corrupt")
+        os.replace(tmp, path)
+
+    def get_bytes(self, bucket: str, key: str) -> bytes:
+        def read() -> bytes:
+            response = self.client.get_object(bucket, key)
+            try:
+                return response.read()
+            finally:
+                response.close()
+                response.release_conn()
+
+        return self._call("read of", bucket, key, read)
+
+    def put_bytes(self, bucket: str, key: str, data: bytes) -> None:
+        import io
+
+        self._call("write of", bucket, key, lambda: self.client.put_object(bucket, key, io.BytesIO(data), len(data)))
+
+    def exists(self, bucket: str, key: str) -> bool:
+        def stat() -> bool:
+            try:
+                self.client.stat_object(bucket, key)
+                return True
+            except S3Error as exc:
+                if exc.code in ("NoSuchKey", "NoSuchObject", "ResourceNotFound"):
+                    return False
+                raise
+
+        return self._call("lookup of", bucket, key, stat)
+
+    def etag(self, bucket: str, key: str) -> str:
+        return self._call("lookup of", bucket, key, lambda: self.client.stat_object(bucket, key).etag)
+
+    def list(self, bucket: str, prefix: str) -> Iterator[tuple[str, int, str]]:
+        """(key, size, etag) of every object under `prefix`."""
+        objects = self._call("listing of", bucket, prefix,
+                             lambda: list(self.client.list_objects(bucket, prefix=prefix, recursive=True)))
+        for obj in objects:
+            yield obj.object_name, obj.size, obj.etag
+
+    def check_bucket(self, bucket: str) -> None:
+        if not self._call("lookup of", bucket, "", lambda: self.client.bucket_exists(bucket)):
+            raise StoreError(f"s3://{bucket}: no such bucket at {self.endpoint}")
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()

@@ -1,0 +1,71 @@
+"""Folders in and out of S3: stage outputs (manifest last up, verified down) and user folders
+(models, datasets) fetched into a local cache keyed by object ETag, so a rerun downloads nothing."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from disp_runner.pipeline.artifacts import STAGE_MANIFEST
+from disp_runner.store.s3 import S3Store, StoreError
+
+ETAG_INDEX = ".disp-etags.json"
+
+
+def _inside(dest: Path, rel: str, where: str) -> Path:
+    """dest/rel, refusing names that would leave `dest` (keys and manifests are untrusted)."""
+    parts = Path(rel).parts
+    if not rel or Path(rel).is_absolute() or ".." in parts:
+        raise StoreError(f"{where}: refusing object name {rel!r} (it would leave the download folder)")
+    return dest / rel
+
+
+def upload_stage(folder: Path, store: S3Store, bucket: str, prefix: str) -> None:
+    """Upload a published stage folder: every file, then its manifest. A crash before the last call
+    leaves no remote manifest, so readers ignore the partial upload and the stage reruns."""
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != STAGE_MANIFEST)
+    for path in files:
+        store.upload_file(path, bucket, f"{prefix}/{path.relative_to(folder).as_posix()}")
+    store.upload_file(folder / STAGE_MANIFEST, bucket, f"{prefix}/{STAGE_MANIFEST}")
+
+
+def remote_stage_complete(store: S3Store, bucket: str, prefix: str) -> bool:
+    return store.exists(bucket, f"{prefix}/{STAGE_MANIFEST}")
+
+
+def download_stage(store: S3Store, bucket: str, prefix: str, dest: Path) -> None:
+    """Fetch a completed stage output: the manifest, then every file it lists, each verified
+    against its SHA-256 (a changed object fails, naming its key). The manifest is written last."""
+    manifest_key = f"{prefix}/{STAGE_MANIFEST}"
+    if not store.exists(bucket, manifest_key):
+        raise StoreError(f"s3://{bucket}/{manifest_key}: missing; that stage output is incomplete (rerun its stage)")
+    raw = store.get_bytes(bucket, manifest_key)
+    try:
+        manifest = json.loads(raw)
+        entries = manifest["files"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        raise StoreError(f"s3://{bucket}/{manifest_key}: unreadable stage manifest") from None
+    dest.mkdir(parents=True, exist_ok=True)
+    for entry in entries:
+        target = _inside(dest, entry["path"], f"s3://{bucket}/{manifest_key}")
+        store.download_file(bucket, f"{prefix}/{entry['path']}", target, sha256=entry["sha256"])
+    (dest / STAGE_MANIFEST).write_bytes(raw)
+
+
+def download_folder(store: S3Store, bucket: str, prefix: str, dest: Path) -> Path:
+    """Mirror every object under `prefix` into `dest`, skipping files whose ETag is unchanged."""
+    index_path = dest / ETAG_INDEX
+    index: dict[str, str] = json.loads(index_path.read_text()) if index_path.is_file() else {}
+    objects = list(store.list(bucket, prefix + "/"))
+    if not objects:
+        raise StoreError(f"s3://{bucket}/{prefix}/: no objects (wrong URI?)")
+    dest.mkdir(parents=True, exist_ok=True)
+    for key, _size, etag in objects:
+        rel = key[len(prefix) + 1:]
+        target = _inside(dest, rel, f"s3://{bucket}/{key}")
+        if index.get(rel) == etag and target.is_file():
+            continue
+        store.download_file(bucket, key, target)
+        index[rel] = etag
+        index_path.write_text(json.dumps(index))  # after each file: an interrupted fetch resumes
+    return dest

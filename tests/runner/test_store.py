@@ -1,0 +1,214 @@
+"""The artifact store against a real S3 server on loopback (moto's), through the minio SDK."""
+
+import json
+
+import pytest
+from minio import Minio
+from minio.error import S3Error
+from moto.server import ThreadedMotoServer
+
+from disp_api import PurificationJob, PurificationMetrics, StageName
+from disp_runner.pipeline.artifacts import STAGE_MANIFEST, RunLayout
+from disp_runner.pipeline.runner import open_run, run_job
+from disp_runner.store.s3 import RetryPolicy, S3Store, StoreError
+from disp_runner.store.tree import download_folder, download_stage, remote_stage_complete, upload_stage
+
+from .test_pipeline import job_document, workspace  # noqa: F401  (the tiny model and datasets)
+
+ACCESS, SECRET = "testing-access", "testing-secret"
+
+
+@pytest.fixture(scope="module")
+def s3_endpoint():
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"{host}:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def bucket(s3_endpoint, request):
+    name = "b-" + request.node.name.lower().replace("_", "-")[:40].strip("-")
+    client = Minio(s3_endpoint, access_key=ACCESS, secret_key=SECRET, secure=False)
+    if not client.bucket_exists(name):
+        client.make_bucket(name)
+    return name
+
+
+@pytest.fixture
+def store(s3_endpoint):
+    sleeps = []
+    s = S3Store(s3_endpoint, ACCESS, SECRET, secure=False, retry=RetryPolicy(attempts=4, base_delay=0.01),
+                sleep=sleeps.append)
+    s.sleeps = sleeps
+    return s
+
+
+def make_stage(folder):
+    from disp_runner.pipeline.artifacts import write_stage_manifest
+
+    (folder / "sub").mkdir(parents=True)
+    (folder / "a.bin").write_bytes(b"x" * 100_000)
+    (folder / "sub" / "b.json").write_text('{"k": 1}')
+    write_stage_manifest(folder, StageName.SALIENCY, {"items": 2}, 1.0)
+    return folder
+
+
+def test_stage_outputs_round_trip_verified(tmp_path, store, bucket):
+    src = make_stage(tmp_path / "src")
+    upload_stage(src, store, bucket, "run/saliency")
+    assert remote_stage_complete(store, bucket, "run/saliency")
+    download_stage(store, bucket, "run/saliency", tmp_path / "dst")
+    assert (tmp_path / "dst" / "a.bin").read_bytes() == b"x" * 100_000
+    assert (tmp_path / "dst" / "sub" / "b.json").read_text() == '{"k": 1}'
+    assert (tmp_path / "dst" / STAGE_MANIFEST).read_bytes() == (src / STAGE_MANIFEST).read_bytes()
+
+
+def test_a_multipart_upload_streams_and_round_trips(tmp_path, store, bucket):
+    big = tmp_path / "big.bin"
+    with open(big, "wb") as handle:
+        for i in range(20):  # 20 MiB: more than one 16 MiB part
+            handle.write(bytes([i]) * 2**20)
+    etag = store.upload_file(big, bucket, "models/big.bin")
+    assert etag.endswith("-2")  # two parts
+    store.download_file(bucket, "models/big.bin", tmp_path / "back.bin")
+    assert (tmp_path / "back.bin").read_bytes() == big.read_bytes()
+
+
+def test_a_corrupted_object_fails_its_checksum_naming_the_key(tmp_path, store, bucket):
+    src = make_stage(tmp_path / "src")
+    upload_stage(src, store, bucket, "run/saliency")
+    store.put_bytes(bucket, "run/saliency/a.bin", b"y" * 100_000)  # changed after the manifest
+    with pytest.raises(StoreError, match=f"s3://{bucket}/run/saliency/a.bin: checksum mismatch"):
+        download_stage(store, bucket, "run/saliency", tmp_path / "dst")
+    assert not (tmp_path / "dst" / STAGE_MANIFEST).exists()
+
+
+def test_a_crash_before_the_manifest_leaves_the_stage_incomplete(tmp_path, store, bucket, monkeypatch):
+    src = make_stage(tmp_path / "src")
+    real = store.upload_file
+
+    def dies_at_the_manifest(path, b, key):
+        if key.endswith(STAGE_MANIFEST):
+            raise StoreError("connection lost")
+        return real(path, b, key)
+
+    monkeypatch.setattr(store, "upload_file", dies_at_the_manifest)
+    with pytest.raises(StoreError):
+        upload_stage(src, store, bucket, "run/relabel")
+    assert store.exists(bucket, "run/relabel/a.bin")
+    assert not remote_stage_complete(store, bucket, "run/relabel")
+    with pytest.raises(StoreError, match="stage-manifest.json: missing; that stage output is incomplete"):
+        download_stage(store, bucket, "run/relabel", tmp_path / "dst")
+
+
+def test_throttling_and_5xx_are_retried_with_backoff(tmp_path, store, bucket, monkeypatch):
+    path = tmp_path / "f.txt"
+    path.write_text("hello")
+    real = store.client.fput_object
+    failures = iter(["SlowDown", "InternalError"])
+
+    def flaky(*args, **kwargs):
+        code = next(failures, None)
+        if code:
+            raise S3Error(None, code, "injected", f"/{bucket}/k", "req", "host", bucket_name=bucket, object_name="k")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(store.client, "fput_object", flaky)
+    store.upload_file(path, bucket, "k")
+    assert store.get_bytes(bucket, "k") == b"hello"
+    assert len(store.sleeps) == 2 and store.sleeps[1] > store.sleeps[0] * 0.9
+
+
+def test_a_stopped_server_fails_after_the_retry_budget(tmp_path):
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
+    server.start()
+    host, port = server.get_host_and_port()
+    server.stop()
+    sleeps = []
+    store = S3Store(f"{host}:{port}", ACCESS, SECRET, secure=False, retry=RetryPolicy(attempts=3, base_delay=0.01),
+                    sleep=sleeps.append)
+    path = tmp_path / "f.txt"
+    path.write_text("x")
+    with pytest.raises(StoreError, match=r"upload to s3://bucket/k: still failing after 3 attempts"):
+        store.upload_file(path, "bucket", "k")
+    assert len(sleeps) == 2
+
+
+def test_a_missing_bucket_or_key_fails_at_once(tmp_path, store):
+    with pytest.raises(StoreError, match="s3://no-such-bucket: no such bucket"):
+        store.check_bucket("no-such-bucket")
+    with pytest.raises(StoreError, match="download of s3://no-such-bucket/k: NoSuchBucket"):
+        store.download_file("no-such-bucket", "k", tmp_path / "k")
+    assert store.sleeps == []  # permanent errors are not retried
+
+
+def test_folders_are_cached_by_etag(tmp_path, store, bucket, monkeypatch):
+    for name in ("config.json", "model.safetensors"):
+        (tmp_path / name).write_text(name)
+        store.upload_file(tmp_path / name, bucket, f"models/m/{name}")
+    download_folder(store, bucket, "models/m", tmp_path / "cache")
+    calls = []
+    real = store.download_file
+    monkeypatch.setattr(store, "download_file", lambda *a, **k: (calls.append(a[1]), real(*a, **k)))
+    download_folder(store, bucket, "models/m", tmp_path / "cache")
+    assert calls == []  # nothing changed, nothing fetched
+    (tmp_path / "config.json").write_text("changed")
+    store.upload_file(tmp_path / "config.json", bucket, "models/m/config.json")
+    download_folder(store, bucket, "models/m", tmp_path / "cache")
+    assert calls == ["models/m/config.json"] and (tmp_path / "cache" / "config.json").read_text() == "changed"
+
+
+def test_a_manifest_cannot_write_outside_the_download_folder(tmp_path, store, bucket):
+    evil = {"files": [{"path": "../../escape", "size": 1, "sha256": "0" * 64}]}
+    store.put_bytes(bucket, "run/evil/" + STAGE_MANIFEST, json.dumps(evil).encode())
+    with pytest.raises(StoreError, match="would leave the download folder"):
+        download_stage(store, bucket, "run/evil", tmp_path / "dst")
+    assert not (tmp_path / "escape").exists()
+
+
+def test_disp_run_on_s3_gives_the_local_metrics(workspace, tmp_path, s3_endpoint, bucket, monkeypatch):  # noqa: F811
+    monkeypatch.setenv("DISP_S3_ACCESS_KEY", ACCESS)
+    monkeypatch.setenv("DISP_S3_SECRET_KEY", SECRET)
+    monkeypatch.setenv("DISP_SCRATCH", str(tmp_path / "scratch"))
+    store = S3Store(s3_endpoint, ACCESS, SECRET, secure=False)
+    for name in ("model", "train", "triggered", "untriggered", "clean"):
+        for path in sorted((workspace / name).rglob("*")):
+            if path.is_file():
+                store.upload_file(path, bucket, f"inputs/{name}/{path.relative_to(workspace / name).as_posix()}")
+
+    local = PurificationJob.model_validate(job_document(workspace))
+    run_job(local, show_progress=False)
+    local_metrics = json.loads((RunLayout.for_job(local, workspace / "out").stage_dir(StageName.EVALUATE)
+                                / "metrics.json").read_text())
+
+    document = job_document(workspace)
+    spec = document["spec"]
+    uri = f"s3://{bucket}/inputs"
+    spec["model"]["uri"] = f"{uri}/model"
+    spec["dataset"]["uri"] = f"{uri}/train"
+    spec["output"]["uri"] = f"s3://{bucket}/out"
+    spec["storage"] = {"endpoint": s3_endpoint, "secure": False, "credentialsSecret": {"name": "minio"}}
+    for key, name in (("triggeredUri", "triggered"), ("untriggeredUri", "untriggered"), ("cleanUri", "clean")):
+        spec["evaluation"][key] = f"{uri}/{name}"
+    remote = PurificationJob.model_validate(document)
+    outcomes = run_job(remote, show_progress=False)
+    assert not any(o.skipped for o in outcomes)
+
+    ctx = open_run(remote)
+    prefix = ctx.remote.prefix
+    remote_metrics = json.loads(store.get_bytes(bucket, f"{prefix}/evaluate/metrics.json"))
+    assert PurificationMetrics.model_validate(remote_metrics).after.model == f"s3://{bucket}/{prefix}/finetune/model"
+    for metrics in (local_metrics, remote_metrics):
+        for side in ("before", "after"):
+            metrics[side].pop("seconds")
+            metrics[side].pop("model")
+    assert remote_metrics == local_metrics
+    assert json.loads(store.get_bytes(bucket, f"{prefix}/progress.json"))["stage"] == "evaluate"
+    for stage in StageName:
+        assert remote_stage_complete(store, bucket, f"{prefix}/{stage.value}")
+
+    # A rerun in a fresh pod (empty scratch) finds every stage complete in S3 and skips it.
+    monkeypatch.setenv("DISP_SCRATCH", str(tmp_path / "scratch2"))
+    assert all(o.skipped for o in run_job(remote, show_progress=False))
