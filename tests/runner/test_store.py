@@ -4,7 +4,6 @@ import json
 
 import pytest
 from minio import Minio
-from minio.error import S3Error
 from moto.server import ThreadedMotoServer
 
 from disp_api import PurificationJob, PurificationMetrics, StageName
@@ -13,6 +12,7 @@ from disp_runner.pipeline.runner import open_run, run_job
 from disp_runner.store.s3 import RetryPolicy, S3Store, StoreError
 from disp_runner.store.tree import download_folder, download_stage, remote_stage_complete, upload_stage
 
+from .s3_faults import FaultProxy
 from .test_pipeline import job_document, workspace  # noqa: F401  (the tiny model and datasets)
 
 ACCESS, SECRET = "testing-access", "testing-secret"
@@ -103,22 +103,71 @@ def test_a_crash_before_the_manifest_leaves_the_stage_incomplete(tmp_path, store
         download_stage(store, bucket, "run/relabel", tmp_path / "dst")
 
 
-def test_throttling_and_5xx_are_retried_with_backoff(tmp_path, store, bucket, monkeypatch):
+@pytest.mark.parametrize("faults", [[(503, "SlowDown"), (500, "InternalError")], [(503, "ServiceUnavailable")]])
+def test_throttling_and_5xx_responses_are_retried_with_backoff(tmp_path, s3_endpoint, bucket, faults):
     path = tmp_path / "f.txt"
     path.write_text("hello")
-    real = store.client.fput_object
-    failures = iter(["SlowDown", "InternalError"])
+    with FaultProxy(s3_endpoint) as proxy:
+        sleeps = []
+        store = S3Store(proxy.endpoint, ACCESS, SECRET, secure=False, region="us-east-1",
+                        retry=RetryPolicy(attempts=4, base_delay=0.01), sleep=sleeps.append)
+        proxy.faults = list(faults)
+        store.upload_file(path, bucket, "k")
+        assert store.get_bytes(bucket, "k") == b"hello"
+    assert len(sleeps) == len(faults)
+    assert sleeps == sorted(sleeps) or len(sleeps) == 1  # backoff grows
 
-    def flaky(*args, **kwargs):
-        code = next(failures, None)
-        if code:
-            raise S3Error(None, code, "injected", f"/{bucket}/k", "req", "host", bucket_name=bucket, object_name="k")
-        return real(*args, **kwargs)
 
-    monkeypatch.setattr(store.client, "fput_object", flaky)
-    store.upload_file(path, bucket, "k")
-    assert store.get_bytes(bucket, "k") == b"hello"
-    assert len(store.sleeps) == 2 and store.sleeps[1] > store.sleeps[0] * 0.9
+@pytest.mark.parametrize("status,code", [(403, "InvalidAccessKeyId"), (403, "SignatureDoesNotMatch"),
+                                         (403, "AccessDenied")])
+def test_bad_credentials_fail_at_once_without_a_retry_storm(tmp_path, s3_endpoint, bucket, status, code):
+    path = tmp_path / "f.txt"
+    path.write_text("hello")
+    with FaultProxy(s3_endpoint) as proxy:
+        sleeps = []
+        store = S3Store(proxy.endpoint, ACCESS, SECRET, secure=False, region="us-east-1",
+                        retry=RetryPolicy(attempts=4, base_delay=0.01), sleep=sleeps.append)
+        proxy.faults = [(status, code)] * 10
+        with pytest.raises(StoreError) as info:
+            store.upload_file(path, bucket, "models/m/config.json")
+        assert proxy.requests == 1
+    assert sleeps == [] and len(str(info.value).splitlines()) == 1
+    assert f"upload to s3://{bucket}/models/m/config.json: {code}" in str(info.value)
+
+
+def test_the_server_stopping_mid_upload_leaves_no_manifest(tmp_path, bucket):
+    from disp_runner.store import tree
+
+    src = make_stage(tmp_path / "src")
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
+    server.start()
+    host, port = server.get_host_and_port()
+    store = S3Store(f"{host}:{port}", ACCESS, SECRET, secure=False, retry=RetryPolicy(attempts=2, base_delay=0.01),
+                    sleep=lambda s: None)
+    uploaded = []
+    real = store.upload_file
+
+    def upload_then_crash_the_server(path, b, key):
+        result = real(path, b, key)
+        uploaded.append(key)
+        if len(uploaded) == 1:
+            server.stop()  # the server goes away after the first file
+        return result
+
+    store.upload_file = upload_then_crash_the_server
+    with pytest.raises(StoreError, match="still failing after 2 attempts"):
+        tree.upload_stage(src, store, bucket, "run/finetune")
+    assert len(uploaded) == 1
+    # The same (process-global) moto backend behind a new server: the first file is there, the
+    # manifest is not, so the stage counts as incomplete and reruns.
+    again = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    again.start()
+    try:
+        fresh = S3Store(f"{host}:{port}", ACCESS, SECRET, secure=False)
+        assert fresh.exists(bucket, uploaded[0])
+        assert not remote_stage_complete(fresh, bucket, "run/finetune")
+    finally:
+        again.stop()
 
 
 def test_a_stopped_server_fails_after_the_retry_budget(tmp_path):
