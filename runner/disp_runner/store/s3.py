@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+import queue
 import random
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +24,7 @@ T = TypeVar("T")
 
 # Multipart part size: large enough for few requests on multi-GB shards, small enough to stream.
 PART_SIZE = 16 * 2**20
+DOWNLOAD_CHUNK = 4 * 2**20
 PERMANENT_CODES = {"NoSuchBucket", "NoSuchKey", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch",
                    "InvalidBucketName", "AllAccessDisabled", "NoSuchUpload", "InvalidArgument"}
 TRANSIENT_CODES = {"SlowDown", "Throttling", "ThrottlingException", "RequestTimeout", "InternalError",
@@ -99,16 +102,36 @@ class S3Store:
         return result.etag
 
     def download_file(self, bucket: str, key: str, path: Path, sha256: str | None = None) -> None:
-        """Stream an object to `path` (never whole in memory); with `sha256`, verify it."""
+        """Stream an object to `path` in 4 MiB chunks (never whole in memory). With `sha256`, the
+        chunks are hashed on a second thread as they arrive (hashlib releases the GIL), and a
+        mismatch fails naming the key and leaves no file behind."""
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.part")
-        self._call("download of", bucket, key, lambda: self.client.fget_object(bucket, key, str(tmp)))
-        if sha256 is not None:
-            actual = _sha256(tmp)
-            if actual != sha256:
-                tmp.unlink(missing_ok=True)
-                raise StoreError(f"s3://{bucket}/{key}: checksum mismatch (expected sha256 {sha256[:12]}…, "
-                                 f"got {actual[:12]}…); the object changed or is corrupt")
+
+        def fetch() -> str | None:
+            hasher = _BackgroundSha256() if sha256 is not None else None
+            try:
+                response = self.client.get_object(bucket, key)
+                try:
+                    with open(tmp, "wb") as handle:
+                        for chunk in response.stream(DOWNLOAD_CHUNK):
+                            handle.write(chunk)
+                            if hasher is not None:
+                                hasher.update(chunk)
+                finally:
+                    response.close()
+                    response.release_conn()
+            except BaseException:
+                if hasher is not None:
+                    hasher.hexdigest()  # stops its thread; the attempt's digest is discarded
+                raise
+            return hasher.hexdigest() if hasher is not None else None
+
+        actual = self._call("download of", bucket, key, fetch)
+        if sha256 is not None and actual != sha256:
+            tmp.unlink(missing_ok=True)
+            raise StoreError(f"s3://{bucket}/{key}: checksum mismatch (expected sha256 {sha256[:12]}…, "
+                             f"got {actual[:12]}…); the object changed or is corrupt")
         os.replace(tmp, path)
 
     def get_bytes(self, bucket: str, key: str) -> bytes:
@@ -154,9 +177,23 @@ class S3Store:
             raise StoreError(f"s3://{bucket}: no such bucket at {self.endpoint}")
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
+class _BackgroundSha256:
+    """SHA-256 computed on a worker thread from a bounded queue of chunks (at most 4 in flight)."""
+
+    def __init__(self):
+        self._digest = hashlib.sha256()
+        self._queue: queue.Queue[bytes | None] = queue.Queue(maxsize=4)
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (chunk := self._queue.get()) is not None:
+            self._digest.update(chunk)
+
+    def update(self, chunk: bytes) -> None:
+        self._queue.put(chunk)
+
+    def hexdigest(self) -> str:
+        self._queue.put(None)
+        self._thread.join()
+        return self._digest.hexdigest()
