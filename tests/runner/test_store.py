@@ -261,3 +261,25 @@ def test_disp_run_on_s3_gives_the_local_metrics(workspace, tmp_path, s3_endpoint
     # A rerun in a fresh pod (empty scratch) finds every stage complete in S3 and skips it.
     monkeypatch.setenv("DISP_SCRATCH", str(tmp_path / "scratch2"))
     assert all(o.skipped for o in run_job(remote, show_progress=False))
+
+
+def test_credentials_come_from_the_environment_or_mounted_files(tmp_path, s3_endpoint, bucket, monkeypatch):
+    from disp_api import StorageSpec
+    from disp_runner.errors import UserInputError
+    from disp_runner.store.credentials import open_s3_store
+
+    storage = StorageSpec(endpoint=s3_endpoint, secure=False)
+    for name in ("DISP_S3_ACCESS_KEY", "DISP_S3_SECRET_KEY", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(UserInputError, match="S3 credentials missing"):
+        open_s3_store(storage)
+    (tmp_path / "access").write_text(ACCESS + "\n")
+    (tmp_path / "secret").write_text(SECRET)
+    monkeypatch.setenv("DISP_S3_ACCESS_KEY_FILE", str(tmp_path / "access"))
+    monkeypatch.setenv("DISP_S3_SECRET_KEY_FILE", str(tmp_path / "secret"))
+    open_s3_store(storage).check_bucket(bucket)
+    monkeypatch.setenv("DISP_S3_SECRET_KEY_FILE", str(tmp_path / "nope"))
+    with pytest.raises(UserInputError, match="DISP_S3_SECRET_KEY_FILE: .*nope does not exist"):
+        open_s3_store(storage)
+    with pytest.raises(UserInputError, match="spec.storage.endpoint: required"):
+        open_s3_store(None)
