@@ -16,7 +16,7 @@ from typing import Sequence
 
 from pydantic import ValidationError
 
-from disp_runner.errors import EXIT_USER_ERROR, UserInputError
+from disp_runner.errors import EXIT_TRANSIENT_ERROR, EXIT_USER_ERROR, TransientError, UserInputError
 
 
 def _add_trigger_args(p: argparse.ArgumentParser) -> None:
@@ -298,6 +298,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UserInputError as exc:
         print(f"disp {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except TransientError as exc:
+        print(f"disp {args.command}: transient error (retry later): {exc}", file=sys.stderr)
+        return EXIT_TRANSIENT_ERROR
     return 0
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 # (retrying a bad input cannot help) and anything else as possibly transient.
 EXIT_OK = 0
 EXIT_USER_ERROR = 2
+EXIT_TRANSIENT_ERROR = 75  # EX_TEMPFAIL: the environment failed (storage unreachable); retry later
 
 
 class UserInputError(Exception):
@@ -19,3 +20,8 @@ class UserInputError(Exception):
 
 class UnsafeModelFormatError(UserInputError):
     """A model folder holds only pickle-based weights and the user did not opt in to loading them."""
+
+
+class TransientError(Exception):
+    """The environment failed in a way a later attempt may not (e.g. storage still unreachable after
+    the retry budget). The CLI prints one line and exits with `EXIT_TRANSIENT_ERROR`."""

@@ -9,7 +9,7 @@ from moto.server import ThreadedMotoServer
 from disp_api import PurificationJob, PurificationMetrics, StageName
 from disp_runner.pipeline.artifacts import STAGE_MANIFEST, RunLayout
 from disp_runner.pipeline.runner import open_run, run_job
-from disp_runner.store.s3 import RetryPolicy, S3Store, StoreError
+from disp_runner.store.s3 import RetryPolicy, S3Store, StoreError, StoreUnavailableError
 from disp_runner.store.tree import download_folder, download_stage, remote_stage_complete, upload_stage
 
 from .s3_faults import FaultProxy
@@ -155,7 +155,7 @@ def test_the_server_stopping_mid_upload_leaves_no_manifest(tmp_path, bucket):
         return result
 
     store.upload_file = upload_then_crash_the_server
-    with pytest.raises(StoreError, match="still failing after 2 attempts"):
+    with pytest.raises(StoreUnavailableError, match="still failing after 2 attempts"):
         tree.upload_stage(src, store, bucket, "run/finetune")
     assert len(uploaded) == 1
     # The same (process-global) moto backend behind a new server: the first file is there, the
@@ -180,7 +180,7 @@ def test_a_stopped_server_fails_after_the_retry_budget(tmp_path):
                     sleep=sleeps.append)
     path = tmp_path / "f.txt"
     path.write_text("x")
-    with pytest.raises(StoreError, match=r"upload to s3://bucket/k: still failing after 3 attempts"):
+    with pytest.raises(StoreUnavailableError, match=r"upload to s3://bucket/k: still failing after 3 attempts"):
         store.upload_file(path, "bucket", "k")
     assert len(sleeps) == 2
 
@@ -283,3 +283,23 @@ def test_credentials_come_from_the_environment_or_mounted_files(tmp_path, s3_end
         open_s3_store(storage)
     with pytest.raises(UserInputError, match="spec.storage.endpoint: required"):
         open_s3_store(None)
+
+
+def test_an_unreachable_server_is_a_transient_exit_code(tmp_path, workspace, monkeypatch, capsys):  # noqa: F811
+    import yaml
+
+    from disp_runner.cli import main
+    from disp_runner.errors import EXIT_TRANSIENT_ERROR
+    # A short retry budget for the store the CLI builds (the default one sleeps ~15 s in all).
+    monkeypatch.setattr(S3Store.__init__, "__defaults__", (True, None, RetryPolicy(attempts=2, base_delay=0.01),
+                                                           lambda s: None))
+    monkeypatch.setenv("DISP_S3_ACCESS_KEY", ACCESS)
+    monkeypatch.setenv("DISP_S3_SECRET_KEY", SECRET)
+    document = job_document(workspace)
+    document["spec"]["output"]["uri"] = "s3://bucket/out"
+    document["spec"]["storage"] = {"endpoint": "127.0.0.1:9", "secure": False}  # nothing listens there
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(document))
+    assert main(["--no-progress", "run", str(path)]) == EXIT_TRANSIENT_ERROR
+    err = capsys.readouterr().err.strip()
+    assert "transient error (retry later)" in err and "s3://bucket" in err and len(err.splitlines()) == 1

@@ -18,7 +18,7 @@ import urllib3
 from minio import Minio
 from minio.error import InvalidResponseError, S3Error, ServerError
 
-from disp_runner.errors import UserInputError
+from disp_runner.errors import TransientError, UserInputError
 
 T = TypeVar("T")
 
@@ -32,7 +32,12 @@ TRANSIENT_CODES = {"SlowDown", "Throttling", "ThrottlingException", "RequestTime
 
 
 class StoreError(UserInputError):
-    """A permanent storage failure (or transient failures past the retry budget), naming bucket/key."""
+    """A permanent storage failure (no such bucket or key, access denied, corrupt object), naming
+    bucket/key: retrying cannot help."""
+
+
+class StoreUnavailableError(TransientError):
+    """Transient storage failures that outlasted the retry budget: a later attempt may succeed."""
 
 
 @dataclass(frozen=True)
@@ -90,7 +95,7 @@ class S3Store:
                 if not is_transient(exc):
                     raise StoreError(f"{what} {where}: {describe(exc)}") from None
                 if attempt + 1 == self.retry.attempts:
-                    raise StoreError(f"{what} {where}: still failing after {self.retry.attempts} attempts "
+                    raise StoreUnavailableError(f"{what} {where}: still failing after {self.retry.attempts} attempts "
                                      f"({describe(exc)}) at {self.endpoint}") from None
                 self.sleep(self.retry.delay(attempt))
         raise AssertionError("unreachable")
