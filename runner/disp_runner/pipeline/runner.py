@@ -4,6 +4,7 @@ PurificationJob in order (`disp run`), fanning sharded stages out and merging th
 
 from __future__ import annotations
 
+import logging
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -12,7 +13,7 @@ from typing import Any
 
 from disp_api import PurificationJob, StageName
 from disp_runner.device import seed_everything
-from disp_runner.errors import UserInputError
+from disp_runner.errors import TransientError, UserInputError
 from disp_runner.pipeline.artifacts import (
     ProgressReporter,
     RunLayout,
@@ -24,6 +25,9 @@ from disp_runner.pipeline.artifacts import (
 from disp_runner.pipeline.context import RemoteRun, ShardableStage, Stage, StageContext, scratch_root
 from disp_runner.store.credentials import open_s3_store
 from disp_runner.store.location import Location, Scheme
+
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -120,7 +124,12 @@ def _progress_mirror(ctx: StageContext):
     remote = ctx.remote
 
     def put(path: Path) -> None:
-        remote.store.put_bytes(remote.bucket, remote.stage_prefix(ctx.layout, path), path.read_bytes())
+        # Progress is advisory: an unreachable store must not kill the stage (its outputs still
+        # have to be published later, and that does fail loudly).
+        try:
+            remote.store.put_bytes(remote.bucket, remote.stage_prefix(ctx.layout, path), path.read_bytes())
+        except TransientError as exc:
+            logger.warning("progress.json not mirrored to S3: %s", exc)
 
     return put
 
