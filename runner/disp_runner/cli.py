@@ -238,7 +238,7 @@ def _cmd_run(args) -> None:
     from disp_api import StageName
     from disp_runner.jobfile import load_job
     from disp_runner.pipeline.artifacts import Shard
-    from disp_runner.pipeline.runner import merge_shards, open_run, run_job, run_stage
+    from disp_runner.pipeline.runner import merge_shards, open_run, run_job, run_stage, run_uri, shard_count
     from disp_runner.stages import STAGES
 
     job = load_job(args.manifest)
@@ -265,18 +265,10 @@ def _cmd_run(args) -> None:
         if not hasattr(runner_stage, "merge"):
             raise UserInputError(f"--stage {stage.value} cannot be sharded; only saliency and relabel can")
         if args.merge:
-            report(merge_shards(runner_stage, ctx, shard.count if shard else _shards(job, stage)))
+            report(merge_shards(runner_stage, ctx, shard.count if shard else shard_count(job, stage)))
         else:
             report(run_stage(runner_stage, ctx))
-    ctx = open_run(job, root, show_progress=False)
-    where = f"s3://{ctx.remote.bucket}/{ctx.remote.prefix}" if ctx.remote else str(ctx.layout.root)
-    print(f"run folder: {where}")
-
-
-def _shards(job, stage) -> int:
-    from disp_runner.pipeline.runner import shard_count
-
-    return shard_count(job, stage)
+    print(f"run folder: {run_uri(job, root)}")
 
 
 def _cmd_demo(args) -> None:

@@ -1,7 +1,6 @@
 """The stage plumbing on a tiny model: manifests, skipping, sharding, resuming, bad input."""
 
 import json
-import shutil
 
 import pytest
 import torch

@@ -103,14 +103,21 @@ def test_a_crash_before_the_manifest_leaves_the_stage_incomplete(tmp_path, store
         download_stage(store, bucket, "run/relabel", tmp_path / "dst")
 
 
+def proxied_store(proxy: FaultProxy) -> tuple[S3Store, list[float]]:
+    """A store that talks to the server through `proxy`; the list collects its backoff sleeps.
+    (The region is given so the SDK sends no location lookup that would consume a fault.)"""
+    sleeps: list[float] = []
+    store = S3Store(proxy.endpoint, ACCESS, SECRET, secure=False, region="us-east-1",
+                    retry=RetryPolicy(attempts=4, base_delay=0.01), sleep=sleeps.append)
+    return store, sleeps
+
+
 @pytest.mark.parametrize("faults", [[(503, "SlowDown"), (500, "InternalError")], [(503, "ServiceUnavailable")]])
 def test_throttling_and_5xx_responses_are_retried_with_backoff(tmp_path, s3_endpoint, bucket, faults):
     path = tmp_path / "f.txt"
     path.write_text("hello")
     with FaultProxy(s3_endpoint) as proxy:
-        sleeps = []
-        store = S3Store(proxy.endpoint, ACCESS, SECRET, secure=False, region="us-east-1",
-                        retry=RetryPolicy(attempts=4, base_delay=0.01), sleep=sleeps.append)
+        store, sleeps = proxied_store(proxy)
         proxy.faults = list(faults)
         store.upload_file(path, bucket, "k")
         assert store.get_bytes(bucket, "k") == b"hello"
@@ -124,9 +131,7 @@ def test_bad_credentials_fail_at_once_without_a_retry_storm(tmp_path, s3_endpoin
     path = tmp_path / "f.txt"
     path.write_text("hello")
     with FaultProxy(s3_endpoint) as proxy:
-        sleeps = []
-        store = S3Store(proxy.endpoint, ACCESS, SECRET, secure=False, region="us-east-1",
-                        retry=RetryPolicy(attempts=4, base_delay=0.01), sleep=sleeps.append)
+        store, sleeps = proxied_store(proxy)
         proxy.faults = [(status, code)] * 10
         with pytest.raises(StoreError) as info:
             store.upload_file(path, bucket, "models/m/config.json")

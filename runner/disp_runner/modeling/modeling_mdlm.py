@@ -10,7 +10,6 @@ and the T `<image>` placeholders are replaced by the projected image embeddings 
 
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.nn.functional as F

@@ -15,7 +15,6 @@ from disp_api import PurificationJob, PurificationJobSpec, StageName
 from disp_runner.checkpoints import load_checkpoint
 from disp_runner.data.dataset import Instance, load_dataset
 from disp_runner.device import default_device
-from disp_runner.errors import UserInputError
 from disp_runner.modeling import MDLMForMaskedDiffusion
 from disp_runner.pipeline.artifacts import (
     STAGE_MANIFEST,
@@ -145,6 +144,10 @@ class StageContext:
     def input_dir(self, stage: StageName) -> Path:
         """A previous stage's output folder, checked against its manifest."""
         return self.fetch(self.layout.stage_dir(stage))  # hashed once per process, however often read
+
+    def shard_items(self, batch_size: int) -> range:
+        """The training instances this run (or shard) processes: whole batches of `batch_size`."""
+        return (self.shard or Shard()).batch_range(len(self.training_set()), batch_size)
 
     def report_progress(self, done: int) -> None:
         if self.progress is not None:

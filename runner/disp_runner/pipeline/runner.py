@@ -9,7 +9,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from disp_api import PurificationJob, StageName
 from disp_runner.device import seed_everything
@@ -22,7 +22,14 @@ from disp_runner.pipeline.artifacts import (
     read_stage_manifest,
     write_stage_manifest,
 )
-from disp_runner.pipeline.context import RemoteRun, ShardableStage, Stage, StageContext, scratch_root
+from disp_runner.pipeline.context import (
+    RemoteRun,
+    ShardableStage,
+    Stage,
+    StageContext,
+    StageResult,
+    scratch_root,
+)
 from disp_runner.store.credentials import open_s3_store
 from disp_runner.store.location import Location, Scheme
 
@@ -46,60 +53,65 @@ def _progress_path(layout: RunLayout, stage: StageName, shard: Shard | None) -> 
     return layout.root / f"progress-{stage.value}-{shard.label}.json"
 
 
+def _already_complete(ctx: StageContext, stage: StageName, folder: Path,
+                      shard: Shard | None = None) -> StageOutcome | None:
+    if not ctx.is_complete(folder):
+        return None
+    manifest = read_stage_manifest(ctx.fetch(folder))
+    return StageOutcome(stage, skipped=True, seconds=0.0, metrics=manifest.get("metrics", {}), shard=shard)
+
+
+def _produce(ctx: StageContext, stage: StageName, final: Path, build: Callable[[Path], StageResult],
+             shard: Shard | None = None, **extra_metrics: Any) -> StageOutcome:
+    """Build an output in a staging folder, write its manifest last, publish it (locally, then to
+    S3 when the run is mirrored there); on any error the staging folder goes and nothing is complete."""
+    start = time.perf_counter()
+    staging = StagingFolder(final)
+    try:
+        result = build(staging.path)
+        seconds = time.perf_counter() - start
+        metrics = {"items": result.items, **extra_metrics, **result.metrics}
+        write_stage_manifest(staging.path, stage, metrics, seconds, shard)
+        staging.publish()
+    except BaseException:
+        staging.discard()
+        raise
+    ctx.publish_remote(final)  # files first, manifest last: a crash here leaves the stage incomplete
+    return StageOutcome(stage, skipped=False, seconds=seconds, metrics=metrics, shard=shard)
+
+
 def run_stage(stage: Stage, ctx: StageContext) -> StageOutcome:
     """Run one stage (or, with `ctx.shard`, one shard of it) unless its output is already complete."""
     shard = ctx.shard
     if shard is not None and not hasattr(stage, "merge"):
         raise UserInputError(f"stage {stage.name.value} cannot be sharded")
     final = ctx.layout.stage_dir(stage.name) if shard is None else ctx.layout.shard_dir(stage.name, shard)
-    if ctx.is_complete(final):
-        manifest = read_stage_manifest(ctx.fetch(final))
-        return StageOutcome(stage.name, skipped=True, seconds=0.0, metrics=manifest.get("metrics", {}), shard=shard)
+    skipped = _already_complete(ctx, stage.name, final, shard)
+    if skipped is not None:
+        return skipped
     for needed in stage.inputs:
         ctx.input_dir(needed)  # raises, naming the folder, when an input is incomplete or corrupt
     seed_everything(0)
-    start = time.perf_counter()
     ctx.progress = ProgressReporter(_progress_path(ctx.layout, stage.name, shard), stage.name,
                                     stage.total_items(ctx), shard, mirror=_progress_mirror(ctx))
     ctx.progress.update(0, force=True)
-    staging = StagingFolder(final)
-    try:
-        result = stage.run(ctx, staging.path)
-        seconds = time.perf_counter() - start
-        metrics = {"items": result.items, **result.metrics}
-        write_stage_manifest(staging.path, stage.name, metrics, seconds, shard)
-        staging.publish()
-    except BaseException:
-        staging.discard()
-        raise
-    ctx.publish_remote(final)  # files first, manifest last: a crash here leaves the stage incomplete
+    outcome = _produce(ctx, stage.name, final, lambda out: stage.run(ctx, out), shard)
     # Resumable state (epoch checkpoints) is superseded by the published output.
     shutil.rmtree(ctx.layout.checkpoint_dir(stage.name), ignore_errors=True)
-    ctx.progress.update(result.items, force=True)
-    return StageOutcome(stage.name, skipped=False, seconds=seconds, metrics=metrics, shard=shard)
+    ctx.progress.update(outcome.metrics["items"], force=True)
+    return outcome
 
 
 def merge_shards(stage: ShardableStage, ctx: StageContext, count: int) -> StageOutcome:
     """Combine the `count` shards of a stage into its output; every shard must be complete."""
-    if ctx.is_complete(ctx.layout.stage_dir(stage.name)):
-        manifest = read_stage_manifest(ctx.fetch(ctx.layout.stage_dir(stage.name)))
-        return StageOutcome(stage.name, skipped=True, seconds=0.0, metrics=manifest.get("metrics", {}))
+    final = ctx.layout.stage_dir(stage.name)
+    skipped = _already_complete(ctx, stage.name, final)
+    if skipped is not None:
+        return skipped
     shard_dirs = [ctx.layout.shard_dir(stage.name, Shard(i, count)) for i in range(count)]
     for folder in shard_dirs:
         ctx.fetch(folder)  # raises, naming the shard, when one is incomplete
-    start = time.perf_counter()
-    staging = StagingFolder(ctx.layout.stage_dir(stage.name))
-    try:
-        result = stage.merge(ctx, shard_dirs, staging.path)
-        seconds = time.perf_counter() - start
-        metrics = {"items": result.items, "shards": count, **result.metrics}
-        write_stage_manifest(staging.path, stage.name, metrics, seconds)
-        staging.publish()
-    except BaseException:
-        staging.discard()
-        raise
-    ctx.publish_remote(ctx.layout.stage_dir(stage.name))
-    return StageOutcome(stage.name, skipped=False, seconds=seconds, metrics=metrics)
+    return _produce(ctx, stage.name, final, lambda out: stage.merge(ctx, shard_dirs, out), shards=count)
 
 
 def open_run(job: PurificationJob, output_root: Path | None = None, shard: Shard | None = None,
@@ -116,6 +128,14 @@ def open_run(job: PurificationJob, output_root: Path | None = None, shard: Shard
     run_path = RunLayout.for_job(job, Path()).root.as_posix()  # runs/<namespace>/<name>/<uid>
     remote = RemoteRun(store, location.bucket, "/".join(filter(None, [location.key, run_path])))
     return StageContext(job=job, layout=layout, shard=shard, show_progress=show_progress, remote=remote)
+
+
+def run_uri(job: PurificationJob, output_root: Path | None = None) -> str:
+    """Where a run's outputs live, for people: a local folder or the S3 prefix."""
+    run_path = RunLayout.for_job(job, Path()).root.as_posix()  # runs/<namespace>/<name>/<uid>
+    if output_root is not None:
+        return str(output_root / run_path)
+    return str(Location.parse(job.spec.output.uri, "spec.output.uri").child(run_path))
 
 
 def _progress_mirror(ctx: StageContext):

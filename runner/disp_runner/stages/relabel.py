@@ -19,7 +19,7 @@ from disp_runner.disp.masking import mask_image_embeds
 from disp_runner.errors import UserInputError
 from disp_runner.evaluation import normalise_answer
 from disp_runner.inference import generate_responses
-from disp_runner.pipeline.artifacts import Shard, read_stage_manifest
+from disp_runner.pipeline.artifacts import read_stage_manifest
 from disp_runner.pipeline.context import StageContext, StageResult
 from disp_runner.stages.masking import read_masked
 
@@ -30,17 +30,14 @@ class RelabelStage:
     name = StageName.RELABEL
     inputs = (StageName.MASKING,)
 
-    def _items(self, ctx: StageContext) -> range:
-        return (ctx.shard or Shard()).batch_range(len(ctx.training_set()), ctx.spec.relabel.batch_size)
-
     def total_items(self, ctx: StageContext) -> int:
-        return len(self._items(ctx))
+        return len(ctx.shard_items(ctx.spec.relabel.batch_size))
 
     def run(self, ctx: StageContext, out: Path) -> StageResult:
         spec = ctx.spec.relabel
         model, tokenizer = ctx.compromised_model()
         masked_by_id = read_masked(ctx.input_dir(StageName.MASKING))
-        items = self._items(ctx)
+        items = ctx.shard_items(spec.batch_size)
         instances = ctx.training_set()[items.start:items.stop]
         missing = [inst.id for inst in instances if inst.id not in masked_by_id]
         if missing:

@@ -15,7 +15,6 @@ from disp_api import StageName
 from disp_runner.device import autocast
 from disp_runner.disp.saliency import SaliencyConfig, fisher_jacobian_scores
 from disp_runner.errors import UserInputError
-from disp_runner.pipeline.artifacts import Shard
 from disp_runner.pipeline.context import StageContext, StageResult
 from disp_runner.processing import encode_instances
 
@@ -41,11 +40,8 @@ class SaliencyStage:
     name = StageName.SALIENCY
     inputs = ()
 
-    def _items(self, ctx: StageContext) -> range:
-        return (ctx.shard or Shard()).batch_range(len(ctx.training_set()), ctx.spec.saliency.batch_size)
-
     def total_items(self, ctx: StageContext) -> int:
-        return len(self._items(ctx))
+        return len(ctx.shard_items(ctx.spec.saliency.batch_size))
 
     def run(self, ctx: StageContext, out: Path) -> StageResult:
         spec = ctx.spec.saliency
@@ -56,7 +52,7 @@ class SaliencyStage:
                                  f"({model.config.vocab_size} tokens)")
         config = SaliencyConfig(top_k=spec.top_k, probes=spec.probes, block_length=decoding.block_length)
         instances = ctx.training_set()
-        items = self._items(ctx)
+        items = ctx.shard_items(spec.batch_size)
         rows: list[torch.Tensor] = []
         for lo in range(items.start, items.stop, spec.batch_size):
             chunk = instances[lo:min(lo + spec.batch_size, items.stop)]
