@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install --quiet --upgrade pip
 	$(VENV)/bin/python -m pip install --quiet "$(TORCH_SPEC)"
-	$(VENV)/bin/python -m pip install --quiet -e '.[runner,test]'
+	$(VENV)/bin/python -m pip install --quiet -e '.[runner,operator,test]'
 	touch $(STAMP)
 
 setup: $(STAMP)

@@ -20,6 +20,9 @@ API_GROUP = "disp.dev"
 API_VERSION = "v1alpha1"
 KIND = "PurificationJob"
 
+# The purified model's folder inside a run (the finetune stage's output), in Hugging Face format.
+PURIFIED_MODEL_PATH = "finetune/model"
+
 # RFC 1123 DNS label, as Kubernetes requires of names that become Job and label values.
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 
@@ -165,6 +168,80 @@ class ParallelismSpec(ContractModel):
     """Pods the relabel stage is split over."""
 
 
+class PullPolicy(str, Enum):
+    """Kubernetes imagePullPolicy of the runner pods."""
+
+    ALWAYS = "Always"
+    IF_NOT_PRESENT = "IfNotPresent"
+    NEVER = "Never"
+
+
+class TolerationOperator(str, Enum):
+    EXISTS = "Exists"
+    EQUAL = "Equal"
+
+
+class TaintEffect(str, Enum):
+    NO_SCHEDULE = "NoSchedule"
+    PREFER_NO_SCHEDULE = "PreferNoSchedule"
+    NO_EXECUTE = "NoExecute"
+
+
+class Toleration(ContractModel):
+    key: Optional[str] = None
+    """Taint key the toleration matches; empty with operator Exists matches every taint."""
+    operator: TolerationOperator = TolerationOperator.EQUAL
+    """Exists or Equal."""
+    value: Optional[str] = None
+    """Taint value to match (operator Equal)."""
+    effect: Optional[TaintEffect] = None
+    """Taint effect to match; empty matches all effects."""
+    toleration_seconds: Optional[int] = Field(None, ge=0)
+    """How long a NoExecute taint is tolerated before eviction."""
+
+
+# Kubernetes quantities such as 500m, 2, 16Gi, 1.5G (the API server re-checks them).
+_QUANTITY = r"^([0-9]+(\.[0-9]+)?)(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$"
+
+
+class ResourcesSpec(ContractModel):
+    gpus: int = Field(1, ge=0, le=64)
+    """GPUs per runner pod (nvidia.com/gpu); 0 runs the stages on CPU."""
+    cpu: str = Field("4", pattern=_QUANTITY)
+    """CPU request and limit per pod (a Kubernetes quantity)."""
+    memory: str = Field("32Gi", pattern=_QUANTITY)
+    """Memory request and limit per pod (a Kubernetes quantity)."""
+    scratch: str = Field("50Gi", pattern=_QUANTITY)
+    """Size limit of the pod's writable scratch volume (models and datasets are materialised there)."""
+    node_selector: dict[str, str] = {}
+    """Node labels the runner pods must match, e.g. nvidia.com/gpu.product: H100-SXM."""
+    tolerations: list[Toleration] = []
+    """Taints the runner pods tolerate (GPU nodes are often tainted)."""
+    priority_class_name: Optional[str] = Field(None, min_length=1)
+    """PriorityClass of the runner pods."""
+    image: Optional[str] = Field(None, min_length=1)
+    """Runner image; default: the one the operator is configured with."""
+    image_pull_policy: PullPolicy = PullPolicy.IF_NOT_PRESENT
+    """When the kubelet pulls the runner image."""
+
+
+class PolicySpec(ContractModel):
+    backoff_limit: int = Field(3, ge=0, le=100)
+    """Retries of a failed stage (per stage) before the job fails; permanent failures are never retried."""
+    active_deadline_seconds: Optional[int] = Field(None, ge=1)
+    """Wall-clock limit of each stage Job; a stage that exceeds it fails the job without a retry."""
+    suspend: bool = False
+    """True stops the job: running stage Jobs are deleted, no pod starts; false resumes from the last
+    completed stage. The only field that may change after creation."""
+    ttl_seconds_after_finished: Optional[int] = Field(None, ge=0)
+    """Kubernetes deletes finished stage Jobs (and their pods) this long after they finish."""
+    keep_failed_pods: bool = False
+    """Keep the Jobs and pods of failed attempts for debugging (default: deleted when retried)."""
+    cleanup_artifacts: bool = False
+    """Delete the run's intermediate artifacts when the PurificationJob is deleted (the purified model
+    is kept)."""
+
+
 class PurificationJobSpec(ContractModel):
     model: ModelSource
     """The compromised model to purify."""
@@ -186,6 +263,15 @@ class PurificationJobSpec(ContractModel):
     """Stage 5 (optional): ASR and clean performance before and after."""
     parallelism: ParallelismSpec = ParallelismSpec()
     """Sharding of the per-instance stages."""
+    resources: ResourcesSpec = ResourcesSpec()
+    """What each runner pod gets and where it may run."""
+    policy: PolicySpec = PolicySpec()
+    """Retries, deadlines, suspension and clean-up."""
+
+    def shards(self, stage: StageName) -> int:
+        """Pods `stage` is split over (1 for the stages that are not sharded)."""
+        return {StageName.SALIENCY: self.parallelism.saliency_shards,
+                StageName.RELABEL: self.parallelism.relabel_shards}.get(stage, 1)
 
     def stages(self) -> list[StageName]:
         """The stages this job runs, in order (evaluation only when an evaluation set is given)."""
@@ -220,6 +306,15 @@ class PurificationJob(ContractModel):
     """Name, namespace and uid."""
     spec: PurificationJobSpec
     """What to purify and how."""
+
+    @property
+    def run_path(self) -> str:
+        """The run's folder relative to spec.output.uri: runs/<namespace>/<name>/<run id>."""
+        return f"runs/{self.metadata.namespace}/{self.metadata.name}/{self.run_id}"
+
+    def run_uri(self) -> str:
+        """Where this run's artifacts live (spec.output.uri joined with run_path)."""
+        return f"{self.spec.output.uri.rstrip('/')}/{self.run_path}"
 
     @property
     def run_id(self) -> str:

@@ -100,12 +100,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-unsafe-pickle", action="store_true")
 
     p = sub.add_parser("run", help="run a PurificationJob manifest (YAML/JSON): all stages, or one stage/shard")
-    p.add_argument("manifest", help="PurificationJob YAML or JSON file")
+    p.add_argument("manifest", nargs="?", help="PurificationJob YAML or JSON file")
+    p.add_argument("--manifest-env", metavar="VAR", default=None,
+                   help="read the manifest (JSON) from this environment variable instead (runner pods)")
     p.add_argument("--stage", choices=[s.value for s in _stage_names()], default=None,
                    help="run only this stage (what a runner pod does); default: all, in order")
     p.add_argument("--shard", default=None, help="INDEX/COUNT: only this shard of a sharded stage (saliency, relabel)")
     p.add_argument("--merge", action="store_true", help="combine the completed shards of --stage")
     p.add_argument("--output", default=None, help="output root (default: the manifest's spec.output.uri)")
+
+    sub.add_parser("operator", help="run the PurificationJob operator (see `disp operator --help`)", add_help=False)
 
     p = sub.add_parser("demo", help="the whole story on the embedded default (no cluster, no server)")
     p.add_argument("--workdir", default="runs/demo")
@@ -236,12 +240,14 @@ def _stage_names():
 
 def _cmd_run(args) -> None:
     from disp_api import StageName
-    from disp_runner.jobfile import load_job
+    from disp_runner.jobfile import load_job, load_job_from_env
     from disp_runner.pipeline.artifacts import Shard
     from disp_runner.pipeline.runner import merge_shards, open_run, run_job, run_stage, run_uri, shard_count
     from disp_runner.stages import STAGES
 
-    job = load_job(args.manifest)
+    if (args.manifest is None) == (args.manifest_env is None):
+        raise UserInputError("give either a manifest file or --manifest-env VAR")
+    job = load_job(args.manifest) if args.manifest else load_job_from_env(args.manifest_env)
     shard = Shard.parse(args.shard) if args.shard else None  # before any heavy work
     stage = StageName(args.stage) if args.stage else None
     if (shard or args.merge) and stage is None:
@@ -284,6 +290,11 @@ COMMANDS = {"data": _cmd_data, "pretrain": _cmd_pretrain, "attack": _cmd_attack,
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["operator"]:  # the operator's own CLI (no torch in its image)
+        from disp_operator.__main__ import main as operator_main
+
+        return operator_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         COMMANDS[args.command](args)

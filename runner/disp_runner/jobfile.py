@@ -3,6 +3,7 @@ its line: `job.yaml:12: spec.saliency.topK: Input should be greater than or equa
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -35,7 +36,19 @@ def load_job(path: str | Path) -> PurificationJob:
     path = Path(path)
     if not path.is_file():
         raise UserInputError(f"{path}: no such manifest")
-    text = path.read_text(encoding="utf-8")
+    return parse_job_text(path.read_text(encoding="utf-8"), str(path))
+
+
+def load_job_from_env(variable: str) -> PurificationJob:
+    """The manifest a runner pod gets from the operator (JSON in an environment variable)."""
+    text = os.environ.get(variable)
+    if not text:
+        raise UserInputError(f"${variable}: not set (the operator puts the job's manifest there)")
+    return parse_job_text(text, f"${variable}")
+
+
+def parse_job_text(text: str, path: str) -> PurificationJob:
+    """Parse a manifest's text; errors name `path` (a file, or where the text came from)."""
     try:
         document = yaml.safe_load(text)
         tree = yaml.compose(text)

@@ -98,3 +98,15 @@ def test_the_console_script_exits_with_the_user_error_code(tmp_path):
                            "--clean", str(tmp_path)], capture_output=True, text=True)
     assert proc.returncode == EXIT_USER_ERROR
     assert proc.stderr.strip() == f"disp evaluate: error: {tmp_path / 'none'}: model folder does not exist"
+
+
+def test_run_reads_the_manifest_the_operator_puts_in_the_environment(capsys, monkeypatch, tmp_path):
+    monkeypatch.setenv("DISP_JOB", json.dumps({"apiVersion": "disp.dev/v1alpha1", "kind": "PurificationJob",
+                                               "metadata": {"name": "x"}, "spec": {"model": {"uri": "m"}}}))
+    code, err = _run(capsys, "run", "--manifest-env", "DISP_JOB", "--stage", "saliency")
+    assert code == EXIT_USER_ERROR and err == "disp run: error: $DISP_JOB:1: spec.dataset: Field required (and 1 more)"
+    monkeypatch.delenv("DISP_JOB")
+    code, err = _run(capsys, "run", "--manifest-env", "DISP_JOB")
+    assert code == EXIT_USER_ERROR and "$DISP_JOB: not set" in err
+    code, err = _run(capsys, "run", str(tmp_path / "job.yaml"), "--manifest-env", "DISP_JOB")
+    assert code == EXIT_USER_ERROR and "either a manifest file or --manifest-env" in err

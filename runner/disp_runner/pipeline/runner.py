@@ -155,8 +155,7 @@ def _progress_mirror(ctx: StageContext):
 
 
 def shard_count(job: PurificationJob, stage: StageName) -> int:
-    parallelism = job.spec.parallelism
-    return {StageName.SALIENCY: parallelism.saliency_shards, StageName.RELABEL: parallelism.relabel_shards}.get(stage, 1)
+    return job.spec.shards(stage)
 
 
 def run_job(job: PurificationJob, output_root: Path | None = None, only: StageName | None = None,

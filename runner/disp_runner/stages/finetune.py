@@ -11,6 +11,7 @@ import copy
 from pathlib import Path
 
 from disp_api import StageName
+from disp_api.spec import PURIFIED_MODEL_PATH
 from disp_runner.checkpoints import save_checkpoint
 from disp_runner.data.dataset import load_dataset
 from disp_runner.pipeline.context import StageContext, StageResult
@@ -18,7 +19,7 @@ from disp_runner.processing import encode_instances
 from disp_runner.stages.relabel import DATASET_DIR
 from disp_runner.training import TrainingConfig, train_masked_diffusion
 
-MODEL_DIR = "model"
+MODEL_DIR = PURIFIED_MODEL_PATH.split("/")[-1]  # the operator reports <run>/finetune/model
 
 
 class FinetuneStage:

@@ -177,6 +177,18 @@ class S3Store:
         for obj in objects:
             yield obj.object_name, obj.size, obj.etag
 
+    def remove(self, bucket: str, keys: list[str]) -> None:
+        """Delete objects (missing ones are no error), in the SDK's batches of up to 1000."""
+        from minio.deleteobjects import DeleteObject
+
+        def delete() -> None:
+            errors = list(self.client.remove_objects(bucket, [DeleteObject(k) for k in keys]))
+            if errors:
+                raise StoreError(f"delete in s3://{bucket}: {errors[0].code} on {errors[0].name}")
+
+        if keys:
+            self._call("delete in", bucket, keys[0], delete)
+
     def check_bucket(self, bucket: str) -> None:
         if not self._call("lookup of", bucket, "", lambda: self.client.bucket_exists(bucket)):
             raise StoreError(f"s3://{bucket}: no such bucket at {self.endpoint}")

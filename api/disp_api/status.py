@@ -1,0 +1,174 @@
+"""The PurificationJob's status, written only by the operator. It follows the Kubernetes API
+conventions (conditions with reasons and observedGeneration) and stays kstatus-compatible:
+Reconciling is True while work is in progress, Stalled is True when the job cannot progress
+without a change, so Flux and Argo CD read it without a custom health check."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from enum import Enum
+from typing import Optional
+
+from pydantic import Field
+
+from disp_api.base import ContractModel
+from disp_api.spec import StageName
+
+
+class JobPhase(str, Enum):
+    """The whole job's state, a convenience summary of the conditions (printed by kubectl get)."""
+
+    PENDING = "Pending"
+    RUNNING = "Running"
+    SUSPENDED = "Suspended"
+    SUCCEEDED = "Succeeded"
+    FAILED = "Failed"
+
+    @property
+    def finished(self) -> bool:
+        return self in (JobPhase.SUCCEEDED, JobPhase.FAILED)
+
+
+class StagePhase(str, Enum):
+    PENDING = "Pending"
+    RUNNING = "Running"
+    RETRYING = "Retrying"  # an attempt failed; the next one starts after a backoff
+    SUCCEEDED = "Succeeded"
+    FAILED = "Failed"
+
+
+class StepKind(str, Enum):
+    """The part of a stage a Job runs: the whole stage, or, for a sharded stage, its shards (an
+    Indexed Job, one pod per shard) and then the merge of their outputs."""
+
+    RUN = "run"
+    SHARDS = "shards"
+    MERGE = "merge"
+
+
+class ConditionType(str, Enum):
+    SUCCEEDED = "Succeeded"
+    FAILED = "Failed"
+    SUSPENDED = "Suspended"
+    RECONCILING = "Reconciling"  # kstatus: in progress
+    STALLED = "Stalled"  # kstatus: cannot progress without a change to the spec or the cluster
+
+
+class ConditionStatus(str, Enum):
+    TRUE = "True"
+    FALSE = "False"
+    UNKNOWN = "Unknown"
+
+
+class Reason(str, Enum):
+    """Machine-readable reasons of conditions and Events (CamelCase, as Kubernetes expects)."""
+
+    ACCEPTED = "Accepted"
+    INVALID_SPEC = "InvalidSpec"
+    STAGE_STARTED = "StageStarted"
+    STAGE_RUNNING = "StageRunning"
+    STAGE_SUCCEEDED = "StageSucceeded"
+    STAGE_RETRYING = "StageRetrying"
+    STAGE_FAILED = "StageFailed"
+    BACKOFF_LIMIT_EXCEEDED = "BackoffLimitExceeded"
+    DEADLINE_EXCEEDED = "DeadlineExceeded"
+    SUSPENDED = "Suspended"
+    RESUMED = "Resumed"
+    COMPLETED = "Completed"
+
+
+class Condition(ContractModel):
+    type: ConditionType
+    """Which aspect of the job this condition describes."""
+    status: ConditionStatus
+    """True, False or Unknown."""
+    reason: Reason
+    """Why the condition has its status (CamelCase)."""
+    message: str = ""
+    """Human-readable details."""
+    last_transition_time: datetime
+    """When the status last changed."""
+    observed_generation: int = Field(0, ge=0)
+    """The metadata.generation this condition was computed for."""
+
+
+class StageStatus(ContractModel):
+    name: StageName
+    """The stage."""
+    phase: StagePhase = StagePhase.PENDING
+    """Where the stage stands."""
+    step: StepKind = StepKind.RUN
+    """The part of the stage running now."""
+    attempts: int = Field(0, ge=0)
+    """Attempts started so far (a resume after suspension starts a new one)."""
+    failures: int = Field(0, ge=0)
+    """Failed attempts, counted against spec.policy.backoffLimit."""
+    job_name: Optional[str] = None
+    """The batch/v1 Job of the current or last attempt."""
+    start_time: Optional[datetime] = None
+    """When the first attempt started."""
+    completion_time: Optional[datetime] = None
+    """When the stage succeeded or failed for good."""
+    retry_after: Optional[datetime] = None
+    """When the next attempt may start (exponential backoff after a failure)."""
+    artifact_uri: Optional[str] = None
+    """Where the stage's outputs are (set once it succeeded)."""
+    progress: float = Field(0.0, ge=0.0, le=1.0)
+    """Fraction of the stage's items done (from progress.json)."""
+    message: str = ""
+    """The last failure's explanation, if any."""
+
+
+class JobProgress(ContractModel):
+    percent: int = Field(0, ge=0, le=100)
+    """Whole-job progress: finished stages plus the running stage's fraction."""
+    current_stage: Optional[StageName] = None
+    """The stage running now."""
+    last_update_time: Optional[datetime] = None
+    """When the runner last reported progress (alert on it going stale)."""
+
+
+class MetricsSummary(ContractModel):
+    """The headline numbers of the evaluate stage's metrics.json (same keys)."""
+
+    asr_before: float = Field(ge=0.0, le=1.0)
+    """Attack success rate of the compromised model on triggered inputs."""
+    asr_after: float = Field(ge=0.0, le=1.0)
+    """Attack success rate of the purified model on triggered inputs."""
+    false_firing_before: float = Field(ge=0.0, le=1.0)
+    """Target behaviour on the same inputs without the trigger, compromised model."""
+    false_firing_after: float = Field(ge=0.0, le=1.0)
+    """The same for the purified model."""
+    clean_performance_before: Optional[float] = Field(None, ge=0.0, le=1.0)
+    """Clean accuracy of the compromised model (when a clean set is given)."""
+    clean_performance_after: Optional[float] = Field(None, ge=0.0, le=1.0)
+    """Clean accuracy of the purified model."""
+    retention: Optional[float] = Field(None, ge=0.0)
+    """clean_performance_after / clean_performance_before."""
+
+
+class PurificationJobStatus(ContractModel):
+    phase: JobPhase = JobPhase.PENDING
+    """Summary of the conditions."""
+    observed_generation: int = Field(0, ge=0)
+    """The metadata.generation the operator last acted on."""
+    conditions: list[Condition] = []
+    """Succeeded, Failed, Suspended, Reconciling, Stalled."""
+    stages: list[StageStatus] = []
+    """One entry per stage, in order."""
+    progress: JobProgress = JobProgress()
+    """Whole-job progress."""
+    metrics: Optional[MetricsSummary] = None
+    """ASR and clean performance before and after (when the job has an evaluation set)."""
+    purified_model_uri: Optional[str] = None
+    """The purified model, in Hugging Face format."""
+    run_uri: Optional[str] = None
+    """Where this run's artifacts are."""
+    message: str = ""
+    """What is happening, or why the job failed."""
+
+    def stage(self, name: StageName) -> Optional[StageStatus]:
+        return next((s for s in self.stages if s.name is name), None)
+
+    def condition(self, kind: ConditionType) -> Optional[Condition]:
+        return next((c for c in self.conditions if c.type is kind), None)

@@ -1,0 +1,135 @@
+"""How the operator copes with a burst: N PurificationJobs created at once against the Kubernetes
+emulator (kmock, over HTTP) and a loopback S3 server (moto). The operator runs as its own process
+(`disp-operator`), exactly as in its container; nothing plays the kubelet, so the figure is the
+operator's own work: validate each job (Secret lookup, model listing in S3), write its status,
+create its first stage Job.
+
+Prints the time from the first create until every first-stage Job exists, per-job latency
+percentiles, and the operator process's peak resident memory (VmHWM).
+
+    .venv/bin/python benchmarks/bench_operator.py [--jobs 200]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from moto.server import ThreadedMotoServer  # noqa: E402
+
+from disp_runner.store.s3 import S3Store  # noqa: E402
+from tests.operator.cluster import EmulatedCluster  # noqa: E402
+
+NAMESPACE = "bench"
+ACCESS, SECRET = "bench-access", "bench-secret"
+
+
+def manifest(name: str, endpoint: str) -> dict:
+    return {"apiVersion": "disp.dev/v1alpha1", "kind": "PurificationJob",
+            "metadata": {"name": name, "namespace": NAMESPACE},
+            "spec": {"model": {"uri": "s3://models/m"}, "dataset": {"uri": "s3://data/train"},
+                     "output": {"uri": "s3://runs"},
+                     "storage": {"endpoint": endpoint, "secure": False, "credentialsSecret": {"name": "minio"}}}}
+
+
+def peak_rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--jobs", type=int, default=200)
+    parser.add_argument("--timeout", type=float, default=600)
+    args = parser.parse_args()
+
+    s3 = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
+    s3.start()
+    host, port = s3.get_host_and_port()
+    endpoint = f"{host}:{port}"
+    store = S3Store(endpoint, ACCESS, SECRET, secure=False)
+    store.client.make_bucket("models")
+    store.put_bytes("models", "m/config.json", b"{}")
+    store.put_bytes("models", "m/model.safetensors", b"weights")
+
+    workdir = Path(tempfile.mkdtemp(prefix="bench-operator-"))
+    cluster = EmulatedCluster(workdir)
+    cluster.apply_secret(NAMESPACE, "minio", {"accessKey": ACCESS, "secretKey": SECRET})
+    liveness = free_port()
+    env = {**os.environ, "KUBECONFIG": str(cluster.kubeconfig), "DISP_METRICS_PORT": "0"}
+    log = (workdir / "operator.log").open("w")
+    operator = subprocess.Popen([str(Path(sys.executable).with_name("disp-operator")), "--liveness-port",
+                                 str(liveness)], env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 60
+        while True:  # ready: kopf answers its liveness probe once it watches
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{liveness}/healthz", timeout=1)
+                break
+            except OSError:
+                if time.monotonic() > deadline or operator.poll() is not None:
+                    raise SystemExit(f"operator did not start; see {workdir / 'operator.log'}")
+                time.sleep(0.2)
+        rss_idle = peak_rss_mib(operator.pid)
+
+        names = [f"job-{i:04d}" for i in range(args.jobs)]
+        created_at: dict[str, float] = {}
+
+        def create(name: str) -> None:
+            cluster.create_job(manifest(name, endpoint), uid=f"uid-{name}")
+            created_at[name] = time.monotonic()
+
+        start = time.monotonic()
+        with ThreadPoolExecutor(8) as pool:  # as fast as the emulator takes them
+            list(pool.map(create, names))
+        all_created = time.monotonic() - start
+        seen_at: dict[str, float] = {}
+        while len(seen_at) < len(names) and time.monotonic() - start < args.timeout:
+            now = time.monotonic()
+            for job in cluster.batch.list_namespaced_job(NAMESPACE).items:
+                owner = job.metadata.name.removesuffix("-saliency")
+                if job.metadata.name.endswith("-saliency") and owner not in seen_at:
+                    seen_at[owner] = now
+            time.sleep(0.1)
+        elapsed = time.monotonic() - start
+        if len(seen_at) < len(names):
+            raise SystemExit(f"only {len(seen_at)} of {len(names)} first-stage Jobs after {elapsed:.0f}s")
+        latencies = sorted(seen_at[n] - created_at[n] for n in names)
+        rss_peak = peak_rss_mib(operator.pid)
+    finally:
+        operator.terminate()
+        operator.wait(30)
+        cluster.close()
+        s3.stop()
+    p95 = latencies[int(0.95 * (len(latencies) - 1))]
+    print(f"jobs created                         {args.jobs} in {all_created:.1f}s")
+    print(f"every first-stage Job exists after    {elapsed:.1f}s from the first create")
+    print(f"create -> Job latency                 median {statistics.median(latencies):.2f}s, "
+          f"p95 {p95:.2f}s, max {latencies[-1]:.2f}s")
+    print(f"operator peak RSS                     {rss_peak:.0f} MiB (idle before the burst: {rss_idle:.0f} MiB, "
+          f"{(rss_peak - rss_idle) / args.jobs * 1024:.0f} KiB per job)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,88 @@
+"""The operator's read-mostly view of a run in the artifact store: progress.json while a stage runs,
+the evaluate stage's metrics.json at the end, the model folder's file names for validation, and
+the clean-up of a deleted job's intermediate artifacts when the spec asks for it.
+
+All of it is blocking I/O (the minio SDK); the handlers call it from a worker thread."""
+
+from __future__ import annotations
+
+import base64
+import json
+from datetime import datetime
+from typing import Mapping, Optional
+
+from pydantic import ValidationError
+
+from disp_api import PurificationJob, PurificationMetrics, StageName
+from disp_api.spec import PURIFIED_MODEL_PATH
+from disp_api.status import MetricsSummary
+from disp_operator.reconcile import RunnerProgress
+from disp_runner.store.s3 import RetryPolicy, S3Store, StoreError
+
+PROGRESS_FILE = "progress.json"  # disp_runner.pipeline.artifacts.PROGRESS_FILE
+METRICS_FILE = "evaluate/metrics.json"
+
+# The operator polls many jobs: a store that does not answer is retried briefly, then reported as
+# unavailable for this pass; the next pass tries again.
+OPERATOR_RETRY = RetryPolicy(attempts=2, base_delay=0.5, max_delay=2.0)
+
+
+class RunStore:
+    def __init__(self, job: PurificationJob, access_key: str, secret_key: str):
+        storage = job.spec.storage
+        assert storage is not None and storage.endpoint, "validated: s3 URIs come with an endpoint"
+        self.store = S3Store(storage.endpoint, access_key, secret_key, secure=storage.secure, region=storage.region,
+                             retry=OPERATOR_RETRY)
+        self.job = job
+        bucket, _, key = job.run_uri().removeprefix("s3://").partition("/")
+        self.bucket, self.run_key = bucket, key.strip("/")
+
+    @classmethod
+    def from_secret_data(cls, job: PurificationJob, data: Mapping[str, str]) -> "RunStore":
+        """Open the run's store with the keys of the spec's credentials Secret (its base64 `data`)."""
+        ref = job.spec.storage.credentials_secret
+        assert ref is not None, "validated: s3 URIs come with a credentials Secret"
+        decode = lambda key: base64.b64decode(data.get(key, "")).decode()  # noqa: E731
+        return cls(job, decode(ref.access_key_key), decode(ref.secret_key_key))
+
+    def model_files(self) -> tuple[str, ...]:
+        """Names of the files directly in the model folder (empty if there is none)."""
+        bucket, _, key = self.job.spec.model.uri.removeprefix("s3://").partition("/")
+        prefix = key.strip("/") + "/" if key.strip("/") else ""
+        try:
+            return tuple(name[len(prefix):] for name, _, _ in self.store.list(bucket, prefix)
+                         if "/" not in name[len(prefix):])
+        except StoreError as exc:
+            if "NoSuchBucket" in str(exc):
+                return ()
+            raise
+
+    def progress(self) -> Optional[RunnerProgress]:
+        """The running stage's last progress report, or None before the first one."""
+        key = f"{self.run_key}/{PROGRESS_FILE}"
+        if not self.store.exists(self.bucket, key):
+            return None
+        try:
+            record = json.loads(self.store.get_bytes(self.bucket, key))
+            updated = record.get("updatedAt")
+            return RunnerProgress(stage=StageName(record["stage"]), fraction=float(record["fraction"]),
+                                  updated_at=datetime.fromisoformat(updated) if updated else None)
+        except (ValueError, KeyError, TypeError):
+            return None  # a torn or foreign file: progress is advisory, wait for the next write
+
+    def metrics(self) -> MetricsSummary:
+        """The headline numbers of evaluate/metrics.json (written before the stage's manifest)."""
+        raw = self.store.get_bytes(self.bucket, f"{self.run_key}/{METRICS_FILE}")
+        try:
+            metrics = PurificationMetrics.model_validate(json.loads(raw))
+        except (ValueError, ValidationError) as exc:
+            raise StoreError(f"s3://{self.bucket}/{self.run_key}/{METRICS_FILE}: not a metrics file ({exc})") from None
+        summary_fields = set(MetricsSummary.model_fields)
+        return MetricsSummary.model_validate(metrics.model_dump(include=summary_fields))
+
+    def delete_intermediates(self) -> int:
+        """Delete the run's files except the purified model; returns how many were deleted."""
+        keep = f"{self.run_key}/{PURIFIED_MODEL_PATH}/"
+        keys = [name for name, _, _ in self.store.list(self.bucket, self.run_key + "/") if not name.startswith(keep)]
+        self.store.remove(self.bucket, keys)
+        return len(keys)

@@ -1,0 +1,121 @@
+"""What the operator sees of its stage Jobs: a typed summary of each batch/v1 Job and its pods, and
+why a failed one failed. Exit codes are the runner's contract (disp_runner.errors): 2 means the
+input is wrong and a retry cannot help, 75 means a dependency was unavailable."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any, Mapping, Optional
+
+# The runner's exit codes (disp_runner.errors; the operator image does not ship the runner).
+EXIT_USER_ERROR = 2
+EXIT_TRANSIENT_ERROR = 75
+
+# Pod/container reasons that say the infrastructure, not the stage, ended the pod.
+_DISRUPTION_REASONS = {"Evicted", "NodeLost", "Preempted", "Shutdown", "NodeShutdown", "Terminated",
+                       "DeletionByTaintManager", "PreemptionByScheduler", "EvictionByEvictionAPI",
+                       "DeletionByPodGC", "TerminationByKubelet"}
+
+
+class ChildState(str, Enum):
+    ACTIVE = "Active"
+    SUCCEEDED = "Succeeded"
+    FAILED = "Failed"
+
+
+class FailureKind(str, Enum):
+    PERMANENT = "Permanent"  # bad input (exit 2): retrying cannot help
+    DEADLINE = "Deadline"  # activeDeadlineSeconds exceeded: a retry would hit it again
+    TRANSIENT = "Transient"  # OOM-killed, evicted, node lost, storage unavailable (exit 75)
+    ERROR = "Error"  # any other crash; retried up to the backoff limit
+
+    @property
+    def retryable(self) -> bool:
+        return self in (FailureKind.TRANSIENT, FailureKind.ERROR)
+
+
+@dataclass(frozen=True)
+class Failure:
+    kind: FailureKind
+    message: str
+
+
+@dataclass(frozen=True)
+class PodOutcome:
+    """The terminated state of one pod of a stage Job."""
+
+    pod_name: str
+    exit_code: Optional[int]
+    reason: str  # container reason (OOMKilled, Error, Completed) or pod reason (Evicted)
+    message: str  # the termination message: the runner's last error line
+    disrupted: bool  # the pod carries a DisruptionTarget condition
+
+    @classmethod
+    def from_pod(cls, pod: Mapping[str, Any]) -> Optional["PodOutcome"]:
+        status = pod.get("status") or {}
+        name = (pod.get("metadata") or {}).get("name", "")
+        disrupted = any(c.get("type") == "DisruptionTarget" and c.get("status") == "True"
+                        for c in status.get("conditions") or [])
+        for container in status.get("containerStatuses") or []:
+            terminated = (container.get("state") or {}).get("terminated")
+            if terminated:
+                return cls(name, terminated.get("exitCode"), terminated.get("reason") or "",
+                           (terminated.get("message") or "").strip(), disrupted)
+        if status.get("phase") == "Failed":  # e.g. evicted before the container reported anything
+            return cls(name, None, status.get("reason") or "", status.get("message") or "", disrupted)
+        return None
+
+    @property
+    def failed(self) -> bool:
+        return self.exit_code != 0
+
+
+@dataclass(frozen=True)
+class ChildJob:
+    """One stage Job as observed: its state and, when it failed, how."""
+
+    name: str
+    state: ChildState
+    job_failure_reason: str  # the Job's Failed condition reason (BackoffLimitExceeded, DeadlineExceeded)
+    job_failure_message: str
+
+    @classmethod
+    def from_job(cls, job: Mapping[str, Any]) -> "ChildJob":
+        status = job.get("status") or {}
+        name = (job.get("metadata") or {}).get("name", "")
+        for condition in status.get("conditions") or []:
+            if condition.get("status") != "True":
+                continue
+            if condition.get("type") == "Complete":
+                return cls(name, ChildState.SUCCEEDED, "", "")
+            if condition.get("type") == "Failed":
+                return cls(name, ChildState.FAILED, condition.get("reason") or "", condition.get("message") or "")
+        return cls(name, ChildState.ACTIVE, "", "")
+
+
+def classify_failure(job: ChildJob, pods: list[PodOutcome]) -> Failure:
+    """Why a failed stage Job failed, from the most telling pod. Permanent beats everything (a bad
+    input fails every shard the same way), then the deadline, then transient causes."""
+    failed = [p for p in pods if p.failed]
+    for pod in failed:
+        if pod.exit_code == EXIT_USER_ERROR:
+            return Failure(FailureKind.PERMANENT, _describe(pod, "rejected its input"))
+    if job.job_failure_reason == "DeadlineExceeded":
+        return Failure(FailureKind.DEADLINE, job.job_failure_message or "the stage ran past activeDeadlineSeconds")
+    for pod in failed:
+        if pod.reason == "OOMKilled":
+            return Failure(FailureKind.TRANSIENT, _describe(pod, "was OOM-killed (raise spec.resources.memory)"))
+        if pod.disrupted or pod.reason in _DISRUPTION_REASONS:
+            return Failure(FailureKind.TRANSIENT, _describe(pod, f"was disrupted ({pod.reason or 'DisruptionTarget'})"))
+        if pod.exit_code == EXIT_TRANSIENT_ERROR:
+            return Failure(FailureKind.TRANSIENT, _describe(pod, "could not reach a dependency"))
+    if failed:
+        return Failure(FailureKind.ERROR, _describe(failed[0], f"exited with code {failed[0].exit_code}"))
+    # No pod left to ask (deleted with its node, or garbage-collected): assume the node was lost.
+    return Failure(FailureKind.TRANSIENT, job.job_failure_message or f"Job failed ({job.job_failure_reason or 'no pod status'})")
+
+
+def _describe(pod: PodOutcome, what: str) -> str:
+    detail = pod.message.splitlines()[-1] if pod.message else ""
+    return f"pod {pod.pod_name} {what}" + (f": {detail}" if detail else "")

@@ -1,0 +1,109 @@
+"""The kopf handlers: thin wiring from Kubernetes events to the service (service.py) and the pure
+decisions behind it (reconcile.py). Run with `disp-operator` or `kopf run -m disp_operator.handlers`."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import kopf
+from prometheus_client import start_http_server
+
+from disp_operator.artifacts import RunStore
+from disp_operator.children import ChildJob, PodOutcome
+from disp_operator.config import OperatorConfig
+from disp_operator.kube import KubeApi, client_configuration
+from disp_operator.metrics import OperatorMetrics
+from disp_operator.naming import GROUP, LABEL_JOB, LABEL_MANAGED_BY, MANAGED_BY, PLURAL, VERSION
+from disp_operator.service import JobLoop, OperatorRuntime
+from disp_operator.validation import InvalidSpec, parse_job
+
+OURS = {LABEL_MANAGED_BY: MANAGED_BY}
+RUNTIME_KEY = "disp_runtime"  # in kopf's memo
+
+
+@kopf.on.login()
+def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
+    # The pod's service account in a cluster, $KUBECONFIG elsewhere: the same as our own client.
+    return kopf.login_with_service_account(**kwargs) or kopf.login_with_kubeconfig(**kwargs)
+
+
+@kopf.on.startup()
+def start(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: logging.Logger, **_: Any) -> None:
+    settings.peering.standalone = True  # one replica; the Deployment's strategy is Recreate
+    # kopf's own bookkeeping goes to annotations: status belongs to the PurificationJob's users.
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="kopf.disp.dev")
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix="kopf.disp.dev")
+    # Watches that silently stop delivering (a proxy dropped the stream) are restarted.
+    settings.watching.server_timeout = 300
+    settings.watching.client_timeout = 330
+    settings.watching.inactivity_timeout = 600
+    settings.posting.level = logging.WARNING  # Events come from our transitions, not from every log line
+    config = OperatorConfig.from_env()
+    metrics = OperatorMetrics()
+    runtime = OperatorRuntime(config=config, kube=KubeApi(client_configuration()), metrics=metrics)
+    if config.metrics_port:
+        runtime.metrics_server, _ = start_http_server(config.metrics_port, registry=metrics.registry)
+        logger.info("metrics on :%d/metrics", config.metrics_port)
+    memo[RUNTIME_KEY] = runtime
+
+
+@kopf.on.cleanup()
+def stop(memo: kopf.Memo, **_: Any) -> None:
+    runtime: OperatorRuntime | None = memo.get(RUNTIME_KEY)
+    if runtime is not None:
+        if runtime.metrics_server is not None:
+            runtime.metrics_server.shutdown()
+            runtime.metrics_server.server_close()
+        runtime.kube.close()
+
+
+@kopf.on.probe(id="jobs")
+def probe(memo: kopf.Memo, **_: Any) -> int:
+    """Liveness/readiness (kopf's --liveness endpoint): the number of jobs being reconciled."""
+    return len(memo[RUNTIME_KEY].wakeups)
+
+
+@kopf.index("batch", "v1", "jobs", labels=OURS)
+def stage_jobs(namespace: str, labels: kopf.Labels, body: kopf.Body, **_: Any) -> dict:
+    return {(namespace, labels[LABEL_JOB]): ChildJob.from_job(body)}
+
+
+@kopf.index("", "v1", "pods", labels=OURS)
+def stage_pods(namespace: str, labels: kopf.Labels, body: kopf.Body, **_: Any) -> dict:
+    job_name = labels.get("batch.kubernetes.io/job-name") or labels.get("job-name")
+    outcome = PodOutcome.from_pod(body)
+    return {(namespace, job_name): outcome} if job_name and outcome else {}
+
+
+@kopf.on.event("batch", "v1", "jobs", labels=OURS)
+def stage_job_changed(namespace: str, labels: kopf.Labels, memo: kopf.Memo, **_: Any) -> None:
+    memo[RUNTIME_KEY].wake(namespace, labels[LABEL_JOB])
+
+
+@kopf.daemon(GROUP, VERSION, PLURAL, cancellation_timeout=5.0)
+async def purification(body: kopf.Body, stopped: kopf.DaemonStopped, memo: kopf.Memo, logger: logging.Logger,
+                       stage_jobs: kopf.Index, stage_pods: kopf.Index, **_: Any) -> None:
+    await JobLoop(memo[RUNTIME_KEY], body, logger, stage_jobs, stage_pods).run(stopped)
+
+
+@kopf.on.delete(GROUP, VERSION, PLURAL)
+async def deleted(body: kopf.Body, memo: kopf.Memo, logger: logging.Logger, **_: Any) -> None:
+    """Stage Jobs go with their owner (ownerReferences); artifacts stay unless the spec says otherwise."""
+    runtime: OperatorRuntime = memo[RUNTIME_KEY]
+    runtime.metrics.forget(body.metadata.namespace, body.metadata.name)
+    try:
+        job = parse_job(body)
+    except InvalidSpec:
+        return  # it never ran
+    if not job.spec.policy.cleanup_artifacts:
+        return
+    data = await asyncio.to_thread(runtime.kube.secret_data, job.metadata.namespace,
+                                   job.spec.storage.credentials_secret.name)
+    if data is None:
+        logger.warning("artifacts of %s not cleaned up: credentials Secret gone", job.run_uri())
+        return
+    store = RunStore.from_secret_data(job, data)
+    deleted_count = await asyncio.to_thread(store.delete_intermediates)
+    logger.info("deleted %d intermediate artifacts of %s (the purified model is kept)", deleted_count, job.run_uri())

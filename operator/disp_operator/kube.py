@@ -1,0 +1,68 @@
+"""The operator's few Kubernetes calls besides kopf's own watching: create and delete stage Jobs,
+look at the credentials Secret, write the PurificationJob's status. Blocking (the official client);
+the handlers call it from worker threads. The credentials are the ones kopf logs in with: the pod's
+service account in a cluster, $KUBECONFIG elsewhere (read when the operator starts, not at import)."""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Optional
+
+import kubernetes
+from kubernetes.client.exceptions import ApiException
+
+from disp_operator.naming import GROUP, PLURAL, VERSION
+
+SERVICE_ACCOUNT_TOKEN = "/var/run/secrets/kubernetes.io/serviceaccount/token"
+
+
+def client_configuration() -> kubernetes.client.Configuration:
+    config = kubernetes.client.Configuration()
+    if os.environ.get("KUBERNETES_SERVICE_HOST") and os.path.exists(SERVICE_ACCOUNT_TOKEN):
+        # Refreshes the (expiring, bound) service-account token from its file as it rotates.
+        kubernetes.config.load_incluster_config(client_configuration=config)
+    else:
+        kubernetes.config.load_kube_config(config_file=os.environ.get("KUBECONFIG"), client_configuration=config)
+    return config
+
+
+class KubeApi:
+    def __init__(self, config: kubernetes.client.Configuration):
+        self.client = kubernetes.client.ApiClient(config)
+        self.batch = kubernetes.client.BatchV1Api(self.client)
+        self.core = kubernetes.client.CoreV1Api(self.client)
+        self.custom = kubernetes.client.CustomObjectsApi(self.client)
+
+    def create_job(self, manifest: dict[str, Any]) -> bool:
+        """Create a Job; False if one of that name exists already (names are deterministic)."""
+        try:
+            self.batch.create_namespaced_job(manifest["metadata"]["namespace"], manifest)
+            return True
+        except ApiException as exc:
+            if exc.status == 409:
+                return False
+            raise
+
+    def delete_job(self, namespace: str, name: str) -> None:
+        """Delete a Job and, in the background, its pods; a Job already gone is fine."""
+        try:
+            self.batch.delete_namespaced_job(name, namespace, propagation_policy="Background")
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+
+    def secret_data(self, namespace: str, name: str) -> Optional[dict[str, str]]:
+        """The Secret's base64 data, or None when it does not exist. Never logged."""
+        try:
+            secret = self.core.read_namespaced_secret(name, namespace)
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+        return dict(secret.data or {})
+
+    def patch_status(self, namespace: str, name: str, status: dict[str, Any]) -> None:
+        self.custom.patch_namespaced_custom_object_status(GROUP, VERSION, namespace, PLURAL, name, {"status": status})
+
+    def close(self) -> None:
+        self.client.close()

@@ -1,0 +1,83 @@
+"""Prometheus metrics of the operator, for dashboards and the chart's alert rules. Per-job series are
+bounded: they exist while a PurificationJob exists and are dropped when it is deleted."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from disp_api import StageName
+from disp_api.status import JobPhase, MetricsSummary
+
+# Stages take seconds (embedded model) to many hours (billions of parameters on GPUs).
+STAGE_BUCKETS = (1, 5, 15, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200, 14400, 28800, 86400, float("inf"))
+
+
+class OperatorMetrics:
+    def __init__(self, registry: Optional[CollectorRegistry] = None):
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.jobs = Gauge("disp_purification_jobs", "PurificationJobs by phase.", ["phase"], registry=r)
+        self.stage_duration = Histogram("disp_stage_duration_seconds", "Wall time of a stage from its first attempt "
+                                        "to its outcome.", ["stage", "result"], buckets=STAGE_BUCKETS, registry=r)
+        self.stage_retries = Counter("disp_stage_retries_total", "Stage attempts that failed and were retried.",
+                                     ["stage", "failure"], registry=r)
+        self.stage_failures = Counter("disp_stage_failures_total", "Stages that failed for good.",
+                                      ["stage", "reason"], registry=r)
+        self.last_progress = Gauge("disp_job_last_progress_timestamp_seconds", "When an active job last made "
+                                   "progress (Unix time); alert when it stops moving.", ["namespace", "name"], registry=r)
+        self.progress = Gauge("disp_job_progress_ratio", "Fraction of an active job's stages done.",
+                              ["namespace", "name"], registry=r)
+        self.asr_before = Gauge("disp_job_asr_before_ratio", "Attack success rate before purification, finished "
+                                "jobs.", ["namespace", "name"], registry=r)
+        self.asr_after = Gauge("disp_job_asr_after_ratio", "Attack success rate after purification, finished jobs.",
+                               ["namespace", "name"], registry=r)
+        self.handler_runs = Counter("disp_operator_reconciles_total", "Reconcile passes.", registry=r)
+        self.handler_errors = Counter("disp_operator_reconcile_errors_total", "Reconcile passes that raised.",
+                                      ["error"], registry=r)
+        self.handler_latency = Histogram("disp_operator_reconcile_duration_seconds", "Time of one reconcile pass.",
+                                         registry=r)
+        self._phases: dict[tuple[str, str], JobPhase] = {}
+        for phase in JobPhase:
+            self.jobs.labels(phase.value).set(0)
+
+    def set_phase(self, namespace: str, name: str, phase: JobPhase) -> None:
+        key = (namespace, name)
+        old = self._phases.get(key)
+        if old is phase:
+            return
+        if old is not None:
+            self.jobs.labels(old.value).dec()
+        self.jobs.labels(phase.value).inc()
+        self._phases[key] = phase
+
+    def set_progress(self, namespace: str, name: str, ratio: float, at_timestamp: float) -> None:
+        self.progress.labels(namespace, name).set(ratio)
+        self.last_progress.labels(namespace, name).set(at_timestamp)
+
+    def set_outcome(self, namespace: str, name: str, metrics: Optional[MetricsSummary]) -> None:
+        """A finished job: its ASR stays visible, its activity series go."""
+        for gauge in (self.progress, self.last_progress):
+            _remove(gauge, namespace, name)
+        if metrics is not None:
+            self.asr_before.labels(namespace, name).set(metrics.asr_before)
+            self.asr_after.labels(namespace, name).set(metrics.asr_after)
+
+    def stage_finished(self, stage: StageName, succeeded: bool, seconds: float) -> None:
+        self.stage_duration.labels(stage.value, "succeeded" if succeeded else "failed").observe(max(0.0, seconds))
+
+    def forget(self, namespace: str, name: str) -> None:
+        """The job was deleted: drop every series that names it."""
+        old = self._phases.pop((namespace, name), None)
+        if old is not None:
+            self.jobs.labels(old.value).dec()
+        for gauge in (self.progress, self.last_progress, self.asr_before, self.asr_after):
+            _remove(gauge, namespace, name)
+
+
+def _remove(gauge: Gauge, *labels: str) -> None:
+    try:
+        gauge.remove(*labels)
+    except KeyError:
+        pass

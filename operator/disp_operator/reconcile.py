@@ -1,0 +1,304 @@
+"""The operator's decisions, as a pure function: given a PurificationJob, the status the operator
+last wrote and what it observes now (its stage Jobs and their pods, the runner's progress and
+metrics), return the next status, the Jobs to create or delete, and the Events to post.
+
+No I/O happens here, so every transition is unit-tested without a cluster. The handlers
+(`handlers.py`) gather the observation and carry the plan out. Creating a Job is idempotent
+(deterministic names), so carrying out the same plan twice is harmless.
+
+Stages run in order. A stage runs as one Job, or, when sharded, as an Indexed Job (one pod per
+shard) followed by a merge Job. A failed attempt is retried after an exponential backoff up to
+spec.policy.backoffLimit times, unless its failure is permanent (the runner rejected its input)
+or the stage ran past its deadline."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from enum import Enum
+from typing import Mapping, Optional
+
+from disp_api import PurificationJob, StageName
+from disp_api.spec import PURIFIED_MODEL_PATH
+from disp_api.status import (
+    Condition,
+    ConditionStatus,
+    ConditionType,
+    JobPhase,
+    JobProgress,
+    MetricsSummary,
+    PurificationJobStatus,
+    Reason,
+    StagePhase,
+    StageStatus,
+    StepKind,
+)
+from disp_operator.children import ChildJob, ChildState, FailureKind, PodOutcome, classify_failure
+from disp_operator.naming import stage_job_name
+
+
+class EventType(str, Enum):
+    NORMAL = "Normal"
+    WARNING = "Warning"
+
+
+@dataclass(frozen=True)
+class Event:
+    type: EventType
+    reason: Reason
+    message: str
+
+
+@dataclass(frozen=True)
+class CreateJob:
+    stage: StageName
+    step: StepKind
+    attempt: int
+
+
+@dataclass(frozen=True)
+class RunnerProgress:
+    """progress.json as the runner writes it."""
+
+    stage: StageName
+    fraction: float
+    updated_at: Optional[datetime]
+
+
+@dataclass(frozen=True)
+class Observation:
+    now: datetime
+    children: Mapping[str, ChildJob] = field(default_factory=dict)  # this job's stage Jobs, by name
+    pods: Mapping[str, list[PodOutcome]] = field(default_factory=dict)  # their pods' outcomes, by Job name
+    progress: Optional[RunnerProgress] = None
+    metrics: Optional[MetricsSummary] = None  # the evaluate stage's metrics.json, once read
+
+
+@dataclass(frozen=True)
+class RetryBackoff:
+    """Delay before attempt n+1 after n failures: base * 2^(n-1), at most `maximum` seconds."""
+
+    base_seconds: float = 10.0
+    maximum_seconds: float = 600.0
+
+    def delay(self, failures: int) -> timedelta:
+        return timedelta(seconds=min(self.maximum_seconds, self.base_seconds * 2 ** max(0, failures - 1)))
+
+
+@dataclass
+class Plan:
+    status: PurificationJobStatus
+    create: list[CreateJob] = field(default_factory=list)
+    delete: list[str] = field(default_factory=list)  # Job names
+    events: list[Event] = field(default_factory=list)
+    requeue_after: Optional[float] = None  # seconds until a decision falls due (a retry's backoff)
+    wants_metrics: bool = False  # read the evaluate stage's metrics.json and reconcile again
+    failure_reason: Optional[Reason] = None  # why the current stage failed for good
+    retries: list[tuple[StageName, FailureKind]] = field(default_factory=list)  # failed attempts to retry
+
+
+def first_step(job: PurificationJob, stage: StageName) -> StepKind:
+    return StepKind.SHARDS if job.spec.shards(stage) > 1 else StepKind.RUN
+
+
+def initial_stages(job: PurificationJob) -> list[StageStatus]:
+    return [StageStatus(name=stage, step=first_step(job, stage)) for stage in job.spec.stages()]
+
+
+def reject(status: PurificationJobStatus, message: str, generation: int, now: datetime) -> Plan:
+    """An invalid spec: Failed/InvalidSpec, no child is ever created."""
+    plan = Plan(status)
+    _finish(plan, JobPhase.FAILED, Reason.INVALID_SPEC, message, generation, now)
+    return plan
+
+
+def reconcile(job: PurificationJob, status: PurificationJobStatus, generation: int, observed: Observation,
+              backoff: RetryBackoff = RetryBackoff()) -> Plan:
+    """One step of the state machine described in the module docstring."""
+    now = observed.now
+    plan = Plan(status)
+    if status.phase.finished:
+        return plan  # terminal: the spec is immutable, so nothing can change the outcome
+    stages = list(status.stages) or initial_stages(job)
+    if job.spec.policy.suspend:
+        _suspend(plan, stages, generation, now)
+        return plan
+    if status.phase is JobPhase.SUSPENDED:
+        plan.events.append(Event(EventType.NORMAL, Reason.RESUMED, "resumed from the last completed stage"))
+
+    for index, stage in enumerate(stages):
+        if stage.phase is StagePhase.SUCCEEDED:
+            continue
+        stage = _advance(plan, job, stage, observed, backoff)
+        stages[index] = stage
+        if stage.phase is StagePhase.SUCCEEDED:
+            continue  # the next stage starts in this same pass
+        if stage.phase is StagePhase.FAILED:
+            _set_stages(plan, stages, observed, generation)
+            _finish(plan, JobPhase.FAILED, plan.failure_reason or Reason.STAGE_FAILED,
+                    f"stage {stage.name.value} failed: {stage.message}", generation, now)
+            return plan
+        _set_stages(plan, stages, observed, generation)
+        _running(plan, stage, generation, now)
+        return plan
+
+    # Every stage succeeded.
+    _set_stages(plan, stages, observed, generation)
+    if job.spec.evaluation is not None and observed.metrics is None:
+        plan.wants_metrics = True
+        return plan
+    plan.status = plan.status.model_copy(update={
+        "metrics": observed.metrics,
+        "purified_model_uri": f"{job.run_uri()}/{PURIFIED_MODEL_PATH}",
+        "progress": JobProgress(percent=100, current_stage=None,
+                                last_update_time=plan.status.progress.last_update_time),
+    })
+    message = "purified model at " + plan.status.purified_model_uri
+    if observed.metrics is not None:
+        message += f"; ASR {observed.metrics.asr_before:.1%} -> {observed.metrics.asr_after:.1%}"
+    _finish(plan, JobPhase.SUCCEEDED, Reason.COMPLETED, message, generation, now)
+    return plan
+
+
+def _advance(plan: Plan, job: PurificationJob, stage: StageStatus, observed: Observation,
+             backoff: RetryBackoff) -> StageStatus:
+    """Move the current (first unfinished) stage forward as far as the observation allows."""
+    now = observed.now
+    if stage.phase in (StagePhase.PENDING, StagePhase.RETRYING):
+        if stage.retry_after is not None and now < stage.retry_after:
+            plan.requeue_after = (stage.retry_after - now).total_seconds()
+            return stage
+        return _start(plan, job, stage, stage.step, stage.attempts + 1, now)
+
+    child = observed.children.get(stage.job_name or "")
+    if child is None or child.state is ChildState.ACTIVE:
+        if child is None:  # not seen yet (just created) or gone: (re)create it, idempotently
+            plan.create.append(CreateJob(stage.name, stage.step, stage.attempts))
+        if observed.progress is not None and observed.progress.stage is stage.name:
+            stage = stage.model_copy(update={"progress": max(stage.progress, min(1.0, observed.progress.fraction))})
+        return stage
+
+    if child.state is ChildState.SUCCEEDED:
+        if stage.step is StepKind.SHARDS:  # every shard is done: merge them
+            return _start(plan, job, stage, StepKind.MERGE, stage.attempts, now, announce=False)
+        plan.events.append(Event(EventType.NORMAL, Reason.STAGE_SUCCEEDED,
+                                 f"stage {stage.name.value} succeeded (attempt {stage.attempts})"))
+        return stage.model_copy(update={
+            "phase": StagePhase.SUCCEEDED, "completion_time": now, "progress": 1.0, "message": "",
+            "artifact_uri": f"{job.run_uri()}/{stage.name.value}"})
+
+    # The attempt failed.
+    failure = classify_failure(child, list(observed.pods.get(child.name, [])))
+    failures = stage.failures + 1
+    if not job.spec.policy.keep_failed_pods:
+        plan.delete.append(child.name)
+    limit = job.spec.policy.backoff_limit
+    if failure.kind.retryable and failures <= limit:
+        retry_after = now + backoff.delay(failures)
+        plan.retries.append((stage.name, failure.kind))
+        plan.requeue_after = (retry_after - now).total_seconds()
+        plan.events.append(Event(EventType.WARNING, Reason.STAGE_RETRYING,
+                                 f"stage {stage.name.value} attempt {stage.attempts} failed ({failure.kind.value}): "
+                                 f"{failure.message}; retry {failures} of {limit} in "
+                                 f"{backoff.delay(failures).total_seconds():.0f}s"))
+        return stage.model_copy(update={"phase": StagePhase.RETRYING, "failures": failures,
+                                        "retry_after": retry_after, "message": failure.message})
+    if failure.kind is FailureKind.DEADLINE:
+        reason = Reason.DEADLINE_EXCEEDED
+    elif failure.kind.retryable:
+        reason = Reason.BACKOFF_LIMIT_EXCEEDED
+    else:
+        reason = Reason.STAGE_FAILED
+    why = failure.message if reason is not Reason.BACKOFF_LIMIT_EXCEEDED else \
+        f"{failure.message} (failed {failures} times; backoffLimit {limit})"
+    plan.failure_reason = reason
+    return stage.model_copy(update={"phase": StagePhase.FAILED, "failures": failures, "completion_time": now,
+                                    "message": why, "retry_after": None})
+
+
+def _start(plan: Plan, job: PurificationJob, stage: StageStatus, step: StepKind, attempt: int, now: datetime,
+           announce: bool = True) -> StageStatus:
+    name = stage_job_name(job.metadata.name, stage.name, step, attempt)
+    plan.create.append(CreateJob(stage.name, step, attempt))
+    if announce:
+        plan.events.append(Event(EventType.NORMAL, Reason.STAGE_STARTED,
+                                 f"stage {stage.name.value} attempt {attempt}: Job {name}"))
+    return stage.model_copy(update={"phase": StagePhase.RUNNING, "step": step, "attempts": attempt, "job_name": name,
+                                    "start_time": stage.start_time or now, "retry_after": None})
+
+
+def _suspend(plan: Plan, stages: list[StageStatus], generation: int, now: datetime) -> None:
+    """Delete the running stage Job; the stage starts again (a new attempt, not a failure) on resume."""
+    for index, stage in enumerate(stages):
+        if stage.phase is StagePhase.RUNNING and stage.job_name:
+            plan.delete.append(stage.job_name)
+            stages[index] = stage.model_copy(update={"phase": StagePhase.PENDING, "progress": 0.0})
+    was_suspended = plan.status.phase is JobPhase.SUSPENDED
+    plan.status = plan.status.model_copy(update={
+        "stages": stages, "phase": JobPhase.SUSPENDED, "observed_generation": generation,
+        "message": "suspended: no stage runs until spec.policy.suspend is false"})
+    conditions = plan.status.conditions
+    conditions = _with_condition(conditions, ConditionType.SUSPENDED, True, Reason.SUSPENDED,
+                                 "spec.policy.suspend is true", generation, now)
+    conditions = _with_condition(conditions, ConditionType.RECONCILING, False, Reason.SUSPENDED,
+                                 "suspended", generation, now)
+    plan.status = plan.status.model_copy(update={"conditions": conditions})
+    if not was_suspended:
+        plan.events.append(Event(EventType.NORMAL, Reason.SUSPENDED, "suspended; running stage Jobs deleted"))
+
+
+def _set_stages(plan: Plan, stages: list[StageStatus], observed: Observation, generation: int) -> None:
+    """Store the stages and the whole-job progress derived from them."""
+    done = sum(1 for s in stages if s.phase is StagePhase.SUCCEEDED)
+    current = next((s for s in stages if s.phase is not StagePhase.SUCCEEDED), None)
+    fraction = current.progress if current is not None else 0.0
+    percent = int(100 * (done + fraction) / len(stages)) if stages else 0
+    last_update = plan.status.progress.last_update_time
+    if observed.progress is not None and observed.progress.updated_at is not None:
+        last_update = max(filter(None, [last_update, observed.progress.updated_at]))
+    plan.status = plan.status.model_copy(update={
+        "stages": stages, "observed_generation": generation,
+        "progress": JobProgress(percent=min(100, percent), current_stage=current.name if current else None,
+                                last_update_time=last_update)})
+
+
+def _running(plan: Plan, stage: StageStatus, generation: int, now: datetime) -> None:
+    if stage.phase is StagePhase.RETRYING:
+        reason, message = Reason.STAGE_RETRYING, f"stage {stage.name.value} failed, retrying: {stage.message}"
+    else:
+        reason, message = Reason.STAGE_RUNNING, f"stage {stage.name.value} running (attempt {stage.attempts})"
+    conditions = plan.status.conditions
+    conditions = _with_condition(conditions, ConditionType.RECONCILING, True, reason, message, generation, now)
+    conditions = _with_condition(conditions, ConditionType.STALLED, False, reason, "", generation, now)
+    conditions = _with_condition(conditions, ConditionType.SUSPENDED, False, Reason.RESUMED, "", generation, now) \
+        if plan.status.condition(ConditionType.SUSPENDED) else conditions
+    plan.status = plan.status.model_copy(update={"phase": JobPhase.RUNNING, "conditions": conditions,
+                                                 "message": message})
+
+
+def _finish(plan: Plan, phase: JobPhase, reason: Reason, message: str, generation: int, now: datetime) -> None:
+    succeeded = phase is JobPhase.SUCCEEDED
+    conditions = plan.status.conditions
+    conditions = _with_condition(conditions, ConditionType.SUCCEEDED, succeeded, reason, message if succeeded else "",
+                                 generation, now)
+    conditions = _with_condition(conditions, ConditionType.FAILED, not succeeded, reason,
+                                 "" if succeeded else message, generation, now)
+    conditions = _with_condition(conditions, ConditionType.RECONCILING, False, reason, "", generation, now)
+    conditions = _with_condition(conditions, ConditionType.STALLED, not succeeded, reason,
+                                 "" if succeeded else message, generation, now)
+    plan.status = plan.status.model_copy(update={"phase": phase, "conditions": conditions, "message": message,
+                                                 "observed_generation": generation})
+    plan.events.append(Event(EventType.NORMAL if succeeded else EventType.WARNING,
+                             reason if not succeeded else Reason.COMPLETED, message))
+
+
+def _with_condition(conditions: list[Condition], kind: ConditionType, true: bool, reason: Reason, message: str,
+                    generation: int, now: datetime) -> list[Condition]:
+    """Set one condition; lastTransitionTime changes only when the status flips (API conventions)."""
+    status = ConditionStatus.TRUE if true else ConditionStatus.FALSE
+    old = next((c for c in conditions if c.type is kind), None)
+    changed_at = old.last_transition_time if old is not None and old.status is status else now
+    new = Condition(type=kind, status=status, reason=reason, message=message, last_transition_time=changed_at,
+                    observed_generation=generation)
+    return [c for c in conditions if c.type is not kind] + [new] if old is None else \
+        [new if c.type is kind else c for c in conditions]

@@ -1,0 +1,219 @@
+"""One PurificationJob's reconcile loop: observe, decide (reconcile.py), act. It runs as a kopf
+daemon, so exactly one loop per job exists in the operator, and it is the only writer of the job's
+status: it keeps the status it wrote in memory rather than re-reading a possibly stale one.
+
+Order of effects: status first (the intent), then Job deletions and creations, then Events. An
+operator stopped between two effects repeats the same decision after its restart, and creating
+a Job that exists is a no-op, so no stage runs twice."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any, Mapping, Optional
+
+import kopf
+from pydantic import ValidationError
+from pydantic.alias_generators import to_camel
+
+from disp_api import PurificationJob
+from disp_api.status import JobPhase, PurificationJobStatus, StagePhase
+from disp_operator.artifacts import RunStore
+from disp_operator.children import ChildJob, PodOutcome
+from disp_operator.config import OperatorConfig
+from disp_operator.jobs import stage_job
+from disp_operator.kube import KubeApi
+from disp_operator.metrics import OperatorMetrics
+from disp_operator.reconcile import Observation, Plan, reconcile, reject
+from disp_operator.validation import ClusterFacts, InvalidSpec, check_cluster, check_static, parse_job
+from disp_runner.store.s3 import StoreError, StoreUnavailableError
+
+ERROR_BACKOFF = 5.0  # seconds before a pass that raised is repeated
+
+
+@dataclass
+class OperatorRuntime:
+    """What every job's loop shares; built once at operator startup."""
+
+    config: OperatorConfig
+    kube: KubeApi
+    metrics: OperatorMetrics
+    wakeups: dict[tuple[str, str], asyncio.Event] = field(default_factory=dict)
+    metrics_server: Any = None  # prometheus_client's HTTP server, when enabled
+
+    def wake(self, namespace: str, name: str) -> None:
+        event = self.wakeups.get((namespace, name))
+        if event is not None:
+            event.set()
+
+
+class JobLoop:
+    def __init__(self, runtime: OperatorRuntime, body: kopf.Body, logger: logging.Logger | logging.LoggerAdapter,
+                 jobs_index: Mapping[Any, Any], pods_index: Mapping[Any, Any]):
+        self.rt, self.body, self.logger = runtime, body, logger
+        self.jobs_index, self.pods_index = jobs_index, pods_index
+        self.namespace, self.name = body.metadata.namespace, body.metadata.name
+        self.status = _read_status(body.get("status"))
+        self.validated = any(s.attempts for s in self.status.stages)  # a job that ran before was valid
+        self.store: Optional[RunStore] = None
+        self.next_progress_read = 0.0
+        self.wake = runtime.wakeups.setdefault((self.namespace, self.name), asyncio.Event())
+
+    async def run(self, stopped: kopf.DaemonStopped) -> None:
+        try:
+            while not stopped:
+                started = time.perf_counter()
+                self.rt.metrics.handler_runs.inc()
+                try:
+                    delay = await self.tick()
+                except Exception as exc:  # noqa: BLE001 - one job's failure must not stop its loop
+                    self.rt.metrics.handler_errors.labels(type(exc).__name__).inc()
+                    self.logger.warning("reconcile failed, retrying in %.0fs: %s", ERROR_BACKOFF, exc)
+                    delay = ERROR_BACKOFF
+                finally:
+                    self.rt.metrics.handler_latency.observe(time.perf_counter() - started)
+                if delay is None:
+                    return  # finished: nothing will ever change
+                await self._sleep(delay, stopped)
+        finally:
+            self.rt.wakeups.pop((self.namespace, self.name), None)
+
+    async def _sleep(self, seconds: float, stopped: kopf.DaemonStopped) -> None:
+        """Until `seconds` pass, a child Job changes, or the daemon is asked to stop."""
+        deadline = time.monotonic() + seconds
+        while not stopped and time.monotonic() < deadline:
+            try:
+                await asyncio.wait_for(self.wake.wait(), timeout=min(1.0, max(0.0, deadline - time.monotonic())))
+                break
+            except asyncio.TimeoutError:
+                continue
+        self.wake.clear()
+
+    async def tick(self) -> Optional[float]:
+        """One pass; returns seconds until the next, or None once the job is finished."""
+        now = datetime.now(timezone.utc)
+        generation = int(self.body.metadata.get("generation") or 1)
+        if self.status.phase.finished:
+            self._record_metrics(self.status, None)
+            return None
+        try:
+            job = parse_job(self.body)
+            if not self.validated:
+                await self._validate(job)
+        except InvalidSpec as exc:
+            await self._apply(reject(self.status, str(exc), generation, now), job=None)
+            return None
+        if self.store is None:
+            self.store = await self._open_store(job)
+        observed = Observation(now=now, children=self._children(), pods=self._pods(),
+                               progress=await self._progress(job))
+        plan = reconcile(job, self.status, generation, observed, self.rt.config.backoff)
+        if plan.wants_metrics:
+            metrics = await asyncio.to_thread(self.store.metrics)
+            observed = Observation(now=now, children=observed.children, pods=observed.pods,
+                                   progress=observed.progress, metrics=metrics)
+            plan = reconcile(job, self.status, generation, observed, self.rt.config.backoff)
+        await self._apply(plan, job)
+        if plan.status.phase.finished:
+            return None
+        interval = self.rt.config.reconcile_interval
+        return min(interval, plan.requeue_after) if plan.requeue_after is not None else interval
+
+    async def _validate(self, job: PurificationJob) -> None:
+        check_static(job)
+        ref = job.spec.storage.credentials_secret
+        data = await asyncio.to_thread(self.rt.kube.secret_data, self.namespace, ref.name)
+        check_cluster(job, ClusterFacts(secret_keys=None if data is None else frozenset(data)))
+        self.store = await self._open_store(job, data)
+        try:
+            files = await asyncio.to_thread(self.store.model_files)
+        except StoreError as exc:  # permanent: access denied, bad bucket name
+            raise InvalidSpec(f"spec.model.uri: {exc}") from None
+        # StoreUnavailableError propagates: the next pass validates again.
+        check_cluster(job, ClusterFacts(secret_keys=frozenset(data), model_files=files))
+        self.validated = True
+
+    async def _open_store(self, job: PurificationJob, data: Optional[dict[str, str]] = None) -> RunStore:
+        if data is None:
+            data = await asyncio.to_thread(self.rt.kube.secret_data, self.namespace,
+                                           job.spec.storage.credentials_secret.name) or {}
+        return RunStore.from_secret_data(job, data)
+
+    def _children(self) -> dict[str, ChildJob]:
+        return {child.name: child for child in self.jobs_index.get((self.namespace, self.name), [])}
+
+    def _pods(self) -> dict[str, list[PodOutcome]]:
+        pods: dict[str, list[PodOutcome]] = {}
+        for job_name in self._children():
+            pods[job_name] = list(self.pods_index.get((self.namespace, job_name), []))
+        return pods
+
+    async def _progress(self, job: PurificationJob):
+        """progress.json, read at most every progress_interval while a stage runs."""
+        running = any(s.phase is StagePhase.RUNNING for s in self.status.stages)
+        if not running or time.monotonic() < self.next_progress_read:
+            return None
+        self.next_progress_read = time.monotonic() + self.rt.config.progress_interval
+        try:
+            return await asyncio.to_thread(self.store.progress)
+        except (StoreError, StoreUnavailableError) as exc:
+            self.logger.warning("progress not readable: %s", exc)
+            return None
+
+    async def _apply(self, plan: Plan, job: Optional[PurificationJob]) -> None:
+        kube = self.rt.kube
+        old = self.status
+        if plan.status != old:
+            await asyncio.to_thread(kube.patch_status, self.namespace, self.name, plan.status.to_wire())
+            self.status = plan.status
+        for name in plan.delete:
+            await asyncio.to_thread(kube.delete_job, self.namespace, name)
+        for create in plan.create:
+            assert job is not None
+            manifest = stage_job(job, create.stage, create.step, create.attempt, self.rt.config.runner)
+            created = await asyncio.to_thread(kube.create_job, manifest)
+            if created:
+                self.logger.info("created Job %s", manifest["metadata"]["name"])
+        for event in plan.events:
+            kopf.event(self.body, type=event.type.value, reason=event.reason.value, message=event.message)
+        self._record_metrics(old, plan)
+
+    def _record_metrics(self, old: PurificationJobStatus, plan: Optional[Plan]) -> None:
+        metrics, new = self.rt.metrics, plan.status if plan else old
+        metrics.set_phase(self.namespace, self.name, new.phase)
+        if plan is not None:
+            for stage, kind in plan.retries:
+                metrics.stage_retries.labels(stage.value, kind.value).inc()
+            previous = {s.name: s.phase for s in old.stages}
+            for stage in new.stages:
+                finished = stage.phase in (StagePhase.SUCCEEDED, StagePhase.FAILED)
+                if finished and previous.get(stage.name) != stage.phase and stage.completion_time:
+                    start = stage.start_time or stage.completion_time
+                    metrics.stage_finished(stage.name, stage.phase is StagePhase.SUCCEEDED,
+                                           (stage.completion_time - start).total_seconds())
+                    if stage.phase is StagePhase.FAILED:
+                        reason = plan.failure_reason.value if plan.failure_reason else "Unknown"
+                        metrics.stage_failures.labels(stage.name.value, reason).inc()
+        if new.phase.finished:
+            metrics.set_outcome(self.namespace, self.name, new.metrics)
+        elif new.phase is JobPhase.RUNNING:
+            updated = new.progress.last_update_time
+            metrics.set_progress(self.namespace, self.name, new.progress.percent / 100,
+                                 updated.timestamp() if updated else time.time())
+
+
+def _read_status(raw: Optional[Mapping[str, Any]]) -> PurificationJobStatus:
+    """The status this operator wrote before a restart; anything else (kopf's own bookkeeping, an
+    edited or foreign status) starts the job's record afresh: the runner skips completed stages."""
+    if not raw:
+        return PurificationJobStatus()
+    try:
+        return PurificationJobStatus.model_validate({k: v for k, v in raw.items() if k in _STATUS_KEYS})
+    except ValidationError:
+        return PurificationJobStatus()
+
+
+_STATUS_KEYS = {to_camel(name) for name in PurificationJobStatus.model_fields}

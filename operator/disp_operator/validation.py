@@ -1,0 +1,115 @@
+"""Is a PurificationJob runnable in the cluster? The typed spec catches malformed values; these checks
+add what only the cluster can tell: every URI is on S3 (pods have no other shared storage), the
+credentials Secret exists with both keys, and the model folder holds weights the runner may load
+(safetensors, or pickle only when the spec opts in). Each error names the field at fault."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping, Optional
+
+from pydantic import ValidationError
+
+from disp_api import PurificationJob
+
+SAFE_WEIGHTS = (".safetensors",)
+PICKLE_WEIGHTS = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+OTHER_WEIGHTS = (".gguf", ".ggml", ".onnx", ".h5", ".msgpack", ".tflite", ".mlmodel")
+
+
+class InvalidSpec(Exception):
+    """The job cannot run as written; the message names the field."""
+
+
+def parse_job(body: Mapping[str, Any]) -> PurificationJob:
+    """The typed job from a custom resource's body, or InvalidSpec naming the first bad field."""
+    meta = body.get("metadata") or {}
+    document = {
+        "apiVersion": body.get("apiVersion"), "kind": body.get("kind"),
+        "metadata": {"name": meta.get("name"), "namespace": meta.get("namespace") or "default", "uid": meta.get("uid")},
+        "spec": body.get("spec") or {},
+    }
+    try:
+        return PurificationJob.model_validate(document)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        loc = [str(part) for part in err["loc"] if not str(part).startswith("function-")]
+        message = "unknown field" if err["type"] == "extra_forbidden" else err["msg"]
+        more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+        raise InvalidSpec(f"{'.'.join(loc) or 'spec'}: {message}{more}") from None
+
+
+def s3_uri_fields(job: PurificationJob) -> dict[str, str]:
+    """Every URI of the spec, by its field path."""
+    spec = job.spec
+    fields = {"spec.model.uri": spec.model.uri, "spec.dataset.uri": spec.dataset.uri,
+              "spec.output.uri": spec.output.uri}
+    if spec.evaluation is not None:
+        fields["spec.evaluation.triggeredUri"] = spec.evaluation.triggered_uri
+        if spec.evaluation.untriggered_uri:
+            fields["spec.evaluation.untriggeredUri"] = spec.evaluation.untriggered_uri
+        if spec.evaluation.clean_uri:
+            fields["spec.evaluation.cleanUri"] = spec.evaluation.clean_uri
+    return fields
+
+
+def check_static(job: PurificationJob) -> None:
+    """What the spec alone must satisfy to run in a cluster."""
+    for field, uri in s3_uri_fields(job).items():
+        bucket, _, _ = uri.removeprefix("s3://").partition("/")
+        if not uri.startswith("s3://") or not bucket:
+            raise InvalidSpec(f"{field}: {uri!r} is not an s3://BUCKET/PREFIX URI "
+                              "(runner pods share data only through the artifact store)")
+        if not 3 <= len(bucket) <= 63 or bucket != bucket.lower() or bucket.startswith("-"):
+            raise InvalidSpec(f"{field}: {bucket!r} is not a valid bucket name")
+    storage = job.spec.storage
+    if storage is None or not storage.endpoint:
+        raise InvalidSpec("spec.storage.endpoint: required (the S3/MinIO endpoint the URIs live on)")
+    if storage.credentials_secret is None:
+        raise InvalidSpec("spec.storage.credentialsSecret: required (a Secret with the S3 access and secret keys)")
+
+
+@dataclass(frozen=True)
+class ClusterFacts:
+    """What the handler looked up before validating."""
+
+    secret_keys: Optional[frozenset[str]]  # the credentials Secret's data keys; None if it does not exist
+    model_files: Optional[tuple[str, ...]] = None  # file names under spec.model.uri; None if not looked up
+
+
+def check_cluster(job: PurificationJob, facts: ClusterFacts) -> None:
+    ref = job.spec.storage.credentials_secret if job.spec.storage else None
+    if ref is not None:
+        if facts.secret_keys is None:
+            raise InvalidSpec(f"spec.storage.credentialsSecret.name: Secret {ref.name!r} does not exist "
+                              f"in namespace {job.metadata.namespace!r}")
+        for field, key in (("accessKeyKey", ref.access_key_key), ("secretKeyKey", ref.secret_key_key)):
+            if key not in facts.secret_keys:
+                raise InvalidSpec(f"spec.storage.credentialsSecret.{field}: Secret {ref.name!r} has no key {key!r}")
+    if facts.model_files is not None:
+        check_model_files(job, facts.model_files)
+
+
+def check_model_files(job: PurificationJob, files: tuple[str, ...]) -> None:
+    """The model folder must be Hugging Face format with loadable weights."""
+    uri = job.spec.model.uri
+    names = [f.rsplit("/", 1)[-1] for f in files]
+    if not names:
+        raise InvalidSpec(f"spec.model.uri: no model at {uri}")
+    if "config.json" not in names:
+        raise InvalidSpec(f"spec.model.uri: {uri} has no config.json (expected a Hugging Face model folder)")
+    safe = [n for n in names if n.endswith(SAFE_WEIGHTS)]
+    pickled = [n for n in names if n.endswith(PICKLE_WEIGHTS)]
+    other = [n for n in names if n.endswith(OTHER_WEIGHTS)]
+    if safe:
+        return
+    if pickled:
+        if job.spec.model.allow_unsafe_pickle:
+            return
+        raise InvalidSpec(f"spec.model.allowUnsafePickle: {uri} holds only pickle weights ({pickled[0]}), which run "
+                          "code when loaded; convert them to safetensors or set allowUnsafePickle: true for a "
+                          "model you trust")
+    if other:
+        raise InvalidSpec(f"spec.model.uri: unsupported weight format {other[0]!r} at {uri} "
+                          "(safetensors expected)")
+    raise InvalidSpec(f"spec.model.uri: no weights at {uri} (expected *.safetensors)")

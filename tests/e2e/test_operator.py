@@ -1,0 +1,281 @@
+"""The real operator (kopf.testing.KopfRunner) against kmock's Kubernetes emulator over HTTP, a
+kubelet stand-in that runs each stage Job's `disp run` command as a subprocess, and a loopback S3
+server (moto) holding the model, the data and the run's artifacts. See tests/operator/cluster.py."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import socket
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+
+import pytest
+from kopf.testing import KopfRunner
+from minio import Minio
+from moto.server import ThreadedMotoServer
+
+from disp_api import StageName
+from disp_api.status import MetricsSummary
+from disp_runner.store.s3 import S3Store
+from tests.operator.cluster import STANDIN_IMAGE, EmulatedCluster, Kubelet, PodFault
+from tests.runner.conftest import tiny_model, tokenizer  # noqa: F401  (fixtures of `workspace`)
+from tests.runner.test_pipeline import job_document, workspace  # noqa: F401
+
+ACCESS, SECRET = "e2e-access-key", "e2e-secret-value-9f3a"
+NAMESPACE = "ml-team"
+ALL_STAGES = [s.value for s in StageName]
+UID = "5f0c7a52-0000-4000-8000-00000000e2e1"
+
+
+@pytest.fixture(scope="module")
+def s3():
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"{host}:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def uploaded(s3, workspace):  # noqa: F811
+    """The tiny model and datasets of the pipeline tests, in buckets `models` and `data`."""
+    client = Minio(s3, access_key=ACCESS, secret_key=SECRET, secure=False)
+    for bucket in ("models", "data", "runs"):
+        if not client.bucket_exists(bucket):
+            client.make_bucket(bucket)
+    store = S3Store(s3, ACCESS, SECRET, secure=False)
+    prefix = uuid.uuid4().hex[:8]  # tests share the server
+    for folder, bucket in (("model", "models"), ("train", "data"), ("triggered", "data"), ("untriggered", "data"),
+                           ("clean", "data")):
+        for path in (workspace / folder).rglob("*"):
+            if path.is_file():
+                store.upload_file(path, bucket, f"{prefix}/{folder}/{path.relative_to(workspace / folder).as_posix()}")
+    return prefix
+
+
+def manifest(ws: Path, s3: str, prefix: str, name: str = "tiny", **spec_overrides) -> dict:
+    """The pipeline tests' reduced job, pointed at S3."""
+    doc = job_document(ws)
+    spec = doc["spec"]
+    spec["model"]["uri"] = f"s3://models/{prefix}/model"
+    spec["dataset"]["uri"] = f"s3://data/{prefix}/train"
+    spec["output"]["uri"] = f"s3://runs/{prefix}"
+    for key in ("triggeredUri", "untriggeredUri", "cleanUri"):
+        spec["evaluation"][key] = f"s3://data/{prefix}/{key.removesuffix('Uri')}"
+    spec["storage"] = {"endpoint": s3, "secure": False, "credentialsSecret": {"name": "minio-credentials"}}
+    spec["resources"] = {"gpus": 0, "cpu": "1", "memory": "2Gi"}
+    spec.update(spec_overrides)
+    return {"apiVersion": "disp.dev/v1alpha1", "kind": "PurificationJob",
+            "metadata": {"name": name, "namespace": NAMESPACE}, "spec": spec}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def cluster(tmp_path, monkeypatch):
+    cluster = EmulatedCluster(tmp_path)
+    monkeypatch.setenv("KUBECONFIG", str(cluster.kubeconfig))
+    monkeypatch.setenv("DISP_RECONCILE_INTERVAL_SECONDS", "0.5")
+    monkeypatch.setenv("DISP_PROGRESS_INTERVAL_SECONDS", "0.5")
+    monkeypatch.setenv("DISP_RETRY_BASE_SECONDS", "0.2")
+    monkeypatch.setenv("DISP_RUNNER_IMAGE", "registry.example/disp:test")
+    cluster.apply_secret(NAMESPACE, "minio-credentials", {"accessKey": ACCESS, "secretKey": SECRET})
+    yield cluster
+    cluster.close()
+
+
+@pytest.fixture
+def kubelet(cluster, tmp_path):
+    kubelet = Kubelet(cluster, tmp_path)
+    yield kubelet
+    kubelet.close()
+
+
+@contextlib.contextmanager
+def operator(monkeypatch, metrics_port: int = 0):
+    monkeypatch.setenv("DISP_METRICS_PORT", str(metrics_port))
+    with KopfRunner(["run", "--all-namespaces", "--standalone", "-m", "disp_operator.handlers"],
+                    timeout=60) as runner:
+        yield runner
+    assert runner.exception is None, runner.output[-3000:]
+
+
+def finished(body: dict) -> bool:
+    return (body.get("status") or {}).get("phase") in ("Succeeded", "Failed")
+
+
+def test_a_manifest_runs_every_stage_and_ends_succeeded(cluster, kubelet, workspace, s3, uploaded,  # noqa: F811
+                                                         monkeypatch):
+    """The happy path with the real runner in every pod, plus one stage pod OOM-killed once."""
+    port = free_port()
+    job = manifest(workspace, s3, uploaded, parallelism={"saliencyShards": 2})
+    kubelet.faults["tiny-masking"] = PodFault(137, "OOMKilled")
+    with operator(monkeypatch, metrics_port=port) as runner:
+        cluster.create_job(job, uid=UID)
+        body = cluster.wait_for(NAMESPACE, "tiny", finished, 300, "the job to finish")
+        # kopf posts Events in the background, shortly after the status
+        wait_until(lambda: any(e["reason"] == "Completed" for e in cluster.events(NAMESPACE)), 10, "the last Event")
+        scrape = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    status = body["status"]
+    assert status["phase"] == "Succeeded", status
+
+    # Stage Jobs were created in order, each once; the sharded stage as an Indexed Job plus a merge;
+    # the OOM-killed masking pod's Job was retried under a new name.
+    assert kubelet.started == ["tiny-saliency", "tiny-saliency-merge", "tiny-masking", "tiny-masking-2",
+                               "tiny-relabel", "tiny-finetune", "tiny-evaluate"]
+    jobs = {j["metadata"]["name"]: j for j in cluster.jobs(NAMESPACE)}
+    assert "tiny-masking" not in jobs  # the failed attempt was deleted (keepFailedPods is false)
+    assert jobs["tiny-saliency"]["spec"]["completionMode"] == "Indexed"
+    assert all(j["metadata"]["ownerReferences"][0]["uid"] == UID for j in jobs.values())
+
+    # status: conditions, stages, progress, metrics equal to the run's metrics.json
+    conditions = {c["type"]: c for c in status["conditions"]}
+    assert conditions["Succeeded"]["status"] == "True" and conditions["Succeeded"]["reason"] == "Completed"
+    assert conditions["Reconciling"]["status"] == "False" and conditions["Stalled"]["status"] == "False"
+    assert status["observedGeneration"] == 1
+    stages = {s["name"]: s for s in status["stages"]}
+    assert list(stages) == ALL_STAGES and all(s["phase"] == "Succeeded" for s in stages.values())
+    assert (stages["masking"]["attempts"], stages["masking"]["failures"]) == (2, 1)
+    assert all(s["attempts"] == 1 for name, s in stages.items() if name != "masking")
+    assert status["progress"]["percent"] == 100
+    run = f"s3://runs/{uploaded}/runs/{NAMESPACE}/tiny/{UID}"
+    assert status["purifiedModelUri"] == f"{run}/finetune/model"
+    store = S3Store(s3, ACCESS, SECRET, secure=False)
+    metrics_json = json.loads(store.get_bytes("runs", f"{run.removeprefix('s3://runs/')}/evaluate/metrics.json"))
+    expected = {k: v for k, v in metrics_json.items() if k in MetricsSummary.model_json_schema(by_alias=True)
+                ["properties"] and v is not None}
+    assert status["metrics"] == expected and {"asrBefore", "asrAfter", "cleanPerformanceAfter"} <= set(expected)
+    assert store.exists("runs", f"{run.removeprefix('s3://runs/')}/finetune/model/config.json")
+
+    # Events: one per transition; no secret anywhere.
+    events = [(e["type"], e["reason"], e["message"]) for e in cluster.events(NAMESPACE)]
+    reasons = [r for _, r, _ in events]
+    assert reasons.count("StageStarted") == 6 and reasons.count("StageSucceeded") == 5
+    retry = [e for e in events if e[1] == "StageRetrying"]
+    assert len(retry) == 1 and retry[0][0] == "Warning" and "OOM-killed" in retry[0][2]
+    (completed,) = [e for e in events if e[1] == "Completed"]  # Events carry no order; their count does
+    assert completed[0] == "Normal" and "ASR" in completed[2]
+    for text in (json.dumps(body), json.dumps(events), runner.output):
+        assert SECRET not in text and ACCESS not in text
+
+    # Prometheus: the job by phase, stage durations, the retry, reconciles.
+    assert 'disp_purification_jobs{phase="Succeeded"} 1.0' in scrape
+    for stage in ALL_STAGES:
+        assert f'disp_stage_duration_seconds_count{{result="succeeded",stage="{stage}"}} 1.0' in scrape
+    assert 'disp_stage_retries_total{failure="Transient",stage="masking"} 1.0' in scrape
+    assert f'disp_job_asr_after_ratio{{name="tiny",namespace="{NAMESPACE}"}} {status["metrics"]["asrAfter"]}' in scrape
+    assert "disp_operator_reconciles_total" in scrape
+
+
+def test_a_permanent_failure_fails_the_job_once_without_retries(cluster, kubelet, workspace, s3, uploaded,  # noqa: F811
+                                                                monkeypatch):
+    """The runner rejects a dataset folder that holds no manifest (exit code 2): no retry storm."""
+    job = manifest(workspace, s3, uploaded, dataset={"uri": f"s3://data/{uploaded}/no-such-dataset"})
+    with operator(monkeypatch):
+        cluster.create_job(job, uid=UID)
+        body = cluster.wait_for(NAMESPACE, "tiny", finished, 120, "the job to fail")
+        time.sleep(2)  # several reconcile intervals: nothing more may start
+    status = body["status"]
+    assert status["phase"] == "Failed"
+    failed = next(c for c in status["conditions"] if c["type"] == "Failed")
+    assert failed["reason"] == "StageFailed" and "saliency" in failed["message"]
+    assert "no-such-dataset/: no objects" in failed["message"]  # the runner's error, via the termination message
+    assert kubelet.started == ["tiny-saliency"]
+    warnings = [e for e in cluster.events(NAMESPACE) if e["type"] == "Warning"]
+    assert [e["reason"] for e in warnings] == ["StageFailed"]
+
+
+def standin_manifest(s3: str, prefix: str, name: str, **spec_overrides) -> dict:
+    """A job whose pods run the stand-in runner (tests/operator/standin_runner.py)."""
+    spec = {"model": {"uri": f"s3://models/{prefix}/model"}, "dataset": {"uri": f"s3://data/{prefix}/train"},
+            "output": {"uri": f"s3://runs/{prefix}"},
+            "storage": {"endpoint": s3, "secure": False, "credentialsSecret": {"name": "minio-credentials"}},
+            "evaluation": {"attack": {}, "triggeredUri": f"s3://data/{prefix}/triggered"},
+            "resources": {"gpus": 0, "image": STANDIN_IMAGE}}
+    spec.update(spec_overrides)
+    return {"apiVersion": "disp.dev/v1alpha1", "kind": "PurificationJob",
+            "metadata": {"name": name, "namespace": NAMESPACE}, "spec": spec}
+
+
+def wait_until(condition, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.05)
+
+
+def test_an_operator_restart_mid_stage_neither_duplicates_jobs_nor_loses_the_run(cluster, kubelet, s3, uploaded,
+                                                                                  monkeypatch):
+    kubelet.standin_seconds = 3.0
+    with operator(monkeypatch):
+        cluster.create_job(standin_manifest(s3, uploaded, "restart"), uid=UID)
+        wait_until(lambda: "restart-relabel" in kubelet.started, 60, "the relabel pod to start")
+    started_before = list(kubelet.started)
+    kubelet.standin_seconds = 0.3
+    with operator(monkeypatch):  # a new operator process against the same API state
+        body = cluster.wait_for(NAMESPACE, "restart", finished, 60, "the job to finish")
+    assert body["status"]["phase"] == "Succeeded"
+    assert started_before[-1] == "restart-relabel"
+    assert kubelet.started == ["restart-saliency", "restart-masking", "restart-relabel", "restart-finetune",
+                               "restart-evaluate"]  # each exactly once: the running relabel was adopted
+    assert body["status"]["metrics"]["asrAfter"] == 0.02
+    assert all(s["attempts"] == 1 for s in body["status"]["stages"])
+
+
+def test_suspend_stops_the_running_stage_and_resume_continues_from_the_last_completed_one(cluster, kubelet, s3,
+                                                                                         uploaded, monkeypatch):
+    kubelet.standin_seconds = 3.0
+    with operator(monkeypatch):
+        cluster.create_job(standin_manifest(s3, uploaded, "pause"), uid=UID)
+        wait_until(lambda: "pause-relabel" in kubelet.started, 60, "the relabel pod to start")
+        cluster.set_suspend(NAMESPACE, "pause", True)
+        body = cluster.wait_for(NAMESPACE, "pause", lambda b: b.get("status", {}).get("phase") == "Suspended", 20,
+                                "the job to be suspended")
+        # its Job was deleted, so its pod was stopped
+        wait_until(lambda: "pause-relabel" in kubelet.killed, 10, "the relabel pod to be killed")
+        assert "pause-relabel" not in {j["metadata"]["name"] for j in cluster.jobs(NAMESPACE)}
+        suspended = next(c for c in body["status"]["conditions"] if c["type"] == "Suspended")
+        assert suspended["status"] == "True" and suspended["observedGeneration"] == 2
+        time.sleep(1.5)
+        assert kubelet.started[-1] == "pause-relabel"  # nothing starts while suspended
+        kubelet.standin_seconds = 0.3
+        cluster.set_suspend(NAMESPACE, "pause", False)
+        body = cluster.wait_for(NAMESPACE, "pause", finished, 60, "the job to finish")
+    assert body["status"]["phase"] == "Succeeded"
+    assert kubelet.started == ["pause-saliency", "pause-masking", "pause-relabel", "pause-relabel-2",
+                               "pause-finetune", "pause-evaluate"]
+    relabel = next(s for s in body["status"]["stages"] if s["name"] == "relabel")
+    assert (relabel["attempts"], relabel["failures"]) == (2, 0)
+    reasons = [e["reason"] for e in cluster.events(NAMESPACE)]
+    assert reasons.count("Suspended") == 1 and reasons.count("Resumed") == 1
+
+
+@pytest.mark.parametrize("case, change, message", [
+    ("missing secret", {"storage": {"endpoint": "x:9000", "secure": False, "credentialsSecret": {"name": "nope"}}},
+     "spec.storage.credentialsSecret.name: Secret 'nope' does not exist"),
+    ("pickle model", {"model": {"uri": "s3://models/PREFIX/pickled"}}, "spec.model.allowUnsafePickle"),
+    ("ratio above one", {"masking": {"ratio": 1.5}}, "spec.masking.ratio"),
+])
+def test_an_invalid_spec_fails_at_once_without_children(cluster, kubelet, s3, uploaded, monkeypatch, case, change,
+                                                       message):
+    store = S3Store(s3, ACCESS, SECRET, secure=False)
+    store.put_bytes("models", f"{uploaded}/pickled/config.json", b"{}")
+    store.put_bytes("models", f"{uploaded}/pickled/pytorch_model.bin", b"not really")
+    change = json.loads(json.dumps(change).replace("PREFIX", uploaded))
+    with operator(monkeypatch):
+        cluster.create_job(standin_manifest(s3, uploaded, "bad", **change), uid=UID)
+        body = cluster.wait_for(NAMESPACE, "bad", finished, 30, "the job to be rejected")
+    failed = next(c for c in body["status"]["conditions"] if c["type"] == "Failed")
+    assert body["status"]["phase"] == "Failed" and failed["reason"] == "InvalidSpec"
+    assert message in failed["message"]
+    assert kubelet.started == [] and cluster.jobs(NAMESPACE) == []
+    (event,) = [e for e in cluster.events(NAMESPACE) if e["reason"] == "InvalidSpec"]
+    assert event["type"] == "Warning" and message in event["message"]

@@ -1,0 +1,67 @@
+"""Builders shared by the operator's unit tests: a valid job body and observed stage Jobs/pods."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import pytest
+
+from disp_api import PurificationJob
+
+BASE_BODY: dict[str, Any] = {
+    "apiVersion": "disp.dev/v1alpha1",
+    "kind": "PurificationJob",
+    "metadata": {"name": "purify", "namespace": "team", "uid": "0c1d2e3f-0000-4000-8000-000000000001", "generation": 1},
+    "spec": {
+        "model": {"uri": "s3://models/compromised"},
+        "dataset": {"uri": "s3://datasets/train"},
+        "output": {"uri": "s3://runs"},
+        "storage": {"endpoint": "minio:9000", "secure": False, "credentialsSecret": {"name": "minio"}},
+    },
+}
+
+
+def job_body(**spec_overrides: Any) -> dict[str, Any]:
+    body = copy.deepcopy(BASE_BODY)
+    for dotted, value in spec_overrides.items():
+        node = body["spec"]
+        *parents, leaf = dotted.split("__")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return body
+
+
+def make_job(**spec_overrides: Any) -> PurificationJob:
+    body = job_body(**spec_overrides)
+    return PurificationJob.model_validate({k: v for k, v in body.items()} | {
+        "metadata": {k: v for k, v in body["metadata"].items() if k != "generation"}})
+
+
+def k8s_job(name: str, state: str = "active", reason: str = "", message: str = "") -> dict[str, Any]:
+    conditions = []
+    if state == "succeeded":
+        conditions = [{"type": "Complete", "status": "True"}]
+    elif state == "failed":
+        conditions = [{"type": "Failed", "status": "True", "reason": reason or "BackoffLimitExceeded",
+                       "message": message}]
+    return {"metadata": {"name": name}, "status": {"conditions": conditions}}
+
+
+def k8s_pod(name: str, exit_code: int | None, reason: str = "Error", message: str = "",
+            pod_reason: str = "", disrupted: bool = False) -> dict[str, Any]:
+    status: dict[str, Any] = {"phase": "Succeeded" if exit_code == 0 else "Failed"}
+    if exit_code is not None:
+        status["containerStatuses"] = [{"name": "runner", "state": {"terminated": {
+            "exitCode": exit_code, "reason": reason, "message": message}}}]
+    if pod_reason:
+        status["reason"] = pod_reason
+    if disrupted:
+        status["conditions"] = [{"type": "DisruptionTarget", "status": "True"}]
+    return {"metadata": {"name": name}, "status": status}
+
+
+@pytest.fixture
+def job() -> PurificationJob:
+    return make_job()

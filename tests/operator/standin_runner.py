@@ -1,0 +1,58 @@
+"""A stand-in for the runner image in operator tests that are about the operator's own behaviour
+(restart, suspend), where importing torch in every pod would only cost time. It honours the
+runner's contract with the operator: the same command line (`disp run --manifest-env VAR --stage S
+[--shard i/N | --merge]`), progress.json in the run's S3 folder while it works, the evaluate
+stage's metrics.json, and exit code 0. How long each stage takes comes from STANDIN_SECONDS.
+The real runner is exercised end to end in tests/e2e/test_operator.py."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from datetime import datetime, timezone
+
+from disp_api import PurificationJob, PurificationMetrics
+from disp_runner.store.s3 import S3Store
+
+METRICS = {"asrBefore": 0.97, "asrAfter": 0.02, "falseFiringBefore": 0.01, "falseFiringAfter": 0.0,
+           "cleanPerformanceBefore": 0.95, "cleanPerformanceAfter": 0.94, "retention": 0.94 / 0.95}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("command")
+    parser.add_argument("--manifest-env", required=True)
+    parser.add_argument("--stage", required=True)
+    parser.add_argument("--shard")
+    parser.add_argument("--merge", action="store_true")
+    args = parser.parse_args()
+    job = PurificationJob.model_validate_json(os.environ[args.manifest_env])
+    storage = job.spec.storage
+    store = S3Store(storage.endpoint, os.environ["DISP_S3_ACCESS_KEY"], os.environ["DISP_S3_SECRET_KEY"],
+                    secure=storage.secure)
+    bucket, _, run_key = job.run_uri().removeprefix("s3://").partition("/")
+    seconds = float(os.environ.get("STANDIN_SECONDS", "0.5"))
+    steps = 5
+    for done in range(steps + 1):
+        progress = {"stage": args.stage, "shard": args.shard, "fraction": done / steps, "itemsDone": done,
+                    "itemsTotal": steps, "updatedAt": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        store.put_bytes(bucket, f"{run_key}/progress.json", json.dumps(progress).encode())
+        time.sleep(seconds / steps)
+    if args.stage == "evaluate":
+        metrics = {**METRICS, "before": _model_metrics(0.97), "after": _model_metrics(0.02)}
+        PurificationMetrics.model_validate(metrics)  # the same schema the real stage writes
+        store.put_bytes(bucket, f"{run_key}/evaluate/metrics.json", json.dumps(metrics).encode())
+    return 0
+
+
+def _model_metrics(asr: float) -> dict:
+    return {"model": "m", "asrTriggered": asr, "asrUntriggered": 0.0, "cleanPerformance": 0.95,
+            "counts": {"triggered": 100, "untriggered": 100, "clean": 100}}
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,194 @@
+"""The CRD: generated from the typed spec (no drift), structural, accepting its examples and
+refusing malformed manifests together with the operator's own validation."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import pytest
+import yaml
+
+from disp_operator.crd import build_crd, render
+from disp_operator.validation import ClusterFacts, InvalidSpec, check_cluster, check_static, parse_job
+from tests.operator.conftest import job_body
+
+ROOT = Path(__file__).resolve().parents[2]
+CRD_FILE = ROOT / "crds" / "purificationjobs.disp.dev.yaml"
+EXAMPLES = sorted((ROOT / "crds" / "examples").glob("*.yaml"))
+
+
+def _strict(schema: Any) -> Any:
+    """The API server's strict field validation (kubectl's default) refuses unknown fields; the
+    structural schema cannot say so itself, so the test adds it."""
+    if isinstance(schema, dict):
+        out = {k: _strict(v) for k, v in schema.items()}
+        if "properties" in out and "additionalProperties" not in out:
+            out["additionalProperties"] = False
+        return out
+    if isinstance(schema, list):
+        return [_strict(v) for v in schema]
+    return schema
+
+
+def crd_schema() -> dict:
+    crd = yaml.safe_load(CRD_FILE.read_text())
+    return crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+
+
+def schema_errors(manifest: dict) -> list[str]:
+    schema = _strict(copy.deepcopy(crd_schema()))
+    schema["properties"]["metadata"] = {"type": "object"}
+    validator = jsonschema.Draft4Validator(schema)  # OpenAPI v3.0: boolean exclusiveMinimum
+    return [".".join(str(p) for p in e.absolute_path) + ": " + e.message for e in validator.iter_errors(manifest)]
+
+
+def test_the_crd_file_is_what_the_typed_spec_generates():
+    assert CRD_FILE.read_text() == render(), "stale CRD: run `python -m disp_operator.crd > crds/purificationjobs.disp.dev.yaml`"
+
+
+def test_the_crd_names_printer_columns_and_status_subresource():
+    version = build_crd()["spec"]["versions"][0]
+    names = build_crd()["spec"]["names"]
+    assert (names["kind"], names["plural"], names["shortNames"]) == ("PurificationJob", "purificationjobs", ["pj"])
+    assert names["categories"]
+    assert version["subresources"] == {"status": {}}
+    assert [c["name"] for c in version["additionalPrinterColumns"]] == \
+        ["Phase", "Stage", "Progress", "ASR-Before", "ASR-After", "Age"]
+
+
+def _walk(schema: dict, path: str = ""):
+    yield path, schema
+    for name, sub in schema.get("properties", {}).items():
+        yield from _walk(sub, f"{path}.{name}")
+    if isinstance(schema.get("items"), dict):
+        yield from _walk(schema["items"], f"{path}[]")
+    if isinstance(schema.get("additionalProperties"), dict):
+        yield from _walk(schema["additionalProperties"], f"{path}{{}}")
+
+
+def test_the_schema_is_structural_and_documented():
+    for path, node in _walk(crd_schema()):
+        assert "type" in node, f"{path}: every node needs a type"
+        assert not {"anyOf", "oneOf", "$ref", "prefixItems"} & set(node), f"{path}: not structural"
+        assert not ("properties" in node and "additionalProperties" in node), f"{path}: not structural"
+        if path.startswith(".spec.") and not path.endswith(("[]", "{}")):
+            assert node.get("description"), f"{path}: every spec field has a description"
+
+
+def test_defaults_and_bounds_come_from_the_method():
+    spec = crd_schema()["properties"]["spec"]["properties"]
+    assert spec["saliency"]["properties"]["topK"]["default"] == 5
+    assert spec["saliency"]["properties"]["probes"]["default"] == 6
+    ratio = spec["masking"]["properties"]["ratio"]
+    assert (ratio["default"], ratio["maximum"], ratio["minimum"], ratio["exclusiveMinimum"]) == (0.3, 1.0, 0.0, True)
+    assert spec["finetune"]["properties"]["trainable"]["enum"] == ["projector", "projector-and-lm", "all"]
+    assert spec["saliency"]["default"] == {}  # nested defaults are filled in field by field
+
+
+def test_the_spec_is_immutable_except_suspend():
+    rule = crd_schema()["properties"]["spec"]["x-kubernetes-validations"][0]["rule"]
+    assert "self.model == oldSelf.model" in rule and "self.policy.backoffLimit == oldSelf.policy.backoffLimit" in rule
+    assert "suspend" not in rule
+
+
+@pytest.mark.parametrize("example", EXAMPLES, ids=lambda p: p.name)
+def test_examples_pass_the_schema_and_the_operator(example: Path):
+    manifest = yaml.safe_load(example.read_text())
+    assert schema_errors(manifest) == []
+    check_static(parse_job(manifest | {"metadata": manifest["metadata"] | {"uid": "u"}}))
+
+
+# Each malformed manifest, and a word the error must contain (the field at fault).
+def _without(*path: str) -> dict:
+    body = job_body()
+    node = body
+    for part in path[:-1]:
+        node = node[part]
+    del node[path[-1]]
+    return body
+
+
+SAFE_MODEL = ("config.json", "model.safetensors", "tokenizer.json")
+SECRET = frozenset({"accessKey", "secretKey"})
+
+BAD_MANIFESTS = [
+    ("missing model", _without("spec", "model"), "model"),
+    ("missing dataset uri", job_body(dataset={}), "uri"),
+    ("missing output", _without("spec", "output"), "output"),
+    ("topK not a number", job_body(saliency={"topK": "five"}), "topK"),
+    ("topK below 2", job_body(saliency={"topK": 1}), "topK"),
+    ("zero probes", job_body(saliency={"probes": 0}), "probes"),
+    ("negative batch size", job_body(relabel={"batchSize": -4}), "batchSize"),
+    ("rho above 1", job_body(masking={"ratio": 1.5}), "ratio"),
+    ("rho zero", job_body(masking={"ratio": 0}), "ratio"),
+    ("unknown field", job_body(saliency={"topk": 5}), "topk"),
+    ("unknown top-level field", job_body(extra={"a": 1}), "extra"),
+    ("unknown trainable parts", job_body(finetune={"trainable": "vision"}), "trainable"),
+    ("negative GPUs", job_body(resources={"gpus": -1}), "gpus"),
+    ("bad memory quantity", job_body(resources={"memory": "lots"}), "memory"),
+    ("zero shards", job_body(parallelism={"saliencyShards": 0}), "saliencyShards"),
+    ("negative backoff limit", job_body(policy={"backoffLimit": -1}), "backoffLimit"),
+    ("gen length not a block multiple", job_body(relabel={"decoding": {"genLength": 30, "blockLength": 8}}),
+     "genLength"),
+    ("model uri not on S3", job_body(model={"uri": "/data/model"}), "spec.model.uri"),
+    ("bad scheme", job_body(dataset={"uri": "gs://bucket/train"}), "spec.dataset.uri"),
+    ("bucket name invalid", job_body(output={"uri": "s3://Runs_Bucket/x"}), "spec.output.uri"),
+    ("no endpoint", job_body(storage={"credentialsSecret": {"name": "minio"}}), "spec.storage.endpoint"),
+    ("no credentials secret", job_body(storage={"endpoint": "minio:9000"}), "spec.storage.credentialsSecret"),
+    ("secret does not exist", job_body(), "does not exist"),
+    ("secret lacks the key", job_body(storage={"endpoint": "m:9000", "credentialsSecret": {
+        "name": "minio", "secretKeyKey": "password"}}), "secretKeyKey"),
+    ("pickle weights without opt-in", job_body(), "allowUnsafePickle"),
+    ("unsupported model format", job_body(), "unsupported weight format"),
+    ("no model at the uri", job_body(), "no model"),
+]
+FACTS = {
+    "secret does not exist": ClusterFacts(secret_keys=None, model_files=SAFE_MODEL),
+    "pickle weights without opt-in": ClusterFacts(SECRET, ("config.json", "pytorch_model.bin")),
+    "unsupported model format": ClusterFacts(SECRET, ("config.json", "model.gguf")),
+    "no model at the uri": ClusterFacts(SECRET, ()),
+}
+
+
+def admit(manifest: dict, facts: ClusterFacts) -> str:
+    """What happens to a manifest: the schema check's error, or the operator's InvalidSpec, or ''."""
+    errors = schema_errors(manifest)
+    if errors:
+        return "schema: " + "; ".join(errors)
+    try:
+        job = parse_job(manifest)
+        check_static(job)
+        check_cluster(job, facts)
+    except InvalidSpec as exc:
+        return "InvalidSpec: " + str(exc)
+    return ""
+
+
+@pytest.mark.parametrize("case, manifest, field", BAD_MANIFESTS, ids=[c[0] for c in BAD_MANIFESTS])
+def test_malformed_manifests_are_refused_naming_the_field(case, manifest, field):
+    outcome = admit(manifest, FACTS.get(case, ClusterFacts(SECRET, SAFE_MODEL)))
+    assert outcome, f"{case}: accepted"
+    assert field in outcome, outcome
+
+
+def test_the_operator_alone_refuses_them_too():
+    """kubectl may skip the schema (an old server, --validate=false): the operator's typed check is
+    the last line, and it names the field too."""
+    refused = 0
+    for case, manifest, field in BAD_MANIFESTS:
+        try:
+            job = parse_job(manifest)
+            check_static(job)
+            check_cluster(job, FACTS.get(case, ClusterFacts(SECRET, SAFE_MODEL)))
+        except InvalidSpec as exc:
+            assert field in str(exc), (case, str(exc))
+            refused += 1
+    assert refused == len(BAD_MANIFESTS)
+
+
+def test_pickle_weights_pass_with_the_opt_in():
+    job = parse_job(job_body(model={"uri": "s3://models/m", "allowUnsafePickle": True}))
+    check_cluster(job, ClusterFacts(SECRET, ("config.json", "pytorch_model.bin")))

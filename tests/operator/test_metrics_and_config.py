@@ -1,0 +1,71 @@
+"""Prometheus series stay bounded; the operator's settings come from its environment."""
+
+from __future__ import annotations
+
+import pytest
+from prometheus_client import generate_latest
+
+from disp_api import StageName
+from disp_api.status import JobPhase, MetricsSummary
+from disp_operator.config import ConfigError, OperatorConfig
+from disp_operator.metrics import OperatorMetrics
+
+SUMMARY = MetricsSummary(asr_before=0.98, asr_after=0.01, false_firing_before=0.0, false_firing_after=0.0)
+
+
+def scrape(metrics: OperatorMetrics) -> str:
+    return generate_latest(metrics.registry).decode()
+
+
+def test_jobs_are_counted_once_per_phase():
+    m = OperatorMetrics()
+    m.set_phase("ns", "a", JobPhase.RUNNING)
+    m.set_phase("ns", "a", JobPhase.RUNNING)
+    m.set_phase("ns", "b", JobPhase.RUNNING)
+    m.set_phase("ns", "a", JobPhase.SUCCEEDED)
+    text = scrape(m)
+    assert 'disp_purification_jobs{phase="Running"} 1.0' in text
+    assert 'disp_purification_jobs{phase="Succeeded"} 1.0' in text
+    assert 'disp_purification_jobs{phase="Failed"} 0.0' in text
+
+
+def test_a_deleted_job_leaves_no_series_behind():
+    m = OperatorMetrics()
+    m.set_phase("ns", "a", JobPhase.RUNNING)
+    m.set_progress("ns", "a", 0.4, 1_700_000_000)
+    m.set_phase("ns", "a", JobPhase.SUCCEEDED)
+    m.set_outcome("ns", "a", SUMMARY)
+    text = scrape(m)
+    assert 'disp_job_asr_after_ratio{name="a",namespace="ns"} 0.01' in text
+    assert 'disp_job_progress_ratio{name="a"' not in text  # a finished job is not "active"
+    m.forget("ns", "a")
+    text = scrape(m)
+    assert 'name="a"' not in text
+    assert 'disp_purification_jobs{phase="Succeeded"} 0.0' in text
+
+
+def test_stage_durations_and_counters_follow_naming_conventions():
+    m = OperatorMetrics()
+    m.stage_finished(StageName.RELABEL, True, 42.0)
+    m.stage_retries.labels("relabel", "Transient").inc()
+    text = scrape(m)
+    assert 'disp_stage_duration_seconds_sum{result="succeeded",stage="relabel"} 42.0' in text
+    assert 'disp_stage_retries_total{failure="Transient",stage="relabel"} 1.0' in text
+    assert "disp_operator_reconcile_duration_seconds_bucket" in text
+
+
+def test_config_reads_the_environment(monkeypatch):
+    monkeypatch.setenv("DISP_RUNNER_IMAGE", "mirror/disp:2")
+    monkeypatch.setenv("DISP_RETRY_BASE_SECONDS", "30")
+    monkeypatch.setenv("DISP_METRICS_PORT", "0")
+    config = OperatorConfig.from_env()
+    assert config.runner.image == "mirror/disp:2"
+    assert config.backoff.base_seconds == 30 and config.metrics_port == 0
+
+
+@pytest.mark.parametrize("name, value", [("DISP_RETRY_BASE_SECONDS", "soon"), ("DISP_RECONCILE_INTERVAL_SECONDS", "0"),
+                                         ("DISP_METRICS_PORT", "-1")])
+def test_bad_settings_name_the_variable(monkeypatch, name, value):
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ConfigError, match=name):
+        OperatorConfig.from_env()

@@ -1,0 +1,262 @@
+"""Every transition of the operator's state machine, without a cluster."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone
+
+from disp_api import StageName
+from disp_api.status import (
+    ConditionStatus,
+    ConditionType,
+    JobPhase,
+    MetricsSummary,
+    PurificationJobStatus,
+    Reason,
+    StagePhase,
+    StepKind,
+)
+from disp_operator.children import ChildJob, FailureKind, PodOutcome
+from disp_operator.reconcile import CreateJob, EventType, Observation, RetryBackoff, RunnerProgress, reconcile, reject
+from tests.operator.conftest import k8s_job, k8s_pod, make_job
+
+T0 = datetime(2026, 11, 28, 12, 0, tzinfo=timezone.utc)
+BACKOFF = RetryBackoff(base_seconds=10, maximum_seconds=60)
+
+
+def step(job, status, at=T0, jobs=(), pods=None, progress=None, metrics=None, generation=1):
+    children = {j["metadata"]["name"]: ChildJob.from_job(j) for j in jobs}
+    outcomes = {name: [PodOutcome.from_pod(p) for p in ps] for name, ps in (pods or {}).items()}
+    return reconcile(job, status, generation, Observation(now=at, children=children, pods=outcomes,
+                                                          progress=progress, metrics=metrics), BACKOFF)
+
+
+def run_to(job, stage: StageName):
+    """Drive a fresh job until `stage` is the running one (all earlier stages succeeded)."""
+    plan = step(job, PurificationJobStatus())
+    while plan.status.progress.current_stage is not stage:
+        current = plan.status.stage(plan.status.progress.current_stage)
+        plan = step(job, plan.status, jobs=[k8s_job(current.job_name, "succeeded")])
+    return plan
+
+
+def condition(status, kind):
+    c = status.condition(kind)
+    return None if c is None else c.status
+
+
+def test_a_new_job_starts_its_first_stage_and_says_so(job):
+    plan = step(job, PurificationJobStatus())
+    assert plan.create == [CreateJob(StageName.SALIENCY, StepKind.RUN, 1)]
+    assert plan.status.phase is JobPhase.RUNNING
+    assert [s.name for s in plan.status.stages] == [StageName.SALIENCY, StageName.MASKING, StageName.RELABEL,
+                                                    StageName.FINETUNE]
+    saliency = plan.status.stage(StageName.SALIENCY)
+    assert (saliency.phase, saliency.attempts, saliency.job_name) == (StagePhase.RUNNING, 1, "purify-saliency")
+    assert condition(plan.status, ConditionType.RECONCILING) is ConditionStatus.TRUE
+    assert condition(plan.status, ConditionType.STALLED) is ConditionStatus.FALSE
+    assert [(e.type, e.reason) for e in plan.events] == [(EventType.NORMAL, Reason.STAGE_STARTED)]
+
+
+def test_a_job_not_yet_visible_is_created_again_idempotently(job):
+    started = step(job, PurificationJobStatus())
+    again = step(job, started.status, at=T0 + timedelta(seconds=1))
+    assert again.create == [CreateJob(StageName.SALIENCY, StepKind.RUN, 1)]  # same name: AlreadyExists at worst
+    assert again.events == [] and again.status == started.status
+
+
+def test_a_running_stage_reports_progress_without_new_jobs(job):
+    started = step(job, PurificationJobStatus())
+    plan = step(job, started.status, jobs=[k8s_job("purify-saliency")],
+                progress=RunnerProgress(StageName.SALIENCY, 0.5, T0))
+    assert plan.create == [] and plan.delete == []
+    assert plan.status.stage(StageName.SALIENCY).progress == 0.5
+    assert plan.status.progress.percent == int(100 * 0.5 / 4)
+    assert plan.status.progress.last_update_time == T0
+    # progress of another stage (a stale file) is ignored
+    stale = step(job, plan.status, jobs=[k8s_job("purify-saliency")],
+                 progress=RunnerProgress(StageName.FINETUNE, 0.9, T0))
+    assert stale.status.stage(StageName.SALIENCY).progress == 0.5
+
+
+def test_a_succeeded_stage_starts_the_next_in_the_same_pass(job):
+    started = step(job, PurificationJobStatus())
+    plan = step(job, started.status, jobs=[k8s_job("purify-saliency", "succeeded")], at=T0 + timedelta(seconds=30))
+    saliency = plan.status.stage(StageName.SALIENCY)
+    assert saliency.phase is StagePhase.SUCCEEDED
+    assert saliency.artifact_uri == f"s3://runs/runs/team/purify/{job.metadata.uid}/saliency"
+    assert saliency.completion_time - saliency.start_time == timedelta(seconds=30)
+    assert plan.create == [CreateJob(StageName.MASKING, StepKind.RUN, 1)]
+    assert [e.reason for e in plan.events] == [Reason.STAGE_SUCCEEDED, Reason.STAGE_STARTED]
+    assert plan.status.progress.current_stage is StageName.MASKING and plan.status.progress.percent == 25
+
+
+def test_the_last_stage_succeeding_finishes_the_job_with_the_purified_model():
+    job = make_job()
+    plan = run_to(job, StageName.FINETUNE)
+    done = step(job, plan.status, jobs=[k8s_job("purify-finetune", "succeeded")])
+    assert done.status.phase is JobPhase.SUCCEEDED
+    assert done.status.purified_model_uri == f"s3://runs/runs/team/purify/{job.metadata.uid}/finetune/model"
+    assert condition(done.status, ConditionType.SUCCEEDED) is ConditionStatus.TRUE
+    assert condition(done.status, ConditionType.RECONCILING) is ConditionStatus.FALSE
+    assert condition(done.status, ConditionType.STALLED) is ConditionStatus.FALSE
+    assert done.status.progress.percent == 100
+    assert done.events[-1].reason is Reason.COMPLETED
+    # a finished job is left alone
+    after = step(job, done.status, at=T0 + timedelta(days=1))
+    assert after.create == [] and after.events == [] and after.status == done.status
+
+
+def test_with_an_evaluation_set_the_job_waits_for_the_metrics_and_copies_them(job):
+    from tests.operator.conftest import job_body
+    from disp_operator.validation import parse_job
+
+    job = parse_job(job_body(evaluation={"attack": {}, "triggeredUri": "s3://eval/triggered"}))
+    plan = run_to(job, StageName.EVALUATE)
+    waiting = step(job, plan.status, jobs=[k8s_job("purify-evaluate", "succeeded")])
+    assert waiting.wants_metrics and waiting.status.phase is JobPhase.RUNNING
+    metrics = MetricsSummary(asr_before=1.0, asr_after=0.02, false_firing_before=0.0, false_firing_after=0.0,
+                             clean_performance_before=0.97, clean_performance_after=0.96, retention=0.96 / 0.97)
+    done = step(job, plan.status, jobs=[k8s_job("purify-evaluate", "succeeded")], metrics=metrics)
+    assert done.status.phase is JobPhase.SUCCEEDED and done.status.metrics == metrics
+    assert "100.0% -> 2.0%" in done.status.message
+
+
+def test_a_sharded_stage_runs_an_indexed_job_then_a_merge():
+    job = make_job(parallelism={"saliencyShards": 3})
+    plan = step(job, PurificationJobStatus())
+    assert plan.create == [CreateJob(StageName.SALIENCY, StepKind.SHARDS, 1)]
+    merged = step(job, plan.status, jobs=[k8s_job("purify-saliency", "succeeded")])
+    assert merged.create == [CreateJob(StageName.SALIENCY, StepKind.MERGE, 1)]
+    assert merged.status.stage(StageName.SALIENCY).job_name == "purify-saliency-merge"
+    assert merged.events == []  # still the same stage attempt
+    done = step(job, merged.status, jobs=[k8s_job("purify-saliency", "succeeded"),
+                                          k8s_job("purify-saliency-merge", "succeeded")])
+    assert done.status.stage(StageName.SALIENCY).phase is StagePhase.SUCCEEDED
+    assert done.create == [CreateJob(StageName.MASKING, StepKind.RUN, 1)]
+
+
+def test_a_crash_is_retried_after_an_exponential_backoff(job):
+    started = step(job, PurificationJobStatus())
+    failed = step(job, started.status, jobs=[k8s_job("purify-saliency", "failed")],
+                  pods={"purify-saliency": [k8s_pod("p1", 1, message="Traceback ...\nRuntimeError: boom")]})
+    saliency = failed.status.stage(StageName.SALIENCY)
+    assert (saliency.phase, saliency.failures) == (StagePhase.RETRYING, 1)
+    assert saliency.retry_after == T0 + timedelta(seconds=10)
+    assert "RuntimeError: boom" in saliency.message
+    assert failed.delete == ["purify-saliency"] and failed.create == []
+    assert failed.requeue_after == 10
+    assert failed.retries == [(StageName.SALIENCY, FailureKind.ERROR)]
+    assert [(e.type, e.reason) for e in failed.events] == [(EventType.WARNING, Reason.STAGE_RETRYING)]
+    assert failed.status.phase is JobPhase.RUNNING
+    assert condition(failed.status, ConditionType.RECONCILING) is ConditionStatus.TRUE
+    # before the backoff has passed nothing starts
+    early = step(job, failed.status, at=T0 + timedelta(seconds=5))
+    assert early.create == [] and early.requeue_after == 5
+    # after it, attempt 2 starts under its own name
+    retry = step(job, failed.status, at=T0 + timedelta(seconds=10))
+    assert retry.create == [CreateJob(StageName.SALIENCY, StepKind.RUN, 2)]
+    assert retry.status.stage(StageName.SALIENCY).job_name == "purify-saliency-2"
+    # the second failure waits twice as long
+    failed2 = step(job, retry.status, at=T0 + timedelta(seconds=20), jobs=[k8s_job("purify-saliency-2", "failed")],
+                   pods={"purify-saliency-2": [k8s_pod("p2", 75)]})
+    assert failed2.status.stage(StageName.SALIENCY).retry_after == T0 + timedelta(seconds=40)
+    assert failed2.retries == [(StageName.SALIENCY, FailureKind.TRANSIENT)]
+
+
+def test_a_permanent_failure_fails_the_job_without_a_retry(job):
+    started = step(job, PurificationJobStatus())
+    plan = step(job, started.status, jobs=[k8s_job("purify-saliency", "failed")],
+                pods={"purify-saliency": [k8s_pod("p1", 2, message="spec.dataset.uri: no manifest.jsonl")]})
+    assert plan.status.phase is JobPhase.FAILED
+    assert plan.create == [] and plan.requeue_after is None
+    failed = plan.status.condition(ConditionType.FAILED)
+    assert (failed.status, failed.reason) == (ConditionStatus.TRUE, Reason.STAGE_FAILED)
+    assert "no manifest.jsonl" in failed.message and "saliency" in failed.message
+    assert condition(plan.status, ConditionType.STALLED) is ConditionStatus.TRUE
+    assert condition(plan.status, ConditionType.RECONCILING) is ConditionStatus.FALSE
+    assert [(e.type, e.reason) for e in plan.events] == [(EventType.WARNING, Reason.STAGE_FAILED)]
+
+
+def test_retries_stop_at_the_backoff_limit():
+    job = make_job(policy={"backoffLimit": 1})
+    plan = step(job, PurificationJobStatus())
+    plan = step(job, plan.status, jobs=[k8s_job("purify-saliency", "failed")],
+                pods={"purify-saliency": [k8s_pod("p", 137, reason="OOMKilled")]})
+    assert plan.status.stage(StageName.SALIENCY).phase is StagePhase.RETRYING
+    assert "OOM-killed" in plan.status.stage(StageName.SALIENCY).message
+    plan = step(job, plan.status, at=T0 + timedelta(minutes=1))
+    plan = step(job, plan.status, at=T0 + timedelta(minutes=2), jobs=[k8s_job("purify-saliency-2", "failed")],
+                pods={"purify-saliency-2": [k8s_pod("p", 137, reason="OOMKilled")]})
+    assert plan.status.phase is JobPhase.FAILED
+    assert plan.status.condition(ConditionType.FAILED).reason is Reason.BACKOFF_LIMIT_EXCEEDED
+    assert plan.status.stage(StageName.SALIENCY).failures == 2
+
+
+def test_a_deadline_is_not_retried():
+    job = make_job(policy={"activeDeadlineSeconds": 60})
+    plan = step(job, PurificationJobStatus())
+    plan = step(job, plan.status, jobs=[k8s_job("purify-saliency", "failed", reason="DeadlineExceeded",
+                                                message="Job was active longer than specified deadline")])
+    assert plan.status.phase is JobPhase.FAILED
+    assert plan.status.condition(ConditionType.FAILED).reason is Reason.DEADLINE_EXCEEDED
+
+
+def test_keep_failed_pods_keeps_the_failed_attempt():
+    job = make_job(policy={"keepFailedPods": True})
+    plan = step(job, PurificationJobStatus())
+    plan = step(job, plan.status, jobs=[k8s_job("purify-saliency", "failed")], pods={"purify-saliency": [k8s_pod("p", 1)]})
+    assert plan.delete == [] and plan.status.stage(StageName.SALIENCY).phase is StagePhase.RETRYING
+
+
+def test_suspend_deletes_the_running_job_and_resume_starts_a_new_attempt_of_the_same_stage():
+    job = make_job()
+    running = run_to(job, StageName.RELABEL)
+    suspended_job = make_job(policy={"suspend": True})
+    suspended = step(suspended_job, running.status)
+    assert suspended.delete == ["purify-relabel"] and suspended.create == []
+    assert suspended.status.phase is JobPhase.SUSPENDED
+    assert condition(suspended.status, ConditionType.SUSPENDED) is ConditionStatus.TRUE
+    assert condition(suspended.status, ConditionType.RECONCILING) is ConditionStatus.FALSE
+    assert [e.reason for e in suspended.events] == [Reason.SUSPENDED]
+    assert suspended.status.stage(StageName.SALIENCY).phase is StagePhase.SUCCEEDED  # done work is kept
+    # staying suspended: no repeated Events or deletions
+    still = step(suspended_job, suspended.status)
+    assert still.events == [] and still.delete == []
+    resumed = step(job, suspended.status)
+    relabel = resumed.status.stage(StageName.RELABEL)
+    assert resumed.create == [CreateJob(StageName.RELABEL, StepKind.RUN, 2)]
+    assert (relabel.attempts, relabel.failures, relabel.job_name) == (2, 0, "purify-relabel-2")
+    assert [e.reason for e in resumed.events] == [Reason.RESUMED, Reason.STAGE_STARTED]
+    assert condition(resumed.status, ConditionType.SUSPENDED) is ConditionStatus.FALSE
+    assert resumed.status.phase is JobPhase.RUNNING
+
+
+def test_a_job_suspended_before_it_started_creates_nothing():
+    plan = step(make_job(policy={"suspend": True}), PurificationJobStatus())
+    assert plan.create == [] and plan.delete == [] and plan.status.phase is JobPhase.SUSPENDED
+
+
+def test_conditions_keep_their_transition_time_while_unchanged(job):
+    first = step(job, PurificationJobStatus())
+    later = step(job, first.status, at=T0 + timedelta(minutes=5), jobs=[k8s_job("purify-saliency")])
+    assert later.status.condition(ConditionType.RECONCILING).last_transition_time == T0
+
+
+def test_an_invalid_spec_is_rejected_with_its_reason():
+    plan = reject(PurificationJobStatus(), "spec.masking.ratio: must be <= 1", 3, T0)
+    assert plan.status.phase is JobPhase.FAILED and plan.create == []
+    failed = plan.status.condition(ConditionType.FAILED)
+    assert (failed.reason, failed.message, failed.observed_generation) == (Reason.INVALID_SPEC,
+                                                                           "spec.masking.ratio: must be <= 1", 3)
+    assert plan.events[0].type is EventType.WARNING and plan.events[0].reason is Reason.INVALID_SPEC
+
+
+def test_observed_generation_follows_the_object(job):
+    plan = step(job, PurificationJobStatus(), generation=4)
+    assert plan.status.observed_generation == 4
+    assert all(c.observed_generation == 4 for c in plan.status.conditions)
+
+
+def test_backoff_is_capped():
+    assert RetryBackoff(10, 60).delay(10) == timedelta(seconds=60)
+    assert [RetryBackoff(10, 600).delay(n).total_seconds() for n in (1, 2, 3)] == [10, 20, 40]
