@@ -69,7 +69,8 @@ def main() -> None:
     host, port = s3.get_host_and_port()
     endpoint = f"{host}:{port}"
     store = S3Store(endpoint, ACCESS, SECRET, secure=False)
-    store.client.make_bucket("models")
+    for bucket in ("models", "runs"):
+        store.client.make_bucket(bucket)
     store.put_bytes("models", "m/config.json", b"{}")
     store.put_bytes("models", "m/model.safetensors", b"weights")
 

@@ -51,11 +51,39 @@ def now_iso() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
+@dataclass(frozen=True)
+class AuditRecord:
+    """One API call as an audit log (and RBAC) sees it."""
+
+    verb: str  # get, list, watch, create, patch, update, delete
+    resource: str  # group/version/plural, e.g. batch/v1/jobs
+    subresource: str  # e.g. status, or ""
+    namespace: str
+
+
+_VERBS = {kmock.action.LIST: "list", kmock.action.WATCH: "watch", kmock.action.FETCH: "get",
+          kmock.action.CREATE: "create", kmock.action.DELETE: "delete"}
+
+
 class _ApiServer(kmock.KubernetesEmulator):
     """The emulator plus what the real API server does on create and kopf relies on: names from
-    metadata.generateName (kopf posts its Events that way)."""
+    metadata.generateName (kopf posts its Events that way). It keeps a light audit log of the
+    calls instead of kmock's full request history: kmock matches every request against the whole
+    history, which makes a long test (hundreds of jobs) quadratic."""
+
+    audit: list[AuditRecord]
 
     async def _handle(self, request):
+        if not hasattr(self, "audit"):
+            self.audit = []
+        if request.resource is not None and request.action is not None:
+            resource = request.resource
+            self.audit.append(AuditRecord(
+                verb=_VERBS[request.action] if request.action != kmock.action.UPDATE else
+                ("patch" if request.method == kmock.method.PATCH else "update"),
+                resource=f"{resource.group}/{resource.version}/{resource.plural}".lstrip("/"),
+                subresource=request.subresource or "", namespace=request.namespace or ""))
+        del self._requests[:-1]  # the current request must stay: it is matched by identity
         data = request.data
         if request.action == kmock.action.CREATE and isinstance(data, dict):
             meta = data.setdefault("metadata", {})
