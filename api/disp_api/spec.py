@@ -205,20 +205,21 @@ _QUANTITY = r"^([0-9]+(\.[0-9]+)?)(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$"
 
 
 class ResourcesSpec(ContractModel):
-    gpus: int = Field(1, ge=0, le=64)
-    """GPUs per runner pod (nvidia.com/gpu); 0 runs the stages on CPU."""
+    gpus: Optional[int] = Field(None, ge=0, le=64)
+    """GPUs per runner pod (nvidia.com/gpu); 0 runs the stages on CPU. Default: the operator's (1)."""
     cpu: str = Field("4", pattern=_QUANTITY)
     """CPU request and limit per pod (a Kubernetes quantity)."""
     memory: str = Field("32Gi", pattern=_QUANTITY)
     """Memory request and limit per pod (a Kubernetes quantity)."""
     scratch: str = Field("50Gi", pattern=_QUANTITY)
     """Size limit of the pod's writable scratch volume (models and datasets are materialised there)."""
-    node_selector: dict[str, str] = {}
-    """Node labels the runner pods must match, e.g. nvidia.com/gpu.product: H100-SXM."""
-    tolerations: list[Toleration] = []
-    """Taints the runner pods tolerate (GPU nodes are often tainted)."""
+    node_selector: Optional[dict[str, str]] = None
+    """Node labels the runner pods must match, e.g. nvidia.com/gpu.product: H100-SXM. Default: the
+    operator's."""
+    tolerations: Optional[list[Toleration]] = None
+    """Taints the runner pods tolerate (GPU nodes are often tainted). Default: the operator's."""
     priority_class_name: Optional[str] = Field(None, min_length=1)
-    """PriorityClass of the runner pods."""
+    """PriorityClass of the runner pods. Default: the operator's, if any."""
     image: Optional[str] = Field(None, min_length=1)
     """Runner image; default: the one the operator is configured with."""
     image_pull_policy: PullPolicy = PullPolicy.IF_NOT_PRESENT

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from disp_api import SecretKeyRef, StorageSpec
 
 from disp_operator.jobs import RunnerDefaults
 from disp_operator.reconcile import RetryBackoff
@@ -26,6 +30,20 @@ def _number(name: str, default: float, minimum: float) -> float:
     return value
 
 
+def _json(name: str, default: Any, kind: type) -> Any:
+    """A JSON value (the chart renders node selectors and tolerations with toJson)."""
+    raw = os.environ.get(name)
+    if not raw:
+        return default
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        raise ConfigError(f"{name}: not JSON: {raw[:80]!r}") from None
+    if not isinstance(value, kind):
+        raise ConfigError(f"{name}: expected a JSON {kind.__name__}, got {type(value).__name__}")
+    return value
+
+
 @dataclass(frozen=True)
 class OperatorConfig:
     runner: RunnerDefaults = field(default_factory=RunnerDefaults)
@@ -33,15 +51,38 @@ class OperatorConfig:
     metrics_port: int = 9090  # 0: no metrics server
     reconcile_interval: float = 10.0  # seconds between passes when nothing wakes a job earlier
     progress_interval: float = 10.0  # seconds between reads of a running job's progress.json
+    default_storage: Optional[StorageSpec] = None  # for jobs without spec.storage (the chart's MinIO)
 
     @classmethod
     def from_env(cls) -> "OperatorConfig":
         return cls(
             runner=RunnerDefaults(image=os.environ.get("DISP_RUNNER_IMAGE") or RunnerDefaults.image,
-                                  service_account=os.environ.get("DISP_RUNNER_SERVICE_ACCOUNT", "")),
+                                  service_account=os.environ.get("DISP_RUNNER_SERVICE_ACCOUNT", ""),
+                                  gpus=int(_number("DISP_RUNNER_GPUS", 1, 0)),
+                                  node_selector=_json("DISP_RUNNER_NODE_SELECTOR", {}, dict),
+                                  tolerations=tuple(_json("DISP_RUNNER_TOLERATIONS", [], list)),
+                                  priority_class_name=os.environ.get("DISP_RUNNER_PRIORITY_CLASS", "")),
             backoff=RetryBackoff(base_seconds=_number("DISP_RETRY_BASE_SECONDS", 10.0, 0.0),
                                  maximum_seconds=_number("DISP_RETRY_MAX_SECONDS", 600.0, 0.0)),
             metrics_port=int(_number("DISP_METRICS_PORT", 9090, 0)),
             reconcile_interval=_number("DISP_RECONCILE_INTERVAL_SECONDS", 10.0, 0.01),
             progress_interval=_number("DISP_PROGRESS_INTERVAL_SECONDS", 10.0, 0.01),
+            default_storage=_default_storage(),
         )
+
+
+def _default_storage() -> Optional[StorageSpec]:
+    """The cluster's S3/MinIO, for PurificationJobs that do not name one (DISP_S3_ENDPOINT,
+    DISP_S3_SECURE, DISP_S3_REGION, DISP_S3_CREDENTIALS_SECRET: a Secret name in each job's
+    namespace, with keys accessKey and secretKey)."""
+    endpoint = os.environ.get("DISP_S3_ENDPOINT")
+    if not endpoint:
+        return None
+    secret = os.environ.get("DISP_S3_CREDENTIALS_SECRET")
+    if not secret:
+        raise ConfigError("DISP_S3_CREDENTIALS_SECRET: required when DISP_S3_ENDPOINT is set")
+    secure = os.environ.get("DISP_S3_SECURE", "true").lower()
+    if secure not in ("true", "false"):
+        raise ConfigError(f"DISP_S3_SECURE: {secure!r} is not true or false")
+    return StorageSpec(endpoint=endpoint, secure=secure == "true", region=os.environ.get("DISP_S3_REGION") or None,
+                       credentials_secret=SecretKeyRef(name=secret))

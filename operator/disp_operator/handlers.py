@@ -16,8 +16,8 @@ from disp_operator.config import OperatorConfig
 from disp_operator.kube import KubeApi, client_configuration
 from disp_operator.metrics import OperatorMetrics
 from disp_operator.naming import GROUP, LABEL_JOB, LABEL_MANAGED_BY, MANAGED_BY, PLURAL, VERSION
-from disp_operator.service import JobLoop, OperatorRuntime
-from disp_operator.validation import InvalidSpec, parse_job
+from disp_operator.service import JobLoop, OperatorRuntime, effective_job
+from disp_operator.validation import InvalidSpec
 
 OURS = {LABEL_MANAGED_BY: MANAGED_BY}
 RUNTIME_KEY = "disp_runtime"  # in kopf's memo
@@ -94,10 +94,10 @@ async def deleted(body: kopf.Body, memo: kopf.Memo, logger: logging.Logger, **_:
     runtime: OperatorRuntime = memo[RUNTIME_KEY]
     runtime.metrics.forget(body.metadata.namespace, body.metadata.name)
     try:
-        job = parse_job(body)
+        job = effective_job(body, runtime.config)
     except InvalidSpec:
         return  # it never ran
-    if not job.spec.policy.cleanup_artifacts:
+    if not job.spec.policy.cleanup_artifacts or job.spec.storage is None:
         return
     data = await asyncio.to_thread(runtime.kube.secret_data, job.metadata.namespace,
                                    job.spec.storage.credentials_secret.name)

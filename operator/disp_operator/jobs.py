@@ -8,8 +8,8 @@ emptyDir scratch volume."""
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Mapping
 
 from disp_api import PurificationJob, StageName
 from disp_api.status import StepKind
@@ -25,8 +25,12 @@ GPU_RESOURCE = "nvidia.com/gpu"
 class RunnerDefaults:
     """What the operator's deployment decides for every runner pod unless the spec overrides it."""
 
-    image: str = "ghcr.io/disp-dev/disp-operator:0.1.0"
+    image: str = "ghcr.io/disp-dev/disp-runner:0.1.0"
     service_account: str = ""  # empty: the namespace's default (its token is not mounted anyway)
+    gpus: int = 1
+    node_selector: Mapping[str, str] = field(default_factory=dict)
+    tolerations: tuple[Mapping[str, Any], ...] = ()
+    priority_class_name: str = ""
 
 
 def stage_job(job: PurificationJob, stage: StageName, step: StepKind, attempt: int,
@@ -100,8 +104,9 @@ def _env(job: PurificationJob) -> list[dict[str, Any]]:
 def _pod_spec(job: PurificationJob, stage: StageName, step: StepKind, defaults: RunnerDefaults) -> dict[str, Any]:
     res = job.spec.resources
     limits: dict[str, Any] = {"cpu": res.cpu, "memory": res.memory}
-    if res.gpus:
-        limits[GPU_RESOURCE] = res.gpus
+    gpus = defaults.gpus if res.gpus is None else res.gpus
+    if gpus:
+        limits[GPU_RESOURCE] = gpus
     container = {
         "name": "runner",
         "image": res.image or defaults.image,
@@ -144,10 +149,14 @@ def _pod_spec(job: PurificationJob, stage: StageName, step: StepKind, defaults: 
     }
     if defaults.service_account:
         pod["serviceAccountName"] = defaults.service_account
-    if res.node_selector:
-        pod["nodeSelector"] = dict(res.node_selector)
-    if res.tolerations:
-        pod["tolerations"] = [t.model_dump(mode="json", by_alias=True, exclude_none=True) for t in res.tolerations]
-    if res.priority_class_name:
-        pod["priorityClassName"] = res.priority_class_name
+    node_selector = defaults.node_selector if res.node_selector is None else res.node_selector
+    if node_selector:
+        pod["nodeSelector"] = dict(node_selector)
+    tolerations = [dict(t) for t in defaults.tolerations] if res.tolerations is None else \
+        [t.model_dump(mode="json", by_alias=True, exclude_none=True) for t in res.tolerations]
+    if tolerations:
+        pod["tolerations"] = tolerations
+    priority_class = res.priority_class_name or defaults.priority_class_name
+    if priority_class:
+        pod["priorityClassName"] = priority_class
     return pod

@@ -13,6 +13,7 @@ from kubernetes.client.exceptions import ApiException
 
 from disp_operator.naming import GROUP, PLURAL, VERSION
 
+USER_AGENT = "disp-operator"
 SERVICE_ACCOUNT_TOKEN = "/var/run/secrets/kubernetes.io/serviceaccount/token"
 
 
@@ -29,6 +30,7 @@ def client_configuration() -> kubernetes.client.Configuration:
 class KubeApi:
     def __init__(self, config: kubernetes.client.Configuration):
         self.client = kubernetes.client.ApiClient(config)
+        self.client.user_agent = USER_AGENT  # tells our calls apart in audit logs
         self.batch = kubernetes.client.BatchV1Api(self.client)
         self.core = kubernetes.client.CoreV1Api(self.client)
         self.custom = kubernetes.client.CustomObjectsApi(self.client)

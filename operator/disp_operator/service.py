@@ -100,7 +100,7 @@ class JobLoop:
             self._record_metrics(self.status, None)
             return None
         try:
-            job = parse_job(self.body)
+            job = effective_job(self.body, self.rt.config)
             if not self.validated:
                 await self._validate(job)
         except InvalidSpec as exc:
@@ -203,6 +203,15 @@ class JobLoop:
             updated = new.progress.last_update_time
             metrics.set_progress(self.namespace, self.name, new.progress.percent / 100,
                                  updated.timestamp() if updated else time.time())
+
+
+def effective_job(body: Mapping[str, Any], config: OperatorConfig) -> PurificationJob:
+    """The typed job, with the operator's default S3 (the chart's values) when the spec names none;
+    the stage pods get this same spec."""
+    job = parse_job(body)
+    if job.spec.storage is None and config.default_storage is not None:
+        job = job.model_copy(update={"spec": job.spec.model_copy(update={"storage": config.default_storage})})
+    return job
 
 
 def _read_status(raw: Optional[Mapping[str, Any]]) -> PurificationJobStatus:

@@ -59,6 +59,7 @@ class AuditRecord:
     resource: str  # group/version/plural, e.g. batch/v1/jobs
     subresource: str  # e.g. status, or ""
     namespace: str
+    agent: str  # the client's User-Agent: kopf/..., disp-operator, or the tests' own client
 
 
 _VERBS = {kmock.action.LIST: "list", kmock.action.WATCH: "watch", kmock.action.FETCH: "get",
@@ -82,7 +83,8 @@ class _ApiServer(kmock.KubernetesEmulator):
                 verb=_VERBS[request.action] if request.action != kmock.action.UPDATE else
                 ("patch" if request.method == kmock.method.PATCH else "update"),
                 resource=f"{resource.group}/{resource.version}/{resource.plural}".lstrip("/"),
-                subresource=request.subresource or "", namespace=request.namespace or ""))
+                subresource=request.subresource or "", namespace=request.namespace or "",
+                agent=request.headers.get("User-Agent", "")))
         del self._requests[:-1]  # the current request must stay: it is matched by identity
         data = request.data
         if request.action == kmock.action.CREATE and isinstance(data, dict):

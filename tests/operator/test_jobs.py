@@ -134,3 +134,17 @@ def test_job_states_are_read_from_conditions():
     assert ChildJob.from_job(k8s_job("j", "succeeded")).state is ChildState.SUCCEEDED
     assert ChildJob.from_job(k8s_job("j", "failed")).state is ChildState.FAILED
     assert PodOutcome.from_pod({"metadata": {"name": "p"}, "status": {"phase": "Running"}}) is None
+
+
+def test_the_operators_defaults_fill_what_the_spec_leaves_out():
+    defaults = RunnerDefaults(image="r:1", gpus=4, node_selector={"pool": "gpu"},
+                              tolerations=({"key": "gpu", "operator": "Exists"},), priority_class_name="batch")
+    pod = pod_of(stage_job(make_job(), StageName.RELABEL, StepKind.RUN, 1, defaults))
+    assert pod["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 4
+    assert pod["nodeSelector"] == {"pool": "gpu"} and pod["tolerations"] == [{"key": "gpu", "operator": "Exists"}]
+    assert pod["priorityClassName"] == "batch"
+    # the spec wins where it speaks, even to say "none"
+    pod = pod_of(stage_job(make_job(resources={"gpus": 0, "nodeSelector": {}, "tolerations": []}),
+                           StageName.RELABEL, StepKind.RUN, 1, defaults))
+    assert "nvidia.com/gpu" not in pod["containers"][0]["resources"]["limits"]
+    assert "nodeSelector" not in pod and "tolerations" not in pod

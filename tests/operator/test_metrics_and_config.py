@@ -69,3 +69,14 @@ def test_bad_settings_name_the_variable(monkeypatch, name, value):
     monkeypatch.setenv(name, value)
     with pytest.raises(ConfigError, match=name):
         OperatorConfig.from_env()
+
+
+def test_a_default_storage_needs_its_secret(monkeypatch):
+    monkeypatch.setenv("DISP_S3_ENDPOINT", "minio.minio.svc:9000")
+    with pytest.raises(ConfigError, match="DISP_S3_CREDENTIALS_SECRET"):
+        OperatorConfig.from_env()
+    monkeypatch.setenv("DISP_S3_CREDENTIALS_SECRET", "minio")
+    monkeypatch.setenv("DISP_S3_SECURE", "false")
+    storage = OperatorConfig.from_env().default_storage
+    assert (storage.endpoint, storage.secure, storage.credentials_secret.name) == ("minio.minio.svc:9000", False,
+                                                                                  "minio")

@@ -1,0 +1,56 @@
+# syntax=docker/dockerfile:1
+# Two images from one Dockerfile, both with `disp` as the entry point:
+#   docker build --target operator -t disp-operator:0.1.0 .   # the controller: no torch, ~200 MB
+#   docker build --target runner   -t disp-runner:0.1.0 .     # the stage pods: torch with CUDA
+# Each installs the project as the README does (pip install of this source tree with an extra),
+# into a virtual environment built in a throw-away stage, so no compiler or pip cache ships.
+
+ARG PYTHON_IMAGE=python:3.11.10-slim-bookworm
+
+FROM ${PYTHON_IMAGE} AS build-base
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONDONTWRITEBYTECODE=1
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY api ./api
+COPY runner ./runner
+COPY operator ./operator
+
+FROM build-base AS build-operator
+RUN python -m venv /opt/disp \
+    && /opt/disp/bin/pip install --no-cache-dir ".[operator]"
+
+FROM build-base AS build-runner
+# The PyPI torch wheel for Linux carries its CUDA runtime; the node provides the driver.
+ARG TORCH_SPEC=torch==2.13.0
+RUN python -m venv /opt/disp \
+    && /opt/disp/bin/pip install --no-cache-dir "${TORCH_SPEC}" \
+    && /opt/disp/bin/pip install --no-cache-dir ".[runner]"
+
+FROM ${PYTHON_IMAGE} AS operator
+LABEL org.opencontainers.image.title="disp-operator" \
+      org.opencontainers.image.description="Kubernetes operator for DiSP backdoor purification of MDLMs" \
+      org.opencontainers.image.licenses="Apache-2.0"
+RUN groupadd --gid 10001 disp && useradd --uid 10001 --gid 10001 --no-create-home --shell /usr/sbin/nologin disp
+COPY --from=build-operator /opt/disp /opt/disp
+ENV PATH=/opt/disp/bin:$PATH PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
+USER 10001:10001
+EXPOSE 8080 9090
+# Kubernetes probes /healthz itself; this is for plain `docker run`.
+HEALTHCHECK --interval=30s --timeout=5s CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8080/healthz', timeout=4)"]
+ENTRYPOINT ["disp"]
+CMD ["operator", "--all-namespaces"]
+
+FROM ${PYTHON_IMAGE} AS runner
+LABEL org.opencontainers.image.title="disp-runner" \
+      org.opencontainers.image.description="DiSP stage runner (saliency, masking, relabel, finetune, evaluate)" \
+      org.opencontainers.image.licenses="Apache-2.0"
+RUN groupadd --gid 10001 disp && useradd --uid 10001 --gid 10001 --no-create-home --shell /usr/sbin/nologin disp
+COPY --from=build-runner /opt/disp /opt/disp
+# The root filesystem is read-only in the pods: caches and temporary files go to the scratch volume.
+ENV PATH=/opt/disp/bin:$PATH PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 \
+    HF_HUB_OFFLINE=1 DISP_SCRATCH=/scratch HOME=/scratch/home HF_HOME=/scratch/hf TMPDIR=/scratch/tmp
+USER 10001:10001
+# A batch container (no server to probe); the operator reads its exit code.
+HEALTHCHECK NONE
+ENTRYPOINT ["disp"]
+CMD ["--help"]
