@@ -39,6 +39,10 @@ def start(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: logging.Logg
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
     settings.watching.inactivity_timeout = 600
+    # No cluster-wide scanning of CRDs and namespaces: the chart installs the CRD before the
+    # operator starts and names the namespaces to watch, so the operator needs no cluster-scoped
+    # read access at all (least privilege; see the chart's RBAC).
+    settings.scanning.disabled = True
     settings.posting.level = logging.WARNING  # Events come from our transitions, not from every log line
     config = OperatorConfig.from_env()
     metrics = OperatorMetrics()

@@ -99,10 +99,10 @@ def kubelet(cluster, tmp_path):
 
 
 @contextlib.contextmanager
-def operator(monkeypatch, metrics_port: int = 0):
+def operator(monkeypatch, metrics_port: int = 0, namespaces: tuple[str, ...] = ()):
     monkeypatch.setenv("DISP_METRICS_PORT", str(metrics_port))
-    with KopfRunner(["run", "--all-namespaces", "--standalone", "-m", "disp_operator.handlers"],
-                    timeout=60) as runner:
+    scope = [f"--namespace={ns}" for ns in namespaces] or ["--all-namespaces"]
+    with KopfRunner(["run", *scope, "--standalone", "-m", "disp_operator.handlers"], timeout=60) as runner:
         yield runner
     assert runner.exception is None, runner.output[-3000:]
 

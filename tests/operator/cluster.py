@@ -77,7 +77,8 @@ class _ApiServer(kmock.KubernetesEmulator):
     async def _handle(self, request):
         if not hasattr(self, "audit"):
             self.audit = []
-        if request.resource is not None and request.action is not None:
+        # API discovery (/apis/<group>/<version>) has no resource and needs no RBAC rule.
+        if request.resource is not None and request.resource.plural and request.action is not None:
             resource = request.resource
             self.audit.append(AuditRecord(
                 verb=_VERBS[request.action] if request.action != kmock.action.UPDATE else

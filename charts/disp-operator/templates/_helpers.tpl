@@ -49,13 +49,3 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
   resources: ["events"]
   verbs: ["create"]
 {{- end -}}
-
-{{/* Cluster-scoped reads kopf needs in either mode: it discovers the CRD and namespaces. */}}
-{{- define "disp-operator.clusterRules" -}}
-- apiGroups: ["apiextensions.k8s.io"]
-  resources: ["customresourcedefinitions"]
-  verbs: ["list", "watch"]
-- apiGroups: [""]
-  resources: ["namespaces"]
-  verbs: ["list", "watch"]
-{{- end -}}

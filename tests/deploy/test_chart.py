@@ -1,0 +1,192 @@
+"""The Helm chart, rendered by Helm's own engine (helm-python-sdk), linted, validated against the
+Kubernetes schemas, and its values schema; the Dockerfile, linted; the Argo CD health script."""
+
+from __future__ import annotations
+
+import copy
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import helm_python
+import kubernetes_validate
+import pytest
+import yaml
+
+from disp_operator.crd import render as render_crd
+
+ROOT = Path(__file__).resolve().parents[2]
+CHART = ROOT / "charts" / "disp-operator"
+KUBE_VERSION = "1.30"
+
+OPTION_SETS = {
+    "default": {},
+    "namespaced": {"watchNamespaces": ["ml-team", "research"]},
+    "monitoring": {"monitoring": {"serviceMonitor": {"enabled": True, "labels": {"release": "prom"}},
+                                  "prometheusRule": {"enabled": True}}},
+    "custom-image": {"image": {"repository": "registry.example/disp-operator", "tag": "1.2.3"},
+                     "runner": {"image": {"repository": "registry.example/disp-runner", "tag": "1.2.3"},
+                                "gpus": 2, "nodeSelector": {"pool": "h100"}},
+                     "storage": {"endpoint": "minio.minio.svc:9000", "credentialsSecret": "minio"}},
+}
+
+
+def render(values: dict) -> list[dict]:
+    chart = helm_python.Chart.load(str(CHART))
+    rendered = chart.render(values, name="disp-operator", namespace="disp-system", is_install=True)
+    docs = []
+    for path, text in rendered.items():
+        if path.endswith(".yaml"):
+            docs += [d for d in yaml.safe_load_all(text) if d]
+    return docs
+
+
+def by_kind(docs: list[dict], kind: str) -> list[dict]:
+    return [d for d in docs if d["kind"] == kind]
+
+
+@pytest.mark.parametrize("option", OPTION_SETS)
+def test_the_chart_renders_lints_and_validates(option):
+    values = OPTION_SETS[option]
+    lint = helm_python.lint(str(CHART), values, strict=True, namespace="disp-system")
+    assert lint["errors"] == [] and not [m for m in lint["messages"] if m["severity"] >= 2], lint
+    docs = render(values)
+    for doc in docs:
+        if doc["apiVersion"].startswith("monitoring.coreos.com/"):
+            continue  # Prometheus operator CRs: not in the Kubernetes schemas, checked below
+        kubernetes_validate.validate(doc, KUBE_VERSION, strict=True)
+    (deployment,) = by_kind(docs, "Deployment")
+    pod = deployment["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert deployment["spec"]["replicas"] == 1 and deployment["spec"]["strategy"]["type"] == "Recreate"
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert container["securityContext"]["allowPrivilegeEscalation"] is False
+    assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert container["readinessProbe"]["httpGet"]["path"] == "/healthz"
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    if option == "custom-image":
+        assert container["image"] == "registry.example/disp-operator:1.2.3"
+        assert env["DISP_RUNNER_IMAGE"] == "registry.example/disp-runner:1.2.3"
+        assert env["DISP_RUNNER_GPUS"] == "2" and json.loads(env["DISP_RUNNER_NODE_SELECTOR"]) == {"pool": "h100"}
+        assert (env["DISP_S3_ENDPOINT"], env["DISP_S3_CREDENTIALS_SECRET"]) == ("minio.minio.svc:9000", "minio")
+    if option == "namespaced":
+        assert "--namespace=ml-team" in container["args"] and "--all-namespaces" not in container["args"]
+        roles = by_kind(docs, "Role")
+        assert sorted(r["metadata"]["namespace"] for r in roles) == ["ml-team", "research"]
+        assert [r["metadata"]["name"] for r in by_kind(docs, "ClusterRole") if "\"batch\"" in json.dumps(r)] == []
+    else:
+        assert "--all-namespaces" in container["args"] and by_kind(docs, "Role") == []
+    if option == "monitoring":
+        (monitor,) = by_kind(docs, "ServiceMonitor")
+        assert monitor["metadata"]["labels"]["release"] == "prom"
+        (rule,) = by_kind(docs, "PrometheusRule")
+        alerts = {r["alert"]: r for r in rule["spec"]["groups"][0]["rules"]}
+        assert set(alerts) == {"DispPurificationJobFailed", "DispPurificationJobStalled", "DispBackdoorNotRemoved",
+                               "DispStageRetriesClimbing", "DispOperatorDown"}
+        assert alerts["DispBackdoorNotRemoved"]["expr"] == "disp_job_asr_after_ratio > 0.05"
+        assert alerts["DispPurificationJobStalled"]["expr"].endswith("> 1800")
+        assert "absent(" in alerts["DispOperatorDown"]["expr"]
+        for alert in alerts.values():
+            assert {"summary", "description", "runbook_url"} <= set(alert["annotations"])
+            anchor = alert["annotations"]["runbook_url"].split("#")[1]
+            assert f"### {alert['alert']}" in (CHART / "README.md").read_text(), anchor
+    else:
+        assert by_kind(docs, "PrometheusRule") == [] and by_kind(docs, "ServiceMonitor") == []
+
+
+def test_the_chart_ships_the_generated_crd_and_keeps_it_on_uninstall():
+    assert (CHART / "files" / "purificationjobs.disp.dev.yaml").read_text() == render_crd()
+    (crd,) = by_kind(render({}), "CustomResourceDefinition")
+    assert crd["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+    assert crd["spec"] == yaml.safe_load(render_crd())["spec"]
+    (crd,) = by_kind(render({"crd": {"keep": False}}), "CustomResourceDefinition")
+    assert "annotations" not in crd["metadata"]
+    assert by_kind(render({"crd": {"install": False}}), "CustomResourceDefinition") == []
+
+
+def test_user_roles_aggregate_into_view_and_edit():
+    roles = {r["metadata"]["name"]: r for r in by_kind(render({}), "ClusterRole")}
+    viewer, editor = roles["disp-operator-viewer"], roles["disp-operator-editor"]
+    assert viewer["metadata"]["labels"]["rbac.authorization.k8s.io/aggregate-to-view"] == "true"
+    assert editor["metadata"]["labels"]["rbac.authorization.k8s.io/aggregate-to-edit"] == "true"
+    assert set(viewer["rules"][0]["verbs"]) == {"get", "list", "watch"}
+
+
+BAD_VALUES = [
+    ("negative replicas", {"replicaCount": -1}, "replicaCount"),
+    ("two replicas", {"replicaCount": 2}, "replicaCount"),
+    ("negative GPUs", {"runner": {"gpus": -1}}, "gpus"),
+    ("unknown top-level key", {"replicas": 1}, "replicas"),
+    ("non-string image tag", {"image": {"tag": 1.2}}, "tag"),
+    ("endpoint without a credentials Secret", {"storage": {"endpoint": "minio:9000"}}, "credentialsSecret"),
+    ("bad namespace", {"watchNamespaces": ["Not_A_Namespace"]}, "watchNamespaces"),
+    ("bad port", {"operator": {"metricsPort": 70000}}, "metricsPort"),
+]
+
+
+@pytest.mark.parametrize("case, values, field", BAD_VALUES, ids=[c[0] for c in BAD_VALUES])
+def test_the_values_schema_rejects(case, values, field):
+    chart = helm_python.Chart.load(str(CHART))
+    merged = _merge(copy.deepcopy(chart.values), values)
+    with pytest.raises(helm_python.HelmError) as exc:
+        chart.validate_schema(merged)
+    assert field in str(exc.value)
+    with pytest.raises(helm_python.HelmError):  # and `helm install` refuses to render them
+        chart.render(values, name="disp", namespace="disp-system")
+
+
+def test_the_default_values_pass_the_schema():
+    chart = helm_python.Chart.load(str(CHART))
+    chart.validate_schema(chart.values)
+
+
+def _merge(base: dict, override: dict) -> dict:
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _merge(base[key], value)
+        else:
+            base[key] = value
+    return base
+
+
+def test_the_dockerfile_passes_hadolint():
+    hadolint = Path(sys.executable).with_name("hadolint")
+    result = subprocess.run([str(hadolint), "--failure-threshold", "info", str(ROOT / "Dockerfile")],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_the_operator_image_needs_no_torch():
+    """The operator target installs only the `operator` extra: importing it must not pull torch."""
+    code = ("import sys; sys.modules['torch'] = None; sys.modules['transformers'] = None; "
+            "import disp_operator.handlers, disp_operator.__main__")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
+ARGO_CASES = [
+    ("no status yet", {}, "Progressing"),
+    ("running", {"phase": "Running", "observedGeneration": 1}, "Progressing"),
+    ("pending", {"phase": "Pending", "observedGeneration": 1}, "Progressing"),
+    ("succeeded", {"phase": "Succeeded", "observedGeneration": 1, "message": "done"}, "Healthy"),
+    ("failed", {"phase": "Failed", "observedGeneration": 1}, "Degraded"),
+    ("suspended", {"phase": "Suspended", "observedGeneration": 1}, "Suspended"),
+    ("generation not observed", {"phase": "Succeeded", "observedGeneration": 0}, "Progressing"),
+    ("suspend not yet observed", {"phase": "Running"}, "Progressing"),
+]
+
+
+@pytest.mark.parametrize("case, status, health", ARGO_CASES, ids=[c[0] for c in ARGO_CASES])
+def test_the_argocd_health_check(case, status, health):
+    from lupa.lua51 import LuaRuntime  # Argo CD runs gopher-lua, a Lua 5.1
+
+    lua = LuaRuntime(unpack_returned_tuples=True)
+    obj = {"apiVersion": "disp.dev/v1alpha1", "kind": "PurificationJob", "metadata": {"name": "x", "generation": 1}}
+    if status:
+        obj["status"] = status
+    script = (CHART / "files" / "argocd-health.lua").read_text()
+    check = lua.eval(f"function(obj) {script} end")
+    result = check(lua.table_from(json.loads(json.dumps(obj)), recursive=True))
+    assert result["status"] == health
+    assert result["message"]
