@@ -5,8 +5,12 @@ PYTHON ?= python3
 # GPU machines may override it, e.g. `make TORCH_SPEC='torch==2.13.0' ...` from their own index.
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
+# checkov (security scan of the chart and the stage Jobs) pins packages that clash with moto's:
+# it gets a virtual environment of its own.
+CHECKOV_VENV ?= .venv-checkov
+CHECKOV_STAMP := $(CHECKOV_VENV)/.installed
 
-.PHONY: demo test setup clean
+.PHONY: demo test setup clean crd
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -15,13 +19,24 @@ $(STAMP): pyproject.toml Makefile
 	$(VENV)/bin/python -m pip install --quiet -e '.[runner,operator,test]'
 	touch $(STAMP)
 
-setup: $(STAMP)
+$(CHECKOV_STAMP): Makefile
+	$(PYTHON) -m venv $(CHECKOV_VENV)
+	$(CHECKOV_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(CHECKOV_VENV)/bin/python -m pip install --quiet "checkov>=3.2,<4"
+	touch $(CHECKOV_STAMP)
+
+setup: $(STAMP) $(CHECKOV_STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/disp demo
 
-test: $(STAMP)
+test: $(STAMP) $(CHECKOV_STAMP)
 	$(VENV)/bin/python -m pytest -q
 
+# The CRD is generated from the typed spec; tests fail when either copy is stale.
+crd: $(STAMP)
+	$(VENV)/bin/python -m disp_operator.crd > crds/purificationjobs.disp.dev.yaml
+	cp crds/purificationjobs.disp.dev.yaml charts/disp-operator/files/purificationjobs.disp.dev.yaml
+
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) $(CHECKOV_VENV) runs .pytest_cache

@@ -46,7 +46,7 @@ def schema_errors(manifest: dict) -> list[str]:
 
 
 def test_the_crd_file_is_what_the_typed_spec_generates():
-    assert CRD_FILE.read_text() == render(), "stale CRD: run `python -m disp_operator.crd > crds/purificationjobs.disp.dev.yaml`"
+    assert CRD_FILE.read_text() == render(), "stale CRD: run `make crd`"
 
 
 def test_the_crd_names_printer_columns_and_status_subresource():
