@@ -112,13 +112,17 @@ def reject(status: PurificationJobStatus, message: str, generation: int, now: da
     return plan
 
 
-def reconcile(job: PurificationJob, status: PurificationJobStatus, generation: int, observed: Observation,
-              backoff: RetryBackoff = RetryBackoff()) -> Plan:
-    """One step of the state machine described in the module docstring."""
+def reconcile(job: Optional[PurificationJob], status: PurificationJobStatus, generation: int,
+              observed: Observation, backoff: RetryBackoff = RetryBackoff()) -> Plan:
+    """One step of the state machine described in the module docstring. `job` may be None only
+    for a finished job (whose spec no longer matters)."""
     now = observed.now
     plan = Plan(status)
     if status.phase.finished:
-        return plan  # terminal: the spec is immutable, so nothing can change the outcome
+        # Terminal: nothing changes the outcome; a later edit (suspend) is only acknowledged.
+        plan.status = status.model_copy(update={"observed_generation": max(status.observed_generation, generation)})
+        return plan
+    assert job is not None, "an unfinished job is reconciled against its spec"
     stages = list(status.stages) or initial_stages(job)
     if job.spec.policy.suspend:
         _suspend(plan, stages, generation, now)

@@ -32,6 +32,7 @@ from disp_operator.validation import ClusterFacts, InvalidSpec, check_cluster, c
 from disp_runner.store.s3 import StoreError, StoreUnavailableError
 
 ERROR_BACKOFF = 5.0  # seconds before a pass that raised is repeated
+FINISHED_INTERVAL = 60.0  # a finished job is only looked at for spec edits to acknowledge
 
 
 @dataclass
@@ -75,8 +76,6 @@ class JobLoop:
                     delay = ERROR_BACKOFF
                 finally:
                     self.rt.metrics.handler_latency.observe(time.perf_counter() - started)
-                if delay is None:
-                    return  # finished: nothing will ever change
                 await self._sleep(delay, stopped)
         finally:
             self.rt.wakeups.pop((self.namespace, self.name), None)
@@ -92,20 +91,22 @@ class JobLoop:
                 continue
         self.wake.clear()
 
-    async def tick(self) -> Optional[float]:
-        """One pass; returns seconds until the next, or None once the job is finished."""
+    async def tick(self) -> float:
+        """One pass; returns seconds until the next."""
         now = datetime.now(timezone.utc)
         generation = int(self.body.metadata.get("generation") or 1)
         if self.status.phase.finished:
-            self._record_metrics(self.status, None)
-            return None
+            # Nothing changes a finished job's outcome, but a later spec edit (suspend) is still
+            # acknowledged, so GitOps tools do not wait for it forever.
+            await self._apply(reconcile(None, self.status, generation, Observation(now=now)), job=None)
+            return FINISHED_INTERVAL
         try:
             job = effective_job(self.body, self.rt.config)
             if not self.validated:
                 await self._validate(job)
         except InvalidSpec as exc:
             await self._apply(reject(self.status, str(exc), generation, now), job=None)
-            return None
+            return FINISHED_INTERVAL
         if self.store is None:
             self.store = await self._open_store(job)
         observed = Observation(now=now, children=self._children(), pods=self._pods(),
@@ -118,7 +119,7 @@ class JobLoop:
             plan = reconcile(job, self.status, generation, observed, self.rt.config.backoff)
         await self._apply(plan, job)
         if plan.status.phase.finished:
-            return None
+            return FINISHED_INTERVAL
         interval = self.rt.config.reconcile_interval
         return min(interval, plan.requeue_after) if plan.requeue_after is not None else interval
 
@@ -181,22 +182,21 @@ class JobLoop:
             kopf.event(self.body, type=event.type.value, reason=event.reason.value, message=event.message)
         self._record_metrics(old, plan)
 
-    def _record_metrics(self, old: PurificationJobStatus, plan: Optional[Plan]) -> None:
-        metrics, new = self.rt.metrics, plan.status if plan else old
+    def _record_metrics(self, old: PurificationJobStatus, plan: Plan) -> None:
+        metrics, new = self.rt.metrics, plan.status
         metrics.set_phase(self.namespace, self.name, new.phase)
-        if plan is not None:
-            for stage, kind in plan.retries:
-                metrics.stage_retries.labels(stage.value, kind.value).inc()
-            previous = {s.name: s.phase for s in old.stages}
-            for stage in new.stages:
-                finished = stage.phase in (StagePhase.SUCCEEDED, StagePhase.FAILED)
-                if finished and previous.get(stage.name) != stage.phase and stage.completion_time:
-                    start = stage.start_time or stage.completion_time
-                    metrics.stage_finished(stage.name, stage.phase is StagePhase.SUCCEEDED,
-                                           (stage.completion_time - start).total_seconds())
-                    if stage.phase is StagePhase.FAILED:
-                        reason = plan.failure_reason.value if plan.failure_reason else "Unknown"
-                        metrics.stage_failures.labels(stage.name.value, reason).inc()
+        for stage, kind in plan.retries:
+            metrics.stage_retries.labels(stage.value, kind.value).inc()
+        previous = {s.name: s.phase for s in old.stages}
+        for stage in new.stages:
+            finished = stage.phase in (StagePhase.SUCCEEDED, StagePhase.FAILED)
+            if finished and previous.get(stage.name) != stage.phase and stage.completion_time:
+                start = stage.start_time or stage.completion_time
+                metrics.stage_finished(stage.name, stage.phase is StagePhase.SUCCEEDED,
+                                       (stage.completion_time - start).total_seconds())
+                if stage.phase is StagePhase.FAILED:
+                    reason = plan.failure_reason.value if plan.failure_reason else "Unknown"
+                    metrics.stage_failures.labels(stage.name.value, reason).inc()
         if new.phase.finished:
             metrics.set_outcome(self.namespace, self.name, new.metrics)
         elif new.phase is JobPhase.RUNNING:

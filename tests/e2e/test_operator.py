@@ -279,3 +279,30 @@ def test_an_invalid_spec_fails_at_once_without_children(cluster, kubelet, s3, up
     assert kubelet.started == [] and cluster.jobs(NAMESPACE) == []
     (event,) = [e for e in cluster.events(NAMESPACE) if e["reason"] == "InvalidSpec"]
     assert event["type"] == "Warning" and message in event["message"]
+
+
+def test_deleting_a_job_with_cleanup_removes_its_intermediates_but_keeps_the_model(cluster, kubelet, s3, uploaded,
+                                                                                   monkeypatch):
+    store = S3Store(s3, ACCESS, SECRET, secure=False)
+    run_key = f"{uploaded}/runs/{NAMESPACE}/tidy/{UID}"
+    with operator(monkeypatch):
+        cluster.create_job(standin_manifest(s3, uploaded, "tidy", policy={"cleanupArtifacts": True}), uid=UID)
+        cluster.wait_for(NAMESPACE, "tidy", finished, 60, "the job to finish")
+        store.put_bytes("runs", f"{run_key}/finetune/model/config.json", b"{}")  # what the real finetune leaves
+        assert store.exists("runs", f"{run_key}/evaluate/metrics.json")
+        cluster.custom.delete_namespaced_custom_object("disp.dev", "v1alpha1", NAMESPACE, "purificationjobs", "tidy")
+        wait_until(lambda: not any(o["metadata"]["name"] == "tidy" for o in cluster.custom.list_namespaced_custom_object(
+            "disp.dev", "v1alpha1", NAMESPACE, "purificationjobs")["items"]), 20, "the job to be deleted")
+    left = sorted(key for key, _, _ in store.list("runs", run_key + "/"))
+    assert left == [f"{run_key}/finetune/model/config.json"]
+
+
+def test_without_cleanup_a_deleted_job_leaves_its_artifacts(cluster, kubelet, s3, uploaded, monkeypatch):
+    store = S3Store(s3, ACCESS, SECRET, secure=False)
+    with operator(monkeypatch):
+        cluster.create_job(standin_manifest(s3, uploaded, "keep"), uid=UID)
+        cluster.wait_for(NAMESPACE, "keep", finished, 60, "the job to finish")
+        cluster.custom.delete_namespaced_custom_object("disp.dev", "v1alpha1", NAMESPACE, "purificationjobs", "keep")
+        wait_until(lambda: not cluster.custom.list_namespaced_custom_object(
+            "disp.dev", "v1alpha1", NAMESPACE, "purificationjobs")["items"], 20, "the job to be deleted")
+    assert store.exists("runs", f"{uploaded}/runs/{NAMESPACE}/keep/{UID}/evaluate/metrics.json")

@@ -192,3 +192,34 @@ def test_the_operator_alone_refuses_them_too():
 def test_pickle_weights_pass_with_the_opt_in():
     job = parse_job(job_body(model={"uri": "s3://models/m", "allowUnsafePickle": True}))
     check_cluster(job, ClusterFacts(SECRET, ("config.json", "pytorch_model.bin")))
+
+
+def _defaulted(spec: dict) -> dict:
+    """The spec as the API server stores it: defaults filled in, nulls pruned."""
+    from disp_api import PurificationJobSpec
+
+    return PurificationJobSpec.model_validate(spec).model_dump(mode="json", by_alias=True, exclude_none=True)
+
+
+@pytest.mark.parametrize("case, change, allowed", [
+    ("no change", {}, True),
+    ("suspend", {"policy": {"suspend": True}}, True),
+    ("model uri", {"model": {"uri": "s3://models/other"}}, False),
+    ("masking ratio", {"masking": {"ratio": 0.5}}, False),
+    ("evaluation added", {"evaluation": {"attack": {}, "triggeredUri": "s3://e/t"}}, False),
+    ("backoff limit", {"policy": {"backoffLimit": 9}}, False),
+    ("deadline added", {"policy": {"activeDeadlineSeconds": 60}}, False),
+])
+def test_the_cel_rule_allows_only_suspend_to_change(case, change, allowed):
+    import celpy  # the CEL the API server evaluates (cel-python implements the same language)
+
+    rule = crd_schema()["properties"]["spec"]["x-kubernetes-validations"][0]["rule"]
+    old_spec = job_body()["spec"]
+    new_spec = copy.deepcopy(old_spec)
+    for key, value in change.items():
+        new_spec[key] = {**new_spec.get(key, {}), **value} if isinstance(value, dict) else value
+    env = celpy.Environment()
+    program = env.program(env.compile(rule))
+    verdict = program.evaluate({"self": celpy.json_to_cel(_defaulted(new_spec)),
+                                "oldSelf": celpy.json_to_cel(_defaulted(old_spec))})
+    assert bool(verdict) is allowed

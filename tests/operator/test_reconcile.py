@@ -260,3 +260,12 @@ def test_observed_generation_follows_the_object(job):
 def test_backoff_is_capped():
     assert RetryBackoff(10, 60).delay(10) == timedelta(seconds=60)
     assert [RetryBackoff(10, 600).delay(n).total_seconds() for n in (1, 2, 3)] == [10, 20, 40]
+
+
+def test_a_finished_job_only_acknowledges_later_edits():
+    job = make_job()
+    plan = run_to(job, StageName.FINETUNE)
+    done = step(job, plan.status, jobs=[k8s_job("purify-finetune", "succeeded")])
+    edited = reconcile(None, done.status, 2, Observation(now=T0 + timedelta(hours=1)))
+    assert edited.status.observed_generation == 2 and edited.status.phase is JobPhase.SUCCEEDED
+    assert edited.create == [] and edited.delete == [] and edited.events == []
