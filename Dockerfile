@@ -26,13 +26,17 @@ RUN python -m venv /opt/disp \
     && /opt/disp/bin/pip install --no-cache-dir "${TORCH_SPEC}" \
     && /opt/disp/bin/pip install --no-cache-dir ".[runner]"
 
-FROM ${PYTHON_IMAGE} AS operator
-LABEL org.opencontainers.image.title="disp-operator" \
-      org.opencontainers.image.description="Kubernetes operator for DiSP backdoor purification of MDLMs" \
-      org.opencontainers.image.licenses="Apache-2.0"
+# What both final images share: the non-root user the pods run as (UID 10001, as the operator's
+# Job builder and the chart's securityContext expect) and the venv on PATH.
+FROM ${PYTHON_IMAGE} AS final-base
+LABEL org.opencontainers.image.licenses="Apache-2.0"
 RUN groupadd --gid 10001 disp && useradd --uid 10001 --gid 10001 --no-create-home --shell /usr/sbin/nologin disp
-COPY --from=build-operator /opt/disp /opt/disp
 ENV PATH=/opt/disp/bin:$PATH PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
+
+FROM final-base AS operator
+LABEL org.opencontainers.image.title="disp-operator" \
+      org.opencontainers.image.description="Kubernetes operator for DiSP backdoor purification of MDLMs"
+COPY --from=build-operator /opt/disp /opt/disp
 USER 10001:10001
 EXPOSE 8080 9090
 # Kubernetes probes /healthz itself; this is for plain `docker run`.
@@ -40,15 +44,12 @@ HEALTHCHECK --interval=30s --timeout=5s CMD ["python", "-c", "import urllib.requ
 ENTRYPOINT ["disp"]
 CMD ["operator", "--all-namespaces"]
 
-FROM ${PYTHON_IMAGE} AS runner
+FROM final-base AS runner
 LABEL org.opencontainers.image.title="disp-runner" \
-      org.opencontainers.image.description="DiSP stage runner (saliency, masking, relabel, finetune, evaluate)" \
-      org.opencontainers.image.licenses="Apache-2.0"
-RUN groupadd --gid 10001 disp && useradd --uid 10001 --gid 10001 --no-create-home --shell /usr/sbin/nologin disp
+      org.opencontainers.image.description="DiSP stage runner (saliency, masking, relabel, finetune, evaluate)"
 COPY --from=build-runner /opt/disp /opt/disp
 # The root filesystem is read-only in the pods: caches and temporary files go to the scratch volume.
-ENV PATH=/opt/disp/bin:$PATH PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 \
-    HF_HUB_OFFLINE=1 DISP_SCRATCH=/scratch HOME=/scratch/home HF_HOME=/scratch/hf TMPDIR=/scratch/tmp
+ENV HF_HUB_OFFLINE=1 DISP_SCRATCH=/scratch HOME=/scratch/home HF_HOME=/scratch/hf TMPDIR=/scratch/tmp
 USER 10001:10001
 # A batch container (no server to probe); the operator reads its exit code.
 HEALTHCHECK NONE

@@ -1,6 +1,7 @@
 import os
 
 import pytest
+from moto.server import ThreadedMotoServer
 
 # Tests must be reproducible and fast on two cores.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -26,3 +27,13 @@ def insertion_attack(tmp_path_factory):
     artifacts = run_attack(SHIPPED_BASE_MODEL, train, test, attack, root / "attack", show_progress=False)
     write_dataset(test, root / "clean")
     return root, attack, artifacts, test
+
+
+@pytest.fixture(scope="module")
+def s3_endpoint():
+    """A real S3 server (moto's) on loopback, host:port, shared by a test module."""
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"{host}:{port}"
+    server.stop()

@@ -1,7 +1,10 @@
 """Base model of every contract: camelCase on the wire, snake_case in Python, unknown fields are
 errors, instances are immutable."""
 
-from pydantic import BaseModel, ConfigDict
+from dataclasses import dataclass
+from typing import Union
+
+from pydantic import BaseModel, ConfigDict, ValidationError
 from pydantic.alias_generators import to_camel
 
 
@@ -17,3 +20,24 @@ class ContractModel(BaseModel):
     def to_wire(self) -> dict:
         """JSON-ready dict with camelCase keys, as written to files and Kubernetes objects."""
         return self.model_dump(mode="json", by_alias=True)
+
+
+@dataclass(frozen=True)
+class FieldError:
+    """The first error of a failed validation, as a user should read it."""
+
+    loc: list[Union[str, int]]  # path to the bad field (pydantic's validator-function parts dropped)
+    message: str  # "unknown field" for a misspelt key, pydantic's message otherwise, "(and N more)"
+
+    @classmethod
+    def first_of(cls, exc: ValidationError) -> "FieldError":
+        err = exc.errors()[0]
+        loc = [part for part in err["loc"] if not (isinstance(part, str) and part.startswith("function-"))]
+        message = "unknown field" if err["type"] == "extra_forbidden" else err["msg"]
+        if exc.error_count() > 1:
+            message += f" (and {exc.error_count() - 1} more)"
+        return cls(loc, message)
+
+    @property
+    def field(self) -> str:
+        return ".".join(str(part) for part in self.loc)

@@ -52,15 +52,13 @@ class EvaluationMetrics(ContractModel):
     """Wall time of the evaluation."""
 
 
-class PurificationMetrics(ContractModel):
-    """`evaluate/metrics.json` of a purification run: the compromised model against the purified one."""
+class MetricsSummary(ContractModel):
+    """The headline numbers of a purification run: what the operator copies into the status."""
 
-    schema_version: int = METRICS_SCHEMA_VERSION
-    """Version of this schema."""
     asr_before: float = Field(ge=0.0, le=1.0)
-    """ASR of the compromised model on triggered inputs."""
+    """Attack success rate (ASR) of the compromised model on triggered inputs."""
     asr_after: float = Field(ge=0.0, le=1.0)
-    """ASR of the purified model on triggered inputs."""
+    """Attack success rate (ASR) of the purified model on triggered inputs."""
     false_firing_before: float = Field(ge=0.0, le=1.0)
     """Attack rule firing without the trigger, compromised model."""
     false_firing_after: float = Field(ge=0.0, le=1.0)
@@ -71,6 +69,13 @@ class PurificationMetrics(ContractModel):
     """Clean accuracy of the purified model."""
     retention: Optional[float] = Field(None, ge=0.0)
     """clean_performance_after / clean_performance_before."""
+
+
+class PurificationMetrics(MetricsSummary):
+    """`evaluate/metrics.json` of a purification run: the compromised model against the purified one."""
+
+    schema_version: int = METRICS_SCHEMA_VERSION
+    """Version of this schema."""
     before: EvaluationMetrics
     """Full evaluation of the compromised model."""
     after: EvaluationMetrics

@@ -12,6 +12,7 @@ from typing import Optional
 from pydantic import Field
 
 from disp_api.base import ContractModel
+from disp_api.metrics import MetricsSummary
 from disp_api.spec import StageName
 
 
@@ -126,25 +127,6 @@ class JobProgress(ContractModel):
     """The stage running now."""
     last_update_time: Optional[datetime] = None
     """When the runner last reported progress (alert on it going stale)."""
-
-
-class MetricsSummary(ContractModel):
-    """The headline numbers of the evaluate stage's metrics.json (same keys)."""
-
-    asr_before: float = Field(ge=0.0, le=1.0)
-    """Attack success rate of the compromised model on triggered inputs."""
-    asr_after: float = Field(ge=0.0, le=1.0)
-    """Attack success rate of the purified model on triggered inputs."""
-    false_firing_before: float = Field(ge=0.0, le=1.0)
-    """Target behaviour on the same inputs without the trigger, compromised model."""
-    false_firing_after: float = Field(ge=0.0, le=1.0)
-    """The same for the purified model."""
-    clean_performance_before: Optional[float] = Field(None, ge=0.0, le=1.0)
-    """Clean accuracy of the compromised model (when a clean set is given)."""
-    clean_performance_after: Optional[float] = Field(None, ge=0.0, le=1.0)
-    """Clean accuracy of the purified model."""
-    retention: Optional[float] = Field(None, ge=0.0)
-    """clean_performance_after / clean_performance_before."""
 
 
 class PurificationJobStatus(ContractModel):

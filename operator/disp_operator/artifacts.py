@@ -13,9 +13,8 @@ from typing import Mapping, Optional
 
 from pydantic import ValidationError
 
-from disp_api import PurificationJob, PurificationMetrics, StageName
+from disp_api import MetricsSummary, PurificationJob, PurificationMetrics, StageName
 from disp_api.spec import PURIFIED_MODEL_PATH
-from disp_api.status import MetricsSummary
 from disp_operator.reconcile import RunnerProgress
 from disp_runner.store.s3 import RetryPolicy, S3Store, StoreError
 
@@ -77,8 +76,7 @@ class RunStore:
             metrics = PurificationMetrics.model_validate(json.loads(raw))
         except (ValueError, ValidationError) as exc:
             raise StoreError(f"s3://{self.bucket}/{self.run_key}/{METRICS_FILE}: not a metrics file ({exc})") from None
-        summary_fields = set(MetricsSummary.model_fields)
-        return MetricsSummary.model_validate(metrics.model_dump(include=summary_fields))
+        return MetricsSummary.model_validate(metrics.model_dump(include=set(MetricsSummary.model_fields)))
 
     def delete_intermediates(self) -> int:
         """Delete the run's files except the purified model; returns how many were deleted."""

@@ -8,7 +8,8 @@ from typing import Optional
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from disp_api import StageName
-from disp_api.status import JobPhase, MetricsSummary
+from disp_api import MetricsSummary
+from disp_api.status import JobPhase
 
 # Stages take seconds (embedded model) to many hours (billions of parameters on GPUs).
 STAGE_BUCKETS = (1, 5, 15, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200, 14400, 28800, 86400, float("inf"))

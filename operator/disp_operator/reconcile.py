@@ -18,7 +18,7 @@ from datetime import datetime, timedelta
 from enum import Enum
 from typing import Mapping, Optional
 
-from disp_api import PurificationJob, StageName
+from disp_api import MetricsSummary, PurificationJob, StageName
 from disp_api.spec import PURIFIED_MODEL_PATH
 from disp_api.status import (
     Condition,
@@ -26,7 +26,6 @@ from disp_api.status import (
     ConditionType,
     JobPhase,
     JobProgress,
-    MetricsSummary,
     PurificationJobStatus,
     Reason,
     StagePhase,

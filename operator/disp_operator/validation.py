@@ -11,6 +11,7 @@ from typing import Any, Mapping, Optional
 from pydantic import ValidationError
 
 from disp_api import PurificationJob
+from disp_api.base import FieldError
 
 SAFE_WEIGHTS = (".safetensors",)
 PICKLE_WEIGHTS = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -32,11 +33,8 @@ def parse_job(body: Mapping[str, Any]) -> PurificationJob:
     try:
         return PurificationJob.model_validate(document)
     except ValidationError as exc:
-        err = exc.errors()[0]
-        loc = [str(part) for part in err["loc"] if not str(part).startswith("function-")]
-        message = "unknown field" if err["type"] == "extra_forbidden" else err["msg"]
-        more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
-        raise InvalidSpec(f"{'.'.join(loc) or 'spec'}: {message}{more}") from None
+        error = FieldError.first_of(exc)
+        raise InvalidSpec(f"{error.field or 'spec'}: {error.message}") from None
 
 
 def s3_uri_fields(job: PurificationJob) -> dict[str, str]:

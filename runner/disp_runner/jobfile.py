@@ -11,6 +11,7 @@ import yaml
 from pydantic import ValidationError
 
 from disp_api import PurificationJob
+from disp_api.base import FieldError
 from disp_runner.errors import UserInputError
 
 
@@ -61,13 +62,7 @@ def parse_job_text(text: str, path: str) -> PurificationJob:
     try:
         return PurificationJob.model_validate(document)
     except ValidationError as exc:
-        err = exc.errors()[0]
-        loc = [part for part in err["loc"] if not (isinstance(part, str) and part.startswith("function-"))]
-        field = ".".join(str(p) for p in loc) or "manifest"
-        line = _line_of(tree, loc)
+        error = FieldError.first_of(exc)
+        line = _line_of(tree, error.loc)
         where = f"{path}:{line}" if line else str(path)
-        message = err["msg"]
-        if err["type"] == "extra_forbidden":
-            message = "unknown field"
-        more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
-        raise UserInputError(f"{where}: {field}: {message}{more}") from None
+        raise UserInputError(f"{where}: {error.field or 'manifest'}: {error.message}") from None

@@ -15,10 +15,8 @@ from pathlib import Path
 import pytest
 from kopf.testing import KopfRunner
 from minio import Minio
-from moto.server import ThreadedMotoServer
 
-from disp_api import StageName
-from disp_api.status import MetricsSummary
+from disp_api import MetricsSummary, StageName
 from disp_runner.store.s3 import S3Store
 from tests.operator.cluster import STANDIN_IMAGE, EmulatedCluster, Kubelet, PodFault
 from tests.runner.conftest import tiny_model, tokenizer  # noqa: F401  (fixtures of `workspace`)
@@ -30,13 +28,10 @@ ALL_STAGES = [s.value for s in StageName]
 UID = "5f0c7a52-0000-4000-8000-00000000e2e1"
 
 
-@pytest.fixture(scope="module")
-def s3():
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
-    server.start()
-    host, port = server.get_host_and_port()
-    yield f"{host}:{port}"
-    server.stop()
+@pytest.fixture
+def s3(s3_endpoint):
+    """The loopback S3 server of this module (tests/conftest.py)."""
+    return s3_endpoint
 
 
 @pytest.fixture

@@ -6,7 +6,8 @@ import pytest
 from prometheus_client import generate_latest
 
 from disp_api import StageName
-from disp_api.status import JobPhase, MetricsSummary
+from disp_api import MetricsSummary
+from disp_api.status import JobPhase
 from disp_operator.config import ConfigError, OperatorConfig
 from disp_operator.metrics import OperatorMetrics
 

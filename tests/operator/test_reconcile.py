@@ -4,12 +4,11 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta, timezone
 
-from disp_api import StageName
+from disp_api import MetricsSummary, StageName
 from disp_api.status import (
     ConditionStatus,
     ConditionType,
     JobPhase,
-    MetricsSummary,
     PurificationJobStatus,
     Reason,
     StagePhase,

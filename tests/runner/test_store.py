@@ -18,15 +18,6 @@ from .test_pipeline import job_document, workspace  # noqa: F401  (the tiny mode
 ACCESS, SECRET = "testing-access", "testing-secret"
 
 
-@pytest.fixture(scope="module")
-def s3_endpoint():
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
-    server.start()
-    host, port = server.get_host_and_port()
-    yield f"{host}:{port}"
-    server.stop()
-
-
 @pytest.fixture
 def bucket(s3_endpoint, request):
     name = "b-" + request.node.name.lower().replace("_", "-")[:40].strip("-")
