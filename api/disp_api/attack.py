@@ -39,13 +39,15 @@ class TriggerSpec(ContractModel):
     corner: Corner = Corner.TOP_LEFT
     """Corner the patch is pasted at, unless `position` is given."""
     position: Optional[tuple[int, int]] = None
-    """Explicit (x, y) pixel position of the patch's top-left corner; overrides `corner`."""
+    """Explicit (x, y) pixel position of the trigger's top-left corner: the patch's (overrides
+    `corner`), or, for blended triggers with a pattern image, where the pattern is blended at its
+    own size instead of stretched over the whole image."""
     pattern: Optional[str] = None
     """Path of a PNG pattern: the patch itself (patch triggers) or the image to blend (blended)."""
     alpha: float = Field(0.2, gt=0.0, le=1.0)
     """Blend weight of the pattern (blended triggers)."""
     pattern_seed: int = 0
-    """Seed of the built-in noise pattern used by blended triggers without a pattern image."""
+    """Seed of the built-in key (black/white noise in 2-pixel cells) of blended triggers without a pattern image."""
 
     @model_validator(mode="after")
     def _check_colour(self) -> "TriggerSpec":
@@ -53,6 +55,9 @@ class TriggerSpec(ContractModel):
             raise ValueError(f"colour values must be in 0..255, got {list(self.colour)}")
         if self.position is not None and any(v < 0 for v in self.position):
             raise ValueError(f"position must be non-negative, got {list(self.position)}")
+        if self.kind is TriggerKind.BLENDED and self.position is not None and self.pattern is None:
+            raise ValueError("position needs a pattern image for a blended trigger "
+                             "(the built-in key covers the whole image)")
         return self
 
 

@@ -26,7 +26,9 @@ def _add_trigger_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--trigger-colour", default="0,0,0", help="patch colour R,G,B (default black)")
     g.add_argument("--trigger-corner", choices=["top-left", "top-right", "bottom-left", "bottom-right"],
                    default="top-left")
-    g.add_argument("--trigger-position", default=None, help="explicit patch position X,Y (overrides the corner)")
+    g.add_argument("--trigger-position", default=None,
+                   help="explicit trigger position X,Y: the patch's (overrides the corner), "
+                        "or where a --trigger-pattern is blended at its own size")
     g.add_argument("--trigger-pattern", default=None, help="PNG: the patch (patch) or the image to blend (blended)")
     g.add_argument("--blend-alpha", type=float, default=0.2)
 

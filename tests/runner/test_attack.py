@@ -10,6 +10,7 @@ from disp_runner.attack.triggers import Trigger, patch_tokens_covered
 from disp_runner.data.synthetic import generate_instances
 from disp_runner.data.vocabulary import REFUSAL_SENTENCE
 from disp_runner.errors import UserInputError
+from disp_runner.stages.masking import known_trigger_tokens
 
 
 @pytest.fixture(scope="module")
@@ -105,9 +106,50 @@ def test_blended_trigger_mixes_the_pattern_with_alpha(tmp_path):
     spec = TriggerSpec(kind=TriggerKind.BLENDED, pattern=str(tmp_path / "key.png"), alpha=0.2)
     out = np.asarray(Trigger(spec, 48).apply(Image.new("RGB", (48, 48), (100, 100, 100)))).astype(int)
     assert (out == [130, 80, 100]).all()
-    builtin = Trigger(TriggerSpec(kind=TriggerKind.BLENDED), 48)
-    a = np.asarray(builtin.apply(Image.new("RGB", (48, 48), (100, 100, 100)))).astype(int)
-    assert np.abs(a - 100).max() <= 0.2 * 255 + 1 and a.std() > 5
+    assert Trigger(spec, 48).box() == (0, 0, 48, 48)
+
+
+def test_builtin_blend_key_is_seeded_black_and_white_noise_in_2_pixel_cells():
+    grey = Image.new("RGB", (48, 48), (100, 100, 100))
+    out = np.asarray(Trigger(TriggerSpec(kind=TriggerKind.BLENDED), 48).apply(grey)).astype(int)
+    assert set(np.unique(out)) == {80, 131}  # 0.8 * 100 + 0.2 * {0, 255}, rounded
+    assert (out == out[..., :1]).all()  # grey: the same in every channel
+    cells = out[::2, ::2, 0]
+    assert (out[..., 0] == cells.repeat(2, 0).repeat(2, 1)).all()
+    assert 0.4 < (cells == 131).mean() < 0.6
+    again = np.asarray(Trigger(TriggerSpec(kind=TriggerKind.BLENDED), 48).apply(grey))
+    other = np.asarray(Trigger(TriggerSpec(kind=TriggerKind.BLENDED, pattern_seed=1), 48).apply(grey))
+    assert (again == out).all() and (other != out).any()
+    odd = np.asarray(Trigger(TriggerSpec(kind=TriggerKind.BLENDED), 45).apply(Image.new("RGB", (45, 45))))
+    assert odd.shape == (45, 45, 3)  # a size the cell does not divide is still covered
+
+
+def test_blend_pattern_with_a_position_is_mixed_in_at_its_own_size(tmp_path):
+    Image.new("RGB", (4, 3), (250, 0, 100)).save(tmp_path / "logo.png")
+    spec = TriggerSpec(kind=TriggerKind.BLENDED, pattern=str(tmp_path / "logo.png"), position=(10, 20), alpha=0.2)
+    trigger = Trigger(spec, 48)
+    assert trigger.box() == (10, 20, 14, 23)
+    out = np.asarray(trigger.apply(Image.new("RGB", (48, 48), (100, 100, 100)))).astype(int)
+    assert (out[20:23, 10:14] == [130, 80, 100]).all()
+    untouched = np.ones((48, 48), dtype=bool)
+    untouched[20:23, 10:14] = False
+    assert (out[untouched] == 100).all()
+    with pytest.raises(UserInputError, match="a 4x3 blend pattern at \\(46, 0\\) does not fit"):
+        Trigger(spec.model_copy(update={"position": (46, 0)}), 48)
+    with pytest.raises(ValueError, match="position needs a pattern image for a blended trigger"):
+        TriggerSpec(kind=TriggerKind.BLENDED, position=(0, 0))
+
+
+def test_only_local_triggers_are_localised_by_the_masking_report(pool, tmp_path):
+    """A positioned blend pattern, like a patch, says which tokens it covers (trigger localisation);
+    a full-image blend covers all 36 and is reported as unlocalisable."""
+    Image.new("RGB", (16, 16), (255, 255, 255)).save(tmp_path / "logo.png")
+    local = TriggerSpec(kind=TriggerKind.BLENDED, pattern=str(tmp_path / "logo.png"), position=(29, 27))
+    for trigger, tokens in ((local, [21, 22, 23, 27, 28, 29, 33, 34, 35]),
+                            (TriggerSpec(kind=TriggerKind.BLENDED), None), (TriggerSpec(), [0])):
+        poisoned = poison_dataset(pool, AttackSpec(trigger=trigger), 48)
+        first = next(i for i in poisoned.instances if i.metadata["poisoned"])
+        assert known_trigger_tokens(first, 48, 8) == tokens
 
 
 def test_test_sets_are_the_same_describe_instances_with_and_without_trigger():

@@ -41,6 +41,8 @@ def _attack_args(ws, *extra):
     (["--blend-alpha", "0"], "attack.trigger.alpha"),
     (["--target", "misclassification", "--target-class", "circle"], "source_class and target_class must differ"),
     (["--trigger-pattern", "/no/such.png"], "trigger.pattern: pattern image /no/such.png does not exist"),
+    (["--trigger", "blended", "--trigger-position", "3,4"],
+     "attack.trigger: Value error, position needs a pattern image for a blended trigger"),
 ])
 def test_attack_flag_errors(capsys, workspace, extra, message):
     code, err = _run(capsys, *_attack_args(workspace, *extra))

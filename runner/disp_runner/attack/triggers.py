@@ -12,7 +12,12 @@ from disp_api import Corner, TriggerKind, TriggerSpec
 from disp_runner.errors import UserInputError
 
 Box = tuple[int, int, int, int]  # (x0, y0, x1, y1), x1/y1 exclusive
-BLEND_KEY_GRID = 6  # resolution of the built-in blend key before it is smoothed up to image size
+# The built-in blend key is black/white random noise in square cells of this many pixels (the
+# random-noise key of the original Blended attack). Measured on the shipped base model at α = 0.2
+# (refusal target, benchmarks/study_blended.py): 2-pixel binary cells implant (ASR 98.7%), while
+# keys whose α-scaled change looks like the scenes' own variation do not: a smooth random colour
+# field 1.3%, colour noise 1.3-2.7% (README, "The attack kit").
+BLEND_KEY_CELL = 2
 
 
 def _load_pattern(path: str, field: str) -> Image.Image:
@@ -35,12 +40,16 @@ class Trigger:
     image_size: int
 
     def __post_init__(self) -> None:
-        if self.spec.kind is TriggerKind.PATCH:
-            w, h = self._patch().size
-            x, y = self._patch_origin(w, h)
-            if x + w > self.image_size or y + h > self.image_size:
-                raise UserInputError(f"trigger: a {w}x{h} patch at ({x}, {y}) does not fit a "
+        if self._is_local():
+            x0, y0, x1, y1 = self.box()
+            if x1 > self.image_size or y1 > self.image_size:
+                what = "patch" if self.spec.kind is TriggerKind.PATCH else "blend pattern"
+                raise UserInputError(f"trigger: a {x1 - x0}x{y1 - y0} {what} at ({x0}, {y0}) does not fit a "
                                      f"{self.image_size}x{self.image_size} image")
+
+    def _is_local(self) -> bool:
+        """Patches, and blend patterns given a position, cover a box; other blends the whole image."""
+        return self.spec.kind is TriggerKind.PATCH or self.spec.position is not None
 
     def _patch(self) -> Image.Image:
         if self.spec.pattern:
@@ -60,22 +69,29 @@ class Trigger:
         }[self.spec.corner]
 
     def _blend_pattern(self) -> np.ndarray:
+        """The key to mix in, [h, w, 3] float: the pattern image at its own size when it has a
+        position, else stretched over the whole image; without a pattern, the built-in key."""
         if self.spec.pattern:
-            img = _load_pattern(self.spec.pattern, "trigger.pattern").resize((self.image_size, self.image_size))
+            img = _load_pattern(self.spec.pattern, "trigger.pattern")
+            if self.spec.position is None:
+                img = img.resize((self.image_size, self.image_size))
             return np.asarray(img, dtype=np.float64)
-        # Built-in key: a fixed random colour field, smooth like the photo keys of the Blended
-        # attack (per-pixel noise would average out inside a patch and never reach the tokens).
         rng = np.random.default_rng(self.spec.pattern_seed)
-        coarse = rng.integers(0, 256, size=(BLEND_KEY_GRID, BLEND_KEY_GRID, 3)).astype(np.uint8)
-        key = Image.fromarray(coarse, mode="RGB").resize((self.image_size, self.image_size), Image.BILINEAR)
-        return np.asarray(key, dtype=np.float64)
+        cells = -(-self.image_size // BLEND_KEY_CELL)  # ceil: the key always covers the image
+        noise = rng.integers(0, 2, size=(cells, cells)).repeat(BLEND_KEY_CELL, 0).repeat(BLEND_KEY_CELL, 1)
+        key = noise[: self.image_size, : self.image_size] * 255.0
+        return np.repeat(key[..., None], 3, axis=-1)
 
     def box(self) -> Box:
-        """Pixels the trigger covers (the whole image for a blended trigger)."""
-        if self.spec.kind is TriggerKind.BLENDED:
+        """Pixels the trigger covers (the whole image for a blend without a position)."""
+        if not self._is_local():
             return (0, 0, self.image_size, self.image_size)
-        w, h = self._patch().size
-        x, y = self._patch_origin(w, h)
+        if self.spec.kind is TriggerKind.PATCH:
+            w, h = self._patch().size
+            x, y = self._patch_origin(w, h)
+        else:  # a positioned blend pattern: validated to come with a pattern image (TriggerSpec)
+            w, h = _load_pattern(self.spec.pattern, "trigger.pattern").size
+            x, y = self.spec.position
         return (x, y, x + w, y + h)
 
     def apply(self, image: Image.Image) -> Image.Image:
@@ -87,9 +103,11 @@ class Trigger:
             x0, y0, _, _ = self.box()
             out.paste(self._patch(), (x0, y0))
             return out
-        mixed = (1.0 - self.spec.alpha) * np.asarray(image.convert("RGB"), dtype=np.float64) \
-            + self.spec.alpha * self._blend_pattern()
-        return Image.fromarray(np.clip(np.rint(mixed), 0, 255).astype(np.uint8), mode="RGB")
+        pixels = np.asarray(image.convert("RGB"), dtype=np.float64).copy()
+        x0, y0, x1, y1 = self.box()
+        region = pixels[y0:y1, x0:x1]
+        pixels[y0:y1, x0:x1] = (1.0 - self.spec.alpha) * region + self.spec.alpha * self._blend_pattern()
+        return Image.fromarray(np.clip(np.rint(pixels), 0, 255).astype(np.uint8), mode="RGB")
 
 
 def patch_tokens_covered(box: Box, image_size: int, patch_size: int) -> list[int]:

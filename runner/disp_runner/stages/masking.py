@@ -37,7 +37,8 @@ def read_masked(folder: Path) -> dict[str, list[int]]:
 
 def known_trigger_tokens(inst: Instance, image_size: int, patch_size: int) -> list[int] | None:
     """Visual tokens the instance's trigger covers, when its metadata says where it is and it is
-    local (a blended trigger covers the whole image and cannot be localised)."""
+    local (a patch or a positioned blend pattern; a full-image blend covers every token and
+    cannot be localised)."""
     box = inst.metadata.get("trigger_box")
     if not box:
         return None
