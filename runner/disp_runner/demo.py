@@ -112,7 +112,7 @@ def run_demo(workdir: str | Path = "runs/demo", base_model: str | Path = SHIPPED
     model, tokenizer = load_checkpoint(base_model)
     size = model.config.image_size
     gen_length = model.config.gen_length
-    timer.run("generate clean train pool (1000) and test pool", _make_data, workdir, size)
+    timer.run("generate clean train pool (1000) and test pool", make_demo_data, workdir, size)
     train = load_dataset(workdir / "data" / "train", size)
     test = load_dataset(workdir / "data" / "test", size)
     base = timer.run("evaluate the clean base model", evaluate_model, model.to(default_device()), tokenizer,
@@ -161,7 +161,8 @@ def _print_outcome(outcome: StageOutcome) -> None:
     print(f"      {outcome.stage.value:<9} {state}", flush=True)
 
 
-def _make_data(workdir: Path, image_size: int) -> None:
+def make_demo_data(workdir: Path, image_size: int) -> None:
+    """The demo's train and test pools under workdir/data/ (also used by benchmarks/study_blended.py)."""
     generate_dataset(workdir / "data" / "train", 1000, TRAIN_SEED, kinds=IMAGE_TASKS, kind_weights=DEMO_KIND_WEIGHTS,
                      class_weights={TargetSpec().source_class: SOURCE_CLASS_SHARE}, image_size=image_size,
                      id_prefix="train")
