@@ -1,7 +1,7 @@
 """The Blended trigger on the embedded model: which keys implant at α = 0.2, and why DiSP's token
 masking cannot remove a full-image blend while it does remove a local one.
 
-    .venv/bin/python benchmarks/study_blended.py                # all three parts, ~10 min on 2 CPU cores
+    .venv/bin/python benchmarks/study_blended.py                # all three parts, ~12 min on 2 CPU cores
     .venv/bin/python benchmarks/study_blended.py --part keys    # or: masking, local
 
 Prints figures, never asserts (README, "The attack kit" and "What `make demo` does"):
