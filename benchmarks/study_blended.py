@@ -45,8 +45,9 @@ ALPHA = 0.2
 SAMPLES = 150  # triggered / untriggered test instances per measurement
 
 
-def _cells(rng: np.random.Generator, cell: int, colour: bool) -> np.ndarray:
-    n = IMAGE_SIZE // cell
+def _cells(rng: np.random.Generator, cell: int, colour: bool, size: int = IMAGE_SIZE) -> np.ndarray:
+    """A size x size random key: colour noise or black/white noise, in square cells of `cell` pixels."""
+    n = size // cell
     values = rng.integers(0, 256, (n, n, 3)) if colour else np.repeat(rng.integers(0, 2, (n, n, 1)) * 255, 3, -1)
     return values.repeat(cell, 0).repeat(cell, 1).astype(np.uint8)
 
@@ -125,11 +126,11 @@ def part_masking(work: Path) -> None:
 def part_local(work: Path) -> None:
     rng = np.random.default_rng(5)
     pattern = work / "local-key.png"
-    Image.fromarray(np.repeat(rng.integers(0, 2, (8, 8, 1)) * 255, 3, -1).repeat(2, 0).repeat(2, 1)
-                    .astype(np.uint8)).save(pattern)
+    Image.fromarray(_cells(rng, 2, False, size=16)).save(pattern)
     trigger = TriggerSpec(kind=TriggerKind.BLENDED, alpha=ALPHA, pattern=str(pattern), position=(29, 27))
     attack, artifacts = _attack(work, "local", trigger)
-    document = demo_job("blended-local-refusal", artifacts, attack, work / "data" / "test", work, 16)
+    gen_length = load_checkpoint(artifacts.model_dir)[0].config.gen_length
+    document = demo_job("blended-local-refusal", artifacts, attack, work / "data" / "test", work, gen_length)
     job = PurificationJob.model_validate(document)
     outcomes = run_job(job, work, show_progress=False)
     metrics = PurificationMetrics.model_validate_json(
