@@ -16,6 +16,10 @@ from disp_api.status import StepKind
 from disp_operator.naming import ANNOTATION_ATTEMPT, child_labels, stage_job_name
 
 JOB_ENV = "DISP_JOB"  # the runner reads the manifest from here (`disp run --manifest-env`)
+# The container's command is set, not left to the image: Kubernetes appends `args` to the image's
+# ENTRYPOINT when `command` is unset, so a pod that relied on it would depend on how the image was
+# built (ours has ENTRYPOINT ["disp"]; a team's own image built on another base may have none).
+RUNNER_COMMAND = ("disp",)
 SCRATCH_PATH = "/scratch"
 RUNNER_UID = 10001  # the image's non-root user
 GPU_RESOURCE = "nvidia.com/gpu"
@@ -72,7 +76,8 @@ def stage_job(job: PurificationJob, stage: StageName, step: StepKind, attempt: i
 
 
 def _runner_args(job: PurificationJob, stage: StageName, step: StepKind) -> list[str]:
-    args = ["disp", "--no-progress", "run", "--manifest-env", JOB_ENV, "--stage", stage.value]
+    """The arguments after RUNNER_COMMAND."""
+    args = ["--no-progress", "run", "--manifest-env", JOB_ENV, "--stage", stage.value]
     if step is StepKind.SHARDS:
         # The kubelet expands $(VAR) from the container's env; the Job controller sets the index.
         args += ["--shard", f"$(JOB_COMPLETION_INDEX)/{job.spec.shards(stage)}"]
@@ -111,6 +116,7 @@ def _pod_spec(job: PurificationJob, stage: StageName, step: StepKind, defaults: 
         "name": "runner",
         "image": res.image or defaults.image,
         "imagePullPolicy": res.image_pull_policy.value,
+        "command": list(RUNNER_COMMAND),
         "args": _runner_args(job, stage, step),
         "env": _env(job),
         "resources": {"requests": dict(limits), "limits": limits},

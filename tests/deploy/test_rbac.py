@@ -8,21 +8,17 @@ import time
 
 import pytest
 
-from tests.deploy.test_chart import by_kind, render
+from tests.deploy.helm_chart import by_kind, render
+from tests.e2e.conftest import s3, tiny_model, tokenizer, uploaded, workspace  # noqa: F401  (fixtures)
+from tests.e2e.support import NAMESPACE
 from tests.e2e.test_operator import (  # noqa: F401  (fixtures)
-    NAMESPACE,
     UID,
     cluster,
     finished,
     kubelet,
     operator,
-    s3,
     standin_manifest,
-    tiny_model,
-    tokenizer,
-    uploaded,
     wait_until,
-    workspace,
 )
 from tests.operator.cluster import PLURAL, AuditRecord, PodFault
 

@@ -6,71 +6,19 @@ from __future__ import annotations
 
 import contextlib
 import json
-import socket
 import time
 import urllib.request
-import uuid
-from pathlib import Path
 
 import pytest
 from kopf.testing import KopfRunner
-from minio import Minio
 
 from disp_api import MetricsSummary, StageName
 from disp_runner.store.s3 import S3Store
-from tests.operator.cluster import STANDIN_IMAGE, EmulatedCluster, Kubelet, PodFault
-from tests.runner.conftest import tiny_model, tokenizer  # noqa: F401  (fixtures of `workspace`)
-from tests.runner.test_pipeline import job_document, workspace  # noqa: F401
+from tests.e2e.support import ACCESS, CREDENTIALS_SECRET, NAMESPACE, SECRET, free_port, manifest
+from tests.operator.cluster import RUNNER_IMAGE, STANDIN_IMAGE, EmulatedCluster, Kubelet, PodFault
 
-ACCESS, SECRET = "e2e-access-key", "e2e-secret-value-9f3a"
-NAMESPACE = "ml-team"
 ALL_STAGES = [s.value for s in StageName]
 UID = "5f0c7a52-0000-4000-8000-00000000e2e1"
-
-
-@pytest.fixture
-def s3(s3_endpoint):
-    """The loopback S3 server of this module (tests/conftest.py)."""
-    return s3_endpoint
-
-
-@pytest.fixture
-def uploaded(s3, workspace):  # noqa: F811
-    """The tiny model and datasets of the pipeline tests, in buckets `models` and `data`."""
-    client = Minio(s3, access_key=ACCESS, secret_key=SECRET, secure=False)
-    for bucket in ("models", "data", "runs"):
-        if not client.bucket_exists(bucket):
-            client.make_bucket(bucket)
-    store = S3Store(s3, ACCESS, SECRET, secure=False)
-    prefix = uuid.uuid4().hex[:8]  # tests share the server
-    for folder, bucket in (("model", "models"), ("train", "data"), ("triggered", "data"), ("untriggered", "data"),
-                           ("clean", "data")):
-        for path in (workspace / folder).rglob("*"):
-            if path.is_file():
-                store.upload_file(path, bucket, f"{prefix}/{folder}/{path.relative_to(workspace / folder).as_posix()}")
-    return prefix
-
-
-def manifest(ws: Path, s3: str, prefix: str, name: str = "tiny", **spec_overrides) -> dict:
-    """The pipeline tests' reduced job, pointed at S3."""
-    doc = job_document(ws)
-    spec = doc["spec"]
-    spec["model"]["uri"] = f"s3://models/{prefix}/model"
-    spec["dataset"]["uri"] = f"s3://data/{prefix}/train"
-    spec["output"]["uri"] = f"s3://runs/{prefix}"
-    for key in ("triggeredUri", "untriggeredUri", "cleanUri"):
-        spec["evaluation"][key] = f"s3://data/{prefix}/{key.removesuffix('Uri')}"
-    spec["storage"] = {"endpoint": s3, "secure": False, "credentialsSecret": {"name": "minio-credentials"}}
-    spec["resources"] = {"gpus": 0, "cpu": "1", "memory": "2Gi"}
-    spec.update(spec_overrides)
-    return {"apiVersion": "disp.dev/v1alpha1", "kind": "PurificationJob",
-            "metadata": {"name": name, "namespace": NAMESPACE}, "spec": spec}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture
@@ -80,8 +28,8 @@ def cluster(tmp_path, monkeypatch):
     monkeypatch.setenv("DISP_RECONCILE_INTERVAL_SECONDS", "0.5")
     monkeypatch.setenv("DISP_PROGRESS_INTERVAL_SECONDS", "0.5")
     monkeypatch.setenv("DISP_RETRY_BASE_SECONDS", "0.2")
-    monkeypatch.setenv("DISP_RUNNER_IMAGE", "registry.example/disp:test")
-    cluster.apply_secret(NAMESPACE, "minio-credentials", {"accessKey": ACCESS, "secretKey": SECRET})
+    monkeypatch.setenv("DISP_RUNNER_IMAGE", RUNNER_IMAGE)
+    cluster.apply_secret(NAMESPACE, CREDENTIALS_SECRET, {"accessKey": ACCESS, "secretKey": SECRET})
     yield cluster
     cluster.close()
 
@@ -128,6 +76,10 @@ def test_a_manifest_runs_every_stage_and_ends_succeeded(cluster, kubelet, worksp
     jobs = {j["metadata"]["name"]: j for j in cluster.jobs(NAMESPACE)}
     assert "tiny-masking" not in jobs  # the failed attempt was deleted (keepFailedPods is false)
     assert jobs["tiny-saliency"]["spec"]["completionMode"] == "Indexed"
+    # Each pod ran the image's `disp` with the stage's arguments, the shard index expanded.
+    argvs = [argv for _, argv in kubelet.processes]
+    assert all(argv[:3] == ("disp", "--no-progress", "run") for argv in argvs), argvs
+    assert sorted(argv[-1] for argv in argvs if "--shard" in argv) == ["0/2", "1/2"]
     assert all(j["metadata"]["ownerReferences"][0]["uid"] == UID for j in jobs.values())
 
     # status: conditions, stages, progress, metrics equal to the run's metrics.json
@@ -191,7 +143,7 @@ def standin_manifest(s3: str, prefix: str, name: str, **spec_overrides) -> dict:
     """A job whose pods run the stand-in runner (tests/operator/standin_runner.py)."""
     spec = {"model": {"uri": f"s3://models/{prefix}/model"}, "dataset": {"uri": f"s3://data/{prefix}/train"},
             "output": {"uri": f"s3://runs/{prefix}"},
-            "storage": {"endpoint": s3, "secure": False, "credentialsSecret": {"name": "minio-credentials"}},
+            "storage": {"endpoint": s3, "secure": False, "credentialsSecret": {"name": CREDENTIALS_SECRET}},
             "evaluation": {"attack": {}, "triggeredUri": f"s3://data/{prefix}/triggered"},
             "resources": {"gpus": 0, "image": STANDIN_IMAGE}}
     spec.update(spec_overrides)

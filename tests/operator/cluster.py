@@ -4,18 +4,27 @@
   own event loop in a background thread, and a kubeconfig pointing at it, so the real operator
   (under kopf.testing.KopfRunner) and the tests talk to it through real clients.
 - `Kubelet`: plays the Job controller and the kubelet: for every Job it creates the pods (one per
-  index for Indexed Jobs), runs each pod's container command as a local subprocess with its env
-  (secretKeyRef resolved from the emulator's Secrets, $(VAR) expanded, the scratch mount mapped to a
-  temporary folder), then writes the pods' terminated state and the Job's conditions. A Job
+  index for Indexed Jobs, with the index annotation and JOB_COMPLETION_INDEX env the Job controller
+  adds), makes each container's process by the rules in container_rules.py (the image's
+  ENTRYPOINT/CMD/ENV/WORKDIR/USER read from the Dockerfile's `runner` target, overridden by
+  command/args, $(VAR) expansion, secretKeyRef from the emulator's Secrets, runAsNonRoot), runs it
+  as a local subprocess, then writes the pods' terminated state and the Job's conditions. A Job
   deleted while its pods run gets them killed. It can also inject kubelet-level faults
-  (OOM kill, eviction) into chosen pods."""
+  (OOM kill, eviction) into chosen pods.
+
+  What a local subprocess cannot do, it maps, and says so here: the image's folders (/opt/disp/bin,
+  the venv on the image's PATH) are this test run's venv; each volume mount is a temporary folder,
+  and paths under a mount path in env values and arguments are rewritten to it; the process runs
+  as this test's user, not the pod's (the venv's interpreter is not readable by another user on
+  these machines), after the pod's user has passed the kubelet's non-root check; OMP_NUM_THREADS is
+  the container's CPU limit, which a node's CPU quota would enforce. tests/containers runs the
+  same pods in a real container runtime, where none of this is mapped."""
 
 from __future__ import annotations
 
 import asyncio
 import base64
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -32,6 +41,9 @@ import kubernetes
 import yaml
 from kubernetes.client.exceptions import ApiException
 
+from tests.operator.container_rules import (ContainerConfigError, ImageConfig, container_process, image_config,
+                                            indexed_pod_template)
+
 RESOURCES = {
     # path: (kind, namespaced, subresources)
     "disp.dev/v1alpha1/purificationjobs": ("PurificationJob", True, {"status"}),
@@ -44,7 +56,10 @@ RESOURCES = {
 }
 VERBS = {"list", "watch", "get", "create", "patch", "update", "delete"}
 GROUP, VERSION, PLURAL = "disp.dev", "v1alpha1", "purificationjobs"
-STANDIN_IMAGE = "stand-in"  # pods of this image run tests/operator/standin_runner.py instead of `disp`
+REPO = Path(__file__).resolve().parents[2]
+RUNNER_IMAGE = "registry.example/disp-runner:test"  # the Dockerfile's runner target, over this venv
+STANDIN_IMAGE = "stand-in"  # the same image with tests/operator/standin_runner.py as its `disp`
+IMAGE_BIN = "/opt/disp/bin"  # where the images' venv puts `disp` (the Dockerfile's PATH)
 
 
 def now_iso() -> str:
@@ -181,6 +196,52 @@ class PodFault:
     message: str = ""
 
 
+@dataclass(frozen=True)
+class LocalImage:
+    """An image as the kubelet stand-in runs it here: its configuration, and the host folders that
+    stand for the image's own."""
+
+    config: ImageConfig
+    folders: dict[str, Path]  # image path -> host path
+
+
+def local_images(workdir: Path) -> dict[str, LocalImage]:
+    """The runner image and the stand-in image (the runner image with `disp` replaced by a script
+    that runs standin_runner.py with this interpreter)."""
+    runner = image_config(REPO / "Dockerfile", "runner")
+    shim_bin = workdir / "standin-image-bin"
+    shim_bin.mkdir(exist_ok=True)
+    shim = shim_bin / "disp"
+    shim.write_text(f"#!/bin/sh\nPYTHONPATH={REPO} exec {sys.executable} "
+                    f"{Path(__file__).with_name('standin_runner.py')} \"$@\"\n")
+    shim.chmod(0o755)
+    return {RUNNER_IMAGE: LocalImage(runner, {IMAGE_BIN: Path(sys.executable).parent}),
+            STANDIN_IMAGE: LocalImage(runner, {IMAGE_BIN: shim_bin})}
+
+
+class _Mounts:
+    """Image and volume paths -> host paths, longest prefix first."""
+
+    def __init__(self, folders: dict[str, Path]):
+        self._folders = sorted(folders.items(), key=lambda item: -len(item[0]))
+
+    def path(self, value: str) -> str:
+        for image_path, host in self._folders:
+            if value == image_path or value.startswith(image_path.rstrip("/") + "/"):
+                return str(host) + value[len(image_path):]
+        return value
+
+    def value(self, value: str) -> str:
+        """An env value or argument: a path, or a colon-separated list of paths (PATH)."""
+        return ":".join(self.path(part) for part in value.split(":"))
+
+
+def _cpu_threads(container: dict[str, Any]) -> str:
+    limit = str(container.get("resources", {}).get("limits", {}).get("cpu", "1"))
+    cores = float(limit[:-1]) / 1000 if limit.endswith("m") else float(limit)
+    return str(max(1, int(cores)))
+
+
 @dataclass
 class Kubelet:
     cluster: EmulatedCluster
@@ -189,8 +250,10 @@ class Kubelet:
     standin_seconds: float = 0.5  # how long each stand-in runner pod works
     started: list[str] = field(default_factory=list)  # Job names, in the order they were picked up
     killed: list[str] = field(default_factory=list)
+    processes: list[tuple[str, tuple[str, ...]]] = field(default_factory=list)  # (pod, argv as the image sees it)
 
     def __post_init__(self) -> None:
+        self.images = local_images(self.workdir)
         self._stop = threading.Event()
         self._seen: set[tuple[str, str, str]] = set()
         self._thread = threading.Thread(target=self._loop, name="kubelet", daemon=True)
@@ -257,24 +320,34 @@ class Kubelet:
         meta = job["metadata"]
         namespace, job_name = meta["namespace"], meta["name"]
         template = job["spec"]["template"]
+        if index is not None:
+            template = indexed_pod_template(template, index)
         pod_name = f"{job_name}-{index if index is not None else 0}-{os.urandom(3).hex()}"
         labels = {**template["metadata"].get("labels", {}), "job-name": job_name,
                   "batch.kubernetes.io/job-name": job_name}
         if index is not None:
             labels["batch.kubernetes.io/job-completion-index"] = str(index)
-        self.cluster.core.create_namespaced_pod(namespace, {
-            "apiVersion": "v1", "kind": "Pod", "metadata": {"name": pod_name, "namespace": namespace, "labels": labels},
-            "spec": template["spec"], "status": {"phase": "Running"}})
+        pod = {"apiVersion": "v1", "kind": "Pod",
+               "metadata": {"name": pod_name, "namespace": namespace, "labels": labels,
+                            "annotations": template["metadata"].get("annotations", {})},
+               "spec": template["spec"], "status": {"phase": "Running"}}
+        self.cluster.core.create_namespaced_pod(namespace, pod)
         fault = self.faults.pop(job_name, None)
         if fault is not None:
             exit_code, reason, message = fault.exit_code, fault.reason, fault.message
         else:
-            outcome = self._execute(template["spec"]["containers"][0], namespace, job_name, index)
+            try:
+                outcome = self._execute(pod, job_name, index)
+            except ContainerConfigError as exc:
+                # The kubelet leaves such a pod Pending with this waiting reason; nothing ends it.
+                self.cluster.core.patch_namespaced_pod_status(pod_name, namespace, {"status": {
+                    "phase": "Pending", "containerStatuses": [{"name": pod["spec"]["containers"][0]["name"],
+                    "state": {"waiting": {"reason": "CreateContainerConfigError", "message": str(exc)}}}]}})
+                return None
             if outcome is None:
                 self.killed.append(job_name)
                 return None
-            exit_code, message = outcome
-            reason = "Completed" if exit_code == 0 else "Error"
+            exit_code, reason, message = outcome
         status: dict[str, Any] = {"phase": "Succeeded" if exit_code == 0 else "Failed"}
         if exit_code is None:  # e.g. evicted: the pod failed without a container exit
             status.update(reason=reason, message=message)
@@ -288,43 +361,53 @@ class Kubelet:
         self.cluster.core.patch_namespaced_pod_status(pod_name, namespace, {"status": status})
         return exit_code
 
-    def _execute(self, container: dict[str, Any], namespace: str, job_name: str,
-                 index: Optional[int]) -> Optional[tuple[int, str]]:
-        scratch = Path(tempfile.mkdtemp(prefix="scratch-", dir=self.workdir))
-        env = {k: v for k, v in os.environ.items() if k in ("PATH", "LANG", "LC_ALL", "PYTHONPATH")}
-        env.update(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
-        if index is not None:
-            env["JOB_COMPLETION_INDEX"] = str(index)
-        for var in container.get("env", []):
-            if "value" in var:
-                value = var["value"]
-                for mount in container.get("volumeMounts", []):
-                    if mount["name"] == "scratch" and value.startswith(mount["mountPath"]):
-                        value = str(scratch) + value[len(mount["mountPath"]):]
-                env[var["name"]] = value
-            else:
-                ref = var["valueFrom"]["secretKeyRef"]
-                secret = self.cluster.core.read_namespaced_secret(ref["name"], namespace)
-                env[var["name"]] = base64.b64decode(secret.data[ref["key"]]).decode()
-        args = [re.sub(r"\$\((\w+)\)", lambda m: env.get(m.group(1), m.group(0)), a) for a in container["args"]]
-        if container["image"] == STANDIN_IMAGE:
-            args = [sys.executable, str(Path(__file__).with_name("standin_runner.py")), *args[1:]]
-            env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[2]),
-                                                              env.get("PYTHONPATH")]))
-            env["STANDIN_SECONDS"] = str(self.standin_seconds)
-        elif args[0] == "disp":  # the image's entry point is the venv's console script here
-            args[0] = str(Path(sys.executable).with_name("disp"))
+    def _secret_value(self, namespace: str) -> Any:
+        def value(name: str, key: str) -> Optional[str]:
+            try:
+                secret = self.cluster.core.read_namespaced_secret(name, namespace)
+            except ApiException as exc:
+                if exc.status == 404:
+                    return None
+                raise
+            data = secret.data or {}
+            return base64.b64decode(data[key]).decode() if key in data else None
+        return value
+
+    def _execute(self, pod: dict[str, Any], job_name: str, index: Optional[int]) -> Optional[tuple[int, str, str]]:
+        """(exit code, reason, termination message), or None when the Job was deleted meanwhile."""
+        namespace = pod["metadata"]["namespace"]
+        container = pod["spec"]["containers"][0]
+        image = self.images.get(container["image"])
+        if image is None:
+            raise ContainerConfigError(f"image {container['image']!r} is not on this node "
+                                       f"(known: {', '.join(self.images)})")
+        process = container_process(image.config, pod, container, self._secret_value(namespace))
+        scratch = Path(tempfile.mkdtemp(prefix="pod-", dir=self.workdir))
+        volumes = {mount["mountPath"]: scratch / mount["name"] for mount in container.get("volumeMounts", [])}
+        for host in volumes.values():
+            host.mkdir()
+        mounts = _Mounts({**volumes, **image.folders})
+        env = {name: mounts.value(value) for name, value in process.env.items()}
+        env["OMP_NUM_THREADS"] = _cpu_threads(container)
+        self.processes.append((pod["metadata"]["name"], process.argv))
+        argv = [mounts.value(a) for a in process.argv]
+        if "/" not in argv[0]:
+            found = shutil.which(argv[0], path=env.get("PATH", ""))
+            if found is None:  # what containerd reports for a command the image does not have
+                return 128, "StartError", f'exec: "{argv[0]}": executable file not found in $PATH'
+            argv[0] = found
         log = scratch / "pod.log"
         with log.open("wb") as out:
-            process = subprocess.Popen(args, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=scratch)
-            while process.poll() is None:
+            child = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                     cwd=mounts.path(process.workdir))
+            while child.poll() is None:
                 if self._stop.wait(0.2) or not self._exists(namespace, job_name):
-                    process.kill()
-                    process.wait()
+                    child.kill()
+                    child.wait()
                     return None
         text = log.read_text(errors="replace")
-        message = "\n".join(text.splitlines()[-20:])[-2048:] if process.returncode else ""
+        message = "\n".join(text.splitlines()[-20:])[-2048:] if child.returncode else ""
         (self.workdir / "logs").mkdir(exist_ok=True)
         shutil.copy(log, self.workdir / "logs" / f"{job_name}-{index or 0}.log")
         shutil.rmtree(scratch, ignore_errors=True)
-        return process.returncode, message
+        return child.returncode, "Completed" if child.returncode == 0 else "Error", message

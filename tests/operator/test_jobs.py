@@ -82,7 +82,9 @@ def test_cpu_only_pods_request_no_gpu_and_use_the_operator_image():
 
 def test_the_runner_gets_the_manifest_and_secret_refs_but_no_secret_values(job: PurificationJob):
     (container,) = pod_of(stage_job(job, StageName.RELABEL, StepKind.RUN, 1, DEFAULTS))["containers"]
-    assert container["args"] == ["disp", "--no-progress", "run", "--manifest-env", JOB_ENV, "--stage", "relabel"]
+    # The command is set, so the pod does not depend on the image's ENTRYPOINT (see test_container_rules).
+    assert container["command"] == ["disp"]
+    assert container["args"] == ["--no-progress", "run", "--manifest-env", JOB_ENV, "--stage", "relabel"]
     env = {e["name"]: e for e in container["env"]}
     handed = json.loads(env[JOB_ENV]["value"])
     assert PurificationJob.model_validate(handed) == job  # the runner sees exactly the validated job
