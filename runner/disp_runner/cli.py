@@ -17,6 +17,7 @@ from typing import Sequence
 from pydantic import ValidationError
 
 from disp_runner.errors import EXIT_TRANSIENT_ERROR, EXIT_USER_ERROR, TransientError, UserInputError
+from disp_runner.scratch import prepare_scratch
 
 
 def _add_trigger_args(p: argparse.ArgumentParser) -> None:
@@ -298,6 +299,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return operator_main(argv[1:])
     args = build_parser().parse_args(argv)
+    prepare_scratch()  # before torch or transformers look for a temporary or cache folder
     try:
         COMMANDS[args.command](args)
     except UserInputError as exc:
