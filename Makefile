@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 CHECKOV_VENV ?= .venv-checkov
 CHECKOV_STAMP := $(CHECKOV_VENV)/.installed
 
-.PHONY: demo test setup clean crd
+.PHONY: demo test setup clean crd images
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,12 @@ demo: $(STAMP)
 test: $(STAMP) $(CHECKOV_STAMP)
 	$(VENV)/bin/python -m pytest -q
 
+# The operator and runner images, built with podman from the Dockerfile on a Debian-made Python
+# base (no container registry needed; installs podman, runc and debootstrap when missing). The
+# container tests in `make test` build them too, from podman's layer cache when unchanged.
+images:
+	bash containers/build-images.sh
+
 # The CRD is generated from the typed spec; tests fail when either copy is stale.
 crd: $(STAMP)
 	$(VENV)/bin/python -m disp_operator.crd > crds/purificationjobs.disp.dev.yaml
@@ -40,3 +46,4 @@ crd: $(STAMP)
 
 clean:
 	rm -rf $(VENV) $(CHECKOV_VENV) runs .pytest_cache
+	-podman rmi localhost/disp-operator:dev localhost/disp-runner:dev 2>/dev/null

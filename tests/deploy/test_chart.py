@@ -15,9 +15,8 @@ import pytest
 import yaml
 
 from disp_operator.crd import render as render_crd
+from tests.deploy.helm_chart import CHART, ROOT, by_kind, render
 
-ROOT = Path(__file__).resolve().parents[2]
-CHART = ROOT / "charts" / "disp-operator"
 KUBE_VERSION = "1.30"
 
 OPTION_SETS = {
@@ -30,20 +29,6 @@ OPTION_SETS = {
                                 "gpus": 2, "nodeSelector": {"pool": "h100"}},
                      "storage": {"endpoint": "minio.minio.svc:9000", "credentialsSecret": "minio"}},
 }
-
-
-def render(values: dict) -> list[dict]:
-    chart = helm_python.Chart.load(str(CHART))
-    rendered = chart.render(values, name="disp-operator", namespace="disp-system", is_install=True)
-    docs = []
-    for path, text in rendered.items():
-        if path.endswith(".yaml"):
-            docs += [d for d in yaml.safe_load_all(text) if d]
-    return docs
-
-
-def by_kind(docs: list[dict], kind: str) -> list[dict]:
-    return [d for d in docs if d["kind"] == kind]
 
 
 @pytest.mark.parametrize("option", OPTION_SETS)

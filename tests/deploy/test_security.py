@@ -14,7 +14,7 @@ import yaml
 from disp_api import StageName
 from disp_api.status import StepKind
 from disp_operator.jobs import RunnerDefaults, stage_job
-from tests.deploy.test_chart import CHART, ROOT, render
+from tests.deploy.helm_chart import CHART, ROOT, render
 from tests.operator.conftest import make_job
 
 # checkov lives in its own virtual environment (its pins clash with moto's); the Makefile builds it.

@@ -1,4 +1,5 @@
-"""Fixtures of the end-to-end tests: the loopback S3 server holding the tiny model and data."""
+"""Fixtures of the end-to-end tests: the loopback S3 server holding the tiny model and data, and
+the container images."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import pytest
 from minio import Minio
 
 from disp_runner.store.s3 import S3Store
+from tests.containers.podman import OPERATOR_IMAGE, RUNNER_IMAGE, RuntimeUnavailable, build_images
 from tests.e2e.support import ACCESS, SECRET
 from tests.runner.conftest import tiny_model, tokenizer  # noqa: F401  (fixtures of `workspace`)
 from tests.runner.test_pipeline import workspace  # noqa: F401
@@ -35,3 +37,14 @@ def uploaded(s3, workspace):  # noqa: F811
                 store.upload_file(path, bucket, f"{prefix}/{folder}/{path.relative_to(workspace / folder).as_posix()}")
     return prefix
 
+
+@pytest.fixture(scope="session")
+def images():
+    """The operator and runner images, built from the Dockerfile with podman (containers/
+    build-images.sh; podman's layer cache makes a rebuild of unchanged sources quick). A machine
+    that cannot build or run containers fails these tests with one line saying why."""
+    try:
+        build_images()
+    except RuntimeUnavailable as exc:
+        pytest.fail(f"container runtime unavailable: {exc}", pytrace=False)
+    return {"operator": OPERATOR_IMAGE, "runner": RUNNER_IMAGE}

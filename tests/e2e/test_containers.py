@@ -1,0 +1,235 @@
+"""The images, built for real from the Dockerfile (podman, runc), and the pods the operator builds,
+run in them with their security settings: what a cluster would run, with no stand-in in between.
+See tests/containers/podman.py for how a pod spec becomes a `podman run`."""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+import urllib.request
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+from disp_api import MetricsSummary, PurificationJob, StageName
+from disp_api.status import StepKind
+from disp_operator.jobs import RunnerDefaults, stage_job
+from disp_runner.pipeline.artifacts import STAGE_MANIFEST, RunLayout
+from disp_runner.pipeline.runner import run_job
+from disp_runner.store.s3 import S3Store
+
+import tests.containers.podman as podman_module
+from tests.containers.podman import (
+    OPERATOR_IMAGE,
+    RUNNER_IMAGE,
+    RUNTIME_FLAGS,
+    ContainerRun,
+    RuntimeUnavailable,
+    build_images,
+    inspect_config,
+    podman,
+    run_pod,
+    started_pod,
+)
+from tests.deploy.helm_chart import by_kind, render
+from tests.e2e.support import (
+    ACCESS,
+    CREDENTIALS_SECRET,
+    NAMESPACE,
+    SECRET,
+    free_port,
+    manifest,
+)
+from tests.operator.cluster import EmulatedCluster
+from tests.operator.container_rules import (
+    ImageConfig,
+    image_config,
+    indexed_pod_template,
+    process_argv,
+)
+from tests.runner.test_pipeline import job_document
+
+REPO = Path(__file__).resolve().parents[2]
+UID = "5f0c7a52-0000-4000-8000-00000000c0c0"
+
+
+def secrets(name: str, key: str) -> str | None:
+    return {(CREDENTIALS_SECRET, "accessKey"): ACCESS, (CREDENTIALS_SECRET, "secretKey"): SECRET}.get((name, key))
+
+
+def unique(prefix: str) -> str:
+    return f"disp-test-{prefix}-{uuid.uuid4().hex[:6]}"
+
+
+def test_a_machine_that_cannot_build_or_run_containers_is_told_why_in_one_line(tmp_path, monkeypatch):
+    failing = tmp_path / "build.sh"
+    failing.write_text("echo 'images: building' >&2\necho 'images: error: debootstrap failed' >&2\nexit 1\n")
+    monkeypatch.setattr(podman_module, "BUILD_SCRIPT", failing)
+    with pytest.raises(RuntimeUnavailable) as failed:
+        build_images()
+    assert str(failed.value) == "containers/build-images.sh failed (exit 1): images: error: debootstrap failed"
+    monkeypatch.setattr(podman_module.shutil, "which", lambda name: None)
+    monkeypatch.setattr(podman_module.os, "geteuid", lambda: 1000)
+    with pytest.raises(RuntimeUnavailable, match="podman is not installed and the tests are not root"):
+        build_images()
+
+
+def test_the_images_are_configured_as_the_dockerfile_says(images):
+    """The kubelet stand-in reads ENTRYPOINT/CMD/ENV/USER from the Dockerfile; the builder must agree."""
+    for target in ("runner", "operator"):
+        assert inspect_config(images[target]) == image_config(REPO / "Dockerfile", target), target
+
+
+def test_the_runner_image_loads_its_shipped_model_as_the_pod_user_on_a_read_only_root(images, tmp_path):
+    """The wheel carries the embedded model, the non-root user can read it, and nothing but the
+    scratch volume is written (the default `disp` user, a read-only root, an empty scratch)."""
+    scratch = tmp_path / "scratch"
+    scratch.mkdir(mode=0o777)
+    scratch.chmod(0o777)
+    name = unique("assets")
+    code = ("from disp_runner.scratch import prepare_scratch; prepare_scratch(); "
+            "from disp_runner.checkpoints import load_checkpoint; from disp_runner.embedded import SHIPPED_BASE_MODEL; "
+            "model, tokenizer = load_checkpoint(SHIPPED_BASE_MODEL); "
+            "print(sum(p.numel() for p in model.parameters()), tokenizer.mask_token)")
+    run = podman("run", "--name", name, *RUNTIME_FLAGS, "--network", "none", "--read-only", "--read-only-tmpfs=false",
+                 "--cap-drop", "ALL", "--security-opt", "no-new-privileges", "-v", f"{scratch}:/scratch",
+                 "--entrypoint", "python", images["runner"], "-c", code, check=False)
+    try:
+        assert run.returncode == 0, run.stderr[-2000:]
+        parameters, mask = run.stdout.split()
+        assert int(parameters) > 100_000 and mask == "[MASK]"
+        assert json.loads(podman("diff", "--format", "json", name).stdout or "{}").get("added") in (None, [])
+    finally:
+        podman("rm", "--force", name, check=False)
+
+
+def test_the_runtime_merges_command_and_args_with_the_image_as_the_rules_say(images, tmp_path):
+    """The stand-in kubelet's command/args rules (container_rules.process_argv), checked against
+    podman with a probe image whose entry point and command echo what they were given."""
+    dockerfile = tmp_path / "Dockerfile"
+    dockerfile.write_text("FROM localhost/disp-python:3.11-bookworm AS probe\n"
+                          'ENTRYPOINT ["/bin/echo", "entry"]\nCMD ["from-cmd"]\n')
+    probe = f"localhost/disp-probe:{uuid.uuid4().hex[:8]}"
+    podman("build", "--runtime", "runc", "-t", probe, "-f", str(dockerfile), str(tmp_path))
+    try:
+        config = image_config(dockerfile, "probe")
+        assert inspect_config(probe) == config
+        env = [{"name": "GREETING", "value": "hi"}]
+        cases = [{}, {"args": ["$(GREETING)", "$$(GREETING)"]}, {"command": ["/bin/echo", "cmd"]},
+                 {"command": ["/bin/echo", "$(GREETING)"], "args": ["a", "$(NOT_SET)"]}]
+        for case in cases:
+            pod = {"metadata": {}, "spec": {"containers": [{"name": "c", "image": probe, "env": env, **case}]}}
+            run = run_pod(pod, config, secrets, tmp_path, unique("probe"))
+            expected = process_argv(config, pod["spec"]["containers"][0], {"GREETING": "hi"})
+            assert expected[0] == "/bin/echo"
+            assert run.exit_code == 0 and run.logs.strip() == " ".join(expected[1:]), (case, run.logs)
+    finally:
+        podman("rmi", probe, check=False)
+
+
+def _run_stage_step(job: PurificationJob, stage: StageName, step: StepKind, runner: ImageConfig,
+                    workdir: Path) -> list[ContainerRun]:
+    """One stage step's pods, as the operator builds them, all at once (as the Job would run them)."""
+    template = stage_job(job, stage, step, 1, RunnerDefaults(image=RUNNER_IMAGE))["spec"]["template"]
+    pods = [indexed_pod_template(template, i) for i in range(job.spec.shards(stage))] \
+        if step is StepKind.SHARDS else [template]
+    with ThreadPoolExecutor(len(pods)) as pool:
+        return list(pool.map(lambda pod: run_pod(pod, runner, secrets, workdir, unique(stage.value)), pods))
+
+
+def test_every_stage_runs_in_the_runner_image_under_the_pod_security_settings(images, workspace, s3, uploaded,
+                                                                              tmp_path):
+    doc = manifest(workspace, s3, uploaded, name="contained", parallelism={"saliencyShards": 2})
+    job = PurificationJob.model_validate({**doc, "metadata": {**doc["metadata"], "uid": UID}})
+    runner = inspect_config(images["runner"])
+    for stage in job.spec.stages():
+        steps = [StepKind.SHARDS, StepKind.MERGE] if job.spec.shards(stage) > 1 else [StepKind.RUN]
+        for step in steps:
+            for run in _run_stage_step(job, stage, step, runner, tmp_path):
+                assert run.exit_code == 0, f"{stage.value}/{step.value}: exit {run.exit_code}\n{run.logs[-3000:]}"
+                # read-only root: nothing but the scratch volume (and /dev/shm) was written
+                assert run.root_changes == [], (stage.value, run.root_changes)
+                assert SECRET not in run.logs and ACCESS not in run.logs
+
+    # The run in S3 is complete, and it is the run `disp run` makes in-process from the same files.
+    store = S3Store(s3, ACCESS, SECRET, secure=False)
+    run_key = job.run_uri().removeprefix("s3://runs/")
+    contained = {stage: json.loads(store.get_bytes("runs", f"{run_key}/{stage.value}/{STAGE_MANIFEST}"))
+                 for stage in StageName}
+    local_job = PurificationJob.model_validate(job_document(workspace))
+    run_job(local_job, show_progress=False)
+    layout = RunLayout.for_job(local_job, workspace / "out")
+    for stage in StageName:
+        local = json.loads((layout.stage_dir(stage) / STAGE_MANIFEST).read_text())
+        assert {f["path"] for f in contained[stage]["files"]} == {f["path"] for f in local["files"]}, stage
+    hashes = {stage: {f["path"]: f["sha256"] for f in contained[stage]["files"]} for stage in StageName}
+    local_hashes = {stage: {f["path"]: f["sha256"] for f in json.loads(
+        (layout.stage_dir(stage) / STAGE_MANIFEST).read_text())["files"]} for stage in StageName}
+    # the method's outputs are the same bytes (sharded in containers, unsharded here)
+    assert hashes[StageName.SALIENCY] == local_hashes[StageName.SALIENCY]
+    assert hashes[StageName.MASKING]["masked.json"] == local_hashes[StageName.MASKING]["masked.json"]
+    summary = set(MetricsSummary.model_json_schema(by_alias=True)["properties"])
+    metrics = json.loads(store.get_bytes("runs", f"{run_key}/evaluate/metrics.json"))
+    local_metrics = json.loads((layout.stage_dir(StageName.EVALUATE) / "metrics.json").read_text())
+    assert {k: metrics[k] for k in summary if k in metrics} == {k: local_metrics[k] for k in summary
+                                                                  if k in local_metrics}
+    assert metrics["asrBefore"] is not None and metrics["cleanPerformanceAfter"] is not None
+
+
+def _wait(predicate, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            value = predicate()
+        except OSError:
+            value = None
+        if value:
+            return value
+        time.sleep(0.5)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def test_the_operator_image_runs_the_charts_deployment_without_torch(images, workspace, s3, uploaded, tmp_path):
+    help_run = podman("run", "--rm", *RUNTIME_FLAGS, "--network", "none", images["operator"], "operator", "--help")
+    assert "usage: disp-operator" in help_run.stdout
+    probe = podman("run", "--rm", *RUNTIME_FLAGS, "--network", "none", "--entrypoint", "python",
+                   images["operator"], "-c",
+                   "import importlib.util, disp_operator.handlers; print(importlib.util.find_spec('torch'))")
+    assert probe.stdout.strip() == "None"  # the operator image starts, and has no torch
+
+    # The chart's own Deployment (securityContext, volumes, args, env) with this image, logging in
+    # with a kubeconfig (outside a cluster there is no service-account token) to the API emulator.
+    cluster = EmulatedCluster(tmp_path)
+    try:
+        health, metrics = free_port(), free_port()
+        docs = render({"image": {"repository": OPERATOR_IMAGE.rsplit(":", 1)[0], "tag": OPERATOR_IMAGE.rsplit(":", 1)[1],
+                                 "pullPolicy": "Never"},
+                       "watchNamespaces": [NAMESPACE],
+                       "operator": {"healthPort": health, "metricsPort": metrics, "reconcileIntervalSeconds": 1}})
+        template = copy.deepcopy(by_kind(docs, "Deployment")[0]["spec"]["template"])
+        kube = tmp_path / "kube"
+        kube.mkdir(mode=0o755)
+        (kube / "config").write_text(cluster.kubeconfig.read_text())
+        (kube / "config").chmod(0o644)
+        template["spec"]["volumes"].append({"name": "kubeconfig", "hostPath": {"path": str(kube)}})
+        (container,) = template["spec"]["containers"]
+        container["volumeMounts"].append({"name": "kubeconfig", "mountPath": "/disp-kube", "readOnly": True})
+        container["env"].append({"name": "KUBECONFIG", "value": "/disp-kube/config"})
+        cluster.apply_secret(NAMESPACE, CREDENTIALS_SECRET, {"accessKey": ACCESS, "secretKey": SECRET})
+        with started_pod(template, inspect_config(images["operator"]), secrets, tmp_path, unique("operator")) as stop:
+            url = f"http://127.0.0.1:{health}/healthz"
+            _wait(lambda: urllib.request.urlopen(url, timeout=2).status == 200, 90, "/healthz")
+            cluster.create_job(manifest(workspace, s3, uploaded, name="from-image"), uid=UID)
+            names = _wait(lambda: [j["metadata"]["name"] for j in cluster.jobs(NAMESPACE)], 60, "the first stage Job")
+            scrape = urllib.request.urlopen(f"http://127.0.0.1:{metrics}/metrics", timeout=5).read().decode()
+            ended = stop()
+        assert names == ["from-image-saliency"]
+        assert "disp_purification_jobs" in scrape
+        assert ended.root_changes == [], ended.root_changes
+        assert SECRET not in ended.logs and ACCESS not in ended.logs
+        status = cluster.get(NAMESPACE, "from-image")["status"]
+        assert status["stages"][0]["jobName"] == "from-image-saliency"
+    finally:
+        cluster.close()
