@@ -1,5 +1,5 @@
 """The PurificationJob: one manifest, read by the operator (as a custom resource) and by the runner
-(`disp run FILE.yaml`). Every default is the method's (../shared/notes/disp-method.md): K = 5,
+(`disp run FILE.yaml`). Every default is the method's (the DiSP paper, arXiv 2602.22246, and its authors' code): K = 5,
 m = 6 probes, ρ = 0.3, decoding 32/32/32 at temperature 0 with seed 1234, fine-tuning of the
 projector only at lr 1e-4, cosine, 3% warmup, no weight decay, 4 epochs, batch 32."""
 

@@ -1,7 +1,7 @@
 """Masked diffusion: the LLaDA SFT loss and semi-autoregressive low-confidence decoding.
 
-See ../shared/notes/disp-method.md ("The MDLM we purify"). Pure tensor functions; the model is
-passed in as a callable so the same code serves any adapter.
+As LLaDA and LLaDA-V train and decode (README, "The embedded model"). Pure tensor functions; the
+model is passed in as a callable so the same code serves any adapter.
 """
 
 from __future__ import annotations
