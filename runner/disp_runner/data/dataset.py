@@ -23,10 +23,13 @@ from typing import Any, Iterable, Sequence
 from PIL import Image, UnidentifiedImageError
 
 from disp_runner.errors import UserInputError
+from disp_runner.safepaths import resolve_inside
 
 MANIFEST_NAME = "manifest.jsonl"
 IMAGES_DIR = "images"
 REQUIRED_FIELDS = {"id": str, "image": str, "prompt": str, "response": str}
+# Checked from the PNG header before any pixel is decoded: a small file can claim a huge image.
+MAX_IMAGE_PIXELS = 4096 * 4096
 
 
 @dataclass
@@ -55,11 +58,13 @@ def write_dataset(instances: Iterable[Instance], out_dir: str | Path) -> Path:
         (staging / IMAGES_DIR).mkdir()
         seen: set[str] = set()
         with open(staging / MANIFEST_NAME, "w", encoding="utf-8") as manifest:
-            for inst in instances:
+            for index, inst in enumerate(instances):
                 if inst.id in seen:
                     raise ValueError(f"duplicate instance id {inst.id!r}")
                 seen.add(inst.id)
-                rel = f"{IMAGES_DIR}/{_safe_file_stem(inst.id)}.png"
+                # The position makes the name unique: ids that differ only in characters a file
+                # name cannot hold ("x/1", "x_1") must not share an image.
+                rel = f"{IMAGES_DIR}/{index:06d}-{_safe_file_stem(inst.id)}.png"
                 inst.image.convert("RGB").save(staging / rel, format="PNG")
                 record = {"id": inst.id, "image": rel, "prompt": inst.prompt, "response": inst.response,
                           "metadata": inst.metadata}
@@ -76,7 +81,7 @@ def write_dataset(instances: Iterable[Instance], out_dir: str | Path) -> Path:
 
 
 def _safe_file_stem(instance_id: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in instance_id)
+    return "".join(c if c.isascii() and (c.isalnum() or c in "-_") else "_" for c in instance_id)[:80]
 
 
 def load_dataset(
@@ -90,8 +95,8 @@ def load_dataset(
         raise UserInputError(f"{manifest}: dataset manifest not found")
     instances: list[Instance] = []
     seen: dict[str, int] = {}
-    with open(manifest, encoding="utf-8") as handle:
-        for line_no, line in enumerate(handle, start=1):
+    with open(manifest, encoding="utf-8", errors="strict") as handle:
+        for line_no, line in _numbered_lines(handle, manifest):
             if not line.strip():
                 continue
             where = f"{manifest}:{line_no}"
@@ -105,6 +110,15 @@ def load_dataset(
     if not instances:
         raise UserInputError(f"{manifest}: dataset is empty")
     return instances
+
+
+def _numbered_lines(handle, manifest: Path):
+    line_no = 0
+    try:
+        for line_no, line in enumerate(handle, start=1):
+            yield line_no, line
+    except UnicodeDecodeError:
+        raise UserInputError(f"{manifest}: not UTF-8 text (after line {line_no})") from None
 
 
 def _parse_record(line: str, where: str) -> dict[str, Any]:
@@ -128,24 +142,28 @@ def _parse_record(line: str, where: str) -> dict[str, Any]:
 
 
 def _load_image(folder: Path, rel: str, where: str, image_size: int | None) -> Image.Image:
-    rel_path = Path(rel)
-    # Manifests come from untrusted users: an image path must stay inside the dataset folder.
-    if rel_path.is_absolute() or ".." in rel_path.parts:
-        raise UserInputError(f"{where}: field 'image' must be a relative path inside the dataset, got {rel!r}")
-    path = folder / rel_path
+    # Manifests come from untrusted users: an image path must stay inside the dataset folder, also
+    # through symbolic links.
+    path = resolve_inside(folder, rel, f"{where}: field 'image'", inside="the dataset")
     if not path.is_file():
-        raise UserInputError(f"{where}: image file {path} does not exist")
+        raise UserInputError(f"{where}: image file {folder / rel} does not exist")
     try:
         with Image.open(path) as img:
+            width, height = img.size  # from the header: nothing is decoded yet
+            if image_size is not None and (width, height) != (image_size, image_size):
+                raise UserInputError(f"{where}: image file {path} is {width}x{height}, "
+                                     f"expected {image_size}x{image_size}")
+            if width * height > MAX_IMAGE_PIXELS:
+                raise UserInputError(f"{where}: image file {path} is {width}x{height}, more than "
+                                     f"{MAX_IMAGE_PIXELS} pixels (a decompression bomb?)")
             img.load()
             image = img.copy()
-    except (UnidentifiedImageError, OSError) as exc:
+    except Image.DecompressionBombError:
+        raise UserInputError(f"{where}: image file {path} claims too many pixels (a decompression bomb?)") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise UserInputError(f"{where}: image file {path} is unreadable ({exc.__class__.__name__})") from None
     if image.mode != "RGB":
         raise UserInputError(f"{where}: image file {path} has mode {image.mode}, expected RGB")
-    if image_size is not None and image.size != (image_size, image_size):
-        raise UserInputError(
-            f"{where}: image file {path} is {image.size[0]}x{image.size[1]}, expected {image_size}x{image_size}")
     return image
 
 
