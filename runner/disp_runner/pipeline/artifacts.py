@@ -14,23 +14,31 @@ complete, and a reader verifies every checksum before trusting the files.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
+import re
 import shutil
+import socket
 import tempfile
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from disp_api import PurificationJob, StageName
-from disp_runner.errors import UserInputError
+from disp_runner.errors import TransientError, UserInputError
+from disp_runner.safepaths import require_inside, resolve_inside
 
 STAGE_MANIFEST = "stage-manifest.json"
 PROGRESS_FILE = "progress.json"
 MANIFEST_VERSION = 1
+
+
+MAX_SHARDS = 1024  # as spec.parallelism allows
 
 
 @dataclass(frozen=True)
@@ -43,11 +51,13 @@ class Shard:
     def __post_init__(self) -> None:
         if self.count < 1 or not 0 <= self.index < self.count:
             raise UserInputError(f"--shard {self.index}/{self.count}: need 0 <= index < count")
+        if self.count > MAX_SHARDS:
+            raise UserInputError(f"--shard {self.index}/{self.count}: at most {MAX_SHARDS} shards")
 
     @classmethod
     def parse(cls, text: str) -> "Shard":
         parts = text.split("/")
-        if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+        if len(parts) != 2 or not all(p.strip().isdigit() and len(p.strip()) <= 9 for p in parts):
             raise UserInputError(f"--shard {text!r}: expected INDEX/COUNT, e.g. 0/4")
         return cls(int(parts[0]), int(parts[1]))
 
@@ -95,17 +105,40 @@ def write_stage_manifest(folder: Path, stage: StageName, metrics: dict[str, Any]
     return manifest
 
 
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
 def read_stage_manifest(folder: Path) -> dict[str, Any]:
     path = folder / STAGE_MANIFEST
     if not path.is_file():
         raise UserInputError(f"{folder}: no {STAGE_MANIFEST}; that stage output is incomplete (rerun its stage)")
     try:
-        manifest = json.loads(path.read_text())
+        manifest = json.loads(path.read_text(encoding="utf-8"))
         if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), list):
             raise ValueError("no file list")
-    except (json.JSONDecodeError, ValueError) as exc:
+        if not isinstance(manifest.get("metrics", {}), dict):
+            raise ValueError("'metrics' is not an object")
+        for i, entry in enumerate(manifest["files"]):
+            _check_file_entry(folder, entry, f"files[{i}]")
+    except (json.JSONDecodeError, UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise UserInputError(f"{path}: unreadable stage manifest ({exc})") from None
     return manifest
+
+
+def _check_file_entry(folder: Path, entry: Any, where: str) -> None:
+    """A manifest entry names a file inside its folder, with an integer size and a SHA-256."""
+    if not isinstance(entry, dict) or set(entry) != {"path", "size", "sha256"}:
+        raise ValueError(f"{where}: expected an object with path, size and sha256")
+    if not isinstance(entry["path"], str) or entry["path"] == STAGE_MANIFEST:
+        raise ValueError(f"{where}.path: expected a file name")
+    if not isinstance(entry["size"], int) or isinstance(entry["size"], bool) or entry["size"] < 0:
+        raise ValueError(f"{where}.size: expected a non-negative integer")
+    if not isinstance(entry["sha256"], str) or not _SHA256.match(entry["sha256"]):
+        raise ValueError(f"{where}.sha256: expected 64 lower-case hex digits")
+    try:
+        resolve_inside(folder, entry["path"], f"{where}.path", inside="the stage folder")
+    except UserInputError as exc:
+        raise ValueError(str(exc)) from None
 
 
 def verify_stage_output(folder: Path) -> dict[str, Any]:
@@ -118,6 +151,34 @@ def verify_stage_output(folder: Path) -> dict[str, Any]:
         if path.stat().st_size != entry["size"] or sha256_file(path) != entry["sha256"]:
             raise UserInputError(f"{path}: checksum mismatch with {folder / STAGE_MANIFEST} (file changed or corrupt)")
     return manifest
+
+
+@contextlib.contextmanager
+def output_lock(final: Path) -> Iterator[None]:
+    """Hold the exclusive right to build `final` (a stage's or shard's output folder) for as long
+    as the block runs. A second process on the same output is told who holds it and gets a
+    TransientError (exit 75: retry later), not a half-published folder. The lock is the kernel's
+    (flock on `<final>.lock`), so a killed holder releases it; whoever takes it next removes the
+    staging folders such a holder left behind."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    lock_path = final.with_name(final.name + ".lock")
+    handle = open(lock_path, "a+", encoding="utf-8")
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            raise TransientError(f"{final} is being built by {holder}; run again when it has finished") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        handle.flush()
+        for stale in final.parent.glob(f".{final.name}.staging-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        yield
+    finally:
+        handle.close()  # releases the lock
 
 
 class StagingFolder:
@@ -146,8 +207,13 @@ class RunLayout:
 
     @classmethod
     def for_job(cls, job: PurificationJob, output_root: Path) -> "RunLayout":
+        """The run's folder under `output_root`; refused (before anything is made or removed) if
+        it would lie anywhere else, e.g. through a symbolic link inside the output folder."""
         meta = job.metadata
-        return cls(output_root / "runs" / meta.namespace / meta.name / job.run_id)
+        root = output_root / "runs" / meta.namespace / meta.name / job.run_id
+        if output_root.exists():
+            require_inside(output_root, root, "metadata")
+        return cls(root)
 
     def stage_dir(self, stage: StageName) -> Path:
         return self.root / stage.value

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ from disp_runner.pipeline.artifacts import (
     verify_stage_output,
 )
 from disp_runner.store.credentials import open_s3_store
+from disp_runner.store.lease import LEASE_SUFFIX, S3Lease
 from disp_runner.store.location import Location, Scheme
 from disp_runner.store.s3 import S3Store
 from disp_runner.store.tree import download_folder, download_stage, remote_stage_complete, upload_stage
@@ -113,6 +115,13 @@ class StageContext:
         if self.remote is None:
             return str(folder)
         return f"s3://{self.remote.bucket}/{self.remote.stage_prefix(self.layout, folder)}"
+
+    def output_lease(self, folder: Path) -> contextlib.AbstractContextManager:
+        """In an S3-backed run, the exclusive lease on building `folder` (see store/lease.py)."""
+        if self.remote is None:
+            return contextlib.nullcontext()
+        return S3Lease(self.remote.store, self.remote.bucket,
+                       self.remote.stage_prefix(self.layout, folder) + LEASE_SUFFIX)
 
     def publish_remote(self, folder: Path) -> None:
         if self.remote is not None:

@@ -19,6 +19,7 @@ from disp_runner.pipeline.artifacts import (
     RunLayout,
     Shard,
     StagingFolder,
+    output_lock,
     read_stage_manifest,
     write_stage_manifest,
 )
@@ -86,14 +87,20 @@ def run_stage(stage: Stage, ctx: StageContext) -> StageOutcome:
     if shard is not None and not hasattr(stage, "merge"):
         raise UserInputError(f"stage {stage.name.value} cannot be sharded")
     final = ctx.layout.stage_dir(stage.name) if shard is None else ctx.layout.shard_dir(stage.name, shard)
-    skipped = _already_complete(ctx, stage.name, final, shard)
+    with output_lock(final), ctx.output_lease(final):
+        return _run_locked(stage, ctx, final, shard)
+
+
+def _run_locked(stage: Stage, ctx: StageContext, final: Path, shard: Shard | None) -> StageOutcome:
+    skipped = _already_complete(ctx, stage.name, final, shard)  # also when another process just finished it
     if skipped is not None:
         return skipped
     for needed in stage.inputs:
         ctx.input_dir(needed)  # raises, naming the folder, when an input is incomplete or corrupt
     seed_everything(0)
+    total = stage.total_items(ctx)
     ctx.progress = ProgressReporter(_progress_path(ctx.layout, stage.name, shard), stage.name,
-                                    stage.total_items(ctx), shard, mirror=_progress_mirror(ctx))
+                                    total, shard, mirror=_progress_mirror(ctx))
     ctx.progress.update(0, force=True)
     outcome = _produce(ctx, stage.name, final, lambda out: stage.run(ctx, out), shard)
     # Resumable state (epoch checkpoints) is superseded by the published output.
@@ -105,13 +112,14 @@ def run_stage(stage: Stage, ctx: StageContext) -> StageOutcome:
 def merge_shards(stage: ShardableStage, ctx: StageContext, count: int) -> StageOutcome:
     """Combine the `count` shards of a stage into its output; every shard must be complete."""
     final = ctx.layout.stage_dir(stage.name)
-    skipped = _already_complete(ctx, stage.name, final)
-    if skipped is not None:
-        return skipped
-    shard_dirs = [ctx.layout.shard_dir(stage.name, Shard(i, count)) for i in range(count)]
-    for folder in shard_dirs:
-        ctx.fetch(folder)  # raises, naming the shard, when one is incomplete
-    return _produce(ctx, stage.name, final, lambda out: stage.merge(ctx, shard_dirs, out), shards=count)
+    with output_lock(final), ctx.output_lease(final):
+        skipped = _already_complete(ctx, stage.name, final)
+        if skipped is not None:
+            return skipped
+        shard_dirs = [ctx.layout.shard_dir(stage.name, Shard(i, count)) for i in range(count)]
+        for folder in shard_dirs:
+            ctx.fetch(folder)  # raises, naming the shard, when one is incomplete
+        return _produce(ctx, stage.name, final, lambda out: stage.merge(ctx, shard_dirs, out), shards=count)
 
 
 def open_run(job: PurificationJob, output_root: Path | None = None, shard: Shard | None = None,

@@ -8,6 +8,7 @@ import hashlib
 import os
 import queue
 import random
+import ssl
 import threading
 import time
 from dataclasses import dataclass
@@ -50,7 +51,17 @@ class RetryPolicy:
         return min(self.max_delay, self.base_delay * 2 ** attempt) * (0.5 + random.random() / 2)
 
 
+def _tls_failure(exc: BaseException) -> bool:
+    """A failed TLS handshake (plain HTTP on the other end, an unknown certificate authority): a
+    setting to fix, not something a retry mends."""
+    reason = getattr(exc, "reason", None)
+    return isinstance(exc, (urllib3.exceptions.SSLError, ssl.SSLError)) or \
+        isinstance(reason, (urllib3.exceptions.SSLError, ssl.SSLError))
+
+
 def is_transient(exc: BaseException) -> bool:
+    if _tls_failure(exc):
+        return False
     if isinstance(exc, S3Error):
         return exc.code in TRANSIENT_CODES or (exc.code not in PERMANENT_CODES and exc.response is not None
                                                and exc.response.status >= 500)
@@ -62,6 +73,9 @@ def is_transient(exc: BaseException) -> bool:
 
 
 def describe(exc: BaseException) -> str:
+    if _tls_failure(exc):
+        return ("TLS handshake failed (a plain-HTTP endpoint needs spec.storage.secure: false; "
+                "a private certificate authority must be trusted by the runner)")
     if isinstance(exc, S3Error):
         return f"{exc.code}: {exc.message}"
     return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}".rstrip(": ")
@@ -77,8 +91,11 @@ class S3Store:
         http = urllib3.PoolManager(timeout=urllib3.Timeout(connect=10, read=300),
                                    retries=urllib3.Retry(total=0, connect=0, read=0, redirect=0, status=0),
                                    maxsize=10)
-        self.client = Minio(endpoint, access_key=access_key, secret_key=secret_key, secure=secure, region=region,
-                            http_client=http)
+        try:
+            self.client = Minio(endpoint, access_key=access_key, secret_key=secret_key, secure=secure, region=region,
+                                http_client=http)
+        except ValueError as exc:  # e.g. a scheme or a path in the endpoint
+            raise StoreError(f"S3 endpoint {endpoint!r}: {exc} (give host[:port])") from None
         self.retry = retry
         self.sleep = sleep
         self.endpoint = endpoint
@@ -154,6 +171,24 @@ class S3Store:
         import io
 
         self._call("write of", bucket, key, lambda: self.client.put_object(bucket, key, io.BytesIO(data), len(data)))
+
+    def put_conditionally(self, bucket: str, key: str, data: bytes, if_match: str | None = None) -> str | None:
+        """Write an object only if no object has the key (or, with `if_match`, only if the one there
+        still has that ETag): S3's conditional writes, which MinIO and AWS S3 honour. The new ETag,
+        or None when the condition failed. (The SDK's put_object cannot send these headers, so this
+        goes through its single-request PUT.)"""
+        headers = {"Content-Type": "application/json"}
+        headers.update({"If-Match": f'"{if_match}"'} if if_match else {"If-None-Match": "*"})
+
+        def put() -> str | None:
+            try:
+                return self.client._put_object(bucket, key, data, headers=headers).etag  # noqa: SLF001
+            except S3Error as exc:
+                if exc.code in ("PreconditionFailed", "ConditionalRequestConflict", "NoSuchKey"):
+                    return None
+                raise
+
+        return self._call("conditional write of", bucket, key, put)
 
     def exists(self, bucket: str, key: str) -> bool:
         def stat() -> bool:

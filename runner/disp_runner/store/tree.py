@@ -52,14 +52,31 @@ def download_stage(store: S3Store, bucket: str, prefix: str, dest: Path) -> None
     (dest / STAGE_MANIFEST).write_bytes(raw)
 
 
+def _read_index(path: Path) -> dict[str, str]:
+    try:
+        index = json.loads(path.read_text()) if path.is_file() else {}
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return {}  # a damaged cache index only costs a fresh download
+    return {k: v for k, v in index.items() if isinstance(k, str) and isinstance(v, str)} \
+        if isinstance(index, dict) else {}
+
+
 def download_folder(store: S3Store, bucket: str, prefix: str, dest: Path) -> Path:
-    """Mirror every object under `prefix` into `dest`, skipping files whose ETag is unchanged."""
+    """Mirror every object under `prefix` into `dest`, skipping files whose ETag is unchanged and
+    removing the cached files whose objects are gone, so `dest` holds exactly the remote listing."""
     index_path = dest / ETAG_INDEX
-    index: dict[str, str] = json.loads(index_path.read_text()) if index_path.is_file() else {}
+    index: dict[str, str] = _read_index(index_path)
     objects = list(store.list(bucket, prefix + "/"))
     if not objects:
         raise StoreError(f"s3://{bucket}/{prefix}/: no objects (wrong URI?)")
     dest.mkdir(parents=True, exist_ok=True)
+    listed = {key[len(prefix) + 1:] for key, _size, _etag in objects}
+    for cached in sorted(p for p in dest.rglob("*") if p.is_file() and p != index_path):
+        rel = cached.relative_to(dest).as_posix()
+        if rel not in listed:  # deleted (or never part of the folder) upstream
+            cached.unlink()
+            index.pop(rel, None)
+    index_path.write_text(json.dumps(index))
     for key, _size, etag in objects:
         rel = key[len(prefix) + 1:]
         target = _inside(dest, rel, f"s3://{bucket}/{key}")

@@ -1,0 +1,94 @@
+"""An exclusive lease on a stage output of an S3-backed run: the S3 counterpart of the local
+`output_lock`, for processes that share only the bucket (two pods, or a pod and a person running
+`disp run` against the same prefix).
+
+The lease is an object beside the output (`<stage>.lease`: holder and expiry) created with S3's
+conditional write (If-None-Match: *), so of two processes exactly one creates it. The holder
+renews it (If-Match on its own ETag) every third of its time to live, so the lease of a process
+that was killed lapses within one TTL and the next attempt takes it over; the holder deletes it
+when it is done. A process that finds a live lease held by another gets a TransientError (exit 75):
+the operator retries later, a person is told who holds it and until when."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import threading
+import time
+from datetime import datetime, timezone
+from typing import Callable
+
+from disp_runner.errors import TransientError
+from disp_runner.store.s3 import S3Store
+
+logger = logging.getLogger(__name__)
+LEASE_SUFFIX = ".lease"
+DEFAULT_TTL_SECONDS = 60.0
+
+
+def _iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="seconds")
+
+
+class S3Lease:
+    def __init__(self, store: S3Store, bucket: str, key: str, ttl: float = DEFAULT_TTL_SECONDS,
+                 clock: Callable[[], float] = time.time):
+        self.store, self.bucket, self.key, self.ttl, self.clock = store, bucket, key, ttl, clock
+        self.holder = f"pid {os.getpid()} on {socket.gethostname()}"
+        self._etag: str | None = None
+        self._stop = threading.Event()
+        self._renewer: threading.Thread | None = None
+
+    def _record(self) -> bytes:
+        return json.dumps({"holder": self.holder, "expiresAt": self.clock() + self.ttl}).encode()
+
+    def acquire(self) -> None:
+        where = f"s3://{self.bucket}/{self.key}"
+        self._etag = self.store.put_conditionally(self.bucket, self.key, self._record())
+        if self._etag is None:  # someone holds, or held, the lease
+            current_etag = self.store.etag(self.bucket, self.key)
+            try:
+                current = json.loads(self.store.get_bytes(self.bucket, self.key))
+                holder, expires = str(current["holder"]), float(current["expiresAt"])
+            except (ValueError, KeyError, TypeError):
+                holder, expires = "an unknown process", 0.0  # unreadable: treat as lapsed
+            if expires > self.clock():
+                raise TransientError(f"{where}: this output is being built by {holder} (lease until "
+                                     f"{_iso(expires)}); run again when it has finished")
+            self._etag = self.store.put_conditionally(self.bucket, self.key, self._record(), if_match=current_etag)
+            if self._etag is None:
+                raise TransientError(f"{where}: another process took over the lapsed lease of {holder} just now; "
+                                     "run again when it has finished")
+            logger.warning("%s: took over the lapsed lease of %s", where, holder)
+        self._renewer = threading.Thread(target=self._renew, name="s3-lease", daemon=True)
+        self._renewer.start()
+
+    def _renew(self) -> None:
+        while not self._stop.wait(self.ttl / 3):
+            try:
+                etag = self.store.put_conditionally(self.bucket, self.key, self._record(), if_match=self._etag)
+            except Exception as exc:  # noqa: BLE001 - a renewal that fails now may succeed next time
+                logger.warning("s3://%s/%s: lease not renewed: %s", self.bucket, self.key, exc)
+                continue
+            if etag is None:
+                logger.warning("s3://%s/%s: lease lost to another process", self.bucket, self.key)
+                return
+            self._etag = etag
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._renewer is not None:
+            self._renewer.join(10)
+        try:
+            self.store.remove(self.bucket, [self.key])
+        except Exception as exc:  # noqa: BLE001 - it lapses by itself within one TTL
+            logger.warning("s3://%s/%s: lease not removed (it lapses by itself): %s", self.bucket, self.key, exc)
+
+    def __enter__(self) -> "S3Lease":
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.release()
