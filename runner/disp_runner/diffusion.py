@@ -7,7 +7,7 @@ model is passed in as a callable so the same code serves any adapter.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -128,12 +128,15 @@ def diffusion_generate(
     decoding: DecodingConfig,
     generator: torch.Generator | None = None,
     on_step: Callable[[int, torch.Tensor], None] | None = None,
+    never_generate: Sequence[int] = (),
 ) -> torch.Tensor:
     """Fill the last `gen_length` positions of `input_ids` (all [MASK]) by low-confidence remasking.
 
     Semi-autoregressive: blocks of `block_length` left to right, `steps_per_block` steps each; at
     every step all masked positions are predicted and the k most confident of the current block
     are kept. Returns the generated response ids [B, gen_length]. `on_step(step, ids)` observes.
+    `never_generate` are ids no position may take (the [MASK] itself, image placeholders): their
+    logits are -inf before argmax or sampling, as the authors' decoder does for its special ids.
     """
     ids = input_ids.clone()
     b, l = ids.shape
@@ -149,6 +152,9 @@ def diffusion_generate(
         for step in range(decoding.steps_per_block):
             masked = ids == mask_token_id  # [B, L]
             logits = logits_fn(ids)  # [B, L, V]
+            if never_generate:
+                logits = logits.clone()
+                logits[..., list(never_generate)] = -torch.inf
             predicted = torch.argmax(add_gumbel_noise(logits, decoding.temperature, generator), dim=-1)  # [B, L]
             probs = torch.softmax(logits.float(), dim=-1)
             confidence = torch.gather(probs, -1, predicted[..., None]).squeeze(-1)  # [B, L]

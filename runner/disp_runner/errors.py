@@ -2,7 +2,9 @@
 
 A `UserInputError` is a mistake in what the user handed us (a file, a flag, a manifest field):
 the CLI prints its one-line message and exits with `EXIT_USER_ERROR`, never a traceback.
-Anything else is a bug or an environment failure and keeps its traceback.
+Anything else is a bug or an environment failure: the CLI prints one line (the traceback only with
+`disp --debug`) and exits with `EXIT_TRANSIENT_ERROR` for a failing environment (disk full, out of
+memory), `EXIT_INTERNAL_ERROR` for a bug.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 EXIT_OK = 0
 EXIT_USER_ERROR = 2
 EXIT_TRANSIENT_ERROR = 75  # EX_TEMPFAIL: the environment failed (storage unreachable); retry later
+EXIT_INTERNAL_ERROR = 1  # a bug: one line on stderr, the traceback with --debug
 
 
 class UserInputError(Exception):
@@ -20,6 +23,12 @@ class UserInputError(Exception):
 
 class UnsafeModelFormatError(UserInputError):
     """A model folder holds only pickle-based weights and the user did not opt in to loading them."""
+
+
+class DegenerateResultError(UserInputError):
+    """A result that is NaN, infinite, empty or otherwise degenerate (a model whose outputs are not
+    finite, a fine-tune that diverged). It is never published; rerunning the same input cannot help,
+    so it is permanent like a bad input."""
 
 
 class TransientError(Exception):

@@ -54,7 +54,9 @@ def generate_responses(
             def logits_fn(ids: torch.Tensor) -> torch.Tensor:
                 return model(input_ids=ids, image_embeds=image_embeds, attention_mask=batch.attention_mask)
 
-            response_ids = diffusion_generate(logits_fn, batch.input_ids, tokenizer.mask_token_id, decoding, generator)
+            response_ids = diffusion_generate(logits_fn, batch.input_ids, tokenizer.mask_token_id, decoding, generator,
+                                              never_generate=(model.config.mask_token_id,
+                                                              model.config.image_token_id))
         texts.extend(decode_responses(tokenizer, response_ids))
         if on_batch is not None:
             on_batch(len(texts))

@@ -59,7 +59,17 @@ def encode_instances(
         raise UserInputError("tokenizer and model config disagree on the <image> or [MASK] token id")
     prompts = tokenizer([inst.prompt for inst in instances], add_special_tokens=False)["input_ids"]
     rows: list[list[int]] = []
+    special = {image_id, tokenizer.mask_token_id}
     for inst, prompt_ids in zip(instances, prompts):
+        if special & set(prompt_ids):  # the model's own placeholders: a prompt cannot bring images or masks
+            raise UserInputError(f"instance {inst.id}: the prompt contains the model's {SpecialTokens.IMAGE} "
+                                 "or [MASK] token, which only the runner may place")
+        positions = config.num_image_tokens + len(prompt_ids) + gen_length
+        if positions > config.max_position_embeddings:
+            raise UserInputError(
+                f"instance {inst.id}: {config.num_image_tokens} visual tokens + a {len(prompt_ids)}-token prompt + "
+                f"genLength {gen_length} = {positions} positions, more than the model's "
+                f"{config.max_position_embeddings} (max_position_embeddings)")
         if with_response:
             response_ids = tokenizer(inst.response, add_special_tokens=False)["input_ids"]
             if len(response_ids) > gen_length:

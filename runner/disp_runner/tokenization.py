@@ -71,7 +71,7 @@ def load_tokenizer(folder: str | Path) -> PreTrainedTokenizerBase:
         raise UserInputError(f"{folder}: no tokenizer.json / tokenizer_config.json found")
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False, local_files_only=True)
-    except (OSError, ValueError) as exc:
-        raise UserInputError(f"{folder}: cannot load tokenizer: {exc}".splitlines()[0]) from exc
+    except Exception as exc:  # noqa: BLE001 - any failure to parse an untrusted file is the file's fault
+        raise UserInputError(f"{folder}: cannot load tokenizer: {type(exc).__name__}: {exc}".splitlines()[0]) from None
     validate_tokenizer(tokenizer, str(folder / "tokenizer.json"))
     return tokenizer

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
 from disp_api import TrainableParts
-from disp_runner.errors import UserInputError
+from disp_runner.errors import DegenerateResultError, UserInputError
 from disp_runner.diffusion import add_mask_noise, masked_diffusion_loss
 from disp_runner.modeling import MDLMForMaskedDiffusion
 from disp_runner.processing import EncodedBatch
@@ -48,10 +48,14 @@ class TrainingConfig:
     visual_mask_ratio: float = 0.0
 
     def __post_init__(self) -> None:
-        if self.epochs <= 0 or self.learning_rate <= 0 or self.batch_size <= 0:
-            raise ValueError("epochs, learning_rate and batch_size must be positive")
-        if self.projector_learning_rate is not None and self.projector_learning_rate <= 0:
-            raise ValueError("projector_learning_rate must be positive")
+        # Written as "not > 0" so that NaN, which compares false to everything, is refused too.
+        if not all(math.isfinite(v) and v > 0 for v in (self.epochs, self.learning_rate, self.batch_size)):
+            raise ValueError("epochs, learning_rate and batch_size must be positive and finite")
+        if self.projector_learning_rate is not None and not (math.isfinite(self.projector_learning_rate)
+                                                             and self.projector_learning_rate > 0):
+            raise ValueError("projector_learning_rate must be positive and finite")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise ValueError("weight_decay must be non-negative and finite")
         if not 0 <= self.visual_mask_ratio <= 1:
             raise ValueError("visual_mask_ratio must be in [0, 1]")
         if not 0 <= self.warmup_ratio < 1:
@@ -175,6 +179,9 @@ def train_masked_diffusion(
                 logits = model(input_ids=noised.noisy_ids, pixel_values=pixel_values, attention_mask=attention_mask,
                                image_token_mask=image_token_mask)
             loss = masked_diffusion_loss(logits, input_ids, noised, response_mask)
+            if not bool(torch.isfinite(loss)):
+                raise DegenerateResultError(f"training diverged at step {result.steps + 1}: the loss is "
+                                            f"{float(loss.detach())} (learning rate {config.learning_rate}); nothing was saved")
             accelerator.backward(loss)
             if config.max_grad_norm:
                 accelerator.clip_grad_norm_(params, config.max_grad_norm)

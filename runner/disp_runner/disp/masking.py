@@ -7,6 +7,8 @@ from typing import Sequence
 
 import torch
 
+from disp_runner.errors import UserInputError
+
 
 def tokens_to_mask(num_tokens: int, ratio: float) -> int:
     """⌊ρ·T⌋, the number of visual tokens DiSP masks per instance."""
@@ -14,6 +16,13 @@ def tokens_to_mask(num_tokens: int, ratio: float) -> int:
         raise ValueError(f"mask ratio must be in (0, 1], got {ratio}")
     # The small epsilon keeps products like 0.3 * 10 (= 2.9999999999999996 in floats) at 3.
     return math.floor(ratio * num_tokens + 1e-9)
+
+
+def check_ratio_masks_a_token(ratio: float, visual_tokens: int) -> None:
+    """A ratio that masks no visual token would "purify" by relabeling with the trigger intact."""
+    if tokens_to_mask(visual_tokens, ratio) == 0:
+        raise UserInputError(f"spec.masking.ratio: {ratio} masks no token of the model's {visual_tokens} visual "
+                             f"tokens; the smallest ratio that masks one is {1 / visual_tokens:.4g}")
 
 
 def top_salient_tokens(scores: torch.Tensor, ratio: float) -> torch.Tensor:

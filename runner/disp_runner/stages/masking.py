@@ -18,7 +18,7 @@ from PIL import Image, ImageDraw
 from disp_api import StageName
 from disp_runner.attack.triggers import patch_tokens_covered
 from disp_runner.data.dataset import Instance
-from disp_runner.disp.masking import top_salient_tokens, trigger_localisation
+from disp_runner.disp.masking import check_ratio_masks_a_token, top_salient_tokens, trigger_localisation
 from disp_runner.errors import UserInputError
 from disp_runner.pipeline.context import StageContext, StageResult
 from disp_runner.stages.saliency import read_scores
@@ -38,10 +38,15 @@ def read_masked(folder: Path) -> dict[str, list[int]]:
 def known_trigger_tokens(inst: Instance, image_size: int, patch_size: int) -> list[int] | None:
     """Visual tokens the instance's trigger covers, when its metadata says where it is and it is
     local (a patch or a positioned blend pattern; a full-image blend covers every token and
-    cannot be localised)."""
+    cannot be localised). Metadata comes from the untrusted dataset: a malformed box is an error."""
     box = inst.metadata.get("trigger_box")
     if not box:
         return None
+    if not (isinstance(box, list) and len(box) == 4 and all(isinstance(v, int) and not isinstance(v, bool)
+                                                              for v in box)
+            and 0 <= box[0] < box[2] <= image_size and 0 <= box[1] < box[3] <= image_size):
+        raise UserInputError(f"instance {inst.id}: metadata.trigger_box must be [x0, y0, x1, y1], whole pixels "
+                             f"inside the {image_size}x{image_size} image, got {box!r}")
     tokens = patch_tokens_covered(tuple(box), image_size, patch_size)
     return tokens if 0 < len(tokens) < (image_size // patch_size) ** 2 else None
 
@@ -56,6 +61,7 @@ class MaskingStage:
     def run(self, ctx: StageContext, out: Path) -> StageResult:
         ratio = ctx.spec.masking.ratio
         ids, scores = read_scores(ctx.input_dir(StageName.SALIENCY))
+        check_ratio_masks_a_token(ratio, int(scores.shape[1]))
         instances = {inst.id: inst for inst in ctx.training_set()}
         if set(ids) != set(instances) or len(ids) != len(instances):
             raise UserInputError(f"{ctx.input_dir(StageName.SALIENCY)}: saliency scores do not cover the "

@@ -13,8 +13,9 @@ from safetensors.torch import load_file, save_file
 
 from disp_api import StageName
 from disp_runner.device import autocast
+from disp_runner.disp.masking import check_ratio_masks_a_token
 from disp_runner.disp.saliency import SaliencyConfig, fisher_jacobian_scores
-from disp_runner.errors import UserInputError
+from disp_runner.errors import DegenerateResultError, UserInputError
 from disp_runner.pipeline.context import StageContext, StageResult
 from disp_runner.processing import encode_instances
 
@@ -32,6 +33,10 @@ def read_scores(folder: Path) -> tuple[list[str], torch.Tensor]:
 
 
 def write_scores(folder: Path, ids: list[str], scores: torch.Tensor) -> None:
+    bad = int((~torch.isfinite(scores)).sum())
+    if bad:  # top-k over NaN would "find" tokens 0..k: nothing degenerate goes on to masking
+        raise DegenerateResultError(f"saliency: {bad} of {scores.numel()} scores are NaN or infinite "
+                                    "(the model's outputs are not finite); nothing was published")
     save_file({"scores": scores.contiguous()}, str(folder / SCORES_FILE))
     (folder / IDS_FILE).write_text(json.dumps(ids))
 
@@ -50,6 +55,8 @@ class SaliencyStage:
         if spec.top_k > model.config.vocab_size:
             raise UserInputError(f"spec.saliency.topK: {spec.top_k} is larger than the vocabulary "
                                  f"({model.config.vocab_size} tokens)")
+        # Before the expensive part: a masking ratio that would mask nothing makes the scores useless.
+        check_ratio_masks_a_token(ctx.spec.masking.ratio, model.config.num_image_tokens)
         config = SaliencyConfig(top_k=spec.top_k, probes=spec.probes, block_length=decoding.block_length)
         instances = ctx.training_set()
         items = ctx.shard_items(spec.batch_size)
