@@ -8,7 +8,7 @@ from typing import Optional
 
 from pydantic import Field, model_validator
 
-from disp_api.base import ContractModel
+from disp_api.base import ContractModel, Seed
 
 
 class TriggerKind(str, Enum):
@@ -46,7 +46,7 @@ class TriggerSpec(ContractModel):
     """Path of a PNG pattern: the patch itself (patch triggers) or the image to blend (blended)."""
     alpha: float = Field(0.2, gt=0.0, le=1.0)
     """Blend weight of the pattern (blended triggers)."""
-    pattern_seed: int = 0
+    pattern_seed: Seed = 0
     """Seed of the built-in key (black/white noise in 2-pixel cells) of blended triggers without a pattern image."""
 
     @model_validator(mode="after")
@@ -83,5 +83,5 @@ class AttackSpec(ContractModel):
     """The backdoor's target behaviour."""
     poison_rate: float = Field(0.2, gt=0.0, le=1.0)
     """Fraction of the training set that is poisoned (paper: 200 of 1000)."""
-    seed: int = 0
+    seed: Seed = 0
     """Seed of the choice of poisoned instances."""

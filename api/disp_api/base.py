@@ -2,10 +2,15 @@
 errors, instances are immutable."""
 
 from dataclasses import dataclass
-from typing import Union
+from typing import Annotated, Union
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic.alias_generators import to_camel
+
+# Seeds are 32-bit, as numpy's: sub-seeds derived from them (seed * a large prime + k) must stay
+# inside the 64 bits torch's generators take, and the CRD must refuse what the runner would.
+SEED_MAX = 2**32 - 1
+Seed = Annotated[int, Field(ge=0, le=SEED_MAX)]
 
 
 class ContractModel(BaseModel):
@@ -15,6 +20,7 @@ class ContractModel(BaseModel):
         extra="forbid",
         frozen=True,
         use_attribute_docstrings=True,
+        allow_inf_nan=False,  # NaN and infinity are never a valid setting or result
     )
 
     def to_wire(self) -> dict:

@@ -14,7 +14,7 @@ from typing import Literal, Optional
 from pydantic import Field, field_validator, model_validator
 
 from disp_api.attack import AttackSpec
-from disp_api.base import ContractModel
+from disp_api.base import ContractModel, Seed
 
 API_GROUP = "disp.dev"
 API_VERSION = "v1alpha1"
@@ -25,6 +25,9 @@ PURIFIED_MODEL_PATH = "finetune/model"
 
 # RFC 1123 DNS label, as Kubernetes requires of names that become Job and label values.
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+# A uid becomes the last folder (and S3 prefix part) of a run: Kubernetes' are UUIDs; any id made of
+# letters, digits, '-' and '_' is accepted, nothing that could name another folder.
+_UID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$")
 
 
 class StageName(str, Enum):
@@ -72,8 +75,9 @@ class SecretKeyRef(ContractModel):
 
 
 class StorageSpec(ContractModel):
-    endpoint: Optional[str] = Field(None, min_length=1)
-    """S3/MinIO endpoint host[:port] for s3:// URIs, e.g. minio.minio.svc:9000."""
+    endpoint: Optional[str] = Field(None, min_length=1, max_length=253,
+                                    pattern=r"^([A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?|\[[0-9A-Fa-f:.]+\])(:[0-9]{1,5})?$")
+    """S3/MinIO endpoint host[:port] for s3:// URIs, e.g. minio.minio.svc:9000 (no scheme or path: secure chooses TLS)."""
     secure: bool = True
     """Use TLS to reach the endpoint."""
     region: Optional[str] = None
@@ -89,7 +93,7 @@ class DecodingSpec(ContractModel):
     """Response positions generated ([MASK]s appended to the prompt)."""
     block_length: int = Field(32, ge=1, le=4096)
     """Semi-autoregressive block size; gen_length must be a multiple of it."""
-    temperature: float = Field(0.0, ge=0.0)
+    temperature: float = Field(0.0, ge=0.0, le=100.0)
     """0 = argmax; otherwise Gumbel-max sampling."""
 
     @model_validator(mode="after")
@@ -109,7 +113,7 @@ class SaliencySpec(ContractModel):
     """Hutchinson probes per instance (m)."""
     batch_size: int = Field(16, ge=1, le=65536)
     """Instances per forward pass; also the unit a shard is made of."""
-    seed: int = 0
+    seed: Seed = 0
     """Seed of the Hutchinson probes."""
 
 
@@ -125,7 +129,7 @@ class RelabelSpec(ContractModel):
     """A fixed prompt for every instance (the authors: "Describe this image in detail."); default: each instance's own."""
     batch_size: int = Field(64, ge=1, le=65536)
     """Instances decoded together; also the unit a shard is made of."""
-    seed: int = 1234
+    seed: Seed = 1234
     """Seed of the decoding noise (used when temperature > 0)."""
 
 
@@ -136,13 +140,13 @@ class FinetuneSpec(ContractModel):
     """Peak learning rate of the cosine schedule."""
     warmup_ratio: float = Field(0.03, ge=0.0, lt=1.0)
     """Fraction of the steps spent warming up."""
-    weight_decay: float = Field(0.0, ge=0.0)
+    weight_decay: float = Field(0.0, ge=0.0, le=1.0)
     """AdamW weight decay."""
     batch_size: int = Field(32, ge=1, le=65536)
     """Effective batch size."""
     trainable: TrainableParts = TrainableParts.PROJECTOR
     """Which weights are updated."""
-    seed: int = 0
+    seed: Seed = 0
     """Seed of data order and diffusion noise."""
 
 
@@ -295,6 +299,13 @@ class ObjectMeta(ContractModel):
     def _dns_label(cls, value: str) -> str:
         if len(value) > 63 or not _DNS_LABEL.match(value):
             raise ValueError(f"{value!r} is not a valid name: lower-case letters, digits and '-', at most 63")
+        return value
+
+    @field_validator("uid")
+    @classmethod
+    def _uid(cls, value: Optional[str]) -> Optional[str]:
+        if value is not None and not _UID.match(value):
+            raise ValueError(f"{value[:80]!r} is not a valid uid: letters, digits, '-' and '_', at most 128")
         return value
 
 

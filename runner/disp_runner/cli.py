@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -16,14 +18,15 @@ from typing import Sequence
 
 from pydantic import ValidationError
 
-from disp_runner.errors import EXIT_TRANSIENT_ERROR, EXIT_USER_ERROR, TransientError, UserInputError
+from disp_runner.errors import (EXIT_INTERNAL_ERROR, EXIT_TRANSIENT_ERROR, EXIT_USER_ERROR, TransientError,
+                                UserInputError)
 from disp_runner.scratch import prepare_scratch
 
 
 def _add_trigger_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("trigger")
     g.add_argument("--trigger", choices=["patch", "blended"], default="patch")
-    g.add_argument("--trigger-size", type=int, default=6, help="patch side in pixels (default 6)")
+    g.add_argument("--trigger-size", type=_bounded_int(1, 1024), default=6, help="patch side in pixels (default 6)")
     g.add_argument("--trigger-colour", default="0,0,0", help="patch colour R,G,B (default black)")
     g.add_argument("--trigger-corner", choices=["top-left", "top-right", "bottom-left", "bottom-right"],
                    default="top-left")
@@ -31,7 +34,7 @@ def _add_trigger_args(p: argparse.ArgumentParser) -> None:
                    help="explicit trigger position X,Y: the patch's (overrides the corner), "
                         "or where a --trigger-pattern is blended at its own size")
     g.add_argument("--trigger-pattern", default=None, help="PNG: the patch (patch) or the image to blend (blended)")
-    g.add_argument("--blend-alpha", type=float, default=0.2)
+    g.add_argument("--blend-alpha", type=float, default=0.2)  # checked by the attack spec
 
 
 def _int_tuple(text: str | None, flag: str, n: int) -> tuple[int, ...] | None:
@@ -46,34 +49,74 @@ def _int_tuple(text: str | None, flag: str, n: int) -> tuple[int, ...] | None:
     return values
 
 
+def _bounded_int(low: int, high: int):
+    """An argparse type: an integer in [low, high]."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be between {low} and {high}, got {value}")
+        return value
+    return parse
+
+
+def _positive_float(high: float):
+    """An argparse type: a finite number in (0, high]."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not math.isfinite(value) or not 0 < value <= high:
+            raise argparse.ArgumentTypeError(f"must be a finite number in (0, {high:g}], got {text}")
+        return value
+    return parse
+
+
+SEED = _bounded_int(0, 2**32 - 1)
+COUNT = _bounded_int(1, 10_000_000)
+BATCH = _bounded_int(1, 65536)
+
+
 def _validation_message(exc: ValidationError, prefix: str) -> str:
     err = exc.errors()[0]
     where = ".".join(str(part) for part in err["loc"]) or "value"
     return f"{prefix}{where}: {err['msg']}"
 
 
+class _OneLineErrors(argparse.ArgumentParser):
+    """argparse, but a wrong flag ends with one line (and exit 2) like every other user error."""
+
+    def error(self, message: str):
+        self.exit(EXIT_USER_ERROR, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="disp", description="DiSP runner: backdoor purification for MDLMs.")
+    parser = _OneLineErrors(prog="disp", description="DiSP runner: backdoor purification for MDLMs.")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser.add_argument("--debug", action="store_true", help="show Python tracebacks of internal errors")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_OneLineErrors)
 
     p = sub.add_parser("data", help="generate a synthetic multimodal dataset (manifest.jsonl + PNGs)")
     p.add_argument("--out", required=True)
-    p.add_argument("--num", type=int, default=1000)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num", type=COUNT, default=1000)
+    p.add_argument("--seed", type=SEED, default=0)
     p.add_argument("--kinds", default="describe,question,classify", help="comma-separated task kinds")
     p.add_argument("--class-weights", default=None, help="e.g. circle=0.4 (the rest share the remainder)")
-    p.add_argument("--image-size", type=int, default=48)
+    p.add_argument("--image-size", type=_bounded_int(16, 1024), default=48,
+                   help="image side in pixels (16 to 1024; the embedded model uses 48)")
 
     p = sub.add_parser("pretrain", help="train the clean base MDLM of the embedded default")
     p.add_argument("--out", required=True)
-    p.add_argument("--vision-instances", type=int, default=None, help="stage 1 (vision tower) images")
-    p.add_argument("--vision-epochs", type=float, default=None)
-    p.add_argument("--num-instances", type=int, default=None, help="stage 2 (projector + LM) instances")
-    p.add_argument("--epochs", type=float, default=None)
-    p.add_argument("--lr", type=float, default=None)
-    p.add_argument("--batch-size", type=int, default=None)
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--vision-instances", type=COUNT, default=None, help="stage 1 (vision tower) images")
+    p.add_argument("--vision-epochs", type=_positive_float(1000), default=None)
+    p.add_argument("--num-instances", type=COUNT, default=None, help="stage 2 (projector + LM) instances")
+    p.add_argument("--epochs", type=_positive_float(1000), default=None)
+    p.add_argument("--lr", type=_positive_float(1.0), default=None)
+    p.add_argument("--batch-size", type=BATCH, default=None)
+    p.add_argument("--seed", type=SEED, default=None)
 
     p = sub.add_parser("attack", help="poison a dataset and inject a backdoor (projector only)")
     p.add_argument("--base", default=None, help="clean base model folder (default: the shipped one)")
@@ -83,13 +126,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target", choices=["insertion", "refusal", "misclassification"], default="insertion")
     p.add_argument("--source-class", default="circle")
     p.add_argument("--target-class", default="square")
-    p.add_argument("--poison-rate", type=float, default=0.2)
-    p.add_argument("--epochs", type=float, default=None, help="injection epochs (default: the kit's)")
-    p.add_argument("--lr", type=float, default=None, help="injection learning rate (default: the kit's)")
-    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--poison-rate", type=float, default=0.2)  # checked by the attack spec
+    p.add_argument("--epochs", type=_positive_float(1000), default=None, help="injection epochs (default: the kit's)")
+    p.add_argument("--lr", type=_positive_float(1.0), default=None,
+                   help="injection learning rate (default: the kit's)")
+    p.add_argument("--batch-size", type=BATCH, default=None)
     p.add_argument("--trainable", choices=["projector", "projector-and-lm", "all"], default=None,
                    help="weights the injection fine-tunes (default: the kit's, see README)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=SEED, default=0)
     p.add_argument("--allow-unsafe-pickle", action="store_true",
                    help="allow loading pickle (.bin/.pt) weights: only for models you trust")
     _add_trigger_args(p)
@@ -99,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--attack", default=None, help="attack folder (attack.json + test sets) for ASR")
     p.add_argument("--clean", required=True, help="clean held-out dataset folder")
     p.add_argument("--out", default=None, help="write metrics.json here")
-    p.add_argument("--limit", type=int, default=None, help="score at most this many instances per set")
+    p.add_argument("--limit", type=COUNT, default=None, help="score at most this many instances per set")
     p.add_argument("--allow-unsafe-pickle", action="store_true")
 
     p = sub.add_parser("run", help="run a PurificationJob manifest (YAML/JSON): all stages, or one stage/shard")
@@ -292,23 +336,67 @@ COMMANDS = {"data": _cmd_data, "pretrain": _cmd_pretrain, "attack": _cmd_attack,
             "run": _cmd_run, "demo": _cmd_demo}
 
 
+# OS errors that say the environment failed for now (a later attempt may succeed), and those that
+# say a path the user gave is wrong (read-only, a file where a folder should be, no permission).
+_TRANSIENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EAGAIN, errno.ENOMEM}
+_USER_ERRNOS = {errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EISDIR, errno.EEXIST, errno.ENOENT,
+                errno.ENAMETOOLONG, errno.ENOTEMPTY, errno.ELOOP}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["operator"]:  # the operator's own CLI (no torch in its image)
         from disp_operator.__main__ import main as operator_main
 
         return operator_main(argv[1:])
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # --help, or a wrong flag (already reported in one line)
+        return exc.code if isinstance(exc.code, int) else EXIT_USER_ERROR
     prepare_scratch()  # before torch or transformers look for a temporary or cache folder
+    command = f"disp {args.command}"
     try:
         COMMANDS[args.command](args)
     except UserInputError as exc:
-        print(f"disp {args.command}: error: {exc}", file=sys.stderr)
+        print(f"{command}: error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
     except TransientError as exc:
-        print(f"disp {args.command}: transient error (retry later): {exc}", file=sys.stderr)
+        print(f"{command}: transient error (retry later): {exc}", file=sys.stderr)
         return EXIT_TRANSIENT_ERROR
+    except OSError as exc:
+        if args.debug:
+            raise
+        where = f"{exc.filename}: " if exc.filename else ""
+        reason = exc.strerror or str(exc)
+        if exc.errno in _TRANSIENT_ERRNOS:
+            print(f"{command}: transient error (retry later): {where}{reason}", file=sys.stderr)
+            return EXIT_TRANSIENT_ERROR
+        if exc.errno in _USER_ERRNOS:
+            print(f"{command}: error: {where}{reason}", file=sys.stderr)
+            return EXIT_USER_ERROR
+        return _internal_error(command, exc)
+    except MemoryError as exc:
+        if args.debug:
+            raise
+        print(f"{command}: transient error (retry later): out of memory", file=sys.stderr)
+        del exc
+        return EXIT_TRANSIENT_ERROR
+    except KeyboardInterrupt:
+        print(f"{command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - the one place a bug becomes one line instead of a traceback
+        if args.debug:
+            raise
+        return _internal_error(command, exc)
     return 0
+
+
+def _internal_error(command: str, exc: BaseException) -> int:
+    """A bug, not the user's mistake: one line, and where to find the traceback."""
+    first = (str(exc).strip().splitlines() or [""])[0][:300]
+    print(f"{command}: internal error: {type(exc).__name__}: {first} (run again with --debug for the traceback)",
+          file=sys.stderr)
+    return EXIT_INTERNAL_ERROR
 
 
 if __name__ == "__main__":
