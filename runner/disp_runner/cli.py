@@ -21,6 +21,7 @@ from pydantic import ValidationError
 from disp_runner.errors import (EXIT_INTERNAL_ERROR, EXIT_TRANSIENT_ERROR, EXIT_USER_ERROR, TransientError,
                                 UserInputError)
 from disp_runner.scratch import prepare_scratch
+from disp_runner.threads import apply_threads, choose_threads
 
 
 def _add_trigger_args(p: argparse.ArgumentParser) -> None:
@@ -93,22 +94,43 @@ class _OneLineErrors(argparse.ArgumentParser):
         self.exit(EXIT_USER_ERROR, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+def _add_global_flags(parser: argparse.ArgumentParser, defaults: bool) -> None:
+    """Flags every command takes, before or after its name. On the subcommands they default to
+    SUPPRESS, so one given before the name is not reset by the subcommand's parser."""
+    def default(value):
+        return value if defaults else argparse.SUPPRESS
+
+    parser.add_argument("--no-progress", action="store_true", default=default(False), help="hide progress bars")
+    parser.add_argument("--debug", action="store_true", default=default(False),
+                        help="show Python tracebacks of internal errors")
+    parser.add_argument("--threads", type=_bounded_int(1, 1024), default=default(None),
+                        help="CPU threads for torch (default: OMP_NUM_THREADS, else the container's CPU quota, "
+                             "else the cores this process may use)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _OneLineErrors(prog="disp", description="DiSP runner: backdoor purification for MDLMs.")
-    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    parser.add_argument("--debug", action="store_true", help="show Python tracebacks of internal errors")
+    _add_global_flags(parser, defaults=True)
+    common = argparse.ArgumentParser(add_help=False)
+    _add_global_flags(common, defaults=False)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_OneLineErrors)
 
-    p = sub.add_parser("data", help="generate a synthetic multimodal dataset (manifest.jsonl + PNGs)")
+    def add(name: str, **kwargs) -> argparse.ArgumentParser:
+        return sub.add_parser(name, parents=[common], **kwargs)
+
+    p = add("data", help="generate a synthetic multimodal dataset (manifest.jsonl + PNGs)")
     p.add_argument("--out", required=True)
     p.add_argument("--num", type=COUNT, default=1000)
     p.add_argument("--seed", type=SEED, default=0)
     p.add_argument("--kinds", default="describe,question,classify", help="comma-separated task kinds")
+    p.add_argument("--kind-weights", default=None,
+                   help="shares of the task kinds, in --kinds order, e.g. 0.5,0.25,0.25 (default: equal)")
     p.add_argument("--class-weights", default=None, help="e.g. circle=0.4 (the rest share the remainder)")
+    p.add_argument("--id-prefix", default="syn", help="instance ids are PREFIX-SEED-NUMBER (default syn)")
     p.add_argument("--image-size", type=_bounded_int(16, 1024), default=48,
                    help="image side in pixels (16 to 1024; the embedded model uses 48)")
 
-    p = sub.add_parser("pretrain", help="train the clean base MDLM of the embedded default")
+    p = add("pretrain", help="train the clean base MDLM of the embedded default")
     p.add_argument("--out", required=True)
     p.add_argument("--vision-instances", type=COUNT, default=None, help="stage 1 (vision tower) images")
     p.add_argument("--vision-epochs", type=_positive_float(1000), default=None)
@@ -118,7 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=BATCH, default=None)
     p.add_argument("--seed", type=SEED, default=None)
 
-    p = sub.add_parser("attack", help="poison a dataset and inject a backdoor (projector only)")
+    p = add("attack", help="poison a dataset and inject a backdoor (projector + LM by default, "
+                                      "see --trainable)")
     p.add_argument("--base", default=None, help="clean base model folder (default: the shipped one)")
     p.add_argument("--train", required=True, help="clean training dataset folder")
     p.add_argument("--test", required=True, help="clean held-out dataset folder (for the ASR test sets)")
@@ -138,7 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="allow loading pickle (.bin/.pt) weights: only for models you trust")
     _add_trigger_args(p)
 
-    p = sub.add_parser("evaluate", help="ASR, false firing and clean performance of a model")
+    p = add("evaluate", help="ASR, false firing and clean performance of a model")
     p.add_argument("--model", required=True)
     p.add_argument("--attack", default=None, help="attack folder (attack.json + test sets) for ASR")
     p.add_argument("--clean", required=True, help="clean held-out dataset folder")
@@ -146,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=COUNT, default=None, help="score at most this many instances per set")
     p.add_argument("--allow-unsafe-pickle", action="store_true")
 
-    p = sub.add_parser("run", help="run a PurificationJob manifest (YAML/JSON): all stages, or one stage/shard")
+    p = add("run", help="run a PurificationJob manifest (YAML/JSON): all stages, or one stage/shard")
     p.add_argument("manifest", nargs="?", help="PurificationJob YAML or JSON file")
     p.add_argument("--manifest-env", metavar="VAR", default=None,
                    help="read the manifest (JSON) from this environment variable instead (runner pods)")
@@ -158,7 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("operator", help="run the PurificationJob operator (see `disp operator --help`)", add_help=False)
 
-    p = sub.add_parser("demo", help="the whole story on the embedded default (no cluster, no server)")
+    p = add("demo", help="the whole story on the embedded default (no cluster, no server)")
     p.add_argument("--workdir", default="runs/demo")
     p.add_argument("--base", default=None, help="clean base model folder (default: the shipped one)")
     return parser
@@ -181,9 +204,22 @@ def _cmd_data(args) -> None:
             weights = {k: float(v) for k, v in (item.split("=") for item in args.class_weights.split(","))}
         except ValueError:
             raise UserInputError(f"--class-weights: expected NAME=SHARE[,NAME=SHARE], got {args.class_weights!r}") from None
+    kind_weights = None
+    if args.kind_weights:
+        try:
+            kind_weights = tuple(float(v) for v in args.kind_weights.split(","))
+        except ValueError:
+            raise UserInputError(f"--kind-weights: expected numbers separated by commas, got {args.kind_weights!r}") \
+                from None
+        if len(kind_weights) != len(kinds) or not all(math.isfinite(w) and w >= 0 for w in kind_weights) \
+                or not sum(kind_weights) > 0:
+            raise UserInputError(f"--kind-weights: need {len(kinds)} non-negative shares (one per --kinds entry), "
+                                 f"not all zero, got {args.kind_weights!r}")
+    if not args.id_prefix or not all(c.isalnum() or c in "-_" for c in args.id_prefix):
+        raise UserInputError(f"--id-prefix: letters, digits, '-' and '_' only, got {args.id_prefix!r}")
     try:
-        out = generate_dataset(args.out, args.num, args.seed, kinds=kinds, class_weights=weights,
-                               image_size=args.image_size)
+        out = generate_dataset(args.out, args.num, args.seed, kinds=kinds, kind_weights=kind_weights,
+                               class_weights=weights, image_size=args.image_size, id_prefix=args.id_prefix)
     except ValueError as exc:
         raise UserInputError(f"--class-weights: {exc}") from None
     print(f"wrote {args.num} instances to {out}")
@@ -354,6 +390,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exc:  # --help, or a wrong flag (already reported in one line)
         return exc.code if isinstance(exc.code, int) else EXIT_USER_ERROR
     prepare_scratch()  # before torch or transformers look for a temporary or cache folder
+    apply_threads(choose_threads(args.threads)[0])  # before torch sizes its thread pool
     command = f"disp {args.command}"
     try:
         COMMANDS[args.command](args)

@@ -1,0 +1,96 @@
+"""The command line as the README shows it: global flags anywhere, the demo's data reproducible
+with `disp data`, threads sized to what the process may use, and help that lists what the README
+says each command takes."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from disp_runner.cli import main
+from disp_runner.threads import choose_threads, cpu_quota
+
+README = Path(__file__).resolve().parents[2] / "README.md"
+
+
+def test_global_flags_work_before_or_after_the_command(tmp_path, capsys):
+    assert main(["data", "--out", str(tmp_path / "a"), "--num", "3", "--no-progress", "--threads", "1"]) == 0
+    assert main(["--no-progress", "--threads", "1", "data", "--out", str(tmp_path / "b"), "--num", "3"]) == 0
+    assert (tmp_path / "a" / "manifest.jsonl").read_text() == (tmp_path / "b" / "manifest.jsonl").read_text()
+
+
+def test_disp_data_reproduces_the_demo_pools(tmp_path, capsys):
+    from disp_runner.demo import make_demo_data
+    make_demo_data(tmp_path / "demo", 48)
+    assert main(["data", "--out", str(tmp_path / "train"), "--num", "1000", "--seed", "11",
+                 "--kind-weights", "0.5,0.25,0.25", "--class-weights", "circle=0.5", "--id-prefix", "train"]) == 0
+    assert main(["data", "--out", str(tmp_path / "test"), "--num", "1000", "--seed", "22",
+                 "--kind-weights", "0.5,0.25,0.25", "--id-prefix", "test"]) == 0
+    for pool in ("train", "test"):
+        assert (tmp_path / pool / "manifest.jsonl").read_bytes() == \
+            (tmp_path / "demo" / "data" / pool / "manifest.jsonl").read_bytes(), pool
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--kind-weights", "1,0"], "--kind-weights: need 3 non-negative shares"),
+    (["--kind-weights", "0,0,0"], "not all zero"),
+    (["--id-prefix", "a/b"], "--id-prefix: letters, digits"),
+    (["--threads", "0"], "--threads: must be between 1 and 1024"),
+])
+def test_data_flag_mistakes_are_one_line(tmp_path, capsys, argv, message):
+    assert main(["data", "--out", str(tmp_path / "d"), "--num", "3", *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "d").exists()
+
+
+def _cgroup(tmp_path: Path, files: dict[str, str]) -> Path:
+    for name, text in files.items():
+        path = tmp_path / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    return tmp_path
+
+
+def test_threads_come_from_the_flag_then_the_environment_then_the_cpu_quota(tmp_path):
+    v2 = _cgroup(tmp_path / "v2", {"cpu.max": "150000 100000\n"})
+    assert cpu_quota(v2) == 1.5
+    assert choose_threads(None, {}, v2) == (min(2, choose_threads(None, {}, tmp_path / "none")[0]),
+                                            "the container's CPU quota (1.5)")
+    assert choose_threads(None, {"OMP_NUM_THREADS": "3"}, v2) == (3, "OMP_NUM_THREADS")
+    assert choose_threads(4, {"OMP_NUM_THREADS": "3"}, v2) == (4, "--threads")
+    assert cpu_quota(_cgroup(tmp_path / "unlimited", {"cpu.max": "max 100000\n"})) is None
+    v1 = _cgroup(tmp_path / "v1", {"cpu/cpu.cfs_quota_us": "100000\n", "cpu/cpu.cfs_period_us": "100000\n"})
+    assert cpu_quota(v1) == 1.0 and choose_threads(None, {}, v1)[0] == 1
+    assert cpu_quota(_cgroup(tmp_path / "v1-off", {"cpu/cpu.cfs_quota_us": "-1\n",
+                                                   "cpu/cpu.cfs_period_us": "100000\n"})) is None
+
+
+def _readme_commands() -> dict[str, set[str]]:
+    block = README.read_text().split("## The `disp` command", 1)[1].split("```sh", 1)[1].split("```", 1)[0]
+    flags: dict[str, set[str]] = {}
+    command = None
+    for line in block.replace("\\\n", " ").splitlines():
+        words = line.split("#", 1)[0].split()
+        if len(words) >= 2 and words[0] == "disp":
+            command = words[1]
+            flags.setdefault(command, set()).update(re.findall(r"(?<![\w-])--[a-z][a-z-]*", " ".join(words)))
+    return flags
+
+
+def test_every_flag_the_readme_shows_is_in_the_commands_help(capsys):
+    commands = _readme_commands()
+    assert set(commands) >= {"data", "pretrain", "attack", "evaluate", "run", "demo", "operator"}
+    for command, flags in commands.items():
+        try:
+            code = main([command, "--help"])
+        except SystemExit as exc:  # `disp operator` hands its arguments to the operator's own CLI
+            code = exc.code
+        assert code == 0, command
+        help_text = capsys.readouterr().out
+        missing = sorted(f for f in flags if f not in help_text)
+        assert not missing, f"disp {command} --help lacks {missing}"
+    assert main(["--help"]) == 0
+    assert "(projector only)" not in capsys.readouterr().out  # the attack trains projector + LM by default
