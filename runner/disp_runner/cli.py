@@ -27,10 +27,11 @@ from disp_runner.threads import apply_threads, choose_threads
 def _add_trigger_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("trigger")
     g.add_argument("--trigger", choices=["patch", "blended"], default="patch")
-    g.add_argument("--trigger-size", type=_bounded_int(1, 1024), default=6, help="patch side in pixels (default 6)")
-    g.add_argument("--trigger-colour", default="0,0,0", help="patch colour R,G,B (default black)")
+    # No defaults here: a flag given with one that overrides it is an error (TriggerSpec's apply).
+    g.add_argument("--trigger-size", type=_bounded_int(1, 1024), default=None, help="patch side in pixels (default 6)")
+    g.add_argument("--trigger-colour", default=None, help="patch colour R,G,B (default black)")
     g.add_argument("--trigger-corner", choices=["top-left", "top-right", "bottom-left", "bottom-right"],
-                   default="top-left")
+                   default=None, help="where the patch goes (default top-left)")
     g.add_argument("--trigger-position", default=None,
                    help="explicit trigger position X,Y: the patch's (overrides the corner), "
                         "or where a --trigger-pattern is blended at its own size")
@@ -243,11 +244,29 @@ def _cmd_pretrain(args) -> None:
           f"loss {result.language.first_loss:.3f} -> {result.language.last_loss:.3f}; saved to {args.out}")
 
 
-def _attack_spec(args):
-    from disp_api import AttackSpec
+def _refuse_contradictions(args) -> None:
+    """Flags that another flag makes meaningless are refused rather than silently ignored (and then
+    misreported in attack.json)."""
+    given = {flag for flag, value in (("--trigger-size", args.trigger_size), ("--trigger-colour", args.trigger_colour),
+                                      ("--trigger-corner", args.trigger_corner)) if value is not None}
+    if args.trigger_pattern is not None and given & {"--trigger-size", "--trigger-colour"}:
+        raise UserInputError(f"{' and '.join(sorted(given & {'--trigger-size', '--trigger-colour'}))} cannot be "
+                             "used with --trigger-pattern: the pattern image is the trigger")
+    if args.trigger == "blended" and given:
+        raise UserInputError(f"{', '.join(sorted(given))}: only for patch triggers (a blended trigger is a pattern "
+                             "mixed into the image)")
+    if args.trigger_position is not None and "--trigger-corner" in given:
+        raise UserInputError("--trigger-corner cannot be used with --trigger-position (the position places the patch)")
 
-    trigger = {"kind": args.trigger, "size": args.trigger_size,
-               "colour": _int_tuple(args.trigger_colour, "--trigger-colour", 3), "corner": args.trigger_corner,
+
+def _attack_spec(args):
+    from disp_api import AttackSpec, TriggerSpec
+
+    _refuse_contradictions(args)
+    defaults = TriggerSpec()
+    trigger = {"kind": args.trigger, "size": args.trigger_size or defaults.size,
+               "colour": _int_tuple(args.trigger_colour, "--trigger-colour", 3) or defaults.colour,
+               "corner": args.trigger_corner or defaults.corner.value,
                "position": _int_tuple(args.trigger_position, "--trigger-position", 2),
                "pattern": args.trigger_pattern, "alpha": args.blend_alpha}
     try:
@@ -282,6 +301,11 @@ def _cmd_attack(args) -> None:
                            allow_unsafe_pickle=args.allow_unsafe_pickle, show_progress=not args.no_progress)
     print(f"compromised model: {artifacts.model_dir}; poisoned data: {artifacts.train_dir}; "
           f"test sets: {artifacts.folder / 'test'}")
+    record = json.loads((artifacts.folder / "attack.json").read_text())
+    measured = record["compromised"]
+    print(f"compromised model, held-out: ASR {100 * measured['asrTriggered']:.1f}% on "
+          f"{measured['counts']['triggered']} triggered inputs, false firing {100 * measured['asrUntriggered']:.1f}%, "
+          f"clean performance {100 * measured['cleanPerformance']:.1f}% (recorded in {artifacts.folder / 'attack.json'})")
 
 
 def _cmd_evaluate(args) -> None:

@@ -23,14 +23,20 @@ from typing import Sequence
 
 from disp_api import AttackSpec
 from disp_runner.attack.poison import make_test_sets, poison_dataset
+from disp_runner.attack.triggers import Trigger
 from disp_runner.checkpoints import load_checkpoint, save_checkpoint
 from disp_runner.data.dataset import Instance, load_dataset, write_dataset
 from disp_runner.device import default_device, seed_everything
+from disp_runner.diffusion import DecodingConfig
 from disp_runner.errors import UserInputError
+from disp_runner.evaluation import evaluate_model
 from disp_runner.processing import encode_instances
 from disp_runner.training import TrainableParts, TrainingConfig, train_masked_diffusion
 
 ATTACK_MANIFEST = "attack.json"
+# The compromised model is measured on at most this many instances of each held-out set (the
+# paper's test set is 200 images).
+ATTACK_EVAL_LIMIT = 200
 
 # Injection follows the paper's recipe (20 epochs there; cosine schedule, 3% warmup, no weight
 # decay) with one measured deviation: the paper fine-tunes the projector only, which works on an
@@ -84,7 +90,12 @@ def run_attack(
     injection: TrainingConfig = DEFAULT_INJECTION,
     allow_unsafe_pickle: bool = False,
     show_progress: bool = True,
+    evaluate: bool = True,
 ) -> AttackArtifacts:
+    """Poison `clean_train`, inject the backdoor into `base_model`, and write the attack folder.
+    With `evaluate`, the compromised model's ASR on the triggered test set, its false firing on the
+    same inputs without the trigger and its clean performance on `clean_test` are measured and
+    recorded in attack.json (`compromised`), so a backdoor that did not implant is visible."""
     out = Path(out_dir)
     seed_everything(injection.seed)
     model, tokenizer = load_checkpoint(base_model, allow_unsafe_pickle=allow_unsafe_pickle)
@@ -105,8 +116,15 @@ def run_attack(
         result = train_masked_diffusion(model, data, injection, description=f"inject {attack.target.kind.value}",
                                         show_progress=show_progress)
         save_checkpoint(model.cpu(), tokenizer, artifacts.model_dir)
+        compromised = None
+        if evaluate:
+            n = ATTACK_EVAL_LIMIT
+            compromised = evaluate_model(model.to(default_device()).eval(), tokenizer, str(out / "model"), attack,
+                                         triggered[:n], untriggered[:n], list(clean_test)[:n],
+                                         DecodingConfig.single_block(gen_length), show_progress=show_progress)
         manifest = {
             "attack": attack.to_wire(),
+            "planted": Trigger(attack.trigger, image_size).planted(),
             "baseModel": str(base_model),
             "counts": {"train": len(poisoned.instances), "poisoned": len(poisoned.poisoned_ids),
                        "testTriggered": len(triggered)},
@@ -115,6 +133,8 @@ def run_attack(
                           "steps": result.steps, "seconds": round(result.seconds, 2),
                           "firstLoss": result.first_loss, "lastLoss": result.last_loss},
         }
+        if compromised is not None:
+            manifest["compromised"] = compromised.to_wire()
         (staging / ATTACK_MANIFEST).write_text(json.dumps(manifest, indent=2))
         if out.exists():
             shutil.rmtree(out)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -93,6 +94,23 @@ class Trigger:
             w, h = _load_pattern(self.spec.pattern, "trigger.pattern").size
             x, y = self.spec.position
         return (x, y, x + w, y + h)
+
+    def planted(self) -> dict:
+        """What this trigger actually puts into an image, for the attack's record: a pattern image
+        decides the patch's size and colours, so `size` and `colour` are recorded only without one."""
+        x0, y0, x1, y1 = self.box()
+        record: dict = {"kind": self.spec.kind.value, "box": [x0, y0, x1, y1], "wholeImage": not self._is_local()}
+        if self.spec.pattern:
+            path = Path(self.spec.pattern)
+            record.update(pattern=str(path), patternSha256=hashlib.sha256(path.read_bytes()).hexdigest(),
+                          patternSize=list(_load_pattern(self.spec.pattern, "trigger.pattern").size))
+        elif self.spec.kind is TriggerKind.PATCH:
+            record.update(size=self.spec.size, colour=list(self.spec.colour))
+        else:
+            record.update(builtInKeySeed=self.spec.pattern_seed)
+        if self.spec.kind is TriggerKind.BLENDED:
+            record["alpha"] = self.spec.alpha
+        return record
 
     def apply(self, image: Image.Image) -> Image.Image:
         if image.size != (self.image_size, self.image_size):
