@@ -150,9 +150,15 @@ class FinetuneSpec(ContractModel):
     """Seed of data order and diffusion noise."""
 
 
+# The attack kit's record of an attack folder (`disp attack`), which evaluation.attackUri may name.
+ATTACK_MANIFEST = "attack.json"
+
+
 class EvaluationSpec(ContractModel):
-    attack: AttackSpec
-    """The suspected trigger and target: the target decides the ASR rule."""
+    attack: Optional[AttackSpec] = None
+    """The suspected trigger and target (target.kind is required: it decides the ASR rule); or give attackUri."""
+    attack_uri: Optional[str] = Field(None, min_length=1)
+    """Instead of attack: an attack folder written by `disp attack`, or its attack.json (local path or s3://)."""
     triggered_uri: str = Field(min_length=1)
     """Held-out inputs carrying the trigger (ASR)."""
     untriggered_uri: Optional[str] = Field(None, min_length=1)
@@ -163,6 +169,17 @@ class EvaluationSpec(ContractModel):
     """Decoding used to answer the evaluation inputs."""
     max_instances: Optional[int] = Field(None, ge=1)
     """Use at most this many instances of each evaluation set."""
+
+    @model_validator(mode="after")
+    def _one_attack(self) -> "EvaluationSpec":
+        if (self.attack is None) == (self.attack_uri is None):
+            raise ValueError("give either attack (trigger and target) or attackUri (an attack folder), not both")
+        # A default target kind would silently choose the ASR rule (insertion's) for the user.
+        if self.attack is not None and ("target" not in self.attack.model_fields_set
+                                        or "kind" not in self.attack.target.model_fields_set):
+            raise ValueError("attack.target.kind is required: it decides the ASR rule "
+                             "(insertion, refusal or misclassification)")
+        return self
 
 
 class ParallelismSpec(ContractModel):

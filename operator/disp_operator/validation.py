@@ -48,6 +48,8 @@ def s3_uri_fields(job: PurificationJob) -> dict[str, str]:
             fields["spec.evaluation.untriggeredUri"] = spec.evaluation.untriggered_uri
         if spec.evaluation.clean_uri:
             fields["spec.evaluation.cleanUri"] = spec.evaluation.clean_uri
+        if spec.evaluation.attack_uri:
+            fields["spec.evaluation.attackUri"] = spec.evaluation.attack_uri
     return fields
 
 

@@ -144,7 +144,7 @@ def standin_manifest(s3: str, prefix: str, name: str, **spec_overrides) -> dict:
     spec = {"model": {"uri": f"s3://models/{prefix}/model"}, "dataset": {"uri": f"s3://data/{prefix}/train"},
             "output": {"uri": f"s3://runs/{prefix}"},
             "storage": {"endpoint": s3, "secure": False, "credentialsSecret": {"name": CREDENTIALS_SECRET}},
-            "evaluation": {"attack": {}, "triggeredUri": f"s3://data/{prefix}/triggered"},
+            "evaluation": {"attack": {"target": {"kind": "insertion"}}, "triggeredUri": f"s3://data/{prefix}/triggered"},
             "resources": {"gpus": 0, "image": STANDIN_IMAGE}}
     spec.update(spec_overrides)
     return {"apiVersion": "disp.dev/v1alpha1", "kind": "PurificationJob",

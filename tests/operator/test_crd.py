@@ -206,7 +206,7 @@ def _defaulted(spec: dict) -> dict:
     ("suspend", {"policy": {"suspend": True}}, True),
     ("model uri", {"model": {"uri": "s3://models/other"}}, False),
     ("masking ratio", {"masking": {"ratio": 0.5}}, False),
-    ("evaluation added", {"evaluation": {"attack": {}, "triggeredUri": "s3://e/t"}}, False),
+    ("evaluation added", {"evaluation": {"attack": {"target": {"kind": "insertion"}}, "triggeredUri": "s3://e/t"}}, False),
     ("backoff limit", {"policy": {"backoffLimit": 9}}, False),
     ("deadline added", {"policy": {"activeDeadlineSeconds": 60}}, False),
 ])

@@ -109,7 +109,7 @@ def test_with_an_evaluation_set_the_job_waits_for_the_metrics_and_copies_them(jo
     from tests.operator.conftest import job_body
     from disp_operator.validation import parse_job
 
-    job = parse_job(job_body(evaluation={"attack": {}, "triggeredUri": "s3://eval/triggered"}))
+    job = parse_job(job_body(evaluation={"attack": {"target": {"kind": "insertion"}}, "triggeredUri": "s3://eval/triggered"}))
     plan = run_to(job, StageName.EVALUATE)
     waiting = step(job, plan.status, jobs=[k8s_job("purify-evaluate", "succeeded")])
     assert waiting.wants_metrics and waiting.status.phase is JobPhase.RUNNING

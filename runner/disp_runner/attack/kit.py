@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Sequence
 
 from disp_api import AttackSpec
+from disp_api.spec import ATTACK_MANIFEST
 from disp_runner.attack.poison import make_test_sets, poison_dataset
 from disp_runner.attack.triggers import Trigger
 from disp_runner.checkpoints import load_checkpoint, save_checkpoint
@@ -33,7 +34,6 @@ from disp_runner.evaluation import evaluate_model
 from disp_runner.processing import encode_instances
 from disp_runner.training import TrainableParts, TrainingConfig, train_masked_diffusion
 
-ATTACK_MANIFEST = "attack.json"
 # The compromised model is measured on at most this many instances of each held-out set (the
 # paper's test set is 200 images).
 ATTACK_EVAL_LIMIT = 200

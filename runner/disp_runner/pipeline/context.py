@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -12,10 +13,12 @@ from typing import Any, ClassVar, Protocol
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from disp_api import PurificationJob, PurificationJobSpec, StageName
+from disp_api import AttackSpec, PurificationJob, PurificationJobSpec, StageName
+from disp_api.spec import ATTACK_MANIFEST
 from disp_runner.checkpoints import load_checkpoint
 from disp_runner.data.dataset import Instance, load_dataset
 from disp_runner.device import default_device
+from disp_runner.errors import UserInputError
 from disp_runner.modeling import MDLMForMaskedDiffusion
 from disp_runner.pipeline.artifacts import (
     STAGE_MANIFEST,
@@ -92,6 +95,30 @@ class StageContext:
             return location.path
         cache = scratch_root() / "cache" / location.bucket / location.key
         return download_folder(self.s3_store(), location.bucket, location.key, cache)
+
+    def evaluation_attack(self) -> AttackSpec:
+        """The trigger and target the evaluation's ASR rule is for: spelled out in the spec, or read
+        from the attack.json of the attack folder spec.evaluation.attackUri names."""
+        spec = self.spec.evaluation
+        assert spec is not None
+        if spec.attack is not None:
+            return spec.attack
+        field_name = "spec.evaluation.attackUri"
+        uri = spec.attack_uri.rstrip("/")
+        if not uri.endswith("/" + ATTACK_MANIFEST) and uri != ATTACK_MANIFEST:
+            uri = f"{uri}/{ATTACK_MANIFEST}"
+        location = Location.parse(uri, field_name)
+        if location.scheme is Scheme.LOCAL:
+            if not location.path.is_file():
+                raise UserInputError(f"{field_name}: {location.path} not found (an attack folder written by disp attack?)")
+            raw = location.path.read_bytes()
+        else:
+            raw = self.s3_store().get_bytes(location.bucket, location.key)
+        try:
+            return AttackSpec.model_validate(json.loads(raw)["attack"])
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError) as exc:
+            first = (str(exc).strip().splitlines() or [""])[0]
+            raise UserInputError(f"{field_name}: {uri} is not an attack record ({first})") from None
 
     def is_complete(self, folder: Path) -> bool:
         if (folder / STAGE_MANIFEST).is_file():

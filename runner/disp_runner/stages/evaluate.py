@@ -35,6 +35,7 @@ class EvaluateStage:
         untriggered = (ctx.load_evaluation_set(spec.untriggered_uri, "spec.evaluation.untriggeredUri")
                        if spec.untriggered_uri else [])
         clean = ctx.load_evaluation_set(spec.clean_uri, "spec.evaluation.cleanUri") if spec.clean_uri else []
+        attack = ctx.evaluation_attack()
         compromised, tokenizer = ctx.compromised_model()
         purified_dir = ctx.input_dir(StageName.FINETUNE) / MODEL_DIR
         purified, _ = load_checkpoint(purified_dir)
@@ -42,7 +43,7 @@ class EvaluateStage:
         results = []
         purified_uri = ctx.uri_of(ctx.layout.stage_dir(StageName.FINETUNE)) + "/" + MODEL_DIR
         for done, (model, name) in enumerate([(compromised, ctx.spec.model.uri), (purified, purified_uri)]):
-            results.append(evaluate_model(model, tokenizer, name, spec.attack, triggered, untriggered, clean,
+            results.append(evaluate_model(model, tokenizer, name, attack, triggered, untriggered, clean,
                                           decoding, show_progress=ctx.show_progress))
             ctx.report_progress(done + 1)
         before, after = results

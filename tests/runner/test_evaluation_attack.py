@@ -1,0 +1,62 @@
+"""evaluation.attack spelled out (target kind required) or named by attackUri (the kit's attack.json)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from disp_api import PurificationJob, PurificationMetrics, StageName
+from disp_runner.cli import main
+from disp_runner.pipeline.artifacts import RunLayout
+from disp_runner.pipeline.runner import run_job
+from tests.runner.test_pipeline import ATTACK, job_document, workspace  # noqa: F401
+
+
+def _metrics(ws, job: PurificationJob) -> PurificationMetrics:
+    layout = RunLayout.for_job(job, ws / "out")
+    return PurificationMetrics.model_validate_json((layout.stage_dir(StageName.EVALUATE) / "metrics.json").read_text())
+
+
+@pytest.mark.parametrize("reference", ["folder", "file"])
+def test_attack_uri_reads_the_kits_attack_json(workspace, reference):  # noqa: F811
+    folder = workspace / "attack"
+    folder.mkdir()
+    (folder / "attack.json").write_text(json.dumps({"attack": ATTACK.to_wire(), "counts": {}}))
+    spelled = PurificationJob.model_validate(job_document(workspace))
+    run_job(spelled, show_progress=False)
+    doc = job_document(workspace)
+    del doc["spec"]["evaluation"]["attack"]
+    doc["spec"]["evaluation"]["attackUri"] = str(folder if reference == "folder" else folder / "attack.json")
+    doc["spec"]["output"]["uri"] = str(workspace / "out")
+    referenced = PurificationJob.model_validate(doc)
+    run_job(referenced, show_progress=False)
+    a, b = _metrics(workspace, spelled), _metrics(workspace, referenced)
+    assert (a.asr_before, a.asr_after, a.false_firing_before) == (b.asr_before, b.asr_after, b.false_firing_before)
+    assert b.before.attack == ATTACK
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda e: e["attack"]["target"].pop("kind"), "attack.target.kind is required: it decides the ASR rule"),
+    (lambda e: e["attack"].pop("target"), "attack.target.kind is required"),
+    (lambda e: e.update(attackUri="somewhere"), "give either attack (trigger and target) or attackUri"),
+    (lambda e: e.pop("attack"), "give either attack (trigger and target) or attackUri"),
+])
+def test_the_attack_must_be_given_once_and_with_its_target_kind(workspace, capsys, edit, message):  # noqa: F811
+    doc = job_document(workspace)
+    edit(doc["spec"]["evaluation"])
+    (workspace / "job.yaml").write_text(yaml.safe_dump(doc))
+    assert main(["--no-progress", "run", str(workspace / "job.yaml")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "spec.evaluation" in err and message in err and len(err.splitlines()) == 1
+
+
+def test_an_attack_uri_without_an_attack_record_is_one_line(workspace, capsys):  # noqa: F811
+    doc = job_document(workspace)
+    del doc["spec"]["evaluation"]["attack"]
+    doc["spec"]["evaluation"]["attackUri"] = str(workspace / "train")  # a dataset, not an attack folder
+    (workspace / "job.yaml").write_text(yaml.safe_dump(doc))
+    assert main(["--no-progress", "run", str(workspace / "job.yaml")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "spec.evaluation.attackUri" in err and "not found" in err and len(err.splitlines()) == 1
