@@ -87,22 +87,24 @@ class StorageSpec(ContractModel):
 
 
 class DecodingSpec(ContractModel):
-    steps: int = Field(32, ge=1, le=4096)
-    """Diffusion decoding steps in all."""
-    gen_length: int = Field(32, ge=1, le=4096)
-    """Response positions generated ([MASK]s appended to the prompt)."""
-    block_length: int = Field(32, ge=1, le=4096)
-    """Semi-autoregressive block size; gen_length must be a multiple of it."""
+    steps: Optional[int] = Field(None, ge=1, le=4096)
+    """Diffusion decoding steps in all (default: one per generated position, the authors' proportion)."""
+    gen_length: Optional[int] = Field(None, ge=1, le=4096)
+    """Response positions generated ([MASK]s appended to the prompt); default: the model's own (config gen_length), else 32."""
+    block_length: Optional[int] = Field(None, ge=1, le=4096)
+    """Semi-autoregressive block size; gen_length must be a multiple of it (default: gen_length, one block)."""
     temperature: float = Field(0.0, ge=0.0, le=100.0)
     """0 = argmax; otherwise Gumbel-max sampling."""
 
     @model_validator(mode="after")
     def _check_blocks(self) -> "DecodingSpec":
-        if self.gen_length % self.block_length:
-            raise ValueError(f"genLength {self.gen_length} must be a multiple of blockLength {self.block_length}")
-        blocks = self.gen_length // self.block_length
-        if self.steps % blocks:
-            raise ValueError(f"steps {self.steps} must be a multiple of the number of blocks {blocks}")
+        # Only what is given can be checked here; the rest comes from the model (DecodingConfig.for_model).
+        if self.gen_length is not None and self.block_length is not None:
+            if self.gen_length % self.block_length:
+                raise ValueError(f"genLength {self.gen_length} must be a multiple of blockLength {self.block_length}")
+            blocks = self.gen_length // self.block_length
+            if self.steps is not None and self.steps % blocks:
+                raise ValueError(f"steps {self.steps} must be a multiple of the number of blocks {blocks}")
         return self
 
 
@@ -124,7 +126,9 @@ class MaskingSpec(ContractModel):
 
 class RelabelSpec(ContractModel):
     decoding: DecodingSpec = DecodingSpec()
-    """How the compromised model answers the masked instances; also sets the saliency block."""
+    """How the compromised model answers the masked instances; also sets the saliency block. Left out,
+    steps, genLength and blockLength come from the model (the embedded model: 16/16/16; a model without
+    a generation length of its own: the authors' 32/32/32)."""
     prompt: Optional[str] = Field(None, min_length=1)
     """A fixed prompt for every instance (the authors: "Describe this image in detail."); default: each instance's own."""
     batch_size: int = Field(64, ge=1, le=65536)
@@ -165,8 +169,8 @@ class EvaluationSpec(ContractModel):
     """The same inputs without the trigger (false firing)."""
     clean_uri: Optional[str] = Field(None, min_length=1)
     """Held-out clean instances with metadata.answer_keys (clean performance)."""
-    decoding: DecodingSpec = DecodingSpec()
-    """Decoding used to answer the evaluation inputs."""
+    decoding: Optional[DecodingSpec] = None
+    """Decoding used to answer the evaluation inputs (default: spec.relabel.decoding)."""
     max_instances: Optional[int] = Field(None, ge=1)
     """Use at most this many instances of each evaluation set."""
 

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from disp_api import DecodingSpec
+from disp_runner.errors import UserInputError
 
 # LLaDA's floor on the mask probability, so that p never reaches 0 and 1/p stays bounded.
 MASK_EPSILON = 1e-3
@@ -102,10 +103,18 @@ class DecodingConfig:
             raise ValueError("temperature must be >= 0")
 
     @classmethod
-    def from_spec(cls, spec: DecodingSpec) -> "DecodingConfig":
-        """The decoding a PurificationJob asks for (spec.relabel.decoding, spec.evaluation.decoding)."""
-        return cls(steps=spec.steps, gen_length=spec.gen_length, block_length=spec.block_length,
-                   temperature=spec.temperature)
+    def for_model(cls, spec: DecodingSpec, model_gen_length: int | None, field: str) -> "DecodingConfig":
+        """The decoding a PurificationJob asks for (`field`: spec.relabel.decoding or
+        spec.evaluation.decoding), what it leaves out taken from the model: its own generation
+        length (else the authors' 32), one block, one step per position."""
+        gen_length = spec.gen_length or model_gen_length or cls.gen_length
+        block_length = spec.block_length or gen_length
+        steps = spec.steps or gen_length
+        try:
+            return cls(steps=steps, gen_length=gen_length, block_length=block_length, temperature=spec.temperature)
+        except ValueError as exc:
+            raise UserInputError(f"{field}: {exc} (with what the manifest leaves out taken from the model: "
+                                 f"genLength {gen_length}, blockLength {block_length}, steps {steps})") from None
 
     @classmethod
     def single_block(cls, gen_length: int) -> "DecodingConfig":

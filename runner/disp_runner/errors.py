@@ -9,6 +9,8 @@ memory), `EXIT_INTERNAL_ERROR` for a bug.
 
 from __future__ import annotations
 
+import sys
+
 # Exit codes reserved by the runner; the operator will treat EXIT_USER_ERROR as permanent
 # (retrying a bad input cannot help) and anything else as possibly transient.
 EXIT_OK = 0
@@ -34,3 +36,13 @@ class DegenerateResultError(UserInputError):
 class TransientError(Exception):
     """The environment failed in a way a later attempt may not (e.g. storage still unreachable after
     the retry budget). The CLI prints one line and exits with `EXIT_TRANSIENT_ERROR`."""
+
+
+_warned: set[str] = set()
+
+
+def warn_user(message: str) -> None:
+    """A setting that is allowed but probably not meant: one line on stderr, once per process."""
+    if message not in _warned:
+        _warned.add(message)
+        print(f"disp: warning: {message}", file=sys.stderr, flush=True)

@@ -17,7 +17,11 @@ def test_defaults_are_the_methods():
     assert (spec.saliency.top_k, spec.saliency.probes) == (5, 6)
     assert spec.masking.ratio == 0.3
     d = spec.relabel.decoding
-    assert (d.steps, d.gen_length, d.block_length, d.temperature, spec.relabel.seed) == (32, 32, 32, 0.0, 1234)
+    # left to the model (its own generation length; the authors' 32/32/32 for one without it)
+    assert (d.steps, d.gen_length, d.block_length, d.temperature, spec.relabel.seed) == (None, None, None, 0.0, 1234)
+    from disp_runner.diffusion import DecodingConfig
+    assert DecodingConfig.for_model(d, None, "spec.relabel.decoding") == DecodingConfig(32, 32, 32, 0.0)
+    assert DecodingConfig.for_model(d, 16, "spec.relabel.decoding") == DecodingConfig(16, 16, 16, 0.0)
     assert spec.relabel.prompt is None  # each instance's own prompt
     f = spec.finetune
     assert (f.epochs, f.learning_rate, f.warmup_ratio, f.weight_decay, f.batch_size) == (4, 1e-4, 0.03, 0.0, 32)

@@ -18,7 +18,8 @@ from disp_api.spec import ATTACK_MANIFEST
 from disp_runner.checkpoints import load_checkpoint
 from disp_runner.data.dataset import Instance, load_dataset
 from disp_runner.device import default_device
-from disp_runner.errors import UserInputError
+from disp_runner.errors import UserInputError, warn_user
+from disp_runner.diffusion import DecodingConfig
 from disp_runner.modeling import MDLMForMaskedDiffusion
 from disp_runner.pipeline.artifacts import (
     STAGE_MANIFEST,
@@ -95,6 +96,19 @@ class StageContext:
             return location.path
         cache = scratch_root() / "cache" / location.bucket / location.key
         return download_folder(self.s3_store(), location.bucket, location.key, cache)
+
+    def decoding(self, evaluation: bool = False) -> DecodingConfig:
+        """Relabel's decoding (which also sets saliency's block and the fine-tune's response
+        length), or, with `evaluation`, the evaluation's (default: relabel's), with what the
+        manifest leaves out taken from the model under purification."""
+        spec, field_name = self.spec.relabel.decoding, "spec.relabel.decoding"
+        if evaluation and self.spec.evaluation is not None and self.spec.evaluation.decoding is not None:
+            spec, field_name = self.spec.evaluation.decoding, "spec.evaluation.decoding"
+        model_gen_length = getattr(self.compromised_model()[0].config, "gen_length", None)
+        if spec.gen_length is not None and model_gen_length and spec.gen_length != model_gen_length:
+            warn_user(f"{field_name}.genLength {spec.gen_length}: the model was trained to answer in "
+                      f"{model_gen_length} positions (config gen_length); leave genLength out to use them")
+        return DecodingConfig.for_model(spec, model_gen_length, field_name)
 
     def evaluation_attack(self) -> AttackSpec:
         """The trigger and target the evaluation's ASR rule is for: spelled out in the spec, or read

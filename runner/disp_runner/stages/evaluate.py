@@ -12,7 +12,6 @@ from pathlib import Path
 
 from disp_api import PurificationMetrics, StageName
 from disp_runner.checkpoints import load_checkpoint
-from disp_runner.diffusion import DecodingConfig
 from disp_runner.evaluation import evaluate_model
 from disp_runner.pipeline.context import StageContext, StageResult
 from disp_runner.stages.finetune import MODEL_DIR
@@ -30,7 +29,7 @@ class EvaluateStage:
     def run(self, ctx: StageContext, out: Path) -> StageResult:
         spec = ctx.spec.evaluation
         assert spec is not None, "the pipeline runs evaluate only when spec.evaluation is set"
-        decoding = DecodingConfig.from_spec(spec.decoding)
+        decoding = ctx.decoding(evaluation=True)
         triggered = ctx.load_evaluation_set(spec.triggered_uri, "spec.evaluation.triggeredUri")
         untriggered = (ctx.load_evaluation_set(spec.untriggered_uri, "spec.evaluation.untriggeredUri")
                        if spec.untriggered_uri else [])

@@ -33,7 +33,7 @@ class FinetuneStage:
         spec = ctx.spec.finetune
         model, tokenizer = ctx.compromised_model()
         purified = load_dataset(ctx.input_dir(StageName.RELABEL) / DATASET_DIR, model.config.image_size)
-        data = encode_instances(tokenizer, model.config, purified, ctx.spec.relabel.decoding.gen_length)
+        data = encode_instances(tokenizer, model.config, purified, ctx.decoding().gen_length)
         config = TrainingConfig(epochs=spec.epochs, learning_rate=spec.learning_rate, batch_size=spec.batch_size,
                                 warmup_ratio=spec.warmup_ratio, weight_decay=spec.weight_decay, seed=spec.seed,
                                 trainable=spec.trainable)

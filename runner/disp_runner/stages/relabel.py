@@ -14,7 +14,6 @@ import torch
 
 from disp_api import StageName
 from disp_runner.data.dataset import Instance, load_dataset, write_dataset
-from disp_runner.diffusion import DecodingConfig
 from disp_runner.disp.masking import mask_image_embeds
 from disp_runner.errors import UserInputError
 from disp_runner.evaluation import normalise_answer
@@ -49,7 +48,7 @@ class RelabelStage:
             return mask_image_embeds(image_embeds, masked[rows], mask_embedding)
 
         prompted = instances if spec.prompt is None else [inst.replace(prompt=spec.prompt) for inst in instances]
-        answers = generate_responses(model, tokenizer, prompted, DecodingConfig.from_spec(spec.decoding),
+        answers = generate_responses(model, tokenizer, prompted, ctx.decoding(),
                                      batch_size=spec.batch_size, seed=spec.seed, transform_image_embeds=mask_tokens,
                                      description="relabel", show_progress=ctx.show_progress,
                                      index_offset=items.start, on_batch=ctx.report_progress)

@@ -50,8 +50,8 @@ class SaliencyStage:
 
     def run(self, ctx: StageContext, out: Path) -> StageResult:
         spec = ctx.spec.saliency
-        decoding = ctx.spec.relabel.decoding  # saliency looks at the first step of the decoding relabel uses
         model, tokenizer = ctx.compromised_model()
+        decoding = ctx.decoding()  # saliency looks at the first step of the decoding relabel uses
         if spec.top_k > model.config.vocab_size:
             raise UserInputError(f"spec.saliency.topK: {spec.top_k} is larger than the vocabulary "
                                  f"({model.config.vocab_size} tokens)")
