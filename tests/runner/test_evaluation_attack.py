@@ -60,3 +60,25 @@ def test_an_attack_uri_without_an_attack_record_is_one_line(workspace, capsys): 
     assert main(["--no-progress", "run", str(workspace / "job.yaml")]) == 2
     err = capsys.readouterr().err.strip()
     assert "spec.evaluation.attackUri" in err and "not found" in err and len(err.splitlines()) == 1
+
+
+def test_attack_uri_reads_attack_json_from_s3_without_fetching_the_folder(workspace, s3_endpoint, monkeypatch):  # noqa: F811
+    from minio import Minio
+
+    from disp_runner.pipeline.context import StageContext
+    from disp_runner.store.s3 import S3Store
+    monkeypatch.setenv("DISP_S3_ACCESS_KEY", "k")
+    monkeypatch.setenv("DISP_S3_SECRET_KEY", "s")
+    client = Minio(s3_endpoint, access_key="k", secret_key="s", secure=False)
+    if not client.bucket_exists("attacks"):
+        client.make_bucket("attacks")
+    store = S3Store(s3_endpoint, "k", "s", secure=False)
+    store.put_bytes("attacks", "patch/attack.json", json.dumps({"attack": ATTACK.to_wire()}).encode())
+    store.put_bytes("attacks", "patch/model/model.safetensors", b"large weights the evaluation does not need")
+    doc = job_document(workspace)
+    del doc["spec"]["evaluation"]["attack"]
+    doc["spec"]["evaluation"]["attackUri"] = "s3://attacks/patch"
+    doc["spec"]["storage"] = {"endpoint": s3_endpoint, "secure": False}
+    job = PurificationJob.model_validate(doc)
+    ctx = StageContext(job=job, layout=RunLayout.for_job(job, workspace / "out"))
+    assert ctx.evaluation_attack() == ATTACK
