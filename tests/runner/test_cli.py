@@ -6,19 +6,14 @@ import sys
 
 import pytest
 
-from disp_runner.checkpoints import save_checkpoint
 from disp_runner.cli import main
 from disp_runner.data.dataset import MANIFEST_NAME
-from disp_runner.data.synthetic import generate_dataset
 from disp_runner.errors import EXIT_USER_ERROR
 
 
 @pytest.fixture
-def workspace(tmp_path, tokenizer, tiny_model):
-    save_checkpoint(tiny_model, tokenizer, tmp_path / "model")
-    generate_dataset(tmp_path / "train", 20, seed=1, image_size=16)
-    generate_dataset(tmp_path / "test", 20, seed=2, image_size=16)
-    return tmp_path
+def workspace(cli_workspace):
+    return cli_workspace
 
 
 def _run(capsys, *argv):

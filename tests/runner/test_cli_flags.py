@@ -97,16 +97,6 @@ def test_every_flag_the_readme_shows_is_in_the_commands_help(capsys):
     assert "(projector only)" not in capsys.readouterr().out  # the attack trains projector + LM by default
 
 
-@pytest.fixture
-def attack_workspace(tmp_path, tokenizer, tiny_model):
-    from disp_runner.checkpoints import save_checkpoint
-    from disp_runner.data.synthetic import generate_dataset
-    save_checkpoint(tiny_model, tokenizer, tmp_path / "model")
-    generate_dataset(tmp_path / "train", 20, seed=1, image_size=16)
-    generate_dataset(tmp_path / "test", 20, seed=2, image_size=16)
-    return tmp_path
-
-
 def _attack(ws: Path, *extra: str) -> list[str]:
     return ["attack", "--base", str(ws / "model"), "--train", str(ws / "train"), "--test", str(ws / "test"),
             "--out", str(ws / "out"), "--epochs", "1", "--no-progress", *extra]
@@ -118,21 +108,21 @@ def _attack(ws: Path, *extra: str) -> list[str]:
     (["--trigger", "blended", "--trigger-colour", "1,2,3"], "--trigger-colour: only for patch triggers"),
     (["--trigger-position", "1,1", "--trigger-corner", "top-right"], "--trigger-corner cannot be used with"),
 ])
-def test_contradictory_trigger_flags_are_refused(attack_workspace, capsys, extra, message):
-    extra = [str(attack_workspace / "p.png") if e == "P" else e for e in extra]
-    assert main(_attack(attack_workspace, *extra)) == 2
+def test_contradictory_trigger_flags_are_refused(cli_workspace, capsys, extra, message):
+    extra = [str(cli_workspace / "p.png") if e == "P" else e for e in extra]
+    assert main(_attack(cli_workspace, *extra)) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
-    assert not (attack_workspace / "out").exists()
+    assert not (cli_workspace / "out").exists()
 
 
-def test_attack_json_records_what_was_planted_and_how_the_compromised_model_scores(attack_workspace, capsys):
+def test_attack_json_records_what_was_planted_and_how_the_compromised_model_scores(cli_workspace, capsys):
     from PIL import Image
-    pattern = attack_workspace / "p.png"
+    pattern = cli_workspace / "p.png"
     Image.new("RGB", (5, 3), (255, 0, 0)).save(pattern)
-    assert main(_attack(attack_workspace, "--trigger-pattern", str(pattern), "--trigger-position", "2,7")) == 0
+    assert main(_attack(cli_workspace, "--trigger-pattern", str(pattern), "--trigger-position", "2,7")) == 0
     out = capsys.readouterr().out
-    record = json.loads((attack_workspace / "out" / "attack.json").read_text())
+    record = json.loads((cli_workspace / "out" / "attack.json").read_text())
     planted = record["planted"]
     assert planted["box"] == [2, 7, 7, 10] and planted["patternSize"] == [5, 3] and not planted["wholeImage"]
     assert planted["pattern"] == str(pattern) and len(planted["patternSha256"]) == 64
@@ -143,7 +133,7 @@ def test_attack_json_records_what_was_planted_and_how_the_compromised_model_scor
     assert f"ASR {100 * measured['asrTriggered']:.1f}% on {measured['counts']['triggered']} triggered" in out
     assert f"clean performance {100 * measured['cleanPerformance']:.1f}%" in out
     # without a pattern, the patch's own size and colour are what was planted
-    assert main(_attack(attack_workspace, "--trigger-size", "3", "--trigger-colour", "9,8,7",
+    assert main(_attack(cli_workspace, "--trigger-size", "3", "--trigger-colour", "9,8,7",
                         "--trigger-corner", "bottom-right")) == 0
-    planted = json.loads((attack_workspace / "out" / "attack.json").read_text())["planted"]
+    planted = json.loads((cli_workspace / "out" / "attack.json").read_text())["planted"]
     assert planted == {"kind": "patch", "box": [13, 13, 16, 16], "wholeImage": False, "size": 3, "colour": [9, 8, 7]}
