@@ -16,8 +16,26 @@ from disp_runner.threads import choose_threads, cpu_quota
 README = Path(__file__).resolve().parents[2] / "README.md"
 
 
+@pytest.fixture(autouse=True)
+def _threads_restored(monkeypatch):
+    """`disp --threads` changes the process's torch pool and OMP_NUM_THREADS: not for later tests."""
+    import os
+
+    import torch
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        if var in os.environ:
+            monkeypatch.setenv(var, os.environ[var])
+        else:
+            monkeypatch.delenv(var, raising=False)
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
 def test_global_flags_work_before_or_after_the_command(tmp_path, capsys):
+    import torch
     assert main(["data", "--out", str(tmp_path / "a"), "--num", "3", "--no-progress", "--threads", "1"]) == 0
+    assert torch.get_num_threads() == 1
     assert main(["--no-progress", "--threads", "1", "data", "--out", str(tmp_path / "b"), "--num", "3"]) == 0
     assert (tmp_path / "a" / "manifest.jsonl").read_text() == (tmp_path / "b" / "manifest.jsonl").read_text()
 
