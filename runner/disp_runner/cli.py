@@ -18,6 +18,8 @@ from typing import Sequence
 
 from pydantic import ValidationError
 
+from disp_api.base import SEED_MAX
+
 from disp_runner.errors import (EXIT_INTERNAL_ERROR, EXIT_TRANSIENT_ERROR, EXIT_USER_ERROR, TransientError,
                                 UserInputError)
 from disp_runner.scratch import prepare_scratch
@@ -27,7 +29,8 @@ from disp_runner.threads import apply_threads, choose_threads
 def _add_trigger_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("trigger")
     g.add_argument("--trigger", choices=["patch", "blended"], default="patch")
-    # No defaults here: a flag given with one that overrides it is an error (TriggerSpec's apply).
+    # No defaults here: a flag given together with one that makes it meaningless is an error
+    # (_refuse_contradictions); TriggerSpec's defaults fill in the rest.
     g.add_argument("--trigger-size", type=_bounded_int(1, 1024), default=None, help="patch side in pixels (default 6)")
     g.add_argument("--trigger-colour", default=None, help="patch colour R,G,B (default black)")
     g.add_argument("--trigger-corner", choices=["top-left", "top-right", "bottom-left", "bottom-right"],
@@ -77,7 +80,7 @@ def _positive_float(high: float):
     return parse
 
 
-SEED = _bounded_int(0, 2**32 - 1)
+SEED = _bounded_int(0, SEED_MAX)  # the same bound as the manifests' seeds
 COUNT = _bounded_int(1, 10_000_000)
 BATCH = _bounded_int(1, 65536)
 
@@ -192,8 +195,6 @@ def _cmd_data(args) -> None:
     from disp_runner.data.synthetic import generate_dataset
     from disp_runner.data.vocabulary import TaskKind
 
-    if args.num <= 0:
-        raise UserInputError(f"--num must be positive, got {args.num}")
     try:
         kinds = tuple(TaskKind(k.strip()) for k in args.kinds.split(","))
     except ValueError:
@@ -232,9 +233,6 @@ def _cmd_pretrain(args) -> None:
     overrides = {"vision_instances": args.vision_instances, "vision_epochs": args.vision_epochs,
                  "num_instances": args.num_instances, "epochs": args.epochs, "learning_rate": args.lr,
                  "batch_size": args.batch_size, "seed": args.seed}
-    for name, value in overrides.items():
-        if value is not None and value <= 0 and name != "seed":
-            raise UserInputError(f"--{name.replace('_', '-')}: must be positive, got {value}")
     config = dataclasses.replace(PretrainConfig(), **{k: v for k, v in overrides.items() if v is not None})
     result = pretrain(args.out, config, show_progress=not args.no_progress)
     accuracy = ", ".join(f"{k} {100 * v:.1f}%" for k, v in result.vision.accuracy.items())
