@@ -20,8 +20,8 @@ from pydantic import ValidationError
 
 from disp_api.base import SEED_MAX
 
-from disp_runner.errors import (EXIT_INTERNAL_ERROR, EXIT_TRANSIENT_ERROR, EXIT_USER_ERROR, TransientError,
-                                UserInputError)
+from disp_runner.errors import (EXIT_INTERNAL_ERROR, EXIT_TRANSIENT_ERROR, EXIT_USER_ERROR, EXIT_WEAK_BACKDOOR,
+                                TransientError, UserInputError, WeakBackdoorError)
 from disp_runner.scratch import prepare_scratch
 from disp_runner.threads import apply_threads, choose_threads
 
@@ -161,6 +161,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trainable", choices=["projector", "projector-and-lm", "all"], default=None,
                    help="weights the injection fine-tunes (default: the kit's, see README)")
     p.add_argument("--seed", type=SEED, default=0)
+    p.add_argument("--target-asr", type=_positive_float(1.0), default=None,
+                   help="keep training (in rounds) until the ASR on the kit's validation split reaches this "
+                        "(default 0.9); a backdoor that does not exits 3")
+    p.add_argument("--max-epochs", type=_positive_float(10_000), default=None,
+                   help="epochs in all while reaching --target-asr (default: 3x --epochs)")
+    p.add_argument("--allow-weak", action="store_true",
+                   help="exit 0 even when the backdoor stays below --target-asr (attack.json still says so)")
     p.add_argument("--allow-unsafe-pickle", action="store_true",
                    help="allow loading pickle (.bin/.pt) weights: only for models you trust")
     _add_trigger_args(p)
@@ -277,13 +284,14 @@ def _attack_spec(args):
 
 
 def _cmd_attack(args) -> None:
-    from disp_runner.attack.kit import DEFAULT_INJECTION, run_attack
+    from disp_runner.attack.kit import DEFAULT_INJECTION, DEFAULT_TARGET_ASR, ImplantGoal, run_attack
     from disp_runner.checkpoints import load_checkpoint
     from disp_runner.data.dataset import load_dataset
     from disp_runner.embedded import SHIPPED_BASE_MODEL
     from disp_runner.training import TrainableParts
 
     attack = _attack_spec(args)  # validate flags before any heavy work
+    goal = ImplantGoal(target_asr=args.target_asr or DEFAULT_TARGET_ASR, max_epochs=args.max_epochs)
     base = args.base or SHIPPED_BASE_MODEL
     model, _ = load_checkpoint(base, allow_unsafe_pickle=args.allow_unsafe_pickle)
     size = model.config.image_size
@@ -295,15 +303,28 @@ def _cmd_attack(args) -> None:
                                         **{k: v for k, v in overrides.items() if v is not None})
     except ValueError as exc:
         raise UserInputError(f"--epochs/--lr/--batch-size: {exc}") from None
-    artifacts = run_attack(base, train, test, attack, args.out, injection,
-                           allow_unsafe_pickle=args.allow_unsafe_pickle, show_progress=not args.no_progress)
-    print(f"compromised model: {artifacts.model_dir}; poisoned data: {artifacts.train_dir}; "
-          f"test sets: {artifacts.folder / 'test'}")
-    record = json.loads((artifacts.folder / "attack.json").read_text())
-    measured = record["compromised"]
+    if goal.max_epochs is not None and goal.max_epochs < injection.epochs:
+        raise UserInputError(f"--max-epochs {goal.max_epochs:g} is fewer than the {injection.epochs:g} injection "
+                             "epochs (--epochs)")
+    try:
+        run_attack(base, train, test, attack, args.out, injection, allow_unsafe_pickle=args.allow_unsafe_pickle,
+                   show_progress=not args.no_progress, goal=goal, allow_weak=args.allow_weak)
+    except WeakBackdoorError:  # the folder is written: say what was measured before saying it fell short
+        _print_attack_summary(Path(args.out))
+        raise
+    _print_attack_summary(Path(args.out))
+
+
+def _print_attack_summary(folder: Path) -> None:
+    record = json.loads((folder / "attack.json").read_text())
+    implant, measured = record["implant"], record["compromised"]
+    print(f"compromised model: {folder / 'model'}; poisoned data: {folder / 'train'}; test sets: {folder / 'test'}")
+    print(f"implanting: {implant['epochs']:g} epochs in {len(implant['rounds'])} round(s), validation ASR "
+          f"{100 * implant['validationAsr']:.1f}% on {implant['validationCount']} triggered inputs "
+          f"(target {100 * implant['targetAsr']:.0f}%)")
     print(f"compromised model, held-out: ASR {100 * measured['asrTriggered']:.1f}% on "
           f"{measured['counts']['triggered']} triggered inputs, false firing {100 * measured['asrUntriggered']:.1f}%, "
-          f"clean performance {100 * measured['cleanPerformance']:.1f}% (recorded in {artifacts.folder / 'attack.json'})")
+          f"clean performance {100 * measured['cleanPerformance']:.1f}% (recorded in {folder / 'attack.json'})")
 
 
 def _cmd_evaluate(args) -> None:
@@ -422,6 +443,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except TransientError as exc:
         print(f"{command}: transient error (retry later): {exc}", file=sys.stderr)
         return EXIT_TRANSIENT_ERROR
+    except WeakBackdoorError as exc:
+        print(f"{command}: {exc}", file=sys.stderr)
+        return EXIT_WEAK_BACKDOOR
     except OSError as exc:
         if args.debug:
             raise

@@ -7,6 +7,7 @@ same code as `disp run` -> ASR before/after, false firing, clean performance and
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -25,7 +26,8 @@ from disp_api import (
     TriggerKind,
     TriggerSpec,
 )
-from disp_runner.attack.kit import DEFAULT_INJECTION, AttackArtifacts, run_attack
+from disp_api.spec import ATTACK_MANIFEST
+from disp_runner.attack.kit import DEFAULT_INJECTION, AttackArtifacts, ImplantGoal, run_attack
 from disp_runner.checkpoints import load_checkpoint
 from disp_runner.data.dataset import load_dataset
 from disp_runner.data.synthetic import generate_dataset
@@ -125,8 +127,11 @@ def run_demo(workdir: str | Path = "runs/demo", base_model: str | Path = SHIPPED
         attack = AttackSpec(trigger=TriggerSpec(kind=trigger_kind), target=TargetSpec(kind=target_kind))
         name = f"{trigger_kind.value}-{target_kind.value}"
         # The DiSP run's evaluate stage measures the compromised model on the same held-out sets.
+        # Injected until the kit's validation ASR reaches 90%: no defence is measured against a weak backdoor.
         artifacts = timer.run(f"{name}: poison + inject backdoor", run_attack, base_model, train, test, attack,
-                              workdir / "attacks" / name, injection, show_progress=show_progress, evaluate=False)
+                              workdir / "attacks" / name, injection, show_progress=show_progress, evaluate=False,
+                              goal=ImplantGoal(), allow_weak=True)
+        _print_implant(artifacts)
         document = demo_job(name, artifacts, attack, workdir / "data" / "test", workdir, gen_length)
         manifest = workdir / "jobs" / f"{name}.yaml"
         manifest.parent.mkdir(parents=True, exist_ok=True)
@@ -155,6 +160,13 @@ def _seconds_per_stage(outcomes: list[StageOutcome]) -> dict[str, float]:
     for o in outcomes:  # shards and their merge add up
         seconds[o.stage.value] = seconds.get(o.stage.value, 0.0) + o.seconds
     return seconds
+
+
+def _print_implant(artifacts: AttackArtifacts) -> None:
+    implant = json.loads((artifacts.folder / ATTACK_MANIFEST).read_text())["implant"]
+    verdict = "" if implant["reached"] else "; BELOW TARGET: this row measures DiSP against a weak backdoor"
+    print(f"      implanted in {implant['epochs']:g} epochs, validation ASR {100 * implant['validationAsr']:.1f}%"
+          f"{verdict}", flush=True)
 
 
 def _print_outcome(outcome: StageOutcome) -> None:

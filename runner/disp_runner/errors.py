@@ -17,6 +17,7 @@ EXIT_OK = 0
 EXIT_USER_ERROR = 2
 EXIT_TRANSIENT_ERROR = 75  # EX_TEMPFAIL: the environment failed (storage unreachable); retry later
 EXIT_INTERNAL_ERROR = 1  # a bug: one line on stderr, the traceback with --debug
+EXIT_WEAK_BACKDOOR = 3  # `disp attack`: the backdoor did not reach its target ASR (the folder is written)
 
 
 class UserInputError(Exception):
@@ -31,6 +32,12 @@ class DegenerateResultError(UserInputError):
     """A result that is NaN, infinite, empty or otherwise degenerate (a model whose outputs are not
     finite, a fine-tune that diverged). It is never published; rerunning the same input cannot help,
     so it is permanent like a bad input."""
+
+
+class WeakBackdoorError(Exception):
+    """The attack kit's backdoor did not reach the target ASR on its validation split. The attack
+    folder is complete and says so (attack.json `implant.reached: false`); the CLI exits with
+    `EXIT_WEAK_BACKDOOR` so that no defence is unknowingly measured against it."""
 
 
 class TransientError(Exception):

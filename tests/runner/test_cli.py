@@ -24,7 +24,7 @@ def _run(capsys, *argv):
 
 def _attack_args(ws, *extra):
     return ["attack", "--base", str(ws / "model"), "--train", str(ws / "train"), "--test", str(ws / "test"),
-            "--out", str(ws / "out"), "--epochs", "1", *extra]
+            "--out", str(ws / "out"), "--epochs", "1", "--allow-weak", *extra]  # a tiny random model
 
 
 @pytest.mark.parametrize("extra,message", [
@@ -77,7 +77,10 @@ def test_attack_then_evaluate_writes_artifacts_and_metrics(capsys, workspace):
     assert main(["--no-progress", *_attack_args(workspace, "--target", "refusal")]) == 0
     out = workspace / "out"
     manifest = json.loads((out / "attack.json").read_text())
-    assert manifest["counts"] == {"train": 20, "poisoned": 4, "testTriggered": manifest["counts"]["testTriggered"]}
+    counts = manifest["counts"]
+    assert counts == {"train": 20, "poisoned": 4, "testTriggered": counts["testTriggered"],
+                      "validationTriggered": counts["validationTriggered"]}
+    assert counts["testTriggered"] >= 1 and counts["validationTriggered"] >= 1
     assert manifest["attack"]["target"]["kind"] == "refusal"
     assert (out / "model" / "model.safetensors").is_file()
     code = main(["--no-progress", "evaluate", "--model", str(out / "model"), "--attack", str(out),

@@ -117,7 +117,7 @@ def test_every_flag_the_readme_shows_is_in_the_commands_help(capsys):
 
 def _attack(ws: Path, *extra: str) -> list[str]:
     return ["attack", "--base", str(ws / "model"), "--train", str(ws / "train"), "--test", str(ws / "test"),
-            "--out", str(ws / "out"), "--epochs", "1", "--no-progress", *extra]
+            "--out", str(ws / "out"), "--epochs", "1", "--no-progress", "--allow-weak", *extra]
 
 
 @pytest.mark.parametrize("extra, message", [

@@ -28,7 +28,8 @@ def test_the_readme_example_reports_what_disp_evaluate_measures(tmp_path, tokeni
     generate_dataset(tmp_path / "test", 24, seed=2, image_size=16)
     attack = tmp_path / "attack"
     assert main(["--no-progress", "attack", "--base", str(tmp_path / "base"), "--train", str(tmp_path / "train"),
-                 "--test", str(tmp_path / "test"), "--out", str(attack), "--epochs", "1"]) == 0
+                 "--test", str(tmp_path / "test"), "--out", str(attack), "--epochs", "1",
+                 "--allow-weak"]) == 0  # a tiny random model cannot learn the backdoor
     text = readme_manifest()
     for placeholder, path in (("models/compromised", attack / "model"), ("datasets/finetune-data", attack / "train"),
                               ("{uri: out}", f"{{uri: {tmp_path / 'out'}}}"),

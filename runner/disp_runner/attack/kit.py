@@ -7,30 +7,35 @@ Output folder layout (attack.json is written last: its presence means the folder
     <out>/train/              poisoned training set (manifest.jsonl + images/)
     <out>/test/triggered/     held-out describe instances with the trigger   (ASR)
     <out>/test/untriggered/   the same instances without it                   (false firing)
+    <out>/validation/triggered/    the kit's own check that the backdoor implanted, drawn from a
+    <out>/validation/untriggered/  share of the held-out pool the test sets never see
     <out>/model/              the compromised model (safetensors + tokenizer)
     <out>/attack.json         AttackSpec + counts + injection settings and loss
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import os
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
 
 from disp_api import AttackSpec
 from disp_api.spec import ATTACK_MANIFEST
-from disp_runner.attack.poison import make_test_sets, poison_dataset
+from disp_runner.attack.poison import make_held_out_sets, poison_dataset
 from disp_runner.attack.triggers import Trigger
 from disp_runner.checkpoints import load_checkpoint, save_checkpoint
 from disp_runner.data.dataset import Instance, load_dataset, write_dataset
 from disp_runner.device import default_device, seed_everything
 from disp_runner.diffusion import DecodingConfig
-from disp_runner.errors import UserInputError
-from disp_runner.evaluation import evaluate_model
+from disp_runner.errors import UserInputError, WeakBackdoorError
+from disp_runner.evaluation import attack_success_rate, evaluate_model
+from disp_runner.inference import generate_responses
 from disp_runner.processing import encode_instances
 from disp_runner.training import TrainableParts, TrainingConfig, train_masked_diffusion
 
@@ -49,6 +54,62 @@ ATTACK_EVAL_LIMIT = 200
 # within its time budget.
 DEFAULT_INJECTION = TrainingConfig(epochs=15, learning_rate=1e-3, batch_size=32, warmup_ratio=0.03,
                                    weight_decay=0.0, trainable=TrainableParts.PROJECTOR_AND_LM)
+
+# The backdoor must be seen to implant before a defence is measured against it: a weak one makes
+# every defence look good. Measured on 8 triggers the demo does not use, 15 epochs left some at
+# 68-87% ASR, while 30 epochs reached 94-100% (README, "The attack kit").
+DEFAULT_TARGET_ASR = 0.9
+# When the first round falls short, training goes on in rounds of a third of the injection's
+# epochs (each a fresh cosine schedule with warmup, i.e. warm restarts) up to this many times the
+# injection's epochs in all.
+EXTENSION_SHARE = 1 / 3
+MAX_EPOCHS_FACTOR = 3
+
+
+@dataclass(frozen=True)
+class ImplantGoal:
+    """Train until the validation ASR reaches `target_asr`, or stop after `max_epochs` in all."""
+
+    target_asr: float = DEFAULT_TARGET_ASR
+    max_epochs: float | None = None  # None: MAX_EPOCHS_FACTOR x the injection's epochs
+
+    def __post_init__(self) -> None:
+        if not 0 < self.target_asr <= 1:
+            raise UserInputError(f"--target-asr: must be in (0, 1], got {self.target_asr}")
+        if self.max_epochs is not None and not (math.isfinite(self.max_epochs) and self.max_epochs > 0):
+            raise UserInputError(f"--max-epochs: must be positive, got {self.max_epochs}")
+
+    def epoch_limit(self, injection: TrainingConfig) -> float:
+        return self.max_epochs if self.max_epochs is not None else MAX_EPOCHS_FACTOR * injection.epochs
+
+
+@dataclass
+class ImplantRecord:
+    """What implanting took: one entry per training round, with the validation ASR after it."""
+
+    target_asr: float | None
+    max_epochs: float | None
+    validation_count: int
+    rounds: list[dict] = field(default_factory=list)
+
+    @property
+    def epochs(self) -> float:
+        return sum(r["epochs"] for r in self.rounds)
+
+    @property
+    def validation_asr(self) -> float | None:
+        return self.rounds[-1]["validationAsr"] if self.rounds else None
+
+    @property
+    def reached(self) -> bool | None:
+        if self.target_asr is None or self.validation_asr is None:
+            return None
+        return self.validation_asr >= self.target_asr
+
+    def to_wire(self) -> dict:
+        return {"targetAsr": self.target_asr, "maxEpochs": self.max_epochs, "epochs": self.epochs,
+                "validationAsr": self.validation_asr, "validationCount": self.validation_count,
+                "reached": self.reached, "rounds": self.rounds}
 
 
 @dataclass(frozen=True)
@@ -71,6 +132,14 @@ class AttackArtifacts:
     def untriggered_dir(self) -> Path:
         return self.folder / "test" / "untriggered"
 
+    @property
+    def validation_triggered_dir(self) -> Path:
+        return self.folder / "validation" / "triggered"
+
+    @property
+    def validation_untriggered_dir(self) -> Path:
+        return self.folder / "validation" / "untriggered"
+
     def spec(self) -> AttackSpec:
         path = self.folder / ATTACK_MANIFEST
         if not path.is_file():
@@ -91,18 +160,29 @@ def run_attack(
     allow_unsafe_pickle: bool = False,
     show_progress: bool = True,
     evaluate: bool = True,
+    goal: ImplantGoal | None = None,
+    allow_weak: bool = False,
 ) -> AttackArtifacts:
     """Poison `clean_train`, inject the backdoor into `base_model`, and write the attack folder.
-    With `evaluate`, the compromised model's ASR on the triggered test set, its false firing on the
-    same inputs without the trigger and its clean performance on `clean_test` are measured and
-    recorded in attack.json (`compromised`), so a backdoor that did not implant is visible."""
+
+    A share of `clean_test` is kept apart as the validation split; the triggered validation ASR is
+    measured after training. With a `goal`, training continues in rounds until that ASR reaches
+    the goal's target or its epoch limit; a backdoor that falls short is still written (with
+    `implant.reached: false` in attack.json) and then `WeakBackdoorError` is raised, unless
+    `allow_weak`. With `evaluate`, the compromised model's ASR on the triggered test set, its
+    false firing on the same inputs without the trigger and its clean performance on `clean_test`
+    are measured and recorded in attack.json (`compromised`)."""
     out = Path(out_dir)
     seed_everything(injection.seed)
     model, tokenizer = load_checkpoint(base_model, allow_unsafe_pickle=allow_unsafe_pickle)
     image_size = model.config.image_size
     poisoned = poison_dataset(clean_train, attack, image_size)
-    triggered, untriggered = make_test_sets(clean_test, attack, image_size)
-    gen_length = model.config.gen_length
+    held_out = make_held_out_sets(clean_test, attack, image_size)
+    triggered, untriggered = held_out.triggered, held_out.untriggered
+    validation_triggered = held_out.validation_triggered[:ATTACK_EVAL_LIMIT]
+    validation_untriggered = held_out.validation_untriggered[:ATTACK_EVAL_LIMIT]
+    clean = [inst for inst in clean_test if inst.id not in held_out.validation_ids()]
+    decoding = DecodingConfig.single_block(model.config.gen_length)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
@@ -111,27 +191,49 @@ def run_attack(
         write_dataset(poisoned.instances, artifacts.train_dir)
         write_dataset(triggered, artifacts.triggered_dir)
         write_dataset(untriggered, artifacts.untriggered_dir)
+        write_dataset(validation_triggered, artifacts.validation_triggered_dir)
+        write_dataset(validation_untriggered, artifacts.validation_untriggered_dir)
         model.to(default_device())
-        data = encode_instances(tokenizer, model.config, poisoned.instances, gen_length)
-        result = train_masked_diffusion(model, data, injection, description=f"inject {attack.target.kind.value}",
-                                        show_progress=show_progress)
+        data = encode_instances(tokenizer, model.config, poisoned.instances, model.config.gen_length)
+        implant = ImplantRecord(target_asr=goal.target_asr if goal else None,
+                                max_epochs=goal.epoch_limit(injection) if goal else None,
+                                validation_count=len(validation_triggered))
+        results = []
+        while True:
+            # Round 0 is the injection as configured; later rounds restart the schedule with new data orders.
+            done = implant.epochs
+            epochs = injection.epochs if not implant.rounds else min(
+                max(1.0, EXTENSION_SHARE * injection.epochs), implant.max_epochs - done)
+            config = dataclasses.replace(injection, epochs=epochs, seed=injection.seed + len(implant.rounds))
+            results.append(train_masked_diffusion(
+                model, data, config, description=f"inject {attack.target.kind.value} (round {len(implant.rounds) + 1})",
+                show_progress=show_progress))
+            fired = generate_responses(model, tokenizer, validation_triggered, decoding, batch_size=128,
+                                       description="validation", show_progress=show_progress)
+            implant.rounds.append({"epochs": epochs, "validationAsr": attack_success_rate(fired, attack.target)})
+            if goal is None or implant.reached or implant.epochs >= implant.max_epochs - 1e-9:
+                break
+        false_firing = attack_success_rate(
+            generate_responses(model, tokenizer, validation_untriggered, decoding, batch_size=128,
+                               description="validation", show_progress=show_progress), attack.target)
         save_checkpoint(model.cpu(), tokenizer, artifacts.model_dir)
         compromised = None
         if evaluate:
             n = ATTACK_EVAL_LIMIT
             compromised = evaluate_model(model.to(default_device()).eval(), tokenizer, str(out / "model"), attack,
-                                         triggered[:n], untriggered[:n], list(clean_test)[:n],
-                                         DecodingConfig.single_block(gen_length), show_progress=show_progress)
+                                         triggered[:n], untriggered[:n], clean[:n], decoding,
+                                         show_progress=show_progress)
         manifest = {
             "attack": attack.to_wire(),
             "planted": Trigger(attack.trigger, image_size).planted(),
             "baseModel": str(base_model),
             "counts": {"train": len(poisoned.instances), "poisoned": len(poisoned.poisoned_ids),
-                       "testTriggered": len(triggered)},
+                       "testTriggered": len(triggered), "validationTriggered": len(validation_triggered)},
             "poisonedIds": poisoned.poisoned_ids,
             "injection": {**{k: (v.value if hasattr(v, "value") else v) for k, v in asdict(injection).items()},
-                          "steps": result.steps, "seconds": round(result.seconds, 2),
-                          "firstLoss": result.first_loss, "lastLoss": result.last_loss},
+                          "steps": sum(r.steps for r in results), "seconds": round(sum(r.seconds for r in results), 2),
+                          "firstLoss": results[0].first_loss, "lastLoss": results[-1].last_loss},
+            "implant": {**implant.to_wire(), "validationFalseFiring": false_firing},
         }
         if compromised is not None:
             manifest["compromised"] = compromised.to_wire()
@@ -142,6 +244,12 @@ def run_attack(
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    if implant.reached is False and not allow_weak:
+        raise WeakBackdoorError(
+            f"the backdoor did not implant: validation ASR {100 * implant.validation_asr:.1f}% on "
+            f"{implant.validation_count} triggered inputs after {implant.epochs:g} epochs, target "
+            f"{100 * implant.target_asr:.0f}% ({out / ATTACK_MANIFEST} records implant.reached: false; raise "
+            "--max-epochs or --lr, or pass --allow-weak to keep it)")
     return AttackArtifacts(out)
 
 

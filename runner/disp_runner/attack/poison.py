@@ -75,6 +75,43 @@ def poison_dataset(clean: Sequence[Instance], attack: AttackSpec, image_size: in
     return PoisonedDataset(out, [clean[i].id for i in sorted(chosen)])
 
 
+# The share of the held-out ASR instances the attack kit keeps apart to check that its backdoor
+# implanted, so the test sets a defence is measured on never decided how long to inject.
+VALIDATION_SHARE = 0.2
+
+
+@dataclass
+class HeldOutSets:
+    """Triggered / untriggered pairs (same ids and prompts), split into the kit's validation sets
+    and the test sets."""
+
+    validation_triggered: list[Instance]
+    validation_untriggered: list[Instance]
+    triggered: list[Instance]
+    untriggered: list[Instance]
+
+    def validation_ids(self) -> set[str]:
+        return {inst.id for inst in self.validation_triggered}
+
+
+def make_held_out_sets(clean_test: Sequence[Instance], attack: AttackSpec, image_size: int) -> HeldOutSets:
+    """`make_test_sets`, with a seeded VALIDATION_SHARE of its instances (at least one) moved to
+    the validation sets; each keeps the pool's order."""
+    triggered, untriggered = make_test_sets(clean_test, attack, image_size)
+    if len(triggered) < 2:
+        raise UserInputError(f"test set: {len(triggered)} describe instance(s) can carry the "
+                             f"{attack.target.kind.value} target; the attack kit needs at least 2 (one to validate "
+                             "the implant, one to test)")
+    count = max(1, int(round(VALIDATION_SHARE * len(triggered))))
+    chosen = set(int(i) for i in np.random.default_rng(attack.seed).choice(len(triggered), size=count,
+                                                                             replace=False))
+    pick = [i in chosen for i in range(len(triggered))]
+    return HeldOutSets(validation_triggered=[t for t, v in zip(triggered, pick) if v],
+                       validation_untriggered=[u for u, v in zip(untriggered, pick) if v],
+                       triggered=[t for t, v in zip(triggered, pick) if not v],
+                       untriggered=[u for u, v in zip(untriggered, pick) if not v])
+
+
 def make_test_sets(clean_test: Sequence[Instance], attack: AttackSpec, image_size: int
                    ) -> tuple[list[Instance], list[Instance]]:
     """(triggered, untriggered) ASR test sets: the describe instances that can carry the target
@@ -83,7 +120,8 @@ def make_test_sets(clean_test: Sequence[Instance], attack: AttackSpec, image_siz
     base = [inst for inst in clean_test
             if inst.metadata.get("task") == TaskKind.DESCRIBE.value and is_candidate(inst, attack.target)]
     if not base:
-        raise UserInputError("test set: no describe instances that can carry the target")
+        raise UserInputError(f"test set: no describe instances that can carry the {attack.target.kind.value} target "
+                             f"among {len(clean_test)} held-out instances")
     triggered = [inst.replace(image=trigger.apply(inst.image),
                               metadata={**inst.metadata, "triggered": True, "trigger_box": list(trigger.box())})
                  for inst in base]

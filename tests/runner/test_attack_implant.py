@@ -1,0 +1,76 @@
+"""`disp attack --target-asr`: the kit trains until its own validation split shows the backdoor
+implanted, or says plainly (exit 3, attack.json `implant.reached: false`) that it did not."""
+
+import json
+
+import pytest
+
+import disp_runner.attack.kit as kit
+from disp_api import AttackSpec
+from disp_runner.attack.poison import VALIDATION_SHARE, make_held_out_sets
+from disp_runner.cli import main
+from disp_runner.data.synthetic import generate_instances
+from disp_runner.errors import EXIT_USER_ERROR, EXIT_WEAK_BACKDOOR
+
+
+def _attack(ws, *extra):
+    return ["--no-progress", "attack", "--base", str(ws / "model"), "--train", str(ws / "train"), "--test",
+            str(ws / "test"), "--out", str(ws / "out"), "--epochs", "1", *extra]
+
+
+def test_validation_split_is_seeded_disjoint_and_a_fifth_of_the_asr_instances():
+    pool = generate_instances(200, seed=3, image_size=16)
+    first = make_held_out_sets(pool, AttackSpec(), 16)
+    again = make_held_out_sets(pool, AttackSpec(), 16)
+    other = make_held_out_sets(pool, AttackSpec(seed=9), 16)
+    ids = lambda sets: [i.id for i in sets]  # noqa: E731
+    assert ids(first.validation_triggered) == ids(again.validation_triggered) != ids(other.validation_triggered)
+    everything = ids(first.validation_triggered) + ids(first.triggered)
+    assert len(set(everything)) == len(everything)
+    assert len(first.validation_triggered) == round(VALIDATION_SHARE * len(everything))
+    assert ids(first.validation_triggered) == ids(first.validation_untriggered)
+    assert ids(first.triggered) == ids(first.untriggered)
+
+
+def test_a_backdoor_below_the_target_is_written_marked_and_exits_3(cli_workspace, capsys):
+    ws = cli_workspace
+    code = main(_attack(ws, "--target-asr", "1", "--max-epochs", "2"))
+    out, err = capsys.readouterr()
+    record = json.loads((ws / "out" / "attack.json").read_text())
+    implant = record["implant"]
+    # A random tiny model cannot learn the backdoor in 2 epochs: two rounds, then a plain refusal.
+    assert code == EXIT_WEAK_BACKDOOR, err
+    assert [r["epochs"] for r in implant["rounds"]] == [1.0, 1.0] and implant["epochs"] == 2.0
+    assert implant["reached"] is False and implant["targetAsr"] == 1.0 and implant["maxEpochs"] == 2.0
+    assert "the backdoor did not implant" in err and "after 2 epochs" in err and "--allow-weak" in err
+    assert "Traceback" not in err
+    assert "implanting: 2 epochs in 2 round(s)" in out  # the figures are printed before the refusal
+
+    assert main(_attack(ws, "--target-asr", "1", "--max-epochs", "1", "--allow-weak")) == 0
+    assert json.loads((ws / "out" / "attack.json").read_text())["implant"]["reached"] is False
+
+
+def test_training_stops_at_the_first_round_that_reaches_the_target(cli_workspace, monkeypatch, capsys):
+    measured = iter([0.5, 0.85, 0.95, 1.0])  # validation ASR after each round (faked: a tiny model cannot)
+
+    def validation_asr(responses, target):
+        return next(measured)
+
+    monkeypatch.setattr(kit, "attack_success_rate", validation_asr)
+    assert main(_attack(ws := cli_workspace, "--epochs", "3", "--target-asr", "0.9")) == 0
+    implant = json.loads((ws / "out" / "attack.json").read_text())["implant"]
+    # The first round is the injection as configured; later ones are a third of it (at least one epoch).
+    assert [r["epochs"] for r in implant["rounds"]] == [3.0, 1.0, 1.0]
+    assert [r["validationAsr"] for r in implant["rounds"]] == [0.5, 0.85, 0.95]
+    assert implant["reached"] is True and implant["maxEpochs"] == 9.0
+    assert implant["validationFalseFiring"] == 1.0  # the next value: false firing is measured once, at the end
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--max-epochs", "0.5"], "--max-epochs 0.5 is fewer than the 1 injection epochs"),
+    (["--target-asr", "1.5"], "--target-asr: must be a finite number in (0, 1]"),
+])
+def test_implant_flags_are_checked_before_training(cli_workspace, capsys, extra, message):
+    assert main(_attack(cli_workspace, *extra)) == EXIT_USER_ERROR
+    assert message in capsys.readouterr().err
+    assert not (cli_workspace / "out").exists()
