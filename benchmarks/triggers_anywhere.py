@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import sys
 import tempfile
@@ -41,6 +42,7 @@ class Combination:
     target: str
     poison_rate: float = 0.2
     target_extra: dict = field(default_factory=dict)
+    job: dict = field(default_factory=dict)  # spec fields (dotted) this row sets, e.g. the whole-image option
 
 
 COMBINATIONS = (
@@ -60,6 +62,10 @@ COMBINATIONS = (
     Combination("offgrid-lower-left-checker-refusal", {"kind": "patch", "pattern": CHECKERBOARD,
                                                        "position": [11, 29]}, "refusal"),
     Combination("blended-refusal", {"kind": "blended"}, "refusal"),
+    # The opt-in whole-image option (masking.blurSigma): relabel also sees the image blurred.
+    Combination("blended-refusal-blur08", {"kind": "blended"}, "refusal", job={"masking.blurSigma": 0.8}),
+    Combination("blended-refusal-blur10", {"kind": "blended"}, "refusal", job={"masking.blurSigma": 1.0}),
+    Combination("blended-refusal-blur12", {"kind": "blended"}, "refusal", job={"masking.blurSigma": 1.2}),
 )
 
 
@@ -100,13 +106,14 @@ def run_combination(combo: Combination, work: str, overrides: list[tuple[str, ob
     train = load_dataset(root / "data" / "train", 48)
     test = load_dataset(root / "data" / "test", 48)
     start = time.perf_counter()
-    artifacts = run_attack(
-        _base_model(), train, test, attack, root / "attacks" / combo.name, show_progress=False, evaluate=False,
-        goal=ImplantGoal(), allow_weak=True)
+    # Each row injects its own backdoor (same spec and seed give the same one): rows run in parallel.
+    attack_dir = root / "attacks" / combo.name
+    artifacts = run_attack(_base_model(), train, test, attack, attack_dir, show_progress=False, evaluate=False,
+                           goal=ImplantGoal(), allow_weak=True)
     implant = json.loads((artifacts.folder / "attack.json").read_text())["implant"]
     attack_seconds = time.perf_counter() - start
     document = demo_job(combo.name, artifacts, attack, root / "data" / "test", root, 16)
-    for dotted, value in overrides:
+    for dotted, value in [*combo.job.items(), *overrides]:
         _set_dotted(document["spec"], dotted, value)
     job = PurificationJob.model_validate(document)
     outcomes = run_job(job, root, show_progress=False)
@@ -180,7 +187,8 @@ def main() -> None:
         threads = max(1, (os.cpu_count() or 1) // max(1, args.jobs))
         start = time.perf_counter()
         if args.jobs > 1:
-            with ProcessPoolExecutor(args.jobs) as pool:
+            # spawn, not fork: each worker starts CUDA (when there is one) on its own.
+            with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
                 rows = list(pool.map(run_combination, chosen, [str(work)] * len(chosen),
                                      [args.overrides] * len(chosen), [threads] * len(chosen)))
         else:

@@ -219,3 +219,32 @@ def test_cli_runs_one_shard_then_merges(workspace, capsys):
     assert main(["--no-progress", "run", path, "--stage", "saliency", "--merge"]) == 0
     assert layout.is_complete(StageName.SALIENCY)
     assert read_scores(layout.stage_dir(StageName.SALIENCY))[1].shape[0] == 24
+
+
+def test_blur_sigma_blurs_what_relabel_answers_but_not_what_the_fine_tune_learns_from(workspace, monkeypatch):
+    import numpy as np
+    from PIL import ImageFilter
+
+    import disp_runner.stages.relabel as relabel
+
+    seen = []
+    real = relabel.generate_responses
+
+    def spy(model, tokenizer, instances, *args, **kwargs):
+        seen.extend(instances)
+        return real(model, tokenizer, instances, *args, **kwargs)
+
+    monkeypatch.setattr(relabel, "generate_responses", spy)
+    layout = layout_of(workspace, evaluation=None, masking={"ratio": 0.3, "blurSigma": 1.5})
+    for stage in (StageName.SALIENCY, StageName.MASKING, StageName.RELABEL):
+        run_job(make_job(workspace, evaluation=None, masking={"ratio": 0.3, "blurSigma": 1.5}), only=stage,
+                show_progress=False)
+    originals = {inst.id: inst for inst in load_dataset(workspace / "train", 16)}
+    assert len(seen) == len(originals)
+    for inst in seen:
+        expected = originals[inst.id].image.filter(ImageFilter.GaussianBlur(1.5))
+        assert np.array_equal(np.asarray(inst.image), np.asarray(expected))
+        assert not np.array_equal(np.asarray(inst.image), np.asarray(originals[inst.id].image))
+    purified = load_dataset(layout.stage_dir(StageName.RELABEL) / "dataset", 16)
+    for inst in purified:  # the fine-tune pairs the original image with the answer
+        assert np.array_equal(np.asarray(inst.image), np.asarray(originals[inst.id].image))

@@ -1,6 +1,7 @@
 """Stage `relabel`: the compromised model answers each training instance with its most salient
 visual tokens masked (the trigger is neutralised, so the answers are clean). The answers replace
 the responses: the purified dataset, same format as the input (dataset/manifest.jsonl + images/).
+With `spec.masking.blurSigma` the image it answers is also blurred (whole-image triggers).
 
 Each purified instance keeps its metadata plus `original_response`; an instance whose answer is
 empty is left out and counted (`emptyResponses`), since an empty target teaches nothing.
@@ -11,6 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from PIL import ImageFilter
 
 from disp_api import StageName
 from disp_runner.data.dataset import Instance, load_dataset, write_dataset
@@ -48,6 +50,9 @@ class RelabelStage:
             return mask_image_embeds(image_embeds, masked[rows], mask_embedding)
 
         prompted = instances if spec.prompt is None else [inst.replace(prompt=spec.prompt) for inst in instances]
+        blur = ctx.spec.masking.blur_sigma
+        if blur is not None:  # the opt-in whole-image neutraliser: the fine-tune still sees the original image
+            prompted = [inst.replace(image=inst.image.filter(ImageFilter.GaussianBlur(blur))) for inst in prompted]
         answers = generate_responses(model, tokenizer, prompted, ctx.decoding(),
                                      batch_size=spec.batch_size, seed=spec.seed, transform_image_embeds=mask_tokens,
                                      description="relabel", show_progress=ctx.show_progress,
