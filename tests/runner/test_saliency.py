@@ -134,3 +134,55 @@ def test_masked_tokens_become_the_mask_embedding():
 def test_trigger_localisation_is_the_covered_fraction():
     assert trigger_localisation([0, 5, 9], [0, 1]) == 0.5
     assert trigger_localisation([0, 1, 9], [0, 1]) == 1.0
+
+
+def test_grid_windows_cover_every_position_with_stride_one():
+    from disp_runner.disp.saliency import grid_windows
+
+    windows = grid_windows(3, 4, 2)
+    assert windows.shape == (2 * 3, 4)
+    assert windows[0].tolist() == [0, 1, 4, 5] and windows[-1].tolist() == [6, 7, 10, 11]
+    assert grid_windows(2, 2, 5).tolist() == [[0, 1, 2, 3]]  # a window larger than the grid is the grid
+
+
+def test_region_scores_are_the_exact_kl_of_masking_each_window_and_a_token_takes_its_largest(tokenizer):
+    """On a 3x3 token grid: brute force, one window at a time, against the batched computation."""
+    from disp_runner.checkpoints import build_model
+    from disp_runner.disp.saliency import first_step_block_logits, grid_windows, region_kl_scores, token_saliency
+
+    from .conftest import TINY_SIZE
+
+    torch.manual_seed(1)
+    model = build_model(tokenizer, **{**TINY_SIZE, "image_size": 24}).double().eval()
+    batch = encode_instances(tokenizer, model.config, generate_instances(3, seed=5, image_size=24), GEN,
+                             with_response=False)
+    batch.pixel_values = batch.pixel_values.double()
+    config = SaliencyConfig(top_k=4, probes=2, block_length=GEN, region_size=2)
+    got = region_kl_scores(model, batch, GEN, config, (3, 3), max_rows_per_pass=5)  # several passes
+
+    with torch.no_grad():
+        embeds = model.embed_images(batch.pixel_values)
+        def top_logits(e, top=None):
+            block = first_step_block_logits(model, batch.input_ids, batch.attention_mask, e, GEN, GEN)
+            top = torch.topk(block, 4, dim=-1).indices if top is None else top
+            return torch.gather(block, -1, top), top
+        z, top = top_logits(embeds)
+        p = torch.softmax(z, -1)
+        expected = torch.zeros(3, 9, dtype=torch.float64)
+        for window in grid_windows(3, 3, 2):
+            masked = mask_image_embeds(embeds, window.expand(3, -1), model.mask_embedding())
+            q = torch.softmax(top_logits(masked, top)[0], -1)
+            kl = (p * (p.log() - q.log())).sum(dim=(-1, -2))  # [3]
+            for t in window.tolist():
+                expected[:, t] = torch.maximum(expected[:, t], kl)
+    assert torch.allclose(got, expected, rtol=1e-9, atol=1e-12)
+    assert (got > 0).all()
+
+    fisher = fisher_jacobian_scores(model, batch, GEN, config, torch.Generator().manual_seed(2))
+    combined = token_saliency(model, batch, GEN, config, torch.Generator().manual_seed(2), (3, 3))
+    assert torch.equal(combined, torch.maximum(fisher, got))
+    paper = SaliencyConfig(top_k=4, probes=2, block_length=GEN, region_size=1)
+    assert torch.equal(token_saliency(model, batch, GEN, paper, torch.Generator().manual_seed(2), (3, 3)),
+                       fisher_jacobian_scores(model, batch, GEN, paper, torch.Generator().manual_seed(2)))
+    with pytest.raises(ValueError, match="does not match 9 visual tokens"):
+        region_kl_scores(model, batch, GEN, config, (2, 2))

@@ -9,6 +9,19 @@ with z the logits of the first decoding block at the first generation step (resp
 [MASK]) and p_g the softmax over the top-K logits of position g. Hutchinson's trick estimates it
 for every token at once: draw q with Cov(q) = F, take one backward pass of s = ⟨q, z⟩, and
 E[⟨∂s/∂e_i, δe_i⟩²] = δe_iᵀ Jᵀ F J δe_i. So the cost is 1 forward + m backward passes.
+
+Region refinement (this project's addition, `region_size` w ≥ 2). The quadratic form is the KL's
+second-order expansion for masking ONE token. It misses a trigger that straddles several tokens
+(any trigger not aligned to the token grid, the paper's own 20-pixel patch over 14-pixel patches
+included): masking one of its tokens leaves the rest, the backdoor still fires, and a confident
+(saturated) backdoor answer has almost no curvature to show. Measured on a 6x6 patch over the
+object straddling 4 tokens: the 4 tokens ranked 22nd, 21st, 7th and 17th of 36 on average, and
+masking the top 10 left the backdoor firing on 46% of triggered images, while masking exactly the
+4 left 7%. So every w x w window of the token grid is also scored by the exact KL of masking it
+as a whole, KL(p_g || p'_g) over the same top-K logits and positions, summed over g (the quantity
+the quadratic form approximates), and a token's score is the largest of its own quadratic form
+and the KL of any window containing it: both are "how far the first-step answer moves when this
+is masked", in nats. Cost: (rows-w+1)·(cols-w+1) extra forward passes without gradients per batch.
 """
 
 from __future__ import annotations
@@ -26,8 +39,11 @@ class SaliencyConfig:
     top_k: int = 5  # softmax over the K largest logits per position (the authors' purification run)
     probes: int = 6  # Hutchinson probes m (4–8 is the usual range)
     block_length: int = 32  # G = min(block_length, gen_length) positions enter the KL
+    region_size: int = 2  # w: windows of w x w tokens are scored exactly too; 1 = the paper's scores alone
 
     def __post_init__(self) -> None:
+        if self.region_size < 1:
+            raise ValueError(f"region_size must be >= 1, got {self.region_size}")
         if self.top_k < 2:
             raise ValueError(f"top_k must be >= 2 (a softmax over one logit has no curvature), got {self.top_k}")
         if self.probes < 1:
@@ -44,19 +60,77 @@ def fisher_probe(p: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     return u * (y - (y * u).sum(dim=-1, keepdim=True) * u)
 
 
+def first_step_block_logits(model: MDLMForMaskedDiffusion, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                            image_embeds: torch.Tensor, gen_length: int, block_length: int) -> torch.Tensor:
+    """Logits [B, G, V] (at least fp32) of the first decoding block at the first generation step."""
+    logits = model(input_ids=input_ids, image_embeds=image_embeds, attention_mask=attention_mask)
+    first = logits.shape[1] - gen_length
+    block = logits[:, first:first + min(block_length, gen_length)]
+    return block.to(torch.promote_types(block.dtype, torch.float32))  # bf16 on GPU -> fp32
+
+
 def first_step_top_logits(
     model: MDLMForMaskedDiffusion, batch: EncodedBatch, image_embeds: torch.Tensor, gen_length: int, top_k: int,
     block_length: int,
 ) -> torch.Tensor:
     """Top-K logits z [B, G, K] of the first decoding block at the first generation step, as a
     differentiable function of `image_embeds` [B, T, D]. `batch` holds prompts + gen_length [MASK]s."""
-    logits = model(input_ids=batch.input_ids, image_embeds=image_embeds, attention_mask=batch.attention_mask)
-    first = logits.shape[1] - gen_length
-    g = min(block_length, gen_length)
-    block = logits[:, first:first + g]
-    block = block.to(torch.promote_types(block.dtype, torch.float32))  # [B, G, V], at least fp32 (bf16 on GPU)
+    block = first_step_block_logits(model, batch.input_ids, batch.attention_mask, image_embeds, gen_length,
+                                    block_length)
     top = torch.topk(block.detach(), top_k, dim=-1).indices  # [B, G, K] which logits enter the softmax
     return torch.gather(block, -1, top)  # [B, G, K]
+
+
+def grid_windows(rows: int, cols: int, size: int) -> torch.Tensor:
+    """Token indices (row-major) of every size x size window of a rows x cols token grid, stride 1:
+    [W, size²]. A window larger than the grid is clipped to it."""
+    h, w = min(size, rows), min(size, cols)
+    return torch.tensor([[(r + i) * cols + c + j for i in range(h) for j in range(w)]
+                         for r in range(rows - h + 1) for c in range(cols - w + 1)], dtype=torch.long)
+
+
+@torch.no_grad()
+def region_kl_scores(
+    model: MDLMForMaskedDiffusion,
+    batch: EncodedBatch,
+    gen_length: int,
+    config: SaliencyConfig,
+    grid: tuple[int, int],
+    max_rows_per_pass: int = 256,
+) -> torch.Tensor:
+    """Per token, the largest exact KL(p || p') of masking a whole w x w window containing it, with p
+    the top-K softmax of the first decoding block (K indices fixed by the unmasked pass), summed over
+    positions: [B, T] float64. Windows are batched so that one pass holds <= max_rows_per_pass rows."""
+    model.eval()
+    image_embeds = model.embed_images(batch.pixel_values)  # [B, T, D]
+    b, t, _ = image_embeds.shape
+    if grid[0] * grid[1] != t:
+        raise ValueError(f"a {grid[0]}x{grid[1]} token grid does not match {t} visual tokens")
+    windows = grid_windows(*grid, config.region_size).to(image_embeds.device)  # [W, w²]
+    block = first_step_block_logits(model, batch.input_ids, batch.attention_mask, image_embeds, gen_length,
+                                    config.block_length)
+    top = torch.topk(block, config.top_k, dim=-1).indices  # [B, G, K]
+    log_p = torch.log_softmax(torch.gather(block, -1, top).double(), dim=-1)  # [B, G, K]
+    mask_embedding = model.mask_embedding().to(image_embeds.dtype)
+    per_pass = max(1, max_rows_per_pass // b)
+    window_kl = []
+    for lo in range(0, len(windows), per_pass):
+        chunk = windows[lo:lo + per_pass]  # [n, w²]
+        n = len(chunk)
+        masked = torch.zeros(n, t, dtype=torch.bool, device=image_embeds.device)
+        masked.scatter_(1, chunk, True)
+        # Row (window j, instance i) sits at j * b + i.
+        embeds = torch.where(masked[:, None, :, None], mask_embedding, image_embeds[None]).reshape(n * b, t, -1)
+        logits = first_step_block_logits(model, batch.input_ids.repeat(n, 1), batch.attention_mask.repeat(n, 1),
+                                         embeds, gen_length, config.block_length)
+        log_q = torch.log_softmax(torch.gather(logits, -1, top.repeat(n, 1, 1)).double(), dim=-1)
+        kl = (log_p.exp().repeat(n, 1, 1) * (log_p.repeat(n, 1, 1) - log_q)).sum(dim=(-1, -2))  # [n * b]
+        window_kl.append(kl.reshape(n, b))
+    kl = torch.cat(window_kl).T  # [B, W]
+    scores = torch.zeros(b, t, dtype=torch.float64, device=kl.device)
+    for j, window in enumerate(windows.tolist()):
+        scores[:, window] = torch.maximum(scores[:, window], kl[:, j:j + 1])
+    return scores
 
 
 def fisher_jacobian_scores(
@@ -87,3 +161,19 @@ def fisher_jacobian_scores(
         directional = (grad.double() * delta).sum(dim=-1)  # ⟨∂s_j/∂e_i, δe_i⟩: [B, T]
         squared += directional.square()
     return 0.5 * squared / config.probes
+
+
+def token_saliency(
+    model: MDLMForMaskedDiffusion,
+    batch: EncodedBatch,
+    gen_length: int,
+    config: SaliencyConfig,
+    generator: torch.Generator,
+    grid: tuple[int, int],
+) -> torch.Tensor:
+    """The score DiSP masks by: the Fisher–Jacobian quadratic form of each visual token, raised to
+    the exact KL of masking any w x w window containing it when `config.region_size` > 1. [B, T]."""
+    scores = fisher_jacobian_scores(model, batch, gen_length, config, generator)
+    if config.region_size > 1:
+        scores = torch.maximum(scores, region_kl_scores(model, batch, gen_length, config, grid))
+    return scores

@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 from disp_api import StageName
 from disp_runner.device import autocast
 from disp_runner.disp.masking import check_ratio_masks_a_token
-from disp_runner.disp.saliency import SaliencyConfig, fisher_jacobian_scores
+from disp_runner.disp.saliency import SaliencyConfig, token_saliency
 from disp_runner.errors import DegenerateResultError, UserInputError
 from disp_runner.pipeline.context import StageContext, StageResult
 from disp_runner.processing import encode_instances
@@ -57,7 +57,10 @@ class SaliencyStage:
                                  f"({model.config.vocab_size} tokens)")
         # Before the expensive part: a masking ratio that would mask nothing makes the scores useless.
         check_ratio_masks_a_token(ctx.spec.masking.ratio, model.config.num_image_tokens)
-        config = SaliencyConfig(top_k=spec.top_k, probes=spec.probes, block_length=decoding.block_length)
+        config = SaliencyConfig(top_k=spec.top_k, probes=spec.probes, block_length=decoding.block_length,
+                                region_size=spec.region_size)
+        side = model.config.image_size // model.config.patch_size
+        grid = (side, side)  # the embedded model's visual tokens: a square grid, row-major
         instances = ctx.training_set()
         items = ctx.shard_items(spec.batch_size)
         rows: list[torch.Tensor] = []
@@ -67,14 +70,14 @@ class SaliencyStage:
             # Probes are seeded per global batch, so a shard computes exactly what the full run does.
             generator = torch.Generator(device=ctx.device).manual_seed(spec.seed * 1_000_003 + lo // spec.batch_size)
             with autocast(ctx.device):
-                rows.append(fisher_jacobian_scores(model, batch.to(ctx.device), decoding.gen_length, config,
-                                                   generator).cpu())
+                rows.append(token_saliency(model, batch.to(ctx.device), decoding.gen_length, config, generator,
+                                           grid).cpu())
             ctx.report_progress(lo + len(chunk) - items.start)
         tokens = model.config.num_image_tokens
         scores = torch.cat(rows) if rows else torch.zeros(0, tokens, dtype=torch.float64)
         write_scores(out, [instances[i].id for i in items], scores)
         return StageResult(items=len(items), metrics={"visualTokens": tokens, "topK": spec.top_k,
-                                                      "probes": spec.probes})
+                                                      "probes": spec.probes, "regionSize": spec.region_size})
 
     def merge(self, ctx: StageContext, shard_dirs: list[Path], out: Path) -> StageResult:
         ids: list[str] = []
