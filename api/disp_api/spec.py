@@ -117,11 +117,12 @@ class SaliencySpec(ContractModel):
     """Instances per forward pass; also the unit a shard is made of."""
     seed: Seed = 0
     """Seed of the Hutchinson probes."""
-    region_size: int = Field(2, ge=1, le=16)
-    """w: every w x w window of visual tokens is also scored by the exact KL of masking it whole, and a
-    token scores the larger of its own Fisher–Jacobian score and that of any window containing it, so a
-    trigger straddling token borders is found whole. 1: the paper's per-token scores alone. Costs
-    (rows-w+1)·(cols-w+1) extra forward passes (no gradients) per batch."""
+    region_size: int = Field(1, ge=1, le=16)
+    """w: 1 scores each visual token by the paper's Fisher–Jacobian quadratic form. w ≥ 2 (beyond the
+    paper, opt-in) also scores every w x w window of tokens by the exact KL of masking it whole, and a
+    token takes the larger of its own score and any window's, so a trigger straddling token borders is
+    found whole; it also finds whole objects in clean images, which lowers clean performance (README,
+    "Triggers anywhere"). Costs (rows-w+1)·(cols-w+1) extra forward passes, without gradients, per batch."""
 
 
 class MaskingSpec(ContractModel):

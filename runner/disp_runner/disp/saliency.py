@@ -10,7 +10,7 @@ with z the logits of the first decoding block at the first generation step (resp
 for every token at once: draw q with Cov(q) = F, take one backward pass of s = ⟨q, z⟩, and
 E[⟨∂s/∂e_i, δe_i⟩²] = δe_iᵀ Jᵀ F J δe_i. So the cost is 1 forward + m backward passes.
 
-Region refinement (this project's addition, `region_size` w ≥ 2). The quadratic form is the KL's
+Region refinement (this project's addition, opt-in: `region_size` w ≥ 2). The quadratic form is the KL's
 second-order expansion for masking ONE token. It misses a trigger that straddles several tokens
 (any trigger not aligned to the token grid, the paper's own 20-pixel patch over 14-pixel patches
 included): masking one of its tokens leaves the rest, the backdoor still fires, and a confident
@@ -22,6 +22,9 @@ as a whole, KL(p_g || p'_g) over the same top-K logits and positions, summed ove
 the quadratic form approximates), and a token's score is the largest of its own quadratic form
 and the KL of any window containing it: both are "how far the first-step answer moves when this
 is masked", in nats. Cost: (rows-w+1)·(cols-w+1) extra forward passes without gradients per batch.
+It is not the default: in a clean image the window that moves the answer most is the object, so
+the relabels of clean instances lose it more often and clean performance drops (README,
+"Triggers anywhere").
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ class SaliencyConfig:
     top_k: int = 5  # softmax over the K largest logits per position (the authors' purification run)
     probes: int = 6  # Hutchinson probes m (4–8 is the usual range)
     block_length: int = 32  # G = min(block_length, gen_length) positions enter the KL
-    region_size: int = 2  # w: windows of w x w tokens are scored exactly too; 1 = the paper's scores alone
+    region_size: int = 1  # w >= 2: w x w windows are scored exactly too (opt-in); 1 = the paper's scores
 
     def __post_init__(self) -> None:
         if self.region_size < 1:
