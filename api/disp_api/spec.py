@@ -146,6 +146,13 @@ class RelabelSpec(ContractModel):
     """Instances decoded together; also the unit a shard is made of."""
     seed: Seed = 1234
     """Seed of the decoding noise (used when temperature > 0)."""
+    min_evidence: Optional[float] = Field(None, ge=0.0, le=10_000.0)
+    """Beyond the paper, opt-in: replace an instance's answer only when the compromised model, shown
+    the masked input, finds the new answer more likely than the dataset's by at least this many nats
+    (first-step log-likelihood of the whole answer); otherwise the dataset's answer is kept. A masked
+    clean image often loses its object and gets a guessed answer the model is unsure of, while a
+    neutralised trigger leaves the rest of the image and a confident answer. Unset: the paper's
+    behaviour, every answer is replaced."""
 
 
 class FinetuneSpec(ContractModel):

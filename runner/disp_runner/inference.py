@@ -61,3 +61,41 @@ def generate_responses(
         if on_batch is not None:
             on_batch(len(texts))
     return texts
+
+
+@torch.no_grad()
+def first_step_log_likelihood(
+    model: MDLMForMaskedDiffusion,
+    tokenizer: PreTrainedTokenizerBase,
+    instances: Sequence[Instance],
+    answers: Sequence[str],
+    gen_length: int,
+    batch_size: int = 64,
+    transform_image_embeds: ImageEmbedsTransform | None = None,
+) -> torch.Tensor:
+    """log p(answer) summed over the `gen_length` answer positions (the answer padded with [EOS], as
+    the model was trained), every position predicted at once from a fully masked answer: the
+    first-step pseudo-likelihood a masked diffusion LM gives an answer. [N] float64; an answer
+    longer than `gen_length` tokens, which the model could not have produced, gets -inf.
+    `transform_image_embeds` rewrites the visual tokens exactly as in `generate_responses`."""
+    model.eval()
+    device = model.device
+    out = torch.empty(len(instances), dtype=torch.float64)
+    for lo in range(0, len(instances), batch_size):
+        chunk = list(instances[lo:lo + batch_size])
+        texts = list(answers[lo:lo + batch_size])
+        fits = [len(tokenizer(t, add_special_tokens=False)["input_ids"]) <= gen_length for t in texts]
+        scored = [inst.replace(response=text if ok else "") for inst, text, ok in zip(chunk, texts, fits)]
+        batch = encode_instances(tokenizer, model.config, scored, gen_length, with_response=True).to(device)
+        with autocast(device):
+            image_embeds = model.embed_images(batch.pixel_values)
+            if transform_image_embeds is not None:
+                image_embeds = transform_image_embeds(image_embeds, slice(lo, lo + len(chunk)))
+            masked_ids = torch.where(batch.response_mask, torch.full_like(batch.input_ids, model.config.mask_token_id),
+                                     batch.input_ids)
+            logits = model(input_ids=masked_ids, image_embeds=image_embeds, attention_mask=batch.attention_mask)
+        log_probs = torch.log_softmax(logits.double(), dim=-1)
+        token = torch.gather(log_probs, -1, batch.input_ids[..., None]).squeeze(-1)  # [B, L]
+        total = (token * batch.response_mask).sum(dim=1).cpu()
+        out[lo:lo + len(chunk)] = torch.where(torch.tensor(fits), total, torch.tensor(-torch.inf, dtype=torch.float64))
+    return out

@@ -248,3 +248,50 @@ def test_blur_sigma_blurs_what_relabel_answers_but_not_what_the_fine_tune_learns
     purified = load_dataset(layout.stage_dir(StageName.RELABEL) / "dataset", 16)
     for inst in purified:  # the fine-tune pairs the original image with the answer
         assert np.array_equal(np.asarray(inst.image), np.asarray(originals[inst.id].image))
+
+
+def test_min_evidence_keeps_the_dataset_answer_unless_the_masked_input_prefers_the_new_one(workspace):
+    """relabel.minEvidence: a changed answer whose evidence (how many nats more likely the masked input
+    makes it than the dataset's answer, recomputed here independently) is below the bar is put back;
+    the rest are the model's."""
+    from disp_runner.checkpoints import load_checkpoint
+    from disp_runner.disp.masking import mask_image_embeds
+    from disp_runner.evaluation import normalise_answer
+    from disp_runner.inference import first_step_log_likelihood
+    from disp_runner.stages.masking import read_masked
+
+    def relabelled(**relabel):
+        job = make_job(workspace, evaluation=None, relabel={"decoding": DECODING, "batchSize": 4, **relabel})
+        for stage in (StageName.SALIENCY, StageName.MASKING, StageName.RELABEL):
+            run_job(job, only=stage, show_progress=False)
+        layout = RunLayout.for_job(job, workspace / "out")
+        return layout, {i.id: i for i in load_dataset(layout.stage_dir(StageName.RELABEL) / "dataset", 16)}
+
+    layout, paper = relabelled()
+    model, tokenizer = load_checkpoint(workspace / "model")
+    masked = read_masked(layout.stage_dir(StageName.MASKING))
+    ids = list(paper)
+    originals = [paper[i].replace(response=paper[i].metadata["original_response"]) for i in ids]
+    rows = torch.tensor([masked[i] for i in ids])
+    transform = lambda e, r: mask_image_embeds(e, rows[r], model.mask_embedding())  # noqa: E731
+    margin = dict(zip(ids, (
+        first_step_log_likelihood(model, tokenizer, originals, [paper[i].response for i in ids], 16, 4, transform)
+        - first_step_log_likelihood(model, tokenizer, originals, [o.response for o in originals], 16, 4,
+                                    transform)).tolist()))
+    changed = [i for i in ids
+               if normalise_answer(paper[i].response) != normalise_answer(paper[i].metadata["original_response"])]
+    bar = sorted(margin[i] for i in changed)[len(changed) // 2]  # half the changes fall below it
+    layout, gated = relabelled(minEvidence=bar)
+    assert set(gated) == set(paper)
+    kept = 0
+    for inst_id in ids:
+        new, result = paper[inst_id], gated[inst_id]
+        assert result.metadata["relabel_evidence"] == pytest.approx(margin[inst_id], abs=1e-3)
+        if inst_id not in changed or margin[inst_id] >= bar:
+            assert result.response == new.response  # unchanged, or enough evidence: the model's answer
+        else:
+            assert result.response == new.metadata["original_response"]  # too little: the dataset's answer
+            kept += 1
+    assert 0 < kept < len(changed)
+    manifest = json.loads((layout.stage_dir(StageName.RELABEL) / STAGE_MANIFEST).read_text())
+    assert manifest["metrics"]["keptOriginal"] == kept
