@@ -14,12 +14,13 @@ from typing import Mapping, Optional
 from pydantic import ValidationError
 
 from disp_api import MetricsSummary, PurificationJob, PurificationMetrics, StageName
+from disp_api.contract import METRICS_FILE as STAGE_METRICS_FILE
+from disp_api.contract import PROGRESS_FILE, split_s3_uri
 from disp_api.spec import PURIFIED_MODEL_PATH
 from disp_operator.reconcile import RunnerProgress
 from disp_runner.store.s3 import RetryPolicy, S3Store, StoreError
 
-PROGRESS_FILE = "progress.json"  # disp_runner.pipeline.artifacts.PROGRESS_FILE
-METRICS_FILE = "evaluate/metrics.json"
+METRICS_FILE = f"{StageName.EVALUATE.value}/{STAGE_METRICS_FILE}"
 
 # The operator polls many jobs: a store that does not answer is retried briefly, then reported as
 # unavailable for this pass; the next pass tries again.
@@ -33,8 +34,7 @@ class RunStore:
         self.store = S3Store(storage.endpoint, access_key, secret_key, secure=storage.secure, region=storage.region,
                              retry=OPERATOR_RETRY)
         self.job = job
-        bucket, _, key = job.run_uri().removeprefix("s3://").partition("/")
-        self.bucket, self.run_key = bucket, key.strip("/")
+        self.bucket, self.run_key = split_s3_uri(job.run_uri())
 
     @classmethod
     def from_secret_data(cls, job: PurificationJob, data: Mapping[str, str]) -> "RunStore":
@@ -46,8 +46,8 @@ class RunStore:
 
     def model_files(self) -> tuple[str, ...]:
         """Names of the files directly in the model folder (empty if there is none)."""
-        bucket, _, key = self.job.spec.model.uri.removeprefix("s3://").partition("/")
-        prefix = key.strip("/") + "/" if key.strip("/") else ""
+        bucket, key = split_s3_uri(self.job.spec.model.uri)
+        prefix = key + "/" if key else ""
         try:
             return tuple(name[len(prefix):] for name, _, _ in self.store.list(bucket, prefix)
                          if "/" not in name[len(prefix):])

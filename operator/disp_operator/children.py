@@ -1,6 +1,6 @@
 """What the operator sees of its stage Jobs: a typed summary of each batch/v1 Job and its pods, and
-why a failed one failed. Exit codes are the runner's contract (disp_runner.errors): 2 means the
-input is wrong and a retry cannot help, 75 means a dependency was unavailable."""
+why a failed one failed. Exit codes are the runner's contract (disp_api.contract.ExitCode): 2 means
+the input is wrong and a retry cannot help, 75 means a dependency was unavailable."""
 
 from __future__ import annotations
 
@@ -8,9 +8,10 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any, Mapping, Optional
 
-# The runner's exit codes (disp_runner.errors; the operator image does not ship the runner).
-EXIT_USER_ERROR = 2
-EXIT_TRANSIENT_ERROR = 75
+from disp_api.contract import ExitCode
+
+EXIT_USER_ERROR = ExitCode.USER_ERROR
+EXIT_TRANSIENT_ERROR = ExitCode.TRANSIENT_ERROR
 
 # Pod/container reasons that say the infrastructure, not the stage, ended the pod.
 _DISRUPTION_REASONS = {"Evicted", "NodeLost", "Preempted", "Shutdown", "NodeShutdown", "Terminated",

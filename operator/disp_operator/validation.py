@@ -12,9 +12,8 @@ from pydantic import ValidationError
 
 from disp_api import PurificationJob
 from disp_api.base import FieldError
+from disp_api.contract import split_s3_uri, weight_files
 
-SAFE_WEIGHTS = (".safetensors",)
-PICKLE_WEIGHTS = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 OTHER_WEIGHTS = (".gguf", ".ggml", ".onnx", ".h5", ".msgpack", ".tflite", ".mlmodel")
 
 
@@ -56,10 +55,11 @@ def s3_uri_fields(job: PurificationJob) -> dict[str, str]:
 def check_static(job: PurificationJob) -> None:
     """What the spec alone must satisfy to run in a cluster."""
     for field, uri in s3_uri_fields(job).items():
-        bucket, _, _ = uri.removeprefix("s3://").partition("/")
-        if not uri.startswith("s3://") or not bucket:
+        try:
+            bucket, _ = split_s3_uri(uri)
+        except ValueError:
             raise InvalidSpec(f"{field}: {uri!r} is not an s3://BUCKET/PREFIX URI "
-                              "(runner pods share data only through the artifact store)")
+                              "(runner pods share data only through the artifact store)") from None
         if not 3 <= len(bucket) <= 63 or bucket != bucket.lower() or bucket.startswith("-"):
             raise InvalidSpec(f"{field}: {bucket!r} is not a valid bucket name")
     storage = job.spec.storage
@@ -98,8 +98,7 @@ def check_model_files(job: PurificationJob, files: tuple[str, ...]) -> None:
         raise InvalidSpec(f"spec.model.uri: no model at {uri}")
     if "config.json" not in names:
         raise InvalidSpec(f"spec.model.uri: {uri} has no config.json (expected a Hugging Face model folder)")
-    safe = [n for n in names if n.endswith(SAFE_WEIGHTS)]
-    pickled = [n for n in names if n.endswith(PICKLE_WEIGHTS)]
+    safe, pickled = weight_files(names)
     other = [n for n in names if n.endswith(OTHER_WEIGHTS)]
     if safe:
         return

@@ -15,6 +15,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
+from disp_api.contract import weight_files
 from disp_runner.errors import DegenerateResultError, UnsafeModelFormatError, UserInputError
 from disp_runner.modeling import MDLMConfig, MDLMForMaskedDiffusion
 from disp_runner.tokenization import SpecialTokens, load_tokenizer
@@ -23,7 +24,6 @@ from disp_runner.tokenization import SpecialTokens, load_tokenizer
 # would only clutter stderr, where user errors must stand on one line.
 hf_logging.disable_progress_bar()
 
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 # A safetensors file starts with the length of its JSON header; the library allocates that much
 # before it checks anything, so a hostile length is refused first.
 MAX_SAFETENSORS_HEADER = 100 * 2**20
@@ -58,10 +58,9 @@ def save_checkpoint(model: MDLMForMaskedDiffusion, tokenizer: PreTrainedTokenize
 
 
 def _weight_files(folder: Path) -> tuple[list[Path], list[Path]]:
-    files = [p for p in folder.iterdir() if p.is_file()]
-    safe = [p for p in files if p.name.endswith(".safetensors")]
-    pickled = [p for p in files if p.suffix in PICKLE_SUFFIXES and p.name != "training_args.bin"]
-    return safe, pickled
+    files = sorted(p.name for p in folder.iterdir() if p.is_file())
+    safe, pickled = weight_files(files)
+    return [folder / n for n in safe], [folder / n for n in pickled]
 
 
 def _read_config(path: Path) -> dict:

@@ -26,3 +26,10 @@ def seed_everything(seed: int) -> None:
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
     os.environ.setdefault("PYTHONHASHSEED", str(seed))
+
+
+def sub_seed(seed: int, index: int) -> int:
+    """The seed of the index-th independent stream (a batch, an epoch) under a user's seed, so that
+    any one of them can be regenerated alone: a shard decodes exactly what the full run does, a
+    resumed fine-tune replays exactly the epochs it skipped."""
+    return seed * 1_000_003 + index

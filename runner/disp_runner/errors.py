@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import sys
 
-# Exit codes reserved by the runner; the operator will treat EXIT_USER_ERROR as permanent
-# (retrying a bad input cannot help) and anything else as possibly transient.
-EXIT_OK = 0
-EXIT_USER_ERROR = 2
-EXIT_TRANSIENT_ERROR = 75  # EX_TEMPFAIL: the environment failed (storage unreachable); retry later
-EXIT_INTERNAL_ERROR = 1  # a bug: one line on stderr, the traceback with --debug
-EXIT_WEAK_BACKDOOR = 3  # `disp attack`: the backdoor did not reach its target ASR (the folder is written)
+from disp_api.contract import ExitCode
+
+# The exit codes are the operator's contract (disp_api.contract): it treats EXIT_USER_ERROR as
+# permanent (retrying a bad input cannot help) and EXIT_TRANSIENT_ERROR as worth a retry.
+EXIT_OK = ExitCode.OK
+EXIT_USER_ERROR = ExitCode.USER_ERROR
+EXIT_TRANSIENT_ERROR = ExitCode.TRANSIENT_ERROR
+EXIT_INTERNAL_ERROR = ExitCode.INTERNAL_ERROR
+EXIT_WEAK_BACKDOOR = ExitCode.WEAK_BACKDOOR
 
 
 class UserInputError(Exception):

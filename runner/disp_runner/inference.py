@@ -9,7 +9,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from disp_runner.data.dataset import Instance
-from disp_runner.device import autocast
+from disp_runner.device import autocast, sub_seed
 from disp_runner.diffusion import DecodingConfig, diffusion_generate
 from disp_runner.modeling import MDLMForMaskedDiffusion
 from disp_runner.processing import decode_responses, encode_instances
@@ -44,7 +44,7 @@ def generate_responses(
     for lo in tqdm(range(0, len(instances), batch_size), desc=description, leave=False, disable=not show_progress,
                    mininterval=1.0):
         chunk = instances[lo:lo + batch_size]
-        generator.manual_seed(seed * 1_000_003 + (index_offset + lo) // batch_size)
+        generator.manual_seed(sub_seed(seed, (index_offset + lo) // batch_size))
         batch = encode_instances(tokenizer, model.config, chunk, decoding.gen_length, with_response=False).to(device)
         with autocast(device):
             image_embeds = model.embed_images(batch.pixel_values)  # [B, T, D], computed once per batch

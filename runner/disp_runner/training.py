@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
 from disp_api import TrainableParts
+from disp_runner.device import sub_seed
 from disp_runner.errors import DegenerateResultError, UserInputError
 from disp_runner.diffusion import add_mask_noise, masked_diffusion_loss
 from disp_runner.modeling import MDLMForMaskedDiffusion
@@ -165,10 +166,10 @@ def train_masked_diffusion(
     epoch = first_epoch
     while result.steps < total_steps:
         # Per-epoch seeds make every epoch reproducible on its own, which is what resuming needs.
-        order = torch.Generator().manual_seed(config.seed * 1_000_003 + epoch)
+        order = torch.Generator().manual_seed(sub_seed(config.seed, epoch))
         loader = accelerator.prepare_data_loader(
             DataLoader(dataset, batch_size=config.batch_size, shuffle=True, generator=order, drop_last=False))
-        noise_generator.manual_seed(config.seed * 1_000_003 + epoch + 500_009)
+        noise_generator.manual_seed(sub_seed(config.seed, epoch + 500_009))
         for input_ids, attention_mask, pixel_values, response_mask in loader:
             noised = add_mask_noise(input_ids, response_mask, mask_id, noise_generator)
             image_token_mask = None

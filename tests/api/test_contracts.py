@@ -45,3 +45,48 @@ def test_api_package_imports_no_ml_or_kubernetes_stack():
             "print(sorted(heavy))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "[]"
+
+
+def test_runner_and_operator_use_the_one_definition_of_their_contract():
+    """Exit codes, run-folder file names, s3:// parsing and weight-file rules come from disp_api.contract
+    on both sides: the same objects, not copies that can drift."""
+    from disp_api import contract
+    from disp_operator import artifacts, children
+    from disp_runner import errors
+    from disp_runner.pipeline import artifacts as run_artifacts
+    from disp_runner.stages import evaluate
+
+    assert children.EXIT_USER_ERROR is errors.EXIT_USER_ERROR is contract.ExitCode.USER_ERROR
+    assert children.EXIT_TRANSIENT_ERROR is errors.EXIT_TRANSIENT_ERROR is contract.ExitCode.TRANSIENT_ERROR
+    assert artifacts.PROGRESS_FILE is run_artifacts.PROGRESS_FILE is contract.PROGRESS_FILE
+    assert artifacts.METRICS_FILE == f"evaluate/{evaluate.METRICS_FILE}"
+    assert contract.split_s3_uri("s3://bucket/a/b/") == ("bucket", "a/b")
+    assert contract.split_s3_uri("s3://bucket") == ("bucket", "")
+    for bad in ("s3:///key", "/local/path", "http://host/x"):
+        with pytest.raises(ValueError):
+            contract.split_s3_uri(bad)
+    assert contract.weight_files(["model.safetensors", "training_args.bin", "pytorch_model.bin", "x.json"]) == (
+        ["model.safetensors"], ["pytorch_model.bin"])
+
+
+def test_a_folder_whose_only_pickle_is_training_args_is_judged_alike_by_runner_and_operator(tmp_path):
+    """training_args.bin is the Trainer's pickled arguments, never weights: neither side counts it."""
+    from disp_api import PurificationJob
+    from disp_operator.validation import InvalidSpec, check_model_files
+    from disp_runner.checkpoints import load_checkpoint
+    from disp_runner.errors import UnsafeModelFormatError, UserInputError
+    from disp_runner.embedded import SHIPPED_BASE_MODEL
+
+    folder = tmp_path / "model"
+    folder.mkdir()
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        (folder / name).write_bytes((SHIPPED_BASE_MODEL / name).read_bytes())
+    (folder / "training_args.bin").write_bytes(b"not weights")
+    with pytest.raises(UserInputError, match="no model weights") as runner_error:
+        load_checkpoint(folder)
+    assert not isinstance(runner_error.value, UnsafeModelFormatError)
+    job = PurificationJob.model_validate({
+        "apiVersion": "disp.dev/v1alpha1", "kind": "PurificationJob", "metadata": {"name": "j"}, "spec": {"model": {"uri": "s3://models/m"}, "dataset": {"uri": "s3://d/x"},
+                                            "output": {"uri": "s3://o/y"}}})
+    with pytest.raises(InvalidSpec, match="no weights at s3://models/m"):
+        check_model_files(job, tuple(p.name for p in folder.iterdir()))

@@ -1,4 +1,4 @@
-"""The masked-diffusion loss and decoding follow LLaDA (disp-method.md)."""
+"""The masked-diffusion loss and decoding follow LLaDA."""
 
 import pytest
 import torch

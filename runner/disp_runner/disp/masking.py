@@ -1,4 +1,4 @@
-"""Stage 2 of DiSP: mask the ⌊ρ·T_img⌋ most salient visual tokens (disp-method.md "Stage 2")."""
+"""Stage 2 of DiSP: mask the ⌊ρ·T_img⌋ most salient visual tokens."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Stage 1 of DiSP: Fisher–Jacobian saliency of every visual token (disp-method.md "Stage 1").
+"""Stage 1 of DiSP: Fisher–Jacobian saliency of every visual token.
 
 For visual token i with embedding e_i, masking it moves the input by δe_i = e_MASK − e_i. To
 second order the KL divergence of the first-step output distribution moves by

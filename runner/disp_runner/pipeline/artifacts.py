@@ -30,11 +30,11 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from disp_api import PurificationJob, StageName
+from disp_api.contract import PROGRESS_FILE
 from disp_runner.errors import TransientError, UserInputError
 from disp_runner.safepaths import require_inside, resolve_inside
 
 STAGE_MANIFEST = "stage-manifest.json"
-PROGRESS_FILE = "progress.json"
 MANIFEST_VERSION = 1
 
 

@@ -11,12 +11,12 @@ import json
 from pathlib import Path
 
 from disp_api import PurificationMetrics, StageName
+from disp_api.contract import METRICS_FILE
 from disp_runner.checkpoints import load_checkpoint
 from disp_runner.evaluation import evaluate_model
 from disp_runner.pipeline.context import StageContext, StageResult
 from disp_runner.stages.finetune import MODEL_DIR
 
-METRICS_FILE = "metrics.json"
 
 
 class EvaluateStage:

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from disp_api import StageName
-from disp_runner.device import autocast
+from disp_runner.device import autocast, sub_seed
 from disp_runner.disp.masking import check_ratio_masks_a_token
 from disp_runner.disp.saliency import SaliencyConfig, token_saliency
 from disp_runner.errors import DegenerateResultError, UserInputError
@@ -68,7 +68,7 @@ class SaliencyStage:
             chunk = instances[lo:min(lo + spec.batch_size, items.stop)]
             batch = encode_instances(tokenizer, model.config, chunk, decoding.gen_length, with_response=False)
             # Probes are seeded per global batch, so a shard computes exactly what the full run does.
-            generator = torch.Generator(device=ctx.device).manual_seed(spec.seed * 1_000_003 + lo // spec.batch_size)
+            generator = torch.Generator(device=ctx.device).manual_seed(sub_seed(spec.seed, lo // spec.batch_size))
             with autocast(ctx.device):
                 rows.append(token_saliency(model, batch.to(ctx.device), decoding.gen_length, config, generator,
                                            grid).cpu())

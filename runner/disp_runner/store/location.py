@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 
+from disp_api.contract import is_s3_uri, split_s3_uri
 from disp_runner.errors import UserInputError
 
 
@@ -23,11 +24,12 @@ class Location:
 
     @classmethod
     def parse(cls, uri: str, field_name: str) -> "Location":
-        if uri.startswith("s3://"):
-            bucket, _, key = uri[len("s3://"):].partition("/")
-            if not bucket:
-                raise UserInputError(f"{field_name}: {uri!r} names no bucket (expected s3://BUCKET/PREFIX)")
-            return cls(Scheme.S3, bucket=bucket, key=key.strip("/"))
+        if is_s3_uri(uri):
+            try:
+                bucket, key = split_s3_uri(uri)
+            except ValueError as exc:
+                raise UserInputError(f"{field_name}: {exc}") from None
+            return cls(Scheme.S3, bucket=bucket, key=key)
         if uri.startswith("file://"):
             return cls(Scheme.LOCAL, path=Path(uri[len("file://"):]))
         if "://" in uri:
