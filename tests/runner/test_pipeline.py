@@ -6,55 +6,15 @@ import pytest
 import torch
 import yaml
 
-from disp_api import AttackSpec, PurificationJob, PurificationMetrics, StageName, TriggerSpec
-from disp_runner.attack.poison import make_test_sets, poison_dataset
-from disp_runner.checkpoints import load_checkpoint, save_checkpoint
+from disp_api import PurificationMetrics, StageName
+from disp_runner.checkpoints import load_checkpoint
 from disp_runner.cli import main
-from disp_runner.data.dataset import load_dataset, write_dataset
-from disp_runner.data.synthetic import generate_instances
+from disp_runner.data.dataset import load_dataset
 from disp_runner.errors import EXIT_USER_ERROR, UserInputError
 from disp_runner.pipeline.artifacts import STAGE_MANIFEST, RunLayout, Shard
 from disp_runner.pipeline.runner import run_job
 from disp_runner.stages.saliency import read_scores
-
-ATTACK = AttackSpec(trigger=TriggerSpec(size=4), poison_rate=0.25)
-DECODING = {"steps": 8, "genLength": 16, "blockLength": 8}
-
-
-@pytest.fixture
-def workspace(tmp_path, tokenizer, tiny_model):
-    save_checkpoint(tiny_model, tokenizer, tmp_path / "model")
-    poisoned = poison_dataset(generate_instances(24, seed=1, image_size=16), ATTACK, 16)
-    write_dataset(poisoned.instances, tmp_path / "train")
-    triggered, untriggered = make_test_sets(generate_instances(30, seed=2, image_size=16), ATTACK, 16)
-    write_dataset(triggered, tmp_path / "triggered")
-    write_dataset(untriggered, tmp_path / "untriggered")
-    write_dataset(generate_instances(8, seed=3, image_size=16), tmp_path / "clean")
-    return tmp_path
-
-
-def job_document(ws, **spec_overrides):
-    spec = {
-        "model": {"uri": str(ws / "model")},
-        "dataset": {"uri": str(ws / "train")},
-        "output": {"uri": str(ws / "out")},
-        "saliency": {"batchSize": 4, "probes": 2},
-        "relabel": {"decoding": DECODING, "batchSize": 4},
-        "finetune": {"epochs": 2, "batchSize": 8},
-        "evaluation": {"attack": ATTACK.to_wire(), "triggeredUri": str(ws / "triggered"),
-                       "untriggeredUri": str(ws / "untriggered"), "cleanUri": str(ws / "clean"),
-                       "decoding": DECODING},
-    }
-    spec.update(spec_overrides)
-    return {"apiVersion": "disp.dev/v1alpha1", "kind": "PurificationJob", "metadata": {"name": "tiny"}, "spec": spec}
-
-
-def make_job(ws, **spec_overrides) -> PurificationJob:
-    return PurificationJob.model_validate(job_document(ws, **spec_overrides))
-
-
-def layout_of(ws, **spec_overrides) -> RunLayout:
-    return RunLayout.for_job(make_job(ws, **spec_overrides), ws / "out")
+from tests.runner.pipeline_jobs import DECODING, job_document, layout_of, make_job
 
 
 def test_every_stage_publishes_its_outputs_with_a_manifest_written_last(workspace):

@@ -1,0 +1,32 @@
+"""A tiny PurificationJob for the pipeline tests: the attack its data carries and the manifest,
+over the folders the `workspace` fixture (conftest.py) writes."""
+
+from disp_api import AttackSpec, PurificationJob, TriggerSpec
+from disp_runner.pipeline.artifacts import RunLayout
+
+ATTACK = AttackSpec(trigger=TriggerSpec(size=4), poison_rate=0.25)
+DECODING = {"steps": 8, "genLength": 16, "blockLength": 8}
+
+
+def job_document(ws, **spec_overrides):
+    spec = {
+        "model": {"uri": str(ws / "model")},
+        "dataset": {"uri": str(ws / "train")},
+        "output": {"uri": str(ws / "out")},
+        "saliency": {"batchSize": 4, "probes": 2},
+        "relabel": {"decoding": DECODING, "batchSize": 4},
+        "finetune": {"epochs": 2, "batchSize": 8},
+        "evaluation": {"attack": ATTACK.to_wire(), "triggeredUri": str(ws / "triggered"),
+                       "untriggeredUri": str(ws / "untriggered"), "cleanUri": str(ws / "clean"),
+                       "decoding": DECODING},
+    }
+    spec.update(spec_overrides)
+    return {"apiVersion": "disp.dev/v1alpha1", "kind": "PurificationJob", "metadata": {"name": "tiny"}, "spec": spec}
+
+
+def make_job(ws, **spec_overrides) -> PurificationJob:
+    return PurificationJob.model_validate(job_document(ws, **spec_overrides))
+
+
+def layout_of(ws, **spec_overrides) -> RunLayout:
+    return RunLayout.for_job(make_job(ws, **spec_overrides), ws / "out")
