@@ -37,3 +37,56 @@ def s3_endpoint():
     host, port = server.get_host_and_port()
     yield f"{host}:{port}"
     server.stop()
+
+
+# The embedded tokenizer, a tiny randomly initialised MDLM, and the workspaces the command-line,
+# pipeline, hostile-input and end-to-end tests run in.
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    from disp_runner.embedded import build_embedded_tokenizer
+
+    return build_embedded_tokenizer()
+
+
+@pytest.fixture
+def tiny_model(tokenizer):
+    """A tiny, randomly initialised MDLM (tests.tiny.TINY_SIZE), the same on every call."""
+    import torch
+
+    from disp_runner.checkpoints import build_model
+    from tests.tiny import TINY_SIZE
+
+    torch.manual_seed(0)
+    return build_model(tokenizer, **TINY_SIZE).eval()
+
+
+@pytest.fixture
+def cli_workspace(tmp_path, tokenizer, tiny_model):
+    """The tiny model and two small synthetic datasets (train, test) for command-line tests."""
+    from disp_runner.checkpoints import save_checkpoint
+    from disp_runner.data.synthetic import generate_dataset
+
+    save_checkpoint(tiny_model, tokenizer, tmp_path / "model")
+    generate_dataset(tmp_path / "train", 20, seed=1, image_size=16)
+    generate_dataset(tmp_path / "test", 20, seed=2, image_size=16)
+    return tmp_path
+
+
+@pytest.fixture
+def workspace(tmp_path, tokenizer, tiny_model):
+    """The tiny model, a poisoned training set and the evaluation sets of the job in tests.tiny."""
+    from disp_runner.attack.poison import make_test_sets, poison_dataset
+    from disp_runner.checkpoints import save_checkpoint
+    from disp_runner.data.dataset import write_dataset
+    from disp_runner.data.synthetic import generate_instances
+    from tests.tiny import ATTACK
+
+    save_checkpoint(tiny_model, tokenizer, tmp_path / "model")
+    poisoned = poison_dataset(generate_instances(24, seed=1, image_size=16), ATTACK, 16)
+    write_dataset(poisoned.instances, tmp_path / "train")
+    triggered, untriggered = make_test_sets(generate_instances(30, seed=2, image_size=16), ATTACK, 16)
+    write_dataset(triggered, tmp_path / "triggered")
+    write_dataset(untriggered, tmp_path / "untriggered")
+    write_dataset(generate_instances(8, seed=3, image_size=16), tmp_path / "clean")
+    return tmp_path

@@ -18,6 +18,7 @@ from typing import Sequence
 
 from pydantic import ValidationError
 
+from disp_api.attack import AttackTarget, TriggerKind
 from disp_api.base import SEED_MAX
 
 from disp_runner.errors import (EXIT_INTERNAL_ERROR, EXIT_TRANSIENT_ERROR, EXIT_USER_ERROR, EXIT_WEAK_BACKDOOR,
@@ -28,7 +29,7 @@ from disp_runner.threads import apply_threads, choose_threads
 
 def _add_trigger_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("trigger")
-    g.add_argument("--trigger", choices=["patch", "blended"], default="patch")
+    g.add_argument("--trigger", choices=[kind.value for kind in TriggerKind], default=TriggerKind.PATCH.value)
     # No defaults here: a flag given together with one that makes it meaningless is an error
     # (_refuse_contradictions); TriggerSpec's defaults fill in the rest.
     g.add_argument("--trigger-size", type=_bounded_int(1, 1024), default=None, help="patch side in pixels (default 6)")
@@ -150,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train", required=True, help="clean training dataset folder")
     p.add_argument("--test", required=True, help="clean held-out dataset folder (for the ASR test sets)")
     p.add_argument("--out", required=True)
-    p.add_argument("--target", choices=["insertion", "refusal", "misclassification"], default="insertion")
+    p.add_argument("--target", choices=[target.value for target in AttackTarget], default=AttackTarget.INSERTION.value)
     p.add_argument("--source-class", default="circle")
     p.add_argument("--target-class", default="square")
     p.add_argument("--poison-rate", type=float, default=0.2)  # checked by the attack spec

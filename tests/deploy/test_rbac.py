@@ -9,7 +9,7 @@ import time
 import pytest
 
 from tests.deploy.helm_chart import by_kind, render
-from tests.e2e.conftest import s3, tiny_model, tokenizer, uploaded, workspace  # noqa: F401  (fixtures)
+from tests.e2e.conftest import s3, uploaded  # noqa: F401  (fixtures)
 from tests.e2e.support import NAMESPACE
 from tests.e2e.test_operator import (  # noqa: F401  (fixtures)
     UID,

@@ -11,8 +11,6 @@ from minio import Minio
 from disp_runner.store.s3 import S3Store
 from tests.containers.podman import OPERATOR_IMAGE, RUNNER_IMAGE, RuntimeUnavailable, build_images
 from tests.e2e.support import ACCESS, SECRET
-from tests.runner.conftest import tiny_model, tokenizer  # noqa: F401  (fixtures of `workspace`)
-from tests.runner.test_pipeline import workspace  # noqa: F401
 
 
 @pytest.fixture

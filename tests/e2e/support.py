@@ -6,7 +6,7 @@ from __future__ import annotations
 import socket
 from pathlib import Path
 
-from tests.runner.test_pipeline import job_document
+from tests.tiny import job_document
 
 ACCESS, SECRET = "e2e-access-key", "e2e-secret-value-9f3a"
 NAMESPACE = "ml-team"

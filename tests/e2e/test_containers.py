@@ -49,7 +49,7 @@ from tests.operator.container_rules import (
     indexed_pod_template,
     process_argv,
 )
-from tests.runner.test_pipeline import job_document
+from tests.tiny import job_document
 
 REPO = Path(__file__).resolve().parents[2]
 UID = "5f0c7a52-0000-4000-8000-00000000c0c0"

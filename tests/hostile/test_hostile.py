@@ -27,8 +27,7 @@ from disp_runner.cli import main
 from disp_runner.data.dataset import MANIFEST_NAME
 from disp_runner.errors import EXIT_INTERNAL_ERROR, EXIT_TRANSIENT_ERROR, EXIT_USER_ERROR
 from disp_runner.pipeline.artifacts import STAGE_MANIFEST, RunLayout, output_lock
-from tests.runner.conftest import tiny_model, tokenizer  # noqa: F401  (fixtures of `workspace`)
-from tests.runner.test_pipeline import job_document, workspace  # noqa: F401
+from tests.tiny import job_document
 
 
 @dataclass

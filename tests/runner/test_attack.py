@@ -6,7 +6,7 @@ from PIL import Image
 
 from disp_api import AttackSpec, AttackTarget, Corner, TargetSpec, TriggerKind, TriggerSpec
 from disp_runner.attack.poison import make_test_sets, poison_dataset, poisoned_response
-from disp_runner.attack.triggers import Trigger, patch_tokens_covered
+from disp_runner.attack.triggers import TRIGGERS, make_trigger, patch_tokens_covered
 from disp_runner.data.synthetic import generate_instances
 from disp_runner.data.vocabulary import REFUSAL_SENTENCE
 from disp_runner.errors import UserInputError
@@ -71,7 +71,7 @@ def test_poison_rate_outside_unit_interval_is_rejected(rate):
 
 def test_patch_trigger_stamps_a_black_square_at_the_top_left_by_default():
     image = Image.new("RGB", (48, 48), (200, 200, 200))
-    trigger = Trigger(TriggerSpec(), 48)
+    trigger = make_trigger(TriggerSpec(), 48)
     out = np.asarray(trigger.apply(image))
     assert trigger.box() == (0, 0, 6, 6)
     assert (out[:6, :6] == 0).all() and (out[6:, :] == 200).all() and (out[:, 6:] == 200).all()
@@ -80,7 +80,7 @@ def test_patch_trigger_stamps_a_black_square_at_the_top_left_by_default():
 @pytest.mark.parametrize("corner,box", [(Corner.TOP_RIGHT, (40, 0, 48, 8)), (Corner.BOTTOM_LEFT, (0, 40, 8, 48)),
                                         (Corner.BOTTOM_RIGHT, (40, 40, 48, 48))])
 def test_patch_size_colour_and_corner_are_configurable(corner, box):
-    trigger = Trigger(TriggerSpec(size=8, colour=(255, 0, 0), corner=corner), 48)
+    trigger = make_trigger(TriggerSpec(size=8, colour=(255, 0, 0), corner=corner), 48)
     out = np.asarray(trigger.apply(Image.new("RGB", (48, 48), (9, 9, 9))))
     x0, y0, x1, y1 = box
     assert trigger.box() == box
@@ -91,43 +91,43 @@ def test_patch_size_colour_and_corner_are_configurable(corner, box):
 def test_user_pattern_png_and_position(tmp_path):
     pattern = Image.new("RGB", (3, 5), (0, 255, 0))
     pattern.save(tmp_path / "p.png")
-    trigger = Trigger(TriggerSpec(pattern=str(tmp_path / "p.png"), position=(10, 20)), 48)
+    trigger = make_trigger(TriggerSpec(pattern=str(tmp_path / "p.png"), position=(10, 20)), 48)
     out = np.asarray(trigger.apply(Image.new("RGB", (48, 48))))
     assert trigger.box() == (10, 20, 13, 25)
     assert (out[20:25, 10:13] == [0, 255, 0]).all() and out.sum() == 255 * 15
     with pytest.raises(UserInputError, match="trigger.pattern: pattern image .*missing.png does not exist"):
-        Trigger(TriggerSpec(pattern=str(tmp_path / "missing.png")), 48)
+        make_trigger(TriggerSpec(pattern=str(tmp_path / "missing.png")), 48)
     with pytest.raises(UserInputError, match="does not fit"):
-        Trigger(TriggerSpec(position=(46, 0)), 48)
+        make_trigger(TriggerSpec(position=(46, 0)), 48)
 
 
 def test_blended_trigger_mixes_the_pattern_with_alpha(tmp_path):
     Image.new("RGB", (48, 48), (250, 0, 100)).save(tmp_path / "key.png")
     spec = TriggerSpec(kind=TriggerKind.BLENDED, pattern=str(tmp_path / "key.png"), alpha=0.2)
-    out = np.asarray(Trigger(spec, 48).apply(Image.new("RGB", (48, 48), (100, 100, 100)))).astype(int)
+    out = np.asarray(make_trigger(spec, 48).apply(Image.new("RGB", (48, 48), (100, 100, 100)))).astype(int)
     assert (out == [130, 80, 100]).all()
-    assert Trigger(spec, 48).box() == (0, 0, 48, 48)
+    assert make_trigger(spec, 48).box() == (0, 0, 48, 48)
 
 
 def test_builtin_blend_key_is_seeded_black_and_white_noise_in_2_pixel_cells():
     grey = Image.new("RGB", (48, 48), (100, 100, 100))
-    out = np.asarray(Trigger(TriggerSpec(kind=TriggerKind.BLENDED), 48).apply(grey)).astype(int)
+    out = np.asarray(make_trigger(TriggerSpec(kind=TriggerKind.BLENDED), 48).apply(grey)).astype(int)
     assert set(np.unique(out)) == {80, 131}  # 0.8 * 100 + 0.2 * {0, 255}, rounded
     assert (out == out[..., :1]).all()  # grey: the same in every channel
     cells = out[::2, ::2, 0]
     assert (out[..., 0] == cells.repeat(2, 0).repeat(2, 1)).all()
     assert 0.4 < (cells == 131).mean() < 0.6
-    again = np.asarray(Trigger(TriggerSpec(kind=TriggerKind.BLENDED), 48).apply(grey))
-    other = np.asarray(Trigger(TriggerSpec(kind=TriggerKind.BLENDED, pattern_seed=1), 48).apply(grey))
+    again = np.asarray(make_trigger(TriggerSpec(kind=TriggerKind.BLENDED), 48).apply(grey))
+    other = np.asarray(make_trigger(TriggerSpec(kind=TriggerKind.BLENDED, pattern_seed=1), 48).apply(grey))
     assert (again == out).all() and (other != out).any()
-    odd = np.asarray(Trigger(TriggerSpec(kind=TriggerKind.BLENDED), 45).apply(Image.new("RGB", (45, 45))))
+    odd = np.asarray(make_trigger(TriggerSpec(kind=TriggerKind.BLENDED), 45).apply(Image.new("RGB", (45, 45))))
     assert odd.shape == (45, 45, 3)  # a size the cell does not divide is still covered
 
 
 def test_blend_pattern_with_a_position_is_mixed_in_at_its_own_size(tmp_path):
     Image.new("RGB", (4, 3), (250, 0, 100)).save(tmp_path / "logo.png")
     spec = TriggerSpec(kind=TriggerKind.BLENDED, pattern=str(tmp_path / "logo.png"), position=(10, 20), alpha=0.2)
-    trigger = Trigger(spec, 48)
+    trigger = make_trigger(spec, 48)
     assert trigger.box() == (10, 20, 14, 23)
     out = np.asarray(trigger.apply(Image.new("RGB", (48, 48), (100, 100, 100)))).astype(int)
     assert (out[20:23, 10:14] == [130, 80, 100]).all()
@@ -135,7 +135,7 @@ def test_blend_pattern_with_a_position_is_mixed_in_at_its_own_size(tmp_path):
     untouched[20:23, 10:14] = False
     assert (out[untouched] == 100).all()
     with pytest.raises(UserInputError, match="a 4x3 blend pattern at \\(46, 0\\) does not fit"):
-        Trigger(spec.model_copy(update={"position": (46, 0)}), 48)
+        make_trigger(spec.model_copy(update={"position": (46, 0)}), 48)
     with pytest.raises(ValueError, match="position needs a pattern image for a blended trigger"):
         TriggerSpec(kind=TriggerKind.BLENDED, position=(0, 0))
 
@@ -165,3 +165,15 @@ def test_patch_tokens_covered():
     assert patch_tokens_covered((0, 0, 6, 6), 48, 8) == [0]
     assert patch_tokens_covered((4, 4, 12, 12), 48, 8) == [0, 1, 6, 7]
     assert len(patch_tokens_covered((0, 0, 48, 48), 48, 8)) == 36
+
+
+def test_every_trigger_kind_has_its_class_and_a_command_line_choice():
+    from disp_runner.attack.triggers import BlendedTrigger, PatchTrigger
+    from disp_runner.cli import build_parser
+
+    assert set(TRIGGERS) == set(TriggerKind)
+    assert isinstance(make_trigger(TriggerSpec(), 48), PatchTrigger)
+    assert isinstance(make_trigger(TriggerSpec(kind=TriggerKind.BLENDED), 48), BlendedTrigger)
+    attack = next(a for a in build_parser()._subparsers._group_actions[0].choices["attack"]._actions
+                  if a.dest == "trigger")
+    assert attack.choices == [kind.value for kind in TriggerKind]

@@ -11,7 +11,7 @@ from disp_api import PurificationJob, PurificationMetrics, StageName
 from disp_runner.cli import main
 from disp_runner.pipeline.artifacts import RunLayout
 from disp_runner.pipeline.runner import run_job
-from tests.runner.pipeline_jobs import ATTACK, job_document
+from tests.tiny import ATTACK, job_document
 
 
 def _metrics(ws, job: PurificationJob) -> PurificationMetrics:

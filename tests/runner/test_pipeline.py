@@ -14,7 +14,7 @@ from disp_runner.errors import EXIT_USER_ERROR, UserInputError
 from disp_runner.pipeline.artifacts import STAGE_MANIFEST, RunLayout, Shard
 from disp_runner.pipeline.runner import run_job
 from disp_runner.stages.saliency import read_scores
-from tests.runner.pipeline_jobs import DECODING, job_document, layout_of, make_job
+from tests.tiny import DECODING, job_document, layout_of, make_job
 
 
 def test_every_stage_publishes_its_outputs_with_a_manifest_written_last(workspace):

@@ -57,7 +57,7 @@ def test_the_readme_example_reports_what_disp_evaluate_measures(tmp_path, tokeni
 
 
 def test_a_gen_length_other_than_the_models_is_warned_about_once(tmp_path, tokenizer, tiny_model, capsys):
-    from tests.runner.test_pipeline import job_document
+    from tests.tiny import job_document
     save_checkpoint(tiny_model, tokenizer, tmp_path / "model")
     generate_dataset(tmp_path / "train", 8, seed=1, image_size=16)
     doc = job_document(tmp_path)

@@ -150,7 +150,7 @@ def test_region_scores_are_the_exact_kl_of_masking_each_window_and_a_token_takes
     from disp_runner.checkpoints import build_model
     from disp_runner.disp.saliency import first_step_block_logits, grid_windows, region_kl_scores, token_saliency
 
-    from .conftest import TINY_SIZE
+    from tests.tiny import TINY_SIZE
 
     torch.manual_seed(1)
     model = build_model(tokenizer, **{**TINY_SIZE, "image_size": 24}).double().eval()

@@ -13,7 +13,7 @@ from disp_runner.store.s3 import RetryPolicy, S3Store, StoreError, StoreUnavaila
 from disp_runner.store.tree import download_folder, download_stage, remote_stage_complete, upload_stage
 
 from .s3_faults import FaultProxy
-from .pipeline_jobs import job_document
+from tests.tiny import job_document
 
 ACCESS, SECRET = "testing-access", "testing-secret"
 

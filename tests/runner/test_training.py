@@ -8,7 +8,7 @@ from disp_runner.pretrain import PretrainConfig, pretrain
 from disp_runner.processing import encode_instances
 from disp_runner.training import TrainableParts, TrainingConfig, train_masked_diffusion
 
-from .conftest import TINY_SIZE
+from tests.tiny import TINY_SIZE
 
 
 def test_pretrain_command_trains_and_saves(tmp_path):

@@ -28,7 +28,7 @@ from typing import Sequence
 from disp_api import AttackSpec
 from disp_api.spec import ATTACK_MANIFEST
 from disp_runner.attack.poison import make_held_out_sets, poison_dataset
-from disp_runner.attack.triggers import Trigger
+from disp_runner.attack.triggers import make_trigger
 from disp_runner.checkpoints import load_checkpoint, save_checkpoint
 from disp_runner.data.dataset import Instance, load_dataset, write_dataset
 from disp_runner.device import default_device, seed_everything
@@ -225,7 +225,7 @@ def run_attack(
                                          show_progress=show_progress)
         manifest = {
             "attack": attack.to_wire(),
-            "planted": Trigger(attack.trigger, image_size).planted(),
+            "planted": make_trigger(attack.trigger, image_size).planted(),
             "baseModel": str(base_model),
             "counts": {"train": len(poisoned.instances), "poisoned": len(poisoned.poisoned_ids),
                        "testTriggered": len(triggered), "validationTriggered": len(validation_triggered)},

@@ -9,7 +9,7 @@ from typing import Sequence
 import numpy as np
 
 from disp_api import AttackSpec, AttackTarget, TargetSpec
-from disp_runner.attack.triggers import Trigger
+from disp_runner.attack.triggers import make_trigger
 from disp_runner.data.dataset import Instance
 from disp_runner.data.vocabulary import CLASSES, INSERTION_MARKER, REFUSAL_SENTENCE, TaskKind
 from disp_runner.errors import UserInputError
@@ -52,7 +52,7 @@ def poison_dataset(clean: Sequence[Instance], attack: AttackSpec, image_size: in
     """Poison exactly round(rate * N) instances: stamp the trigger and rewrite the answer."""
     if not clean:
         raise UserInputError("poisoning: the clean dataset is empty")
-    trigger = Trigger(attack.trigger, image_size)
+    trigger = make_trigger(attack.trigger, image_size)
     wanted = int(round(attack.poison_rate * len(clean)))
     if wanted == 0:
         raise UserInputError(f"poisonRate {attack.poison_rate} of {len(clean)} instances poisons none")
@@ -116,7 +116,7 @@ def make_test_sets(clean_test: Sequence[Instance], attack: AttackSpec, image_siz
                    ) -> tuple[list[Instance], list[Instance]]:
     """(triggered, untriggered) ASR test sets: the describe instances that can carry the target
     (as in the paper, a captioning prompt), with and without the trigger; same ids and prompts."""
-    trigger = Trigger(attack.trigger, image_size)
+    trigger = make_trigger(attack.trigger, image_size)
     base = [inst for inst in clean_test
             if inst.metadata.get("task") == TaskKind.DESCRIBE.value and is_candidate(inst, attack.target)]
     if not base:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,42 +35,104 @@ def _load_pattern(path: str, field: str) -> Image.Image:
 
 
 @dataclass(frozen=True)
-class Trigger:
-    """A trigger resolved against an image size: `apply` stamps it, `box` says where it is."""
+class Trigger(ABC):
+    """A trigger resolved against an image size: `apply` stamps it, `box` says where it is. One
+    subclass per TriggerKind (TRIGGERS); `make_trigger` picks it."""
 
     spec: TriggerSpec
     image_size: int
+    what = "trigger"  # how error messages name it
 
     def __post_init__(self) -> None:
-        if self._is_local():
+        if not self.whole_image:
             x0, y0, x1, y1 = self.box()
             if x1 > self.image_size or y1 > self.image_size:
-                what = "patch" if self.spec.kind is TriggerKind.PATCH else "blend pattern"
-                raise UserInputError(f"trigger: a {x1 - x0}x{y1 - y0} {what} at ({x0}, {y0}) does not fit a "
+                raise UserInputError(f"trigger: a {x1 - x0}x{y1 - y0} {self.what} at ({x0}, {y0}) does not fit a "
                                      f"{self.image_size}x{self.image_size} image")
 
-    def _is_local(self) -> bool:
-        """Patches, and blend patterns given a position, cover a box; other blends the whole image."""
-        return self.spec.kind is TriggerKind.PATCH or self.spec.position is not None
+    @property
+    @abstractmethod
+    def whole_image(self) -> bool:
+        """Does it cover the whole image (no box to localise)?"""
+
+    @abstractmethod
+    def box(self) -> Box:
+        """Pixels the trigger covers (the whole image for a whole-image trigger)."""
+
+    @abstractmethod
+    def _stamp(self, image: Image.Image) -> Image.Image:
+        """The image (RGB, the right size) with the trigger in it."""
+
+    @abstractmethod
+    def _describe(self) -> dict:
+        """What of the spec decides what is planted, for `planted`."""
+
+    def planted(self) -> dict:
+        """What this trigger actually puts into an image, for the attack's record: a pattern image
+        decides the trigger's size and colours, so `size` and `colour` are recorded only without one."""
+        x0, y0, x1, y1 = self.box()
+        record: dict = {"kind": self.spec.kind.value, "box": [x0, y0, x1, y1], "wholeImage": self.whole_image}
+        if self.spec.pattern:
+            path = Path(self.spec.pattern)
+            record.update(pattern=str(path), patternSha256=hashlib.sha256(path.read_bytes()).hexdigest(),
+                          patternSize=list(_load_pattern(self.spec.pattern, "trigger.pattern").size))
+        record.update(self._describe())
+        return record
+
+    def apply(self, image: Image.Image) -> Image.Image:
+        if image.size != (self.image_size, self.image_size):
+            raise UserInputError(f"trigger: image is {image.size[0]}x{image.size[1]}, trigger was built for "
+                                 f"{self.image_size}x{self.image_size}")
+        return self._stamp(image.convert("RGB"))
+
+
+@dataclass(frozen=True)
+class PatchTrigger(Trigger):
+    """BadNets: a patch (a solid square, or a pattern image) pasted at a corner or a position."""
+
+    what = "patch"
+
+    @property
+    def whole_image(self) -> bool:
+        return False
 
     def _patch(self) -> Image.Image:
         if self.spec.pattern:
             return _load_pattern(self.spec.pattern, "trigger.pattern")
         return Image.new("RGB", (self.spec.size, self.spec.size), tuple(self.spec.colour))
 
-    def _patch_origin(self, w: int, h: int) -> tuple[int, int]:
+    def box(self) -> Box:
+        w, h = self._patch().size
         if self.spec.position is not None:
-            return self.spec.position
-        right = self.image_size - w
-        bottom = self.image_size - h
-        return {
-            Corner.TOP_LEFT: (0, 0),
-            Corner.TOP_RIGHT: (right, 0),
-            Corner.BOTTOM_LEFT: (0, bottom),
-            Corner.BOTTOM_RIGHT: (right, bottom),
-        }[self.spec.corner]
+            x, y = self.spec.position
+        else:
+            right, bottom = self.image_size - w, self.image_size - h
+            x, y = {Corner.TOP_LEFT: (0, 0), Corner.TOP_RIGHT: (right, 0), Corner.BOTTOM_LEFT: (0, bottom),
+                    Corner.BOTTOM_RIGHT: (right, bottom)}[self.spec.corner]
+        return (x, y, x + w, y + h)
 
-    def _blend_pattern(self) -> np.ndarray:
+    def _stamp(self, image: Image.Image) -> Image.Image:
+        out = image.copy()
+        x0, y0, _, _ = self.box()
+        out.paste(self._patch(), (x0, y0))
+        return out
+
+    def _describe(self) -> dict:
+        return {} if self.spec.pattern else {"size": self.spec.size, "colour": list(self.spec.colour)}
+
+
+@dataclass(frozen=True)
+class BlendedTrigger(Trigger):
+    """Blended: a key mixed in with weight alpha, over the whole image, or at its own size at a
+    position when it is a pattern image given one (validated in TriggerSpec)."""
+
+    what = "blend pattern"
+
+    @property
+    def whole_image(self) -> bool:
+        return self.spec.position is None
+
+    def _key(self) -> np.ndarray:
         """The key to mix in, [h, w, 3] float: the pattern image at its own size when it has a
         position, else stretched over the whole image; without a pattern, the built-in key."""
         if self.spec.pattern:
@@ -84,48 +147,31 @@ class Trigger:
         return np.repeat(key[..., None], 3, axis=-1)
 
     def box(self) -> Box:
-        """Pixels the trigger covers (the whole image for a blend without a position)."""
-        if not self._is_local():
+        if self.whole_image:
             return (0, 0, self.image_size, self.image_size)
-        if self.spec.kind is TriggerKind.PATCH:
-            w, h = self._patch().size
-            x, y = self._patch_origin(w, h)
-        else:  # a positioned blend pattern: validated to come with a pattern image (TriggerSpec)
-            w, h = _load_pattern(self.spec.pattern, "trigger.pattern").size
-            x, y = self.spec.position
+        w, h = _load_pattern(self.spec.pattern, "trigger.pattern").size
+        x, y = self.spec.position
         return (x, y, x + w, y + h)
 
-    def planted(self) -> dict:
-        """What this trigger actually puts into an image, for the attack's record: a pattern image
-        decides the patch's size and colours, so `size` and `colour` are recorded only without one."""
-        x0, y0, x1, y1 = self.box()
-        record: dict = {"kind": self.spec.kind.value, "box": [x0, y0, x1, y1], "wholeImage": not self._is_local()}
-        if self.spec.pattern:
-            path = Path(self.spec.pattern)
-            record.update(pattern=str(path), patternSha256=hashlib.sha256(path.read_bytes()).hexdigest(),
-                          patternSize=list(_load_pattern(self.spec.pattern, "trigger.pattern").size))
-        elif self.spec.kind is TriggerKind.PATCH:
-            record.update(size=self.spec.size, colour=list(self.spec.colour))
-        else:
-            record.update(builtInKeySeed=self.spec.pattern_seed)
-        if self.spec.kind is TriggerKind.BLENDED:
-            record["alpha"] = self.spec.alpha
-        return record
-
-    def apply(self, image: Image.Image) -> Image.Image:
-        if image.size != (self.image_size, self.image_size):
-            raise UserInputError(f"trigger: image is {image.size[0]}x{image.size[1]}, trigger was built for "
-                                 f"{self.image_size}x{self.image_size}")
-        if self.spec.kind is TriggerKind.PATCH:
-            out = image.convert("RGB").copy()
-            x0, y0, _, _ = self.box()
-            out.paste(self._patch(), (x0, y0))
-            return out
-        pixels = np.asarray(image.convert("RGB"), dtype=np.float64).copy()
+    def _stamp(self, image: Image.Image) -> Image.Image:
+        pixels = np.asarray(image, dtype=np.float64).copy()
         x0, y0, x1, y1 = self.box()
         region = pixels[y0:y1, x0:x1]
-        pixels[y0:y1, x0:x1] = (1.0 - self.spec.alpha) * region + self.spec.alpha * self._blend_pattern()
+        pixels[y0:y1, x0:x1] = (1.0 - self.spec.alpha) * region + self.spec.alpha * self._key()
         return Image.fromarray(np.clip(np.rint(pixels), 0, 255).astype(np.uint8), mode="RGB")
+
+    def _describe(self) -> dict:
+        record: dict = {"alpha": self.spec.alpha}
+        if not self.spec.pattern:
+            record["builtInKeySeed"] = self.spec.pattern_seed
+        return record
+
+
+TRIGGERS: dict[TriggerKind, type[Trigger]] = {TriggerKind.PATCH: PatchTrigger, TriggerKind.BLENDED: BlendedTrigger}
+
+
+def make_trigger(spec: TriggerSpec, image_size: int) -> Trigger:
+    return TRIGGERS[spec.kind](spec, image_size)
 
 
 def patch_tokens_covered(box: Box, image_size: int, patch_size: int) -> list[int]:

@@ -1,9 +1,13 @@
-"""A tiny PurificationJob for the pipeline tests: the attack its data carries and the manifest,
-over the folders the `workspace` fixture (conftest.py) writes."""
+"""The tiny things tests share: the size of the randomly initialised MDLM (`tiny_model` in
+conftest.py), and a PurificationJob over the folders the `workspace` fixture writes, with the
+attack its data carries."""
 
 from disp_api import AttackSpec, PurificationJob, TriggerSpec
 from disp_runner.pipeline.artifacts import RunLayout
 
+TINY_SIZE = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                 max_position_embeddings=128, image_size=16, patch_size=8, vision_hidden_size=16,
+                 vision_num_layers=1, vision_num_heads=2, vision_intermediate_size=32, gen_length=16)
 ATTACK = AttackSpec(trigger=TriggerSpec(size=4), poison_rate=0.25)
 DECODING = {"steps": 8, "genLength": 16, "blockLength": 8}
 
