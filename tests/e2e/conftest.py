@@ -1,5 +1,5 @@
-"""Fixtures of the end-to-end tests: the loopback S3 server holding the tiny model and data, and
-the container images."""
+"""Fixtures of the end-to-end tests: the emulated cluster and its kubelet stand-in, the loopback S3
+server holding the tiny model and data, and the container images."""
 
 from __future__ import annotations
 
@@ -10,7 +10,9 @@ from minio import Minio
 
 from disp_runner.store.s3 import S3Store
 from tests.containers.podman import OPERATOR_IMAGE, RUNNER_IMAGE, RuntimeUnavailable, build_images
-from tests.e2e.support import ACCESS, SECRET
+from tests.e2e.support import ACCESS, CREDENTIALS_SECRET, NAMESPACE, SECRET
+from tests.operator.cluster import RUNNER_IMAGE as STANDIN_RUNNER_IMAGE
+from tests.operator.cluster import EmulatedCluster, Kubelet
 
 
 @pytest.fixture
@@ -20,7 +22,7 @@ def s3(s3_endpoint):
 
 
 @pytest.fixture
-def uploaded(s3, workspace):  # noqa: F811
+def uploaded(s3, workspace):
     """The tiny model and datasets of the pipeline tests, in buckets `models` and `data`."""
     client = Minio(s3, access_key=ACCESS, secret_key=SECRET, secure=False)
     for bucket in ("models", "data", "runs"):
@@ -46,3 +48,23 @@ def images():
     except RuntimeUnavailable as exc:
         pytest.fail(f"container runtime unavailable: {exc}", pytrace=False)
     return {"operator": OPERATOR_IMAGE, "runner": RUNNER_IMAGE}
+
+
+@pytest.fixture
+def cluster(tmp_path, monkeypatch):
+    cluster = EmulatedCluster(tmp_path)
+    monkeypatch.setenv("KUBECONFIG", str(cluster.kubeconfig))
+    monkeypatch.setenv("DISP_RECONCILE_INTERVAL_SECONDS", "0.5")
+    monkeypatch.setenv("DISP_PROGRESS_INTERVAL_SECONDS", "0.5")
+    monkeypatch.setenv("DISP_RETRY_BASE_SECONDS", "0.2")
+    monkeypatch.setenv("DISP_RUNNER_IMAGE", STANDIN_RUNNER_IMAGE)
+    cluster.apply_secret(NAMESPACE, CREDENTIALS_SECRET, {"accessKey": ACCESS, "secretKey": SECRET})
+    yield cluster
+    cluster.close()
+
+
+@pytest.fixture
+def kubelet(cluster, tmp_path):
+    kubelet = Kubelet(cluster, tmp_path)
+    yield kubelet
+    kubelet.close()

@@ -4,57 +4,22 @@ server (moto) holding the model, the data and the run's artifacts. See tests/ope
 
 from __future__ import annotations
 
-import contextlib
 import json
 import time
 import urllib.request
 
 import pytest
-from kopf.testing import KopfRunner
 
 from disp_api import MetricsSummary, StageName
 from disp_runner.store.s3 import S3Store
-from tests.e2e.support import ACCESS, CREDENTIALS_SECRET, NAMESPACE, SECRET, free_port, manifest
-from tests.operator.cluster import RUNNER_IMAGE, STANDIN_IMAGE, EmulatedCluster, Kubelet, PodFault
+from tests.e2e.support import (ACCESS, NAMESPACE, SECRET, UID, finished, free_port, manifest,
+                               operator, standin_manifest, wait_until)
+from tests.operator.cluster import PodFault
 
 ALL_STAGES = [s.value for s in StageName]
-UID = "5f0c7a52-0000-4000-8000-00000000e2e1"
 
 
-@pytest.fixture
-def cluster(tmp_path, monkeypatch):
-    cluster = EmulatedCluster(tmp_path)
-    monkeypatch.setenv("KUBECONFIG", str(cluster.kubeconfig))
-    monkeypatch.setenv("DISP_RECONCILE_INTERVAL_SECONDS", "0.5")
-    monkeypatch.setenv("DISP_PROGRESS_INTERVAL_SECONDS", "0.5")
-    monkeypatch.setenv("DISP_RETRY_BASE_SECONDS", "0.2")
-    monkeypatch.setenv("DISP_RUNNER_IMAGE", RUNNER_IMAGE)
-    cluster.apply_secret(NAMESPACE, CREDENTIALS_SECRET, {"accessKey": ACCESS, "secretKey": SECRET})
-    yield cluster
-    cluster.close()
-
-
-@pytest.fixture
-def kubelet(cluster, tmp_path):
-    kubelet = Kubelet(cluster, tmp_path)
-    yield kubelet
-    kubelet.close()
-
-
-@contextlib.contextmanager
-def operator(monkeypatch, metrics_port: int = 0, namespaces: tuple[str, ...] = ()):
-    monkeypatch.setenv("DISP_METRICS_PORT", str(metrics_port))
-    scope = [f"--namespace={ns}" for ns in namespaces] or ["--all-namespaces"]
-    with KopfRunner(["run", *scope, "--standalone", "-m", "disp_operator.handlers"], timeout=60) as runner:
-        yield runner
-    assert runner.exception is None, runner.output[-3000:]
-
-
-def finished(body: dict) -> bool:
-    return (body.get("status") or {}).get("phase") in ("Succeeded", "Failed")
-
-
-def test_a_manifest_runs_every_stage_and_ends_succeeded(cluster, kubelet, workspace, s3, uploaded,  # noqa: F811
+def test_a_manifest_runs_every_stage_and_ends_succeeded(cluster, kubelet, workspace, s3, uploaded,
                                                          monkeypatch):
     """The happy path with the real runner in every pod, plus one stage pod OOM-killed once."""
     port = free_port()
@@ -121,7 +86,7 @@ def test_a_manifest_runs_every_stage_and_ends_succeeded(cluster, kubelet, worksp
     assert "disp_operator_reconciles_total" in scrape
 
 
-def test_a_permanent_failure_fails_the_job_once_without_retries(cluster, kubelet, workspace, s3, uploaded,  # noqa: F811
+def test_a_permanent_failure_fails_the_job_once_without_retries(cluster, kubelet, workspace, s3, uploaded,
                                                                 monkeypatch):
     """The runner rejects a dataset folder that holds no manifest (exit code 2): no retry storm."""
     job = manifest(workspace, s3, uploaded, dataset={"uri": f"s3://data/{uploaded}/no-such-dataset"})
@@ -137,26 +102,6 @@ def test_a_permanent_failure_fails_the_job_once_without_retries(cluster, kubelet
     assert kubelet.started == ["tiny-saliency"]
     warnings = [e for e in cluster.events(NAMESPACE) if e["type"] == "Warning"]
     assert [e["reason"] for e in warnings] == ["StageFailed"]
-
-
-def standin_manifest(s3: str, prefix: str, name: str, **spec_overrides) -> dict:
-    """A job whose pods run the stand-in runner (tests/operator/standin_runner.py)."""
-    spec = {"model": {"uri": f"s3://models/{prefix}/model"}, "dataset": {"uri": f"s3://data/{prefix}/train"},
-            "output": {"uri": f"s3://runs/{prefix}"},
-            "storage": {"endpoint": s3, "secure": False, "credentialsSecret": {"name": CREDENTIALS_SECRET}},
-            "evaluation": {"attack": {"target": {"kind": "insertion"}}, "triggeredUri": f"s3://data/{prefix}/triggered"},
-            "resources": {"gpus": 0, "image": STANDIN_IMAGE}}
-    spec.update(spec_overrides)
-    return {"apiVersion": "disp.dev/v1alpha1", "kind": "PurificationJob",
-            "metadata": {"name": name, "namespace": NAMESPACE}, "spec": spec}
-
-
-def wait_until(condition, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.05)
 
 
 def test_an_operator_restart_mid_stage_neither_duplicates_jobs_nor_loses_the_run(cluster, kubelet, s3, uploaded,

@@ -316,7 +316,7 @@ CASES = [
 
 
 @pytest.mark.parametrize("setup, code, phrases", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
-def test_refused_with_one_line_nothing_published_nothing_outside_touched(capsys, workspace, setup, code,  # noqa: F811
+def test_refused_with_one_line_nothing_published_nothing_outside_touched(capsys, workspace, setup, code,
                                                                          phrases):
     argv = setup(workspace)
     out = workspace / "out"
@@ -347,7 +347,7 @@ def test_ids_that_differ_only_in_unsafe_characters_keep_their_own_images(tmp_pat
     assert loaded == {"x/1": (255, 0, 0), "x_1": (0, 0, 255), "x:1": (0, 128, 0)}
 
 
-def test_a_second_process_on_the_same_stage_is_told_to_retry(capsys, workspace):  # noqa: F811
+def test_a_second_process_on_the_same_stage_is_told_to_retry(capsys, workspace):
     job = PurificationJob.model_validate(job_document(workspace))
     final = RunLayout.for_job(job, workspace / "out").stage_dir(StageName.SALIENCY)
     with output_lock(final):  # as another `disp run` building the same output would hold it
@@ -358,7 +358,7 @@ def test_a_second_process_on_the_same_stage_is_told_to_retry(capsys, workspace):
     assert disp(capsys, *_run_job(workspace, "--stage", "saliency")).code == 0  # once it is released
 
 
-def test_staging_folders_left_by_a_killed_stage_are_removed_by_the_next_run(capsys, workspace):  # noqa: F811
+def test_staging_folders_left_by_a_killed_stage_are_removed_by_the_next_run(capsys, workspace):
     job = PurificationJob.model_validate(job_document(workspace))
     final = RunLayout.for_job(job, workspace / "out").stage_dir(StageName.SALIENCY)
     final.parent.mkdir(parents=True)
@@ -369,7 +369,7 @@ def test_staging_folders_left_by_a_killed_stage_are_removed_by_the_next_run(caps
     assert not stale.exists() and (final / STAGE_MANIFEST).is_file()
 
 
-def test_a_diverging_fine_tune_is_not_published(capsys, workspace, monkeypatch):  # noqa: F811
+def test_a_diverging_fine_tune_is_not_published(capsys, workspace, monkeypatch):
     import disp_runner.training as training
 
     real = training.masked_diffusion_loss
@@ -381,7 +381,7 @@ def test_a_diverging_fine_tune_is_not_published(capsys, workspace, monkeypatch):
     assert not layout.is_complete(StageName.FINETUNE) and not layout.is_complete(StageName.EVALUATE)
 
 
-def test_disk_full_is_transient_and_other_bugs_are_one_line_with_a_pointer_to_debug(capsys, workspace,  # noqa: F811
+def test_disk_full_is_transient_and_other_bugs_are_one_line_with_a_pointer_to_debug(capsys, workspace,
                                                                                     monkeypatch):
     import disp_runner.cli as cli
 
@@ -467,7 +467,7 @@ def test_decoding_never_generates_the_mask_or_image_placeholder():
     assert out.tolist() == [[6, 6, 6, 6]]
 
 
-def test_the_installed_command_prints_no_traceback_for_bad_input(workspace):  # noqa: F811
+def test_the_installed_command_prints_no_traceback_for_bad_input(workspace):
     """The same refusal through the `disp` executable: nothing outside main() prints a traceback."""
     import subprocess
     import sys

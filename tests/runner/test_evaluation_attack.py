@@ -20,7 +20,7 @@ def _metrics(ws, job: PurificationJob) -> PurificationMetrics:
 
 
 @pytest.mark.parametrize("reference", ["folder", "file"])
-def test_attack_uri_reads_the_kits_attack_json(workspace, reference):  # noqa: F811
+def test_attack_uri_reads_the_kits_attack_json(workspace, reference):
     folder = workspace / "attack"
     folder.mkdir()
     (folder / "attack.json").write_text(json.dumps({"attack": ATTACK.to_wire(), "counts": {}}))
@@ -43,7 +43,7 @@ def test_attack_uri_reads_the_kits_attack_json(workspace, reference):  # noqa: F
     (lambda e: e.update(attackUri="somewhere"), "give either attack (trigger and target) or attackUri"),
     (lambda e: e.pop("attack"), "give either attack (trigger and target) or attackUri"),
 ])
-def test_the_attack_must_be_given_once_and_with_its_target_kind(workspace, capsys, edit, message):  # noqa: F811
+def test_the_attack_must_be_given_once_and_with_its_target_kind(workspace, capsys, edit, message):
     doc = job_document(workspace)
     edit(doc["spec"]["evaluation"])
     (workspace / "job.yaml").write_text(yaml.safe_dump(doc))
@@ -52,7 +52,7 @@ def test_the_attack_must_be_given_once_and_with_its_target_kind(workspace, capsy
     assert "spec.evaluation" in err and message in err and len(err.splitlines()) == 1
 
 
-def test_an_attack_uri_without_an_attack_record_is_one_line(workspace, capsys):  # noqa: F811
+def test_an_attack_uri_without_an_attack_record_is_one_line(workspace, capsys):
     doc = job_document(workspace)
     del doc["spec"]["evaluation"]["attack"]
     doc["spec"]["evaluation"]["attackUri"] = str(workspace / "train")  # a dataset, not an attack folder
@@ -62,7 +62,7 @@ def test_an_attack_uri_without_an_attack_record_is_one_line(workspace, capsys): 
     assert "spec.evaluation.attackUri" in err and "not found" in err and len(err.splitlines()) == 1
 
 
-def test_attack_uri_reads_attack_json_from_s3_without_fetching_the_folder(workspace, s3_endpoint, monkeypatch):  # noqa: F811
+def test_attack_uri_reads_attack_json_from_s3_without_fetching_the_folder(workspace, s3_endpoint, monkeypatch):
     from minio import Minio
 
     from disp_runner.pipeline.context import StageContext

@@ -213,7 +213,7 @@ def test_a_manifest_cannot_write_outside_the_download_folder(tmp_path, store, bu
     assert not (tmp_path / "escape").exists()
 
 
-def test_disp_run_on_s3_gives_the_local_metrics(workspace, tmp_path, s3_endpoint, bucket, monkeypatch):  # noqa: F811
+def test_disp_run_on_s3_gives_the_local_metrics(workspace, tmp_path, s3_endpoint, bucket, monkeypatch):
     monkeypatch.setenv("DISP_S3_ACCESS_KEY", ACCESS)
     monkeypatch.setenv("DISP_S3_SECRET_KEY", SECRET)
     monkeypatch.setenv("DISP_SCRATCH", str(tmp_path / "scratch"))
@@ -281,7 +281,7 @@ def test_credentials_come_from_the_environment_or_mounted_files(tmp_path, s3_end
         open_s3_store(None)
 
 
-def test_an_unreachable_server_is_a_transient_exit_code(tmp_path, workspace, monkeypatch, capsys):  # noqa: F811
+def test_an_unreachable_server_is_a_transient_exit_code(tmp_path, workspace, monkeypatch, capsys):
     import yaml
 
     from disp_runner.cli import main

@@ -9,17 +9,7 @@ import time
 import pytest
 
 from tests.deploy.helm_chart import by_kind, render
-from tests.e2e.conftest import s3, uploaded  # noqa: F401  (fixtures)
-from tests.e2e.support import NAMESPACE
-from tests.e2e.test_operator import (  # noqa: F401  (fixtures)
-    UID,
-    cluster,
-    finished,
-    kubelet,
-    operator,
-    standin_manifest,
-    wait_until,
-)
+from tests.e2e.support import NAMESPACE, UID, finished, operator, standin_manifest, wait_until
 from tests.operator.cluster import PLURAL, AuditRecord, PodFault
 
 
