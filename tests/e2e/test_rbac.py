@@ -45,7 +45,7 @@ def used_by_operator(audit: list[AuditRecord]) -> set[tuple[str, str, str]]:
     ("cluster-wide", {}, ()),
     ("namespaced", {"watchNamespaces": [NAMESPACE]}, (NAMESPACE,)),
 ])
-def test_the_chart_grants_exactly_what_the_operator_uses(cluster, kubelet, s3, uploaded, monkeypatch,  # noqa: F811
+def test_the_chart_grants_exactly_what_the_operator_uses(cluster, kubelet, s3, uploaded, monkeypatch,
                                                          mode, values, scope):
     kubelet.standin_seconds = 1.5
     kubelet.faults["rbac-saliency"] = PodFault(137, "OOMKilled")
