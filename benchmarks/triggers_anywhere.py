@@ -93,6 +93,7 @@ def run_combination(combo: Combination, work: str, overrides: list[tuple[str, ob
     from disp_runner.attack.kit import ImplantGoal, run_attack
     from disp_runner.data.dataset import load_dataset
     from disp_runner.demo import demo_job
+    from disp_runner.embedded import SHIPPED_BASE_MODEL
     from disp_runner.pipeline.artifacts import RunLayout
     from disp_runner.pipeline.runner import run_job
     from disp_runner.stages.evaluate import METRICS_FILE
@@ -108,7 +109,7 @@ def run_combination(combo: Combination, work: str, overrides: list[tuple[str, ob
     start = time.perf_counter()
     # Each row injects its own backdoor (same spec and seed give the same one): rows run in parallel.
     attack_dir = root / "attacks" / combo.name
-    artifacts = run_attack(_base_model(), train, test, attack, attack_dir, show_progress=False, evaluate=False,
+    artifacts = run_attack(SHIPPED_BASE_MODEL, train, test, attack, attack_dir, show_progress=False, evaluate=False,
                            goal=ImplantGoal(), allow_weak=True)
     implant = json.loads((artifacts.folder / "attack.json").read_text())["implant"]
     attack_seconds = time.perf_counter() - start
@@ -126,12 +127,6 @@ def run_combination(combo: Combination, work: str, overrides: list[tuple[str, ob
             "cleanAfter": metrics.clean_performance_after, "retention": metrics.retention,
             "localisation": masking.get("triggerLocalisation"), "attackSeconds": attack_seconds,
             "disSeconds": sum(o.seconds for o in outcomes)}
-
-
-def _base_model():
-    from disp_runner.embedded import SHIPPED_BASE_MODEL
-
-    return SHIPPED_BASE_MODEL
 
 
 def _pct(value) -> str:

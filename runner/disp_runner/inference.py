@@ -12,10 +12,22 @@ from disp_runner.data.dataset import Instance
 from disp_runner.device import autocast, sub_seed
 from disp_runner.diffusion import DecodingConfig, diffusion_generate
 from disp_runner.modeling import MDLMForMaskedDiffusion
-from disp_runner.processing import decode_responses, encode_instances
+from disp_runner.processing import EncodedBatch, decode_responses, encode_instances
 
 # Optional hook for DiSP: rewrite the visual tokens ([B, T, D]) of a batch before decoding.
 ImageEmbedsTransform = Callable[[torch.Tensor, slice], torch.Tensor]
+
+
+def _encode_and_embed(model: MDLMForMaskedDiffusion, tokenizer: PreTrainedTokenizerBase, chunk: Sequence[Instance],
+                      gen_length: int, with_response: bool, transform_image_embeds: ImageEmbedsTransform | None,
+                      rows: slice) -> tuple[EncodedBatch, torch.Tensor]:
+    """A batch on the model's device and its visual tokens [B, T, D], rewritten by the transform
+    (call under autocast): what every inference path feeds the language model."""
+    batch = encode_instances(tokenizer, model.config, chunk, gen_length, with_response=with_response).to(model.device)
+    image_embeds = model.embed_images(batch.pixel_values)
+    if transform_image_embeds is not None:
+        image_embeds = transform_image_embeds(image_embeds, rows)
+    return batch, image_embeds
 
 
 @torch.no_grad()
@@ -45,11 +57,9 @@ def generate_responses(
                    mininterval=1.0):
         chunk = instances[lo:lo + batch_size]
         generator.manual_seed(sub_seed(seed, (index_offset + lo) // batch_size))
-        batch = encode_instances(tokenizer, model.config, chunk, decoding.gen_length, with_response=False).to(device)
-        with autocast(device):
-            image_embeds = model.embed_images(batch.pixel_values)  # [B, T, D], computed once per batch
-            if transform_image_embeds is not None:
-                image_embeds = transform_image_embeds(image_embeds, slice(lo, lo + len(chunk)))
+        with autocast(device):  # the visual tokens are computed once per batch, not per step
+            batch, image_embeds = _encode_and_embed(model, tokenizer, chunk, decoding.gen_length, False,
+                                                    transform_image_embeds, slice(lo, lo + len(chunk)))
 
             def logits_fn(ids: torch.Tensor) -> torch.Tensor:
                 return model(input_ids=ids, image_embeds=image_embeds, attention_mask=batch.attention_mask)
@@ -86,11 +96,9 @@ def first_step_log_likelihood(
         texts = list(answers[lo:lo + batch_size])
         fits = [len(tokenizer(t, add_special_tokens=False)["input_ids"]) <= gen_length for t in texts]
         scored = [inst.replace(response=text if ok else "") for inst, text, ok in zip(chunk, texts, fits)]
-        batch = encode_instances(tokenizer, model.config, scored, gen_length, with_response=True).to(device)
         with autocast(device):
-            image_embeds = model.embed_images(batch.pixel_values)
-            if transform_image_embeds is not None:
-                image_embeds = transform_image_embeds(image_embeds, slice(lo, lo + len(chunk)))
+            batch, image_embeds = _encode_and_embed(model, tokenizer, scored, gen_length, True, transform_image_embeds,
+                                                    slice(lo, lo + len(chunk)))
             masked_ids = torch.where(batch.response_mask, torch.full_like(batch.input_ids, model.config.mask_token_id),
                                      batch.input_ids)
             logits = model(input_ids=masked_ids, image_embeds=image_embeds, attention_mask=batch.attention_mask)
