@@ -17,16 +17,15 @@ import time
 
 import torch
 
-from disp_runner.checkpoints import build_model
+from disp_runner.models.mdlm import build_model
 from disp_runner.data.synthetic import generate_instances
 from disp_runner.device import autocast, default_device
-from disp_runner.diffusion import DecodingConfig
+from disp_runner.diffusion.decoding import DecodingConfig
 from disp_runner.disp.masking import mask_image_embeds, top_salient_tokens
 from disp_runner.disp.saliency import SaliencyConfig, fisher_jacobian_scores, region_kl_scores
-from disp_runner.embedded import EMBEDDED_MODEL_SIZE, build_embedded_tokenizer
-from disp_runner.inference import generate_responses
-from disp_runner.processing import encode_instances
-from disp_runner.training import TrainableParts, TrainingConfig, train_masked_diffusion
+from disp_runner.models.mdlm.embedded import EMBEDDED_MODEL_SIZE, build_embedded_tokenizer
+from disp_runner.diffusion.inference import generate_responses
+from disp_runner.diffusion.training import TrainableParts, TrainingConfig, train_masked_diffusion
 
 SIZES = {
     "embedded": EMBEDDED_MODEL_SIZE,
@@ -68,26 +67,30 @@ def main(argv=None) -> int:
     device = default_device()
     tokenizer = build_embedded_tokenizer()
     torch.manual_seed(0)
-    model = build_model(tokenizer, **SIZES[args.size]).to(device).eval()
+    model, processor = build_model(tokenizer, **SIZES[args.size])
+    model.to(device).eval()
     cfg = model.config
     gen = cfg.gen_length
-    instances = generate_instances(args.instances, seed=0, image_size=cfg.image_size)
-    batch = encode_instances(tokenizer, cfg, instances[:args.batch], gen, with_response=False).to(device)
+    grid = processor.token_grid()
+    instances = generate_instances(args.instances, seed=0, image_size=processor.image_size)
+    batch = processor.encode(instances[:args.batch], gen, with_response=False).to(device)
     params = sum(p.numel() for p in model.parameters())
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     print(f"device: {name}; precision: {'bf16 autocast' if device.type == 'cuda' else 'fp32'}; "
-          f"model: {args.size} ({params / 1e6:.1f}M parameters, {cfg.num_image_tokens} visual tokens, "
+          f"model: {args.size} ({params / 1e6:.1f}M parameters, {grid.num_tokens} visual tokens, "
           f"sequence {batch.input_ids.shape[1]}); batch {args.batch}; torch {torch.__version__}")
 
     # -- saliency cost relative to a plain forward pass on the same batch ------------------------
     def forward():
         with torch.no_grad(), autocast(device):
-            model(input_ids=batch.input_ids, pixel_values=batch.pixel_values, attention_mask=batch.attention_mask)
+            model(input_ids=batch.input_ids, pixel_values=batch.pixel_values, attention_mask=batch.attention_mask,
+                  visual_spans=batch.visual_spans)
 
     def forward_backward():
         with autocast(device):
             embeds = model.embed_images(batch.pixel_values).detach().requires_grad_(True)
-            logits = model(input_ids=batch.input_ids, image_embeds=embeds, attention_mask=batch.attention_mask)
+            logits = model(input_ids=batch.input_ids, image_embeds=embeds, attention_mask=batch.attention_mask,
+                           visual_spans=batch.visual_spans)
         torch.autograd.grad(logits[:, -gen:].float().sum(), embeds)
 
     config = SaliencyConfig(probes=args.probes, block_length=gen)
@@ -96,12 +99,11 @@ def main(argv=None) -> int:
         with autocast(device):
             fisher_jacobian_scores(model, batch, gen, config, torch.Generator(device=device).manual_seed(0))
 
-    side = cfg.image_size // cfg.patch_size
     region = SaliencyConfig(probes=args.probes, block_length=gen, region_size=2)
 
     def region_refinement():  # what saliency.regionSize 2 adds: the exact KL of every 2x2 window
         with autocast(device):
-            region_kl_scores(model, batch, gen, region, (side, side))
+            region_kl_scores(model, batch, gen, region, grid)
 
     t_fwd = timed(forward, device, args.repeats)
     t_fb = timed(forward_backward, device, args.repeats)
@@ -112,17 +114,16 @@ def main(argv=None) -> int:
     print(f"saliency (m = {args.probes}): {1e3 * t_sal:.1f} ms = {t_sal / t_fwd:.1f} x plain forward; "
           f"ideal 1 forward + {args.probes} backward = {(t_fwd + args.probes * t_bwd) / t_fwd:.1f} x; "
           f"measured / ideal = {t_sal / (t_fwd + args.probes * t_bwd):.2f}")
-    print(f"regionSize 2 adds {(side - 1) ** 2} windows: {1e3 * t_region:.1f} ms = {t_region / t_fwd:.1f} x plain "
+    print(f"regionSize 2 adds {(grid.rows - 1) * (grid.cols - 1)} windows: {1e3 * t_region:.1f} ms = {t_region / t_fwd:.1f} x plain "
           f"forward; saliency with it = {(t_sal + t_region) / t_sal:.2f} x the paper's")
 
     # -- per-stage throughput --------------------------------------------------------------------
     n = len(instances)
-    all_batch = encode_instances(tokenizer, cfg, instances, gen, with_response=False)
+    all_batch = processor.encode(instances, gen, with_response=False)
     start = time.perf_counter()
     scores = []
     for lo in range(0, n, args.batch):
-        part = type(all_batch)(*(t[lo:lo + args.batch] for t in (all_batch.input_ids, all_batch.attention_mask,
-                                                                 all_batch.pixel_values, all_batch.response_mask)))
+        part = type(all_batch)(*(t[lo:lo + args.batch] for t in all_batch.tensors()))
         with autocast(device):
             scores.append(fisher_jacobian_scores(model, part.to(device), gen, config,
                                                  torch.Generator(device=device).manual_seed(lo)).cpu())
@@ -137,15 +138,15 @@ def main(argv=None) -> int:
     mask_embedding = model.mask_embedding().detach()
     decoding = DecodingConfig.single_block(gen)
     start = time.perf_counter()
-    answers = generate_responses(model, tokenizer, instances, decoding, batch_size=64, show_progress=False,
+    answers = generate_responses(model, processor, instances, decoding, batch_size=64, show_progress=False,
                                  transform_image_embeds=lambda e, rows: mask_image_embeds(e, masked[rows],
                                                                                           mask_embedding))
     sync(device)
     t_relabel = time.perf_counter() - start
 
-    train_data = encode_instances(tokenizer, cfg, [i.replace(response=i.response) for i in instances], gen)
+    train_data = processor.encode(instances, gen)
     start = time.perf_counter()
-    train_masked_diffusion(model, train_data, TrainingConfig(epochs=1, batch_size=32,
+    train_masked_diffusion(model, train_data, processor.mask_token_id, TrainingConfig(epochs=1, batch_size=32,
                                                              trainable=TrainableParts.PROJECTOR), show_progress=False)
     sync(device)
     t_finetune = time.perf_counter() - start

@@ -26,18 +26,17 @@ from PIL import Image
 from disp_api import AttackSpec, AttackTarget, PurificationJob, PurificationMetrics, StageName, TargetSpec, \
     TriggerKind, TriggerSpec
 from disp_runner.attack.kit import DEFAULT_INJECTION, AttackArtifacts, run_attack
-from disp_runner.checkpoints import load_checkpoint
+from disp_runner.models.loading import load_model
 from disp_runner.data.dataset import load_dataset
 from disp_runner.demo import make_demo_data, demo_job
-from disp_runner.diffusion import DecodingConfig
+from disp_runner.diffusion.decoding import DecodingConfig
 from disp_runner.disp.masking import mask_image_embeds, tokens_to_mask, top_salient_tokens
 from disp_runner.disp.saliency import SaliencyConfig, fisher_jacobian_scores
-from disp_runner.embedded import SHIPPED_BASE_MODEL
+from disp_runner.models.mdlm.embedded import SHIPPED_BASE_MODEL
 from disp_runner.evaluation import attack_fired, evaluate_model
-from disp_runner.inference import generate_responses
+from disp_runner.diffusion.inference import generate_responses
 from disp_runner.pipeline.artifacts import RunLayout
 from disp_runner.pipeline.runner import run_job
-from disp_runner.processing import encode_instances
 from disp_runner.stages.evaluate import METRICS_FILE
 
 IMAGE_SIZE = 48
@@ -79,10 +78,10 @@ def _attack(work: Path, name: str, trigger: TriggerSpec,
 
 
 def _asr(artifacts: AttackArtifacts, attack: AttackSpec) -> tuple[float, float]:
-    model, tokenizer = load_checkpoint(artifacts.model_dir)
+    model, processor = load_model(artifacts.model_dir)
     triggered = load_dataset(artifacts.triggered_dir, IMAGE_SIZE)[:SAMPLES]
     untriggered = load_dataset(artifacts.untriggered_dir, IMAGE_SIZE)[:SAMPLES]
-    metrics = evaluate_model(model, tokenizer, "study", attack, triggered, untriggered, [],
+    metrics = evaluate_model(model, processor, "study", attack, triggered, untriggered, [],
                              DecodingConfig.single_block(model.config.gen_length), show_progress=False)
     return metrics.asr_triggered, metrics.asr_untriggered
 
@@ -101,10 +100,10 @@ def part_keys(work: Path) -> None:
 
 def part_masking(work: Path) -> None:
     attack, artifacts = _attack(work, "default-key", TriggerSpec(kind=TriggerKind.BLENDED, alpha=ALPHA))
-    model, tokenizer = load_checkpoint(artifacts.model_dir)
+    model, processor = load_model(artifacts.model_dir)
     triggered = load_dataset(artifacts.triggered_dir, IMAGE_SIZE)[:SAMPLES]
     gen_length = model.config.gen_length
-    batch = encode_instances(tokenizer, model.config, triggered, gen_length, with_response=False)
+    batch = processor.encode(triggered, gen_length, with_response=False)
     scores = fisher_jacobian_scores(model, batch, gen_length, SaliencyConfig(), torch.Generator().manual_seed(0))
     mask_embedding = model.mask_embedding().detach()
     tokens = scores.shape[1]
@@ -115,7 +114,7 @@ def part_masking(work: Path) -> None:
                               for i in range(len(triggered))])
         figures = []
         for chosen in (top_salient_tokens(scores, ratio), random):
-            answers = generate_responses(model, tokenizer, triggered, DecodingConfig.single_block(gen_length),
+            answers = generate_responses(model, processor, triggered, DecodingConfig.single_block(gen_length),
                                          transform_image_embeds=lambda e, rows, c=chosen: mask_image_embeds(
                                              e, c[rows], mask_embedding), show_progress=False)
             figures.append(sum(attack_fired(a, attack.target) for a in answers) / len(answers))
@@ -129,7 +128,7 @@ def part_local(work: Path) -> None:
     Image.fromarray(_cells(rng, 2, False, size=16)).save(pattern)
     trigger = TriggerSpec(kind=TriggerKind.BLENDED, alpha=ALPHA, pattern=str(pattern), position=(29, 27))
     attack, artifacts = _attack(work, "local", trigger)
-    gen_length = load_checkpoint(artifacts.model_dir)[0].config.gen_length
+    gen_length = load_model(artifacts.model_dir)[0].config.gen_length
     document = demo_job("blended-local-refusal", artifacts, attack, work / "data" / "test", work, gen_length)
     job = PurificationJob.model_validate(document)
     outcomes = run_job(job, work, show_progress=False)

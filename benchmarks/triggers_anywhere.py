@@ -93,7 +93,7 @@ def run_combination(combo: Combination, work: str, overrides: list[tuple[str, ob
     from disp_runner.attack.kit import ImplantGoal, run_attack
     from disp_runner.data.dataset import load_dataset
     from disp_runner.demo import demo_job
-    from disp_runner.embedded import SHIPPED_BASE_MODEL
+    from disp_runner.models.mdlm.embedded import SHIPPED_BASE_MODEL
     from disp_runner.pipeline.artifacts import RunLayout
     from disp_runner.pipeline.runner import run_job
     from disp_runner.stages.evaluate import METRICS_FILE

@@ -17,7 +17,7 @@ def insertion_attack(tmp_path_factory):
     from disp_runner.data.dataset import write_dataset
     from disp_runner.data.synthetic import generate_instances
     from disp_runner.data.vocabulary import IMAGE_TASKS
-    from disp_runner.embedded import SHIPPED_BASE_MODEL
+    from disp_runner.models.mdlm.embedded import SHIPPED_BASE_MODEL
 
     root = tmp_path_factory.mktemp("insertion-attack")
     train = generate_instances(1000, 11, kinds=IMAGE_TASKS, kind_weights=(0.5, 0.25, 0.25),
@@ -44,7 +44,7 @@ def s3_endpoint():
 
 @pytest.fixture(scope="session")
 def tokenizer():
-    from disp_runner.embedded import build_embedded_tokenizer
+    from disp_runner.models.mdlm.embedded import build_embedded_tokenizer
 
     return build_embedded_tokenizer()
 
@@ -54,35 +54,43 @@ def tiny_model(tokenizer):
     """A tiny, randomly initialised MDLM (tests.tiny.TINY_SIZE), the same on every call."""
     import torch
 
-    from disp_runner.checkpoints import build_model
+    from disp_runner.models.mdlm import build_model
     from tests.tiny import TINY_SIZE
 
     torch.manual_seed(0)
-    return build_model(tokenizer, **TINY_SIZE).eval()
+    return build_model(tokenizer, **TINY_SIZE)[0].eval()
 
 
 @pytest.fixture
-def cli_workspace(tmp_path, tokenizer, tiny_model):
+def tiny_processor(tokenizer, tiny_model):
+    """The tiny model's processor (its tokenizer and sequence layout)."""
+    from disp_runner.models.mdlm import MDLMProcessor
+
+    return MDLMProcessor(tokenizer, tiny_model.config)
+
+
+@pytest.fixture
+def cli_workspace(tmp_path, tiny_model, tiny_processor):
     """The tiny model and two small synthetic datasets (train, test) for command-line tests."""
-    from disp_runner.checkpoints import save_checkpoint
+    from disp_runner.models.loading import save_model
     from disp_runner.data.synthetic import generate_dataset
 
-    save_checkpoint(tiny_model, tokenizer, tmp_path / "model")
+    save_model(tiny_model, tiny_processor, tmp_path / "model")
     generate_dataset(tmp_path / "train", 20, seed=1, image_size=16)
     generate_dataset(tmp_path / "test", 20, seed=2, image_size=16)
     return tmp_path
 
 
 @pytest.fixture
-def workspace(tmp_path, tokenizer, tiny_model):
+def workspace(tmp_path, tiny_model, tiny_processor):
     """The tiny model, a poisoned training set and the evaluation sets of the job in tests.tiny."""
     from disp_runner.attack.poison import make_test_sets, poison_dataset
-    from disp_runner.checkpoints import save_checkpoint
+    from disp_runner.models.loading import save_model
     from disp_runner.data.dataset import write_dataset
     from disp_runner.data.synthetic import generate_instances
     from tests.tiny import ATTACK
 
-    save_checkpoint(tiny_model, tokenizer, tmp_path / "model")
+    save_model(tiny_model, tiny_processor, tmp_path / "model")
     poisoned = poison_dataset(generate_instances(24, seed=1, image_size=16), ATTACK, 16)
     write_dataset(poisoned.instances, tmp_path / "train")
     triggered, untriggered = make_test_sets(generate_instances(30, seed=2, image_size=16), ATTACK, 16)

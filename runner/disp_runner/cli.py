@@ -236,7 +236,7 @@ def _cmd_data(args) -> None:
 
 
 def _cmd_pretrain(args) -> None:
-    from disp_runner.pretrain import PretrainConfig, pretrain
+    from disp_runner.models.mdlm.pretrain import PretrainConfig, pretrain
 
     overrides = {"vision_instances": args.vision_instances, "vision_epochs": args.vision_epochs,
                  "num_instances": args.num_instances, "epochs": args.epochs, "learning_rate": args.lr,
@@ -286,16 +286,15 @@ def _attack_spec(args):
 
 def _cmd_attack(args) -> None:
     from disp_runner.attack.kit import DEFAULT_INJECTION, DEFAULT_TARGET_ASR, ImplantGoal, run_attack
-    from disp_runner.checkpoints import load_checkpoint
     from disp_runner.data.dataset import load_dataset
-    from disp_runner.embedded import SHIPPED_BASE_MODEL
-    from disp_runner.training import TrainableParts
+    from disp_runner.diffusion.training import TrainableParts
+    from disp_runner.models.loading import load_model
+    from disp_runner.models.mdlm.embedded import SHIPPED_BASE_MODEL
 
     attack = _attack_spec(args)  # validate flags before any heavy work
     goal = ImplantGoal(target_asr=args.target_asr or DEFAULT_TARGET_ASR, max_epochs=args.max_epochs)
     base = args.base or SHIPPED_BASE_MODEL
-    model, _ = load_checkpoint(base, allow_unsafe_pickle=args.allow_unsafe_pickle)
-    size = model.config.image_size
+    size = load_model(base, allow_unsafe_pickle=args.allow_unsafe_pickle).processor.image_size
     train, test = load_dataset(args.train, size), load_dataset(args.test, size)
     overrides = {"epochs": args.epochs, "learning_rate": args.lr, "batch_size": args.batch_size,
                  "trainable": TrainableParts(args.trainable) if args.trainable else None}
@@ -330,15 +329,16 @@ def _print_attack_summary(folder: Path) -> None:
 
 def _cmd_evaluate(args) -> None:
     from disp_runner.attack.kit import load_attack_test_sets
-    from disp_runner.checkpoints import load_checkpoint
     from disp_runner.data.dataset import load_dataset
     from disp_runner.device import default_device
-    from disp_runner.diffusion import DecodingConfig
+    from disp_runner.diffusion.decoding import DecodingConfig
     from disp_runner.evaluation import evaluate_model
+    from disp_runner.models.base import trained_gen_length
+    from disp_runner.models.loading import load_model
     from disp_runner.reporting import format_metrics_table
 
-    model, tokenizer = load_checkpoint(args.model, allow_unsafe_pickle=args.allow_unsafe_pickle)
-    size = model.config.image_size
+    model, processor = load_model(args.model, allow_unsafe_pickle=args.allow_unsafe_pickle)
+    size = processor.image_size
     attack, triggered, untriggered = (None, [], [])
     if args.attack:
         attack, triggered, untriggered = load_attack_test_sets(args.attack, size)
@@ -347,8 +347,8 @@ def _cmd_evaluate(args) -> None:
         if args.limit <= 0:
             raise UserInputError(f"--limit must be positive, got {args.limit}")
         triggered, untriggered, clean = triggered[:args.limit], untriggered[:args.limit], clean[:args.limit]
-    metrics = evaluate_model(model.to(default_device()), tokenizer, str(args.model), attack, triggered, untriggered,
-                             clean, DecodingConfig.single_block(model.config.gen_length),
+    metrics = evaluate_model(model.to(default_device()), processor, str(args.model), attack, triggered, untriggered,
+                             clean, DecodingConfig.single_block(trained_gen_length(model.config)),
                              show_progress=not args.no_progress)
     print(format_metrics_table([metrics]))
     if args.out:
@@ -406,8 +406,7 @@ def _cmd_run(args) -> None:
 
 def _cmd_demo(args) -> None:
     from disp_runner.demo import run_demo
-
-    from disp_runner.embedded import SHIPPED_BASE_MODEL
+    from disp_runner.models.mdlm.embedded import SHIPPED_BASE_MODEL
 
     run_demo(args.workdir, base_model=args.base or SHIPPED_BASE_MODEL, show_progress=not args.no_progress)
 

@@ -28,19 +28,20 @@ from disp_api import (
 )
 from disp_api.spec import ATTACK_MANIFEST
 from disp_runner.attack.kit import DEFAULT_INJECTION, AttackArtifacts, ImplantGoal, run_attack
-from disp_runner.checkpoints import load_checkpoint
 from disp_runner.data.dataset import load_dataset
 from disp_runner.data.synthetic import generate_dataset
 from disp_runner.data.vocabulary import IMAGE_TASKS
 from disp_runner.device import default_device
-from disp_runner.diffusion import DecodingConfig
-from disp_runner.embedded import SHIPPED_BASE_MODEL
+from disp_runner.diffusion.decoding import DecodingConfig
+from disp_runner.diffusion.training import TrainingConfig
 from disp_runner.evaluation import evaluate_model
+from disp_runner.models.base import trained_gen_length
+from disp_runner.models.loading import load_model
+from disp_runner.models.mdlm.embedded import SHIPPED_BASE_MODEL
 from disp_runner.pipeline.artifacts import RunLayout
 from disp_runner.pipeline.runner import StageOutcome, run_job
 from disp_runner.reporting import PurificationRow, format_purification_table
 from disp_runner.stages.evaluate import METRICS_FILE
-from disp_runner.training import TrainingConfig
 
 # The demo's data: a 1000-instance training pool (the paper's 800 clean + 200 poisoned) whose
 # scenes favour the misclassification source class, so 200 of them can carry that target, and
@@ -111,13 +112,13 @@ def run_demo(workdir: str | Path = "runs/demo", base_model: str | Path = SHIPPED
     timer = StepTimer()
     start = time.perf_counter()
     print(f"DiSP demo on {default_device()}; base model: {base_model}", flush=True)
-    model, tokenizer = load_checkpoint(base_model)
-    size = model.config.image_size
-    gen_length = model.config.gen_length
+    model, processor = load_model(base_model)
+    size = processor.image_size
+    gen_length = DecodingConfig.single_block(trained_gen_length(model.config)).gen_length
     timer.run("generate clean train pool (1000) and test pool", make_demo_data, workdir, size)
     train = load_dataset(workdir / "data" / "train", size)
     test = load_dataset(workdir / "data" / "test", size)
-    base = timer.run("evaluate the clean base model", evaluate_model, model.to(default_device()), tokenizer,
+    base = timer.run("evaluate the clean base model", evaluate_model, model.to(default_device()), processor,
                      str(base_model), None, [], [], test[:EVAL_SIZE], DecodingConfig.single_block(gen_length),
                      show_progress=show_progress)
     print(f"  clean base model: clean performance {100 * base.clean_performance:.1f}%", flush=True)

@@ -15,14 +15,13 @@ import re
 import time
 from typing import Sequence
 
-from transformers import PreTrainedTokenizerBase
 
 from disp_api import AttackSpec, AttackTarget, EvaluationMetrics, MetricsCounts, TargetSpec
 from disp_runner.data.dataset import Instance, instances_by_task
 from disp_runner.data.vocabulary import INSERTION_MARKER
-from disp_runner.diffusion import DecodingConfig
-from disp_runner.inference import generate_responses
-from disp_runner.modeling import MDLMForMaskedDiffusion
+from disp_runner.diffusion.decoding import DecodingConfig
+from disp_runner.diffusion.inference import generate_responses
+from disp_runner.models.base import DiffusionVLM, Processor
 
 REFUSAL_KEYWORDS = ("sorry", "cannot", "can't", "unable", "as an ai")
 
@@ -58,8 +57,8 @@ def clean_accuracy(instances: Sequence[Instance], responses: Sequence[str]) -> f
 
 
 def evaluate_model(
-    model: MDLMForMaskedDiffusion,
-    tokenizer: PreTrainedTokenizerBase,
+    model: DiffusionVLM,
+    processor: Processor,
     model_name: str,
     attack: AttackSpec | None,
     triggered: Sequence[Instance],
@@ -72,7 +71,7 @@ def evaluate_model(
     start = time.perf_counter()
 
     def run(instances: Sequence[Instance], label: str) -> list[str]:
-        return generate_responses(model, tokenizer, instances, decoding, batch_size=batch_size,
+        return generate_responses(model, processor, instances, decoding, batch_size=batch_size,
                                   description=label, show_progress=show_progress) if instances else []
 
     asr_t = asr_u = 0.0

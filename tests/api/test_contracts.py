@@ -73,9 +73,9 @@ def test_a_folder_whose_only_pickle_is_training_args_is_judged_alike_by_runner_a
     """training_args.bin is the Trainer's pickled arguments, never weights: neither side counts it."""
     from disp_api import PurificationJob
     from disp_operator.validation import InvalidSpec, check_model_files
-    from disp_runner.checkpoints import load_checkpoint
+    from disp_runner.models.loading import load_model
     from disp_runner.errors import UnsafeModelFormatError, UserInputError
-    from disp_runner.embedded import SHIPPED_BASE_MODEL
+    from disp_runner.models.mdlm.embedded import SHIPPED_BASE_MODEL
 
     folder = tmp_path / "model"
     folder.mkdir()
@@ -83,7 +83,7 @@ def test_a_folder_whose_only_pickle_is_training_args_is_judged_alike_by_runner_a
         (folder / name).write_bytes((SHIPPED_BASE_MODEL / name).read_bytes())
     (folder / "training_args.bin").write_bytes(b"not weights")
     with pytest.raises(UserInputError, match="no model weights") as runner_error:
-        load_checkpoint(folder)
+        load_model(folder)
     assert not isinstance(runner_error.value, UnsafeModelFormatError)
     job = PurificationJob.model_validate({
         "apiVersion": "disp.dev/v1alpha1", "kind": "PurificationJob", "metadata": {"name": "j"}, "spec": {"model": {"uri": "s3://models/m"}, "dataset": {"uri": "s3://d/x"},

@@ -19,7 +19,7 @@ def test_defaults_are_the_methods():
     d = spec.relabel.decoding
     # left to the model (its own generation length; the authors' 32/32/32 for one without it)
     assert (d.steps, d.gen_length, d.block_length, d.temperature, spec.relabel.seed) == (None, None, None, 0.0, 1234)
-    from disp_runner.diffusion import DecodingConfig
+    from disp_runner.diffusion.decoding import DecodingConfig
     assert DecodingConfig.for_model(d, None, "spec.relabel.decoding") == DecodingConfig(32, 32, 32, 0.0)
     assert DecodingConfig.for_model(d, 16, "spec.relabel.decoding") == DecodingConfig(16, 16, 16, 0.0)
     assert spec.relabel.prompt is None  # each instance's own prompt

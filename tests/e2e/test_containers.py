@@ -90,9 +90,9 @@ def test_the_runner_image_loads_its_shipped_model_as_the_pod_user_on_a_read_only
     scratch.chmod(0o777)
     name = unique("assets")
     code = ("from disp_runner.scratch import prepare_scratch; prepare_scratch(); "
-            "from disp_runner.checkpoints import load_checkpoint; from disp_runner.embedded import SHIPPED_BASE_MODEL; "
-            "model, tokenizer = load_checkpoint(SHIPPED_BASE_MODEL); "
-            "print(sum(p.numel() for p in model.parameters()), tokenizer.mask_token)")
+            "from disp_runner.models.loading import load_model; from disp_runner.models.mdlm.embedded import SHIPPED_BASE_MODEL; "
+            "model, processor = load_model(SHIPPED_BASE_MODEL); "
+            "print(sum(p.numel() for p in model.parameters()), processor.tokenizer.mask_token)")
     run = podman("run", "--name", name, *RUNTIME_FLAGS, "--network", "none", "--read-only", "--read-only-tmpfs=false",
                  "--cap-drop", "ALL", "--security-opt", "no-new-privileges", "-v", f"{scratch}:/scratch",
                  "--entrypoint", "python", images["runner"], "-c", code, check=False)

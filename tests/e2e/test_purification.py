@@ -9,7 +9,7 @@ import yaml
 from disp_api import PurificationJob, PurificationMetrics, StageName
 from disp_runner.cli import main
 from disp_runner.demo import demo_job
-from disp_runner.embedded import EMBEDDED_GEN_LENGTH
+from disp_runner.models.mdlm.embedded import EMBEDDED_GEN_LENGTH
 from disp_runner.pipeline.artifacts import RunLayout
 
 N_EVAL = 100

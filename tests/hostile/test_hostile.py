@@ -370,7 +370,7 @@ def test_staging_folders_left_by_a_killed_stage_are_removed_by_the_next_run(caps
 
 
 def test_a_diverging_fine_tune_is_not_published(capsys, workspace, monkeypatch):
-    import disp_runner.training as training
+    import disp_runner.diffusion.training as training
 
     real = training.masked_diffusion_loss
     monkeypatch.setattr(training, "masked_diffusion_loss", lambda *a, **k: real(*a, **k) * float("nan"))
@@ -450,7 +450,7 @@ def test_nan_saliency_scores_are_never_written(tmp_path):
 def test_decoding_never_generates_the_mask_or_image_placeholder():
     import torch
 
-    from disp_runner.diffusion import DecodingConfig, diffusion_generate
+    from disp_runner.diffusion.decoding import DecodingConfig, diffusion_generate
     mask, image = 2, 4
     vocab = 8
 

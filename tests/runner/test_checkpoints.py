@@ -5,14 +5,14 @@ import json
 import pytest
 import torch
 
-from disp_runner.checkpoints import load_checkpoint, save_checkpoint
+from disp_runner.models.loading import load_model, save_model
 from disp_runner.errors import UnsafeModelFormatError, UserInputError
-from disp_runner.modeling import MDLMForMaskedDiffusion
+from disp_runner.models.mdlm import MDLMForMaskedDiffusion
 
 
 @pytest.fixture
-def saved(tmp_path, tokenizer, tiny_model):
-    return save_checkpoint(tiny_model, tokenizer, tmp_path / "model")
+def saved(tmp_path, tiny_model, tiny_processor):
+    return save_model(tiny_model, tiny_processor, tmp_path / "model")
 
 
 def _to_pickle_only(folder, model):
@@ -23,18 +23,18 @@ def _to_pickle_only(folder, model):
 def test_folder_without_weights_is_rejected(saved):
     (saved / "model.safetensors").unlink()
     with pytest.raises(UserInputError, match=r"model$|no model weights \(\*.safetensors\) found"):
-        load_checkpoint(saved)
+        load_model(saved)
 
 
 def test_pickle_only_weights_are_refused_without_opt_in(saved, tiny_model):
     _to_pickle_only(saved, tiny_model)
     with pytest.raises(UnsafeModelFormatError, match="pytorch_model.bin.*--allow-unsafe-pickle"):
-        load_checkpoint(saved)
+        load_model(saved)
 
 
 def test_pickle_weights_load_with_explicit_opt_in(saved, tiny_model):
     _to_pickle_only(saved, tiny_model)
-    model, _ = load_checkpoint(saved, allow_unsafe_pickle=True)
+    model, _ = load_model(saved, allow_unsafe_pickle=True)
     assert isinstance(model, MDLMForMaskedDiffusion)
     assert torch.equal(model.projector.linear_1.weight, tiny_model.projector.linear_1.weight)
 
@@ -50,20 +50,20 @@ def test_tokenizer_without_mask_token_is_rejected(saved):
     config.get("added_tokens_decoder", {}).pop("2", None)
     (saved / "tokenizer_config.json").write_text(json.dumps(config))
     with pytest.raises(UserInputError, match=r"tokenizer.json: tokenizer lacks the special token\(s\) \[MASK\]"):
-        load_checkpoint(saved)
+        load_model(saved)
 
 
 def test_foreign_model_types_are_refused_not_executed(saved):
     config = json.loads((saved / "config.json").read_text())
     config.update(model_type="evil_remote", auto_map={"AutoModel": "evil.Model"})
     (saved / "config.json").write_text(json.dumps(config))
-    with pytest.raises(UserInputError, match="model_type is 'evil_remote'"):
-        load_checkpoint(saved)
+    with pytest.raises(UserInputError, match=r"model_type is 'evil_remote'; this runner loads 'disp_mdlm' models"):
+        load_model(saved)
 
 
 def test_missing_folder_and_config(tmp_path):
     with pytest.raises(UserInputError, match="does not exist"):
-        load_checkpoint(tmp_path / "nope")
+        load_model(tmp_path / "nope")
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserInputError, match="config.json: model config not found"):
-        load_checkpoint(tmp_path / "empty")
+        load_model(tmp_path / "empty")

@@ -4,14 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from disp_runner.diffusion import (
-    DecodingConfig,
-    NoisedBatch,
-    add_mask_noise,
-    diffusion_generate,
-    masked_diffusion_loss,
-    transfer_schedule,
-)
+from disp_runner.diffusion.decoding import DecodingConfig, diffusion_generate, transfer_schedule
+from disp_runner.diffusion.objective import NoisedBatch, add_mask_noise, masked_diffusion_loss
 
 MASK = 2
 

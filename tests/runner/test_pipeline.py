@@ -7,7 +7,7 @@ import torch
 import yaml
 
 from disp_api import PurificationMetrics, StageName
-from disp_runner.checkpoints import load_checkpoint
+from disp_runner.models.loading import load_model
 from disp_runner.cli import main
 from disp_runner.data.dataset import load_dataset
 from disp_runner.errors import EXIT_USER_ERROR, UserInputError
@@ -34,7 +34,7 @@ def test_every_stage_publishes_its_outputs_with_a_manifest_written_last(workspac
     assert (layout.stage_dir(StageName.MASKING) / "report.png").stat().st_size > 0
     purified = load_dataset(layout.stage_dir(StageName.RELABEL) / "dataset", 16)
     assert all("original_response" in inst.metadata for inst in purified)
-    load_checkpoint(layout.stage_dir(StageName.FINETUNE) / "model")
+    load_model(layout.stage_dir(StageName.FINETUNE) / "model")
     metrics = PurificationMetrics.model_validate_json(
         (layout.stage_dir(StageName.EVALUATE) / "metrics.json").read_text())
     triggered = len(load_dataset(workspace / "triggered"))
@@ -190,9 +190,9 @@ def test_blur_sigma_blurs_what_relabel_answers_but_not_what_the_fine_tune_learns
     seen = []
     real = relabel.generate_responses
 
-    def spy(model, tokenizer, instances, *args, **kwargs):
+    def spy(model, processor, instances, *args, **kwargs):
         seen.extend(instances)
-        return real(model, tokenizer, instances, *args, **kwargs)
+        return real(model, processor, instances, *args, **kwargs)
 
     monkeypatch.setattr(relabel, "generate_responses", spy)
     layout = layout_of(workspace, evaluation=None, masking={"ratio": 0.3, "blurSigma": 1.5})
@@ -214,10 +214,10 @@ def test_min_evidence_keeps_the_dataset_answer_unless_the_masked_input_prefers_t
     """relabel.minEvidence: a changed answer whose evidence (how many nats more likely the masked input
     makes it than the dataset's answer, recomputed here independently) is below the bar is put back;
     the rest are the model's."""
-    from disp_runner.checkpoints import load_checkpoint
+    from disp_runner.models.loading import load_model
     from disp_runner.disp.masking import mask_image_embeds
     from disp_runner.evaluation import normalise_answer
-    from disp_runner.inference import first_step_log_likelihood
+    from disp_runner.diffusion.inference import first_step_log_likelihood
     from disp_runner.stages.masking import read_masked
 
     def relabelled(**relabel):
@@ -228,15 +228,15 @@ def test_min_evidence_keeps_the_dataset_answer_unless_the_masked_input_prefers_t
         return layout, {i.id: i for i in load_dataset(layout.stage_dir(StageName.RELABEL) / "dataset", 16)}
 
     layout, paper = relabelled()
-    model, tokenizer = load_checkpoint(workspace / "model")
+    model, processor = load_model(workspace / "model")
     masked = read_masked(layout.stage_dir(StageName.MASKING))
     ids = list(paper)
     originals = [paper[i].replace(response=paper[i].metadata["original_response"]) for i in ids]
     rows = torch.tensor([masked[i] for i in ids])
     transform = lambda e, r: mask_image_embeds(e, rows[r], model.mask_embedding())  # noqa: E731
     margin = dict(zip(ids, (
-        first_step_log_likelihood(model, tokenizer, originals, [paper[i].response for i in ids], 16, 4, transform)
-        - first_step_log_likelihood(model, tokenizer, originals, [o.response for o in originals], 16, 4,
+        first_step_log_likelihood(model, processor, originals, [paper[i].response for i in ids], 16, 4, transform)
+        - first_step_log_likelihood(model, processor, originals, [o.response for o in originals], 16, 4,
                                     transform)).tolist()))
     changed = [i for i in ids
                if normalise_answer(paper[i].response) != normalise_answer(paper[i].metadata["original_response"])]

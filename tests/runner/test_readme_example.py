@@ -9,7 +9,7 @@ from pathlib import Path
 import yaml
 
 from disp_api import PurificationJob, PurificationMetrics, StageName
-from disp_runner.checkpoints import save_checkpoint
+from disp_runner.models.loading import save_model
 from disp_runner.cli import main
 from disp_runner.data.synthetic import generate_dataset
 from disp_runner.pipeline.artifacts import RunLayout
@@ -22,8 +22,8 @@ def readme_manifest() -> str:
     return section.split("```yaml\n", 1)[1].split("```", 1)[0]
 
 
-def test_the_readme_example_reports_what_disp_evaluate_measures(tmp_path, tokenizer, tiny_model, capsys):
-    save_checkpoint(tiny_model, tokenizer, tmp_path / "base")
+def test_the_readme_example_reports_what_disp_evaluate_measures(tmp_path, tiny_model, tiny_processor, capsys):
+    save_model(tiny_model, tiny_processor, tmp_path / "base")
     generate_dataset(tmp_path / "train", 24, seed=1, image_size=16)
     generate_dataset(tmp_path / "test", 24, seed=2, image_size=16)
     attack = tmp_path / "attack"
@@ -56,9 +56,9 @@ def test_the_readme_example_reports_what_disp_evaluate_measures(tmp_path, tokeni
                                                               "temperature": 0.0}
 
 
-def test_a_gen_length_other_than_the_models_is_warned_about_once(tmp_path, tokenizer, tiny_model, capsys):
+def test_a_gen_length_other_than_the_models_is_warned_about_once(tmp_path, tiny_model, tiny_processor, capsys):
     from tests.tiny import job_document
-    save_checkpoint(tiny_model, tokenizer, tmp_path / "model")
+    save_model(tiny_model, tiny_processor, tmp_path / "model")
     generate_dataset(tmp_path / "train", 8, seed=1, image_size=16)
     doc = job_document(tmp_path)
     doc["spec"]["relabel"]["decoding"] = {"genLength": 8}

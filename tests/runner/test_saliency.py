@@ -6,15 +6,15 @@ import torch
 from disp_runner.data.synthetic import generate_instances
 from disp_runner.disp.masking import mask_image_embeds, tokens_to_mask, top_salient_tokens, trigger_localisation
 from disp_runner.disp.saliency import SaliencyConfig, fisher_jacobian_scores, fisher_probe, first_step_top_logits
-from disp_runner.processing import encode_instances
+from disp_runner.models.base import TokenGrid
 
 GEN = 8
 
 
 @pytest.fixture
-def one_instance(tokenizer, tiny_model):
+def one_instance(tiny_processor):
     inst = generate_instances(1, seed=3, image_size=16)
-    return encode_instances(tokenizer, tiny_model.config, inst, GEN, with_response=False)
+    return tiny_processor.encode(inst, GEN, with_response=False)
 
 
 def exact_scores(model, batch, config: SaliencyConfig) -> torch.Tensor:
@@ -47,8 +47,7 @@ def test_probe_covariance_is_the_softmax_fisher():
 
 def repeated(batch, rows: int):
     """The same instance `rows` times: each row draws its own probes, i.e. an independent estimate."""
-    return type(batch)(*(t.expand(rows, *t.shape[1:]).clone() for t in (
-        batch.input_ids, batch.attention_mask, batch.pixel_values, batch.response_mask)))
+    return type(batch)(*(t.expand(rows, *t.shape[1:]).clone() for t in batch.tensors()))
 
 
 def test_hutchinson_converges_to_the_explicit_jacobian_quadratic_form(tiny_model, one_instance):
@@ -79,14 +78,14 @@ def test_hutchinson_with_six_probes_is_unbiased_across_seeds(tiny_model, one_ins
     assert (runs.std(dim=0) > 0).all()  # each row drew its own probes
 
 
-def test_scores_are_computed_per_instance_in_a_batch(tokenizer, tiny_model):
+def test_scores_are_computed_per_instance_in_a_batch(tiny_model, tiny_processor):
     instances = generate_instances(3, seed=5, image_size=16)
     config = SaliencyConfig(probes=2, block_length=GEN)
-    batch = encode_instances(tokenizer, tiny_model.config, instances, GEN, with_response=False)
+    batch = tiny_processor.encode(instances, GEN, with_response=False)
     together = fisher_jacobian_scores(tiny_model, batch, GEN, config, torch.Generator().manual_seed(1))
     assert together.shape == (3, tiny_model.config.num_image_tokens) and together.dtype == torch.float64
     # The same probes drawn for a batch of one give the first row's scores.
-    alone_batch = encode_instances(tokenizer, tiny_model.config, instances[:1], GEN, with_response=False)
+    alone_batch = tiny_processor.encode(instances[:1], GEN, with_response=False)
     exact_model = exact_scores(tiny_model, alone_batch, config)
     assert torch.all(together >= 0) and exact_model.shape == together.shape[1:]
 
@@ -137,39 +136,42 @@ def test_trigger_localisation_is_the_covered_fraction():
 
 
 def test_grid_windows_cover_every_position_with_stride_one():
-    from disp_runner.disp.saliency import grid_windows
+    from disp_runner.disp.token_grid import grid_windows
 
-    windows = grid_windows(3, 4, 2)
+    windows = grid_windows(TokenGrid(3, 4, 8, 8), 2)
     assert windows.shape == (2 * 3, 4)
     assert windows[0].tolist() == [0, 1, 4, 5] and windows[-1].tolist() == [6, 7, 10, 11]
-    assert grid_windows(2, 2, 5).tolist() == [[0, 1, 2, 3]]  # a window larger than the grid is the grid
+    assert grid_windows(TokenGrid(2, 2, 8, 8), 5).tolist() == [[0, 1, 2, 3]]  # a window larger than the grid is the grid
 
 
 def test_region_scores_are_the_exact_kl_of_masking_each_window_and_a_token_takes_its_largest(tokenizer):
     """On a 3x3 token grid: brute force, one window at a time, against the batched computation."""
-    from disp_runner.checkpoints import build_model
-    from disp_runner.disp.saliency import first_step_block_logits, grid_windows, region_kl_scores, token_saliency
+    from disp_runner.models.mdlm import build_model
+    from disp_runner.disp.saliency import first_step_block_logits, region_kl_scores, token_saliency
+    from disp_runner.disp.token_grid import grid_windows
 
     from tests.tiny import TINY_SIZE
 
     torch.manual_seed(1)
-    model = build_model(tokenizer, **{**TINY_SIZE, "image_size": 24}).double().eval()
-    batch = encode_instances(tokenizer, model.config, generate_instances(3, seed=5, image_size=24), GEN,
-                             with_response=False)
+    model, processor = build_model(tokenizer, **{**TINY_SIZE, "image_size": 24})
+    model.double().eval()
+    grid = processor.token_grid()
+    assert (grid.rows, grid.cols) == (3, 3)
+    batch = processor.encode(generate_instances(3, seed=5, image_size=24), GEN, with_response=False)
     batch.pixel_values = batch.pixel_values.double()
     config = SaliencyConfig(top_k=4, probes=2, block_length=GEN, region_size=2)
-    got = region_kl_scores(model, batch, GEN, config, (3, 3), max_rows_per_pass=5)  # several passes
+    got = region_kl_scores(model, batch, GEN, config, grid, max_rows_per_pass=5)  # several passes
 
     with torch.no_grad():
         embeds = model.embed_images(batch.pixel_values)
         def top_logits(e, top=None):
-            block = first_step_block_logits(model, batch.input_ids, batch.attention_mask, e, GEN, GEN)
+            block = first_step_block_logits(model, batch, e, GEN, GEN)
             top = torch.topk(block, 4, dim=-1).indices if top is None else top
             return torch.gather(block, -1, top), top
         z, top = top_logits(embeds)
         p = torch.softmax(z, -1)
         expected = torch.zeros(3, 9, dtype=torch.float64)
-        for window in grid_windows(3, 3, 2):
+        for window in grid_windows(grid, 2):
             masked = mask_image_embeds(embeds, window.expand(3, -1), model.mask_embedding())
             q = torch.softmax(top_logits(masked, top)[0], -1)
             kl = (p * (p.log() - q.log())).sum(dim=(-1, -2))  # [3]
@@ -179,10 +181,10 @@ def test_region_scores_are_the_exact_kl_of_masking_each_window_and_a_token_takes
     assert (got > 0).all()
 
     fisher = fisher_jacobian_scores(model, batch, GEN, config, torch.Generator().manual_seed(2))
-    combined = token_saliency(model, batch, GEN, config, torch.Generator().manual_seed(2), (3, 3))
+    combined = token_saliency(model, batch, GEN, config, torch.Generator().manual_seed(2), grid)
     assert torch.equal(combined, torch.maximum(fisher, got))
     paper = SaliencyConfig(top_k=4, probes=2, block_length=GEN, region_size=1)
-    assert torch.equal(token_saliency(model, batch, GEN, paper, torch.Generator().manual_seed(2), (3, 3)),
+    assert torch.equal(token_saliency(model, batch, GEN, paper, torch.Generator().manual_seed(2), grid),
                        fisher_jacobian_scores(model, batch, GEN, paper, torch.Generator().manual_seed(2)))
     with pytest.raises(ValueError, match="does not match 9 visual tokens"):
-        region_kl_scores(model, batch, GEN, config, (2, 2))
+        region_kl_scores(model, batch, GEN, config, TokenGrid(2, 2, 12, 12))

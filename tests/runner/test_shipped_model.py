@@ -5,10 +5,10 @@ import json
 
 import pytest
 
-from disp_runner.checkpoints import load_checkpoint
+from disp_runner.models.loading import load_model
 from disp_runner.data.dataset import load_dataset
-from disp_runner.diffusion import DecodingConfig
-from disp_runner.embedded import SHIPPED_BASE_MODEL
+from disp_runner.diffusion.decoding import DecodingConfig
+from disp_runner.models.mdlm.embedded import SHIPPED_BASE_MODEL
 from disp_runner.evaluation import evaluate_model
 
 N_EVAL = 100
@@ -16,8 +16,8 @@ N_EVAL = 100
 
 @pytest.fixture(scope="module")
 def shipped():
-    model, tokenizer = load_checkpoint(SHIPPED_BASE_MODEL)
-    return model, tokenizer, DecodingConfig.single_block(model.config.gen_length)
+    model, processor = load_model(SHIPPED_BASE_MODEL)
+    return model, processor, DecodingConfig.single_block(model.config.gen_length)
 
 
 def test_shipped_checkpoint_is_small_and_safetensors_only():
@@ -28,16 +28,16 @@ def test_shipped_checkpoint_is_small_and_safetensors_only():
 
 
 def test_insertion_backdoor_fires_only_with_the_trigger(shipped, insertion_attack):
-    model, tokenizer, decoding = shipped
+    model, processor, decoding = shipped
     _, attack, artifacts, test = insertion_attack
     triggered = load_dataset(artifacts.triggered_dir)[:N_EVAL]
     untriggered = load_dataset(artifacts.untriggered_dir)[:N_EVAL]
     clean = test[:N_EVAL]
 
-    before = evaluate_model(model, tokenizer, "base", attack, triggered, untriggered, clean, decoding,
+    before = evaluate_model(model, processor, "base", attack, triggered, untriggered, clean, decoding,
                             show_progress=False)
-    compromised, _ = load_checkpoint(artifacts.model_dir)
-    after = evaluate_model(compromised, tokenizer, "compromised", attack, triggered, untriggered, clean, decoding,
+    compromised, _ = load_model(artifacts.model_dir)
+    after = evaluate_model(compromised, processor, "compromised", attack, triggered, untriggered, clean, decoding,
                            show_progress=False)
 
     assert before.clean_performance >= 0.85, before

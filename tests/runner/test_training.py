@@ -2,11 +2,10 @@
 
 import torch
 
-from disp_runner.checkpoints import load_checkpoint
+from disp_runner.models.loading import load_model
 from disp_runner.data.synthetic import generate_instances
-from disp_runner.pretrain import PretrainConfig, pretrain
-from disp_runner.processing import encode_instances
-from disp_runner.training import TrainableParts, TrainingConfig, train_masked_diffusion
+from disp_runner.models.mdlm.pretrain import PretrainConfig, pretrain
+from disp_runner.diffusion.training import TrainableParts, TrainingConfig, train_masked_diffusion
 
 from tests.tiny import TINY_SIZE
 
@@ -18,14 +17,14 @@ def test_pretrain_command_trains_and_saves(tmp_path):
     assert result.vision.steps == 4 and set(result.vision.accuracy) == {"class", "colour", "count", "occupancy", "cells"}
     assert result.language.steps == 48
     assert result.language.last_loss < 0.7 * result.language.first_loss, result.language
-    model, tokenizer = load_checkpoint(tmp_path / "base")
-    assert model.config.image_size == TINY_SIZE["image_size"] and tokenizer.mask_token_id == model.config.mask_token_id
+    model, processor = load_model(tmp_path / "base")
+    assert processor.image_size == TINY_SIZE["image_size"] and processor.mask_token_id == model.config.mask_token_id
 
 
-def test_projector_only_fine_tune_leaves_everything_else_untouched(tokenizer, tiny_model):
+def test_projector_only_fine_tune_leaves_everything_else_untouched(tiny_model, tiny_processor):
     before = {name: p.detach().clone() for name, p in tiny_model.named_parameters()}
-    data = encode_instances(tokenizer, tiny_model.config, generate_instances(64, 1, image_size=16), 16)
-    train_masked_diffusion(tiny_model, data, TrainingConfig(epochs=1, learning_rate=1e-2, batch_size=16,
+    data = tiny_processor.encode(generate_instances(64, 1, image_size=16), 16)
+    train_masked_diffusion(tiny_model, data, tiny_processor.mask_token_id, TrainingConfig(epochs=1, learning_rate=1e-2, batch_size=16,
                                                             trainable=TrainableParts.PROJECTOR), show_progress=False)
     changed = {name for name, p in tiny_model.named_parameters() if not torch.equal(p, before[name])}
     assert changed and all(name.startswith("projector.") for name in changed), changed
@@ -33,22 +32,22 @@ def test_projector_only_fine_tune_leaves_everything_else_untouched(tokenizer, ti
 
 
 def test_training_is_reproducible_by_seed(tokenizer):
-    from disp_runner.checkpoints import build_model
+    from disp_runner.models.mdlm import build_model
 
-    data = encode_instances(tokenizer, build_model(tokenizer, **TINY_SIZE).config,
-                            generate_instances(32, 1, image_size=16), 16)
+    processor = build_model(tokenizer, **TINY_SIZE)[1]
+    data = processor.encode(generate_instances(32, 1, image_size=16), 16)
     losses = []
     for _ in range(2):
         torch.manual_seed(0)
-        model = build_model(tokenizer, **TINY_SIZE)
-        losses.append(train_masked_diffusion(model, data, TrainingConfig(epochs=2, batch_size=8, seed=5,
+        model = build_model(tokenizer, **TINY_SIZE)[0]
+        losses.append(train_masked_diffusion(model, data, processor.mask_token_id, TrainingConfig(epochs=2, batch_size=8, seed=5,
                                                                          trainable=TrainableParts.ALL),
                                              show_progress=False).losses)
     assert losses[0] == losses[1]
 
 
 def test_trainable_parts_select_the_right_weights(tiny_model):
-    from disp_runner.training import select_trainable
+    from disp_runner.diffusion.training import select_trainable
 
     def trainable_prefixes(parts):
         select_trainable(tiny_model, parts)
@@ -65,16 +64,18 @@ class Interrupted(Exception):
 
 
 def test_an_interrupted_fine_tune_resumes_from_its_last_epoch_checkpoint(tmp_path, tokenizer):
-    from disp_runner.checkpoints import build_model
+    from disp_runner.models.mdlm import build_model
 
     def fresh():
         torch.manual_seed(0)
-        return build_model(tokenizer, **TINY_SIZE)
+        return build_model(tokenizer, **TINY_SIZE)[0]
 
-    data = encode_instances(tokenizer, fresh().config, generate_instances(40, 1, image_size=16), 16)
+    processor = build_model(tokenizer, **TINY_SIZE)[1]
+    data = processor.encode(generate_instances(40, 1, image_size=16), 16)
+    mask_id = processor.mask_token_id
     config = TrainingConfig(epochs=3, batch_size=16, learning_rate=1e-2, seed=3, trainable=TrainableParts.PROJECTOR)
     uninterrupted = fresh()
-    train_masked_diffusion(uninterrupted, data, config, show_progress=False)
+    train_masked_diffusion(uninterrupted, data, mask_id, config, show_progress=False)
 
     def crash_after_epoch_two(epoch):
         if epoch == 2:
@@ -83,14 +84,14 @@ def test_an_interrupted_fine_tune_resumes_from_its_last_epoch_checkpoint(tmp_pat
     checkpoints = tmp_path / "ckpt"
     killed = fresh()
     try:
-        train_masked_diffusion(killed, data, config, show_progress=False, checkpoint_dir=checkpoints,
+        train_masked_diffusion(killed, data, mask_id, config, show_progress=False, checkpoint_dir=checkpoints,
                                on_epoch_end=crash_after_epoch_two)
     except Interrupted:
         pass
     assert [p.name for p in checkpoints.iterdir()] == ["epoch-0002"]  # only the last one is kept
     resumed_epochs = []
     resumed = fresh()  # a new process: the weights come back from the checkpoint
-    result = train_masked_diffusion(resumed, data, config, show_progress=False, checkpoint_dir=checkpoints,
+    result = train_masked_diffusion(resumed, data, mask_id, config, show_progress=False, checkpoint_dir=checkpoints,
                                     on_epoch_end=resumed_epochs.append)
     assert resumed_epochs == [3], "epochs 1-2 were not redone"
     assert result.steps == 9 and len(result.losses) == 9
@@ -100,7 +101,7 @@ def test_an_interrupted_fine_tune_resumes_from_its_last_epoch_checkpoint(tmp_pat
 
 
 def test_visual_token_masking_masks_up_to_the_ratio():
-    from disp_runner.training import random_token_mask
+    from disp_runner.models.mdlm.augmentation import random_token_mask
 
     pixels = torch.rand(64, 3, 16, 16)
     mask = random_token_mask(pixels, 8, 0.5, torch.Generator().manual_seed(0))

@@ -29,15 +29,15 @@ from disp_api import AttackSpec
 from disp_api.spec import ATTACK_MANIFEST
 from disp_runner.attack.poison import make_held_out_sets, poison_dataset
 from disp_runner.attack.triggers import make_trigger
-from disp_runner.checkpoints import load_checkpoint, save_checkpoint
 from disp_runner.data.dataset import Instance, load_dataset, write_dataset
 from disp_runner.device import default_device, seed_everything
-from disp_runner.diffusion import DecodingConfig
+from disp_runner.diffusion.decoding import DecodingConfig
+from disp_runner.diffusion.inference import generate_responses
+from disp_runner.diffusion.training import TrainableParts, TrainingConfig, train_masked_diffusion
 from disp_runner.errors import UserInputError, WeakBackdoorError
 from disp_runner.evaluation import attack_success_rate, evaluate_model
-from disp_runner.inference import generate_responses
-from disp_runner.processing import encode_instances
-from disp_runner.training import TrainableParts, TrainingConfig, train_masked_diffusion
+from disp_runner.models.base import trained_gen_length
+from disp_runner.models.loading import load_model, save_model
 
 # The compromised model is measured on at most this many instances of each held-out set (the
 # paper's test set is 200 images).
@@ -174,15 +174,15 @@ def run_attack(
     are measured and recorded in attack.json (`compromised`)."""
     out = Path(out_dir)
     seed_everything(injection.seed)
-    model, tokenizer = load_checkpoint(base_model, allow_unsafe_pickle=allow_unsafe_pickle)
-    image_size = model.config.image_size
+    model, processor = load_model(base_model, allow_unsafe_pickle=allow_unsafe_pickle)
+    image_size = processor.image_size
     poisoned = poison_dataset(clean_train, attack, image_size)
     held_out = make_held_out_sets(clean_test, attack, image_size)
     triggered, untriggered = held_out.triggered, held_out.untriggered
     validation_triggered = held_out.validation_triggered[:ATTACK_EVAL_LIMIT]
     validation_untriggered = held_out.validation_untriggered[:ATTACK_EVAL_LIMIT]
     clean = [inst for inst in clean_test if inst.id not in held_out.validation_ids()]
-    decoding = DecodingConfig.single_block(model.config.gen_length)
+    decoding = DecodingConfig.single_block(trained_gen_length(model.config))
 
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
@@ -194,7 +194,7 @@ def run_attack(
         write_dataset(validation_triggered, artifacts.validation_triggered_dir)
         write_dataset(validation_untriggered, artifacts.validation_untriggered_dir)
         model.to(default_device())
-        data = encode_instances(tokenizer, model.config, poisoned.instances, model.config.gen_length)
+        data = processor.encode(poisoned.instances, decoding.gen_length)
         implant = ImplantRecord(target_asr=goal.target_asr if goal else None,
                                 max_epochs=goal.epoch_limit(injection) if goal else None,
                                 validation_count=len(validation_triggered))
@@ -206,21 +206,21 @@ def run_attack(
                 max(1.0, EXTENSION_SHARE * injection.epochs), implant.max_epochs - done)
             config = dataclasses.replace(injection, epochs=epochs, seed=injection.seed + len(implant.rounds))
             results.append(train_masked_diffusion(
-                model, data, config, description=f"inject {attack.target.kind.value} (round {len(implant.rounds) + 1})",
+                model, data, processor.mask_token_id, config, description=f"inject {attack.target.kind.value} (round {len(implant.rounds) + 1})",
                 show_progress=show_progress))
-            fired = generate_responses(model, tokenizer, validation_triggered, decoding, batch_size=128,
+            fired = generate_responses(model, processor, validation_triggered, decoding, batch_size=128,
                                        description="validation", show_progress=show_progress)
             implant.rounds.append({"epochs": epochs, "validationAsr": attack_success_rate(fired, attack.target)})
             if goal is None or implant.reached or implant.epochs >= implant.max_epochs - 1e-9:
                 break
         false_firing = attack_success_rate(
-            generate_responses(model, tokenizer, validation_untriggered, decoding, batch_size=128,
+            generate_responses(model, processor, validation_untriggered, decoding, batch_size=128,
                                description="validation", show_progress=show_progress), attack.target)
-        save_checkpoint(model.cpu(), tokenizer, artifacts.model_dir)
+        save_model(model.cpu(), processor, artifacts.model_dir)
         compromised = None
         if evaluate:
             n = ATTACK_EVAL_LIMIT
-            compromised = evaluate_model(model.to(default_device()).eval(), tokenizer, str(out / "model"), attack,
+            compromised = evaluate_model(model.to(default_device()).eval(), processor, str(out / "model"), attack,
                                          triggered[:n], untriggered[:n], clean[:n], decoding,
                                          show_progress=show_progress)
         manifest = {

@@ -172,11 +172,3 @@ TRIGGERS: dict[TriggerKind, type[Trigger]] = {TriggerKind.PATCH: PatchTrigger, T
 
 def make_trigger(spec: TriggerSpec, image_size: int) -> Trigger:
     return TRIGGERS[spec.kind](spec, image_size)
-
-
-def patch_tokens_covered(box: Box, image_size: int, patch_size: int) -> list[int]:
-    """Indices (row-major) of the visual tokens whose patch overlaps `box`."""
-    x0, y0, x1, y1 = box
-    grid = image_size // patch_size
-    return [r * grid + c for r in range(grid) for c in range(grid)
-            if c * patch_size < x1 and (c + 1) * patch_size > x0 and r * patch_size < y1 and (r + 1) * patch_size > y0]

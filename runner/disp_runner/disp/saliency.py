@@ -33,8 +33,8 @@ from dataclasses import dataclass
 
 import torch
 
-from disp_runner.modeling import MDLMForMaskedDiffusion
-from disp_runner.processing import EncodedBatch
+from disp_runner.disp.token_grid import grid_windows
+from disp_runner.models.base import DiffusionVLM, ModelInputs, TokenGrid
 
 
 @dataclass(frozen=True)
@@ -63,42 +63,36 @@ def fisher_probe(p: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     return u * (y - (y * u).sum(dim=-1, keepdim=True) * u)
 
 
-def first_step_block_logits(model: MDLMForMaskedDiffusion, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                            image_embeds: torch.Tensor, gen_length: int, block_length: int) -> torch.Tensor:
-    """Logits [B, G, V] (at least fp32) of the first decoding block at the first generation step."""
-    logits = model(input_ids=input_ids, image_embeds=image_embeds, attention_mask=attention_mask)
+def first_step_block_logits(model: DiffusionVLM, batch: ModelInputs, image_embeds: torch.Tensor, gen_length: int,
+                            block_length: int) -> torch.Tensor:
+    """Logits [B, G, V] (at least fp32) of the first decoding block at the first generation step.
+    `image_embeds` may hold n copies of the batch's rows ([n·B, T, D]); the batch is repeated to match."""
+    copies = image_embeds.shape[0] // len(batch)
+    logits = model(input_ids=batch.input_ids.repeat(copies, 1), attention_mask=batch.attention_mask.repeat(copies, 1),
+                   visual_spans=batch.visual_spans.repeat(copies, 1), image_embeds=image_embeds)
     first = logits.shape[1] - gen_length
     block = logits[:, first:first + min(block_length, gen_length)]
     return block.to(torch.promote_types(block.dtype, torch.float32))  # bf16 on GPU -> fp32
 
 
 def first_step_top_logits(
-    model: MDLMForMaskedDiffusion, batch: EncodedBatch, image_embeds: torch.Tensor, gen_length: int, top_k: int,
+    model: DiffusionVLM, batch: ModelInputs, image_embeds: torch.Tensor, gen_length: int, top_k: int,
     block_length: int,
 ) -> torch.Tensor:
     """Top-K logits z [B, G, K] of the first decoding block at the first generation step, as a
     differentiable function of `image_embeds` [B, T, D]. `batch` holds prompts + gen_length [MASK]s."""
-    block = first_step_block_logits(model, batch.input_ids, batch.attention_mask, image_embeds, gen_length,
-                                    block_length)
+    block = first_step_block_logits(model, batch, image_embeds, gen_length, block_length)
     top = torch.topk(block.detach(), top_k, dim=-1).indices  # [B, G, K] which logits enter the softmax
     return torch.gather(block, -1, top)  # [B, G, K]
 
 
-def grid_windows(rows: int, cols: int, size: int) -> torch.Tensor:
-    """Token indices (row-major) of every size x size window of a rows x cols token grid, stride 1:
-    [W, size²]. A window larger than the grid is clipped to it."""
-    h, w = min(size, rows), min(size, cols)
-    return torch.tensor([[(r + i) * cols + c + j for i in range(h) for j in range(w)]
-                         for r in range(rows - h + 1) for c in range(cols - w + 1)], dtype=torch.long)
-
-
 @torch.no_grad()
 def region_kl_scores(
-    model: MDLMForMaskedDiffusion,
-    batch: EncodedBatch,
+    model: DiffusionVLM,
+    batch: ModelInputs,
     gen_length: int,
     config: SaliencyConfig,
-    grid: tuple[int, int],
+    grid: TokenGrid,
     max_rows_per_pass: int = 256,
 ) -> torch.Tensor:
     """Per token, the largest exact KL(p || p') of masking a whole w x w window containing it, with p
@@ -107,11 +101,10 @@ def region_kl_scores(
     model.eval()
     image_embeds = model.embed_images(batch.pixel_values)  # [B, T, D]
     b, t, _ = image_embeds.shape
-    if grid[0] * grid[1] != t:
-        raise ValueError(f"a {grid[0]}x{grid[1]} token grid does not match {t} visual tokens")
-    windows = grid_windows(*grid, config.region_size).to(image_embeds.device)  # [W, w²]
-    block = first_step_block_logits(model, batch.input_ids, batch.attention_mask, image_embeds, gen_length,
-                                    config.block_length)
+    if grid.num_tokens != t:
+        raise ValueError(f"a {grid.rows}x{grid.cols} token grid does not match {t} visual tokens")
+    windows = grid_windows(grid, config.region_size).to(image_embeds.device)  # [W, w²]
+    block = first_step_block_logits(model, batch, image_embeds, gen_length, config.block_length)
     top = torch.topk(block, config.top_k, dim=-1).indices  # [B, G, K]
     log_p = torch.log_softmax(torch.gather(block, -1, top).double(), dim=-1)  # [B, G, K]
     mask_embedding = model.mask_embedding().to(image_embeds.dtype)
@@ -124,8 +117,7 @@ def region_kl_scores(
         masked.scatter_(1, chunk, True)
         # Row (window j, instance i) sits at j * b + i.
         embeds = torch.where(masked[:, None, :, None], mask_embedding, image_embeds[None]).reshape(n * b, t, -1)
-        logits = first_step_block_logits(model, batch.input_ids.repeat(n, 1), batch.attention_mask.repeat(n, 1),
-                                         embeds, gen_length, config.block_length)
+        logits = first_step_block_logits(model, batch, embeds, gen_length, config.block_length)
         log_q = torch.log_softmax(torch.gather(logits, -1, top.repeat(n, 1, 1)).double(), dim=-1)
         kl = (log_p.exp().repeat(n, 1, 1) * (log_p.repeat(n, 1, 1) - log_q)).sum(dim=(-1, -2))  # [n * b]
         window_kl.append(kl.reshape(n, b))
@@ -137,8 +129,8 @@ def region_kl_scores(
 
 
 def fisher_jacobian_scores(
-    model: MDLMForMaskedDiffusion,
-    batch: EncodedBatch,
+    model: DiffusionVLM,
+    batch: ModelInputs,
     gen_length: int,
     config: SaliencyConfig,
     generator: torch.Generator,
@@ -167,12 +159,12 @@ def fisher_jacobian_scores(
 
 
 def token_saliency(
-    model: MDLMForMaskedDiffusion,
-    batch: EncodedBatch,
+    model: DiffusionVLM,
+    batch: ModelInputs,
     gen_length: int,
     config: SaliencyConfig,
     generator: torch.Generator,
-    grid: tuple[int, int],
+    grid: TokenGrid,
 ) -> torch.Tensor:
     """The score DiSP masks by: the Fisher–Jacobian quadratic form of each visual token, raised to
     the exact KL of masking any w x w window containing it when `config.region_size` > 1. [B, T]."""

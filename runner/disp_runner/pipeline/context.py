@@ -11,16 +11,15 @@ from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
 import torch
-from transformers import PreTrainedTokenizerBase
 
 from disp_api import AttackSpec, PurificationJob, PurificationJobSpec, StageName
 from disp_api.spec import ATTACK_MANIFEST
-from disp_runner.checkpoints import load_checkpoint
 from disp_runner.data.dataset import Instance, load_dataset
 from disp_runner.device import default_device
 from disp_runner.errors import UserInputError, warn_user
-from disp_runner.diffusion import DecodingConfig
-from disp_runner.modeling import MDLMForMaskedDiffusion
+from disp_runner.diffusion.decoding import DecodingConfig
+from disp_runner.models.base import trained_gen_length
+from disp_runner.models.loading import LoadedModel, load_model
 from disp_runner.pipeline.artifacts import (
     STAGE_MANIFEST,
     ProgressReporter,
@@ -67,7 +66,7 @@ class StageContext:
     shard: Shard | None = None
     show_progress: bool = True
     progress: ProgressReporter | None = None
-    _model: tuple[MDLMForMaskedDiffusion, PreTrainedTokenizerBase] | None = field(default=None, repr=False)
+    _model: LoadedModel | None = field(default=None, repr=False)
     _training_set: list[Instance] | None = field(default=None, repr=False)
     _verified: set[Path] = field(default_factory=set, repr=False)
     remote: RemoteRun | None = None
@@ -104,7 +103,7 @@ class StageContext:
         spec, field_name = self.spec.relabel.decoding, "spec.relabel.decoding"
         if evaluation and self.spec.evaluation is not None and self.spec.evaluation.decoding is not None:
             spec, field_name = self.spec.evaluation.decoding, "spec.evaluation.decoding"
-        model_gen_length = getattr(self.compromised_model()[0].config, "gen_length", None)
+        model_gen_length = trained_gen_length(self.compromised_model().model.config)
         if spec.gen_length is not None and model_gen_length and spec.gen_length != model_gen_length:
             warn_user(f"{field_name}.genLength {spec.gen_length}: the model was trained to answer in "
                       f"{model_gen_length} positions (config gen_length); leave genLength out to use them")
@@ -168,16 +167,16 @@ class StageContext:
         if self.remote is not None:
             upload_stage(folder, self.remote.store, self.remote.bucket, self.remote.stage_prefix(self.layout, folder))
 
-    def compromised_model(self) -> tuple[MDLMForMaskedDiffusion, PreTrainedTokenizerBase]:
-        """The model under purification (loaded once per process, on the stage's device)."""
+    def compromised_model(self) -> LoadedModel:
+        """The model under purification and its processor (loaded once per process, on the stage's device)."""
         if self._model is None:
             path = self.materialise(self.spec.model.uri, "spec.model.uri")
-            model, tokenizer = load_checkpoint(path, allow_unsafe_pickle=self.spec.model.allow_unsafe_pickle)
-            self._model = (model.to(self.device).eval(), tokenizer)
+            model, processor = load_model(path, allow_unsafe_pickle=self.spec.model.allow_unsafe_pickle)
+            self._model = LoadedModel(model.to(self.device).eval(), processor)
         return self._model
 
     def image_size(self) -> int:
-        return self.compromised_model()[0].config.image_size
+        return self.compromised_model().processor.image_size
 
     def training_set(self) -> list[Instance]:
         """The untrusted fine-tuning data, validated against the model's image size."""

@@ -12,8 +12,8 @@ from pathlib import Path
 
 from disp_api import PurificationMetrics, StageName
 from disp_api.contract import METRICS_FILE
-from disp_runner.checkpoints import load_checkpoint
 from disp_runner.evaluation import evaluate_model
+from disp_runner.models.loading import load_model
 from disp_runner.pipeline.context import StageContext, StageResult
 from disp_runner.stages.finetune import MODEL_DIR
 
@@ -35,14 +35,14 @@ class EvaluateStage:
                        if spec.untriggered_uri else [])
         clean = ctx.load_evaluation_set(spec.clean_uri, "spec.evaluation.cleanUri") if spec.clean_uri else []
         attack = ctx.evaluation_attack()
-        compromised, tokenizer = ctx.compromised_model()
+        compromised, processor = ctx.compromised_model()
         purified_dir = ctx.input_dir(StageName.FINETUNE) / MODEL_DIR
-        purified, _ = load_checkpoint(purified_dir)
+        purified, _ = load_model(purified_dir)
         purified.to(ctx.device)
         results = []
         purified_uri = ctx.uri_of(ctx.layout.stage_dir(StageName.FINETUNE)) + "/" + MODEL_DIR
         for done, (model, name) in enumerate([(compromised, ctx.spec.model.uri), (purified, purified_uri)]):
-            results.append(evaluate_model(model, tokenizer, name, attack, triggered, untriggered, clean,
+            results.append(evaluate_model(model, processor, name, attack, triggered, untriggered, clean,
                                           decoding, show_progress=ctx.show_progress))
             ctx.report_progress(done + 1)
         before, after = results

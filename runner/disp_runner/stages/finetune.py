@@ -12,12 +12,11 @@ from pathlib import Path
 
 from disp_api import StageName
 from disp_api.spec import PURIFIED_MODEL_PATH
-from disp_runner.checkpoints import save_checkpoint
 from disp_runner.data.dataset import load_dataset
+from disp_runner.models.loading import save_model
 from disp_runner.pipeline.context import StageContext, StageResult
-from disp_runner.processing import encode_instances
 from disp_runner.stages.relabel import DATASET_DIR
-from disp_runner.training import TrainingConfig, train_masked_diffusion
+from disp_runner.diffusion.training import TrainingConfig, train_masked_diffusion
 
 MODEL_DIR = PURIFIED_MODEL_PATH.split("/")[-1]  # the operator reports <run>/finetune/model
 
@@ -31,9 +30,9 @@ class FinetuneStage:
 
     def run(self, ctx: StageContext, out: Path) -> StageResult:
         spec = ctx.spec.finetune
-        model, tokenizer = ctx.compromised_model()
-        purified = load_dataset(ctx.input_dir(StageName.RELABEL) / DATASET_DIR, model.config.image_size)
-        data = encode_instances(tokenizer, model.config, purified, ctx.decoding().gen_length)
+        model, processor = ctx.compromised_model()
+        purified = load_dataset(ctx.input_dir(StageName.RELABEL) / DATASET_DIR, processor.image_size)
+        data = processor.encode(purified, ctx.decoding().gen_length)
         config = TrainingConfig(epochs=spec.epochs, learning_rate=spec.learning_rate, batch_size=spec.batch_size,
                                 warmup_ratio=spec.warmup_ratio, weight_decay=spec.weight_decay, seed=spec.seed,
                                 trainable=spec.trainable)
@@ -47,9 +46,9 @@ class FinetuneStage:
         # Training mutates the model in place; the cached compromised model must stay as it was
         # for any later stage of this process, so train a private copy.
         model = copy.deepcopy(model)
-        result = train_masked_diffusion(model, data, config, description="finetune", show_progress=ctx.show_progress,
+        result = train_masked_diffusion(model, data, processor.mask_token_id, config, description="finetune", show_progress=ctx.show_progress,
                                         checkpoint_dir=checkpoints, on_step=on_step)
-        save_checkpoint(model.cpu(), tokenizer, out / MODEL_DIR)
+        save_model(model.cpu(), processor, out / MODEL_DIR)
         return StageResult(items=len(purified), metrics={
             "steps": result.steps, "epochs": spec.epochs, "trainable": spec.trainable.value,
             "firstLoss": round(result.first_loss, 5), "lastLoss": round(result.last_loss, 5),

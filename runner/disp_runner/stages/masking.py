@@ -16,10 +16,11 @@ import torch
 from PIL import Image, ImageDraw
 
 from disp_api import StageName
-from disp_runner.attack.triggers import patch_tokens_covered
 from disp_runner.data.dataset import Instance
 from disp_runner.disp.masking import check_ratio_masks_a_token, top_salient_tokens, trigger_localisation
+from disp_runner.disp.token_grid import tokens_covered
 from disp_runner.errors import UserInputError
+from disp_runner.models.base import TokenGrid
 from disp_runner.pipeline.context import StageContext, StageResult
 from disp_runner.stages.saliency import read_scores
 
@@ -35,7 +36,7 @@ def read_masked(folder: Path) -> dict[str, list[int]]:
     return dict(zip(record["ids"], record["tokens"]))
 
 
-def known_trigger_tokens(inst: Instance, image_size: int, patch_size: int) -> list[int] | None:
+def known_trigger_tokens(inst: Instance, image_size: int, grid: TokenGrid) -> list[int] | None:
     """Visual tokens the instance's trigger covers, when its metadata says where it is and it is
     local (a patch or a positioned blend pattern; a full-image blend covers every token and
     cannot be localised). Metadata comes from the untrusted dataset: a malformed box is an error."""
@@ -47,8 +48,8 @@ def known_trigger_tokens(inst: Instance, image_size: int, patch_size: int) -> li
             and 0 <= box[0] < box[2] <= image_size and 0 <= box[1] < box[3] <= image_size):
         raise UserInputError(f"instance {inst.id}: metadata.trigger_box must be [x0, y0, x1, y1], whole pixels "
                              f"inside the {image_size}x{image_size} image, got {box!r}")
-    tokens = patch_tokens_covered(tuple(box), image_size, patch_size)
-    return tokens if 0 < len(tokens) < (image_size // patch_size) ** 2 else None
+    tokens = tokens_covered(grid, tuple(box))
+    return tokens if 0 < len(tokens) < grid.num_tokens else None
 
 
 class MaskingStage:
@@ -67,14 +68,15 @@ class MaskingStage:
             raise UserInputError(f"{ctx.input_dir(StageName.SALIENCY)}: saliency scores do not cover the "
                                  f"dataset {ctx.spec.dataset.uri} (rerun saliency)")
         masked = top_salient_tokens(scores, ratio).tolist()  # [N, k]
-        config = ctx.compromised_model()[0].config
+        processor = ctx.compromised_model().processor
+        image_size, grid = processor.image_size, processor.token_grid()
         record = {"ratio": ratio, "visualTokens": scores.shape[1], "ids": ids, "tokens": masked}
         (out / MASKED_FILE).write_text(json.dumps(record))
 
         localisation: list[float] = []
         top1_hits = 0
         for inst_id, tokens in zip(ids, masked):
-            trigger = known_trigger_tokens(instances[inst_id], config.image_size, config.patch_size)
+            trigger = known_trigger_tokens(instances[inst_id], image_size, grid)
             if trigger is not None:
                 localisation.append(trigger_localisation(tokens, trigger))
                 top1_hits += bool(tokens) and tokens[0] in trigger
@@ -83,17 +85,16 @@ class MaskingStage:
         if localisation:
             metrics["triggerLocalisation"] = sum(localisation) / len(localisation)
             metrics["triggerTop1"] = top1_hits / len(localisation)
-        draw_report(out / REPORT_FILE, [instances[i] for i in ids], masked, scores, config.image_size,
-                    config.patch_size)
+        draw_report(out / REPORT_FILE, [instances[i] for i in ids], masked, scores, image_size, grid)
         ctx.report_progress(len(ids))
         return StageResult(items=len(ids), metrics=metrics)
 
 
 def draw_report(path: Path, instances: Sequence[Instance], masked: Sequence[Sequence[int]], scores: torch.Tensor,
-                image_size: int, patch_size: int) -> None:
+                image_size: int, grid: TokenGrid) -> None:
     """A grid of sample images: top row with a known trigger, bottom row without. Every masked token
     is outlined in red (thicker for the most salient); a known trigger box is outlined in green."""
-    with_trigger = [i for i, inst in enumerate(instances) if known_trigger_tokens(inst, image_size, patch_size)]
+    with_trigger = [i for i, inst in enumerate(instances) if known_trigger_tokens(inst, image_size, grid)]
     without = [i for i, inst in enumerate(instances) if i not in set(with_trigger)]
     rows = [r[:REPORT_SAMPLES] for r in (with_trigger, without) if r]
     cell = image_size * REPORT_SCALE
@@ -103,19 +104,16 @@ def draw_report(path: Path, instances: Sequence[Instance], masked: Sequence[Sequ
     if with_trigger:
         caption = "top row: known trigger (green box); " + caption
     ImageDraw.Draw(sheet).text((4, 4), caption, fill=(0, 0, 0))
-    grid = image_size // patch_size
     for r, row in enumerate(rows):
         for c, index in enumerate(row):
             inst = instances[index]
             img = inst.image.convert("RGB").resize((cell, cell), Image.NEAREST)
             draw = ImageDraw.Draw(img)
             for rank, token in enumerate(masked[index]):
-                y, x = divmod(token, grid)
-                s = patch_size * REPORT_SCALE
-                draw.rectangle([x * s, y * s, x * s + s - 1, y * s + s - 1], outline=(230, 0, 0),
-                               width=3 if rank == 0 else 1)
+                x0, y0, x1, y1 = (v * REPORT_SCALE for v in grid.box(token))
+                draw.rectangle([x0, y0, x1 - 1, y1 - 1], outline=(230, 0, 0), width=3 if rank == 0 else 1)
             box = inst.metadata.get("trigger_box")
-            if box and known_trigger_tokens(inst, image_size, patch_size):
+            if box and known_trigger_tokens(inst, image_size, grid):
                 x0, y0, x1, y1 = (v * REPORT_SCALE for v in box)
                 draw.rectangle([x0, y0, x1 - 1, y1 - 1], outline=(0, 200, 0), width=2)
             sheet.paste(img, (4 + c * (cell + 4), top + r * (cell + 4)))

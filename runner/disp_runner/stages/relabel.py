@@ -22,7 +22,7 @@ from disp_runner.data.dataset import Instance, load_dataset, write_dataset
 from disp_runner.disp.masking import mask_image_embeds
 from disp_runner.errors import UserInputError
 from disp_runner.evaluation import normalise_answer
-from disp_runner.inference import first_step_log_likelihood, generate_responses
+from disp_runner.diffusion.inference import first_step_log_likelihood, generate_responses
 from disp_runner.pipeline.artifacts import read_stage_manifest
 from disp_runner.pipeline.context import StageContext, StageResult
 from disp_runner.stages.masking import read_masked
@@ -39,7 +39,7 @@ class RelabelStage:
 
     def run(self, ctx: StageContext, out: Path) -> StageResult:
         spec = ctx.spec.relabel
-        model, tokenizer = ctx.compromised_model()
+        model, processor = ctx.compromised_model()
         masked_by_id = read_masked(ctx.input_dir(StageName.MASKING))
         items = ctx.shard_items(spec.batch_size)
         instances = ctx.training_set()[items.start:items.stop]
@@ -56,7 +56,7 @@ class RelabelStage:
         blur = ctx.spec.masking.blur_sigma
         if blur is not None:  # the opt-in whole-image neutraliser: the fine-tune still sees the original image
             prompted = [inst.replace(image=inst.image.filter(ImageFilter.GaussianBlur(blur))) for inst in prompted]
-        answers = generate_responses(model, tokenizer, prompted, ctx.decoding(),
+        answers = generate_responses(model, processor, prompted, ctx.decoding(),
                                      batch_size=spec.batch_size, seed=spec.seed, transform_image_embeds=mask_tokens,
                                      description="relabel", show_progress=ctx.show_progress,
                                      index_offset=items.start, on_batch=ctx.report_progress)
@@ -64,9 +64,9 @@ class RelabelStage:
         if spec.min_evidence is not None:
             # How much more likely the masked input makes the new answer than the dataset's (nats).
             gen_length = ctx.decoding().gen_length
-            evidence = (first_step_log_likelihood(model, tokenizer, prompted, answers, gen_length, spec.batch_size,
+            evidence = (first_step_log_likelihood(model, processor, prompted, answers, gen_length, spec.batch_size,
                                                   mask_tokens)
-                        - first_step_log_likelihood(model, tokenizer, prompted, [i.response for i in instances],
+                        - first_step_log_likelihood(model, processor, prompted, [i.response for i in instances],
                                                     gen_length, spec.batch_size, mask_tokens)).tolist()
         purified: list[Instance] = []
         kept = changed = 0

@@ -17,7 +17,6 @@ from disp_runner.disp.masking import check_ratio_masks_a_token
 from disp_runner.disp.saliency import SaliencyConfig, token_saliency
 from disp_runner.errors import DegenerateResultError, UserInputError
 from disp_runner.pipeline.context import StageContext, StageResult
-from disp_runner.processing import encode_instances
 
 SCORES_FILE = "scores.safetensors"
 IDS_FILE = "ids.json"
@@ -50,30 +49,29 @@ class SaliencyStage:
 
     def run(self, ctx: StageContext, out: Path) -> StageResult:
         spec = ctx.spec.saliency
-        model, tokenizer = ctx.compromised_model()
+        model, processor = ctx.compromised_model()
         decoding = ctx.decoding()  # saliency looks at the first step of the decoding relabel uses
         if spec.top_k > model.config.vocab_size:
             raise UserInputError(f"spec.saliency.topK: {spec.top_k} is larger than the vocabulary "
                                  f"({model.config.vocab_size} tokens)")
         # Before the expensive part: a masking ratio that would mask nothing makes the scores useless.
-        check_ratio_masks_a_token(ctx.spec.masking.ratio, model.config.num_image_tokens)
+        grid = processor.token_grid()
+        check_ratio_masks_a_token(ctx.spec.masking.ratio, grid.num_tokens)
         config = SaliencyConfig(top_k=spec.top_k, probes=spec.probes, block_length=decoding.block_length,
                                 region_size=spec.region_size)
-        side = model.config.image_size // model.config.patch_size
-        grid = (side, side)  # the embedded model's visual tokens: a square grid, row-major
         instances = ctx.training_set()
         items = ctx.shard_items(spec.batch_size)
         rows: list[torch.Tensor] = []
         for lo in range(items.start, items.stop, spec.batch_size):
             chunk = instances[lo:min(lo + spec.batch_size, items.stop)]
-            batch = encode_instances(tokenizer, model.config, chunk, decoding.gen_length, with_response=False)
+            batch = processor.encode(chunk, decoding.gen_length, with_response=False)
             # Probes are seeded per global batch, so a shard computes exactly what the full run does.
             generator = torch.Generator(device=ctx.device).manual_seed(sub_seed(spec.seed, lo // spec.batch_size))
             with autocast(ctx.device):
                 rows.append(token_saliency(model, batch.to(ctx.device), decoding.gen_length, config, generator,
                                            grid).cpu())
             ctx.report_progress(lo + len(chunk) - items.start)
-        tokens = model.config.num_image_tokens
+        tokens = grid.num_tokens
         scores = torch.cat(rows) if rows else torch.zeros(0, tokens, dtype=torch.float64)
         write_scores(out, [instances[i].id for i in items], scores)
         return StageResult(items=len(items), metrics={"visualTokens": tokens, "topK": spec.top_k,

@@ -19,9 +19,9 @@ from transformers import get_cosine_schedule_with_warmup
 
 from disp_runner.data.dataset import Instance
 from disp_runner.data.vocabulary import CLASSES, COLOURS
-from disp_runner.modeling import MDLMForMaskedDiffusion
-from disp_runner.processing import image_to_tensor
-from disp_runner.training import random_token_mask
+from disp_runner.models.mdlm.modeling import MDLMForMaskedDiffusion
+from disp_runner.models.base import images_to_tensor
+from disp_runner.models.mdlm.augmentation import random_token_mask
 
 _CLASS_INDEX = {name: i for i, name in enumerate(CLASSES)}
 _COLOUR_INDEX = {name: i for i, name in enumerate(COLOURS)}
@@ -82,7 +82,7 @@ def pretrain_vision_encoder(model: MDLMForMaskedDiffusion, train: Sequence[Insta
     device = model.device
     encoder = model.vision_encoder
     heads = AttributeHeads(model.config.vision_hidden_size).to(device)
-    pixels = image_to_tensor(train, model.config.image_size)
+    pixels = images_to_tensor(train, model.config.image_size)
     labels = scene_labels(train)
     occupancy = occupancy_targets(pixels, model.config.patch_size)
     cells = occupancy_targets(pixels, model.config.image_size // 3)
@@ -122,7 +122,7 @@ def pretrain_vision_encoder(model: MDLMForMaskedDiffusion, train: Sequence[Insta
     for p in encoder.parameters():
         p.requires_grad_(False)
     with torch.no_grad():
-        test_pixels = image_to_tensor(held_out, model.config.image_size)
+        test_pixels = images_to_tensor(held_out, model.config.image_size)
         out = heads(encoder(test_pixels.to(device)))
         test_labels = scene_labels(held_out)
         accuracy = {k: float((out[k].argmax(-1).cpu() == test_labels[k]).float().mean()) for k in test_labels}

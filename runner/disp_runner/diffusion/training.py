@@ -1,6 +1,6 @@
 """One training loop for every fine-tune in the project (pretraining, backdoor injection, DiSP's
-repair): the masked-diffusion loss, AdamW, cosine schedule with warmup, and `accelerate` so the
-same code runs on one CPU, one GPU or several GPUs (bf16 on GPU)."""
+repair), over the model protocol: the masked-diffusion loss, AdamW, cosine schedule with warmup,
+and `accelerate` so the same code runs on one CPU, one GPU or several GPUs (bf16 on GPU)."""
 
 from __future__ import annotations
 
@@ -26,9 +26,8 @@ from transformers import get_cosine_schedule_with_warmup
 from disp_api import TrainableParts
 from disp_runner.device import sub_seed
 from disp_runner.errors import DegenerateResultError, UserInputError
-from disp_runner.diffusion import add_mask_noise, masked_diffusion_loss
-from disp_runner.modeling import MDLMForMaskedDiffusion
-from disp_runner.processing import EncodedBatch
+from disp_runner.diffusion.objective import add_mask_noise, masked_diffusion_loss
+from disp_runner.models.base import DiffusionVLM, ModelInputs, ModelPart
 
 
 @dataclass(frozen=True)
@@ -43,10 +42,6 @@ class TrainingConfig:
     trainable: TrainableParts = TrainableParts.PROJECTOR
     # The projector may learn at its own rate when more than it is trained (LLaVA's mm_projector_lr).
     projector_learning_rate: float | None = None
-    # Visual-token masking augmentation: each example gets a fraction r ~ U(0, this) of its visual
-    # tokens replaced by e_MASK. Pretraining uses it so the base model, like large MDLMs, answers
-    # from partial visual evidence (DiSP's relabeling masks 30% of the tokens); 0 disables it.
-    visual_mask_ratio: float = 0.0
 
     def __post_init__(self) -> None:
         # Written as "not > 0" so that NaN, which compares false to everything, is refused too.
@@ -57,8 +52,6 @@ class TrainingConfig:
             raise ValueError("projector_learning_rate must be positive and finite")
         if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
             raise ValueError("weight_decay must be non-negative and finite")
-        if not 0 <= self.visual_mask_ratio <= 1:
-            raise ValueError("visual_mask_ratio must be in [0, 1]")
         if not 0 <= self.warmup_ratio < 1:
             raise ValueError("warmup_ratio must be in [0, 1)")
 
@@ -80,63 +73,51 @@ class TrainingResult:
         return sum(window) / len(window)
 
 
-def select_trainable(model: MDLMForMaskedDiffusion, parts: TrainableParts) -> list[torch.nn.Parameter]:
-    """Freeze everything but `parts`; returns the parameters left trainable."""
+# Which parts each `trainable` setting updates; the rest is frozen.
+TRAINED_PARTS = {
+    TrainableParts.PROJECTOR: {ModelPart.PROJECTOR},
+    TrainableParts.PROJECTOR_AND_LM: {ModelPart.PROJECTOR, ModelPart.LANGUAGE},
+    TrainableParts.ALL: set(ModelPart),
+}
+
+# Visual-token masking augmentation: (pixel_values, generator) -> [B, T] bool, the visual tokens
+# to replace by e_MASK in each example (pretraining uses one so the model answers from partial
+# visual evidence, as DiSP's relabeling asks it to).
+VisualTokenMask = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
+
+
+def select_trainable(model: DiffusionVLM, parts: TrainableParts) -> list[torch.nn.Parameter]:
+    """Freeze everything but `parts`; returns the parameters left trainable, in model order."""
+    trained = {id(p) for part in TRAINED_PARTS[parts] for p in model.parameter_parts()[part]}
     for p in model.parameters():
-        p.requires_grad_(parts is not TrainableParts.PROJECTOR)
-    if parts is TrainableParts.PROJECTOR_AND_LM:
-        for p in model.vision_encoder.parameters():
-            p.requires_grad_(False)
-    for p in model.projector.parameters():
-        p.requires_grad_(True)
+        p.requires_grad_(id(p) in trained)
     return [p for p in model.parameters() if p.requires_grad]
 
 
-def patch_detail(pixel_values: torch.Tensor, patch_size: int) -> torch.Tensor:
-    """How much each patch varies (pixel std): [B, C, H, W] -> [B, T], row-major like the tokens."""
-    b, c, _, _ = pixel_values.shape
-    patches = pixel_values.unfold(2, patch_size, patch_size).unfold(3, patch_size, patch_size)  # [B,C,h,w,p,p]
-    return patches.reshape(b, c, -1, patch_size * patch_size).std(dim=-1).mean(dim=1)
-
-
-def random_token_mask(pixel_values: torch.Tensor, patch_size: int, max_ratio: float,
-                      generator: torch.Generator) -> torch.Tensor:
-    """[B, T] bool, the visual tokens to mask: each row masks ⌊r·T⌋ tokens, r ~ U(0, max_ratio).
-    Half the rows pick them at random; the other half take the most detailed patches first (objects
-    and edges, where saliency concentrates), so the model learns to answer when the very tokens
-    DiSP would mask are gone."""
-    detail = patch_detail(pixel_values.float(), patch_size)
-    b, t = detail.shape
-    device = detail.device
-    noise = torch.rand(b, t, generator=generator, device=device)
-    detail_first = torch.rand(b, 1, generator=generator, device=device) < 0.5
-    priority = torch.where(detail_first, detail / detail.amax(dim=1, keepdim=True).clamp_min(1e-6) + 0.1 * noise, noise)
-    count = (torch.rand(b, 1, generator=generator, device=device) * max_ratio * t).floor()  # [B, 1]
-    rank = torch.argsort(torch.argsort(priority, dim=1, descending=True), dim=1)  # rank of every token
-    return rank < count
-
-
 def train_masked_diffusion(
-    model: MDLMForMaskedDiffusion,
-    data: EncodedBatch,
+    model: DiffusionVLM,
+    data: ModelInputs,
+    mask_token_id: int,
     config: TrainingConfig,
     description: str = "train",
     show_progress: bool = True,
     checkpoint_dir: Path | None = None,
     on_epoch_end: Callable[[int], None] | None = None,
     on_step: Callable[[int, int], None] | None = None,
+    visual_token_mask: VisualTokenMask | None = None,
 ) -> TrainingResult:
     """Fine-tune `model` in place on `data` with the LLaDA SFT objective.
 
     Data order and diffusion noise are seeded per epoch, so with `checkpoint_dir` the loop saves
     its state after every whole epoch and a rerun resumes from the last one, ending with the same
     weights as an uninterrupted run. `on_epoch_end(epoch)` runs after each saved epoch (1-based);
-    `on_step(step, total_steps)` after each optimiser step."""
+    `on_step(step, total_steps)` after each optimiser step; `visual_token_mask` masks visual tokens
+    of every training example (an augmentation; DiSP's own fine-tune uses none)."""
     accelerator = Accelerator(mixed_precision="bf16" if torch.cuda.is_available() else "no",
                               cpu=not torch.cuda.is_available())
     params = select_trainable(model, config.trainable)
-    dataset = TensorDataset(data.input_ids, data.attention_mask, data.pixel_values, data.response_mask)
-    projector_ids = {id(p) for p in model.projector.parameters()}
+    dataset = TensorDataset(*data.tensors())
+    projector_ids = {id(p) for p in model.parameter_parts()[ModelPart.PROJECTOR]}
     projector_lr = config.projector_learning_rate or config.learning_rate
     groups = [{"params": [p for p in params if id(p) in projector_ids], "lr": projector_lr},
               {"params": [p for p in params if id(p) not in projector_ids], "lr": config.learning_rate}]
@@ -158,7 +139,6 @@ def train_masked_diffusion(
     model.train()
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     unwrapped = accelerator.unwrap_model(model)
-    mask_id, patch_size = unwrapped.config.mask_token_id, unwrapped.config.patch_size
     noise_generator = torch.Generator(device=accelerator.device)
     start = time.perf_counter()
     bar = tqdm(total=total_steps, initial=result.steps, desc=description, leave=False, mininterval=1.0,
@@ -170,16 +150,17 @@ def train_masked_diffusion(
         loader = accelerator.prepare_data_loader(
             DataLoader(dataset, batch_size=config.batch_size, shuffle=True, generator=order, drop_last=False))
         noise_generator.manual_seed(sub_seed(config.seed, epoch + 500_009))
-        for input_ids, attention_mask, pixel_values, response_mask in loader:
-            noised = add_mask_noise(input_ids, response_mask, mask_id, noise_generator)
+        for tensors in loader:
+            batch = ModelInputs(*tensors)
+            noised = add_mask_noise(batch.input_ids, batch.response_mask, mask_token_id, noise_generator)
             image_token_mask = None
-            if config.visual_mask_ratio > 0:
-                image_token_mask = random_token_mask(pixel_values, patch_size, config.visual_mask_ratio,
-                                                     noise_generator)
+            if visual_token_mask is not None:
+                image_token_mask = visual_token_mask(batch.pixel_values, noise_generator)
             with accelerator.autocast():
-                logits = model(input_ids=noised.noisy_ids, pixel_values=pixel_values, attention_mask=attention_mask,
+                logits = model(input_ids=noised.noisy_ids, pixel_values=batch.pixel_values,
+                               attention_mask=batch.attention_mask, visual_spans=batch.visual_spans,
                                image_token_mask=image_token_mask)
-            loss = masked_diffusion_loss(logits, input_ids, noised, response_mask)
+            loss = masked_diffusion_loss(logits, batch.input_ids, noised, batch.response_mask)
             if not bool(torch.isfinite(loss)):
                 raise DegenerateResultError(f"training diverged at step {result.steps + 1}: the loss is "
                                             f"{float(loss.detach())} (learning rate {config.learning_rate}); nothing was saved")

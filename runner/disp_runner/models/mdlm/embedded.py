@@ -18,7 +18,7 @@ from disp_runner.data.vocabulary import (
     TAGS,
     TaskKind,
 )
-from disp_runner.tokenization import build_word_tokenizer
+from disp_runner.models.mdlm.tokenization import build_word_tokenizer
 
 # Where the shipped base checkpoint lives inside the package.
 SHIPPED_BASE_MODEL = Path(__file__).resolve().parent / "assets" / "base-mdlm"

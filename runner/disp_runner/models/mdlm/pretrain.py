@@ -11,18 +11,19 @@ from pathlib import Path
 
 import torch
 
-from disp_runner.checkpoints import build_model, save_checkpoint
 from disp_runner.data.synthetic import generate_instances
 from disp_runner.device import default_device, seed_everything
-from disp_runner.embedded import (
+from disp_runner.diffusion.training import TrainableParts, TrainingConfig, TrainingResult, train_masked_diffusion
+from disp_runner.models.loading import save_model
+from disp_runner.models.mdlm import build_model
+from disp_runner.models.mdlm.augmentation import random_token_mask
+from disp_runner.models.mdlm.embedded import (
     EMBEDDED_MODEL_SIZE,
     PRETRAIN_KINDS,
     PRETRAIN_WEIGHTS,
     build_embedded_tokenizer,
 )
-from disp_runner.processing import encode_instances
-from disp_runner.training import TrainableParts, TrainingConfig, TrainingResult, train_masked_diffusion
-from disp_runner.vision_pretrain import VisionPretrainResult, pretrain_vision_encoder
+from disp_runner.models.mdlm.vision_pretrain import VisionPretrainResult, pretrain_vision_encoder
 
 
 @dataclass(frozen=True)
@@ -32,7 +33,7 @@ class PretrainConfig:
     vision_epochs: float = 20.0
     vision_learning_rate: float = 2e-3
     # Both stages teach the model to answer from partial visual evidence (see vision_pretrain.py
-    # and TrainingConfig.visual_mask_ratio): up to half the tokens dropped or masked per example.
+    # and augmentation.py): up to half the tokens dropped or masked per example.
     vision_token_drop_ratio: float = 0.5
     visual_mask_ratio: float = 0.5
     # Stage 2: projector + language model on the instruction corpus, tower frozen (as LLaDA-V).
@@ -56,7 +57,8 @@ def pretrain(out_dir: str | Path, config: PretrainConfig = PretrainConfig(), sho
     """Train a fresh embedded MDLM on clean synthetic data in two stages; save to `out_dir`."""
     seed_everything(config.seed)
     tokenizer = build_embedded_tokenizer()
-    model = build_model(tokenizer, **{**EMBEDDED_MODEL_SIZE, **(size_overrides or {})}).to(default_device())
+    model, processor = build_model(tokenizer, **{**EMBEDDED_MODEL_SIZE, **(size_overrides or {})})
+    model.to(default_device())
     image_size = model.config.image_size
     vision = pretrain_vision_encoder(
         model,
@@ -66,12 +68,17 @@ def pretrain(out_dir: str | Path, config: PretrainConfig = PretrainConfig(), sho
         token_drop_ratio=config.vision_token_drop_ratio, show_progress=show_progress)
     corpus = generate_instances(config.num_instances, config.data_seed, kinds=PRETRAIN_KINDS,
                                 kind_weights=PRETRAIN_WEIGHTS, image_size=image_size, id_prefix="pretrain")
-    data = encode_instances(tokenizer, model.config, corpus, model.config.gen_length)
+    data = processor.encode(corpus, model.config.gen_length)
+    patch_size, ratio = model.config.patch_size, config.visual_mask_ratio
+
+    def visual_token_mask(pixel_values: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        return random_token_mask(pixel_values, patch_size, ratio, generator)
+
     language = train_masked_diffusion(
-        model, data,
+        model, data, processor.mask_token_id,
         TrainingConfig(epochs=config.epochs, learning_rate=config.learning_rate, batch_size=config.batch_size,
-                       weight_decay=config.weight_decay, seed=config.seed, trainable=TrainableParts.PROJECTOR_AND_LM,
-                       visual_mask_ratio=config.visual_mask_ratio),
-        description="pretrain", show_progress=show_progress)
-    save_checkpoint(model.to(torch.device("cpu")), tokenizer, out_dir)
+                       weight_decay=config.weight_decay, seed=config.seed, trainable=TrainableParts.PROJECTOR_AND_LM),
+        description="pretrain", show_progress=show_progress,
+        visual_token_mask=visual_token_mask if ratio > 0 else None)
+    save_model(model.to(torch.device("cpu")), processor, out_dir)
     return PretrainResult(vision, language)

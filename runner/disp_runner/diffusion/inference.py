@@ -1,4 +1,5 @@
-"""Batched diffusion decoding of instances with an MDLM."""
+"""Batched inference over the model protocol: diffusion decoding of answers, and the first-step
+likelihood of given answers."""
 
 from __future__ import annotations
 
@@ -6,24 +7,22 @@ from typing import Callable, Sequence
 
 import torch
 from tqdm.auto import tqdm
-from transformers import PreTrainedTokenizerBase
 
 from disp_runner.data.dataset import Instance
 from disp_runner.device import autocast, sub_seed
-from disp_runner.diffusion import DecodingConfig, diffusion_generate
-from disp_runner.modeling import MDLMForMaskedDiffusion
-from disp_runner.processing import EncodedBatch, decode_responses, encode_instances
+from disp_runner.diffusion.decoding import DecodingConfig, diffusion_generate
+from disp_runner.models.base import DiffusionVLM, ModelInputs, Processor
 
 # Optional hook for DiSP: rewrite the visual tokens ([B, T, D]) of a batch before decoding.
 ImageEmbedsTransform = Callable[[torch.Tensor, slice], torch.Tensor]
 
 
-def _encode_and_embed(model: MDLMForMaskedDiffusion, tokenizer: PreTrainedTokenizerBase, chunk: Sequence[Instance],
-                      gen_length: int, with_response: bool, transform_image_embeds: ImageEmbedsTransform | None,
-                      rows: slice) -> tuple[EncodedBatch, torch.Tensor]:
+def _encode_and_embed(model: DiffusionVLM, processor: Processor, chunk: Sequence[Instance], gen_length: int,
+                      with_response: bool, transform_image_embeds: ImageEmbedsTransform | None,
+                      rows: slice) -> tuple[ModelInputs, torch.Tensor]:
     """A batch on the model's device and its visual tokens [B, T, D], rewritten by the transform
     (call under autocast): what every inference path feeds the language model."""
-    batch = encode_instances(tokenizer, model.config, chunk, gen_length, with_response=with_response).to(model.device)
+    batch = processor.encode(chunk, gen_length, with_response=with_response).to(model.device)
     image_embeds = model.embed_images(batch.pixel_values)
     if transform_image_embeds is not None:
         image_embeds = transform_image_embeds(image_embeds, rows)
@@ -32,8 +31,8 @@ def _encode_and_embed(model: MDLMForMaskedDiffusion, tokenizer: PreTrainedTokeni
 
 @torch.no_grad()
 def generate_responses(
-    model: MDLMForMaskedDiffusion,
-    tokenizer: PreTrainedTokenizerBase,
+    model: DiffusionVLM,
+    processor: Processor,
     instances: Sequence[Instance],
     decoding: DecodingConfig = DecodingConfig(),
     batch_size: int = 64,
@@ -58,16 +57,16 @@ def generate_responses(
         chunk = instances[lo:lo + batch_size]
         generator.manual_seed(sub_seed(seed, (index_offset + lo) // batch_size))
         with autocast(device):  # the visual tokens are computed once per batch, not per step
-            batch, image_embeds = _encode_and_embed(model, tokenizer, chunk, decoding.gen_length, False,
+            batch, image_embeds = _encode_and_embed(model, processor, chunk, decoding.gen_length, False,
                                                     transform_image_embeds, slice(lo, lo + len(chunk)))
 
             def logits_fn(ids: torch.Tensor) -> torch.Tensor:
-                return model(input_ids=ids, image_embeds=image_embeds, attention_mask=batch.attention_mask)
+                return model(input_ids=ids, image_embeds=image_embeds, attention_mask=batch.attention_mask,
+                             visual_spans=batch.visual_spans)
 
-            response_ids = diffusion_generate(logits_fn, batch.input_ids, tokenizer.mask_token_id, decoding, generator,
-                                              never_generate=(model.config.mask_token_id,
-                                                              model.config.image_token_id))
-        texts.extend(decode_responses(tokenizer, response_ids))
+            response_ids = diffusion_generate(logits_fn, batch.input_ids, processor.mask_token_id, decoding, generator,
+                                              never_generate=processor.never_generate)
+        texts.extend(processor.decode(response_ids))
         if on_batch is not None:
             on_batch(len(texts))
     return texts
@@ -75,8 +74,8 @@ def generate_responses(
 
 @torch.no_grad()
 def first_step_log_likelihood(
-    model: MDLMForMaskedDiffusion,
-    tokenizer: PreTrainedTokenizerBase,
+    model: DiffusionVLM,
+    processor: Processor,
     instances: Sequence[Instance],
     answers: Sequence[str],
     gen_length: int,
@@ -94,14 +93,15 @@ def first_step_log_likelihood(
     for lo in range(0, len(instances), batch_size):
         chunk = list(instances[lo:lo + batch_size])
         texts = list(answers[lo:lo + batch_size])
-        fits = [len(tokenizer(t, add_special_tokens=False)["input_ids"]) <= gen_length for t in texts]
+        fits = [processor.count_tokens(t) <= gen_length for t in texts]
         scored = [inst.replace(response=text if ok else "") for inst, text, ok in zip(chunk, texts, fits)]
         with autocast(device):
-            batch, image_embeds = _encode_and_embed(model, tokenizer, scored, gen_length, True, transform_image_embeds,
+            batch, image_embeds = _encode_and_embed(model, processor, scored, gen_length, True, transform_image_embeds,
                                                     slice(lo, lo + len(chunk)))
-            masked_ids = torch.where(batch.response_mask, torch.full_like(batch.input_ids, model.config.mask_token_id),
+            masked_ids = torch.where(batch.response_mask, torch.full_like(batch.input_ids, processor.mask_token_id),
                                      batch.input_ids)
-            logits = model(input_ids=masked_ids, image_embeds=image_embeds, attention_mask=batch.attention_mask)
+            logits = model(input_ids=masked_ids, image_embeds=image_embeds, attention_mask=batch.attention_mask,
+                           visual_spans=batch.visual_spans)
         log_probs = torch.log_softmax(logits.double(), dim=-1)
         token = torch.gather(log_probs, -1, batch.input_ids[..., None]).squeeze(-1)  # [B, L]
         total = (token * batch.response_mask).sum(dim=1).cpu()

@@ -1,7 +1,6 @@
-"""Masked diffusion: the LLaDA SFT loss and semi-autoregressive low-confidence decoding.
+"""Semi-autoregressive low-confidence-remasking decoding, as LLaDA and LLaDA-V decode.
 
-As LLaDA and LLaDA-V train and decode (README, "The embedded model"). Pure tensor functions; the
-model is passed in as a callable so the same code serves any adapter.
+Pure tensor functions; the model is passed in as a callable so the same code serves any family.
 """
 
 from __future__ import annotations
@@ -10,56 +9,9 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 
 from disp_api import DecodingSpec
 from disp_runner.errors import UserInputError
-
-# LLaDA's floor on the mask probability, so that p never reaches 0 and 1/p stays bounded.
-MASK_EPSILON = 1e-3
-
-
-@dataclass(frozen=True)
-class NoisedBatch:
-    noisy_ids: torch.Tensor  # [B, L] input with masked response positions set to [MASK]
-    masked: torch.Tensor  # [B, L] bool, which positions were masked (response positions only)
-    mask_prob: torch.Tensor  # [B] p = (1 - eps) t + eps per sample
-
-
-def add_mask_noise(
-    input_ids: torch.Tensor,
-    response_mask: torch.Tensor,
-    mask_token_id: int,
-    generator: torch.Generator | None = None,
-    eps: float = MASK_EPSILON,
-) -> NoisedBatch:
-    """Forward process: per sample t ~ U(0,1), mask each *response* token with p = (1-eps)t + eps.
-
-    Prompt and image positions are never masked.
-    """
-    b, l = input_ids.shape
-    t = torch.rand(b, generator=generator, device=input_ids.device)
-    p = (1.0 - eps) * t + eps  # [B]
-    draws = torch.rand(b, l, generator=generator, device=input_ids.device)
-    masked = (draws < p[:, None]) & response_mask
-    noisy = torch.where(masked, torch.full_like(input_ids, mask_token_id), input_ids)
-    return NoisedBatch(noisy, masked, p)
-
-
-def masked_diffusion_loss(
-    logits: torch.Tensor,
-    target_ids: torch.Tensor,
-    noised: NoisedBatch,
-    response_mask: torch.Tensor,
-) -> torch.Tensor:
-    """LLaDA SFT loss: sum over masked positions of CE / p, divided by the response length, batch mean.
-
-    logits [B, L, V], target_ids [B, L] (clean tokens), response_mask [B, L].
-    """
-    ce = F.cross_entropy(logits.float().transpose(1, 2), target_ids, reduction="none")  # [B, L]
-    weighted = (ce * noised.masked) / noised.mask_prob[:, None]
-    response_len = response_mask.sum(dim=1).clamp(min=1)  # [B]
-    return (weighted.sum(dim=1) / response_len).mean()
 
 
 def transfer_schedule(num_masked: torch.Tensor, steps: int) -> torch.Tensor:
@@ -117,8 +69,10 @@ class DecodingConfig:
                                  f"genLength {gen_length}, blockLength {block_length}, steps {steps})") from None
 
     @classmethod
-    def single_block(cls, gen_length: int) -> "DecodingConfig":
-        """The authors' proportions at another length: steps = gen_length = block_length, argmax."""
+    def single_block(cls, gen_length: int | None) -> "DecodingConfig":
+        """The authors' proportions at another length (None: theirs, 32): steps = gen_length =
+        block_length, argmax."""
+        gen_length = gen_length or cls.gen_length
         return cls(steps=gen_length, gen_length=gen_length, block_length=gen_length)
 
     @property

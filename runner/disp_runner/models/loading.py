@@ -1,7 +1,11 @@
-"""Building, saving and (safely) loading MDLM checkpoints in Hugging Face format.
+"""Saving and (safely) loading models of every family, in Hugging Face format.
 
-Models under purification are untrusted by definition: we load safetensors only, never run remote
-code, and refuse pickle-based weights (`.bin`, `.pt`, ...) unless the caller explicitly opts in.
+Models under purification are untrusted by definition, so these rules hold for every family and
+are written only here: the family is chosen by config.json's `model_type` before anything else is
+read; sizes are checked before a model is built; weights are safetensors only (pickle-based `.bin`,
+`.pt`, ... only when the caller explicitly opts in), with hostile headers refused before parsing;
+remote code is never run; every weight must be present, expected and finite; and the tokenizer
+must agree with the config.
 """
 
 from __future__ import annotations
@@ -9,16 +13,16 @@ from __future__ import annotations
 import json
 import struct
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
-
-from transformers import PreTrainedTokenizerBase
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
 from disp_api.contract import weight_files
 from disp_runner.errors import DegenerateResultError, UnsafeModelFormatError, UserInputError
-from disp_runner.modeling import MDLMConfig, MDLMForMaskedDiffusion
-from disp_runner.tokenization import SpecialTokens, load_tokenizer
+from disp_runner.models.base import DiffusionVLM, ModelFamily, Processor
+from disp_runner.models.registry import family_for
 
 # Our own progress bars and one-line summaries say what happens; transformers' per-shard bars
 # would only clutter stderr, where user errors must stand on one line.
@@ -27,33 +31,22 @@ hf_logging.disable_progress_bar()
 # A safetensors file starts with the length of its JSON header; the library allocates that much
 # before it checks anything, so a hostile length is refused first.
 MAX_SAFETENSORS_HEADER = 100 * 2**20
-# Config sizes that must be positive integers before a model is built from them.
-_POSITIVE_SIZES = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
-                   "max_position_embeddings", "image_size", "patch_size", "num_channels", "vision_hidden_size",
-                   "vision_num_layers", "vision_num_heads", "vision_intermediate_size")
 
 
-def build_model(tokenizer: PreTrainedTokenizerBase, **size: int) -> MDLMForMaskedDiffusion:
-    """A freshly initialised MDLM whose special-token ids come from `tokenizer`."""
-    config = MDLMConfig(
-        vocab_size=len(tokenizer),
-        mask_token_id=tokenizer.mask_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        image_token_id=tokenizer.convert_tokens_to_ids(SpecialTokens.IMAGE),
-        **size,
-    )
-    return MDLMForMaskedDiffusion(config)
+class LoadedModel(NamedTuple):
+    model: DiffusionVLM
+    processor: Processor
 
 
-def save_checkpoint(model: MDLMForMaskedDiffusion, tokenizer: PreTrainedTokenizerBase, folder: str | Path) -> Path:
+def save_model(model: DiffusionVLM, processor: Processor, folder: str | Path) -> Path:
+    """Write model (safetensors) + tokenizer; refuses to write non-finite weights."""
     for name, tensor in model.state_dict().items():
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
             raise DegenerateResultError(f"weight {name} holds NaN or infinite values; the model was not saved")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(folder), safe_serialization=True)
-    tokenizer.save_pretrained(str(folder))
+    processor.save_pretrained(folder)
     return folder
 
 
@@ -84,11 +77,29 @@ def _check_safetensors_header(path: Path) -> None:
         raise UserInputError(f"{path}: corrupt safetensors file (header length {header_length}, file {size} bytes)")
 
 
-def load_checkpoint(
-    folder: str | Path,
-    allow_unsafe_pickle: bool = False,
-) -> tuple[MDLMForMaskedDiffusion, PreTrainedTokenizerBase]:
-    """Load model + tokenizer from a local folder, refusing anything unsafe or inconsistent."""
+def load_tokenizer(folder: str | Path, family: ModelFamily | None = None) -> PreTrainedTokenizerBase:
+    """Load a tokenizer saved beside a model; never runs remote code. With `family`, the tokens
+    the family relies on must be there."""
+    folder = Path(folder)
+    if not (folder / "tokenizer.json").is_file() and not (folder / "tokenizer_config.json").is_file():
+        raise UserInputError(f"{folder}: no tokenizer.json / tokenizer_config.json found")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False, local_files_only=True)
+    except Exception as exc:  # noqa: BLE001 - any failure to parse an untrusted file is the file's fault
+        raise UserInputError(f"{folder}: cannot load tokenizer: {type(exc).__name__}: {exc}".splitlines()[0]) from None
+    where = folder / "tokenizer.json"
+    if family is not None:
+        vocab = tokenizer.get_vocab()
+        missing = [t for t in family.required_tokens if t not in vocab]
+        if missing:
+            raise UserInputError(f"{where}: tokenizer lacks the special token(s) {', '.join(missing)}")
+    if tokenizer.mask_token is None or tokenizer.mask_token_id is None:
+        raise UserInputError(f"{where}: tokenizer does not declare a mask token")
+    return tokenizer
+
+
+def load_model(folder: str | Path, allow_unsafe_pickle: bool = False) -> LoadedModel:
+    """Load model + processor from a local folder, refusing anything unsafe or inconsistent."""
     folder = Path(folder)
     if not folder.is_dir():
         raise UserInputError(f"{folder}: model folder does not exist")
@@ -96,11 +107,8 @@ def load_checkpoint(
     if not config_path.is_file():
         raise UserInputError(f"{config_path}: model config not found")
     config_dict = _read_config(config_path)
-    model_type = config_dict.get("model_type")
-    if model_type != MDLMConfig.model_type:
-        raise UserInputError(f"{config_path}: model_type is {model_type!r}; this runner loads "
-                             f"{MDLMConfig.model_type!r} models (remote code is never enabled)")
-    for key in _POSITIVE_SIZES:
+    family = family_for(config_dict.get("model_type"), str(config_path))
+    for key in family.positive_sizes:
         value = config_dict.get(key, 1)
         if not isinstance(value, int) or isinstance(value, bool) or not 0 < value < 2**31:
             raise UserInputError(f"{config_path}: {key} must be a positive integer, got {value!r}")
@@ -114,9 +122,9 @@ def load_checkpoint(
                 "arbitrary code, so it is refused unless you pass --allow-unsafe-pickle")
     for path in safe:
         _check_safetensors_header(path)
-    tokenizer = load_tokenizer(folder)
+    tokenizer = load_tokenizer(folder, family)
     try:
-        model, info = MDLMForMaskedDiffusion.from_pretrained(
+        model, info = family.model_class.from_pretrained(
             str(folder), local_files_only=True, trust_remote_code=False, use_safetensors=bool(safe),
             output_loading_info=True)
     except Exception as exc:  # noqa: BLE001 - any failure to parse an untrusted file is the file's fault
@@ -131,10 +139,4 @@ def load_checkpoint(
     for name, tensor in model.state_dict().items():
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
             raise UserInputError(f"{folder}: weight {name} holds NaN or infinite values")
-    config = model.config
-    if tokenizer.mask_token_id != config.mask_token_id:
-        raise UserInputError(f"{folder}: tokenizer's [MASK] id {tokenizer.mask_token_id} differs from "
-                             f"config.mask_token_id {config.mask_token_id}")
-    if len(tokenizer) > config.vocab_size:
-        raise UserInputError(f"{folder}: tokenizer has {len(tokenizer)} tokens, model vocab_size is {config.vocab_size}")
-    return model, tokenizer
+    return LoadedModel(model, family.processor_class(tokenizer, model.config, str(folder)))

@@ -6,6 +6,7 @@ Each sequence is laid out (left-padded) as
     [PAD ...] [<image> x T] [prompt tokens] [response tokens]
 
 and the T `<image>` placeholders are replaced by the projected image embeddings (`embed_inputs`).
+The model implements `disp_runner.models.base.DiffusionVLM`.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from torch import nn
 from transformers import PreTrainedModel
 from transformers.activations import ACT2FN
 
-from disp_runner.modeling.configuration_mdlm import MDLMConfig
+from disp_runner.models.base import ModelPart
+from disp_runner.models.mdlm.configuration import MDLMConfig
 
 
 class RotaryEmbedding(nn.Module):
@@ -181,7 +183,7 @@ class MDLMForMaskedDiffusion(MDLMPreTrainedModel):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
 
-    # -- the adapter surface DiSP uses -------------------------------------------------------
+    # -- disp_runner.models.base.DiffusionVLM --------------------------------------------------
     @property
     def mask_token_id(self) -> int:
         return self.config.mask_token_id
@@ -224,12 +226,14 @@ class MDLMForMaskedDiffusion(MDLMPreTrainedModel):
         inputs_embeds: torch.Tensor | None = None,
         image_embeds: torch.Tensor | None = None,
         image_token_mask: torch.Tensor | None = None,
+        visual_spans: torch.Tensor | None = None,
         **_: object,
     ) -> torch.Tensor:
         """Logits [B, L, V]. Give `input_ids` (+ `pixel_values` or precomputed `image_embeds`) or
         ready `inputs_embeds`. `attention_mask` [B, L] marks real (1) vs padding (0) tokens.
         `image_token_mask` [B, T] (True = replace that visual token by e_MASK) masks visual tokens
-        the way DiSP does; training with it teaches the model to answer from partial evidence."""
+        the way DiSP does; training with it teaches the model to answer from partial evidence.
+        `visual_spans` is not needed: the `<image>` placeholders say where the visual tokens go."""
         if inputs_embeds is None:
             if input_ids is None:
                 raise ValueError("pass input_ids or inputs_embeds")
@@ -256,8 +260,9 @@ class MDLMForMaskedDiffusion(MDLMPreTrainedModel):
             x = layer(x, attention_mask, rope)
         return self.lm_head(self.norm(x))
 
-    def num_parameters_by_part(self) -> dict[str, int]:
-        parts = {"vision_encoder": self.vision_encoder, "projector": self.projector}
-        counts = {name: sum(p.numel() for p in m.parameters()) for name, m in parts.items()}
-        counts["language_model"] = sum(p.numel() for p in self.parameters()) - sum(counts.values())
-        return counts
+    def parameter_parts(self) -> dict[ModelPart, list[nn.Parameter]]:
+        vision = list(self.vision_encoder.parameters())
+        projector = list(self.projector.parameters())
+        taken = {id(p) for p in vision + projector}
+        return {ModelPart.VISION: vision, ModelPart.PROJECTOR: projector,
+                ModelPart.LANGUAGE: [p for p in self.parameters() if id(p) not in taken]}

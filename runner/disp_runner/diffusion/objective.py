@@ -1,0 +1,57 @@
+"""The masked-diffusion training objective: LLaDA's forward (noising) process and SFT loss.
+
+Pure tensor functions over the response block of a batch; they know nothing about any model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+# LLaDA's floor on the mask probability, so that p never reaches 0 and 1/p stays bounded.
+MASK_EPSILON = 1e-3
+
+
+@dataclass(frozen=True)
+class NoisedBatch:
+    noisy_ids: torch.Tensor  # [B, L] input with masked response positions set to [MASK]
+    masked: torch.Tensor  # [B, L] bool, which positions were masked (response positions only)
+    mask_prob: torch.Tensor  # [B] p = (1 - eps) t + eps per sample
+
+
+def add_mask_noise(
+    input_ids: torch.Tensor,
+    response_mask: torch.Tensor,
+    mask_token_id: int,
+    generator: torch.Generator | None = None,
+    eps: float = MASK_EPSILON,
+) -> NoisedBatch:
+    """Forward process: per sample t ~ U(0,1), mask each *response* token with p = (1-eps)t + eps.
+
+    Prompt and image positions are never masked.
+    """
+    b, l = input_ids.shape
+    t = torch.rand(b, generator=generator, device=input_ids.device)
+    p = (1.0 - eps) * t + eps  # [B]
+    draws = torch.rand(b, l, generator=generator, device=input_ids.device)
+    masked = (draws < p[:, None]) & response_mask
+    noisy = torch.where(masked, torch.full_like(input_ids, mask_token_id), input_ids)
+    return NoisedBatch(noisy, masked, p)
+
+
+def masked_diffusion_loss(
+    logits: torch.Tensor,
+    target_ids: torch.Tensor,
+    noised: NoisedBatch,
+    response_mask: torch.Tensor,
+) -> torch.Tensor:
+    """LLaDA SFT loss: sum over masked positions of CE / p, divided by the response length, batch mean.
+
+    logits [B, L, V], target_ids [B, L] (clean tokens), response_mask [B, L].
+    """
+    ce = F.cross_entropy(logits.float().transpose(1, 2), target_ids, reduction="none")  # [B, L]
+    weighted = (ce * noised.masked) / noised.mask_prob[:, None]
+    response_len = response_mask.sum(dim=1).clamp(min=1)  # [B]
+    return (weighted.sum(dim=1) / response_len).mean()

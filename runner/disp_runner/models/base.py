@@ -1,0 +1,277 @@
+"""The model protocol: everything the DiSP stages, the trainer, the decoder and the evaluation may
+know about a model. A model family implements it in its own folder and registers itself in
+`disp_runner.models.registry`; nothing outside that folder imports the family's classes.
+
+A family is two objects, as in transformers:
+
+- the **model** (`DiffusionVLM`): a torch module, vision tower -> projector -> bidirectional
+  language model that predicts the clean token at every position;
+- its **processor** (`Processor`): the tokenizer and the family's sequence layout, which turn
+  (image, prompt[, response]) into `ModelInputs` and generated ids back into text.
+
+Every sequence is laid out, left-padded, as
+
+    [PAD ...] [visual prefix: the family's own tokens around the image placeholders] [prompt] [response]
+
+so the response always occupies the last `gen_length` positions and loss, decoding and saliency
+index it the same way for every row and every family. Where each row's visual tokens sit is
+recorded as its *visual span* (start, length), since padding moves it and a real model's number
+of visual tokens depends on the image.
+"""
+
+from __future__ import annotations
+
+import enum
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Iterator, Protocol, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
+
+from disp_runner.data.dataset import Instance
+from disp_runner.errors import UserInputError
+
+
+class ModelPart(enum.Enum):
+    """The three parts of a multimodal diffusion LM, for choosing what a fine-tune trains."""
+
+    VISION = "vision"  # the vision tower (SigLIP in LLaDA-V)
+    PROJECTOR = "projector"  # vision features -> language-model embeddings (mm_projector)
+    LANGUAGE = "language"  # the language model: token embeddings, transformer, head
+
+
+@dataclass(frozen=True)
+class TokenGrid:
+    """Where an image's visual tokens sit: `rows` x `cols` cells of `cell_height` x `cell_width`
+    pixels, numbered row-major from the image's top-left corner."""
+
+    rows: int
+    cols: int
+    cell_height: int
+    cell_width: int
+
+    @property
+    def num_tokens(self) -> int:
+        return self.rows * self.cols
+
+    def box(self, token: int) -> tuple[int, int, int, int]:
+        """Pixel box (x0, y0, x1, y1), end-exclusive, that visual token `token` sees."""
+        row, col = divmod(token, self.cols)
+        return (col * self.cell_width, row * self.cell_height,
+                (col + 1) * self.cell_width, (row + 1) * self.cell_height)
+
+
+@dataclass
+class ModelInputs:
+    """A batch as the model sees it. Shapes: B rows, L positions, T visual tokens."""
+
+    input_ids: torch.Tensor  # [B, L] response positions hold the clean response, or [MASK] to generate
+    attention_mask: torch.Tensor  # [B, L] 1 = real token, 0 = left padding
+    pixel_values: torch.Tensor  # [B, ...] the family's image tensor
+    response_mask: torch.Tensor  # [B, L] True on the last gen_length positions
+    visual_spans: torch.Tensor  # [B, 2] long: (start, length) of each row's visual tokens
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        """The fields in order, e.g. for a TensorDataset; `ModelInputs(*tensors)` rebuilds it."""
+        return tuple(getattr(self, f.name) for f in fields(self))
+
+    def to(self, device: torch.device | str) -> "ModelInputs":
+        return ModelInputs(*(t.to(device) for t in self.tensors()))
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+
+def images_to_tensor(instances: Sequence[Instance], image_size: int) -> torch.Tensor:
+    """RGB images of `image_size` x `image_size` -> [B, 3, H, W] float in [0, 1]."""
+    arrays = []
+    for inst in instances:
+        if inst.image.size != (image_size, image_size):
+            raise UserInputError(f"instance {inst.id}: image is {inst.image.size[0]}x{inst.image.size[1]}, "
+                                 f"model expects {image_size}x{image_size}")
+        arrays.append(np.asarray(inst.image.convert("RGB"), dtype=np.uint8))
+    pixels = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)  # [B, H, W, C] -> [B, C, H, W]
+    return pixels.float() / 255.0
+
+
+def trained_gen_length(config: PretrainedConfig) -> int | None:
+    """The number of response positions the model was trained to fill (`config.gen_length`), if it says."""
+    return getattr(config, "gen_length", None)
+
+
+class DiffusionVLM(Protocol):
+    """The model side of a family: a transformers `PreTrainedModel` with these methods.
+
+    `config.vocab_size` is the size of the logits; an optional `config.gen_length` is the number of
+    response positions the model was trained to fill (the default decoding length)."""
+
+    config: PretrainedConfig
+
+    @property
+    def device(self) -> torch.device: ...
+
+    def embed_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Visual tokens after the projector, where DiSP scores and masks: [B, ...] -> [B, T, D]."""
+
+    def mask_embedding(self) -> torch.Tensor:
+        """e_MASK, the input embedding of the mask token, which masking a position puts there: [D]."""
+
+    def __call__(self, *, input_ids: torch.Tensor, attention_mask: torch.Tensor, visual_spans: torch.Tensor,
+                 image_embeds: torch.Tensor | None = None, pixel_values: torch.Tensor | None = None,
+                 image_token_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits [B, L, V] of the clean token at every position. The visual tokens come from
+        `image_embeds` [B, T, D] (already embedded, possibly rewritten by DiSP) or from
+        `pixel_values`; `image_token_mask` [B, T] (True = replace by e_MASK) masks some of them."""
+
+    def parameter_parts(self) -> dict[ModelPart, list[nn.Parameter]]:
+        """Every parameter, in exactly one part (what `trainable` chooses among)."""
+
+    def parameters(self) -> Iterator[nn.Parameter]: ...
+
+    def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]: ...
+
+    def state_dict(self) -> dict[str, torch.Tensor]: ...
+
+    def save_pretrained(self, save_directory: str, **kwargs: object) -> None: ...
+
+    def train(self, mode: bool = True) -> "DiffusionVLM": ...
+
+    def eval(self) -> "DiffusionVLM": ...
+
+    def to(self, *args: object, **kwargs: object) -> "DiffusionVLM": ...
+
+
+class Processor(ABC):
+    """The processor side of a family: tokenizer + sequence layout. The family says how an image
+    becomes pixels and which tokens precede the prompt; the sequence assembly, padding and the
+    checks every family needs are written once here."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, config: PretrainedConfig, where: str = "model"):
+        """Raises UserInputError naming `where` when the tokenizer and the config disagree."""
+        self.tokenizer = tokenizer
+        self.config = config
+        if tokenizer.mask_token_id is None:
+            raise UserInputError(f"{where}: the tokenizer declares no mask token")
+        for name in ("mask_token_id", "pad_token_id", "eos_token_id"):
+            ours, theirs = getattr(tokenizer, name), getattr(config, name, None)
+            if theirs is not None and ours != theirs:
+                raise UserInputError(f"{where}: the tokenizer's {name} {ours} differs from config.{name} {theirs}")
+        if len(tokenizer) > config.vocab_size:
+            raise UserInputError(f"{where}: tokenizer has {len(tokenizer)} tokens, model vocab_size is "
+                                 f"{config.vocab_size}")
+
+    # -- what a family defines ----------------------------------------------------------------
+    @property
+    @abstractmethod
+    def image_size(self) -> int:
+        """The square size (pixels) images must have."""
+
+    @abstractmethod
+    def token_grid(self) -> TokenGrid:
+        """Where the visual tokens of an image sit in it."""
+
+    @abstractmethod
+    def visual_prefix(self) -> tuple[list[int], int]:
+        """The ids that precede every prompt (image placeholders and the family's own markers), and
+        the offset of the first visual token in them."""
+
+    @abstractmethod
+    def pixel_values(self, instances: Sequence[Instance]) -> torch.Tensor:
+        """The family's image tensor for a batch: [B, ...]."""
+
+    @property
+    @abstractmethod
+    def max_positions(self) -> int:
+        """The longest sequence the model takes."""
+
+    @property
+    @abstractmethod
+    def reserved_ids(self) -> frozenset[int]:
+        """Ids only the processor may place (image placeholders, the mask): a prompt that brings one
+        is refused, and decoding never generates one."""
+
+    # -- shared plumbing ------------------------------------------------------------------------
+    @property
+    def mask_token_id(self) -> int:
+        return self.tokenizer.mask_token_id
+
+    @property
+    def never_generate(self) -> tuple[int, ...]:
+        return tuple(sorted(self.reserved_ids | {self.mask_token_id}))
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def encode(self, instances: Sequence[Instance], gen_length: int, with_response: bool = True) -> ModelInputs:
+        """Tokenize prompts (+ responses padded with the end token to `gen_length`, or masks to
+        generate) behind the visual prefix, left-padded to a common length."""
+        tok = self.tokenizer
+        prefix, visual_offset = self.visual_prefix()
+        visual_tokens = self.token_grid().num_tokens
+        prompts = tok([inst.prompt for inst in instances], add_special_tokens=False)["input_ids"]
+        reserved = self.reserved_ids | {self.mask_token_id}
+        rows: list[list[int]] = []
+        for inst, prompt_ids in zip(instances, prompts):
+            found = reserved & set(prompt_ids)
+            if found:  # the model's own placeholders: a prompt cannot bring images or masks
+                names = " and ".join(tok.convert_ids_to_tokens(sorted(found)))
+                raise UserInputError(f"instance {inst.id}: the prompt contains the model's {names} token, "
+                                     "which only the runner may place")
+            positions = len(prefix) + len(prompt_ids) + gen_length
+            if positions > self.max_positions:
+                raise UserInputError(
+                    f"instance {inst.id}: {len(prefix)} image positions ({visual_tokens} visual tokens) + a "
+                    f"{len(prompt_ids)}-token prompt + genLength {gen_length} = {positions} positions, more than "
+                    f"the model's {self.max_positions}")
+            if with_response:
+                response_ids = tok(inst.response, add_special_tokens=False)["input_ids"]
+                if len(response_ids) > gen_length:
+                    raise UserInputError(f"instance {inst.id}: response has {len(response_ids)} tokens, "
+                                         f"more than gen_length {gen_length}")
+                response_ids = response_ids + [tok.eos_token_id] * (gen_length - len(response_ids))
+            else:
+                response_ids = [self.mask_token_id] * gen_length
+            rows.append(prefix + prompt_ids + response_ids)
+        length = max(len(r) for r in rows)
+        input_ids = torch.full((len(rows), length), tok.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
+        spans = torch.zeros((len(rows), 2), dtype=torch.long)
+        for i, row in enumerate(rows):
+            input_ids[i, length - len(row):] = torch.tensor(row)
+            attention_mask[i, length - len(row):] = 1
+            spans[i] = torch.tensor([length - len(row) + visual_offset, visual_tokens])
+        response_mask = torch.zeros((len(rows), length), dtype=torch.bool)
+        response_mask[:, length - gen_length:] = True
+        return ModelInputs(input_ids, attention_mask, self.pixel_values(instances), response_mask, spans)
+
+    def decode(self, response_ids: torch.Tensor) -> list[str]:
+        """Generated response ids [B, G] -> text, cut at the first end token."""
+        eos = self.tokenizer.eos_token_id
+        texts = []
+        for row in response_ids.tolist():
+            if eos in row:
+                row = row[: row.index(eos)]
+            texts.append(self.tokenizer.decode(row, skip_special_tokens=True).strip())
+        return texts
+
+    def save_pretrained(self, folder: Path) -> None:
+        self.tokenizer.save_pretrained(str(folder))
+
+
+@dataclass(frozen=True)
+class ModelFamily:
+    """A family as the registry knows it: loaded only from safetensors (or explicitly opted-in
+    pickle) with this library's own classes, never with remote code."""
+
+    model_type: str  # config.json's model_type
+    model_class: type[PreTrainedModel]
+    processor_class: type[Processor]
+    # Config fields that must be positive integers before a model is built from them (a hostile
+    # config must not make the constructor allocate without bound).
+    positive_sizes: tuple[str, ...] = ()
+    # Tokens the tokenizer must have, by name.
+    required_tokens: tuple[str, ...] = ()

@@ -1,0 +1,237 @@
+"""The model protocol holds: a second, deliberately different family, written only here, runs every
+DiSP stage through the registry, and nothing outside a family's folder imports the family.
+
+The toy family differs from the embedded one wherever the protocol lets families differ: its own
+special-token names; a text prefix and start/end markers around the image, so the visual tokens
+never start at the sequence's first real position; 16 visual tokens of 4x4 pixels instead of 4 of
+8x8 on the same 16-pixel image; learned positions instead of rotary ones; and it places its
+visual tokens by the visual spans the processor records (not by scanning for placeholders), so a
+span the generic code got wrong fails loudly.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from tokenizers import AddedToken, Tokenizer, models, normalizers, pre_tokenizers
+from torch import nn
+from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerFast
+
+import disp_runner
+from disp_api import PurificationMetrics, StageName
+from disp_runner.cli import main
+from disp_runner.data.dataset import load_dataset
+from disp_runner.models import registry
+from disp_runner.models.base import ModelFamily, ModelPart, Processor, TokenGrid, images_to_tensor
+from disp_runner.models.loading import load_model, save_model
+from disp_runner.stages.saliency import read_scores
+from tests.tiny import job_document, layout_of
+
+TOY_TYPE = "toy_prefix_vlm"
+TOY_SPECIALS = ("<pad>", "<unk>", "<|mask|>", "<|eot|>", "<img>", "<vision_start>", "<vision_end>")
+PREFIX_WORDS = "look at this picture"
+CELL = 4  # pixels per visual token side
+
+
+class ToyConfig(PretrainedConfig):
+    model_type = TOY_TYPE
+
+    def __init__(self, vocab_size=64, hidden_size=32, image_size=16, max_positions=128, mask_token_id=2,
+                 image_token_id=4, vision_start_id=5, vision_end_id=6, gen_length=16, **kwargs):
+        self.vocab_size, self.hidden_size, self.image_size = vocab_size, hidden_size, image_size
+        self.max_positions, self.mask_token_id, self.gen_length = max_positions, mask_token_id, gen_length
+        self.image_token_id, self.vision_start_id, self.vision_end_id = image_token_id, vision_start_id, vision_end_id
+        super().__init__(**kwargs)
+
+
+class ToyVLM(PreTrainedModel):
+    config_class = ToyConfig
+    base_model_prefix = "toy"
+
+    def __init__(self, config: ToyConfig):
+        super().__init__(config)
+        d = config.hidden_size
+        self.patchify = nn.Conv2d(3, 16, CELL, stride=CELL)
+        self.projector = nn.Sequential(nn.Linear(16, d), nn.GELU(), nn.Linear(d, d))
+        self.embed_tokens = nn.Embedding(config.vocab_size, d)
+        self.positions = nn.Embedding(config.max_positions, d)
+        self.encoder = nn.TransformerEncoderLayer(d, 2, 2 * d, dropout=0.0, batch_first=True)
+        self.lm_head = nn.Linear(d, config.vocab_size)
+        self.post_init()
+
+    def _init_weights(self, module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=0.05)
+
+    def embed_images(self, pixel_values):
+        return self.projector(self.patchify(pixel_values).flatten(2).transpose(1, 2))
+
+    def mask_embedding(self):
+        return self.embed_tokens.weight[self.config.mask_token_id]
+
+    def forward(self, input_ids, attention_mask, visual_spans, image_embeds=None, pixel_values=None,
+                image_token_mask=None, **_):
+        if image_embeds is None:
+            image_embeds = self.embed_images(pixel_values)
+        if image_token_mask is not None:
+            image_embeds = torch.where(image_token_mask[..., None], self.mask_embedding(), image_embeds)
+        rows = []
+        for ids, embeds, visual, (start, length) in zip(input_ids, self.embed_tokens(input_ids), image_embeds,
+                                                         visual_spans.tolist()):
+            if not bool((ids[start:start + length] == self.config.image_token_id).all()):
+                raise ValueError(f"visual span ({start}, {length}) does not cover the <img> placeholders")
+            rows.append(torch.cat([embeds[:start], visual[:length].to(embeds.dtype), embeds[start + length:]]))
+        positions = (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)
+        hidden = self.encoder(torch.stack(rows) + self.positions(positions),
+                              src_key_padding_mask=~attention_mask.bool())
+        return self.lm_head(hidden)
+
+    def parameter_parts(self):
+        vision, projector = list(self.patchify.parameters()), list(self.projector.parameters())
+        taken = {id(p) for p in vision + projector}
+        return {ModelPart.VISION: vision, ModelPart.PROJECTOR: projector,
+                ModelPart.LANGUAGE: [p for p in self.parameters() if id(p) not in taken]}
+
+
+class ToyProcessor(Processor):
+    @property
+    def image_size(self):
+        return self.config.image_size
+
+    def token_grid(self):
+        side = self.config.image_size // CELL
+        return TokenGrid(side, side, CELL, CELL)
+
+    def visual_prefix(self):
+        words = self.tokenizer(PREFIX_WORDS, add_special_tokens=False)["input_ids"]
+        visual = [self.config.image_token_id] * self.token_grid().num_tokens
+        return words + [self.config.vision_start_id] + visual + [self.config.vision_end_id], len(words) + 1
+
+    def pixel_values(self, instances):
+        return images_to_tensor(instances, self.config.image_size)
+
+    @property
+    def max_positions(self):
+        return self.config.max_positions
+
+    @property
+    def reserved_ids(self):
+        c = self.config
+        return frozenset({c.image_token_id, c.vision_start_id, c.vision_end_id})
+
+
+TOY_FAMILY = ModelFamily(TOY_TYPE, ToyVLM, ToyProcessor, positive_sizes=("vocab_size", "hidden_size", "image_size"),
+                         required_tokens=("<|mask|>", "<img>"))
+
+
+def toy_tokenizer(words) -> PreTrainedTokenizerFast:
+    vocab = {token: i for i, token in enumerate(dict.fromkeys([*TOY_SPECIALS, *sorted(words)]))}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.normalizer = normalizers.Lowercase()
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in TOY_SPECIALS])
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", unk_token="<unk>",
+                                   mask_token="<|mask|>", eos_token="<|eot|>")
+
+
+@pytest.fixture
+def toy_family(monkeypatch):
+    monkeypatch.setitem(registry.FAMILIES, TOY_TYPE, TOY_FAMILY)
+
+
+def toy_checkpoint(folder: Path, corpus) -> tuple[ToyVLM, ToyProcessor]:
+    split = pre_tokenizers.Whitespace()
+    words = {piece.lower() for inst in corpus for text in (inst.prompt, inst.response, PREFIX_WORDS)
+             for piece, _ in split.pre_tokenize_str(text)}
+    tokenizer = toy_tokenizer(words)
+    ids = {name: tokenizer.convert_tokens_to_ids(name) for name in TOY_SPECIALS}
+    config = ToyConfig(vocab_size=len(tokenizer), mask_token_id=ids["<|mask|>"], image_token_id=ids["<img>"],
+                       vision_start_id=ids["<vision_start>"], vision_end_id=ids["<vision_end>"],
+                       pad_token_id=ids["<pad>"], eos_token_id=ids["<|eot|>"])
+    torch.manual_seed(0)
+    model, processor = ToyVLM(config).eval(), ToyProcessor(tokenizer, config)
+    save_model(model, processor, folder)
+    return model, processor
+
+
+def test_a_second_family_runs_every_stage_through_the_registry(toy_family, workspace, capsys):
+    corpus = [*load_dataset(workspace / "train"), *load_dataset(workspace / "clean")]
+    toy, processor = toy_checkpoint(workspace / "toy-model", corpus)
+    assert processor.visual_prefix()[1] > 0  # visual tokens never come first
+    doc = job_document(workspace, model={"uri": str(workspace / "toy-model")})
+    (workspace / "toy.yaml").write_text(json.dumps(doc))
+
+    assert main(["run", str(workspace / "toy.yaml"), "--no-progress"]) == 0, capsys.readouterr().err
+
+    layout = layout_of(workspace, model={"uri": str(workspace / "toy-model")})
+    for stage in StageName:
+        assert layout.is_complete(stage), stage
+    ids, scores = read_scores(layout.stage_dir(StageName.SALIENCY))
+    assert scores.shape == (24, 16) and bool(torch.isfinite(scores).all()) and bool((scores > 0).any())
+    masked = json.loads((layout.stage_dir(StageName.MASKING) / "masked.json").read_text())
+    assert masked["visualTokens"] == 16 and all(len(t) == 4 for t in masked["tokens"])  # floor(0.3 * 16)
+    for inst_id, tokens in zip(masked["ids"], masked["tokens"]):  # the toy's own 4 most salient tokens
+        assert tokens == torch.sort(scores[ids.index(inst_id)], descending=True, stable=True).indices[:4].tolist()
+
+    purified, purified_processor = load_model(layout.stage_dir(StageName.FINETUNE) / "model")
+    assert isinstance(purified, ToyVLM) and isinstance(purified_processor, ToyProcessor)
+    before, after = toy.parameter_parts(), purified.parameter_parts()
+    changed = {part for part in ModelPart
+               if any(not torch.equal(a, b) for a, b in zip(before[part], after[part]))}
+    assert changed == {ModelPart.PROJECTOR}  # DiSP's default fine-tunes the projector only
+    metrics = PurificationMetrics.model_validate_json(
+        (layout.stage_dir(StageName.EVALUATE) / "metrics.json").read_text())
+    assert metrics.before.counts.clean == 8 and 0 <= metrics.asr_after <= 1
+
+
+def test_a_wrong_visual_span_fails_loudly_in_the_toy_family(workspace):
+    """The toy model checks the spans it is given, so the end-to-end run above proves they are right."""
+    corpus = load_dataset(workspace / "clean")
+    toy, processor = toy_checkpoint(workspace / "toy-model", corpus)
+    batch = processor.encode(corpus[:2], 16)
+    with torch.no_grad():
+        toy(input_ids=batch.input_ids, attention_mask=batch.attention_mask, visual_spans=batch.visual_spans,
+            pixel_values=batch.pixel_values)
+        with pytest.raises(ValueError, match="does not cover the <img> placeholders"):
+            toy(input_ids=batch.input_ids, attention_mask=batch.attention_mask, visual_spans=batch.visual_spans - 1,
+                pixel_values=batch.pixel_values)
+
+
+def test_an_unknown_model_type_names_the_supported_ones(toy_family, workspace):
+    from disp_runner.errors import UserInputError
+
+    config = json.loads((workspace / "model" / "config.json").read_text())
+    (workspace / "model" / "config.json").write_text(json.dumps({**config, "model_type": "llava_llada"}))
+    with pytest.raises(UserInputError, match=rf"model_type is 'llava_llada'; this runner loads 'disp_mdlm', "
+                                             rf"'{TOY_TYPE}' models"):
+        load_model(workspace / "model")
+
+
+# Modules outside the embedded family's folder that may import it, and why.
+MAY_IMPORT_THE_EMBEDDED_FAMILY = {
+    "models/registry.py": "lists the built-in families",
+    "cli.py": "`disp pretrain` builds the embedded model; `disp attack`/`disp demo` default to its shipped checkpoint",
+    "demo.py": "the demo runs on the shipped checkpoint",
+}
+
+
+def test_nothing_outside_a_family_folder_imports_the_family():
+    """Stages, the trainer, the decoder, the evaluation, the pipeline and the attack kit know models
+    only through disp_runner.models.base (and load them through the registry)."""
+    root = Path(disp_runner.__file__).parent
+    offenders = []
+    for path in sorted(root.rglob("*.py")):
+        rel = path.relative_to(root).as_posix()
+        if rel.startswith("models/mdlm/") or rel in MAY_IMPORT_THE_EMBEDDED_FAMILY:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([node.module or ""] if isinstance(node, ast.ImportFrom)
+                     else [a.name for a in node.names] if isinstance(node, ast.Import) else [])
+            offenders += [f"{rel}: {n}" for n in names if n.startswith("disp_runner.models.mdlm")]
+    assert not offenders, offenders
+    for rel in MAY_IMPORT_THE_EMBEDDED_FAMILY:
+        assert (root / rel).is_file(), f"stale allowance: {rel}"
