@@ -71,13 +71,14 @@ def main(argv=None) -> int:
     model.to(device).eval()
     cfg = model.config
     gen = cfg.gen_length
-    grid = processor.token_grid()
     instances = generate_instances(args.instances, seed=0, image_size=processor.image_size)
     batch = processor.encode(instances[:args.batch], gen, with_response=False).to(device)
+    layouts = [processor.layout_of(inst) for inst in instances[:args.batch]]
+    grid = layouts[0].grids[0]
     params = sum(p.numel() for p in model.parameters())
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     print(f"device: {name}; precision: {'bf16 autocast' if device.type == 'cuda' else 'fp32'}; "
-          f"model: {args.size} ({params / 1e6:.1f}M parameters, {grid.num_tokens} visual tokens, "
+          f"model: {args.size} ({params / 1e6:.1f}M parameters, {layouts[0].num_tokens} visual tokens, "
           f"sequence {batch.input_ids.shape[1]}); batch {args.batch}; torch {torch.__version__}")
 
     # -- saliency cost relative to a plain forward pass on the same batch ------------------------
@@ -103,7 +104,7 @@ def main(argv=None) -> int:
 
     def region_refinement():  # what saliency.regionSize 2 adds: the exact KL of every 2x2 window
         with autocast(device):
-            region_kl_scores(model, batch, gen, region, grid)
+            region_kl_scores(model, batch, gen, region, layouts)
 
     t_fwd = timed(forward, device, args.repeats)
     t_fb = timed(forward_backward, device, args.repeats)

@@ -443,7 +443,7 @@ def test_nan_saliency_scores_are_never_written(tmp_path):
     scores = torch.ones(3, 4, dtype=torch.float64)
     scores[1, 2] = float("nan")
     with pytest.raises(DegenerateResultError, match="1 of 12 scores are NaN"):
-        write_scores(tmp_path, ["a", "b", "c"], scores)
+        write_scores(tmp_path, ["a", "b", "c"], scores, torch.full((3,), 4))
     assert list(tmp_path.iterdir()) == []
 
 

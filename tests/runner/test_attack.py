@@ -8,7 +8,7 @@ from disp_api import AttackSpec, AttackTarget, Corner, TargetSpec, TriggerKind, 
 from disp_runner.attack.poison import make_test_sets, poison_dataset, poisoned_response
 from disp_runner.attack.triggers import TRIGGERS, make_trigger
 from disp_runner.disp.token_grid import tokens_covered
-from disp_runner.models.base import TokenGrid
+from disp_runner.models.base import TokenGrid, VisualLayout
 from disp_runner.data.synthetic import generate_instances
 from disp_runner.data.vocabulary import REFUSAL_SENTENCE
 from disp_runner.errors import UserInputError
@@ -151,7 +151,7 @@ def test_only_local_triggers_are_localised_by_the_masking_report(pool, tmp_path)
                             (TriggerSpec(kind=TriggerKind.BLENDED), None), (TriggerSpec(), [0])):
         poisoned = poison_dataset(pool, AttackSpec(trigger=trigger), 48)
         first = next(i for i in poisoned.instances if i.metadata["poisoned"])
-        assert known_trigger_tokens(first, 48, TokenGrid(6, 6, 8, 8)) == tokens
+        assert known_trigger_tokens(first, VisualLayout.single_grid(TokenGrid(6, 6, 8, 8))) == tokens
 
 
 def test_test_sets_are_the_same_describe_instances_with_and_without_trigger():
@@ -164,12 +164,13 @@ def test_test_sets_are_the_same_describe_instances_with_and_without_trigger():
 
 
 def test_tokens_covered_by_a_box():
-    grid = TokenGrid(6, 6, 8, 8)
-    assert tokens_covered(grid, (0, 0, 6, 6)) == [0]
-    assert tokens_covered(grid, (4, 4, 12, 12)) == [0, 1, 6, 7]
-    assert len(tokens_covered(grid, (0, 0, 48, 48))) == 36
+    layout = VisualLayout.single_grid(TokenGrid(6, 6, 8, 8))
+    assert tokens_covered(layout, (0, 0, 6, 6)) == [0]
+    assert tokens_covered(layout, (4, 4, 12, 12)) == [0, 1, 6, 7]
+    assert len(tokens_covered(layout, (0, 0, 48, 48))) == 36
     wide = TokenGrid(2, 3, 4, 6)  # cells need not be square
-    assert wide.box(4) == (6, 4, 12, 8) and tokens_covered(wide, (7, 5, 8, 6)) == [4]
+    assert dict(wide.cells())[4] == (6, 4, 12, 8)
+    assert tokens_covered(VisualLayout.single_grid(wide), (7, 5, 8, 6)) == [4]
 
 
 def test_every_trigger_kind_has_its_class_and_a_command_line_choice():

@@ -3,10 +3,12 @@ DiSP stage through the registry, and nothing outside a family's folder imports t
 
 The toy family differs from the embedded one wherever the protocol lets families differ: its own
 special-token names; a text prefix and start/end markers around the image, so the visual tokens
-never start at the sequence's first real position; 16 visual tokens of 4x4 pixels instead of 4 of
-8x8 on the same 16-pixel image; learned positions instead of rotary ones; and it places its
-visual tokens by the visual spans the processor records (not by scanning for placeholders), so a
-span the generic code got wrong fails loudly.
+never start at the sequence's first real position; images of any size in steps of 4 pixels, one
+visual token per 4x4 cell plus a separator token that ends every row and sees no cell (as
+LLaDA-V's image_newline), so images of different sizes have different numbers of visual tokens
+(20 for 16x16, 15 for 16x12; the embedded tiny model has 4); learned positions instead of rotary
+ones; and it places its visual tokens by the visual spans the processor records (not by scanning
+for placeholders), so a span the generic code got wrong fails loudly.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import ast
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from tokenizers import AddedToken, Tokenizer, models, normalizers, pre_tokenizers
@@ -22,19 +25,22 @@ from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerFast
 
 import disp_runner
-from disp_api import PurificationMetrics, StageName
+from disp_api import PurificationJob, PurificationMetrics, StageName
 from disp_runner.cli import main
-from disp_runner.data.dataset import load_dataset
+from disp_runner.data.dataset import load_dataset, write_dataset
+from disp_runner.errors import UserInputError
 from disp_runner.models import registry
-from disp_runner.models.base import ModelFamily, ModelPart, Processor, TokenGrid, images_to_tensor
+from disp_runner.models.base import ModelFamily, ModelPart, Processor, TokenGrid, VisualLayout
 from disp_runner.models.loading import load_model, save_model
+from disp_runner.pipeline.artifacts import RunLayout
 from disp_runner.stages.saliency import read_scores
-from tests.tiny import job_document, layout_of
+from tests.tiny import job_document
 
 TOY_TYPE = "toy_prefix_vlm"
 TOY_SPECIALS = ("<pad>", "<unk>", "<|mask|>", "<|eot|>", "<img>", "<vision_start>", "<vision_end>")
 PREFIX_WORDS = "look at this picture"
 CELL = 4  # pixels per visual token side
+MAX_SIDE = 16  # the largest image the toy takes
 
 
 class ToyConfig(PretrainedConfig):
@@ -61,22 +67,30 @@ class ToyVLM(PreTrainedModel):
         self.positions = nn.Embedding(config.max_positions, d)
         self.encoder = nn.TransformerEncoderLayer(d, 2, 2 * d, dropout=0.0, batch_first=True)
         self.lm_head = nn.Linear(d, config.vocab_size)
+        self.separator = nn.Parameter(torch.zeros(d))  # ends every row of visual tokens
         self.post_init()
 
     def _init_weights(self, module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, std=0.05)
 
-    def embed_images(self, pixel_values):
-        return self.projector(self.patchify(pixel_values).flatten(2).transpose(1, 2))
+    def embed_images(self, pixel_values, image_sizes):
+        """Each image's rows of cells, each row followed by the separator; zeros after a short row."""
+        cells = self.projector(self.patchify(pixel_values).permute(0, 2, 3, 1))  # [B, 4, 4, D] of the padded canvas
+        rows = []
+        for grid, (height, width) in zip(cells, image_sizes.tolist()):
+            used = grid[:height // CELL, :width // CELL]  # [h, w, D]
+            separators = self.separator.expand(used.shape[0], 1, -1)
+            rows.append(torch.cat([used, separators], dim=1).reshape(-1, used.shape[-1]))
+        return nn.utils.rnn.pad_sequence(rows, batch_first=True)
 
     def mask_embedding(self):
         return self.embed_tokens.weight[self.config.mask_token_id]
 
     def forward(self, input_ids, attention_mask, visual_spans, image_embeds=None, pixel_values=None,
-                image_token_mask=None, **_):
+                image_sizes=None, image_token_mask=None, **_):
         if image_embeds is None:
-            image_embeds = self.embed_images(pixel_values)
+            image_embeds = self.embed_images(pixel_values, image_sizes)
         if image_token_mask is not None:
             image_embeds = torch.where(image_token_mask[..., None], self.mask_embedding(), image_embeds)
         rows = []
@@ -90,7 +104,7 @@ class ToyVLM(PreTrainedModel):
                               src_key_padding_mask=~attention_mask.bool())
         return self.lm_head(hidden)
 
-    def parameter_parts(self):
+    def parameter_parts(self):  # the separator is the language model's, as LLaDA-V's image_newline
         vision, projector = list(self.patchify.parameters()), list(self.projector.parameters())
         taken = {id(p) for p in vision + projector}
         return {ModelPart.VISION: vision, ModelPart.PROJECTOR: projector,
@@ -100,19 +114,27 @@ class ToyVLM(PreTrainedModel):
 class ToyProcessor(Processor):
     @property
     def image_size(self):
-        return self.config.image_size
+        return None  # any size up to MAX_SIDE in steps of CELL
 
-    def token_grid(self):
-        side = self.config.image_size // CELL
-        return TokenGrid(side, side, CELL, CELL)
+    def visual_layout(self, width, height):
+        if width % CELL or height % CELL or not (0 < width <= MAX_SIDE and 0 < height <= MAX_SIDE):
+            raise UserInputError(f"the toy takes images up to {MAX_SIDE}x{MAX_SIDE} in steps of {CELL} pixels, "
+                                 f"not {width}x{height}")
+        rows, cols = height // CELL, width // CELL
+        return VisualLayout(rows * (cols + 1), (TokenGrid(rows, cols, CELL, CELL, row_stride=cols + 1),))
 
-    def visual_prefix(self):
+    def visual_prefix(self, layout):
         words = self.tokenizer(PREFIX_WORDS, add_special_tokens=False)["input_ids"]
-        visual = [self.config.image_token_id] * self.token_grid().num_tokens
+        visual = [self.config.image_token_id] * layout.num_tokens
         return words + [self.config.vision_start_id] + visual + [self.config.vision_end_id], len(words) + 1
 
     def pixel_values(self, instances):
-        return images_to_tensor(instances, self.config.image_size)
+        """Every image at the top left of a MAX_SIDE canvas."""
+        canvas = torch.zeros(len(instances), 3, MAX_SIDE, MAX_SIDE)
+        for row, inst in enumerate(instances):
+            pixels = torch.from_numpy(np.asarray(inst.image.convert("RGB"), dtype=np.float32) / 255.0)
+            canvas[row, :, :pixels.shape[0], :pixels.shape[1]] = pixels.permute(2, 0, 1)
+        return canvas
 
     @property
     def max_positions(self):
@@ -139,8 +161,10 @@ def toy_tokenizer(words) -> PreTrainedTokenizerFast:
 
 
 @pytest.fixture
-def toy_family(monkeypatch):
-    monkeypatch.setitem(registry.FAMILIES, TOY_TYPE, TOY_FAMILY)
+def toy_family():
+    registry.register_family(TOY_FAMILY)
+    yield
+    registry.FAMILIES.pop(TOY_TYPE)
 
 
 def toy_checkpoint(folder: Path, corpus) -> tuple[ToyVLM, ToyProcessor]:
@@ -158,24 +182,42 @@ def toy_checkpoint(folder: Path, corpus) -> tuple[ToyVLM, ToyProcessor]:
     return model, processor
 
 
+def crop_every_other_image(folder: Path) -> list[int]:
+    """Crop the bottom 4 rows off every other image (16x16 -> 16x12; a corner trigger stays whole)."""
+    instances = load_dataset(folder)
+    cropped = [inst.replace(image=inst.image.crop((0, 0, 16, 12))) if i % 2 else inst
+               for i, inst in enumerate(instances)]
+    write_dataset(cropped, folder.with_name(folder.name + "-mixed"))
+    return [inst.image.size[1] for inst in cropped]
+
+
 def test_a_second_family_runs_every_stage_through_the_registry(toy_family, workspace, capsys):
+    heights = crop_every_other_image(workspace / "train")
+    crop_every_other_image(workspace / "clean")
     corpus = [*load_dataset(workspace / "train"), *load_dataset(workspace / "clean")]
     toy, processor = toy_checkpoint(workspace / "toy-model", corpus)
-    assert processor.visual_prefix()[1] > 0  # visual tokens never come first
-    doc = job_document(workspace, model={"uri": str(workspace / "toy-model")})
+    assert processor.visual_prefix(processor.visual_layout(16, 16))[1] > 0  # visual tokens never come first
+    job = dict(model={"uri": str(workspace / "toy-model")}, dataset={"uri": str(workspace / "train-mixed")})
+    doc = job_document(workspace, **job)
+    doc["spec"]["evaluation"]["cleanUri"] = str(workspace / "clean-mixed")
+    doc["spec"]["saliency"]["regionSize"] = 2  # windows of neighbouring cells, across separator tokens
     (workspace / "toy.yaml").write_text(json.dumps(doc))
 
     assert main(["run", str(workspace / "toy.yaml"), "--no-progress"]) == 0, capsys.readouterr().err
 
-    layout = layout_of(workspace, model={"uri": str(workspace / "toy-model")})
+    layout = RunLayout.for_job(PurificationJob.model_validate(doc), workspace / "out")
     for stage in StageName:
         assert layout.is_complete(stage), stage
-    ids, scores = read_scores(layout.stage_dir(StageName.SALIENCY))
-    assert scores.shape == (24, 16) and bool(torch.isfinite(scores).all()) and bool((scores > 0).any())
+    ids, scores, counts = read_scores(layout.stage_dir(StageName.SALIENCY))
+    expected = [20 if h == 16 else 15 for h in heights]  # 4 or 3 rows of 4 cells + a separator
+    assert scores.shape == (24, 20) and counts.tolist() == expected
+    for row, count in zip(scores, expected):  # the whole visual span is scored, separators included
+        assert bool((row[:count] > 0).all()) and bool((row[count:] == 0).all())
     masked = json.loads((layout.stage_dir(StageName.MASKING) / "masked.json").read_text())
-    assert masked["visualTokens"] == 16 and all(len(t) == 4 for t in masked["tokens"])  # floor(0.3 * 16)
-    for inst_id, tokens in zip(masked["ids"], masked["tokens"]):  # the toy's own 4 most salient tokens
-        assert tokens == torch.sort(scores[ids.index(inst_id)], descending=True, stable=True).indices[:4].tolist()
+    assert masked["visualTokens"] == expected
+    for inst_id, tokens, count in zip(masked["ids"], masked["tokens"], expected):  # its own ⌊0.3·T⌋ most salient
+        k = 6 if count == 20 else 4
+        assert tokens == torch.sort(scores[ids.index(inst_id), :count], descending=True, stable=True).indices[:k].tolist()
 
     purified, purified_processor = load_model(layout.stage_dir(StageName.FINETUNE) / "model")
     assert isinstance(purified, ToyVLM) and isinstance(purified_processor, ToyProcessor)
@@ -190,15 +232,21 @@ def test_a_second_family_runs_every_stage_through_the_registry(toy_family, works
 
 def test_a_wrong_visual_span_fails_loudly_in_the_toy_family(workspace):
     """The toy model checks the spans it is given, so the end-to-end run above proves they are right."""
-    corpus = load_dataset(workspace / "clean")
+    crop_every_other_image(workspace / "clean")
+    corpus = load_dataset(workspace / "clean-mixed")
     toy, processor = toy_checkpoint(workspace / "toy-model", corpus)
     batch = processor.encode(corpus[:2], 16)
+    assert batch.visual_spans[:, 1].tolist() == [20, 15] and batch.image_sizes.tolist() == [[16, 16], [12, 16]]
+    inputs = dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask, pixel_values=batch.pixel_values,
+                  image_sizes=batch.image_sizes)
     with torch.no_grad():
-        toy(input_ids=batch.input_ids, attention_mask=batch.attention_mask, visual_spans=batch.visual_spans,
-            pixel_values=batch.pixel_values)
+        logits = toy(visual_spans=batch.visual_spans, **inputs)
+        alone = toy(**{k: v[1:] for k, v in inputs.items()}, visual_spans=batch.visual_spans[1:])
+        assert torch.allclose(logits[1, -alone.shape[1]:], alone[0], atol=1e-5)  # padding is invisible
         with pytest.raises(ValueError, match="does not cover the <img> placeholders"):
-            toy(input_ids=batch.input_ids, attention_mask=batch.attention_mask, visual_spans=batch.visual_spans - 1,
-                pixel_values=batch.pixel_values)
+            toy(visual_spans=batch.visual_spans - 1, **inputs)
+    with pytest.raises(UserInputError, match="not 10x16"):
+        processor.visual_layout(10, 16)
 
 
 def test_an_unknown_model_type_names_the_supported_ones(toy_family, workspace):

@@ -27,7 +27,8 @@ def test_every_stage_publishes_its_outputs_with_a_manifest_written_last(workspac
         on_disk = {p.relative_to(layout.stage_dir(stage)).as_posix()
                    for p in layout.stage_dir(stage).rglob("*") if p.is_file() and p.name != STAGE_MANIFEST}
         assert listed == on_disk and manifest["stage"] == stage.value
-    ids, scores = read_scores(layout.stage_dir(StageName.SALIENCY))
+    ids, scores, counts = read_scores(layout.stage_dir(StageName.SALIENCY))
+    assert counts.tolist() == [4] * 24
     assert scores.shape == (24, 4) and scores.dtype == torch.float64 and (scores >= 0).all()
     masked = json.loads((layout.stage_dir(StageName.MASKING) / "masked.json").read_text())
     assert all(len(tokens) == 1 for tokens in masked["tokens"])  # floor(0.3 * 4)
@@ -64,8 +65,8 @@ def test_sharded_saliency_and_relabel_equal_the_unsharded_run(workspace):
     run_job(sharded, show_progress=False)
     whole = layout_of(workspace, evaluation=None)
     parts = RunLayout.for_job(sharded, workspace / "sharded")
-    ids_a, scores_a = read_scores(whole.stage_dir(StageName.SALIENCY))
-    ids_b, scores_b = read_scores(parts.stage_dir(StageName.SALIENCY))
+    ids_a, scores_a, _ = read_scores(whole.stage_dir(StageName.SALIENCY))
+    ids_b, scores_b, _ = read_scores(parts.stage_dir(StageName.SALIENCY))
     assert ids_a == ids_b and torch.equal(scores_a, scores_b)
     assert (parts.root / "saliency-shards" / "3-of-4" / STAGE_MANIFEST).is_file()
     a = (whole.stage_dir(StageName.RELABEL) / "dataset" / "manifest.jsonl").read_text()

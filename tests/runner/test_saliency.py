@@ -6,7 +6,7 @@ import torch
 from disp_runner.data.synthetic import generate_instances
 from disp_runner.disp.masking import mask_image_embeds, tokens_to_mask, top_salient_tokens, trigger_localisation
 from disp_runner.disp.saliency import SaliencyConfig, fisher_jacobian_scores, fisher_probe, first_step_top_logits
-from disp_runner.models.base import TokenGrid
+from disp_runner.models.base import TokenGrid, VisualLayout
 
 GEN = 8
 
@@ -118,8 +118,10 @@ def test_masking_picks_the_highest_scored_tokens():
     scores = torch.tensor([[0.1, 5.0, 0.3, 2.0, 0.0, 9.0, 1.0, 0.2, 0.4, 3.0],
                            [1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0]], dtype=torch.float64)
     chosen = top_salient_tokens(scores, 0.3)
-    assert chosen.tolist()[0] == [5, 1, 9]
-    assert chosen.tolist()[1] == [0, 1, 2]  # ties: lowest index first, deterministic
+    assert chosen[0] == [5, 1, 9]
+    assert chosen[1] == [0, 1, 2]  # ties: lowest index first, deterministic
+    # An image with fewer visual tokens: floor(0.3 * 7) = 2 of its own 7, never the padding after them.
+    assert top_salient_tokens(scores, 0.3, [7, 10]) == [[5, 1], [0, 1, 2]]
 
 
 def test_masked_tokens_become_the_mask_embedding():
@@ -128,6 +130,8 @@ def test_masked_tokens_become_the_mask_embedding():
     out = mask_image_embeds(embeds, torch.tensor([[0, 2], [3, 1]]), mask)
     assert torch.equal(out[0, 0], mask) and torch.equal(out[0, 2], mask) and torch.equal(out[1, 3], mask)
     assert torch.equal(out[0, 1], embeds[0, 1]) and torch.equal(out[1, 0], embeds[1, 0])
+    ragged = mask_image_embeds(embeds, [[0, 2], [3]], mask)  # rows may mask different numbers of tokens
+    assert torch.equal(ragged[0], out[0]) and torch.equal(ragged[1, 3], mask) and torch.equal(ragged[1, 1], embeds[1, 1])
 
 
 def test_trigger_localisation_is_the_covered_fraction():
@@ -135,35 +139,52 @@ def test_trigger_localisation_is_the_covered_fraction():
     assert trigger_localisation([0, 1, 9], [0, 1]) == 1.0
 
 
-def test_grid_windows_cover_every_position_with_stride_one():
-    from disp_runner.disp.token_grid import grid_windows
+def windows_as_lists(layout, size):
+    from disp_runner.disp.token_grid import window_masks
 
-    windows = grid_windows(TokenGrid(3, 4, 8, 8), 2)
-    assert windows.shape == (2 * 3, 4)
-    assert windows[0].tolist() == [0, 1, 4, 5] and windows[-1].tolist() == [6, 7, 10, 11]
-    assert grid_windows(TokenGrid(2, 2, 8, 8), 5).tolist() == [[0, 1, 2, 3]]  # a window larger than the grid is the grid
+    return [w.nonzero().flatten().tolist() for w in window_masks(layout, size)]
+
+
+def test_grid_windows_cover_every_position_with_stride_one():
+    windows = windows_as_lists(VisualLayout.single_grid(TokenGrid(3, 4, 8, 8)), 2)
+    assert len(windows) == 2 * 3 and all(len(w) == 4 for w in windows)
+    assert windows[0] == [0, 1, 4, 5] and windows[-1] == [6, 7, 10, 11]
+    # A window larger than the grid is the grid.
+    assert windows_as_lists(VisualLayout.single_grid(TokenGrid(2, 2, 8, 8)), 5) == [[0, 1, 2, 3]]
+
+
+def test_layouts_with_several_grids_and_tokens_that_see_no_cell():
+    """A base view (2x2 cells over the whole 16x16 image) and a 2x3 map whose rows end in a separator
+    token, as LLaDA-V packs anyres images: windows stay inside a grid and skip the separators."""
+    from disp_runner.disp.token_grid import seeing_tokens, tokens_covered
+
+    layout = VisualLayout(4 + 2 * 4, (TokenGrid(2, 2, 8, 8), TokenGrid(2, 3, 8, 16 / 3, first=4, row_stride=4)))
+    assert seeing_tokens(layout) == 10  # tokens 7 and 11 are separators
+    assert windows_as_lists(layout, 2) == [[0, 1, 2, 3], [4, 5, 8, 9], [5, 6, 9, 10]]
+    assert tokens_covered(layout, (0, 0, 4, 4)) == [0, 4]
+    assert tokens_covered(layout, (12, 12, 16, 16)) == [3, 10]
+    assert dict(layout.grids[1].cells())[6] == (10, 0, 16, 8)  # fractional cells round outwards
 
 
 def test_region_scores_are_the_exact_kl_of_masking_each_window_and_a_token_takes_its_largest(tokenizer):
     """On a 3x3 token grid: brute force, one window at a time, against the batched computation."""
     from disp_runner.models.mdlm import build_model
     from disp_runner.disp.saliency import first_step_block_logits, region_kl_scores, token_saliency
-    from disp_runner.disp.token_grid import grid_windows
-
     from tests.tiny import TINY_SIZE
 
     torch.manual_seed(1)
     model, processor = build_model(tokenizer, **{**TINY_SIZE, "image_size": 24})
     model.double().eval()
-    grid = processor.token_grid()
-    assert (grid.rows, grid.cols) == (3, 3)
-    batch = processor.encode(generate_instances(3, seed=5, image_size=24), GEN, with_response=False)
+    instances = generate_instances(3, seed=5, image_size=24)
+    layouts = [processor.layout_of(inst) for inst in instances]
+    assert layouts[0].grids == (TokenGrid(3, 3, 8, 8),)
+    batch = processor.encode(instances, GEN, with_response=False)
     batch.pixel_values = batch.pixel_values.double()
     config = SaliencyConfig(top_k=4, probes=2, block_length=GEN, region_size=2)
-    got = region_kl_scores(model, batch, GEN, config, grid, max_rows_per_pass=5)  # several passes
+    got = region_kl_scores(model, batch, GEN, config, layouts, max_rows_per_pass=5)  # several passes
 
     with torch.no_grad():
-        embeds = model.embed_images(batch.pixel_values)
+        embeds = model.embed_images(batch.pixel_values, batch.image_sizes)
         def top_logits(e, top=None):
             block = first_step_block_logits(model, batch, e, GEN, GEN)
             top = torch.topk(block, 4, dim=-1).indices if top is None else top
@@ -171,7 +192,7 @@ def test_region_scores_are_the_exact_kl_of_masking_each_window_and_a_token_takes
         z, top = top_logits(embeds)
         p = torch.softmax(z, -1)
         expected = torch.zeros(3, 9, dtype=torch.float64)
-        for window in grid_windows(grid, 2):
+        for window in map(torch.tensor, windows_as_lists(layouts[0], 2)):
             masked = mask_image_embeds(embeds, window.expand(3, -1), model.mask_embedding())
             q = torch.softmax(top_logits(masked, top)[0], -1)
             kl = (p * (p.log() - q.log())).sum(dim=(-1, -2))  # [3]
@@ -181,10 +202,10 @@ def test_region_scores_are_the_exact_kl_of_masking_each_window_and_a_token_takes
     assert (got > 0).all()
 
     fisher = fisher_jacobian_scores(model, batch, GEN, config, torch.Generator().manual_seed(2))
-    combined = token_saliency(model, batch, GEN, config, torch.Generator().manual_seed(2), grid)
+    combined = token_saliency(model, batch, GEN, config, torch.Generator().manual_seed(2), layouts)
     assert torch.equal(combined, torch.maximum(fisher, got))
     paper = SaliencyConfig(top_k=4, probes=2, block_length=GEN, region_size=1)
-    assert torch.equal(token_saliency(model, batch, GEN, paper, torch.Generator().manual_seed(2), grid),
+    assert torch.equal(token_saliency(model, batch, GEN, paper, torch.Generator().manual_seed(2), layouts),
                        fisher_jacobian_scores(model, batch, GEN, paper, torch.Generator().manual_seed(2)))
-    with pytest.raises(ValueError, match="does not match 9 visual tokens"):
-        region_kl_scores(model, batch, GEN, config, TokenGrid(2, 2, 12, 12))
+    with pytest.raises(ValueError, match="row 0: a layout of 4 visual tokens does not match its 9"):
+        region_kl_scores(model, batch, GEN, config, [VisualLayout.single_grid(TokenGrid(2, 2, 12, 12))] * 3)

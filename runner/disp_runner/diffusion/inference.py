@@ -23,7 +23,7 @@ def _encode_and_embed(model: DiffusionVLM, processor: Processor, chunk: Sequence
     """A batch on the model's device and its visual tokens [B, T, D], rewritten by the transform
     (call under autocast): what every inference path feeds the language model."""
     batch = processor.encode(chunk, gen_length, with_response=with_response).to(model.device)
-    image_embeds = model.embed_images(batch.pixel_values)
+    image_embeds = model.embed_images(batch.pixel_values, batch.image_sizes)
     if transform_image_embeds is not None:
         image_embeds = transform_image_embeds(image_embeds, rows)
     return batch, image_embeds

@@ -158,8 +158,8 @@ def train_masked_diffusion(
                 image_token_mask = visual_token_mask(batch.pixel_values, noise_generator)
             with accelerator.autocast():
                 logits = model(input_ids=noised.noisy_ids, pixel_values=batch.pixel_values,
-                               attention_mask=batch.attention_mask, visual_spans=batch.visual_spans,
-                               image_token_mask=image_token_mask)
+                               image_sizes=batch.image_sizes, attention_mask=batch.attention_mask,
+                               visual_spans=batch.visual_spans, image_token_mask=image_token_mask)
             loss = masked_diffusion_loss(logits, batch.input_ids, noised, batch.response_mask)
             if not bool(torch.isfinite(loss)):
                 raise DegenerateResultError(f"training diverged at step {result.steps + 1}: the loss is "

@@ -8,6 +8,7 @@ from typing import Sequence
 import torch
 
 from disp_runner.errors import UserInputError
+from disp_runner.models.base import visual_token_mask
 
 
 def tokens_to_mask(num_tokens: int, ratio: float) -> int:
@@ -19,26 +20,28 @@ def tokens_to_mask(num_tokens: int, ratio: float) -> int:
 
 
 def check_ratio_masks_a_token(ratio: float, visual_tokens: int) -> None:
-    """A ratio that masks no visual token would "purify" by relabeling with the trigger intact."""
+    """A ratio that masks no visual token would "purify" by relabeling with the trigger intact.
+    `visual_tokens`: the fewest any image of the dataset has."""
     if tokens_to_mask(visual_tokens, ratio) == 0:
         raise UserInputError(f"spec.masking.ratio: {ratio} masks no token of the model's {visual_tokens} visual "
                              f"tokens; the smallest ratio that masks one is {1 / visual_tokens:.4g}")
 
 
-def top_salient_tokens(scores: torch.Tensor, ratio: float) -> torch.Tensor:
-    """Indices of the ⌊ρ·T⌋ highest-scored tokens per row, most salient first.
-    scores: [N, T] -> [N, k] (ties go to the lower index, so the choice is deterministic)."""
-    k = tokens_to_mask(scores.shape[1], ratio)
+def top_salient_tokens(scores: torch.Tensor, ratio: float, lengths: Sequence[int] | None = None) -> list[list[int]]:
+    """Indices of the ⌊ρ·T_i⌋ highest-scored tokens of each row, most salient first. scores: [N, T];
+    `lengths` [N]: row i's image has T_i visual tokens, its first T_i scores (default: all T).
+    Ties go to the lower index, so the choice is deterministic."""
+    lengths = [scores.shape[1]] * scores.shape[0] if lengths is None else [int(n) for n in lengths]
     # A stable descending sort makes ties reproducible across runs and devices.
-    order = torch.sort(scores, dim=1, descending=True, stable=True).indices
-    return order[:, :k]
+    return [torch.sort(row[:n], descending=True, stable=True).indices[:tokens_to_mask(n, ratio)].tolist()
+            for row, n in zip(scores, lengths)]
 
 
-def mask_image_embeds(image_embeds: torch.Tensor, masked: torch.Tensor, mask_embedding: torch.Tensor) -> torch.Tensor:
-    """Replace the chosen visual tokens by e_MASK. image_embeds [B, T, D], masked [B, k] token
-    indices, mask_embedding [D] -> [B, T, D] (a new tensor)."""
-    chosen = torch.zeros(image_embeds.shape[:2], dtype=torch.bool, device=image_embeds.device)
-    chosen.scatter_(1, masked.to(image_embeds.device), True)
+def mask_image_embeds(image_embeds: torch.Tensor, masked: torch.Tensor | Sequence[Sequence[int]],
+                      mask_embedding: torch.Tensor) -> torch.Tensor:
+    """Replace the chosen visual tokens by e_MASK. image_embeds [B, T, D], masked: each row's token
+    indices ([B, k], or lists of different lengths), mask_embedding [D] -> [B, T, D] (a new tensor)."""
+    chosen = visual_token_mask(masked, image_embeds.shape[1], image_embeds.device)
     return torch.where(chosen[..., None], mask_embedding.to(image_embeds.dtype), image_embeds)
 
 

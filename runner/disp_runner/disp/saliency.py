@@ -30,11 +30,13 @@ the relabels of clean instances lose it more often and clean performance drops (
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
+import torch.nn.functional as F
 
-from disp_runner.disp.token_grid import grid_windows
-from disp_runner.models.base import DiffusionVLM, ModelInputs, TokenGrid
+from disp_runner.disp.token_grid import window_masks
+from disp_runner.models.base import DiffusionVLM, ModelInputs, VisualLayout
 
 
 @dataclass(frozen=True)
@@ -92,39 +94,46 @@ def region_kl_scores(
     batch: ModelInputs,
     gen_length: int,
     config: SaliencyConfig,
-    grid: TokenGrid,
+    layouts: Sequence[VisualLayout],
     max_rows_per_pass: int = 256,
 ) -> torch.Tensor:
     """Per token, the largest exact KL(p || p') of masking a whole w x w window containing it, with p
     the top-K softmax of the first decoding block (K indices fixed by the unmasked pass), summed over
-    positions: [B, T] float64. Windows are batched so that one pass holds <= max_rows_per_pass rows."""
+    positions: [B, T] float64 (0 beyond a row's visual tokens and for tokens in no window). `layouts`:
+    each row's visual layout; rows that share one are scored together, in passes of at most
+    `max_rows_per_pass` rows."""
     model.eval()
-    image_embeds = model.embed_images(batch.pixel_values)  # [B, T, D]
+    image_embeds = model.embed_images(batch.pixel_values, batch.image_sizes)  # [B, T, D]
     b, t, _ = image_embeds.shape
-    if grid.num_tokens != t:
-        raise ValueError(f"a {grid.rows}x{grid.cols} token grid does not match {t} visual tokens")
-    windows = grid_windows(grid, config.region_size).to(image_embeds.device)  # [W, w²]
+    for row, (layout, count) in enumerate(zip(layouts, batch.visual_spans[:, 1].tolist(), strict=True)):
+        if layout.num_tokens != count:
+            raise ValueError(f"row {row}: a layout of {layout.num_tokens} visual tokens does not match its {count}")
     block = first_step_block_logits(model, batch, image_embeds, gen_length, config.block_length)
     top = torch.topk(block, config.top_k, dim=-1).indices  # [B, G, K]
     log_p = torch.log_softmax(torch.gather(block, -1, top).double(), dim=-1)  # [B, G, K]
     mask_embedding = model.mask_embedding().to(image_embeds.dtype)
-    per_pass = max(1, max_rows_per_pass // b)
-    window_kl = []
-    for lo in range(0, len(windows), per_pass):
-        chunk = windows[lo:lo + per_pass]  # [n, w²]
-        n = len(chunk)
-        masked = torch.zeros(n, t, dtype=torch.bool, device=image_embeds.device)
-        masked.scatter_(1, chunk, True)
-        # Row (window j, instance i) sits at j * b + i.
-        embeds = torch.where(masked[:, None, :, None], mask_embedding, image_embeds[None]).reshape(n * b, t, -1)
-        logits = first_step_block_logits(model, batch, embeds, gen_length, config.block_length)
-        log_q = torch.log_softmax(torch.gather(logits, -1, top.repeat(n, 1, 1)).double(), dim=-1)
-        kl = (log_p.exp().repeat(n, 1, 1) * (log_p.repeat(n, 1, 1) - log_q)).sum(dim=(-1, -2))  # [n * b]
-        window_kl.append(kl.reshape(n, b))
-    kl = torch.cat(window_kl).T  # [B, W]
-    scores = torch.zeros(b, t, dtype=torch.float64, device=kl.device)
-    for j, window in enumerate(windows.tolist()):
-        scores[:, window] = torch.maximum(scores[:, window], kl[:, j:j + 1])
+    scores = torch.zeros(b, t, dtype=torch.float64, device=image_embeds.device)
+    groups: dict[VisualLayout, list[int]] = {}
+    for row, layout in enumerate(layouts):
+        groups.setdefault(layout, []).append(row)
+    for layout, rows in groups.items():
+        # [W, T]: the layout's windows, none reaching past its own tokens into the batch's padding.
+        windows = F.pad(window_masks(layout, config.region_size), (0, t - layout.num_tokens)).to(image_embeds.device)
+        index = torch.tensor(rows, device=image_embeds.device)
+        group, embeds, group_log_p = batch.select(index), image_embeds[index], log_p[index]
+        g = len(rows)
+        per_pass = max(1, max_rows_per_pass // g)
+        for lo in range(0, len(windows), per_pass):
+            chunk = windows[lo:lo + per_pass]  # [n, T]
+            n = len(chunk)
+            # Row (window j, instance i) sits at j * g + i.
+            masked = torch.where(chunk[:, None, :, None], mask_embedding, embeds[None]).reshape(n * g, t, -1)
+            logits = first_step_block_logits(model, group, masked, gen_length, config.block_length)
+            log_q = torch.log_softmax(torch.gather(logits, -1, top[index].repeat(n, 1, 1)).double(), dim=-1)
+            kl = (group_log_p.exp().repeat(n, 1, 1) * (group_log_p.repeat(n, 1, 1) - log_q)).sum(dim=(-1, -2))
+            for window, window_kl in zip(chunk, kl.reshape(n, g)):
+                scores[index] = torch.where(window[None, :], torch.maximum(scores[index], window_kl[:, None]),
+                                            scores[index])
     return scores
 
 
@@ -142,7 +151,7 @@ def fisher_jacobian_scores(
         raise ValueError(f"top_k {config.top_k} exceeds the vocabulary size {model.config.vocab_size}")
     model.eval()
     with torch.no_grad():
-        image_embeds = model.embed_images(batch.pixel_values)  # [B, T, D]
+        image_embeds = model.embed_images(batch.pixel_values, batch.image_sizes)  # [B, T, D]
         delta = (model.mask_embedding()[None, None, :] - image_embeds).double()  # δe_i: [B, T, D]
     image_embeds = image_embeds.detach().requires_grad_(True)
     z = first_step_top_logits(model, batch, image_embeds, gen_length, config.top_k, config.block_length)
@@ -164,11 +173,12 @@ def token_saliency(
     gen_length: int,
     config: SaliencyConfig,
     generator: torch.Generator,
-    grid: TokenGrid,
+    layouts: Sequence[VisualLayout],
 ) -> torch.Tensor:
     """The score DiSP masks by: the Fisher–Jacobian quadratic form of each visual token, raised to
-    the exact KL of masking any w x w window containing it when `config.region_size` > 1. [B, T]."""
+    the exact KL of masking any w x w window containing it when `config.region_size` > 1. [B, T];
+    `layouts`: each row's visual layout."""
     scores = fisher_jacobian_scores(model, batch, gen_length, config, generator)
     if config.region_size > 1:
-        scores = torch.maximum(scores, region_kl_scores(model, batch, gen_length, config, grid))
+        scores = torch.maximum(scores, region_kl_scores(model, batch, gen_length, config, layouts))
     return scores

@@ -22,6 +22,7 @@ of visual tokens depends on the image.
 from __future__ import annotations
 
 import enum
+import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -46,23 +47,44 @@ class ModelPart(enum.Enum):
 
 @dataclass(frozen=True)
 class TokenGrid:
-    """Where an image's visual tokens sit: `rows` x `cols` cells of `cell_height` x `cell_width`
-    pixels, numbered row-major from the image's top-left corner."""
+    """A block of visual tokens that sit on a grid over the image: `rows` x `cols` cells of
+    `cell_height` x `cell_width` pixels (fractional when a view is resized), numbered row-major
+    from `first` in the visual span, `row_stride` tokens apart from one row to the next (more than
+    `cols` when each row ends in a token that sees no cell, like LLaDA-V's image_newline)."""
 
     rows: int
     cols: int
-    cell_height: int
-    cell_width: int
+    cell_height: float
+    cell_width: float
+    first: int = 0
+    row_stride: int = 0  # 0: cols
 
     @property
-    def num_tokens(self) -> int:
-        return self.rows * self.cols
+    def stride(self) -> int:
+        return self.row_stride or self.cols
 
-    def box(self, token: int) -> tuple[int, int, int, int]:
-        """Pixel box (x0, y0, x1, y1), end-exclusive, that visual token `token` sees."""
-        row, col = divmod(token, self.cols)
-        return (col * self.cell_width, row * self.cell_height,
-                (col + 1) * self.cell_width, (row + 1) * self.cell_height)
+    def token(self, row: int, col: int) -> int:
+        return self.first + row * self.stride + col
+
+    def cells(self) -> Iterator[tuple[int, tuple[int, int, int, int]]]:
+        """(token, pixel box (x0, y0, x1, y1), end-exclusive) of every cell."""
+        for r in range(self.rows):
+            for c in range(self.cols):
+                yield self.token(r, c), (math.floor(c * self.cell_width), math.floor(r * self.cell_height),
+                                         math.ceil((c + 1) * self.cell_width), math.ceil((r + 1) * self.cell_height))
+
+
+@dataclass(frozen=True)
+class VisualLayout:
+    """Where an image's visual tokens sit: `num_tokens` tokens in the visual span, of which those in
+    `grids` see a cell of the image (the others, e.g. row separators, see none)."""
+
+    num_tokens: int
+    grids: tuple[TokenGrid, ...]
+
+    @classmethod
+    def single_grid(cls, grid: TokenGrid) -> "VisualLayout":
+        return cls(grid.rows * grid.stride, (grid,))
 
 
 @dataclass
@@ -74,6 +96,7 @@ class ModelInputs:
     pixel_values: torch.Tensor  # [B, ...] the family's image tensor
     response_mask: torch.Tensor  # [B, L] True on the last gen_length positions
     visual_spans: torch.Tensor  # [B, 2] long: (start, length) of each row's visual tokens
+    image_sizes: torch.Tensor  # [B, 2] long: (height, width) of each row's image in pixels
 
     def tensors(self) -> tuple[torch.Tensor, ...]:
         """The fields in order, e.g. for a TensorDataset; `ModelInputs(*tensors)` rebuilds it."""
@@ -82,8 +105,25 @@ class ModelInputs:
     def to(self, device: torch.device | str) -> "ModelInputs":
         return ModelInputs(*(t.to(device) for t in self.tensors()))
 
+    def select(self, rows: torch.Tensor | Sequence[int]) -> "ModelInputs":
+        """The batch of the given rows, in that order."""
+        index = torch.as_tensor(rows, dtype=torch.long, device=self.input_ids.device)
+        return ModelInputs(*(t[index] for t in self.tensors()))
+
     def __len__(self) -> int:
         return self.input_ids.shape[0]
+
+
+def visual_token_mask(tokens: torch.Tensor | Sequence[Sequence[int]], width: int,
+                      device: torch.device | str = "cpu") -> torch.Tensor:
+    """[B, width] bool, True at each row's listed visual-token indices: a [B, k] tensor, or lists
+    of different lengths (images with different numbers of visual tokens)."""
+    mask = torch.zeros(len(tokens), width, dtype=torch.bool, device=device)
+    if isinstance(tokens, torch.Tensor):
+        return mask.scatter_(1, tokens.to(device), True)
+    for row, chosen in enumerate(tokens):
+        mask[row, list(chosen)] = True
+    return mask
 
 
 def images_to_tensor(instances: Sequence[Instance], image_size: int) -> torch.Tensor:
@@ -114,18 +154,22 @@ class DiffusionVLM(Protocol):
     @property
     def device(self) -> torch.device: ...
 
-    def embed_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Visual tokens after the projector, where DiSP scores and masks: [B, ...] -> [B, T, D]."""
+    def embed_images(self, pixel_values: torch.Tensor, image_sizes: torch.Tensor) -> torch.Tensor:
+        """Visual tokens after the projector, where DiSP scores and masks: [B, ...] -> [B, T, D],
+        T the longest row's visual span; a shorter row's tokens come first, the rest is padding
+        the model never reads (so it gets no gradient and no saliency)."""
 
     def mask_embedding(self) -> torch.Tensor:
         """e_MASK, the input embedding of the mask token, which masking a position puts there: [D]."""
 
     def __call__(self, *, input_ids: torch.Tensor, attention_mask: torch.Tensor, visual_spans: torch.Tensor,
                  image_embeds: torch.Tensor | None = None, pixel_values: torch.Tensor | None = None,
-                 image_token_mask: torch.Tensor | None = None) -> torch.Tensor:
+                 image_sizes: torch.Tensor | None = None, image_token_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Logits [B, L, V] of the clean token at every position. The visual tokens come from
         `image_embeds` [B, T, D] (already embedded, possibly rewritten by DiSP) or from
-        `pixel_values`; `image_token_mask` [B, T] (True = replace by e_MASK) masks some of them."""
+        `pixel_values` + `image_sizes`; `image_token_mask` [B, T] (True = replace by e_MASK) masks
+        some of them. Row i's first `visual_spans[i, 1]` visual tokens go to the positions from
+        `visual_spans[i, 0]` on."""
 
     def parameter_parts(self) -> dict[ModelPart, list[nn.Parameter]]:
         """Every parameter, in exactly one part (what `trainable` chooses among)."""
@@ -167,17 +211,17 @@ class Processor(ABC):
     # -- what a family defines ----------------------------------------------------------------
     @property
     @abstractmethod
-    def image_size(self) -> int:
-        """The square size (pixels) images must have."""
+    def image_size(self) -> int | None:
+        """The square size (pixels) images must have; None: the family takes images of any size."""
 
     @abstractmethod
-    def token_grid(self) -> TokenGrid:
-        """Where the visual tokens of an image sit in it."""
+    def visual_layout(self, width: int, height: int) -> VisualLayout:
+        """How many visual tokens an image of this size becomes, and where they sit in it."""
 
     @abstractmethod
-    def visual_prefix(self) -> tuple[list[int], int]:
-        """The ids that precede every prompt (image placeholders and the family's own markers), and
-        the offset of the first visual token in them."""
+    def visual_prefix(self, layout: VisualLayout) -> tuple[list[int], int]:
+        """The ids that precede the prompt of an image with this layout (its placeholders and the
+        family's own markers), and the offset of the first visual token in them."""
 
     @abstractmethod
     def pixel_values(self, instances: Sequence[Instance]) -> torch.Tensor:
@@ -203,6 +247,9 @@ class Processor(ABC):
     def never_generate(self) -> tuple[int, ...]:
         return tuple(sorted(self.reserved_ids | {self.mask_token_id}))
 
+    def layout_of(self, instance: Instance) -> VisualLayout:
+        return self.visual_layout(*instance.image.size)
+
     def count_tokens(self, text: str) -> int:
         return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
@@ -210,12 +257,14 @@ class Processor(ABC):
         """Tokenize prompts (+ responses padded with the end token to `gen_length`, or masks to
         generate) behind the visual prefix, left-padded to a common length."""
         tok = self.tokenizer
-        prefix, visual_offset = self.visual_prefix()
-        visual_tokens = self.token_grid().num_tokens
         prompts = tok([inst.prompt for inst in instances], add_special_tokens=False)["input_ids"]
         reserved = self.reserved_ids | {self.mask_token_id}
         rows: list[list[int]] = []
+        visual: list[tuple[int, int]] = []  # (offset in the row, tokens)
         for inst, prompt_ids in zip(instances, prompts):
+            layout = self.layout_of(inst)
+            visual_tokens = layout.num_tokens
+            prefix, visual_offset = self.visual_prefix(layout)
             found = reserved & set(prompt_ids)
             if found:  # the model's own placeholders: a prompt cannot bring images or masks
                 names = " and ".join(tok.convert_ids_to_tokens(sorted(found)))
@@ -236,17 +285,19 @@ class Processor(ABC):
             else:
                 response_ids = [self.mask_token_id] * gen_length
             rows.append(prefix + prompt_ids + response_ids)
+            visual.append((visual_offset, visual_tokens))
         length = max(len(r) for r in rows)
         input_ids = torch.full((len(rows), length), tok.pad_token_id, dtype=torch.long)
         attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
         spans = torch.zeros((len(rows), 2), dtype=torch.long)
-        for i, row in enumerate(rows):
+        for i, (row, (offset, count)) in enumerate(zip(rows, visual)):
             input_ids[i, length - len(row):] = torch.tensor(row)
             attention_mask[i, length - len(row):] = 1
-            spans[i] = torch.tensor([length - len(row) + visual_offset, visual_tokens])
+            spans[i] = torch.tensor([length - len(row) + offset, count])
         response_mask = torch.zeros((len(rows), length), dtype=torch.bool)
         response_mask[:, length - gen_length:] = True
-        return ModelInputs(input_ids, attention_mask, self.pixel_values(instances), response_mask, spans)
+        sizes = torch.tensor([[inst.image.size[1], inst.image.size[0]] for inst in instances], dtype=torch.long)
+        return ModelInputs(input_ids, attention_mask, self.pixel_values(instances), response_mask, spans, sizes)
 
     def decode(self, response_ids: torch.Tensor) -> list[str]:
         """Generated response ids [B, G] -> text, cut at the first end token."""

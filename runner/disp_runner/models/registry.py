@@ -6,6 +6,8 @@ A family is added by writing its folder under disp_runner/models/ (model, proces
 
 from __future__ import annotations
 
+from transformers import AutoConfig
+
 from disp_runner.errors import UserInputError
 from disp_runner.models import mdlm
 from disp_runner.models.base import ModelFamily
@@ -15,7 +17,9 @@ FAMILIES: dict[str, ModelFamily] = {}
 
 
 def register_family(family: ModelFamily) -> None:
-    """Make `family` loadable (registering the same model_type again replaces it)."""
+    """Make `family` loadable (registering the same model_type again replaces it). Its config class
+    is made known to transformers' AutoConfig too, which reads config.json when a tokenizer loads."""
+    AutoConfig.register(family.model_type, family.model_class.config_class, exist_ok=True)
     FAMILIES[family.model_type] = family
 
 

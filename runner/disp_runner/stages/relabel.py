@@ -46,7 +46,7 @@ class RelabelStage:
         missing = [inst.id for inst in instances if inst.id not in masked_by_id]
         if missing:
             raise UserInputError(f"masking output has no entry for instance {missing[0]!r} (rerun masking)")
-        masked = torch.tensor([masked_by_id[inst.id] for inst in instances], dtype=torch.long)  # [n, k]
+        masked = [masked_by_id[inst.id] for inst in instances]  # each instance's masked visual tokens
         mask_embedding = model.mask_embedding().detach()
 
         def mask_tokens(image_embeds: torch.Tensor, rows: slice) -> torch.Tensor:

@@ -1,6 +1,7 @@
 """Stage `saliency`: the Fisher–Jacobian score of every visual token of every training instance.
 
-Output: scores.safetensors ({"scores": float64 [N, T]}) and ids.json (instance ids, same order).
+Output: scores.safetensors ({"scores": float64 [N, T], "visualTokens": int64 [N]}: instance i's
+T_i scores in the first T_i columns, zeros after them) and ids.json (instance ids, same order).
 """
 
 from __future__ import annotations
@@ -20,23 +21,32 @@ from disp_runner.pipeline.context import StageContext, StageResult
 
 SCORES_FILE = "scores.safetensors"
 IDS_FILE = "ids.json"
+COUNTS_KEY = "visualTokens"  # tensor in SCORES_FILE: how many visual tokens each instance's image has
 
 
-def read_scores(folder: Path) -> tuple[list[str], torch.Tensor]:
-    """(ids, scores [N, T] float64) of a saliency output folder."""
+def read_scores(folder: Path) -> tuple[list[str], torch.Tensor, torch.Tensor]:
+    """(ids, scores [N, T] float64, visual tokens per instance [N]) of a saliency output folder:
+    instance i's image has counts[i] visual tokens, scored in the first counts[i] columns."""
     ids = json.loads((folder / IDS_FILE).read_text())
-    scores = load_file(str(folder / SCORES_FILE))["scores"]
-    if len(ids) != scores.shape[0]:
-        raise UserInputError(f"{folder}: {len(ids)} ids but {scores.shape[0]} score rows")
-    return ids, scores
+    tensors = load_file(str(folder / SCORES_FILE))
+    scores = tensors["scores"]
+    # Outputs written before images could differ in token count have no counts: every row is full.
+    counts = tensors.get(COUNTS_KEY, torch.full((scores.shape[0],), scores.shape[1], dtype=torch.long))
+    if len(ids) != scores.shape[0] or counts.shape != (scores.shape[0],):
+        raise UserInputError(f"{folder}: {len(ids)} ids, {scores.shape[0]} score rows and {counts.numel()} token "
+                             "counts do not agree")
+    if len(counts) and not (0 < int(counts.min()) and int(counts.max()) <= scores.shape[1]):
+        raise UserInputError(f"{folder}: token counts outside 1..{scores.shape[1]}")
+    return ids, scores, counts
 
 
-def write_scores(folder: Path, ids: list[str], scores: torch.Tensor) -> None:
+def write_scores(folder: Path, ids: list[str], scores: torch.Tensor, counts: torch.Tensor) -> None:
     bad = int((~torch.isfinite(scores)).sum())
     if bad:  # top-k over NaN would "find" tokens 0..k: nothing degenerate goes on to masking
         raise DegenerateResultError(f"saliency: {bad} of {scores.numel()} scores are NaN or infinite "
                                     "(the model's outputs are not finite); nothing was published")
-    save_file({"scores": scores.contiguous()}, str(folder / SCORES_FILE))
+    save_file({"scores": scores.contiguous(), COUNTS_KEY: counts.to(torch.long).contiguous()},
+              str(folder / SCORES_FILE))
     (folder / IDS_FILE).write_text(json.dumps(ids))
 
 
@@ -54,35 +64,38 @@ class SaliencyStage:
         if spec.top_k > model.config.vocab_size:
             raise UserInputError(f"spec.saliency.topK: {spec.top_k} is larger than the vocabulary "
                                  f"({model.config.vocab_size} tokens)")
+        instances = ctx.training_set()
+        counts = torch.tensor([processor.layout_of(inst).num_tokens for inst in instances], dtype=torch.long)
         # Before the expensive part: a masking ratio that would mask nothing makes the scores useless.
-        grid = processor.token_grid()
-        check_ratio_masks_a_token(ctx.spec.masking.ratio, grid.num_tokens)
+        check_ratio_masks_a_token(ctx.spec.masking.ratio, int(counts.min()))
         config = SaliencyConfig(top_k=spec.top_k, probes=spec.probes, block_length=decoding.block_length,
                                 region_size=spec.region_size)
-        instances = ctx.training_set()
+        width = int(counts.max())  # every shard pads to the whole dataset's widest image, so shards concatenate
         items = ctx.shard_items(spec.batch_size)
-        rows: list[torch.Tensor] = []
+        scores = torch.zeros(len(items), width, dtype=torch.float64)
         for lo in range(items.start, items.stop, spec.batch_size):
             chunk = instances[lo:min(lo + spec.batch_size, items.stop)]
             batch = processor.encode(chunk, decoding.gen_length, with_response=False)
             # Probes are seeded per global batch, so a shard computes exactly what the full run does.
             generator = torch.Generator(device=ctx.device).manual_seed(sub_seed(spec.seed, lo // spec.batch_size))
             with autocast(ctx.device):
-                rows.append(token_saliency(model, batch.to(ctx.device), decoding.gen_length, config, generator,
-                                           grid).cpu())
+                part = token_saliency(model, batch.to(ctx.device), decoding.gen_length, config, generator,
+                                      [processor.layout_of(inst) for inst in chunk]).cpu()
+            for row, count in enumerate(batch.visual_spans[:, 1].tolist()):  # beyond a row's tokens stays 0
+                scores[lo - items.start + row, :count] = part[row, :count]
             ctx.report_progress(lo + len(chunk) - items.start)
-        tokens = grid.num_tokens
-        scores = torch.cat(rows) if rows else torch.zeros(0, tokens, dtype=torch.float64)
-        write_scores(out, [instances[i].id for i in items], scores)
-        return StageResult(items=len(items), metrics={"visualTokens": tokens, "topK": spec.top_k,
+        write_scores(out, [instances[i].id for i in items], scores, counts[items.start:items.stop])
+        return StageResult(items=len(items), metrics={"visualTokens": width, "topK": spec.top_k,
                                                       "probes": spec.probes, "regionSize": spec.region_size})
 
     def merge(self, ctx: StageContext, shard_dirs: list[Path], out: Path) -> StageResult:
         ids: list[str] = []
         parts: list[torch.Tensor] = []
+        counts: list[torch.Tensor] = []
         for folder in shard_dirs:
-            shard_ids, shard_scores = read_scores(folder)
+            shard_ids, shard_scores, shard_counts = read_scores(folder)
             ids += shard_ids
             parts.append(shard_scores)
-        write_scores(out, ids, torch.cat(parts))
+            counts.append(shard_counts)
+        write_scores(out, ids, torch.cat(parts), torch.cat(counts))
         return StageResult(items=len(ids), metrics={"visualTokens": int(parts[0].shape[1])})

@@ -192,8 +192,8 @@ class MDLMForMaskedDiffusion(MDLMPreTrainedModel):
         """e_MASK: the embedding that masking a position (text or visual) puts there. [D]"""
         return self.embed_tokens.weight[self.config.mask_token_id]
 
-    def embed_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Visual tokens: [B, C, H, W] -> [B, T, D]."""
+    def embed_images(self, pixel_values: torch.Tensor, image_sizes: torch.Tensor | None = None) -> torch.Tensor:
+        """Visual tokens: [B, C, H, W] -> [B, T, D] (every image has the model's size)."""
         expected = (self.config.num_channels, self.config.image_size, self.config.image_size)
         if pixel_values.dim() != 4 or tuple(pixel_values.shape[1:]) != expected:
             raise ValueError(f"pixel_values must be [B, {expected[0]}, {expected[1]}, {expected[2]}], "
@@ -227,13 +227,15 @@ class MDLMForMaskedDiffusion(MDLMPreTrainedModel):
         image_embeds: torch.Tensor | None = None,
         image_token_mask: torch.Tensor | None = None,
         visual_spans: torch.Tensor | None = None,
+        image_sizes: torch.Tensor | None = None,
         **_: object,
     ) -> torch.Tensor:
         """Logits [B, L, V]. Give `input_ids` (+ `pixel_values` or precomputed `image_embeds`) or
         ready `inputs_embeds`. `attention_mask` [B, L] marks real (1) vs padding (0) tokens.
         `image_token_mask` [B, T] (True = replace that visual token by e_MASK) masks visual tokens
         the way DiSP does; training with it teaches the model to answer from partial evidence.
-        `visual_spans` is not needed: the `<image>` placeholders say where the visual tokens go."""
+        `visual_spans` and `image_sizes` are not needed: every image has the model's size, and the
+        `<image>` placeholders say where the visual tokens go."""
         if inputs_embeds is None:
             if input_ids is None:
                 raise ValueError("pass input_ids or inputs_embeds")

@@ -12,7 +12,7 @@ from transformers import PreTrainedTokenizerBase
 
 from disp_runner.data.dataset import Instance
 from disp_runner.errors import UserInputError
-from disp_runner.models.base import Processor, TokenGrid, images_to_tensor
+from disp_runner.models.base import Processor, TokenGrid, VisualLayout, images_to_tensor
 from disp_runner.models.mdlm.configuration import MDLMConfig
 from disp_runner.models.mdlm.tokenization import SpecialTokens
 
@@ -31,12 +31,13 @@ class MDLMProcessor(Processor):
     def image_size(self) -> int:
         return self.config.image_size
 
-    def token_grid(self) -> TokenGrid:
-        side = self.config.image_size // self.config.patch_size
-        return TokenGrid(side, side, self.config.patch_size, self.config.patch_size)
+    def visual_layout(self, width: int, height: int) -> VisualLayout:
+        """One token per patch, row-major (every image has the model's size; encode checks)."""
+        side, patch = self.config.image_size // self.config.patch_size, self.config.patch_size
+        return VisualLayout.single_grid(TokenGrid(side, side, patch, patch))
 
-    def visual_prefix(self) -> tuple[list[int], int]:
-        return [self.config.image_token_id] * self.config.num_image_tokens, 0
+    def visual_prefix(self, layout: VisualLayout) -> tuple[list[int], int]:
+        return [self.config.image_token_id] * layout.num_tokens, 0
 
     def pixel_values(self, instances: Sequence[Instance]) -> torch.Tensor:
         return images_to_tensor(instances, self.config.image_size)
