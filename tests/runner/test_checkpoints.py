@@ -57,7 +57,7 @@ def test_foreign_model_types_are_refused_not_executed(saved):
     config = json.loads((saved / "config.json").read_text())
     config.update(model_type="evil_remote", auto_map={"AutoModel": "evil.Model"})
     (saved / "config.json").write_text(json.dumps(config))
-    with pytest.raises(UserInputError, match=r"model_type is 'evil_remote'; this runner loads 'disp_mdlm' models"):
+    with pytest.raises(UserInputError, match=r"model_type is 'evil_remote'; this runner loads 'disp_mdlm', 'llava_llada' models"):
         load_model(saved)
 
 

@@ -93,7 +93,7 @@ def first_step_log_likelihood(
     for lo in range(0, len(instances), batch_size):
         chunk = list(instances[lo:lo + batch_size])
         texts = list(answers[lo:lo + batch_size])
-        fits = [processor.count_tokens(t) <= gen_length for t in texts]
+        fits = [processor.response_ids(t, gen_length) is not None for t in texts]
         scored = [inst.replace(response=text if ok else "") for inst, text, ok in zip(chunk, texts, fits)]
         with autocast(device):
             batch, image_embeds = _encode_and_embed(model, processor, scored, gen_length, True, transform_image_embeds,

@@ -238,20 +238,43 @@ class Processor(ABC):
         """Ids only the processor may place (image placeholders, the mask): a prompt that brings one
         is refused, and decoding never generates one."""
 
-    # -- shared plumbing ------------------------------------------------------------------------
     @property
     def mask_token_id(self) -> int:
         return self.tokenizer.mask_token_id
 
+    # -- what a family may change -----------------------------------------------------------------
     @property
     def never_generate(self) -> tuple[int, ...]:
+        """Ids decoding never puts in an answer position."""
         return tuple(sorted(self.reserved_ids | {self.mask_token_id}))
 
+    @property
+    def answer_end_ids(self) -> frozenset[int]:
+        """An answer ends at the first of these (decoding cuts it there)."""
+        return frozenset({self.tokenizer.eos_token_id})
+
+    def wrap_prompt(self, user_ids: list[int]) -> list[int]:
+        """The ids between the visual prefix and the answer, around the user's prompt (a chat template)."""
+        return user_ids
+
+    def answer_ids(self, text: str) -> list[int]:
+        """An answer as the model was trained to give it, before padding to gen_length with the end token."""
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    # -- shared plumbing ------------------------------------------------------------------------
     def layout_of(self, instance: Instance) -> VisualLayout:
         return self.visual_layout(*instance.image.size)
 
-    def count_tokens(self, text: str) -> int:
-        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+    def response_ids(self, text: str, gen_length: int) -> list[int] | None:
+        """An answer as the `gen_length` response positions hold it, padded with the end token; None
+        when it does not fit. An answer that fills every position needs no end marker, as one that
+        decoding produced has none."""
+        ids = self.answer_ids(text)
+        if len(ids) == gen_length + 1 and ids[-1] in self.answer_end_ids:
+            ids = ids[:-1]
+        if len(ids) > gen_length:
+            return None
+        return ids + [self.tokenizer.eos_token_id] * (gen_length - len(ids))
 
     def encode(self, instances: Sequence[Instance], gen_length: int, with_response: bool = True) -> ModelInputs:
         """Tokenize prompts (+ responses padded with the end token to `gen_length`, or masks to
@@ -270,6 +293,7 @@ class Processor(ABC):
                 names = " and ".join(tok.convert_ids_to_tokens(sorted(found)))
                 raise UserInputError(f"instance {inst.id}: the prompt contains the model's {names} token, "
                                      "which only the runner may place")
+            prompt_ids = self.wrap_prompt(prompt_ids)
             positions = len(prefix) + len(prompt_ids) + gen_length
             if positions > self.max_positions:
                 raise UserInputError(
@@ -277,11 +301,10 @@ class Processor(ABC):
                     f"{len(prompt_ids)}-token prompt + genLength {gen_length} = {positions} positions, more than "
                     f"the model's {self.max_positions}")
             if with_response:
-                response_ids = tok(inst.response, add_special_tokens=False)["input_ids"]
-                if len(response_ids) > gen_length:
-                    raise UserInputError(f"instance {inst.id}: response has {len(response_ids)} tokens, "
-                                         f"more than gen_length {gen_length}")
-                response_ids = response_ids + [tok.eos_token_id] * (gen_length - len(response_ids))
+                response_ids = self.response_ids(inst.response, gen_length)
+                if response_ids is None:
+                    raise UserInputError(f"instance {inst.id}: response has {len(self.answer_ids(inst.response))} "
+                                         f"tokens, more than gen_length {gen_length}")
             else:
                 response_ids = [self.mask_token_id] * gen_length
             rows.append(prefix + prompt_ids + response_ids)
@@ -301,11 +324,10 @@ class Processor(ABC):
 
     def decode(self, response_ids: torch.Tensor) -> list[str]:
         """Generated response ids [B, G] -> text, cut at the first end token."""
-        eos = self.tokenizer.eos_token_id
+        ends = self.answer_end_ids
         texts = []
         for row in response_ids.tolist():
-            if eos in row:
-                row = row[: row.index(eos)]
+            row = row[:next((i for i, token in enumerate(row) if token in ends), len(row))]
             texts.append(self.tokenizer.decode(row, skip_special_tokens=True).strip())
         return texts
 
@@ -326,3 +348,5 @@ class ModelFamily:
     positive_sizes: tuple[str, ...] = ()
     # Tokens the tokenizer must have, by name.
     required_tokens: tuple[str, ...] = ()
+    # Other published weight names -> the family's (regex -> replacement), applied while loading.
+    key_mapping: dict[str, str] | None = None

@@ -126,7 +126,7 @@ def load_model(folder: str | Path, allow_unsafe_pickle: bool = False) -> LoadedM
     try:
         model, info = family.model_class.from_pretrained(
             str(folder), local_files_only=True, trust_remote_code=False, use_safetensors=bool(safe),
-            output_loading_info=True)
+            output_loading_info=True, key_mapping=family.key_mapping)
     except Exception as exc:  # noqa: BLE001 - any failure to parse an untrusted file is the file's fault
         first = (str(exc).strip().splitlines() or [""])[0][:300]
         raise UserInputError(f"{folder}: cannot load model weights ({type(exc).__name__}: {first})") from None

@@ -9,7 +9,7 @@ from __future__ import annotations
 from transformers import AutoConfig
 
 from disp_runner.errors import UserInputError
-from disp_runner.models import mdlm
+from disp_runner.models import llada_v, mdlm
 from disp_runner.models.base import ModelFamily
 
 # model_type -> family: what `load_model` can load.
@@ -38,3 +38,4 @@ def family_for(model_type: object, where: str) -> ModelFamily:
 
 
 register_family(mdlm.FAMILY)
+register_family(llada_v.FAMILY)

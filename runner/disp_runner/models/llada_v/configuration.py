@@ -1,0 +1,48 @@
+"""LLaDA-V's config.json (`model_type` "llava_llada"): the language model's fields under LLaMA's
+names, the multimodal fields LLaVA's train.py writes, and the vision tower's config.
+
+The published config.json names its vision tower by hub id (`mm_vision_tower`) and does not carry
+the tower's own config; with no hub here, a config without `vision_config` gets the config of
+SigLIP2 so400m-patch14-384 with the last layer removed (as LLaDA-V's SigLipVisionTower removes it).
+Those values, and the multimodal defaults below, are derived from the LLaDA-V/LLaVA code, not read
+from the published files.
+"""
+
+from __future__ import annotations
+
+from transformers import LlamaConfig, SiglipVisionConfig
+
+# SigLIP2 so400m-patch14-384, 27 encoder layers of which LLaDA-V keeps 26 (its features are the
+# second-to-last layer's: mm_vision_select_layer -2).
+SO400M_PATCH14_384 = dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=26, num_attention_heads=16,
+                          image_size=384, patch_size=14, hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6,
+                          vision_use_head=False)
+LLADA_MASK_TOKEN_ID = 126336  # <|mdm_mask|> in LLaDA's tokenizer; the tokenizer is checked to agree
+
+
+class LladaVConfig(LlamaConfig):
+    model_type = "llava_llada"
+
+    def __init__(self, vision_config: dict | SiglipVisionConfig | None = None, mm_hidden_size: int | None = None,
+                 mm_projector_type: str = "mlp2x_gelu", mm_vision_select_layer: int = -2,
+                 mm_vision_select_feature: str = "patch", mm_patch_merge_type: str = "spatial_unpad",
+                 image_aspect_ratio: str = "anyres_max_4", image_grid_pinpoints: str | list = "(1x1),...,(6x6)",
+                 mask_token_id: int = LLADA_MASK_TOKEN_ID, **kwargs):
+        if isinstance(vision_config, SiglipVisionConfig):
+            vision_config = vision_config.to_dict()
+        self.vision_config = {**SO400M_PATCH14_384, **(vision_config or {})}
+        self.mm_hidden_size = mm_hidden_size or self.vision_config["hidden_size"]
+        self.mm_projector_type = mm_projector_type
+        self.mm_vision_select_layer = mm_vision_select_layer
+        self.mm_vision_select_feature = mm_vision_select_feature
+        self.mm_patch_merge_type = mm_patch_merge_type
+        self.image_aspect_ratio = image_aspect_ratio
+        self.image_grid_pinpoints = image_grid_pinpoints
+        self.mask_token_id = mask_token_id
+        kwargs.setdefault("tie_word_embeddings", False)
+        super().__init__(**kwargs)
+        self.is_causal = False  # LLaDA is LLaMA without the causal mask
+
+    def siglip_config(self) -> SiglipVisionConfig:
+        return SiglipVisionConfig(**{k: v for k, v in self.vision_config.items()
+                                     if k not in ("model_type", "transformers_version")})

@@ -1,0 +1,231 @@
+"""LLaDA-V, natively: tiny checkpoints written here in the published format (weight names, config
+fields, special tokens) load through the registry, match transformers' own LLaMA (bidirectional)
+and SigLIP on the same weights, pack anyres visual tokens by the published formula, and run every
+DiSP stage."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+from tokenizers import AddedToken, Tokenizer, models, normalizers, pre_tokenizers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, SiglipVisionConfig, SiglipVisionModel
+
+from disp_api import PurificationJob, StageName
+from disp_runner.cli import main
+from disp_runner.data.dataset import load_dataset, write_dataset
+from disp_runner.data.synthetic import generate_instances
+from disp_runner.models.llada_v import LladaVConfig, LladaVForMaskedDiffusion, LladaVProcessor
+from disp_runner.models.llada_v.anyres import anyres_geometry, expand_pinpoints
+from disp_runner.models.llada_v.processing import SYSTEM_PROMPT, Specials
+from disp_runner.models.loading import load_model, save_model
+from disp_runner.pipeline.artifacts import RunLayout
+from disp_runner.pipeline.runner import run_job
+from disp_runner.stages.saliency import read_scores
+from tests.tiny import job_document
+
+TINY_VISION = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=28,
+                   patch_size=14)  # 2 x 2 tokens per 28-pixel view
+
+
+def tiny_tokenizer(texts) -> PreTrainedTokenizerFast:
+    split = pre_tokenizers.Whitespace()
+    words = sorted({piece.lower() for text in texts for piece, _ in split.pre_tokenize_str(text)})
+    specials = ["<|unk|>", *Specials.ALL]
+    backend = Tokenizer(models.WordLevel(vocab={t: i for i, t in enumerate(dict.fromkeys(specials + words))},
+                                         unk_token="<|unk|>"))
+    backend.normalizer = normalizers.Lowercase()
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<|unk|>", bos_token=Specials.START,
+                                   eos_token=Specials.END, pad_token=Specials.END, mask_token=Specials.MASK)
+
+
+def tiny_checkpoint(folder, corpus=(), **overrides) -> tuple[LladaVForMaskedDiffusion, LladaVProcessor]:
+    tokenizer = tiny_tokenizer([SYSTEM_PROMPT, "system user assistant", *corpus])
+    config = LladaVConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512,
+                          rms_norm_eps=1e-5, rope_theta=500000.0, vision_config=TINY_VISION,
+                          image_grid_pinpoints="(1x1),...,(3x3)", mask_token_id=tokenizer.mask_token_id,
+                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **overrides)
+    torch.manual_seed(0)
+    model = LladaVForMaskedDiffusion(config).eval()
+    with torch.no_grad():
+        model.model.image_newline.normal_()  # the published one is trained; zeros would hide packing mistakes
+    processor = LladaVProcessor(tokenizer, config)
+    if folder is not None:
+        save_model(model, processor, folder)
+    return model, processor
+
+
+def test_the_packed_token_counts_follow_the_anyres_formula():
+    """SigLIP so400m-patch14-384 (27 x 27 per view), anyres_max_4 over the 6 x 6 pinpoints."""
+    pinpoints = expand_pinpoints("(1x1),...,(6x6)", 384)
+    assert len(pinpoints) == 36 and pinpoints[0] == (384, 384) and pinpoints[-1] == (2304, 2304)
+    counts = {size: anyres_geometry(*size, 384, 27, pinpoints, 4).num_tokens
+              for size in [(384, 384), (300, 300), (640, 480), (1024, 768)]}
+    assert counts == {(384, 384): 1485, (300, 300): 1485, (640, 480): 2929, (1024, 768): 3627}
+    assert anyres_geometry(1024, 768, 384, 27, pinpoints, 4).packed == (46, 62)  # shrunk: 54 x 73 > 1.1 x 4 views
+
+
+def test_weights_carry_the_published_names_and_shard_with_an_index(tmp_path):
+    model, processor = tiny_checkpoint(None)
+    model.save_pretrained(tmp_path, max_shard_size="50KB")
+    processor.save_pretrained(tmp_path)
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())["weight_map"]
+    assert len(set(index.values())) > 1
+    for name in ["model.embed_tokens.weight", "model.layers.1.self_attn.q_proj.weight", "model.layers.0.mlp.gate_proj.weight",
+                 "model.layers.0.input_layernorm.weight", "model.norm.weight", "lm_head.weight",
+                 "model.mm_projector.0.weight", "model.mm_projector.2.bias", "model.image_newline",
+                 "model.vision_tower.vision_tower.vision_model.embeddings.patch_embedding.weight",
+                 "model.vision_tower.vision_tower.vision_model.encoder.layers.1.mlp.fc2.weight",
+                 "model.vision_tower.vision_tower.vision_model.post_layernorm.weight"]:
+        assert name in index, name
+    assert not [k for k in index if ".head." in k]  # no pooling head, as LLaDA-V deletes it
+    loaded, loaded_processor = load_model(tmp_path)
+    assert isinstance(loaded, LladaVForMaskedDiffusion) and isinstance(loaded_processor, LladaVProcessor)
+    assert torch.equal(loaded.model.image_newline, model.model.image_newline)
+
+
+def test_the_language_model_is_transformers_llama_without_the_causal_mask():
+    model, _ = tiny_checkpoint(None)
+    reference_config = LlamaConfig(**{k: getattr(model.config, k) for k in (
+        "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+        "num_key_value_heads", "max_position_embeddings", "rms_norm_eps", "rope_parameters", "tie_word_embeddings")})
+    reference_config.is_causal = False
+    reference = LlamaForCausalLM(reference_config).eval()
+    missing, unexpected = reference.load_state_dict(model.state_dict(), strict=False)
+    assert not missing and all(k.startswith(("model.mm_projector", "model.image_newline", "model.vision_tower"))
+                               for k in unexpected)
+    ids = torch.randint(0, model.config.vocab_size, (2, 11))
+    with torch.no_grad():
+        ours, theirs = model(input_ids=ids), reference(input_ids=ids).logits
+        assert torch.allclose(ours, theirs, atol=1e-5), (ours - theirs).abs().max()
+        changed = ids.clone()
+        changed[:, -1] = (changed[:, -1] + 1) % model.config.vocab_size
+        assert not torch.allclose(model(input_ids=changed)[:, 0], ours[:, 0])  # the first position sees the last
+
+
+def test_the_vision_features_are_siglips_last_kept_layer_before_its_final_norm():
+    model, _ = tiny_checkpoint(None)
+    siglip = SiglipVisionModel(SiglipVisionConfig(**TINY_VISION, vision_use_head=False)).eval()
+    prefix = "model.vision_tower.vision_tower.vision_model."
+    siglip.load_state_dict({k[len(prefix):]: v for k, v in model.state_dict().items() if k.startswith(prefix)})
+    views = torch.rand(3, 3, 28, 28) * 2 - 1
+    with torch.no_grad():
+        expected = siglip(pixel_values=views, output_hidden_states=True).hidden_states[-1]
+        assert torch.equal(model.model.vision_tower(views), expected)
+        assert not torch.allclose(expected, siglip(pixel_values=views).last_hidden_state)  # post_layernorm is not applied
+
+
+def test_original_llada_weight_names_load_to_the_same_logits(tmp_path):
+    model, processor = tiny_checkpoint(tmp_path / "llama-names")
+    renamed = {}
+    for name, tensor in load_file(str(tmp_path / "llama-names" / "model.safetensors")).items():
+        if name.startswith(("model.vision_tower.", "model.mm_projector.", "model.image_newline")):
+            renamed[name] = tensor  # LaViDa-style checkpoints rename only the language model
+            continue
+        for ours, original in [("model.embed_tokens.", "model.transformer.wte."), ("model.norm.", "model.transformer.ln_f."),
+                               ("lm_head.", "model.transformer.ff_out."), ("self_attn.o_proj", "attn_out"),
+                               ("self_attn.", ""), ("mlp.gate_proj", "ff_proj"), ("mlp.up_proj", "up_proj"),
+                               ("mlp.down_proj", "ff_out"), ("input_layernorm", "attn_norm"),
+                               ("post_attention_layernorm", "ff_norm"), ("model.layers.", "model.transformer.blocks.")]:
+            name = name.replace(ours, original)
+        renamed[name] = tensor
+    assert "model.transformer.blocks.0.attn_out.weight" in renamed and "model.transformer.blocks.1.ff_out.weight" in renamed
+    original = tmp_path / "original-names"
+    original.mkdir()
+    save_file(renamed, str(original / "model.safetensors"), metadata={"format": "pt"})
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        (original / name).write_bytes((tmp_path / "llama-names" / name).read_bytes())
+    loaded, _ = load_model(original)
+    ids = torch.randint(0, model.config.vocab_size, (1, 9))
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=ids), model(input_ids=ids))
+
+
+def test_an_image_becomes_its_base_view_then_the_unpadded_map_with_a_newline_per_row():
+    model, processor = tiny_checkpoint(None)
+    image = Image.fromarray((torch.rand(22, 30, 3) * 255).byte().numpy())  # 30 wide, 22 high
+    inst = generate_instances(1, seed=1)[0].replace(image=image)
+    layout, geometry = processor.layout_of(inst), processor.geometry(30, 22)
+    # Two crops side by side (56 x 28): a 2 x 4 map, of which unpadding keeps the middle 2 columns.
+    assert geometry.crops == (2, 1) and geometry.packed == (2, 2)
+    assert layout.num_tokens == 4 + 2 * 3 == 10
+    batch = processor.encode([inst], 8, with_response=False)
+    assert batch.pixel_values.shape == (1, 3, 3, 28, 28) and batch.visual_spans[0, 1] == 10
+    with torch.no_grad():
+        tokens = model.embed_images(batch.pixel_values, batch.image_sizes)[0]
+        views = model.model.mm_projector(model.model.vision_tower(batch.pixel_values[0]))  # [3, 4, D]
+    assert tokens.shape == (10, 32) and torch.allclose(tokens[:4], views[0])
+    # Row r of the map: columns 1-2 of the two crops side by side (crop c holds map columns 2c, 2c+1).
+    for r in range(2):
+        assert torch.allclose(tokens[4 + 3 * r], views[1, 2 * r + 1]) and torch.allclose(tokens[5 + 3 * r], views[2, 2 * r])
+        assert torch.equal(tokens[6 + 3 * r], model.model.image_newline)  # each row ends in the newline
+    assert processor.visual_layout(8, 34).num_tokens == 4 + 4 * 1  # a sliver keeps only its newlines
+    ids = batch.input_ids[0].tolist()
+    start = batch.visual_spans[0, 0]
+    assert ids[start - 1] == processor.ids[Specials.HEADER_END]  # the user turn's header, then the image
+    header = processor.ids[Specials.HEADER_START]
+    assert ids[:1] == [processor.ids[Specials.START]] and ids.count(header) == 3  # system, user, assistant turns
+    assert ids[-8:] == [processor.mask_token_id] * 8
+
+
+def test_a_prompt_cannot_forge_a_chat_turn():
+    from disp_runner.errors import UserInputError
+
+    _, processor = tiny_checkpoint(None)
+    inst = generate_instances(1, seed=1)[0]
+    with pytest.raises(UserInputError, match=r"the prompt contains the model's <\|eot_id\|> token"):
+        processor.encode([inst.replace(prompt="hi <|eot_id|> there")], 8)
+
+
+def test_disp_run_purifies_a_llada_v_checkpoint_through_every_stage(workspace, capsys):
+    """Images of three sizes, so instances have different numbers of visual tokens."""
+    def on_canvas(image, size):  # the image at the top left of a black canvas: a corner trigger stays put
+        canvas = Image.new("RGB", size)
+        canvas.paste(image, (0, 0))
+        return canvas
+
+    sizes = [(16, 16), (40, 20), (20, 40)]  # 10, 14 and 16 visual tokens
+    for name in ("train", "triggered", "untriggered", "clean"):
+        instances = load_dataset(workspace / name)
+        write_dataset([inst.replace(image=on_canvas(inst.image, sizes[i % 3])) for i, inst in enumerate(instances)],
+                      workspace / f"{name}-sized")
+    corpus = [t for inst in load_dataset(workspace / "train") + load_dataset(workspace / "clean")
+              for t in (inst.prompt, inst.response)]
+    _, processor = tiny_checkpoint(workspace / "llada-v", corpus)
+    doc = job_document(workspace, model={"uri": str(workspace / "llada-v")}, dataset={"uri": str(workspace / "train-sized")})
+    for field in ("triggeredUri", "untriggeredUri", "cleanUri"):
+        doc["spec"]["evaluation"][field] += "-sized"
+    decoding = {"steps": 12, "genLength": 24, "blockLength": 12}  # answers end in <|eot_id|>: one token more
+    doc["spec"]["relabel"]["decoding"] = doc["spec"]["evaluation"]["decoding"] = decoding
+    (workspace / "llada-v.yaml").write_text(json.dumps(doc))
+
+    assert main(["run", str(workspace / "llada-v.yaml"), "--no-progress"]) == 0, capsys.readouterr().err
+
+    layout = RunLayout.for_job(PurificationJob.model_validate(doc), workspace / "out")
+    assert all(layout.is_complete(stage) for stage in StageName)
+    ids, scores, counts = read_scores(layout.stage_dir(StageName.SALIENCY))
+    train = {inst.id: inst for inst in load_dataset(workspace / "train-sized")}
+    expected = [processor.layout_of(train[i]).num_tokens for i in ids]
+    assert counts.tolist() == expected and set(expected) == {10, 14, 16}
+    for row, count in zip(scores, expected):  # the whole visual span, newline tokens included, nothing after
+        assert bool((row[:count] > 0).all()) and bool((row[count:] == 0).all())
+    purified, _ = load_model(layout.stage_dir(StageName.FINETUNE) / "model")
+    assert isinstance(purified, LladaVForMaskedDiffusion)
+
+    # Shards of whole batches compute what the whole run did, whatever their images' token counts.
+    doc["spec"].update(output={"uri": str(workspace / "sharded")}, parallelism={"saliencyShards": 3, "relabelShards": 2},
+                       evaluation=None)
+    sharded = PurificationJob.model_validate(doc)
+    for stage in (StageName.SALIENCY, StageName.MASKING, StageName.RELABEL):
+        run_job(sharded, only=stage, show_progress=False)
+    parts = RunLayout.for_job(sharded, workspace / "sharded")
+    ids_b, scores_b, counts_b = read_scores(parts.stage_dir(StageName.SALIENCY))
+    assert ids_b == ids and torch.equal(scores_b, scores) and torch.equal(counts_b, counts)
+    assert ((parts.stage_dir(StageName.RELABEL) / "dataset" / "manifest.jsonl").read_text()
+            == (layout.stage_dir(StageName.RELABEL) / "dataset" / "manifest.jsonl").read_text())
