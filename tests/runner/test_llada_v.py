@@ -229,3 +229,58 @@ def test_disp_run_purifies_a_llada_v_checkpoint_through_every_stage(workspace, c
     assert ids_b == ids and torch.equal(scores_b, scores) and torch.equal(counts_b, counts)
     assert ((parts.stage_dir(StageName.RELABEL) / "dataset" / "manifest.jsonl").read_text()
             == (layout.stage_dir(StageName.RELABEL) / "dataset" / "manifest.jsonl").read_text())
+
+
+def _edit_json(path, **changes):
+    data = json.loads(path.read_text())
+    data.update(changes)
+    path.write_text(json.dumps(data))
+
+
+def test_hostile_checkpoint_folders_are_refused_with_one_line_each(tmp_path, capsys, monkeypatch):
+    from disp_runner.errors import UnsafeModelFormatError, UserInputError
+
+    def fresh(name):
+        folder = tmp_path / name
+        model, processor = tiny_checkpoint(None)
+        model.save_pretrained(folder, max_shard_size="50KB")
+        processor.save_pretrained(folder)
+        return folder, model
+
+    remote, _ = fresh("remote")
+    _edit_json(remote / "config.json", auto_map={"AutoModel": "modeling_llada.LLaDAModelLM"})
+    with pytest.raises(UserInputError, match=r"auto_map asks for the checkpoint's own code, which this runner never runs"):
+        load_model(remote)
+
+    escaping, _ = fresh("escaping")
+    index = json.loads((escaping / "model.safetensors.index.json").read_text())
+    first = next(iter(index["weight_map"]))
+    index["weight_map"][first] = "../remote/model-00001-of-00002.safetensors"
+    (escaping / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(UserInputError, match=rf"tensor '{first}' is in '../remote/.*not a safetensors file of this folder"):
+        load_model(escaping)
+
+    huge, _ = fresh("huge")
+    _edit_json(huge / "config.json", hidden_size=1_000_000, intermediate_size=4_000_000)
+    with pytest.raises(UserInputError, match=r"B parameters, .* GiB as float32, more than the .* GiB its weights may use"):
+        load_model(huge)  # refused from the config alone: nothing of that size is allocated
+    monkeypatch.setenv("DISP_MODEL_MEMORY_GIB", "0.0001")  # 100 KiB: less than the tiny model itself
+    with pytest.raises(UserInputError, match=r"more than the 0.0 GiB its weights may use \(set DISP_MODEL_MEMORY_GIB"):
+        load_model(fresh("tiny")[0])
+    monkeypatch.delenv("DISP_MODEL_MEMORY_GIB")
+
+    mismatched, _ = fresh("mismatched")
+    _edit_json(mismatched / "config.json", mask_token_id=1)
+    with pytest.raises(UserInputError, match=r"the tokenizer's mask_token_id \d+ differs from config.mask_token_id 1"):
+        load_model(mismatched)
+
+    pickled, model = fresh("pickled")
+    for shard in pickled.glob("*.safetensors*"):
+        shard.unlink()
+    torch.save(model.state_dict(), pickled / "pytorch_model.bin")
+    with pytest.raises(UnsafeModelFormatError, match=r"only pickle weights \(pytorch_model.bin\)"):
+        load_model(pickled)
+
+    assert main(["evaluate", "--model", str(remote), "--clean", str(tmp_path)]) == 2  # the CLI: one line, no traceback
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "auto_map" in err and "Traceback" not in err

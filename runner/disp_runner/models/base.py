@@ -26,7 +26,7 @@ import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Iterator, Protocol, Sequence
+from typing import Callable, Iterator, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -350,3 +350,14 @@ class ModelFamily:
     required_tokens: tuple[str, ...] = ()
     # Other published weight names -> the family's (regex -> replacement), applied while loading.
     key_mapping: dict[str, str] | None = None
+    # About how many parameters a config.json (a dict, untrusted) describes, so that a config too
+    # large for the machine is refused before anything is allocated; ValueError for a bad size.
+    parameter_count: Callable[[dict], int] | None = None
+
+
+def config_size(config: dict, key: str, default: int) -> int:
+    """A size from an untrusted config dict: a positive integer, else ValueError naming `key`."""
+    value = config.get(key, default)
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ValueError(f"{key} must be a positive integer, got {value!r}")
+    return value

@@ -11,6 +11,7 @@ must agree with the config.
 from __future__ import annotations
 
 import json
+import os
 import struct
 from pathlib import Path
 from typing import NamedTuple
@@ -31,6 +32,11 @@ hf_logging.disable_progress_bar()
 # A safetensors file starts with the length of its JSON header; the library allocates that much
 # before it checks anything, so a hostile length is refused first.
 MAX_SAFETENSORS_HEADER = 100 * 2**20
+MAX_INDEX_BYTES = 64 * 2**20  # model.safetensors.index.json: a few MB even for the largest models
+INDEX_FILE = "model.safetensors.index.json"
+# The memory a model's weights may need, in GiB; default: this machine's (or container's) memory.
+MEMORY_BUDGET_ENV = "DISP_MODEL_MEMORY_GIB"
+BYTES_PER_PARAMETER = {"float32": 4, "float16": 2, "bfloat16": 2}
 
 
 class LoadedModel(NamedTuple):
@@ -77,6 +83,55 @@ def _check_safetensors_header(path: Path) -> None:
         raise UserInputError(f"{path}: corrupt safetensors file (header length {header_length}, file {size} bytes)")
 
 
+def memory_budget() -> int:
+    """Bytes the weights of one model may take: $DISP_MODEL_MEMORY_GIB, else the physical memory."""
+    value = os.environ.get(MEMORY_BUDGET_ENV)
+    if value:
+        try:
+            gib = float(value)
+        except ValueError:
+            gib = -1.0
+        if not gib > 0:
+            raise UserInputError(f"{MEMORY_BUDGET_ENV}={value!r}: expected a positive number of GiB")
+        return int(gib * 2**30)
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def _check_model_fits(family: ModelFamily, config: dict, config_path: Path) -> None:
+    """A config whose sizes need more memory than the budget is refused before anything is built."""
+    if family.parameter_count is None:
+        return
+    try:
+        parameters = family.parameter_count(config)
+    except (ValueError, TypeError, KeyError) as exc:
+        raise UserInputError(f"{config_path}: {exc}") from None
+    dtype = config.get("dtype") or config.get("torch_dtype") or "float32"
+    needed, budget = parameters * BYTES_PER_PARAMETER.get(str(dtype), 4), memory_budget()
+    if needed > budget:
+        raise UserInputError(f"{config_path}: these sizes make a model of about {parameters / 1e9:.3g} B parameters, "
+                             f"{needed / 2**30:.1f} GiB as {dtype}, more than the {budget / 2**30:.1f} GiB its weights "
+                             f"may use (set {MEMORY_BUDGET_ENV} to allow more)")
+
+
+def _check_index(folder: Path) -> None:
+    """A sharded checkpoint's index may name only safetensors files inside the folder."""
+    path = folder / INDEX_FILE
+    if not path.is_file():
+        return
+    if path.stat().st_size > MAX_INDEX_BYTES:
+        raise UserInputError(f"{path}: {path.stat().st_size} bytes, more than an index can need")
+    weight_map = _read_config(path).get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise UserInputError(f"{path}: expected a non-empty \"weight_map\" object")
+    for tensor, shard in weight_map.items():
+        if not (isinstance(shard, str) and shard == Path(shard).name and shard not in (".", "..")
+                and shard.endswith(".safetensors")):
+            raise UserInputError(f"{path}: tensor {tensor!r} is in {shard!r}, which is not a safetensors file of "
+                                 "this folder")
+        if not (folder / shard).is_file():
+            raise UserInputError(f"{path}: tensor {tensor!r} is in {shard}, which is missing")
+
+
 def load_tokenizer(folder: str | Path, family: ModelFamily | None = None) -> PreTrainedTokenizerBase:
     """Load a tokenizer saved beside a model; never runs remote code. With `family`, the tokens
     the family relies on must be there."""
@@ -108,10 +163,15 @@ def load_model(folder: str | Path, allow_unsafe_pickle: bool = False) -> LoadedM
         raise UserInputError(f"{config_path}: model config not found")
     config_dict = _read_config(config_path)
     family = family_for(config_dict.get("model_type"), str(config_path))
+    if config_dict.get("auto_map") is not None:
+        raise UserInputError(f"{config_path}: auto_map asks for the checkpoint's own code, which this runner never "
+                             f"runs; remove it to load the weights with the built-in {family.model_type!r} family")
     for key in family.positive_sizes:
         value = config_dict.get(key, 1)
         if not isinstance(value, int) or isinstance(value, bool) or not 0 < value < 2**31:
             raise UserInputError(f"{config_path}: {key} must be a positive integer, got {value!r}")
+    _check_model_fits(family, config_dict, config_path)
+    _check_index(folder)
     safe, pickled = _weight_files(folder)
     if not safe:
         if not pickled:

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from transformers import LlamaConfig, SiglipVisionConfig
 
+from disp_runner.models.base import config_size
+
 # SigLIP2 so400m-patch14-384, 27 encoder layers of which LLaDA-V keeps 26 (its features are the
 # second-to-last layer's: mm_vision_select_layer -2).
 SO400M_PATCH14_384 = dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=26, num_attention_heads=16,
@@ -46,3 +48,24 @@ class LladaVConfig(LlamaConfig):
     def siglip_config(self) -> SiglipVisionConfig:
         return SiglipVisionConfig(**{k: v for k, v in self.vision_config.items()
                                      if k not in ("model_type", "transformers_version")})
+
+
+def parameter_count(config: dict) -> int:
+    """About how many parameters a LLaDA-V config.json describes (the large terms): ~8.4 B for the
+    published sizes."""
+    d = config_size(config, "hidden_size", 4096)
+    heads = config_size(config, "num_attention_heads", 32)
+    kv = config_size(config, "num_key_value_heads", heads)
+    head_dim = config_size(config, "head_dim", max(1, d // heads))
+    language = (2 * config_size(config, "vocab_size", 126464) * d
+                + config_size(config, "num_hidden_layers", 32)
+                * (2 * d * heads * head_dim + 2 * d * kv * head_dim + 3 * d * config_size(config, "intermediate_size", 12288)))
+    vision_config = config.get("vision_config") or {}
+    if not isinstance(vision_config, dict):
+        raise ValueError(f"vision_config must be an object, got {type(vision_config).__name__}")
+    vision = {**SO400M_PATCH14_384, **vision_config}
+    dv = config_size(vision, "hidden_size", 1152)
+    side = config_size(vision, "image_size", 384) // config_size(vision, "patch_size", 14)
+    tower = (config_size(vision, "num_hidden_layers", 26) * (4 * dv * dv + 2 * dv * config_size(vision, "intermediate_size", 4304))
+             + side * side * dv)
+    return language + tower + config_size(config, "mm_hidden_size", dv) * d + d * d

@@ -4,7 +4,7 @@ bidirectional transformer) that ships with the project, its tokenizer, layout an
 from transformers import AutoConfig, AutoModel, PreTrainedTokenizerBase
 
 from disp_runner.models.base import ModelFamily
-from disp_runner.models.mdlm.configuration import MDLMConfig
+from disp_runner.models.mdlm.configuration import MDLMConfig, parameter_count
 from disp_runner.models.mdlm.modeling import MDLMForMaskedDiffusion
 from disp_runner.models.mdlm.processing import MDLMProcessor
 from disp_runner.models.mdlm.tokenization import SpecialTokens
@@ -20,6 +20,7 @@ FAMILY = ModelFamily(
                     "max_position_embeddings", "image_size", "patch_size", "num_channels", "vision_hidden_size",
                     "vision_num_layers", "vision_num_heads", "vision_intermediate_size"),
     required_tokens=(SpecialTokens.MASK, SpecialTokens.EOS, SpecialTokens.PAD, SpecialTokens.IMAGE),
+    parameter_count=parameter_count,
 )
 
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from transformers import PretrainedConfig
 
+from disp_runner.models.base import config_size
+
 
 class MDLMConfig(PretrainedConfig):
     """Vision encoder -> projector (2-layer MLP, GELU) -> bidirectional transformer LM.
@@ -93,3 +95,16 @@ class MDLMConfig(PretrainedConfig):
         if self.vision_num_layers and self.vision_hidden_size % self.vision_num_heads:
             raise ValueError(
                 f"vision_hidden_size {self.vision_hidden_size} not divisible by vision_num_heads {self.vision_num_heads}")
+
+
+def parameter_count(config: dict) -> int:
+    """About how many parameters an MDLM config.json describes (the large terms)."""
+    defaults = MDLMConfig()
+    size = {key: config_size(config, key, getattr(defaults, key)) for key in (
+        "vocab_size", "hidden_size", "num_hidden_layers", "intermediate_size", "vision_hidden_size",
+        "vision_num_layers", "vision_intermediate_size", "patch_size", "num_channels")}
+    d, dv = size["hidden_size"], size["vision_hidden_size"]
+    language = 2 * size["vocab_size"] * d + size["num_hidden_layers"] * (4 * d * d + 2 * d * size["intermediate_size"])
+    vision = (size["vision_num_layers"] * (4 * dv * dv + 2 * dv * size["vision_intermediate_size"])
+              + size["num_channels"] * size["patch_size"] ** 2 * dv)
+    return language + vision + dv * d + d * d
