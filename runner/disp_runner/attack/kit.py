@@ -36,7 +36,7 @@ from disp_runner.diffusion.inference import generate_responses
 from disp_runner.diffusion.training import TrainableParts, TrainingConfig, train_masked_diffusion
 from disp_runner.errors import UserInputError, WeakBackdoorError
 from disp_runner.evaluation import attack_success_rate, evaluate_model
-from disp_runner.models.base import trained_gen_length
+from disp_runner.models.base import EncodedInstances, trained_gen_length
 from disp_runner.models.loading import load_model, save_model
 
 # The compromised model is measured on at most this many instances of each held-out set (the
@@ -194,7 +194,7 @@ def run_attack(
         write_dataset(validation_triggered, artifacts.validation_triggered_dir)
         write_dataset(validation_untriggered, artifacts.validation_untriggered_dir)
         model.to(default_device())
-        data = processor.encode(poisoned.instances, decoding.gen_length)
+        data = EncodedInstances(processor, poisoned.instances, decoding.gen_length)
         implant = ImplantRecord(target_asr=goal.target_asr if goal else None,
                                 max_epochs=goal.epoch_limit(injection) if goal else None,
                                 validation_count=len(validation_triggered))

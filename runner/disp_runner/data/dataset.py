@@ -5,9 +5,11 @@
                                 "response": str, "metadata": {...}}   (metadata optional)
     <dataset>/images/*.png     RGB images, all of the model's image size
 
-`load_dataset` validates every line and every image and raises `UserInputError` naming the file
-and line at fault; `write_dataset` writes to a temporary folder and renames it into place, so a
-crash never leaves a half-written dataset that looks complete.
+`load_dataset` validates every line and every image's header and raises `UserInputError` naming
+the file and line at fault; images are decoded only when a stage uses them (a batch at a time), so
+memory does not grow with the dataset, and a file that turns out corrupt then is reported the same
+way. `write_dataset` writes to a temporary folder and renames it into place, so a crash never
+leaves a half-written dataset that looks complete.
 """
 
 from __future__ import annotations
@@ -16,9 +18,9 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 from PIL import Image, UnidentifiedImageError
 
@@ -32,21 +34,76 @@ REQUIRED_FIELDS = {"id": str, "image": str, "prompt": str, "response": str}
 MAX_IMAGE_PIXELS = 4096 * 4096
 
 
-@dataclass
-class Instance:
-    """One multimodal instruction: an image, a prompt and the assistant's response."""
+@dataclass(frozen=True)
+class ImageFile:
+    """An image file whose header was checked; decoded each time it is used, never kept."""
 
-    id: str
-    prompt: str
-    response: str
-    image: Image.Image
-    metadata: dict[str, Any] = field(default_factory=dict)
+    path: Path
+    size: tuple[int, int]  # width, height
+    where: str  # the manifest line that names it, for errors
+
+    def decode(self) -> Image.Image:
+        try:
+            with Image.open(self.path) as img:
+                if img.size != self.size:
+                    raise UserInputError(f"{self.where}: image file {self.path} changed size since the dataset was read")
+                img.load()
+                return img.copy()
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+            raise UserInputError(f"{self.where}: image file {self.path} is unreadable ({exc.__class__.__name__})") from None
+
+
+@dataclass(frozen=True)
+class TransformedImage:
+    """An image with a size-preserving transform (e.g. a blur) applied when it is decoded."""
+
+    source: "Image.Image | ImageFile | TransformedImage"
+    transform: Callable[[Image.Image], Image.Image]
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return self.source.size
+
+    def decode(self) -> Image.Image:
+        return self.transform(self.source if isinstance(self.source, Image.Image) else self.source.decode())
+
+
+ImageSource = Image.Image | ImageFile | TransformedImage
+
+
+class Instance:
+    """One multimodal instruction: an image, a prompt and the assistant's response. The image is
+    held in memory (synthetic data) or read from its file each time `image` is asked for."""
+
+    __slots__ = ("id", "prompt", "response", "metadata", "_image")
+
+    def __init__(self, id: str, prompt: str, response: str, image: ImageSource,
+                 metadata: dict[str, Any] | None = None):
+        self.id, self.prompt, self.response = id, prompt, response
+        self.metadata: dict[str, Any] = {} if metadata is None else metadata
+        self._image = image
+
+    @property
+    def image(self) -> Image.Image:
+        return self._image if isinstance(self._image, Image.Image) else self._image.decode()
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        """(width, height), without decoding the image."""
+        return self._image.size
 
     def replace(self, **changes: Any) -> "Instance":
-        values = {"id": self.id, "prompt": self.prompt, "response": self.response,
-                  "image": self.image, "metadata": dict(self.metadata)}
+        values = {"id": self.id, "prompt": self.prompt, "response": self.response, "image": self._image,
+                  "metadata": dict(self.metadata)}
         values.update(changes)
         return Instance(**values)
+
+    def map_image(self, transform: Callable[[Image.Image], Image.Image]) -> "Instance":
+        """The same instance whose image gets `transform` (size-preserving) when it is decoded."""
+        return self.replace(image=TransformedImage(self._image, transform))
+
+    def __repr__(self) -> str:
+        return f"Instance(id={self.id!r}, prompt={self.prompt!r}, response={self.response!r}, image_size={self.image_size})"
 
 
 def write_dataset(instances: Iterable[Instance], out_dir: str | Path) -> Path:
@@ -141,7 +198,7 @@ def _parse_record(line: str, where: str) -> dict[str, Any]:
     return record
 
 
-def _load_image(folder: Path, rel: str, where: str, image_size: int | None) -> Image.Image:
+def _load_image(folder: Path, rel: str, where: str, image_size: int | None) -> ImageFile:
     # Manifests come from untrusted users: an image path must stay inside the dataset folder, also
     # through symbolic links.
     path = resolve_inside(folder, rel, f"{where}: field 'image'", inside="the dataset")
@@ -156,15 +213,14 @@ def _load_image(folder: Path, rel: str, where: str, image_size: int | None) -> I
             if width * height > MAX_IMAGE_PIXELS:
                 raise UserInputError(f"{where}: image file {path} is {width}x{height}, more than "
                                      f"{MAX_IMAGE_PIXELS} pixels (a decompression bomb?)")
-            img.load()
-            image = img.copy()
+            mode = img.mode
     except Image.DecompressionBombError:
         raise UserInputError(f"{where}: image file {path} claims too many pixels (a decompression bomb?)") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise UserInputError(f"{where}: image file {path} is unreadable ({exc.__class__.__name__})") from None
-    if image.mode != "RGB":
-        raise UserInputError(f"{where}: image file {path} has mode {image.mode}, expected RGB")
-    return image
+    if mode != "RGB":
+        raise UserInputError(f"{where}: image file {path} has mode {mode}, expected RGB")
+    return ImageFile(path, (width, height), where)
 
 
 def instances_by_task(instances: Sequence[Instance]) -> dict[str, list[Instance]]:

@@ -19,7 +19,7 @@ from typing import Callable
 import torch
 from accelerate import Accelerator
 from safetensors.torch import load_file, save_file
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
@@ -27,7 +27,7 @@ from disp_api import TrainableParts
 from disp_runner.device import sub_seed
 from disp_runner.errors import DegenerateResultError, UserInputError
 from disp_runner.diffusion.objective import add_mask_noise, masked_diffusion_loss
-from disp_runner.models.base import DiffusionVLM, ModelInputs, ModelPart
+from disp_runner.models.base import DiffusionVLM, ModelPart, TrainingData
 
 
 @dataclass(frozen=True)
@@ -96,7 +96,7 @@ def select_trainable(model: DiffusionVLM, parts: TrainableParts) -> list[torch.n
 
 def train_masked_diffusion(
     model: DiffusionVLM,
-    data: ModelInputs,
+    data: TrainingData,
     mask_token_id: int,
     config: TrainingConfig,
     description: str = "train",
@@ -116,7 +116,6 @@ def train_masked_diffusion(
     accelerator = Accelerator(mixed_precision="bf16" if torch.cuda.is_available() else "no",
                               cpu=not torch.cuda.is_available())
     params = select_trainable(model, config.trainable)
-    dataset = TensorDataset(*data.tensors())
     projector_ids = {id(p) for p in model.parameter_parts()[ModelPart.PROJECTOR]}
     projector_lr = config.projector_learning_rate or config.learning_rate
     groups = [{"params": [p for p in params if id(p) in projector_ids], "lr": projector_lr},
@@ -148,10 +147,10 @@ def train_masked_diffusion(
         # Per-epoch seeds make every epoch reproducible on its own, which is what resuming needs.
         order = torch.Generator().manual_seed(sub_seed(config.seed, epoch))
         loader = accelerator.prepare_data_loader(
-            DataLoader(dataset, batch_size=config.batch_size, shuffle=True, generator=order, drop_last=False))
+            DataLoader(range(len(data)), batch_size=config.batch_size, shuffle=True, generator=order, drop_last=False))
         noise_generator.manual_seed(sub_seed(config.seed, epoch + 500_009))
-        for tensors in loader:
-            batch = ModelInputs(*tensors)
+        for rows in loader:  # a batch is encoded (its images decoded) only when it is drawn
+            batch = data.batch(rows.cpu()).to(accelerator.device)
             noised = add_mask_noise(batch.input_ids, batch.response_mask, mask_token_id, noise_generator)
             image_token_mask = None
             if visual_token_mask is not None:

@@ -110,8 +110,40 @@ class ModelInputs:
         index = torch.as_tensor(rows, dtype=torch.long, device=self.input_ids.device)
         return ModelInputs(*(t[index] for t in self.tensors()))
 
+    def batch(self, rows: torch.Tensor | Sequence[int]) -> "ModelInputs":
+        """As a `TrainingData`: already encoded, so a selection."""
+        return self.select(rows)
+
     def __len__(self) -> int:
         return self.input_ids.shape[0]
+
+
+class EncodedInstances:
+    """Training data encoded a batch at a time, images decoded only then, so memory does not grow
+    with the dataset. Every batch is padded to the dataset's longest row: a batch's tensors do not
+    depend on which instances share it (a resumed or re-sharded run computes the same thing)."""
+
+    def __init__(self, processor: "Processor", instances: Sequence[Instance], gen_length: int):
+        self.processor, self.instances, self.gen_length = processor, instances, gen_length
+        self.length = max(len(ids) for ids, _, _ in processor.token_rows(instances, gen_length))  # also checks all
+
+    def __len__(self) -> int:
+        return len(self.instances)
+
+    def batch(self, rows: torch.Tensor | Sequence[int]) -> ModelInputs:
+        chosen = self.processor.encode([self.instances[int(i)] for i in rows], self.gen_length, pad_to=self.length)
+        # Contiguous, as a DataLoader's collation of pre-encoded rows made them: convolutions round
+        # differently on the channels-last strides the image arrays arrive in, and a fine-tune
+        # must compute exactly what it did when the whole dataset was encoded up front.
+        return ModelInputs(*(t.contiguous() for t in chosen.tensors()))
+
+
+class TrainingData(Protocol):
+    """What the training loop draws batches from: a number of rows and `batch(rows)`."""
+
+    def __len__(self) -> int: ...
+
+    def batch(self, rows: torch.Tensor | Sequence[int]) -> ModelInputs: ...
 
 
 def visual_token_mask(tokens: torch.Tensor | Sequence[Sequence[int]], width: int,
@@ -130,8 +162,8 @@ def images_to_tensor(instances: Sequence[Instance], image_size: int) -> torch.Te
     """RGB images of `image_size` x `image_size` -> [B, 3, H, W] float in [0, 1]."""
     arrays = []
     for inst in instances:
-        if inst.image.size != (image_size, image_size):
-            raise UserInputError(f"instance {inst.id}: image is {inst.image.size[0]}x{inst.image.size[1]}, "
+        if inst.image_size != (image_size, image_size):
+            raise UserInputError(f"instance {inst.id}: image is {inst.image_size[0]}x{inst.image_size[1]}, "
                                  f"model expects {image_size}x{image_size}")
         arrays.append(np.asarray(inst.image.convert("RGB"), dtype=np.uint8))
     pixels = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)  # [B, H, W, C] -> [B, C, H, W]
@@ -263,7 +295,7 @@ class Processor(ABC):
 
     # -- shared plumbing ------------------------------------------------------------------------
     def layout_of(self, instance: Instance) -> VisualLayout:
-        return self.visual_layout(*instance.image.size)
+        return self.visual_layout(*instance.image_size)
 
     def response_ids(self, text: str, gen_length: int) -> list[int] | None:
         """An answer as the `gen_length` response positions hold it, padded with the end token; None
@@ -276,14 +308,15 @@ class Processor(ABC):
             return None
         return ids + [self.tokenizer.eos_token_id] * (gen_length - len(ids))
 
-    def encode(self, instances: Sequence[Instance], gen_length: int, with_response: bool = True) -> ModelInputs:
-        """Tokenize prompts (+ responses padded with the end token to `gen_length`, or masks to
-        generate) behind the visual prefix, left-padded to a common length."""
+    def token_rows(self, instances: Sequence[Instance], gen_length: int,
+                   with_response: bool = True) -> list[tuple[list[int], int, int]]:
+        """Each instance's ids — visual prefix, prompt, response padded with the end token to
+        `gen_length` (or masks to generate) — with the offset and number of its visual tokens. Reads
+        image sizes, never pixels."""
         tok = self.tokenizer
         prompts = tok([inst.prompt for inst in instances], add_special_tokens=False)["input_ids"]
         reserved = self.reserved_ids | {self.mask_token_id}
-        rows: list[list[int]] = []
-        visual: list[tuple[int, int]] = []  # (offset in the row, tokens)
+        rows: list[tuple[list[int], int, int]] = []
         for inst, prompt_ids in zip(instances, prompts):
             layout = self.layout_of(inst)
             visual_tokens = layout.num_tokens
@@ -307,19 +340,25 @@ class Processor(ABC):
                                          f"tokens, more than gen_length {gen_length}")
             else:
                 response_ids = [self.mask_token_id] * gen_length
-            rows.append(prefix + prompt_ids + response_ids)
-            visual.append((visual_offset, visual_tokens))
-        length = max(len(r) for r in rows)
-        input_ids = torch.full((len(rows), length), tok.pad_token_id, dtype=torch.long)
+            rows.append((prefix + prompt_ids + response_ids, visual_offset, visual_tokens))
+        return rows
+
+    def encode(self, instances: Sequence[Instance], gen_length: int, with_response: bool = True,
+               pad_to: int = 0) -> ModelInputs:
+        """The batch's `token_rows`, left-padded to the longest (or to `pad_to`, if longer), and its
+        images (decoded now)."""
+        rows = self.token_rows(instances, gen_length, with_response)
+        length = max(pad_to, *(len(ids) for ids, _, _ in rows))
+        input_ids = torch.full((len(rows), length), self.tokenizer.pad_token_id, dtype=torch.long)
         attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
         spans = torch.zeros((len(rows), 2), dtype=torch.long)
-        for i, (row, (offset, count)) in enumerate(zip(rows, visual)):
-            input_ids[i, length - len(row):] = torch.tensor(row)
-            attention_mask[i, length - len(row):] = 1
-            spans[i] = torch.tensor([length - len(row) + offset, count])
+        for i, (ids, offset, count) in enumerate(rows):
+            input_ids[i, length - len(ids):] = torch.tensor(ids)
+            attention_mask[i, length - len(ids):] = 1
+            spans[i] = torch.tensor([length - len(ids) + offset, count])
         response_mask = torch.zeros((len(rows), length), dtype=torch.bool)
         response_mask[:, length - gen_length:] = True
-        sizes = torch.tensor([[inst.image.size[1], inst.image.size[0]] for inst in instances], dtype=torch.long)
+        sizes = torch.tensor([[inst.image_size[1], inst.image_size[0]] for inst in instances], dtype=torch.long)
         return ModelInputs(input_ids, attention_mask, self.pixel_values(instances), response_mask, spans, sizes)
 
     def decode(self, response_ids: torch.Tensor) -> list[str]:

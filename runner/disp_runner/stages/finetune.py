@@ -13,6 +13,7 @@ from pathlib import Path
 from disp_api import StageName
 from disp_api.spec import PURIFIED_MODEL_PATH
 from disp_runner.data.dataset import load_dataset
+from disp_runner.models.base import EncodedInstances
 from disp_runner.models.loading import save_model
 from disp_runner.pipeline.context import StageContext, StageResult
 from disp_runner.stages.relabel import DATASET_DIR
@@ -32,7 +33,7 @@ class FinetuneStage:
         spec = ctx.spec.finetune
         model, processor = ctx.compromised_model()
         purified = load_dataset(ctx.input_dir(StageName.RELABEL) / DATASET_DIR, processor.image_size)
-        data = processor.encode(purified, ctx.decoding().gen_length)
+        data = EncodedInstances(processor, purified, ctx.decoding().gen_length)  # batch by batch
         config = TrainingConfig(epochs=spec.epochs, learning_rate=spec.learning_rate, batch_size=spec.batch_size,
                                 warmup_ratio=spec.warmup_ratio, weight_decay=spec.weight_decay, seed=spec.seed,
                                 trainable=spec.trainable)

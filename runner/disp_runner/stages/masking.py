@@ -42,7 +42,7 @@ def known_trigger_tokens(inst: Instance, layout: VisualLayout) -> list[int] | No
     box = inst.metadata.get("trigger_box")
     if not box:
         return None
-    width, height = inst.image.size
+    width, height = inst.image_size
     if not (isinstance(box, list) and len(box) == 4 and all(isinstance(v, int) and not isinstance(v, bool)
                                                               for v in box)
             and 0 <= box[0] < box[2] <= width and 0 <= box[1] < box[3] <= height):
@@ -100,8 +100,8 @@ def draw_report(path: Path, instances: Sequence[Instance], masked: Sequence[Sequ
                     if known_trigger_tokens(inst, layout)]
     without = [i for i in range(len(instances)) if i not in set(with_trigger)]
     rows = [r[:REPORT_SAMPLES] for r in (with_trigger, without) if r]
-    cell_w = max((instances[i].image.size[0] for row in rows for i in row), default=1) * REPORT_SCALE
-    cell_h = max((instances[i].image.size[1] for row in rows for i in row), default=1) * REPORT_SCALE
+    cell_w = max((instances[i].image_size[0] for row in rows for i in row), default=1) * REPORT_SCALE
+    cell_h = max((instances[i].image_size[1] for row in rows for i in row), default=1) * REPORT_SCALE
     top = 18  # caption
     sheet = Image.new("RGB", (REPORT_SAMPLES * (cell_w + 4) + 4, top + len(rows) * (cell_h + 4) + 4), "white")
     caption = "red: masked visual tokens (thick: most salient)"
@@ -111,7 +111,7 @@ def draw_report(path: Path, instances: Sequence[Instance], masked: Sequence[Sequ
     for r, row in enumerate(rows):
         for c, index in enumerate(row):
             inst, layout = instances[index], layouts[index]
-            width, height = inst.image.size
+            width, height = inst.image_size
             img = inst.image.convert("RGB").resize((width * REPORT_SCALE, height * REPORT_SCALE), Image.NEAREST)
             draw = ImageDraw.Draw(img)
             cells = {token: cell for grid in layout.grids for token, cell in grid.cells()}

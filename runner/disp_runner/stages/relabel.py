@@ -55,7 +55,7 @@ class RelabelStage:
         prompted = instances if spec.prompt is None else [inst.replace(prompt=spec.prompt) for inst in instances]
         blur = ctx.spec.masking.blur_sigma
         if blur is not None:  # the opt-in whole-image neutraliser: the fine-tune still sees the original image
-            prompted = [inst.replace(image=inst.image.filter(ImageFilter.GaussianBlur(blur))) for inst in prompted]
+            prompted = [inst.map_image(lambda image: image.filter(ImageFilter.GaussianBlur(blur))) for inst in prompted]
         answers = generate_responses(model, processor, prompted, ctx.decoding(),
                                      batch_size=spec.batch_size, seed=spec.seed, transform_image_embeds=mask_tokens,
                                      description="relabel", show_progress=ctx.show_progress,

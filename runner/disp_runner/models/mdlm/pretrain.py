@@ -14,6 +14,7 @@ import torch
 from disp_runner.data.synthetic import generate_instances
 from disp_runner.device import default_device, seed_everything
 from disp_runner.diffusion.training import TrainableParts, TrainingConfig, TrainingResult, train_masked_diffusion
+from disp_runner.models.base import EncodedInstances
 from disp_runner.models.loading import save_model
 from disp_runner.models.mdlm import build_model
 from disp_runner.models.mdlm.augmentation import random_token_mask
@@ -68,7 +69,7 @@ def pretrain(out_dir: str | Path, config: PretrainConfig = PretrainConfig(), sho
         token_drop_ratio=config.vision_token_drop_ratio, show_progress=show_progress)
     corpus = generate_instances(config.num_instances, config.data_seed, kinds=PRETRAIN_KINDS,
                                 kind_weights=PRETRAIN_WEIGHTS, image_size=image_size, id_prefix="pretrain")
-    data = processor.encode(corpus, model.config.gen_length)
+    data = EncodedInstances(processor, corpus, model.config.gen_length)
     patch_size, ratio = model.config.patch_size, config.visual_mask_ratio
 
     def visual_token_mask(pixel_values: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
