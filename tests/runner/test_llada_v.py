@@ -11,16 +11,16 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
-from tokenizers import AddedToken, Tokenizer, models, normalizers, pre_tokenizers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, SiglipVisionConfig, SiglipVisionModel
+from transformers import LlamaConfig, LlamaForCausalLM, SiglipVisionConfig, SiglipVisionModel
 
 from disp_api import PurificationJob, StageName
 from disp_runner.cli import main
 from disp_runner.data.dataset import load_dataset, write_dataset
 from disp_runner.data.synthetic import generate_instances
-from disp_runner.models.llada_v import LladaVConfig, LladaVForMaskedDiffusion, LladaVProcessor
+from disp_runner.models.llada_v import LladaVForMaskedDiffusion, LladaVProcessor
 from disp_runner.models.llada_v.anyres import anyres_geometry, expand_pinpoints
-from disp_runner.models.llada_v.processing import SYSTEM_PROMPT, Specials
+from disp_runner.models.llada_v.processing import Specials
+from disp_runner.models.llada_v.stand_in import build_model, stand_in_tokenizer
 from disp_runner.models.loading import load_model, save_model
 from disp_runner.pipeline.artifacts import RunLayout
 from disp_runner.pipeline.runner import run_job
@@ -31,31 +31,17 @@ TINY_VISION = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, nu
                    patch_size=14)  # 2 x 2 tokens per 28-pixel view
 
 
-def tiny_tokenizer(texts) -> PreTrainedTokenizerFast:
-    split = pre_tokenizers.Whitespace()
-    words = sorted({piece.lower() for text in texts for piece, _ in split.pre_tokenize_str(text)})
-    specials = ["<|unk|>", *Specials.ALL]
-    backend = Tokenizer(models.WordLevel(vocab={t: i for i, t in enumerate(dict.fromkeys(specials + words))},
-                                         unk_token="<|unk|>"))
-    backend.normalizer = normalizers.Lowercase()
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
-    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<|unk|>", bos_token=Specials.START,
-                                   eos_token=Specials.END, pad_token=Specials.END, mask_token=Specials.MASK)
+# Published layer types and multimodal settings at tiny widths; pinpoints up to 3 x 3 views.
+TINY_SIZES = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=4, max_position_embeddings=512, rms_norm_eps=1e-5, rope_theta=500000.0,
+                  vision_config=TINY_VISION, image_grid_pinpoints="(1x1),...,(3x3)")
 
 
 def tiny_checkpoint(folder, corpus=(), **overrides) -> tuple[LladaVForMaskedDiffusion, LladaVProcessor]:
-    tokenizer = tiny_tokenizer([SYSTEM_PROMPT, "system user assistant", *corpus])
-    config = LladaVConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                          num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512,
-                          rms_norm_eps=1e-5, rope_theta=500000.0, vision_config=TINY_VISION,
-                          image_grid_pinpoints="(1x1),...,(3x3)", mask_token_id=tokenizer.mask_token_id,
-                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **overrides)
     torch.manual_seed(0)
-    model = LladaVForMaskedDiffusion(config).eval()
+    model, processor = build_model(stand_in_tokenizer(corpus), **{**TINY_SIZES, **overrides})
     with torch.no_grad():
         model.model.image_newline.normal_()  # the published one is trained; zeros would hide packing mistakes
-    processor = LladaVProcessor(tokenizer, config)
     if folder is not None:
         save_model(model, processor, folder)
     return model, processor
