@@ -36,6 +36,14 @@ def split_s3_uri(uri: str) -> tuple[str, str]:
     return bucket, key.strip("/")
 
 
+# Model folders (Hugging Face format): the config the family is read from, and the index a sharded
+# checkpoint needs. The operator refuses other model types before any pod starts; the runner's
+# registry of model families must list exactly these (a test holds the two together).
+MODEL_CONFIG = "config.json"
+WEIGHT_INDEX = "model.safetensors.index.json"
+SUPPORTED_MODEL_TYPES = ("disp_mdlm", "llava_llada")
+MAX_MODEL_CONFIG_BYTES = 2**20
+
 # Weight files in a model folder: safetensors load without running code; the pickle formats run
 # code when loaded, so both sides refuse them unless the spec opts in (spec.model.allowUnsafePickle).
 SAFE_WEIGHT_SUFFIXES = (".safetensors",)

@@ -15,9 +15,10 @@ from pydantic import ValidationError
 
 from disp_api import MetricsSummary, PurificationJob, PurificationMetrics, StageName
 from disp_api.contract import METRICS_FILE as STAGE_METRICS_FILE
-from disp_api.contract import PROGRESS_FILE, split_s3_uri
+from disp_api.contract import MAX_MODEL_CONFIG_BYTES, MODEL_CONFIG, PROGRESS_FILE, split_s3_uri
 from disp_api.spec import PURIFIED_MODEL_PATH
 from disp_operator.reconcile import RunnerProgress
+from disp_operator.validation import ConfigProblem
 from disp_runner.store.s3 import RetryPolicy, S3Store, StoreError
 
 METRICS_FILE = f"{StageName.EVALUATE.value}/{STAGE_METRICS_FILE}"
@@ -55,6 +56,23 @@ class RunStore:
             if "NoSuchBucket" in str(exc):
                 return ()
             raise
+
+    def model_type(self) -> object:
+        """config.json's model_type, or a ConfigProblem when config.json is not a small JSON object."""
+        bucket, key = split_s3_uri(self.job.spec.model.uri)
+        name = f"{key}/{MODEL_CONFIG}" if key else MODEL_CONFIG
+        size = next((size for found, size, _ in self.store.list(bucket, name) if found == name), None)
+        if size is None:
+            return ConfigProblem("not found")
+        if size > MAX_MODEL_CONFIG_BYTES:
+            return ConfigProblem(f"{size} bytes, more than a model config can need")
+        try:
+            config = json.loads(self.store.get_bytes(bucket, name))
+        except (ValueError, UnicodeDecodeError, RecursionError):
+            return ConfigProblem("not valid JSON")
+        if not isinstance(config, dict):
+            return ConfigProblem(f"expected a JSON object, got {type(config).__name__}")
+        return config.get("model_type")
 
     def progress(self) -> Optional[RunnerProgress]:
         """The running stage's last progress report, or None before the first one."""

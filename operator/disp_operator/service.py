@@ -131,10 +131,13 @@ class JobLoop:
         self.store = await self._open_store(job, data)
         try:
             files = await asyncio.to_thread(self.store.model_files)
+            check_cluster(job, ClusterFacts(secret_keys=frozenset(data), model_files=files))
+            # Only now is there a config.json to read: the family must be one the runner loads.
+            model_type = await asyncio.to_thread(self.store.model_type)
         except StoreError as exc:  # permanent: access denied, bad bucket name
             raise InvalidSpec(f"spec.model.uri: {exc}") from None
         # StoreUnavailableError propagates: the next pass validates again.
-        check_cluster(job, ClusterFacts(secret_keys=frozenset(data), model_files=files))
+        check_cluster(job, ClusterFacts(secret_keys=frozenset(data), model_files=files, model_type=model_type))
         self.validated = True
 
     async def _open_store(self, job: PurificationJob, data: Optional[dict[str, str]] = None) -> RunStore:

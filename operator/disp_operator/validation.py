@@ -12,7 +12,7 @@ from pydantic import ValidationError
 
 from disp_api import PurificationJob
 from disp_api.base import FieldError
-from disp_api.contract import split_s3_uri, weight_files
+from disp_api.contract import MODEL_CONFIG, SUPPORTED_MODEL_TYPES, WEIGHT_INDEX, split_s3_uri, weight_files
 
 OTHER_WEIGHTS = (".gguf", ".ggml", ".onnx", ".h5", ".msgpack", ".tflite", ".mlmodel")
 
@@ -75,6 +75,15 @@ class ClusterFacts:
 
     secret_keys: Optional[frozenset[str]]  # the credentials Secret's data keys; None if it does not exist
     model_files: Optional[tuple[str, ...]] = None  # file names under spec.model.uri; None if not looked up
+    # config.json's model_type (None if not looked up), or a ConfigProblem saying why it could not be read
+    model_type: Optional[object] = None
+
+
+@dataclass(frozen=True)
+class ConfigProblem:
+    """config.json could not be read as a JSON object (too large, not JSON, not an object)."""
+
+    reason: str
 
 
 def check_cluster(job: PurificationJob, facts: ClusterFacts) -> None:
@@ -88,6 +97,17 @@ def check_cluster(job: PurificationJob, facts: ClusterFacts) -> None:
                 raise InvalidSpec(f"spec.storage.credentialsSecret.{field}: Secret {ref.name!r} has no key {key!r}")
     if facts.model_files is not None:
         check_model_files(job, facts.model_files)
+    if facts.model_type is not None:
+        check_model_type(job, facts.model_type)
+
+
+def check_model_type(job: PurificationJob, model_type: object) -> None:
+    """The runner loads only the families it knows: anything else would fail in the first GPU pod."""
+    where = f"spec.model.uri: {job.spec.model.uri}/{MODEL_CONFIG}"
+    if isinstance(model_type, ConfigProblem):
+        raise InvalidSpec(f"{where}: {model_type.reason}")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise InvalidSpec(f"{where}: model_type is {model_type!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
 
 
 def check_model_files(job: PurificationJob, files: tuple[str, ...]) -> None:
@@ -99,6 +119,9 @@ def check_model_files(job: PurificationJob, files: tuple[str, ...]) -> None:
     if "config.json" not in names:
         raise InvalidSpec(f"spec.model.uri: {uri} has no config.json (expected a Hugging Face model folder)")
     safe, pickled = weight_files(names)
+    if len(safe) > 1 and WEIGHT_INDEX not in names:
+        raise InvalidSpec(f"spec.model.uri: {uri} holds {len(safe)} safetensors shards but no {WEIGHT_INDEX} "
+                          "saying which weights each holds")
     other = [n for n in names if n.endswith(OTHER_WEIGHTS)]
     if safe:
         return

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from disp_operator.crd import build_crd, render
-from disp_operator.validation import ClusterFacts, InvalidSpec, check_cluster, check_static, parse_job
+from disp_operator.validation import ConfigProblem, ClusterFacts, InvalidSpec, check_cluster, check_static, parse_job
 from tests.operator.conftest import job_body
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -144,12 +144,20 @@ BAD_MANIFESTS = [
     ("pickle weights without opt-in", job_body(), "allowUnsafePickle"),
     ("unsupported model format", job_body(), "unsupported weight format"),
     ("no model at the uri", job_body(), "no model"),
+    ("shards without an index", job_body(), "2 safetensors shards but no model.safetensors.index.json"),
+    ("unsupported model family", job_body(), "model_type is 'mmada'; supported: disp_mdlm, llava_llada"),
+    ("config that is not an object", job_body(), "config.json: expected a JSON object, got list"),
 ]
 FACTS = {
     "secret does not exist": ClusterFacts(secret_keys=None, model_files=SAFE_MODEL),
     "pickle weights without opt-in": ClusterFacts(SECRET, ("config.json", "pytorch_model.bin")),
     "unsupported model format": ClusterFacts(SECRET, ("config.json", "model.gguf")),
     "no model at the uri": ClusterFacts(SECRET, ()),
+    "shards without an index": ClusterFacts(SECRET, ("config.json", "model-00001-of-00002.safetensors",
+                                                     "model-00002-of-00002.safetensors")),
+    "unsupported model family": ClusterFacts(SECRET, SAFE_MODEL, model_type="mmada"),
+    "config that is not an object": ClusterFacts(SECRET, SAFE_MODEL,
+                                                 model_type=ConfigProblem("expected a JSON object, got list")),
 }
 
 
