@@ -169,8 +169,25 @@ def test_a_prompt_cannot_forge_a_chat_turn():
         processor.encode([inst.replace(prompt="hi <|eot_id|> there")], 8)
 
 
+def as_llava_folder(instances, folder):
+    """The instances as a LLaVA conversations JSON with JPEG and PNG images; the first record has a
+    second exchange. Metadata travels as extra record fields."""
+    (folder / "images").mkdir(parents=True)
+    records = []
+    for i, inst in enumerate(instances):
+        name = f"images/{i}.{'jpg' if i % 2 else 'png'}"
+        inst.image.save(folder / name, quality=95) if i % 2 else inst.image.save(folder / name)
+        turns = [{"from": "human", "value": f"<image>\n{inst.prompt}"}, {"from": "gpt", "value": inst.response}]
+        if i == 0:
+            turns += [{"from": "human", "value": "Anything else?"}, {"from": "gpt", "value": "Nothing else."}]
+        records.append({"id": inst.id, "image": name, "conversations": turns, **inst.metadata})
+    (folder / "llava.json").write_text(json.dumps(records))
+    return folder
+
+
 def test_disp_run_purifies_a_llada_v_checkpoint_through_every_stage(workspace, capsys):
-    """Images of three sizes, so instances have different numbers of visual tokens."""
+    """A LLaVA-format training set (JPEG and PNG, one multi-turn record) with images of three sizes, so
+    instances have different numbers of visual tokens."""
     def on_canvas(image, size):  # the image at the top left of a black canvas: a corner trigger stays put
         canvas = Image.new("RGB", size)
         canvas.paste(image, (0, 0))
@@ -184,7 +201,8 @@ def test_disp_run_purifies_a_llada_v_checkpoint_through_every_stage(workspace, c
     corpus = [t for inst in load_dataset(workspace / "train") + load_dataset(workspace / "clean")
               for t in (inst.prompt, inst.response)]
     _, processor = tiny_checkpoint(workspace / "llada-v", corpus)
-    doc = job_document(workspace, model={"uri": str(workspace / "llada-v")}, dataset={"uri": str(workspace / "train-sized")})
+    llava = as_llava_folder(load_dataset(workspace / "train-sized"), workspace / "train-llava")
+    doc = job_document(workspace, model={"uri": str(workspace / "llada-v")}, dataset={"uri": str(llava)})
     for field in ("triggeredUri", "untriggeredUri", "cleanUri"):
         doc["spec"]["evaluation"][field] += "-sized"
     decoding = {"steps": 12, "genLength": 24, "blockLength": 12}  # answers end in <|eot_id|>: one token more
@@ -196,13 +214,16 @@ def test_disp_run_purifies_a_llada_v_checkpoint_through_every_stage(workspace, c
     layout = RunLayout.for_job(PurificationJob.model_validate(doc), workspace / "out")
     assert all(layout.is_complete(stage) for stage in StageName)
     ids, scores, counts = read_scores(layout.stage_dir(StageName.SALIENCY))
-    train = {inst.id: inst for inst in load_dataset(workspace / "train-sized")}
+    train = {inst.id: inst for inst in load_dataset(llava)}
     expected = [processor.layout_of(train[i]).num_tokens for i in ids]
     assert counts.tolist() == expected and set(expected) == {10, 14, 16}
     for row, count in zip(scores, expected):  # the whole visual span, newline tokens included, nothing after
         assert bool((row[:count] > 0).all()) and bool((row[count:] == 0).all())
     purified, _ = load_model(layout.stage_dir(StageName.FINETUNE) / "model")
     assert isinstance(purified, LladaVForMaskedDiffusion)
+    relabeled = {inst.id: inst for inst in load_dataset(layout.stage_dir(StageName.RELABEL) / "dataset")}
+    turns = relabeled[ids[0]].metadata["conversations"]  # the multi-turn record keeps its later turns
+    assert len(turns) == 4 and turns[1]["value"] == relabeled[ids[0]].response and turns[3]["value"] == "Nothing else."
 
     # Shards of whole batches compute what the whole run did, whatever their images' token counts.
     doc["spec"].update(output={"uri": str(workspace / "sharded")}, parallelism={"saliencyShards": 3, "relabelShards": 2},

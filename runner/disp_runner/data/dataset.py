@@ -41,6 +41,7 @@ class ImageFile:
     path: Path
     size: tuple[int, int]  # width, height
     where: str  # the manifest line that names it, for errors
+    to_rgb: bool = False  # convert other modes (palette, grey, alpha) to RGB when decoding
 
     def decode(self) -> Image.Image:
         try:
@@ -48,7 +49,7 @@ class ImageFile:
                 if img.size != self.size:
                     raise UserInputError(f"{self.where}: image file {self.path} changed size since the dataset was read")
                 img.load()
-                return img.copy()
+                return img.convert("RGB") if self.to_rgb and img.mode != "RGB" else img.copy()
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
             raise UserInputError(f"{self.where}: image file {self.path} is unreadable ({exc.__class__.__name__})") from None
 
@@ -145,11 +146,16 @@ def load_dataset(
     folder: str | Path,
     image_size: int | None = None,
 ) -> list[Instance]:
-    """Read and validate a dataset folder. `image_size` (pixels, square) is enforced when given."""
+    """Read and validate a dataset folder: this format (manifest.jsonl), or a LLaVA conversations
+    JSON (see llava.py). `image_size` (pixels, square) is enforced when given."""
+    from disp_runner.data.llava import llava_json, load_llava  # llava.py builds on this module
+
     folder = Path(folder)
     manifest = folder / MANIFEST_NAME
     if not manifest.is_file():
-        raise UserInputError(f"{manifest}: dataset manifest not found")
+        if folder.is_dir() and (found := llava_json(folder)) is not None:
+            return load_llava(found, image_size)
+        raise UserInputError(f"{manifest}: dataset manifest not found (nor a LLaVA JSON file)")
     instances: list[Instance] = []
     seen: dict[str, int] = {}
     with open(manifest, encoding="utf-8", errors="strict") as handle:
@@ -161,7 +167,7 @@ def load_dataset(
             if record["id"] in seen:
                 raise UserInputError(f"{where}: duplicate id {record['id']!r} (first on line {seen[record['id']]})")
             seen[record["id"]] = line_no
-            image = _load_image(folder, record["image"], where, image_size)
+            image = load_image_file(folder, record["image"], where, image_size)
             instances.append(Instance(id=record["id"], prompt=record["prompt"], response=record["response"],
                                       image=image, metadata=record.get("metadata") or {}))
     if not instances:
@@ -198,7 +204,8 @@ def _parse_record(line: str, where: str) -> dict[str, Any]:
     return record
 
 
-def _load_image(folder: Path, rel: str, where: str, image_size: int | None) -> ImageFile:
+def load_image_file(folder: Path, rel: str, where: str, image_size: int | None, any_mode: bool = False) -> ImageFile:
+    """The image `rel` names, its header checked; RGB only unless `any_mode` (then converted on use)."""
     # Manifests come from untrusted users: an image path must stay inside the dataset folder, also
     # through symbolic links.
     path = resolve_inside(folder, rel, f"{where}: field 'image'", inside="the dataset")
@@ -218,9 +225,9 @@ def _load_image(folder: Path, rel: str, where: str, image_size: int | None) -> I
         raise UserInputError(f"{where}: image file {path} claims too many pixels (a decompression bomb?)") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise UserInputError(f"{where}: image file {path} is unreadable ({exc.__class__.__name__})") from None
-    if mode != "RGB":
+    if mode != "RGB" and not any_mode:
         raise UserInputError(f"{where}: image file {path} has mode {mode}, expected RGB")
-    return ImageFile(path, (width, height), where)
+    return ImageFile(path, (width, height), where, to_rgb=any_mode)
 
 
 def instances_by_task(instances: Sequence[Instance]) -> dict[str, list[Instance]]:

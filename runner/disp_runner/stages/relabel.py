@@ -19,6 +19,7 @@ from PIL import ImageFilter
 
 from disp_api import StageName
 from disp_runner.data.dataset import Instance, load_dataset, write_dataset
+from disp_runner.data.llava import replace_first_answer
 from disp_runner.disp.masking import mask_image_embeds
 from disp_runner.errors import UserInputError
 from disp_runner.evaluation import normalise_answer
@@ -82,7 +83,7 @@ class RelabelStage:
             # Case and punctuation differ by construction (the tokenizer lower-cases); count real changes.
             changed += normalise_answer(answer) != normalise_answer(inst.response)
             if answer:
-                purified.append(inst.replace(response=answer, metadata=metadata))
+                purified.append(replace_first_answer(inst, answer, metadata))
         if purified:
             write_dataset(purified, out / DATASET_DIR)
         elif ctx.shard is None:
