@@ -53,11 +53,15 @@ class ModelSource(ContractModel):
     """The compromised model: a folder (local path, file:// or s3://) in Hugging Face format."""
     allow_unsafe_pickle: bool = False
     """Opt in to loading pickle (.bin/.pt) weights. Pickle runs code on load: only for models you trust."""
+    projector_uri: Optional[str] = Field(None, min_length=1)
+    """A projector file to load over the model's own (the authors' workflow: base model + the
+    backdoored mm_projector): safetensors, or a pickle .bin only with allowUnsafePickle; keys are
+    the model's parameter names (model.mm_projector.* for LLaDA-V)."""
 
 
 class DatasetSource(ContractModel):
     uri: str = Field(min_length=1)
-    """The training set to purify: manifest.jsonl + images/ (local path, file:// or s3://)."""
+    """The training set to purify: manifest.jsonl + images/, or a LLaVA conversations JSON + its images (local path, file:// or s3://)."""
 
 
 class OutputSpec(ContractModel):
@@ -170,6 +174,9 @@ class FinetuneSpec(ContractModel):
     """Which weights are updated."""
     seed: Seed = 0
     """Seed of data order and diffusion noise."""
+    projector_file: bool = False
+    """Also write the purified projector alone (finetune/projector.safetensors, keyed by parameter
+    name), beside the complete model folder."""
 
 
 # The attack kit's record of an attack folder (`disp attack`), which evaluation.attackUri may name.

@@ -41,6 +41,8 @@ def s3_uri_fields(job: PurificationJob) -> dict[str, str]:
     spec = job.spec
     fields = {"spec.model.uri": spec.model.uri, "spec.dataset.uri": spec.dataset.uri,
               "spec.output.uri": spec.output.uri}
+    if spec.model.projector_uri:
+        fields["spec.model.projectorUri"] = spec.model.projector_uri
     if spec.evaluation is not None:
         fields["spec.evaluation.triggeredUri"] = spec.evaluation.triggered_uri
         if spec.evaluation.untriggered_uri:

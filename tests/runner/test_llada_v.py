@@ -291,3 +291,48 @@ def test_hostile_checkpoint_folders_are_refused_with_one_line_each(tmp_path, cap
     assert main(["evaluate", "--model", str(remote), "--clean", str(tmp_path)]) == 2  # the CLI: one line, no traceback
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "auto_map" in err and "Traceback" not in err
+
+
+def test_a_backdoored_projector_file_loads_over_the_base_model_and_the_purified_one_is_written_alone(workspace):
+    """The authors' workflow: base model + a separately shipped mm_projector; and back."""
+    from disp_runner.errors import UnsafeModelFormatError, UserInputError
+    from disp_runner.models.loading import load_projector, save_projector
+    from disp_runner.pipeline.runner import open_run
+
+    corpus = [t for inst in load_dataset(workspace / "train") for t in (inst.prompt, inst.response)]
+    base, _ = tiny_checkpoint(workspace / "base", corpus)
+    torch.manual_seed(7)
+    backdoored = {name: torch.randn_like(p) for name, p in base.named_parameters() if name.startswith("model.mm_projector.")}
+    assert sorted(backdoored) == ["model.mm_projector.0.bias", "model.mm_projector.0.weight",
+                                  "model.mm_projector.2.bias", "model.mm_projector.2.weight"]
+    save_file(backdoored, str(workspace / "mm_projector.safetensors"))
+    torch.save(backdoored, workspace / "mm_projector.bin")
+
+    decoding = {"steps": 12, "genLength": 24, "blockLength": 12}
+    spec = dict(model={"uri": str(workspace / "base"), "projectorUri": str(workspace / "mm_projector.safetensors")},
+                relabel={"decoding": decoding, "batchSize": 8}, evaluation=None)
+    job = PurificationJob.model_validate(job_document(workspace, **spec))
+    model, _ = open_run(job, workspace / "out", show_progress=False).compromised_model()
+    for name, tensor in backdoored.items():
+        assert torch.equal(dict(model.named_parameters())[name], tensor)
+    assert torch.equal(model.model.layers[0].mlp.up_proj.weight, base.model.layers[0].mlp.up_proj.weight)
+
+    with pytest.raises(UnsafeModelFormatError, match=r"mm_projector.bin: a pickle file can run arbitrary code"):
+        load_projector(base, workspace / "mm_projector.bin")
+    load_projector(base, workspace / "mm_projector.bin", allow_unsafe_pickle=True)  # the opt-in: tensors only
+    assert torch.equal(base.model.mm_projector[0].weight, backdoored["model.mm_projector.0.weight"])
+    save_file({"model.mm_projector.0.weight": torch.zeros(3, 3)}, str(workspace / "wrong.safetensors"))
+    with pytest.raises(UserInputError, match=r"wrong.safetensors: the projector's weights are .*; missing"):
+        load_projector(base, workspace / "wrong.safetensors")
+
+    finetuned = dict(spec, finetune={"epochs": 1, "batchSize": 8, "projectorFile": True})
+    job = PurificationJob.model_validate(job_document(workspace, **finetuned))
+    run_job(job, workspace / "out", show_progress=False)
+    folder = RunLayout.for_job(job, workspace / "out").stage_dir(StageName.FINETUNE)
+    purified, _ = load_model(folder / "model")
+    alone = load_file(str(folder / "projector.safetensors"))
+    assert sorted(alone) == sorted(backdoored)
+    for name, tensor in alone.items():
+        assert torch.equal(tensor, dict(purified.named_parameters())[name])
+        assert not torch.equal(tensor, backdoored[name])  # the fine-tune changed it
+    assert load_file(str(save_projector(purified, workspace / "again.safetensors"))).keys() == alone.keys()

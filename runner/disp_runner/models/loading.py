@@ -17,12 +17,13 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
+from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
-from disp_api.contract import weight_files
+from disp_api.contract import PICKLE_WEIGHT_SUFFIXES, SAFE_WEIGHT_SUFFIXES, weight_files
 from disp_runner.errors import DegenerateResultError, UnsafeModelFormatError, UserInputError
-from disp_runner.models.base import DiffusionVLM, ModelFamily, Processor
+from disp_runner.models.base import DiffusionVLM, ModelFamily, ModelPart, Processor
 from disp_runner.models.registry import family_for
 
 # Our own progress bars and one-line summaries say what happens; transformers' per-shard bars
@@ -54,6 +55,56 @@ def save_model(model: DiffusionVLM, processor: Processor, folder: str | Path) ->
     model.save_pretrained(str(folder), safe_serialization=True)
     processor.save_pretrained(folder)
     return folder
+
+
+def projector_parameters(model: DiffusionVLM) -> dict[str, torch.nn.Parameter]:
+    """The projector's parameters by their names in the model (model.mm_projector.* for LLaDA-V)."""
+    chosen = {id(p) for p in model.parameter_parts()[ModelPart.PROJECTOR]}
+    return {name: p for name, p in model.named_parameters() if id(p) in chosen}
+
+
+def save_projector(model: DiffusionVLM, path: Path) -> Path:
+    """The projector alone, as safetensors keyed by parameter name (what `load_projector` reads)."""
+    tensors = {name: p.detach().cpu().contiguous() for name, p in projector_parameters(model).items()}
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    return path
+
+
+def load_projector(model: DiffusionVLM, path: Path, allow_unsafe_pickle: bool = False) -> None:
+    """Replace the model's projector by the one in `path` (safetensors; pickle only when opted in,
+    and then unpickling tensors only). Every projector weight must be there, with its shape, finite,
+    and nothing else."""
+    if path.name.endswith(SAFE_WEIGHT_SUFFIXES):
+        _check_safetensors_header(path)
+        try:
+            tensors = load_file(str(path))
+        except Exception as exc:  # noqa: BLE001 - any failure to parse an untrusted file is the file's fault
+            raise UserInputError(f"{path}: cannot read the projector ({type(exc).__name__})") from None
+    elif path.name.endswith(PICKLE_WEIGHT_SUFFIXES):
+        if not allow_unsafe_pickle:
+            raise UnsafeModelFormatError(f"{path}: a pickle file can run arbitrary code, so it is refused unless you "
+                                         "pass --allow-unsafe-pickle (spec.model.allowUnsafePickle)")
+        try:
+            tensors = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - as above
+            raise UserInputError(f"{path}: cannot read the projector ({type(exc).__name__})") from None
+        if not isinstance(tensors, dict) or not all(torch.is_tensor(t) for t in tensors.values()):
+            raise UserInputError(f"{path}: expected a dict of tensors keyed by parameter name")
+    else:
+        raise UserInputError(f"{path}: a projector is a .safetensors file (or a pickle .bin with the opt-in)")
+    own = projector_parameters(model)
+    missing, unexpected = sorted(set(own) - set(tensors)), sorted(set(tensors) - set(own))
+    if missing or unexpected:
+        raise UserInputError(f"{path}: the projector's weights are {', '.join(sorted(own))}; "
+                             + (f"missing {', '.join(missing)}" if missing else f"unexpected {', '.join(unexpected[:5])}"))
+    for name, tensor in tensors.items():
+        if tuple(tensor.shape) != tuple(own[name].shape):
+            raise UserInputError(f"{path}: {name} has shape {list(tensor.shape)}, the model's {list(own[name].shape)}")
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise UserInputError(f"{path}: {name} holds NaN or infinite values")
+    with torch.no_grad():
+        for name, tensor in tensors.items():
+            own[name].copy_(tensor.to(own[name].dtype))
 
 
 def _weight_files(folder: Path) -> tuple[list[Path], list[Path]]:

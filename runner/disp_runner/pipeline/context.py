@@ -19,7 +19,7 @@ from disp_runner.device import default_device
 from disp_runner.errors import UserInputError, warn_user
 from disp_runner.diffusion.decoding import DecodingConfig
 from disp_runner.models.base import trained_gen_length
-from disp_runner.models.loading import LoadedModel, load_model
+from disp_runner.models.loading import LoadedModel, load_model, load_projector
 from disp_runner.pipeline.artifacts import (
     STAGE_MANIFEST,
     ProgressReporter,
@@ -96,6 +96,19 @@ class StageContext:
         cache = scratch_root() / "cache" / location.bucket / location.key
         return download_folder(self.s3_store(), location.bucket, location.key, cache)
 
+    def materialise_file(self, uri: str, field_name: str, hint: str = "") -> Path:
+        """A local file holding what `uri` names: the file itself, or a copy of the s3:// object in
+        the scratch cache."""
+        location = Location.parse(uri, field_name)
+        if location.scheme is Scheme.LOCAL:
+            if not location.path.is_file():
+                raise UserInputError(f"{field_name}: {location.path} not found" + (f" ({hint})" if hint else ""))
+            return location.path
+        copy = scratch_root() / "cache" / location.bucket / location.key
+        copy.parent.mkdir(parents=True, exist_ok=True)
+        copy.write_bytes(self.s3_store().get_bytes(location.bucket, location.key))
+        return copy
+
     def decoding(self, evaluation: bool = False) -> DecodingConfig:
         """Relabel's decoding (which also sets saliency's block and the fine-tune's response
         length), or, with `evaluation`, the evaluation's (default: relabel's), with what the
@@ -120,13 +133,7 @@ class StageContext:
         uri = spec.attack_uri.rstrip("/")
         if not uri.endswith("/" + ATTACK_MANIFEST) and uri != ATTACK_MANIFEST:
             uri = f"{uri}/{ATTACK_MANIFEST}"
-        location = Location.parse(uri, field_name)
-        if location.scheme is Scheme.LOCAL:
-            if not location.path.is_file():
-                raise UserInputError(f"{field_name}: {location.path} not found (an attack folder written by disp attack?)")
-            raw = location.path.read_bytes()
-        else:
-            raw = self.s3_store().get_bytes(location.bucket, location.key)
+        raw = self.materialise_file(uri, field_name, "an attack folder written by disp attack?").read_bytes()
         try:
             return AttackSpec.model_validate(json.loads(raw)["attack"])
         except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError) as exc:
@@ -170,8 +177,12 @@ class StageContext:
     def compromised_model(self) -> LoadedModel:
         """The model under purification and its processor (loaded once per process, on the stage's device)."""
         if self._model is None:
-            path = self.materialise(self.spec.model.uri, "spec.model.uri")
-            model, processor = load_model(path, allow_unsafe_pickle=self.spec.model.allow_unsafe_pickle)
+            source = self.spec.model
+            path = self.materialise(source.uri, "spec.model.uri")
+            model, processor = load_model(path, allow_unsafe_pickle=source.allow_unsafe_pickle)
+            if source.projector_uri is not None:
+                load_projector(model, self.materialise_file(source.projector_uri, "spec.model.projectorUri"),
+                               allow_unsafe_pickle=source.allow_unsafe_pickle)
             self._model = LoadedModel(model.to(self.device).eval(), processor)
         return self._model
 

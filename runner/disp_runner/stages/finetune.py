@@ -1,7 +1,8 @@
 """Stage `finetune`: repair the compromised model on the purified dataset (original image and
 prompt, purified answer) with the masked-diffusion loss; the projector only by default.
 
-Output: model/ (the purified model, safetensors + tokenizer). Epoch checkpoints live in
+Output: model/ (the purified model, safetensors + tokenizer) and, with spec.finetune.projectorFile,
+projector.safetensors (the projector alone, keyed by parameter name). Epoch checkpoints live in
 <run>/finetune.checkpoints/ until the stage completes, so a killed pod resumes where it stopped.
 """
 
@@ -14,12 +15,13 @@ from disp_api import StageName
 from disp_api.spec import PURIFIED_MODEL_PATH
 from disp_runner.data.dataset import load_dataset
 from disp_runner.models.base import EncodedInstances
-from disp_runner.models.loading import save_model
+from disp_runner.models.loading import save_model, save_projector
 from disp_runner.pipeline.context import StageContext, StageResult
 from disp_runner.stages.relabel import DATASET_DIR
 from disp_runner.diffusion.training import TrainingConfig, train_masked_diffusion
 
 MODEL_DIR = PURIFIED_MODEL_PATH.split("/")[-1]  # the operator reports <run>/finetune/model
+PROJECTOR_FILE = "projector.safetensors"  # with spec.finetune.projectorFile
 
 
 class FinetuneStage:
@@ -50,6 +52,8 @@ class FinetuneStage:
         result = train_masked_diffusion(model, data, processor.mask_token_id, config, description="finetune", show_progress=ctx.show_progress,
                                         checkpoint_dir=checkpoints, on_step=on_step)
         save_model(model.cpu(), processor, out / MODEL_DIR)
+        if spec.projector_file:
+            save_projector(model, out / PROJECTOR_FILE)
         return StageResult(items=len(purified), metrics={
             "steps": result.steps, "epochs": spec.epochs, "trainable": spec.trainable.value,
             "firstLoss": round(result.first_loss, 5), "lastLoss": round(result.last_loss, 5),
