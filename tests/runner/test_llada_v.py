@@ -336,3 +336,14 @@ def test_a_backdoored_projector_file_loads_over_the_base_model_and_the_purified_
         assert torch.equal(tensor, dict(purified.named_parameters())[name])
         assert not torch.equal(tensor, backdoored[name])  # the fine-tune changed it
     assert load_file(str(save_projector(purified, workspace / "again.safetensors"))).keys() == alone.keys()
+
+
+@pytest.mark.parametrize("field, value", [("mm_projector_type", "linear"), ("mm_patch_merge_type", "flat"),
+                                          ("mm_vision_select_feature", "cls_patch"), ("image_aspect_ratio", "pad")])
+def test_multimodal_settings_this_implementation_does_not_reproduce_are_refused(tmp_path, field, value):
+    from disp_runner.errors import UserInputError
+
+    tiny_checkpoint(tmp_path)
+    _edit_json(tmp_path / "config.json", **{field: value})
+    with pytest.raises(UserInputError, match=rf"{field} '{value}': only"):
+        load_model(tmp_path)

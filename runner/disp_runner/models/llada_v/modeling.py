@@ -50,8 +50,11 @@ class LladaVModel(LlamaModel):
 
     def __init__(self, config: LladaVConfig):
         super().__init__(config)
-        if config.mm_projector_type != "mlp2x_gelu":
-            raise ValueError(f"mm_projector_type {config.mm_projector_type!r}: only 'mlp2x_gelu' is supported")
+        # What this implementation reproduces; another setting would silently compute something else.
+        for field, supported in (("mm_projector_type", "mlp2x_gelu"), ("mm_vision_select_feature", "patch"),
+                                 ("mm_patch_merge_type", "spatial_unpad")):
+            if getattr(config, field) != supported:
+                raise ValueError(f"{field} {getattr(config, field)!r}: only {supported!r} is supported")
         self.mm_projector = nn.Sequential(nn.Linear(config.mm_hidden_size, config.hidden_size), nn.GELU(),
                                           nn.Linear(config.hidden_size, config.hidden_size))
         self.image_newline = nn.Parameter(torch.zeros(config.hidden_size))
