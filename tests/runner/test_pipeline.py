@@ -42,6 +42,7 @@ def test_every_stage_publishes_its_outputs_with_a_manifest_written_last(workspac
     assert metrics.before.counts.triggered == triggered and metrics.after.counts.clean == 8
     progress = json.loads(layout.progress_file.read_text())
     assert progress["stage"] == "evaluate" and progress["fraction"] == 1.0
+    assert progress["itemsDone"] == progress["itemsTotal"] == 2  # in the stage's own unit: models evaluated
     assert not layout.checkpoint_dir(StageName.FINETUNE).exists()  # superseded by the published model
 
 

@@ -105,7 +105,8 @@ def _run_locked(stage: Stage, ctx: StageContext, final: Path, shard: Shard | Non
     outcome = _produce(ctx, stage.name, final, lambda out: stage.run(ctx, out), shard)
     # Resumable state (epoch checkpoints) is superseded by the published output.
     shutil.rmtree(ctx.layout.checkpoint_dir(stage.name), ignore_errors=True)
-    ctx.progress.update(outcome.metrics["items"], force=True)
+    # Done, in the stage's own unit (instances, optimiser steps, models): itemsDone = itemsTotal.
+    ctx.progress.update(ctx.progress.total, force=True)
     return outcome
 
 
