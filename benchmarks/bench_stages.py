@@ -177,13 +177,14 @@ def main(argv=None) -> int:
     sync(device)
     t_finetune = time.perf_counter() - start
 
-    print(f"\n{'stage':<28} {'samples/s':>10}")
-    print(f"{'saliency (m = %d)' % args.probes:<28} {n / t_saliency:10.1f}")
-    print(f"{'masking':<28} {n / max(t_masking, 1e-9):10.0f}")
-    print(f"{'relabel (%d steps)' % decoding.steps:<28} {n / t_relabel:10.1f}   "
-          f"({n * gen / t_relabel:.0f} generated tokens/s)")
-    print(f"{'finetune (projector, 1 ep)':<28} {n / t_finetune:10.1f}")
-    print(f"{'evaluate (= decoding)':<28} {n / t_relabel:10.1f}   (same decoding as relabel, per model)")
+    print(f"\n{'stage':<28} {'samples/s':>10} {'s/sample':>10}")
+    for label, seconds, extra in [
+            ("saliency (m = %d)" % args.probes, t_saliency, ""),
+            ("masking", max(t_masking, 1e-9), ""),
+            ("relabel (%d steps)" % decoding.steps, t_relabel, f"({n * gen / t_relabel:.3g} generated tokens/s)"),
+            ("finetune (projector, 1 ep)", t_finetune, "")]:
+        print(f"{label:<28} {n / seconds:10.3g} {seconds / n:10.3g}   {extra}".rstrip())
+    print(f"{'evaluate (= decoding)':<28} {n / t_relabel:10.3g} {t_relabel / n:10.3g}   (same decoding as relabel, per model)")
     print(f"\n{sum(bool(a) for a in answers)}/{n} relabel answers non-empty")
     return 0
 
