@@ -99,7 +99,7 @@ class ModelInputs:
     image_sizes: torch.Tensor  # [B, 2] long: (height, width) of each row's image in pixels
 
     def tensors(self) -> tuple[torch.Tensor, ...]:
-        """The fields in order, e.g. for a TensorDataset; `ModelInputs(*tensors)` rebuilds it."""
+        """The fields in order; `ModelInputs(*tensors)` rebuilds the batch."""
         return tuple(getattr(self, f.name) for f in fields(self))
 
     def to(self, device: torch.device | str) -> "ModelInputs":
