@@ -347,3 +347,22 @@ def test_multimodal_settings_this_implementation_does_not_reproduce_are_refused(
     _edit_json(tmp_path / "config.json", **{field: value})
     with pytest.raises(UserInputError, match=rf"{field} '{value}': only"):
         load_model(tmp_path)
+
+
+def test_a_tower_saved_with_the_layer_llada_v_drops_loads_and_reads_the_layer_before(tmp_path):
+    """LLaDA-V saves SigLIP without its last layer; a checkpoint that kept it (one vision layer more
+    than its config declares) loads, and its features are still the declared depth's."""
+    deeper = dict(TINY_VISION, num_hidden_layers=3)
+    model, _ = tiny_checkpoint(tmp_path, vision_config=deeper)
+    _edit_json(tmp_path / "config.json", vision_config=dict(TINY_VISION))  # the config says 2, the weights hold 3
+    loaded, _ = load_model(tmp_path)
+    assert len(loaded.model.vision_tower.vision_tower.vision_model.encoder.layers) == 3
+    views = torch.rand(2, 3, 28, 28) * 2 - 1
+    with torch.no_grad():
+        expected = model.model.vision_tower.vision_tower.vision_model(pixel_values=views,
+                                                                        output_hidden_states=True).hidden_states[2]
+        assert torch.equal(loaded.model.vision_tower(views), expected)
+    _edit_json(tmp_path / "config.json", vision_config=dict(TINY_VISION, num_hidden_layers=1))
+    from disp_runner.errors import UserInputError
+    with pytest.raises(UserInputError, match=r"the weights hold 3 vision tower layers, vision_config.num_hidden_layers says 1"):
+        load_model(tmp_path)

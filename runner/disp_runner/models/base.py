@@ -392,6 +392,9 @@ class ModelFamily:
     # About how many parameters a config.json (a dict, untrusted) describes, so that a config too
     # large for the machine is refused before anything is allocated; ValueError for a bad size.
     parameter_count: Callable[[dict], int] | None = None
+    # Config overrides that make the model match the tensor names the checkpoint holds (e.g. a
+    # tower saved with one layer more than the config says); ValueError when they cannot match.
+    config_for_weights: Callable[[dict, set[str]], dict] | None = None
 
 
 def config_size(config: dict, key: str, default: int) -> int:

@@ -164,6 +164,25 @@ def _check_model_fits(family: ModelFamily, config: dict, config_path: Path) -> N
                              f"may use (set {MEMORY_BUDGET_ENV} to allow more)")
 
 
+def _tensor_names(folder: Path, safe: list[Path]) -> set[str]:
+    """Names of the tensors a safetensors checkpoint holds, from its index or its files' headers
+    (both checked already), without reading a tensor."""
+    if (folder / INDEX_FILE).is_file():
+        return set(_read_config(folder / INDEX_FILE)["weight_map"])
+    names: set[str] = set()
+    for path in safe:
+        with open(path, "rb") as handle:
+            (length,) = struct.unpack("<Q", handle.read(8))
+            try:
+                header = json.loads(handle.read(length))
+            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                raise UserInputError(f"{path}: corrupt safetensors header ({type(exc).__name__})") from None
+        if not isinstance(header, dict):
+            raise UserInputError(f"{path}: corrupt safetensors header")
+        names |= set(header) - {"__metadata__"}
+    return names
+
+
 def _check_index(folder: Path) -> None:
     """A sharded checkpoint's index may name only safetensors files inside the folder."""
     path = folder / INDEX_FILE
@@ -234,10 +253,16 @@ def load_model(folder: str | Path, allow_unsafe_pickle: bool = False) -> LoadedM
     for path in safe:
         _check_safetensors_header(path)
     tokenizer = load_tokenizer(folder, family)
+    overrides = {}
+    if family.config_for_weights is not None and safe:
+        try:
+            overrides = family.config_for_weights(config_dict, _tensor_names(folder, safe))
+        except ValueError as exc:
+            raise UserInputError(f"{config_path}: {exc}") from None
     try:
         model, info = family.model_class.from_pretrained(
             str(folder), local_files_only=True, trust_remote_code=False, use_safetensors=bool(safe),
-            output_loading_info=True, key_mapping=family.key_mapping)
+            output_loading_info=True, key_mapping=family.key_mapping, **overrides)
     except Exception as exc:  # noqa: BLE001 - any failure to parse an untrusted file is the file's fault
         first = (str(exc).strip().splitlines() or [""])[0][:300]
         raise UserInputError(f"{folder}: cannot load model weights ({type(exc).__name__}: {first})") from None

@@ -1,7 +1,7 @@
 """LLaDA-V (`GSAI-ML/LLaDA-V`, model_type "llava_llada"), natively: no remote code."""
 
 from disp_runner.models.base import ModelFamily
-from disp_runner.models.llada_v.configuration import LladaVConfig, parameter_count
+from disp_runner.models.llada_v.configuration import LladaVConfig, config_for_weights, parameter_count
 from disp_runner.models.llada_v.modeling import LladaVForMaskedDiffusion
 from disp_runner.models.llada_v.processing import LladaVProcessor, Specials
 
@@ -14,6 +14,7 @@ FAMILY = ModelFamily(
     required_tokens=Specials.ALL,
     key_mapping=LladaVForMaskedDiffusion.ORIGINAL_LLADA_KEYS,
     parameter_count=parameter_count,
+    config_for_weights=config_for_weights,
 )
 
 __all__ = ["FAMILY", "LladaVConfig", "LladaVForMaskedDiffusion", "LladaVProcessor"]

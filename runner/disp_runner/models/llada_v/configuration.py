@@ -10,6 +10,8 @@ from the published files.
 
 from __future__ import annotations
 
+import re
+
 from transformers import LlamaConfig, SiglipVisionConfig
 
 from disp_runner.models.base import config_size
@@ -29,7 +31,7 @@ class LladaVConfig(LlamaConfig):
                  mm_projector_type: str = "mlp2x_gelu", mm_vision_select_layer: int = -2,
                  mm_vision_select_feature: str = "patch", mm_patch_merge_type: str = "spatial_unpad",
                  image_aspect_ratio: str = "anyres_max_4", image_grid_pinpoints: str | list = "(1x1),...,(6x6)",
-                 mask_token_id: int = LLADA_MASK_TOKEN_ID, **kwargs):
+                 mask_token_id: int = LLADA_MASK_TOKEN_ID, vision_feature_layer: int | None = None, **kwargs):
         if isinstance(vision_config, SiglipVisionConfig):
             vision_config = vision_config.to_dict()
         self.vision_config = {**SO400M_PATCH14_384, **(vision_config or {})}
@@ -41,6 +43,9 @@ class LladaVConfig(LlamaConfig):
         self.image_aspect_ratio = image_aspect_ratio
         self.image_grid_pinpoints = image_grid_pinpoints
         self.mask_token_id = mask_token_id
+        # Which of the tower's hidden states are the visual features (None: its last layer's). Set
+        # when a checkpoint keeps the layer LLaDA-V drops (see config_for_weights).
+        self.vision_feature_layer = vision_feature_layer
         kwargs.setdefault("tie_word_embeddings", False)
         super().__init__(**kwargs)
         self.is_causal = False  # LLaDA is LLaMA without the causal mask
@@ -69,3 +74,19 @@ def parameter_count(config: dict) -> int:
     tower = (config_size(vision, "num_hidden_layers", 26) * (4 * dv * dv + 2 * dv * config_size(vision, "intermediate_size", 4304))
              + side * side * dv)
     return language + tower + config_size(config, "mm_hidden_size", dv) * d + d * d
+
+
+_VISION_LAYER = re.compile(r"^model\.vision_tower\.vision_tower\.vision_model\.encoder\.layers\.(\d+)\.")
+
+
+def config_for_weights(config: dict, names: set[str]) -> dict:
+    """LLaDA-V saves its tower without the last SigLIP layer (its features are the one before). A
+    checkpoint that kept that layer loads with it, unused: features stay the declared depth's."""
+    layers = {int(match.group(1)) for name in names if (match := _VISION_LAYER.match(name))}
+    vision = {**SO400M_PATCH14_384, **(config.get("vision_config") or {})}
+    declared, found = vision["num_hidden_layers"], max(layers, default=-1) + 1
+    if not layers or found == declared:
+        return {}
+    if found == declared + 1:
+        return {"vision_config": {**vision, "num_hidden_layers": found}, "vision_feature_layer": declared}
+    raise ValueError(f"the weights hold {found} vision tower layers, vision_config.num_hidden_layers says {declared}")

@@ -30,11 +30,12 @@ class SiglipTower(nn.Module):
     def __init__(self, config: LladaVConfig):
         super().__init__()
         self.vision_tower = _SiglipHolder(config)
+        self.feature_layer = -1 if config.vision_feature_layer is None else config.vision_feature_layer
 
     def forward(self, views: torch.Tensor) -> torch.Tensor:
         """[N, 3, S, S] -> features of the last kept layer, before post_layernorm: [N, side², Dv]."""
         out = self.vision_tower.vision_model(pixel_values=views, output_hidden_states=True)
-        return out.hidden_states[-1]
+        return out.hidden_states[self.feature_layer]
 
 
 class _SiglipHolder(nn.Module):
