@@ -170,6 +170,15 @@ def images_to_tensor(instances: Sequence[Instance], image_size: int) -> torch.Te
     return pixels.float() / 255.0
 
 
+def split_parameters(model: nn.Module, vision: nn.Module, projector: nn.Module) -> dict[ModelPart, list[nn.Parameter]]:
+    """`DiffusionVLM.parameter_parts` for a model whose tower and projector are modules: the
+    language model is everything else (embeddings, transformer, head, any other extra)."""
+    parts = {ModelPart.VISION: list(vision.parameters()), ModelPart.PROJECTOR: list(projector.parameters())}
+    taken = {id(p) for part in parts.values() for p in part}
+    parts[ModelPart.LANGUAGE] = [p for p in model.parameters() if id(p) not in taken]
+    return parts
+
+
 def trained_gen_length(config: PretrainedConfig) -> int | None:
     """The number of response positions the model was trained to fill (`config.gen_length`), if it says."""
     return getattr(config, "gen_length", None)

@@ -75,7 +75,7 @@ def load_projector(model: DiffusionVLM, path: Path, allow_unsafe_pickle: bool = 
     and then unpickling tensors only). Every projector weight must be there, with its shape, finite,
     and nothing else."""
     if path.name.endswith(SAFE_WEIGHT_SUFFIXES):
-        _check_safetensors_header(path)
+        _safetensors_header(path)
         try:
             tensors = load_file(str(path))
         except Exception as exc:  # noqa: BLE001 - any failure to parse an untrusted file is the file's fault
@@ -123,15 +123,24 @@ def _read_config(path: Path) -> dict:
     return config
 
 
-def _check_safetensors_header(path: Path) -> None:
+def _safetensors_header(path: Path) -> dict:
+    """A safetensors file's JSON header (tensor name -> dtype, shape, offsets), its length checked
+    against the file before anything is read."""
     size = path.stat().st_size
     with open(path, "rb") as handle:
         head = handle.read(8)
-    if len(head) < 8:
-        raise UserInputError(f"{path}: truncated safetensors file ({size} bytes)")
-    (header_length,) = struct.unpack("<Q", head)
-    if header_length > min(size - 8, MAX_SAFETENSORS_HEADER):
-        raise UserInputError(f"{path}: corrupt safetensors file (header length {header_length}, file {size} bytes)")
+        if len(head) < 8:
+            raise UserInputError(f"{path}: truncated safetensors file ({size} bytes)")
+        (header_length,) = struct.unpack("<Q", head)
+        if header_length > min(size - 8, MAX_SAFETENSORS_HEADER):
+            raise UserInputError(f"{path}: corrupt safetensors file (header length {header_length}, file {size} bytes)")
+        try:
+            header = json.loads(handle.read(header_length))
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+            raise UserInputError(f"{path}: corrupt safetensors header ({type(exc).__name__})") from None
+    if not isinstance(header, dict):
+        raise UserInputError(f"{path}: corrupt safetensors header")
+    return header
 
 
 def memory_budget() -> int:
@@ -169,18 +178,7 @@ def _tensor_names(folder: Path, safe: list[Path]) -> set[str]:
     (both checked already), without reading a tensor."""
     if (folder / INDEX_FILE).is_file():
         return set(_read_config(folder / INDEX_FILE)["weight_map"])
-    names: set[str] = set()
-    for path in safe:
-        with open(path, "rb") as handle:
-            (length,) = struct.unpack("<Q", handle.read(8))
-            try:
-                header = json.loads(handle.read(length))
-            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-                raise UserInputError(f"{path}: corrupt safetensors header ({type(exc).__name__})") from None
-        if not isinstance(header, dict):
-            raise UserInputError(f"{path}: corrupt safetensors header")
-        names |= set(header) - {"__metadata__"}
-    return names
+    return {name for path in safe for name in _safetensors_header(path) if name != "__metadata__"}
 
 
 def _check_index(folder: Path) -> None:
@@ -251,7 +249,7 @@ def load_model(folder: str | Path, allow_unsafe_pickle: bool = False) -> LoadedM
                 f"{folder}: only pickle weights ({', '.join(p.name for p in pickled)}) found; pickle can run "
                 "arbitrary code, so it is refused unless you pass --allow-unsafe-pickle")
     for path in safe:
-        _check_safetensors_header(path)
+        _safetensors_header(path)
     tokenizer = load_tokenizer(folder, family)
     overrides = {}
     if family.config_for_weights is not None and safe:

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import LlamaModel, LlamaPreTrainedModel, SiglipVisionModel
 
-from disp_runner.models.base import ModelPart
+from disp_runner.models.base import ModelPart, split_parameters
 from disp_runner.models.llada_v.anyres import anyres_geometry, expand_pinpoints, max_views_of
 from disp_runner.models.llada_v.configuration import LladaVConfig
 
@@ -150,13 +150,9 @@ class LladaVForMaskedDiffusion(LlamaPreTrainedModel):
         return self.lm_head(hidden)
 
     def parameter_parts(self) -> dict[ModelPart, list[nn.Parameter]]:
-        vision = list(self.model.vision_tower.parameters())
-        projector = list(self.model.mm_projector.parameters())
-        taken = {id(p) for p in vision + projector}
         # image_newline belongs to neither the tower nor the projector: DiSP's default (projector
         # only) leaves it frozen, as the authors' mm_tunable_parts=mm_mlp_adapter does.
-        return {ModelPart.VISION: vision, ModelPart.PROJECTOR: projector,
-                ModelPart.LANGUAGE: [p for p in self.parameters() if id(p) not in taken]}
+        return split_parameters(self, self.model.vision_tower, self.model.mm_projector)
 
 
 def _scatter_spans(embeds: torch.Tensor, image_embeds: torch.Tensor, spans: torch.Tensor) -> torch.Tensor:

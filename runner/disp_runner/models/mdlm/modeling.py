@@ -18,7 +18,7 @@ from torch import nn
 from transformers import PreTrainedModel
 from transformers.activations import ACT2FN
 
-from disp_runner.models.base import ModelPart
+from disp_runner.models.base import ModelPart, split_parameters
 from disp_runner.models.mdlm.configuration import MDLMConfig
 
 
@@ -263,8 +263,4 @@ class MDLMForMaskedDiffusion(MDLMPreTrainedModel):
         return self.lm_head(self.norm(x))
 
     def parameter_parts(self) -> dict[ModelPart, list[nn.Parameter]]:
-        vision = list(self.vision_encoder.parameters())
-        projector = list(self.projector.parameters())
-        taken = {id(p) for p in vision + projector}
-        return {ModelPart.VISION: vision, ModelPart.PROJECTOR: projector,
-                ModelPart.LANGUAGE: [p for p in self.parameters() if id(p) not in taken]}
+        return split_parameters(self, self.vision_encoder, self.projector)
