@@ -190,6 +190,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard", default=None, help="INDEX/COUNT: only this shard of a sharded stage (saliency, relabel)")
     p.add_argument("--merge", action="store_true", help="combine the completed shards of --stage")
     p.add_argument("--output", default=None, help="output root (default: the manifest's spec.output.uri)")
+    p.add_argument("--processes", type=_bounded_int(1, 64), default=None,
+                   help="fine-tune processes on this node, one per GPU (default: the GPUs visible, 1 on CPU)")
+    p.add_argument("--nodes", type=_bounded_int(1, 1024), default=1,
+                   help="pods the fine-tune spans (node 0's address from MASTER_ADDR/MASTER_PORT)")
+    p.add_argument("--node-rank", type=_bounded_int(0, 1023), default=0,
+                   help="this pod's place among --nodes (0 publishes the stage's output)")
 
     sub.add_parser("operator", help="run the PurificationJob operator (see `disp operator --help`)", add_help=False)
 
@@ -369,7 +375,9 @@ def _cmd_run(args) -> None:
     from disp_api import StageName
     from disp_runner.jobfile import load_job, load_job_from_env
     from disp_runner.pipeline.artifacts import Shard
-    from disp_runner.pipeline.runner import merge_shards, open_run, run_job, run_stage, run_uri, shard_count
+    from disp_runner.diffusion.distributed import Topology
+    from disp_runner.pipeline.runner import (join_distributed_stage, merge_shards, open_run, run_job, run_stage,
+                                             run_uri, shard_count)
     from disp_runner.stages import STAGES
 
     if (args.manifest is None) == (args.manifest_env is None):
@@ -382,6 +390,13 @@ def _cmd_run(args) -> None:
     if stage is not None and stage not in job.spec.stages():
         raise UserInputError(f"--stage {stage.value}: this job has no such stage (no spec.evaluation?)")
     root = Path(args.output) if args.output else None
+    topology = Topology.from_flags(args.processes, args.nodes, args.node_rank)
+    if topology.nodes > 1 and stage is not StageName.FINETUNE:
+        raise UserInputError("--nodes applies to --stage finetune only (the other stages shard instead)")
+    if not topology.publishes:
+        join_distributed_stage(job, root, topology, show_progress=not args.no_progress)
+        print(f"finetune: node {topology.node_rank} of {topology.nodes} done")
+        return
 
     def report(outcome) -> None:
         where = f" shard {outcome.shard.label}" if outcome.shard else ""
@@ -391,7 +406,7 @@ def _cmd_run(args) -> None:
         print(f"{outcome.stage.value}{where}: {state}; {figures}", flush=True)
 
     if shard is None and not args.merge:
-        run_job(job, root, only=stage, show_progress=not args.no_progress, on_outcome=report)
+        run_job(job, root, only=stage, show_progress=not args.no_progress, on_outcome=report, topology=topology)
     else:
         ctx = open_run(job, root, shard=shard, show_progress=not args.no_progress)
         runner_stage = STAGES[stage]

@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 from minio import Minio
 from moto.server import ThreadedMotoServer
 
@@ -299,3 +300,64 @@ def test_an_unreachable_server_is_a_transient_exit_code(tmp_path, workspace, mon
     assert main(["--no-progress", "run", str(path)]) == EXIT_TRANSIENT_ERROR
     err = capsys.readouterr().err.strip()
     assert "transient error (retry later)" in err and "s3://bucket" in err and len(err.splitlines()) == 1
+
+
+class PodLost(BaseException):
+    """The pod disappears (evicted, OOM-killed): nothing of it runs any more."""
+
+
+def test_a_fine_tune_pod_lost_after_epoch_two_resumes_in_a_fresh_pod_at_epoch_three(
+        workspace, tmp_path, s3_endpoint, bucket, monkeypatch, capsys):
+    from safetensors.torch import load_file
+
+    from disp_runner.pipeline.checkpoints import CheckpointMirror
+
+    monkeypatch.setenv("DISP_S3_ACCESS_KEY", ACCESS)
+    monkeypatch.setenv("DISP_S3_SECRET_KEY", SECRET)
+    monkeypatch.setenv("DISP_SCRATCH", str(tmp_path / "pod-1"))
+    store = S3Store(s3_endpoint, ACCESS, SECRET, secure=False)
+    for name in ("model", "train"):
+        for path in sorted((workspace / name).rglob("*")):
+            if path.is_file():
+                store.upload_file(path, bucket, f"inputs/{name}/{path.relative_to(workspace / name).as_posix()}")
+    finetune = {"epochs": 4, "batchSize": 7, "learningRate": 0.01}  # 4 steps an epoch, 16 in all
+    local = PurificationJob.model_validate(job_document(workspace, evaluation=None, finetune=finetune))
+    run_job(local, show_progress=False)  # uninterrupted
+    document = job_document(workspace, evaluation=None, finetune=finetune)
+    document["spec"].update(model={"uri": f"s3://{bucket}/inputs/model"}, dataset={"uri": f"s3://{bucket}/inputs/train"},
+                            output={"uri": f"s3://{bucket}/out"},
+                            storage={"endpoint": s3_endpoint, "secure": False, "credentialsSecret": {"name": "m"}})
+    remote = PurificationJob.model_validate(document)
+    for stage in (StageName.SALIENCY, StageName.MASKING, StageName.RELABEL):
+        run_job(remote, only=stage, show_progress=False)
+
+    publish = CheckpointMirror.publish
+
+    def publish_then_die_after_epoch_two(self, epoch):
+        publish(self, epoch)
+        if epoch == 2:
+            raise PodLost
+
+    monkeypatch.setattr(CheckpointMirror, "publish", publish_then_die_after_epoch_two)
+    with pytest.raises(PodLost):
+        run_job(remote, only=StageName.FINETUNE, show_progress=False)
+    prefix = open_run(remote).remote.prefix
+    keys = [key[len(prefix) + 1:] for key, _, _ in store.list(bucket, prefix + "/")]
+    assert "finetune.checkpoints/epoch-0002/stage-manifest.json" in keys
+    assert not any(k.startswith("finetune.checkpoints/epoch-0001/") for k in keys)  # superseded, removed
+    assert not any(k.startswith("finetune/") for k in keys)
+
+    monkeypatch.setattr(CheckpointMirror, "publish", publish)
+    monkeypatch.setenv("DISP_SCRATCH", str(tmp_path / "pod-2"))  # a new pod: nothing local survives
+    capsys.readouterr()
+    (outcome,) = run_job(remote, only=StageName.FINETUNE, show_progress=False)
+    log = capsys.readouterr().out
+    assert "finetune: resuming after epoch 2 from its checkpoint" in log
+    assert "finetune: 9/16 (56%)" in log and "finetune: 1/16" not in log  # epoch 3's first step comes first
+    assert outcome.metrics["steps"] == 16
+    resumed = load_file(str(open_run(remote).layout.stage_dir(StageName.FINETUNE) / "model" / "model.safetensors"))
+    uninterrupted = load_file(str(RunLayout.for_job(local, workspace / "out").stage_dir(StageName.FINETUNE)
+                                  / "model" / "model.safetensors"))
+    assert resumed.keys() == uninterrupted.keys()
+    assert all(torch.equal(resumed[k], uninterrupted[k]) for k in resumed)
+    assert not list(store.list(bucket, f"{prefix}/finetune.checkpoints/"))  # superseded by the model

@@ -27,15 +27,22 @@ def add_mask_noise(
     mask_token_id: int,
     generator: torch.Generator | None = None,
     eps: float = MASK_EPSILON,
+    rows_of: tuple[int, torch.Tensor] | None = None,
 ) -> NoisedBatch:
     """Forward process: per sample t ~ U(0,1), mask each *response* token with p = (1-eps)t + eps.
 
-    Prompt and image positions are never masked.
+    Prompt and image positions are never masked. With `rows_of` = (batch size, positions), the
+    inputs are those rows of a larger batch and get the noise drawn for them in that batch, so a
+    process training on part of a batch noises it exactly as a one-process run does.
     """
     b, l = input_ids.shape
-    t = torch.rand(b, generator=generator, device=input_ids.device)
+    total, positions = rows_of if rows_of is not None else (b, None)
+    t = torch.rand(total, generator=generator, device=input_ids.device)
+    draws = torch.rand(total, l, generator=generator, device=input_ids.device)
+    if positions is not None:
+        positions = positions.to(input_ids.device)
+        t, draws = t[positions], draws[positions]
     p = (1.0 - eps) * t + eps  # [B]
-    draws = torch.rand(b, l, generator=generator, device=input_ids.device)
     masked = (draws < p[:, None]) & response_mask
     noisy = torch.where(masked, torch.full_like(input_ids, mask_token_id), input_ids)
     return NoisedBatch(noisy, masked, p)

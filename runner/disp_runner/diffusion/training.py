@@ -26,6 +26,7 @@ from transformers import get_cosine_schedule_with_warmup
 from disp_api import TrainableParts
 from disp_runner.device import sub_seed
 from disp_runner.errors import DegenerateResultError, UserInputError
+from disp_runner.diffusion.distributed import batch_share
 from disp_runner.diffusion.objective import add_mask_noise, masked_diffusion_loss
 from disp_runner.models.base import DiffusionVLM, ModelPart, TrainingData
 
@@ -103,7 +104,7 @@ def train_masked_diffusion(
     show_progress: bool = True,
     checkpoint_dir: Path | None = None,
     on_epoch_end: Callable[[int], None] | None = None,
-    on_step: Callable[[int, int], None] | None = None,
+    on_step: Callable[[int, int, float], None] | None = None,
     visual_token_mask: VisualTokenMask | None = None,
 ) -> TrainingResult:
     """Fine-tune `model` in place on `data` with the LLaDA SFT objective.
@@ -111,10 +112,16 @@ def train_masked_diffusion(
     Data order and diffusion noise are seeded per epoch, so with `checkpoint_dir` the loop saves
     its state after every whole epoch and a rerun resumes from the last one, ending with the same
     weights as an uninterrupted run. `on_epoch_end(epoch)` runs after each saved epoch (1-based);
-    `on_step(step, total_steps)` after each optimiser step; `visual_token_mask` masks visual tokens
-    of every training example (an augmentation; DiSP's own fine-tune uses none)."""
+    `on_step(step, total_steps, loss)` after each optimiser step; `visual_token_mask` masks visual
+    tokens of every training example (an augmentation; DiSP's own fine-tune uses none).
+
+    Started by the elastic launcher (distributed.py), the same loop runs in every process, each on
+    its share of every global batch; only the first process saves checkpoints and calls back."""
     accelerator = Accelerator(mixed_precision="bf16" if torch.cuda.is_available() else "no",
                               cpu=not torch.cuda.is_available())
+    rank, world = accelerator.process_index, accelerator.num_processes
+    if world > 1 and visual_token_mask is not None:
+        raise ValueError("visual-token masking draws per process; train with it in one process")
     params = select_trainable(model, config.trainable)
     projector_ids = {id(p) for p in model.parameter_parts()[ModelPart.PROJECTOR]}
     projector_lr = config.projector_learning_rate or config.learning_rate
@@ -136,22 +143,28 @@ def train_masked_diffusion(
                 for _ in range(result.steps):  # the schedule is a pure function of the step count
                     scheduler.step()
     model.train()
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    # The scheduler stays unprepared: accelerate would step it once per process per optimiser step
+    # (its rule for per-process batches), and here every process shares one global batch.
+    model, optimizer = accelerator.prepare(model, optimizer)
     unwrapped = accelerator.unwrap_model(model)
     noise_generator = torch.Generator(device=accelerator.device)
     start = time.perf_counter()
+    main = accelerator.is_main_process
     bar = tqdm(total=total_steps, initial=result.steps, desc=description, leave=False, mininterval=1.0,
-               disable=not show_progress or not accelerator.is_main_process)
+               disable=not show_progress or not main)
     epoch = first_epoch
     while result.steps < total_steps:
         # Per-epoch seeds make every epoch reproducible on its own, which is what resuming needs.
         order = torch.Generator().manual_seed(sub_seed(config.seed, epoch))
-        loader = accelerator.prepare_data_loader(
-            DataLoader(range(len(data)), batch_size=config.batch_size, shuffle=True, generator=order, drop_last=False))
+        # Every process draws the same global batches and trains on its share of each.
+        loader = DataLoader(range(len(data)), batch_size=config.batch_size, shuffle=True, generator=order,
+                            drop_last=False)
         noise_generator.manual_seed(sub_seed(config.seed, epoch + 500_009))
-        for rows in loader:  # a batch is encoded (its images decoded) only when it is drawn
-            batch = data.batch(rows.cpu()).to(accelerator.device)
-            noised = add_mask_noise(batch.input_ids, batch.response_mask, mask_token_id, noise_generator)
+        for global_rows in loader:  # a batch is encoded (its images decoded) only when it is drawn
+            rows, positions, share = batch_share(global_rows, rank, world)
+            batch = data.batch(rows).to(accelerator.device)
+            noised = add_mask_noise(batch.input_ids, batch.response_mask, mask_token_id, noise_generator,
+                                    rows_of=(len(global_rows), positions))
             image_token_mask = None
             if visual_token_mask is not None:
                 image_token_mask = visual_token_mask(batch.pixel_values, noise_generator)
@@ -159,29 +172,32 @@ def train_masked_diffusion(
                 logits = model(input_ids=noised.noisy_ids, pixel_values=batch.pixel_values,
                                image_sizes=batch.image_sizes, attention_mask=batch.attention_mask,
                                visual_spans=batch.visual_spans, image_token_mask=image_token_mask)
-            loss = masked_diffusion_loss(logits, batch.input_ids, noised, batch.response_mask)
-            if not bool(torch.isfinite(loss)):
+            loss = masked_diffusion_loss(logits, batch.input_ids, noised, batch.response_mask) * share
+            batch_loss = loss.detach().clone()  # the whole batch's loss: the shares' sum
+            if world > 1:
+                torch.distributed.all_reduce(batch_loss)
+            if not bool(torch.isfinite(batch_loss)):  # every process sees the same sum and stops together
                 raise DegenerateResultError(f"training diverged at step {result.steps + 1}: the loss is "
-                                            f"{float(loss.detach())} (learning rate {config.learning_rate}); nothing was saved")
-            accelerator.backward(loss)
+                                            f"{float(batch_loss)} (learning rate {config.learning_rate}); nothing was saved")
+            accelerator.backward(loss * world)  # DDP averages gradients over the world
             if config.max_grad_norm:
                 accelerator.clip_grad_norm_(params, config.max_grad_norm)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            result.losses.append(float(loss.detach()))
+            result.losses.append(float(batch_loss))
             result.steps += 1
             bar.update(1)
             bar.set_postfix(loss=f"{result.losses[-1]:.3f}", refresh=False)
-            if on_step is not None:
-                on_step(result.steps, total_steps)
+            if on_step is not None and main:
+                on_step(result.steps, total_steps, result.losses[-1])
             if result.steps >= total_steps:
                 break
         epoch += 1
         if result.steps == epoch * steps_per_epoch:  # a whole epoch: a resumable point
-            if checkpoint_dir is not None and accelerator.is_main_process:
+            if checkpoint_dir is not None and main:
                 save_training_checkpoint(checkpoint_dir, epoch, unwrapped, optimizer, result.losses)
-            if on_epoch_end is not None:
+            if on_epoch_end is not None and main:
                 on_epoch_end(epoch)
     bar.close()
     # accelerate wraps (never copies) the module, so the caller's object is the one trained.

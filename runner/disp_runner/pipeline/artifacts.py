@@ -234,26 +234,52 @@ class RunLayout:
 
 
 class ProgressReporter:
-    """Overwrites progress.json (stage, fraction, items, updated-at) at most every `interval` seconds,
-    so a watcher (the operator) sees progress without any Kubernetes access from the pod."""
+    """Overwrites progress.json (stage, fraction, items, ETA, updated-at) at most every `interval`
+    seconds, so a watcher (the operator) sees progress without any Kubernetes access from the pod;
+    with `log_interval`, also prints one line at most that often (`kubectl logs -f` in a pod, where
+    progress bars are off): items done, the stage's own detail (the loss), elapsed time and ETA."""
 
     def __init__(self, path: Path, stage: StageName, total: int, shard: Shard | None = None, interval: float = 10.0,
-                 mirror: Callable[[Path], None] | None = None):
+                 mirror: Callable[[Path], None] | None = None, log_interval: float | None = None):
         self.path, self.stage, self.total, self.shard, self.interval = path, stage, max(0, total), shard, interval
         self.mirror = mirror  # e.g. a put to the run's S3 prefix, where the operator reads it
-        self._last_write = float("-inf")
+        self.log_interval = log_interval
+        self._last_write = self._last_log = float("-inf")
+        self._last_logged = 0  # the count of the last line printed: the final update repeats none
+        self._started = time.monotonic()
+        self._first_done: int | None = None  # items already done when this process started (a resume)
 
-    def update(self, done: int, force: bool = False) -> None:
+    def restart(self, total: int, done: int) -> None:
+        """The total became known (`done` of it already done by an earlier pod): rates count from now."""
+        self.total, self._first_done, self._started = max(0, total), done, time.monotonic()
+
+    def eta_seconds(self, done: int, now: float) -> float | None:
+        """Time left at the rate this process has managed so far; None before any item is done."""
+        first = self._first_done if self._first_done is not None else done
+        elapsed, rate_items = now - self._started, done - first
+        if rate_items <= 0 or elapsed <= 0 or self.total <= 0:
+            return None
+        return max(0.0, (self.total - done) * elapsed / rate_items)
+
+    def update(self, done: int, force: bool = False, detail: str = "") -> None:
         now = time.monotonic()
+        if self._first_done is None:
+            self._first_done = done
+        if (self.log_interval is not None and done and done != self._last_logged
+                and (force or now - self._last_log >= self.log_interval)):
+            self._last_log, self._last_logged = now, done
+            print(self._log_line(done, detail, now), flush=True)
         if not force and now - self._last_write < self.interval:
             return
         self._last_write = now
+        eta = self.eta_seconds(done, now)
         record = {
             "stage": self.stage.value,
             "shard": None if self.shard is None else self.shard.label,
             "fraction": 1.0 if self.total == 0 else min(1.0, done / self.total),
             "itemsDone": done,
             "itemsTotal": self.total,
+            "etaSeconds": None if eta is None else round(eta, 1),
             "updatedAt": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -262,3 +288,17 @@ class ProgressReporter:
         os.replace(tmp, self.path)
         if self.mirror is not None:
             self.mirror(self.path)
+
+    def _log_line(self, done: int, detail: str, now: float) -> str:
+        where = self.stage.value + (f" shard {self.shard.label}" if self.shard else "")
+        count = f"{done}/{self.total} ({100 * done / self.total:.0f}%)" if self.total else str(done)
+        eta = self.eta_seconds(done, now)
+        parts = [f"{where}: {count}", detail, f"elapsed {_duration(now - self._started)}",
+                 f"ETA {_duration(eta)}" if eta is not None else ""]
+        return ", ".join(p for p in parts if p)
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"

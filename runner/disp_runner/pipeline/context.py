@@ -18,6 +18,7 @@ from disp_runner.data.dataset import Instance, load_dataset
 from disp_runner.device import default_device
 from disp_runner.errors import UserInputError, warn_user
 from disp_runner.diffusion.decoding import DecodingConfig
+from disp_runner.diffusion.distributed import Topology
 from disp_runner.models.base import trained_gen_length
 from disp_runner.models.loading import LoadedModel, load_model, load_projector
 from disp_runner.pipeline.artifacts import (
@@ -27,6 +28,7 @@ from disp_runner.pipeline.artifacts import (
     Shard,
     verify_stage_output,
 )
+from disp_runner.pipeline.checkpoints import CheckpointMirror
 from disp_runner.store.credentials import open_s3_store
 from disp_runner.store.lease import LEASE_SUFFIX, S3Lease
 from disp_runner.store.location import Location, Scheme
@@ -70,6 +72,8 @@ class StageContext:
     _training_set: list[Instance] | None = field(default=None, repr=False)
     _verified: set[Path] = field(default_factory=set, repr=False)
     remote: RemoteRun | None = None
+    topology: Topology = Topology()  # the processes a distributed stage (the fine-tune) runs on
+    output_root: Path | None = None  # `disp run --output`, which a launched process reopens the run with
     _stores: dict[str, S3Store] = field(default_factory=dict, repr=False)
 
     @property
@@ -162,6 +166,10 @@ class StageContext:
         if self.remote is None:
             return str(folder)
         return f"s3://{self.remote.bucket}/{self.remote.stage_prefix(self.layout, folder)}"
+
+    def checkpoints(self, stage: StageName) -> CheckpointMirror:
+        """`stage`'s epoch checkpoints: on local disk, and mirrored to S3 in an S3-backed run."""
+        return CheckpointMirror(stage, self.layout, self.remote)
 
     def output_lease(self, folder: Path) -> contextlib.AbstractContextManager:
         """In an S3-backed run, the exclusive lease on building `folder` (see store/lease.py)."""

@@ -5,7 +5,6 @@ PurificationJob in order (`disp run`), fanning sharded stages out and merging th
 from __future__ import annotations
 
 import logging
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,6 +12,7 @@ from typing import Any, Callable
 
 from disp_api import PurificationJob, StageName
 from disp_runner.device import seed_everything
+from disp_runner.diffusion.distributed import Topology
 from disp_runner.errors import TransientError, UserInputError
 from disp_runner.pipeline.artifacts import (
     ProgressReporter,
@@ -36,6 +36,8 @@ from disp_runner.store.location import Location, Scheme
 
 
 logger = logging.getLogger(__name__)
+
+LOG_INTERVAL = 30.0  # seconds between progress lines in a pod's log
 
 
 @dataclass
@@ -98,16 +100,23 @@ def _run_locked(stage: Stage, ctx: StageContext, final: Path, shard: Shard | Non
     for needed in stage.inputs:
         ctx.input_dir(needed)  # raises, naming the folder, when an input is incomplete or corrupt
     seed_everything(0)
-    total = stage.total_items(ctx)
-    ctx.progress = ProgressReporter(_progress_path(ctx.layout, stage.name, shard), stage.name,
-                                    total, shard, mirror=_progress_mirror(ctx))
+    start_progress(ctx, stage.name, stage.total_items(ctx))
     ctx.progress.update(0, force=True)
     outcome = _produce(ctx, stage.name, final, lambda out: stage.run(ctx, out), shard)
     # Resumable state (epoch checkpoints) is superseded by the published output.
-    shutil.rmtree(ctx.layout.checkpoint_dir(stage.name), ignore_errors=True)
+    ctx.checkpoints(stage.name).discard()
     # Done, in the stage's own unit (instances, optimiser steps, models): itemsDone = itemsTotal.
     ctx.progress.update(ctx.progress.total, force=True)
     return outcome
+
+
+def start_progress(ctx: StageContext, stage: StageName, total: int) -> ProgressReporter:
+    """progress.json for `stage` (or the context's shard of it), mirrored to S3 in an S3-backed run."""
+    # Without progress bars (a pod's log), a line every LOG_INTERVAL seconds says what is happening.
+    ctx.progress = ProgressReporter(_progress_path(ctx.layout, stage, ctx.shard), stage, total, ctx.shard,
+                                    mirror=_progress_mirror(ctx),
+                                    log_interval=None if ctx.show_progress else LOG_INTERVAL)
+    return ctx.progress
 
 
 def merge_shards(stage: ShardableStage, ctx: StageContext, count: int) -> StageOutcome:
@@ -124,19 +133,20 @@ def merge_shards(stage: ShardableStage, ctx: StageContext, count: int) -> StageO
 
 
 def open_run(job: PurificationJob, output_root: Path | None = None, shard: Shard | None = None,
-             show_progress: bool = True) -> StageContext:
+             show_progress: bool = True, topology: Topology = Topology()) -> StageContext:
     """The context a run's stages share. An s3:// output is mirrored: stages work in a local scratch
     copy of the run folder and publish each output to S3 (files, then manifest)."""
     location = Location.parse(job.spec.output.uri, "spec.output.uri")
+    common = dict(job=job, shard=shard, show_progress=show_progress, topology=topology, output_root=output_root)
     if output_root is not None or location.scheme is Scheme.LOCAL:
         root = output_root if output_root is not None else location.path
-        return StageContext(job=job, layout=RunLayout.for_job(job, root), shard=shard, show_progress=show_progress)
+        return StageContext(layout=RunLayout.for_job(job, root), **common)
     layout = RunLayout.for_job(job, scratch_root() / "runs" / location.bucket / location.key)
     store = open_s3_store(job.spec.storage)
     store.check_bucket(location.bucket)  # fail at once, naming the bucket, rather than after a stage
     run_path = RunLayout.for_job(job, Path()).root.as_posix()  # runs/<namespace>/<name>/<uid>
     remote = RemoteRun(store, location.bucket, "/".join(filter(None, [location.key, run_path])))
-    return StageContext(job=job, layout=layout, shard=shard, show_progress=show_progress, remote=remote)
+    return StageContext(layout=layout, remote=remote, **common)
 
 
 def run_uri(job: PurificationJob, output_root: Path | None = None) -> str:
@@ -168,12 +178,12 @@ def shard_count(job: PurificationJob, stage: StageName) -> int:
 
 
 def run_job(job: PurificationJob, output_root: Path | None = None, only: StageName | None = None,
-            show_progress: bool = True, on_outcome=None) -> list[StageOutcome]:
+            show_progress: bool = True, on_outcome=None, topology: Topology = Topology()) -> list[StageOutcome]:
     """Run the job's stages in order in this process (all of them, or `only` one), each skipped when
     complete. Sharded stages run shard by shard, then merge, exactly as the cluster would."""
     from disp_runner.stages import STAGES  # the stage registry imports torch-heavy modules
 
-    ctx = open_run(job, output_root, show_progress=show_progress)
+    ctx = open_run(job, output_root, show_progress=show_progress, topology=topology)
     outcomes: list[StageOutcome] = []
     for name in job.spec.stages():
         if only is not None and name is not only:
@@ -195,3 +205,18 @@ def run_job(job: PurificationJob, output_root: Path | None = None, only: StageNa
         if on_outcome:
             on_outcome(outcome)
     return outcomes
+
+
+def join_distributed_stage(job: PurificationJob, output_root: Path | None, topology: Topology,
+                           show_progress: bool = True) -> None:
+    """On a pod other than node 0 of a multi-node fine-tune: train alongside node 0, publish nothing
+    (node 0 writes the output and its manifest). Nothing to do once the output is complete."""
+    from disp_runner.stages import STAGES
+
+    stage = STAGES[StageName.FINETUNE]
+    ctx = open_run(job, output_root, show_progress=show_progress, topology=topology)
+    if ctx.is_complete(ctx.layout.stage_dir(stage.name)):
+        return
+    for needed in stage.inputs:
+        ctx.input_dir(needed)
+    stage.join(ctx)

@@ -1,0 +1,109 @@
+"""A long stage's epoch checkpoints, kept where they outlive the pod.
+
+The training loop saves each whole epoch into <run>/<stage>.checkpoints/epoch-NNNN/ on local disk
+(a pod's scratch, lost with the pod). In an S3-backed run each epoch folder is also published to
+the run's prefix the way stage outputs are (every file, then a manifest with their SHA-256, last),
+and a new pod, in a fresh scratch, restores the newest complete one before it trains, so an
+evicted, OOM-killed or suspended fine-tune resumes at the next epoch. Older epochs are removed
+only after a newer one is complete, and all of them once the stage's output is published."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from disp_api import StageName
+from disp_runner.pipeline.artifacts import STAGE_MANIFEST, RunLayout, write_stage_manifest
+from disp_runner.store.tree import download_stage, upload_stage
+
+if TYPE_CHECKING:
+    from disp_runner.pipeline.context import RemoteRun
+
+_EPOCH_FOLDER = re.compile(r"^epoch-(\d{4,9})$")
+
+
+def epoch_of(name: str) -> int | None:
+    """The epoch an epoch folder's name holds (epoch-0003 -> 3), None for any other name."""
+    match = _EPOCH_FOLDER.match(name)
+    return int(match.group(1)) if match else None
+
+
+@dataclass(frozen=True)
+class CheckpointMirror:
+    stage: StageName
+    layout: RunLayout
+    remote: "RemoteRun | None"
+
+    @property
+    def local(self) -> Path:
+        return self.layout.checkpoint_dir(self.stage)
+
+    def _prefix(self) -> str:
+        assert self.remote is not None
+        return self.remote.stage_prefix(self.layout, self.local)
+
+    def _local_epochs(self) -> list[int]:
+        if not self.local.is_dir():
+            return []
+        return sorted(e for e in (epoch_of(p.name) for p in self.local.iterdir() if p.is_dir()) if e is not None)
+
+    def _remote_epochs(self) -> list[int]:
+        """Epochs whose remote folder is complete (its manifest is there)."""
+        prefix = self._prefix() + "/"
+        epochs = set()
+        for key, _size, _etag in self.remote.store.list(self.remote.bucket, prefix):
+            folder, _, name = key[len(prefix):].partition("/")
+            epoch = epoch_of(folder)
+            if epoch is not None and name == STAGE_MANIFEST:
+                epochs.add(epoch)
+        return sorted(epochs)
+
+    def restore(self) -> int | None:
+        """Bring the newest complete remote epoch into the local folder unless a local one is at
+        least as new; returns the epoch training will resume after (None: from the start)."""
+        local = self._local_epochs()
+        if self.remote is None:
+            return local[-1] if local else None
+        remote = self._remote_epochs()
+        if remote and (not local or remote[-1] > local[-1]):
+            epoch = remote[-1]
+            self.local.mkdir(parents=True, exist_ok=True)
+            staging = Path(tempfile.mkdtemp(prefix=".restore-", dir=self.local))
+            try:
+                download_stage(self.remote.store, self.remote.bucket, f"{self._prefix()}/epoch-{epoch:04d}", staging)
+                for older in self.local.iterdir():
+                    if older != staging:
+                        shutil.rmtree(older, ignore_errors=True)
+                staging.rename(self.local / f"epoch-{epoch:04d}")
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
+            return epoch
+        return local[-1] if local else None
+
+    def publish(self, epoch: int) -> None:
+        """Mirror the local epoch folder to S3 (files, then manifest), then drop older remote epochs."""
+        if self.remote is None:
+            return
+        folder = self.local / f"epoch-{epoch:04d}"
+        write_stage_manifest(folder, self.stage, {"epoch": epoch}, 0.0)
+        upload_stage(folder, self.remote.store, self.remote.bucket, f"{self._prefix()}/epoch-{epoch:04d}")
+        self._remove_remote(keep=f"{self._prefix()}/epoch-{epoch:04d}/")
+
+    def discard(self) -> None:
+        """The stage's output is published: its checkpoints are superseded, here and in S3."""
+        shutil.rmtree(self.local, ignore_errors=True)
+        if self.remote is not None:
+            self._remove_remote(keep=None)
+
+    def _remove_remote(self, keep: str | None) -> None:
+        keys = [key for key, _size, _etag in self.remote.store.list(self.remote.bucket, self._prefix() + "/")
+                if keep is None or not key.startswith(keep)]
+        # Manifests go first, so a folder that is half removed is never taken for complete.
+        manifests = [key for key in keys if key.endswith("/" + STAGE_MANIFEST)]
+        for batch in (manifests, [key for key in keys if key not in manifests]):
+            if batch:
+                self.remote.store.remove(self.remote.bucket, batch)
