@@ -8,8 +8,9 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from dataclasses import dataclass
 from enum import Enum
-from typing import Literal, Optional
+from typing import Any, Literal, Optional
 
 from pydantic import Field, field_validator, model_validator
 
@@ -211,11 +212,18 @@ class EvaluationSpec(ContractModel):
         return self
 
 
+MAX_FINETUNE_NODES = 64
+
+
 class ParallelismSpec(ContractModel):
     saliency_shards: int = Field(1, ge=1, le=1024)
     """Pods the saliency stage is split over (an Indexed Job in the cluster)."""
     relabel_shards: int = Field(1, ge=1, le=1024)
     """Pods the relabel stage is split over."""
+    finetune_nodes: int = Field(1, ge=1, le=MAX_FINETUNE_NODES)
+    """Pods (nodes) the fine-tune spans, each running one process per GPU it gets: an Indexed Job
+    whose pods meet through a headless Service; the global batch and results stay those of one
+    process."""
 
 
 class PullPolicy(str, Enum):
@@ -254,15 +262,58 @@ class Toleration(ContractModel):
 _QUANTITY = r"^([0-9]+(\.[0-9]+)?)(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$"
 
 
+class StageResources(ContractModel):
+    """One stage's pods, where they differ from spec.resources (unset fields: spec.resources')."""
+
+    gpus: Optional[int] = Field(None, ge=0, le=64)
+    """GPUs per pod; the fine-tune starts one process per GPU."""
+    cpu: Optional[str] = Field(None, pattern=_QUANTITY)
+    """CPU request and limit per pod."""
+    memory: Optional[str] = Field(None, pattern=_QUANTITY)
+    """Memory request and limit per pod."""
+    scratch: Optional[str] = Field(None, pattern=_QUANTITY)
+    """Size limit of the pod's scratch volume."""
+
+
+class PerStageResources(ContractModel):
+    saliency: Optional[StageResources] = None
+    """Saliency pods (a forward and backward pass per probe: a GPU stage)."""
+    masking: Optional[StageResources] = None
+    """Masking pods. Default: no GPU (it ranks scores already computed)."""
+    relabel: Optional[StageResources] = None
+    """Relabel pods (diffusion decoding: a GPU stage)."""
+    finetune: Optional[StageResources] = None
+    """Fine-tune pods; with several GPUs, one training process per GPU."""
+    evaluate: Optional[StageResources] = None
+    """Evaluation pods."""
+
+
+# Stages that get no GPU unless spec.resources.stages says otherwise.
+CPU_STAGES = frozenset({StageName.MASKING})
+
+
+@dataclass(frozen=True)
+class StageRequest:
+    """What one stage's pods request, after per-stage settings and defaults are applied."""
+
+    gpus: int
+    cpu: str
+    memory: str
+    scratch: str
+
+
 class ResourcesSpec(ContractModel):
     gpus: Optional[int] = Field(None, ge=0, le=64)
-    """GPUs per runner pod (nvidia.com/gpu); 0 runs the stages on CPU. Default: the operator's (1)."""
+    """GPUs per runner pod (nvidia.com/gpu); 0 runs the stages on CPU. Default: the operator's (1);
+    masking gets none unless stages.masking.gpus says so."""
     cpu: str = Field("4", pattern=_QUANTITY)
     """CPU request and limit per pod (a Kubernetes quantity)."""
     memory: str = Field("32Gi", pattern=_QUANTITY)
     """Memory request and limit per pod (a Kubernetes quantity)."""
     scratch: str = Field("50Gi", pattern=_QUANTITY)
     """Size limit of the pod's writable scratch volume (models and datasets are materialised there)."""
+    stages: PerStageResources = PerStageResources()
+    """Per-stage overrides of gpus, cpu, memory and scratch (e.g. several GPUs for the fine-tune)."""
     node_selector: Optional[dict[str, str]] = None
     """Node labels the runner pods must match, e.g. nvidia.com/gpu.product: H100-SXM. Default: the
     operator's."""
@@ -274,6 +325,74 @@ class ResourcesSpec(ContractModel):
     """Runner image; default: the one the operator is configured with."""
     image_pull_policy: PullPolicy = PullPolicy.IF_NOT_PRESENT
     """When the kubelet pulls the runner image."""
+
+    def for_stage(self, stage: StageName, default_gpus: int) -> StageRequest:
+        """`stage`'s pods: its own settings, else the stage's default (masking: no GPU), else these."""
+        own = getattr(self.stages, stage.value) or StageResources()
+        gpus = own.gpus if own.gpus is not None else \
+            0 if stage in CPU_STAGES else self.gpus if self.gpus is not None else default_gpus
+        return StageRequest(gpus=gpus, cpu=own.cpu or self.cpu, memory=own.memory or self.memory,
+                            scratch=own.scratch or self.scratch)
+
+
+# Label and annotation keys a pod template may not set: the operator's own (it finds its pods by
+# them), the Job controller's, Kueue's (taken from the PurificationJob's labels instead), and the
+# annotations that loosen a container's confinement.
+RESERVED_KEY_PREFIXES = ("disp.dev/", "app.kubernetes.io/managed-by", "batch.kubernetes.io/", "job-name",
+                         "controller-uid", "kueue.x-k8s.io/", "container.apparmor.security.beta.kubernetes.io/",
+                         "seccomp.security.alpha.kubernetes.io/", "container.seccomp.security.alpha.kubernetes.io/",
+                         "kubectl.kubernetes.io/")
+
+
+def _no_reserved_keys_rule() -> dict[str, Any]:
+    """The same refusal as a CEL rule, so the API server refuses it at apply time."""
+    reserved = " || ".join(f"k.startsWith('{prefix}')" for prefix in RESERVED_KEY_PREFIXES)
+    return {"x-kubernetes-validations": [{
+        "rule": f"self.all(k, !({reserved}))",
+        "message": "reserved key: " + ", ".join(f"{p}*" for p in RESERVED_KEY_PREFIXES) + " belong to the operator, "
+                   "the Job controller, Kueue or the pod's security settings"}]}
+
+
+class PodMetadataOverlay(ContractModel):
+    labels: Optional[dict[str, str]] = Field(None, json_schema_extra=_no_reserved_keys_rule())
+    """Labels added to every runner pod (cost centre, team)."""
+    annotations: Optional[dict[str, str]] = Field(None, json_schema_extra=_no_reserved_keys_rule())
+    """Annotations added to every runner pod."""
+
+    @field_validator("labels", "annotations")
+    @classmethod
+    def _not_reserved(cls, value: Optional[dict[str, str]]) -> Optional[dict[str, str]]:
+        for key in value or {}:
+            if key.startswith(RESERVED_KEY_PREFIXES):
+                raise ValueError(f"{key!r} is reserved (the operator, the Job controller or a pod's security "
+                                 "settings own it)")
+        return value
+
+
+class LocalObjectReference(ContractModel):
+    name: str = Field(min_length=1, max_length=253)
+    """Name of a Secret in the job's namespace."""
+
+
+class PodSpecOverlay(ContractModel):
+    """The scheduling fields of a pod a user may set; security settings, volumes, the service
+    account and its token stay the operator's (any other field is refused)."""
+
+    affinity: Optional[dict[str, Any]] = Field(None, json_schema_extra={"x-kubernetes-preserve-unknown-fields": True})
+    """Node and pod (anti-)affinity, as in a pod spec."""
+    image_pull_secrets: Optional[list[LocalObjectReference]] = None
+    """Secrets to pull the runner image from a private registry."""
+    runtime_class_name: Optional[str] = Field(None, min_length=1, max_length=253)
+    """RuntimeClass of the runner pods (e.g. a sandboxed runtime for untrusted models)."""
+    scheduler_name: Optional[str] = Field(None, min_length=1, max_length=253)
+    """Scheduler of the runner pods (e.g. a gang scheduler)."""
+
+
+class PodTemplateOverlay(ContractModel):
+    metadata: PodMetadataOverlay = PodMetadataOverlay()
+    """Labels and annotations of every runner pod."""
+    spec: PodSpecOverlay = PodSpecOverlay()
+    """Scheduling settings of every runner pod."""
 
 
 class PolicySpec(ContractModel):
@@ -315,7 +434,10 @@ class PurificationJobSpec(ContractModel):
     parallelism: ParallelismSpec = ParallelismSpec()
     """Sharding of the per-instance stages."""
     resources: ResourcesSpec = ResourcesSpec()
-    """What each runner pod gets and where it may run."""
+    """What each runner pod gets and where it may run; may change while the job is suspended."""
+    pod_template: PodTemplateOverlay = PodTemplateOverlay()
+    """Labels, annotations and scheduling settings added to every runner pod; may change while
+    the job is suspended."""
     policy: PolicySpec = PolicySpec()
     """Retries, deadlines, suspension and clean-up."""
 
@@ -337,6 +459,8 @@ class ObjectMeta(ContractModel):
     """Namespace; part of the run's artifact prefix."""
     uid: Optional[str] = None
     """Set by Kubernetes; the run's artifact prefix ends in it."""
+    labels: dict[str, str] = Field(default_factory=dict)
+    """The job's labels (a Kueue queue-name label here is copied to every stage Job)."""
 
     model_config = ContractModel.model_config | {"extra": "ignore"}  # labels, annotations, ... are not ours
 

@@ -76,6 +76,9 @@ class Reason(str, Enum):
     SUSPENDED = "Suspended"
     RESUMED = "Resumed"
     COMPLETED = "Completed"
+    WAITING_FOR_ADMISSION = "WaitingForAdmission"  # a stage Job waits in a Kueue queue
+    UNSCHEDULABLE = "Unschedulable"  # the scheduler finds no node for a stage pod
+    POD_PENDING = "PodPending"  # a stage pod has not started for longer than the operator's threshold
 
 
 class Condition(ContractModel):
@@ -116,8 +119,10 @@ class StageStatus(ContractModel):
     """Where the stage's outputs are (set once it succeeded)."""
     progress: float = Field(0.0, ge=0.0, le=1.0)
     """Fraction of the stage's items done (from progress.json)."""
+    estimated_completion_time: Optional[datetime] = None
+    """When the running stage should finish, at the rate its pod has managed so far."""
     message: str = ""
-    """The last failure's explanation, if any."""
+    """What holds the stage up (a queue, an unschedulable pod), or the last failure's explanation."""
 
 
 class JobProgress(ContractModel):

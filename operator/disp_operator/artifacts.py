@@ -82,9 +82,11 @@ class RunStore:
         try:
             record = json.loads(self.store.get_bytes(self.bucket, key))
             updated = record.get("updatedAt")
+            eta = record.get("etaSeconds")
             return RunnerProgress(stage=StageName(record["stage"]), fraction=float(record["fraction"]),
-                                  updated_at=datetime.fromisoformat(updated) if updated else None)
-        except (ValueError, KeyError, TypeError):
+                                  updated_at=datetime.fromisoformat(updated) if updated else None,
+                                  eta_seconds=float(eta) if eta is not None and float(eta) >= 0 else None)
+        except (ValueError, KeyError, TypeError, OverflowError):
             return None  # a torn or foreign file: progress is advisory, wait for the next write
 
     def metrics(self) -> MetricsSummary:

@@ -5,6 +5,7 @@ the input is wrong and a retry cannot help, 75 means a dependency was unavailabl
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from enum import Enum
 from typing import Any, Mapping, Optional
 
@@ -21,6 +22,7 @@ _DISRUPTION_REASONS = {"Evicted", "NodeLost", "Preempted", "Shutdown", "NodeShut
 
 class ChildState(str, Enum):
     ACTIVE = "Active"
+    QUEUED = "Queued"  # suspended, waiting for a queue (Kueue) to admit it: no pod runs
     SUCCEEDED = "Succeeded"
     FAILED = "Failed"
 
@@ -92,7 +94,53 @@ class ChildJob:
                 return cls(name, ChildState.SUCCEEDED, "", "")
             if condition.get("type") == "Failed":
                 return cls(name, ChildState.FAILED, condition.get("reason") or "", condition.get("message") or "")
+        if (job.get("spec") or {}).get("suspend"):
+            return cls(name, ChildState.QUEUED, "", "")
         return cls(name, ChildState.ACTIVE, "", "")
+
+
+@dataclass(frozen=True)
+class PendingPod:
+    """A stage pod not running yet: since when, and what holds it (the scheduler's or kubelet's word)."""
+
+    pod_name: str
+    since: datetime
+    reason: str  # Unschedulable, ImagePullBackOff, ErrImagePull, CreateContainerConfigError, or "Pending"
+    message: str
+
+    @property
+    def unschedulable(self) -> bool:
+        return self.reason == "Unschedulable"
+
+    @classmethod
+    def from_pod(cls, pod: Mapping[str, Any]) -> Optional["PendingPod"]:
+        status = pod.get("status") or {}
+        if status.get("phase", "Pending") != "Pending":
+            return None
+        meta = pod.get("metadata") or {}
+        since = _timestamp(meta.get("creationTimestamp"))
+        if since is None:
+            return None
+        for condition in status.get("conditions") or []:
+            if condition.get("type") == "PodScheduled" and condition.get("status") == "False":
+                return cls(meta.get("name", ""), since, condition.get("reason") or "Unschedulable",
+                           condition.get("message") or "")
+        for container in status.get("containerStatuses") or []:
+            waiting = (container.get("state") or {}).get("waiting")
+            if waiting and waiting.get("reason") not in (None, "", "ContainerCreating", "PodInitializing"):
+                return cls(meta.get("name", ""), since, waiting["reason"], waiting.get("message") or "")
+        return cls(meta.get("name", ""), since, "Pending", "")
+
+
+def _timestamp(value: Any) -> Optional[datetime]:
+    if isinstance(value, datetime):
+        return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
+    if not isinstance(value, str) or not value:
+        return None
+    try:
+        return datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
 
 
 def classify_failure(job: ChildJob, pods: list[PodOutcome]) -> Failure:

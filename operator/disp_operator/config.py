@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any, Optional
 
 from disp_api import SecretKeyRef, StorageSpec
 
 from disp_operator.jobs import RunnerDefaults
-from disp_operator.reconcile import RetryBackoff
+from disp_operator.reconcile import PENDING_THRESHOLD, RetryBackoff
 
 
 class ConfigError(ValueError):
@@ -52,6 +53,7 @@ class OperatorConfig:
     reconcile_interval: float = 10.0  # seconds between passes when nothing wakes a job earlier
     progress_interval: float = 10.0  # seconds between reads of a running job's progress.json
     default_storage: Optional[StorageSpec] = None  # for jobs without spec.storage (the chart's MinIO)
+    pending_threshold: timedelta = PENDING_THRESHOLD  # a stage pod Pending this long makes the job Stalled
 
     @classmethod
     def from_env(cls) -> "OperatorConfig":
@@ -68,6 +70,8 @@ class OperatorConfig:
             reconcile_interval=_number("DISP_RECONCILE_INTERVAL_SECONDS", 10.0, 0.01),
             progress_interval=_number("DISP_PROGRESS_INTERVAL_SECONDS", 10.0, 0.01),
             default_storage=_default_storage(),
+            pending_threshold=timedelta(seconds=_number("DISP_PENDING_THRESHOLD_SECONDS",
+                                                        PENDING_THRESHOLD.total_seconds(), 1.0)),
         )
 
 

@@ -21,7 +21,10 @@ from disp_operator.naming import PLURAL
 
 SHORT_NAMES = ["pj"]
 CATEGORIES = ["disp", "all-disp"]
-MUTABLE_POLICY_FIELDS = {"suspend"}  # the only spec field that may change after creation
+MUTABLE_POLICY_FIELDS = {"suspend"}  # may change at any time
+# May change while the job is suspended (as Kueue and batch schedulers expect of a suspended
+# workload): where and with what the stage pods run, never what they compute.
+SCHEDULING_FIELDS = {"resources", "podTemplate"}
 
 
 def openapi_schema(model: type[BaseModel]) -> dict[str, Any]:
@@ -60,6 +63,8 @@ def _structural(node: Any, defs: dict[str, Any]) -> Any:
         # Structural schemas may not combine the two; unknown fields are refused instead by the API
         # server's strict field validation (kubectl's default) and by the typed spec in the operator.
         del node["additionalProperties"]
+    if node.get("x-kubernetes-preserve-unknown-fields"):  # free-form (a pod's affinity): no schema for its fields
+        node.pop("additionalProperties", None)
     if node.get("type") == "object" and isinstance(node.get("default"), dict) and "properties" in node:
         node["default"] = {}  # nested defaults are filled in by the server, field by field
     result = {}
@@ -74,7 +79,8 @@ def _structural(node: Any, defs: dict[str, Any]) -> Any:
 
 
 def _immutable_rule() -> dict[str, str]:
-    """CEL: every spec field keeps its value on update, except spec.policy.suspend."""
+    """CEL: every spec field keeps its value on update, except spec.policy.suspend, and the
+    scheduling fields while the job is (and stays) suspended."""
     def same(path: str, optional: bool) -> str:
         if optional:
             return (f"(has(self.{path}) == has(oldSelf.{path})) && "
@@ -89,15 +95,20 @@ def _immutable_rule() -> dict[str, str]:
                 sub_alias = sub_info.alias or sub
                 if sub_alias not in MUTABLE_POLICY_FIELDS:
                     clauses.append(same(f"policy.{sub_alias}", sub_info.default is None))
+        elif alias in SCHEDULING_FIELDS:
+            clauses.append(f"((oldSelf.policy.suspend && self.policy.suspend) || "
+                           f"{same(alias, not info.is_required() and info.default is None)})")
         else:
             clauses.append(same(alias, not info.is_required() and info.default is None))
     return {"rule": " && ".join(clauses),
-            "message": "spec is immutable once created, except spec.policy.suspend"}
+            "message": "spec is immutable once created, except spec.policy.suspend, and spec.resources and "
+                       "spec.podTemplate while the job is suspended"}
 
 
 def build_crd() -> dict[str, Any]:
     spec_schema = openapi_schema(PurificationJobSpec)
-    spec_schema["description"] = "What to purify and how; immutable once created except policy.suspend."
+    spec_schema["description"] = ("What to purify and how; immutable once created except policy.suspend (and "
+                                  "resources and podTemplate while suspended).")
     spec_schema["x-kubernetes-validations"] = [_immutable_rule()]
     status_schema = openapi_schema(PurificationJobStatus)
     status_schema["description"] = "Written by the operator."

@@ -11,7 +11,7 @@ import kopf
 from prometheus_client import start_http_server
 
 from disp_operator.artifacts import RunStore
-from disp_operator.children import ChildJob, PodOutcome
+from disp_operator.children import ChildJob, PendingPod, PodOutcome
 from disp_operator.config import OperatorConfig
 from disp_operator.kube import KubeApi, client_configuration
 from disp_operator.metrics import OperatorMetrics
@@ -76,9 +76,18 @@ def stage_jobs(namespace: str, labels: kopf.Labels, body: kopf.Body, **_: Any) -
 
 @kopf.index("", "v1", "pods", labels=OURS)
 def stage_pods(namespace: str, labels: kopf.Labels, body: kopf.Body, **_: Any) -> dict:
+    """Each stage pod's outcome once it ended, or what holds it while it is Pending."""
     job_name = labels.get("batch.kubernetes.io/job-name") or labels.get("job-name")
-    outcome = PodOutcome.from_pod(body)
-    return {(namespace, job_name): outcome} if job_name and outcome else {}
+    seen = PodOutcome.from_pod(body) or PendingPod.from_pod(body)
+    return {(namespace, job_name): seen} if job_name and seen else {}
+
+
+@kopf.on.event("", "v1", "pods", labels=OURS)
+def stage_pod_changed(namespace: str, labels: kopf.Labels, memo: kopf.Memo, **_: Any) -> None:
+    # A pod the scheduler turns down changes no Job: wake the job's loop to say so at once.
+    job = labels.get(LABEL_JOB)
+    if job:
+        memo[RUNTIME_KEY].wake(namespace, job)
 
 
 @kopf.on.event("batch", "v1", "jobs", labels=OURS)

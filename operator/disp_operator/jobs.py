@@ -13,7 +13,8 @@ from typing import Any, Mapping
 
 from disp_api import PurificationJob, StageName
 from disp_api.status import StepKind
-from disp_operator.naming import ANNOTATION_ATTEMPT, child_labels, stage_job_name
+from disp_operator.naming import (ANNOTATION_ATTEMPT, LABEL_JOB, LABEL_STAGE, child_labels,
+                                  rendezvous_service_name, stage_job_name)
 
 JOB_ENV = "DISP_JOB"  # the runner reads the manifest from here (`disp run --manifest-env`)
 # The container's command is set, not left to the image: Kubernetes appends `args` to the image's
@@ -37,45 +38,94 @@ class RunnerDefaults:
     priority_class_name: str = ""
 
 
+# Kueue reads these labels on the workloads it admits; a PurificationJob carrying them passes them
+# on to every stage Job (https://kueue.sigs.k8s.io/docs/tasks/run/jobs/).
+KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+KUEUE_LABELS = (KUEUE_QUEUE_LABEL, "kueue.x-k8s.io/priority-class")
+RENDEZVOUS_PORT = 29500  # node 0's rendezvous store in a multi-node fine-tune (torchrun's default)
+
+
+def _owner(job: PurificationJob) -> dict[str, Any]:
+    meta = job.metadata
+    return {"apiVersion": job.api_version, "kind": job.kind, "name": meta.name, "uid": meta.uid,
+            "controller": True, "blockOwnerDeletion": True}
+
+
+def queue_name(job: PurificationJob) -> str | None:
+    """The Kueue LocalQueue the job's stage Jobs wait in, if the job names one."""
+    return job.metadata.labels.get(KUEUE_QUEUE_LABEL)
+
+
+def finetune_nodes(job: PurificationJob, stage: StageName) -> int:
+    """Pods a stage's Job runs together (more than one only for a multi-node fine-tune)."""
+    return job.spec.parallelism.finetune_nodes if stage is StageName.FINETUNE else 1
+
+
 def stage_job(job: PurificationJob, stage: StageName, step: StepKind, attempt: int,
               defaults: RunnerDefaults) -> dict[str, Any]:
     """The Job manifest for `attempt` (1-based) of one step of `stage`."""
     spec, meta = job.spec, job.metadata
     assert meta.uid, "stage Jobs are only built for objects the API server has accepted (they have a uid)"
-    shards = spec.shards(stage)
     name = stage_job_name(meta.name, stage, step, attempt)
     labels = child_labels(meta.name, stage, step)
+    overlay = spec.pod_template.metadata
+    pod_metadata: dict[str, Any] = {"labels": {**(overlay.labels or {}), **labels}}
+    if overlay.annotations:
+        pod_metadata["annotations"] = dict(overlay.annotations)
+    pod = _pod_spec(job, stage, step, defaults, name)
     job_spec: dict[str, Any] = {
         "backoffLimit": 0,  # the operator retries, with its own backoff and failure classification
-        "template": {
-            "metadata": {"labels": labels},
-            "spec": _pod_spec(job, stage, step, defaults),
-        },
+        "template": {"metadata": pod_metadata, "spec": pod},
     }
     if step is StepKind.SHARDS:
+        shards = spec.shards(stage)
         job_spec.update(completionMode="Indexed", completions=shards, parallelism=shards)
+    elif (nodes := finetune_nodes(job, stage)) > 1:
+        # All pods at once (they train together); pod i is `<name>-i.<service>` in DNS, and a
+        # failed pod fails the Job (backoffLimit 0), whose controller then stops the others.
+        job_spec.update(completionMode="Indexed", completions=nodes, parallelism=nodes)
     if spec.policy.active_deadline_seconds is not None:
         job_spec["activeDeadlineSeconds"] = spec.policy.active_deadline_seconds
     if spec.policy.ttl_seconds_after_finished is not None:
         job_spec["ttlSecondsAfterFinished"] = spec.policy.ttl_seconds_after_finished
+    kueue = {key: meta.labels[key] for key in KUEUE_LABELS if key in meta.labels}
+    if queue_name(job) is not None:
+        job_spec["suspend"] = True  # Kueue admits it by unsuspending it when its queue has quota
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",
         "metadata": {
             "name": name,
             "namespace": meta.namespace,
-            "labels": labels,
+            "labels": {**labels, **kueue},
             "annotations": {ANNOTATION_ATTEMPT: str(attempt)},
-            "ownerReferences": [{
-                "apiVersion": job.api_version, "kind": job.kind, "name": meta.name, "uid": meta.uid,
-                "controller": True, "blockOwnerDeletion": True,
-            }],
+            "ownerReferences": [_owner(job)],
         },
         "spec": job_spec,
     }
 
 
-def _runner_args(job: PurificationJob, stage: StageName, step: StepKind) -> list[str]:
+def rendezvous_service(job: PurificationJob) -> dict[str, Any]:
+    """The headless Service through which the pods of a multi-node fine-tune find node 0 (the
+    pattern JobSet and Kubeflow Trainer use): DNS records for every pod, ready or not."""
+    meta = job.metadata
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": rendezvous_service_name(meta.name), "namespace": meta.namespace,
+                     "labels": child_labels(meta.name, StageName.FINETUNE, StepKind.RUN),
+                     "ownerReferences": [_owner(job)]},
+        "spec": {
+            "clusterIP": "None",
+            "publishNotReadyAddresses": True,  # the pods rendezvous before any of them is ready
+            "selector": {LABEL_JOB: meta.name, LABEL_STAGE: StageName.FINETUNE.value},
+            "ports": [{"name": "rendezvous", "port": RENDEZVOUS_PORT, "targetPort": RENDEZVOUS_PORT,
+                       "protocol": "TCP"}],
+        },
+    }
+
+
+def _runner_args(job: PurificationJob, stage: StageName, step: StepKind, gpus: int) -> list[str]:
     """The arguments after RUNNER_COMMAND."""
     args = ["--no-progress", "run", "--manifest-env", JOB_ENV, "--stage", stage.value]
     if step is StepKind.SHARDS:
@@ -83,7 +133,18 @@ def _runner_args(job: PurificationJob, stage: StageName, step: StepKind) -> list
         args += ["--shard", f"$(JOB_COMPLETION_INDEX)/{job.spec.shards(stage)}"]
     elif step is StepKind.MERGE:
         args.append("--merge")
+    if stage is StageName.FINETUNE:
+        args += ["--processes", str(max(1, gpus))]  # one training process per GPU
+        if (nodes := finetune_nodes(job, stage)) > 1:
+            args += ["--nodes", str(nodes), "--node-rank", "$(JOB_COMPLETION_INDEX)"]
     return args
+
+
+def _rendezvous_env(job: PurificationJob, job_name: str) -> list[dict[str, Any]]:
+    """Node 0's address for the other pods of a multi-node fine-tune: its stable DNS name."""
+    service = rendezvous_service_name(job.metadata.name)
+    return [{"name": "MASTER_ADDR", "value": f"{job_name}-0.{service}"},
+            {"name": "MASTER_PORT", "value": str(RENDEZVOUS_PORT)}]
 
 
 def _env(job: PurificationJob) -> list[dict[str, Any]]:
@@ -106,19 +167,21 @@ def _env(job: PurificationJob) -> list[dict[str, Any]]:
     return env
 
 
-def _pod_spec(job: PurificationJob, stage: StageName, step: StepKind, defaults: RunnerDefaults) -> dict[str, Any]:
+def _pod_spec(job: PurificationJob, stage: StageName, step: StepKind, defaults: RunnerDefaults,
+              job_name: str) -> dict[str, Any]:
     res = job.spec.resources
-    limits: dict[str, Any] = {"cpu": res.cpu, "memory": res.memory}
-    gpus = defaults.gpus if res.gpus is None else res.gpus
-    if gpus:
-        limits[GPU_RESOURCE] = gpus
+    request = res.for_stage(stage, defaults.gpus)
+    limits: dict[str, Any] = {"cpu": request.cpu, "memory": request.memory}
+    if request.gpus:
+        limits[GPU_RESOURCE] = request.gpus
+    multi_node = finetune_nodes(job, stage) > 1 and step is StepKind.RUN
     container = {
         "name": "runner",
         "image": res.image or defaults.image,
         "imagePullPolicy": res.image_pull_policy.value,
         "command": list(RUNNER_COMMAND),
-        "args": _runner_args(job, stage, step),
-        "env": _env(job),
+        "args": _runner_args(job, stage, step, request.gpus),
+        "env": _env(job) + (_rendezvous_env(job, job_name) if multi_node else []),
         "resources": {"requests": dict(limits), "limits": limits},
         "volumeMounts": [{"name": "scratch", "mountPath": SCRATCH_PATH}, {"name": "dshm", "mountPath": "/dev/shm"}],
         # The runner's last error line becomes the pod's termination message, which the operator
@@ -148,7 +211,7 @@ def _pod_spec(job: PurificationJob, stage: StageName, step: StepKind, defaults: 
         },
         "containers": [container],
         "volumes": [
-            {"name": "scratch", "emptyDir": {"sizeLimit": res.scratch}},
+            {"name": "scratch", "emptyDir": {"sizeLimit": request.scratch}},
             # PyTorch data loaders share tensors through /dev/shm, which is 64 MiB by default.
             {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "8Gi"}},
         ],
@@ -165,4 +228,18 @@ def _pod_spec(job: PurificationJob, stage: StageName, step: StepKind, defaults: 
     priority_class = res.priority_class_name or defaults.priority_class_name
     if priority_class:
         pod["priorityClassName"] = priority_class
+    if multi_node:
+        pod["subdomain"] = rendezvous_service_name(job.metadata.name)
+        container["ports"] = [{"name": "rendezvous", "containerPort": RENDEZVOUS_PORT, "protocol": "TCP"}]
+    # The user's scheduling settings: typed fields only (spec.podTemplate), so nothing here can
+    # touch the security context, volumes, the service account or its token.
+    overlay = job.spec.pod_template.spec
+    if overlay.affinity:
+        pod["affinity"] = dict(overlay.affinity)
+    if overlay.image_pull_secrets:
+        pod["imagePullSecrets"] = [{"name": ref.name} for ref in overlay.image_pull_secrets]
+    if overlay.runtime_class_name:
+        pod["runtimeClassName"] = overlay.runtime_class_name
+    if overlay.scheduler_name:
+        pod["schedulerName"] = overlay.scheduler_name
     return pod

@@ -45,6 +45,16 @@ class KubeApi:
                 return False
             raise
 
+    def create_service(self, manifest: dict[str, Any]) -> bool:
+        """Create a Service; False if it exists already (one per job, shared by its attempts)."""
+        try:
+            self.core.create_namespaced_service(manifest["metadata"]["namespace"], manifest)
+            return True
+        except ApiException as exc:
+            if exc.status == 409:
+                return False
+            raise
+
     def delete_job(self, namespace: str, name: str) -> None:
         """Delete a Job and, in the background, its pods; a Job already gone is fine."""
         try:

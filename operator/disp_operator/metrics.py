@@ -30,6 +30,8 @@ class OperatorMetrics:
                                    "progress (Unix time); alert when it stops moving.", ["namespace", "name"], registry=r)
         self.progress = Gauge("disp_job_progress_ratio", "Fraction of an active job's stages done.",
                               ["namespace", "name"], registry=r)
+        self.pending = Gauge("disp_job_pending_pod_seconds", "How long the running stage's oldest pod has been "
+                             "Pending (0 once it runs); the stall alert fires on it.", ["namespace", "name"], registry=r)
         self.asr_before = Gauge("disp_job_asr_before_ratio", "Attack success rate before purification, finished "
                                 "jobs.", ["namespace", "name"], registry=r)
         self.asr_after = Gauge("disp_job_asr_after_ratio", "Attack success rate after purification, finished jobs.",
@@ -57,9 +59,21 @@ class OperatorMetrics:
         self.progress.labels(namespace, name).set(ratio)
         self.last_progress.labels(namespace, name).set(at_timestamp)
 
+    def set_waiting(self, namespace: str, name: str) -> None:
+        """A suspended (or not yet started) job makes no progress by choice: no activity series, so
+        no stall alert."""
+        for gauge in (self.progress, self.last_progress, self.pending):
+            _remove(gauge, namespace, name)
+
+    def set_pending(self, namespace: str, name: str, seconds: float) -> None:
+        if seconds > 0:
+            self.pending.labels(namespace, name).set(seconds)
+        else:
+            _remove(self.pending, namespace, name)
+
     def set_outcome(self, namespace: str, name: str, metrics: Optional[MetricsSummary]) -> None:
         """A finished job: its ASR stays visible, its activity series go."""
-        for gauge in (self.progress, self.last_progress):
+        for gauge in (self.progress, self.last_progress, self.pending):
             _remove(gauge, namespace, name)
         if metrics is not None:
             self.asr_before.labels(namespace, name).set(metrics.asr_before)
@@ -73,7 +87,7 @@ class OperatorMetrics:
         old = self._phases.pop((namespace, name), None)
         if old is not None:
             self.jobs.labels(old.value).dec()
-        for gauge in (self.progress, self.last_progress, self.asr_before, self.asr_after):
+        for gauge in (self.progress, self.last_progress, self.pending, self.asr_before, self.asr_after):
             _remove(gauge, namespace, name)
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 
 from disp_api import StageName
+from disp_api.spec import MAX_FINETUNE_NODES
 from disp_api.status import StepKind
 
 GROUP = "disp.dev"
@@ -23,16 +24,34 @@ ANNOTATION_ATTEMPT = "disp.dev/attempt"
 _MAX_NAME = 63  # Job names become pod labels (job-name), which allow at most 63 characters
 
 
+# An Indexed Job's pods are named (hostname) `<job name>-<index>`, a DNS label too: the fine-tune
+# Job of a multi-node job leaves room for the index of its last pod.
+_INDEX_ROOM = 1 + len(str(MAX_FINETUNE_NODES - 1))
+
+
+def _bounded(base: str, suffix: str, limit: int) -> str:
+    """`base + suffix`, or, when longer than `limit`, the base's head and a digest of it (two long
+    names never collide)."""
+    if len(base) + len(suffix) <= limit:
+        return base + suffix
+    digest = hashlib.sha256(base.encode()).hexdigest()[:8]
+    keep = limit - len(suffix) - len(digest) - 1
+    return f"{base[:keep].rstrip('-')}-{digest}{suffix}"
+
+
 def stage_job_name(job_name: str, stage: StageName, step: StepKind, attempt: int) -> str:
-    """`<name>-<stage>[-merge][-<attempt>]` (no suffix on the first attempt). Names over 63
-    characters keep their tail and replace the rest of the job name by a short digest, so two
-    long job names never collide."""
+    """`<name>-<stage>[-merge][-<attempt>]` (no suffix on the first attempt), at most 63
+    characters, and short enough for the fine-tune's pod hostnames."""
     suffix = f"-{stage.value}" + ("-merge" if step is StepKind.MERGE else "") + (f"-{attempt}" if attempt > 1 else "")
-    if len(job_name) + len(suffix) <= _MAX_NAME:
-        return job_name + suffix
-    digest = hashlib.sha256(job_name.encode()).hexdigest()[:8]
-    keep = _MAX_NAME - len(suffix) - len(digest) - 1
-    return f"{job_name[:keep].rstrip('-')}-{digest}{suffix}"
+    limit = _MAX_NAME - _INDEX_ROOM if stage is StageName.FINETUNE else _MAX_NAME
+    return _bounded(job_name, suffix, limit)
+
+
+def rendezvous_service_name(job_name: str) -> str:
+    """The headless Service the pods of a multi-node fine-tune find each other through: a DNS-1035
+    label (it must start with a letter, a job name may not)."""
+    base = job_name if job_name[0].isalpha() else f"j{job_name}"
+    return _bounded(base, "-finetune-nodes", _MAX_NAME)
 
 
 def child_labels(job_name: str, stage: StageName, step: StepKind) -> dict[str, str]:

@@ -32,7 +32,8 @@ from disp_api.status import (
     StageStatus,
     StepKind,
 )
-from disp_operator.children import ChildJob, ChildState, FailureKind, PodOutcome, classify_failure
+from disp_operator.children import ChildJob, ChildState, FailureKind, PendingPod, PodOutcome, classify_failure
+from disp_operator.jobs import KUEUE_QUEUE_LABEL
 from disp_operator.naming import stage_job_name
 
 
@@ -62,6 +63,7 @@ class RunnerProgress:
     stage: StageName
     fraction: float
     updated_at: Optional[datetime]
+    eta_seconds: Optional[float] = None  # time the stage has left, at the pod's rate so far
 
 
 @dataclass(frozen=True)
@@ -69,6 +71,7 @@ class Observation:
     now: datetime
     children: Mapping[str, ChildJob] = field(default_factory=dict)  # this job's stage Jobs, by name
     pods: Mapping[str, list[PodOutcome]] = field(default_factory=dict)  # their pods' outcomes, by Job name
+    pending: Mapping[str, list[PendingPod]] = field(default_factory=dict)  # their pods not started yet, by Job name
     progress: Optional[RunnerProgress] = None
     metrics: Optional[MetricsSummary] = None  # the evaluate stage's metrics.json, once read
 
@@ -84,6 +87,16 @@ class RetryBackoff:
         return timedelta(seconds=min(self.maximum_seconds, self.base_seconds * 2 ** max(0, failures - 1)))
 
 
+@dataclass(frozen=True)
+class Holdup:
+    """Why the running stage does not run yet: queued for admission, or a pod that cannot start."""
+
+    reason: Reason
+    message: str
+    stalled: bool  # kstatus Stalled: the cluster must change (quota, nodes) before the stage can run
+    pending_seconds: float = 0.0  # how long its oldest pod has been waiting
+
+
 @dataclass
 class Plan:
     status: PurificationJobStatus
@@ -94,6 +107,7 @@ class Plan:
     wants_metrics: bool = False  # read the evaluate stage's metrics.json and reconcile again
     failure_reason: Optional[Reason] = None  # why the current stage failed for good
     retries: list[tuple[StageName, FailureKind]] = field(default_factory=list)  # failed attempts to retry
+    holdup: Optional[Holdup] = None  # what keeps the running stage from running
 
 
 def first_step(job: PurificationJob, stage: StageName) -> StepKind:
@@ -111,8 +125,14 @@ def reject(status: PurificationJobStatus, message: str, generation: int, now: da
     return plan
 
 
+# A stage pod Pending this long (image pulls, volume binding, a queue outside Kueue) counts as stalled;
+# one the scheduler has declared Unschedulable counts at once.
+PENDING_THRESHOLD = timedelta(minutes=10)
+
+
 def reconcile(job: Optional[PurificationJob], status: PurificationJobStatus, generation: int,
-              observed: Observation, backoff: RetryBackoff = RetryBackoff()) -> Plan:
+              observed: Observation, backoff: RetryBackoff = RetryBackoff(),
+              pending_threshold: timedelta = PENDING_THRESHOLD) -> Plan:
     """One step of the state machine described in the module docstring. `job` may be None only
     for a finished job (whose spec no longer matters)."""
     now = observed.now
@@ -132,7 +152,7 @@ def reconcile(job: Optional[PurificationJob], status: PurificationJobStatus, gen
     for index, stage in enumerate(stages):
         if stage.phase is StagePhase.SUCCEEDED:
             continue
-        stage = _advance(plan, job, stage, observed, backoff)
+        stage = _advance(plan, job, stage, observed, backoff, pending_threshold)
         stages[index] = stage
         if stage.phase is StagePhase.SUCCEEDED:
             continue  # the next stage starts in this same pass
@@ -164,7 +184,7 @@ def reconcile(job: Optional[PurificationJob], status: PurificationJobStatus, gen
 
 
 def _advance(plan: Plan, job: PurificationJob, stage: StageStatus, observed: Observation,
-             backoff: RetryBackoff) -> StageStatus:
+             backoff: RetryBackoff, pending_threshold: timedelta) -> StageStatus:
     """Move the current (first unfinished) stage forward as far as the observation allows."""
     now = observed.now
     if stage.phase in (StagePhase.PENDING, StagePhase.RETRYING):
@@ -174,12 +194,18 @@ def _advance(plan: Plan, job: PurificationJob, stage: StageStatus, observed: Obs
         return _start(plan, job, stage, stage.step, stage.attempts + 1, now)
 
     child = observed.children.get(stage.job_name or "")
-    if child is None or child.state is ChildState.ACTIVE:
+    if child is None or child.state in (ChildState.ACTIVE, ChildState.QUEUED):
         if child is None:  # not seen yet (just created) or gone: (re)create it, idempotently
             plan.create.append(CreateJob(stage.name, stage.step, stage.attempts))
-        if observed.progress is not None and observed.progress.stage is stage.name:
-            stage = stage.model_copy(update={"progress": max(stage.progress, min(1.0, observed.progress.fraction))})
-        return stage
+        plan.holdup = _holdup(job, stage, child, observed.pending.get(stage.job_name or "", []), now,
+                              pending_threshold)
+        update: dict = {"message": plan.holdup.message if plan.holdup else ""}
+        progress = observed.progress
+        if progress is not None and progress.stage is stage.name:
+            update["progress"] = max(stage.progress, min(1.0, progress.fraction))
+            if progress.eta_seconds is not None and progress.updated_at is not None:
+                update["estimated_completion_time"] = progress.updated_at + timedelta(seconds=progress.eta_seconds)
+        return stage.model_copy(update=update)
 
     if child.state is ChildState.SUCCEEDED:
         if stage.step is StepKind.SHARDS:  # every shard is done: merge them
@@ -219,6 +245,30 @@ def _advance(plan: Plan, job: PurificationJob, stage: StageStatus, observed: Obs
                                     "message": why, "retry_after": None})
 
 
+def _holdup(job: PurificationJob, stage: StageStatus, child: Optional[ChildJob], pending: list[PendingPod],
+            now: datetime, threshold: timedelta) -> Optional[Holdup]:
+    """What keeps a running stage's Job from running, if anything."""
+    if child is not None and child.state is ChildState.QUEUED:
+        queue = job.metadata.labels.get(KUEUE_QUEUE_LABEL)
+        where = f" in Kueue queue {queue}" if queue else ""
+        return Holdup(Reason.WAITING_FOR_ADMISSION,
+                      f"stage {stage.name.value}: Job {child.name} is waiting for admission{where}", stalled=False)
+    if not pending:
+        return None
+    oldest = min(pending, key=lambda p: p.since)
+    waited = max(0.0, (now - oldest.since).total_seconds())
+    blocked = next((p for p in pending if p.unschedulable), None)
+    pod = blocked or oldest
+    detail = f": {pod.message}" if pod.message else ""
+    if blocked is not None:
+        return Holdup(Reason.UNSCHEDULABLE, f"stage {stage.name.value}: pod {pod.pod_name} cannot be scheduled"
+                      f"{detail}", stalled=True, pending_seconds=waited)
+    if waited >= threshold.total_seconds():
+        return Holdup(Reason.POD_PENDING, f"stage {stage.name.value}: pod {pod.pod_name} pending for "
+                      f"{waited / 60:.0f} min ({pod.reason}){detail}", stalled=True, pending_seconds=waited)
+    return Holdup(Reason.POD_PENDING, "", stalled=False, pending_seconds=waited)
+
+
 def _start(plan: Plan, job: PurificationJob, stage: StageStatus, step: StepKind, attempt: int, now: datetime,
            announce: bool = True) -> StageStatus:
     name = stage_job_name(job.metadata.name, stage.name, step, attempt)
@@ -245,6 +295,8 @@ def _suspend(plan: Plan, stages: list[StageStatus], generation: int, now: dateti
                                  "spec.policy.suspend is true", generation, now)
     conditions = _with_condition(conditions, ConditionType.RECONCILING, False, Reason.SUSPENDED,
                                  "suspended", generation, now)
+    # A suspended job waits by choice: never stalled (nor alerted on as such).
+    conditions = _with_condition(conditions, ConditionType.STALLED, False, Reason.SUSPENDED, "", generation, now)
     plan.status = plan.status.model_copy(update={"conditions": conditions})
     if not was_suspended:
         plan.events.append(Event(EventType.NORMAL, Reason.SUSPENDED, "suspended; running stage Jobs deleted"))
@@ -266,13 +318,25 @@ def _set_stages(plan: Plan, stages: list[StageStatus], observed: Observation, ge
 
 
 def _running(plan: Plan, stage: StageStatus, generation: int, now: datetime) -> None:
+    holdup = plan.holdup if plan.holdup is not None and plan.holdup.message else None
     if stage.phase is StagePhase.RETRYING:
         reason, message = Reason.STAGE_RETRYING, f"stage {stage.name.value} failed, retrying: {stage.message}"
+    elif holdup is not None:
+        reason, message = holdup.reason, holdup.message
     else:
         reason, message = Reason.STAGE_RUNNING, f"stage {stage.name.value} running (attempt {stage.attempts})"
     conditions = plan.status.conditions
+    stalled = holdup is not None and holdup.stalled
+    old = plan.status.condition(ConditionType.STALLED)
+    if stalled and (old is None or old.status is not ConditionStatus.TRUE or old.reason is not reason):
+        plan.events.append(Event(EventType.WARNING, reason, message))
+    if holdup is not None and not holdup.stalled:
+        old_reconciling = plan.status.condition(ConditionType.RECONCILING)
+        if old_reconciling is None or old_reconciling.reason is not reason:
+            plan.events.append(Event(EventType.NORMAL, reason, message))
     conditions = _with_condition(conditions, ConditionType.RECONCILING, True, reason, message, generation, now)
-    conditions = _with_condition(conditions, ConditionType.STALLED, False, reason, "", generation, now)
+    conditions = _with_condition(conditions, ConditionType.STALLED, stalled, reason, message if stalled else "",
+                                 generation, now)
     conditions = _with_condition(conditions, ConditionType.SUSPENDED, False, Reason.RESUMED, "", generation, now) \
         if plan.status.condition(ConditionType.SUSPENDED) else conditions
     plan.status = plan.status.model_copy(update={"phase": JobPhase.RUNNING, "conditions": conditions,

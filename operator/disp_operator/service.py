@@ -9,6 +9,7 @@ a Job that exists is a no-op, so no stage runs twice."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
@@ -22,9 +23,9 @@ from pydantic.alias_generators import to_camel
 from disp_api import PurificationJob
 from disp_api.status import JobPhase, PurificationJobStatus, StagePhase
 from disp_operator.artifacts import RunStore
-from disp_operator.children import ChildJob, PodOutcome
+from disp_operator.children import ChildJob, PendingPod, PodOutcome
 from disp_operator.config import OperatorConfig
-from disp_operator.jobs import stage_job
+from disp_operator.jobs import finetune_nodes, rendezvous_service, stage_job
 from disp_operator.kube import KubeApi
 from disp_operator.metrics import OperatorMetrics
 from disp_operator.reconcile import Observation, Plan, reconcile, reject
@@ -109,14 +110,15 @@ class JobLoop:
             return FINISHED_INTERVAL
         if self.store is None:
             self.store = await self._open_store(job)
-        observed = Observation(now=now, children=self._children(), pods=self._pods(),
+        ended, pending = self._pods()
+        observed = Observation(now=now, children=self._children(), pods=ended, pending=pending,
                                progress=await self._progress(job))
-        plan = reconcile(job, self.status, generation, observed, self.rt.config.backoff)
+        config = self.rt.config
+        plan = reconcile(job, self.status, generation, observed, config.backoff, config.pending_threshold)
         if plan.wants_metrics:
             metrics = await asyncio.to_thread(self.store.metrics)
-            observed = Observation(now=now, children=observed.children, pods=observed.pods,
-                                   progress=observed.progress, metrics=metrics)
-            plan = reconcile(job, self.status, generation, observed, self.rt.config.backoff)
+            observed = dataclasses.replace(observed, metrics=metrics)
+            plan = reconcile(job, self.status, generation, observed, config.backoff, config.pending_threshold)
         await self._apply(plan, job)
         if plan.status.phase.finished:
             return FINISHED_INTERVAL
@@ -149,11 +151,15 @@ class JobLoop:
     def _children(self) -> dict[str, ChildJob]:
         return {child.name: child for child in self.jobs_index.get((self.namespace, self.name), [])}
 
-    def _pods(self) -> dict[str, list[PodOutcome]]:
-        pods: dict[str, list[PodOutcome]] = {}
+    def _pods(self) -> tuple[dict[str, list[PodOutcome]], dict[str, list[PendingPod]]]:
+        """The stage pods' outcomes and the pods still Pending, by Job name."""
+        ended: dict[str, list[PodOutcome]] = {}
+        pending: dict[str, list[PendingPod]] = {}
         for job_name in self._children():
-            pods[job_name] = list(self.pods_index.get((self.namespace, job_name), []))
-        return pods
+            seen = list(self.pods_index.get((self.namespace, job_name), []))
+            ended[job_name] = [p for p in seen if isinstance(p, PodOutcome)]
+            pending[job_name] = [p for p in seen if isinstance(p, PendingPod)]
+        return ended, pending
 
     async def _progress(self, job: PurificationJob):
         """progress.json, read at most every progress_interval while a stage runs."""
@@ -177,6 +183,8 @@ class JobLoop:
             await asyncio.to_thread(kube.delete_job, self.namespace, name)
         for create in plan.create:
             assert job is not None
+            if finetune_nodes(job, create.stage) > 1:  # its pods find each other through this Service
+                await asyncio.to_thread(kube.create_service, rendezvous_service(job))
             manifest = stage_job(job, create.stage, create.step, create.attempt, self.rt.config.runner)
             created = await asyncio.to_thread(kube.create_job, manifest)
             if created:
@@ -206,6 +214,9 @@ class JobLoop:
             updated = new.progress.last_update_time
             metrics.set_progress(self.namespace, self.name, new.progress.percent / 100,
                                  updated.timestamp() if updated else time.time())
+            metrics.set_pending(self.namespace, self.name, plan.holdup.pending_seconds if plan.holdup else 0.0)
+        else:
+            metrics.set_waiting(self.namespace, self.name)
 
 
 def effective_job(body: Mapping[str, Any], config: OperatorConfig) -> PurificationJob:

@@ -26,7 +26,8 @@ def parse_job(body: Mapping[str, Any]) -> PurificationJob:
     meta = body.get("metadata") or {}
     document = {
         "apiVersion": body.get("apiVersion"), "kind": body.get("kind"),
-        "metadata": {"name": meta.get("name"), "namespace": meta.get("namespace") or "default", "uid": meta.get("uid")},
+        "metadata": {"name": meta.get("name"), "namespace": meta.get("namespace") or "default", "uid": meta.get("uid"),
+                     "labels": meta.get("labels") or {}},
         "spec": body.get("spec") or {},
     }
     try:

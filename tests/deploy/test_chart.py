@@ -70,7 +70,9 @@ def test_the_chart_renders_lints_and_validates(option):
         assert set(alerts) == {"DispPurificationJobFailed", "DispPurificationJobStalled", "DispBackdoorNotRemoved",
                                "DispStageRetriesClimbing", "DispOperatorDown"}
         assert alerts["DispBackdoorNotRemoved"]["expr"] == "disp_job_asr_after_ratio > 0.05"
-        assert alerts["DispPurificationJobStalled"]["expr"].endswith("> 1800")
+        stalled = alerts["DispPurificationJobStalled"]["expr"]
+        assert "disp_job_last_progress_timestamp_seconds) > 1800" in stalled
+        assert "disp_job_pending_pod_seconds > 1800" in stalled  # a stage pod that never starts
         assert "absent(" in alerts["DispOperatorDown"]["expr"]
         for alert in alerts.values():
             assert {"summary", "description", "runbook_url"} <= set(alert["annotations"])

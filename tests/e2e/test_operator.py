@@ -198,3 +198,124 @@ def test_without_cleanup_a_deleted_job_leaves_its_artifacts(cluster, kubelet, s3
         wait_until(lambda: not cluster.custom.list_namespaced_custom_object(
             "disp.dev", "v1alpha1", NAMESPACE, "purificationjobs")["items"], 20, "the job to be deleted")
     assert store.exists("runs", f"{uploaded}/runs/{NAMESPACE}/keep/{UID}/evaluate/metrics.json")
+
+
+def _condition(body: dict, kind: str) -> dict:
+    return next((c for c in body.get("status", {}).get("conditions", []) if c["type"] == kind), {})
+
+
+def test_with_a_kueue_queue_every_stage_job_waits_suspended_until_admitted(cluster, kubelet, s3, uploaded,
+                                                                           monkeypatch):
+    doc = standin_manifest(s3, uploaded, "queued")
+    doc["metadata"]["labels"] = {"kueue.x-k8s.io/queue-name": "gpu-batch"}
+    admitted: list[str] = []
+    with operator(monkeypatch):
+        cluster.create_job(doc, uid=UID)
+        body = cluster.wait_for(NAMESPACE, "queued",
+                                lambda b: "waiting for admission" in b.get("status", {}).get("message", ""), 30,
+                                "the job to say it waits for admission")
+        time.sleep(1.0)  # several reconcile passes and kubelet polls
+        assert kubelet.started == []  # a suspended Job runs no pod
+        (queued,) = cluster.jobs(NAMESPACE)
+        assert queued["spec"]["suspend"] is True
+        assert queued["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "gpu-batch"
+        assert _condition(body, "Reconciling")["reason"] == "WaitingForAdmission"
+        assert _condition(body, "Stalled")["status"] == "False"
+        deadline = time.monotonic() + 60
+        while not finished(cluster.get(NAMESPACE, "queued")):  # play Kueue: admit what waits
+            assert time.monotonic() < deadline, "timed out admitting the stages"
+            for job in cluster.jobs(NAMESPACE):
+                if job["spec"].get("suspend"):
+                    cluster.batch.patch_namespaced_job(job["metadata"]["name"], NAMESPACE, {"spec": {"suspend": False}})
+                    admitted.append(job["metadata"]["name"])
+            time.sleep(0.1)
+        body = cluster.get(NAMESPACE, "queued")
+    assert body["status"]["phase"] == "Succeeded"
+    assert admitted == kubelet.started == ["queued-saliency", "queued-masking", "queued-relabel", "queued-finetune",
+                                           "queued-evaluate"]
+    assert sum(e["reason"] == "WaitingForAdmission" for e in cluster.events(NAMESPACE)) == 5
+
+
+def test_an_unschedulable_stage_pod_stalls_the_job_visibly_until_it_is_suspended(cluster, kubelet, s3, uploaded,
+                                                                                  monkeypatch):
+    message = "0/3 nodes are available: 3 Insufficient nvidia.com/gpu."
+    kubelet.unschedulable["pending-saliency"] = message
+    port = free_port()
+    with operator(monkeypatch, metrics_port=port):
+        cluster.create_job(standin_manifest(s3, uploaded, "pending"), uid=UID)
+        body = cluster.wait_for(NAMESPACE, "pending", lambda b: _condition(b, "Stalled").get("status") == "True", 30,
+                                "the job to be stalled")
+        stalled = _condition(body, "Stalled")
+        assert stalled["reason"] == "Unschedulable" and message in stalled["message"]
+        assert body["status"]["phase"] == "Running" and message in body["status"]["stages"][0]["message"]
+        wait_until(lambda: any(e["reason"] == "Unschedulable" and e["type"] == "Warning"
+                               for e in cluster.events(NAMESPACE)), 10, "the Warning Event")
+        scrape = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+        assert f'disp_job_pending_pod_seconds{{name="pending",namespace="{NAMESPACE}"}}' in scrape
+        cluster.set_suspend(NAMESPACE, "pending", True)
+        body = cluster.wait_for(NAMESPACE, "pending", lambda b: b.get("status", {}).get("phase") == "Suspended", 20,
+                                "suspension")
+        assert _condition(body, "Stalled")["status"] == "False"  # suspended jobs are never stalled
+        time.sleep(1.0)
+        scrape = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    for series in ("disp_job_pending_pod_seconds{", "disp_job_last_progress_timestamp_seconds{"):
+        assert series not in scrape, f"a suspended job still exports {series}"
+
+
+def test_a_fine_tune_pod_killed_after_epoch_two_of_four_resumes_at_epoch_three(cluster, kubelet, workspace, s3,
+                                                                               uploaded, monkeypatch):
+    """The real runner: the fine-tune pod dies (SIGKILL, reported as OOMKilled) once epoch 2's
+    checkpoint is complete in S3; the operator retries the stage in a new pod with a fresh scratch,
+    which resumes at epoch 3 and ends with the weights of an uninterrupted run."""
+    import torch
+    from safetensors.torch import load, load_file
+
+    from disp_runner.pipeline.runner import open_run, run_job
+    from tests.tiny import make_job
+
+    # 24 steps an epoch, through every weight: about a second an epoch to be killed in.
+    finetune = {"epochs": 4, "batchSize": 1, "learningRate": 0.001, "trainable": "all"}
+    store = S3Store(s3, ACCESS, SECRET, secure=False)
+    run_key = f"{uploaded}/runs/{NAMESPACE}/resume/{UID}"
+    killed_after: list[int] = []
+
+    def epoch_two_is_saved() -> bool:
+        epochs = [int(key.split("/epoch-")[1][:4]) for key, _, _ in
+                  store.list("runs", f"{run_key}/finetune.checkpoints/") if key.endswith("/stage-manifest.json")]
+        if epochs and max(epochs) >= 2:
+            killed_after.append(max(epochs))  # 2, unless the machine stalled the kubelet for an epoch
+            return True
+        return False
+
+    kubelet.kill_when["resume-finetune"] = epoch_two_is_saved
+    # The killed pod's lease on the stage lapses within one TTL (60 s by default), which the new
+    # pod waits out before taking it over; 3 s keeps the test short.
+    kubelet.extra_env["DISP_LEASE_TTL_SECONDS"] = "3"
+    with operator(monkeypatch):
+        cluster.create_job(manifest(workspace, s3, uploaded, name="resume", evaluation=None, finetune=finetune), uid=UID)
+        body = cluster.wait_for(NAMESPACE, "resume", finished, 300, "the job to finish")
+    assert body["status"]["phase"] == "Succeeded", body["status"]
+    assert kubelet.started[-2:] == ["resume-finetune", "resume-finetune-2"]
+    stage = next(s for s in body["status"]["stages"] if s["name"] == "finetune")
+    assert (stage["attempts"], stage["failures"]) == (2, 1)
+    log = (kubelet.workdir / "logs" / "resume-finetune-2-0.log").read_text()
+    assert "took over the lapsed lease" in log or "waiting for it to lapse" in log, log
+    (epoch,) = killed_after
+    assert epoch in (2, 3), killed_after
+    assert f"finetune: resuming after epoch {epoch} from its checkpoint" in log, log
+    steps = [line for line in log.splitlines() if line.startswith("finetune: ") and "/96" in line]
+    assert steps[0].startswith(f"finetune: {24 * epoch + 1}/96"), steps  # the next epoch's first step comes first
+    assert not list(store.list("runs", f"{run_key}/finetune.checkpoints/"))  # superseded by the model
+
+    local = make_job(workspace, evaluation=None, finetune=finetune)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the pods (cpu: 1): float sums split over threads round differently
+    try:
+        run_job(local, show_progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    uninterrupted = load_file(str(open_run(local).layout.stage_dir(StageName.FINETUNE) / "model" / "model.safetensors"))
+    resumed = load(store.get_bytes("runs", f"{run_key}/finetune/model/model.safetensors"))
+    assert resumed.keys() == uninterrupted.keys()
+    for name, tensor in uninterrupted.items():
+        assert (resumed[name] == tensor).all(), name

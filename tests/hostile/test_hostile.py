@@ -489,12 +489,29 @@ def test_an_s3_lease_is_exclusive_lapses_when_its_holder_dies_and_is_released(s3
         client.make_bucket("leases")
     store = S3Store(s3_endpoint, "k", "s", secure=False)
     now = [1000.0]
+    waits = []
+
+    def sleep(seconds):  # time passes without the holder renewing: it is dead
+        waits.append(seconds)
+        now[0] += seconds
+
     first = S3Lease(store, "leases", "run/saliency.lease", ttl=60, clock=lambda: now[0])
     first.acquire()
     first._stop.set()  # as if its process were killed: no more renewals, no release
-    with pytest.raises(TransientError, match=r"is being built by pid .* \(lease until"):
-        S3Lease(store, "leases", "run/saliency.lease", ttl=60, clock=lambda: now[0]).acquire()
-    now[0] += 61  # one TTL later the dead holder's lease has lapsed
-    with S3Lease(store, "leases", "run/saliency.lease", ttl=60, clock=lambda: now[0]):
+    # The next attempt waits for the dead holder's lease to lapse (at most one TTL) and takes it over.
+    with S3Lease(store, "leases", "run/saliency.lease", ttl=60, clock=lambda: now[0], sleep=sleep):
+        assert waits == [61.0]
         assert json.loads(store.get_bytes("leases", "run/saliency.lease"))["expiresAt"] == now[0] + 60
     assert not store.exists("leases", "run/saliency.lease")  # released
+
+    live = S3Lease(store, "leases", "run/relabel.lease", ttl=60, clock=lambda: now[0])
+    live.acquire()
+    live._stop.set()
+
+    def sleep_while_the_holder_renews(seconds):
+        now[0] += seconds
+        live._etag = store.put_conditionally("leases", "run/relabel.lease", live._record(), if_match=live._etag)
+
+    with pytest.raises(TransientError, match=r"is being built by pid .* \(lease until"):
+        S3Lease(store, "leases", "run/relabel.lease", ttl=60, clock=lambda: now[0],
+                sleep=sleep_while_the_holder_renews).acquire()

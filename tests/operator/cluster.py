@@ -10,7 +10,8 @@
   command/args, $(VAR) expansion, secretKeyRef from the emulator's Secrets, runAsNonRoot), runs it
   as a local subprocess, then writes the pods' terminated state and the Job's conditions. A Job
   deleted while its pods run gets them killed. It can also inject kubelet-level faults
-  (OOM kill, eviction) into chosen pods.
+  (OOM kill, eviction) into chosen pods. Like the Job controller, it starts no pod of a suspended
+  Job until the Job is unsuspended (what Kueue does when it admits one).
 
   What a local subprocess cannot do, it maps, and says so here: the image's folders (/opt/disp/bin,
   the venv on the image's PATH) are this test run's venv; each volume mount is a temporary folder,
@@ -34,7 +35,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import kmock
 import kubernetes
@@ -49,6 +50,7 @@ RESOURCES = {
     "disp.dev/v1alpha1/purificationjobs": ("PurificationJob", True, {"status"}),
     "batch/v1/jobs": ("Job", True, {"status"}),
     "v1/pods": ("Pod", True, {"status"}),
+    "v1/services": ("Service", True, set()),
     "v1/events": ("Event", True, set()),
     "v1/secrets": ("Secret", True, set()),
     "v1/namespaces": ("Namespace", False, set()),
@@ -247,6 +249,13 @@ class Kubelet:
     cluster: EmulatedCluster
     workdir: Path
     faults: dict[str, PodFault] = field(default_factory=dict)  # by Job name: its first pod ends so
+    # By Job name: its first pod is OOM-killed as soon as the condition holds (checked while it runs).
+    kill_when: dict[str, Callable[[], bool]] = field(default_factory=dict)
+    # By Job name: its pods stay Pending with the scheduler's PodScheduled=False/Unschedulable and this message.
+    unschedulable: dict[str, str] = field(default_factory=dict)
+    # Added to every container's environment: runner settings a test tunes for speed (as a
+    # cluster's admission webhook or a team's image might set them), never Kubernetes' own.
+    extra_env: dict[str, str] = field(default_factory=dict)
     standin_seconds: float = 0.5  # how long each stand-in runner pod works
     started: list[str] = field(default_factory=list)  # Job names, in the order they were picked up
     killed: list[str] = field(default_factory=list)
@@ -271,8 +280,8 @@ class Kubelet:
                 return
             for job in jobs:
                 key = (job.metadata.namespace, job.metadata.name, job.metadata.uid or job.metadata.name)
-                if key in self._seen:
-                    continue
+                if key in self._seen or job.spec.suspend:
+                    continue  # the Job controller starts no pod for a suspended Job (Kueue unsuspends it)
                 self._seen.add(key)
                 self.started.append(job.metadata.name)
                 raw = self.cluster.client.sanitize_for_serialization(job)
@@ -331,7 +340,16 @@ class Kubelet:
                "metadata": {"name": pod_name, "namespace": namespace, "labels": labels,
                             "annotations": template["metadata"].get("annotations", {})},
                "spec": template["spec"], "status": {"phase": "Running"}}
+        pod["metadata"]["creationTimestamp"] = now_iso()
         self.cluster.core.create_namespaced_pod(namespace, pod)
+        if job_name in self.unschedulable:  # what the scheduler writes; nothing ever runs it
+            self.cluster.core.patch_namespaced_pod_status(pod_name, namespace, {"status": {
+                "phase": "Pending", "conditions": [{"type": "PodScheduled", "status": "False",
+                                                    "reason": "Unschedulable",
+                                                    "message": self.unschedulable[job_name]}]}})
+            while not self._stop.wait(0.2) and self._exists(namespace, job_name):
+                pass
+            return None
         fault = self.faults.pop(job_name, None)
         if fault is not None:
             exit_code, reason, message = fault.exit_code, fault.reason, fault.message
@@ -389,6 +407,7 @@ class Kubelet:
         mounts = _Mounts({**volumes, **image.folders})
         env = {name: mounts.value(value) for name, value in process.env.items()}
         env["OMP_NUM_THREADS"] = _cpu_threads(container)
+        env.update(self.extra_env)
         self.processes.append((pod["metadata"]["name"], process.argv))
         argv = [mounts.value(a) for a in process.argv]
         if "/" not in argv[0]:
@@ -397,17 +416,23 @@ class Kubelet:
                 return 128, "StartError", f'exec: "{argv[0]}": executable file not found in $PATH'
             argv[0] = found
         log = scratch / "pod.log"
+        (self.workdir / "logs").mkdir(exist_ok=True)
+        kill_when = self.kill_when.pop(job_name, None)
         with log.open("wb") as out:
             child = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT,
                                      cwd=mounts.path(process.workdir))
             while child.poll() is None:
-                if self._stop.wait(0.2) or not self._exists(namespace, job_name):
+                if kill_when is not None and kill_when():
+                    child.kill()  # the kernel's OOM killer: SIGKILL, no last word from the process
+                    child.wait()
+                    shutil.copy(log, self.workdir / "logs" / f"{job_name}-{index or 0}.log")
+                    return 137, "OOMKilled", ""
+                if self._stop.wait(0.02 if kill_when else 0.2) or not self._exists(namespace, job_name):
                     child.kill()
                     child.wait()
                     return None
         text = log.read_text(errors="replace")
         message = "\n".join(text.splitlines()[-20:])[-2048:] if child.returncode else ""
-        (self.workdir / "logs").mkdir(exist_ok=True)
         shutil.copy(log, self.workdir / "logs" / f"{job_name}-{index or 0}.log")
         shutil.rmtree(scratch, ignore_errors=True)
         return child.returncode, "Completed" if child.returncode == 0 else "Error", message

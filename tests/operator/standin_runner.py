@@ -1,7 +1,7 @@
 """A stand-in for the runner image in operator tests that are about the operator's own behaviour
 (restart, suspend), where importing torch in every pod would only cost time. It honours the
 runner's contract with the operator: the same command line (`disp run --manifest-env VAR --stage S
-[--shard i/N | --merge]`), progress.json in the run's S3 folder while it works, the evaluate
+[--shard i/N | --merge] [--processes N --nodes M --node-rank I]`), progress.json in the run's S3 folder while it works, the evaluate
 stage's metrics.json, and exit code 0. How long each stage takes comes from STANDIN_SECONDS.
 The real runner is exercised end to end in tests/e2e/test_operator.py."""
 
@@ -29,7 +29,12 @@ def main() -> int:
     parser.add_argument("--stage", required=True)
     parser.add_argument("--shard")
     parser.add_argument("--merge", action="store_true")
+    parser.add_argument("--processes", type=int, default=1)
+    parser.add_argument("--nodes", type=int, default=1)
+    parser.add_argument("--node-rank", type=int, default=0)
     args = parser.parse_args()
+    if args.node_rank > 0:
+        return 0  # the other pods of a multi-node fine-tune publish nothing
     job = PurificationJob.model_validate_json(os.environ[args.manifest_env])
     storage = job.spec.storage
     store = S3Store(storage.endpoint, os.environ["DISP_S3_ACCESS_KEY"], os.environ["DISP_S3_SECRET_KEY"],

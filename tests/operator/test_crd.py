@@ -91,7 +91,7 @@ def test_defaults_and_bounds_come_from_the_method():
 def test_the_spec_is_immutable_except_suspend():
     rule = crd_schema()["properties"]["spec"]["x-kubernetes-validations"][0]["rule"]
     assert "self.model == oldSelf.model" in rule and "self.policy.backoffLimit == oldSelf.policy.backoffLimit" in rule
-    assert "suspend" not in rule
+    assert "self.policy.suspend == oldSelf.policy.suspend" not in rule
 
 
 @pytest.mark.parametrize("example", EXAMPLES, ids=lambda p: p.name)
@@ -130,6 +130,24 @@ BAD_MANIFESTS = [
     ("negative GPUs", job_body(resources={"gpus": -1}), "gpus"),
     ("bad memory quantity", job_body(resources={"memory": "lots"}), "memory"),
     ("zero shards", job_body(parallelism={"saliencyShards": 0}), "saliencyShards"),
+    ("zero fine-tune nodes", job_body(parallelism={"finetuneNodes": 0}), "finetuneNodes"),
+    ("too many fine-tune nodes", job_body(parallelism={"finetuneNodes": 65}), "finetuneNodes"),
+    ("negative stage GPUs", job_body(resources={"stages": {"finetune": {"gpus": -2}}}), "gpus"),
+    ("unknown stage", job_body(resources={"stages": {"train": {"gpus": 2}}}), "train"),
+    ("pod security context", job_body(podTemplate={"spec": {"securityContext": {"runAsUser": 0}}}),
+     "securityContext"),
+    ("privileged container", job_body(podTemplate={"spec": {"containers": [{"name": "runner",
+                                                                            "securityContext": {"privileged": True}}]}}),
+     "containers"),
+    ("service account token", job_body(podTemplate={"spec": {"automountServiceAccountToken": True}}),
+     "automountServiceAccountToken"),
+    ("service account", job_body(podTemplate={"spec": {"serviceAccountName": "admin"}}), "serviceAccountName"),
+    ("host network", job_body(podTemplate={"spec": {"hostNetwork": True}}), "hostNetwork"),
+    ("extra volumes", job_body(podTemplate={"spec": {"volumes": [{"name": "h", "hostPath": {"path": "/"}}]}}),
+     "volumes"),
+    ("operator's own label", job_body(podTemplate={"metadata": {"labels": {"disp.dev/stage": "x"}}}), "labels"),
+    ("unconfined AppArmor annotation", job_body(podTemplate={"metadata": {"annotations": {
+        "container.apparmor.security.beta.kubernetes.io/runner": "unconfined"}}}), "annotations"),
     ("negative backoff limit", job_body(policy={"backoffLimit": -1}), "backoffLimit"),
     ("gen length not a block multiple", job_body(relabel={"decoding": {"genLength": 30, "blockLength": 8}}),
      "genLength"),
@@ -209,20 +227,34 @@ def _defaulted(spec: dict) -> dict:
     return PurificationJobSpec.model_validate(spec).model_dump(mode="json", by_alias=True, exclude_none=True)
 
 
-@pytest.mark.parametrize("case, change, allowed", [
-    ("no change", {}, True),
-    ("suspend", {"policy": {"suspend": True}}, True),
-    ("model uri", {"model": {"uri": "s3://models/other"}}, False),
-    ("masking ratio", {"masking": {"ratio": 0.5}}, False),
-    ("evaluation added", {"evaluation": {"attack": {"target": {"kind": "insertion"}}, "triggeredUri": "s3://e/t"}}, False),
-    ("backoff limit", {"policy": {"backoffLimit": 9}}, False),
-    ("deadline added", {"policy": {"activeDeadlineSeconds": 60}}, False),
+SUSPENDED = {"policy": {"suspend": True}}
+
+
+@pytest.mark.parametrize("case, old_change, change, allowed", [
+    ("no change", {}, {}, True),
+    ("suspend", {}, {"policy": {"suspend": True}}, True),
+    ("model uri", {}, {"model": {"uri": "s3://models/other"}}, False),
+    ("masking ratio", {}, {"masking": {"ratio": 0.5}}, False),
+    ("evaluation added", {}, {"evaluation": {"attack": {"target": {"kind": "insertion"}}, "triggeredUri": "s3://e/t"}},
+     False),
+    ("backoff limit", {}, {"policy": {"backoffLimit": 9}}, False),
+    ("deadline added", {}, {"policy": {"activeDeadlineSeconds": 60}}, False),
+    ("resources of a running job", {}, {"resources": {"memory": "64Gi"}}, False),
+    ("resources while suspended", SUSPENDED, {"resources": {"memory": "64Gi", "stages": {"finetune": {"gpus": 8}}},
+                                              "policy": {"suspend": True}}, True),
+    ("pod template while suspended", SUSPENDED, {"podTemplate": {"metadata": {"labels": {"team": "a"}}},
+                                                 "policy": {"suspend": True}}, True),
+    ("resources and resume in one edit", SUSPENDED, {"resources": {"memory": "64Gi"}, "policy": {"suspend": False}},
+     False),
+    ("model while suspended", SUSPENDED, {"model": {"uri": "s3://models/other"}, "policy": {"suspend": True}}, False),
 ])
-def test_the_cel_rule_allows_only_suspend_to_change(case, change, allowed):
+def test_the_cel_rule_allows_suspend_and_scheduling_while_suspended(case, old_change, change, allowed):
     import celpy  # the CEL the API server evaluates (cel-python implements the same language)
 
     rule = crd_schema()["properties"]["spec"]["x-kubernetes-validations"][0]["rule"]
     old_spec = job_body()["spec"]
+    for key, value in old_change.items():
+        old_spec[key] = {**old_spec.get(key, {}), **value}
     new_spec = copy.deepcopy(old_spec)
     for key, value in change.items():
         new_spec[key] = {**new_spec.get(key, {}), **value} if isinstance(value, dict) else value
@@ -231,3 +263,19 @@ def test_the_cel_rule_allows_only_suspend_to_change(case, change, allowed):
     verdict = program.evaluate({"self": celpy.json_to_cel(_defaulted(new_spec)),
                                 "oldSelf": celpy.json_to_cel(_defaulted(old_spec))})
     assert bool(verdict) is allowed
+
+
+@pytest.mark.parametrize("key, allowed", [
+    ("team", True), ("example.com/cost-centre", True), ("disp.dev/stage", False), ("job-name", False),
+    ("batch.kubernetes.io/job-name", False), ("kueue.x-k8s.io/queue-name", False),
+    ("container.apparmor.security.beta.kubernetes.io/runner", False)])
+def test_the_api_server_refuses_reserved_pod_label_and_annotation_keys(key, allowed):
+    """The pod template's reserved keys are refused by CEL at apply time, as by the typed spec."""
+    import celpy
+
+    overlay = crd_schema()["properties"]["spec"]["properties"]["podTemplate"]["properties"]["metadata"]
+    env = celpy.Environment()
+    for field in ("labels", "annotations"):
+        rule = overlay["properties"][field]["x-kubernetes-validations"][0]["rule"]
+        verdict = env.program(env.compile(rule)).evaluate({"self": celpy.json_to_cel({key: "v"})})
+        assert bool(verdict) is allowed, (field, key)

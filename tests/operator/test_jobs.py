@@ -150,3 +150,128 @@ def test_the_operators_defaults_fill_what_the_spec_leaves_out():
                            StageName.RELABEL, StepKind.RUN, 1, defaults))
     assert "nvidia.com/gpu" not in pod["containers"][0]["resources"]["limits"]
     assert "nodeSelector" not in pod and "tolerations" not in pod
+
+
+# -- per-stage resources, the pod template, multi-node fine-tunes and Kueue ---------------------
+KUBE_VERSION = "1.30"
+
+
+def _valid(doc: dict) -> dict:
+    import kubernetes_validate
+
+    kubernetes_validate.validate(doc, KUBE_VERSION, strict=True)
+    return doc
+
+
+def _limits(manifest: dict) -> dict:
+    return pod_of(manifest)["containers"][0]["resources"]["limits"]
+
+
+def test_each_stage_gets_its_own_resources_and_masking_no_gpu_by_default():
+    job = make_job(resources={"gpus": 1, "memory": "32Gi",
+                              "stages": {"finetune": {"gpus": 4, "memory": "128Gi"}, "relabel": {"scratch": "400Gi"}}})
+    assert _limits(stage_job(job, StageName.MASKING, StepKind.RUN, 1, DEFAULTS)) == {"cpu": "4", "memory": "32Gi"}
+    assert _limits(stage_job(job, StageName.SALIENCY, StepKind.RUN, 1, DEFAULTS))["nvidia.com/gpu"] == 1
+    finetune = stage_job(job, StageName.FINETUNE, StepKind.RUN, 1, DEFAULTS)
+    assert _limits(finetune) == {"cpu": "4", "memory": "128Gi", "nvidia.com/gpu": 4}
+    args = pod_of(finetune)["containers"][0]["args"]
+    assert args[args.index("--processes") + 1] == "4"  # one training process per GPU
+    relabel = pod_of(stage_job(job, StageName.RELABEL, StepKind.RUN, 1, DEFAULTS))
+    assert {v["name"]: v for v in relabel["volumes"]}["scratch"]["emptyDir"]["sizeLimit"] == "400Gi"
+    gpu_masking = make_job(resources={"stages": {"masking": {"gpus": 1}}})
+    assert _limits(stage_job(gpu_masking, StageName.MASKING, StepKind.RUN, 1, DEFAULTS))["nvidia.com/gpu"] == 1
+    for stage in StageName:
+        _valid(stage_job(job, stage, StepKind.RUN, 1, DEFAULTS))
+
+
+def test_the_pod_template_adds_scheduling_without_loosening_security():
+    locked = pod_of(stage_job(make_job(), StageName.FINETUNE, StepKind.RUN, 1, DEFAULTS))
+    affinity = {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
+        {"matchExpressions": [{"key": "zone", "operator": "In", "values": ["a"]}]}]}}}
+    job = make_job(podTemplate={"metadata": {"labels": {"team": "vision"}, "annotations": {"cost": "42"}},
+                                "spec": {"affinity": affinity, "imagePullSecrets": [{"name": "registry"}],
+                                         "runtimeClassName": "gvisor", "schedulerName": "volcano"}})
+    manifest = _valid(stage_job(job, StageName.FINETUNE, StepKind.RUN, 1, DEFAULTS))
+    template = manifest["spec"]["template"]
+    assert template["metadata"]["labels"]["team"] == "vision"
+    assert template["metadata"]["labels"]["disp.dev/stage"] == "finetune"  # the operator still finds its pods
+    assert template["metadata"]["annotations"] == {"cost": "42"}
+    pod = template["spec"]
+    assert (pod["affinity"], pod["imagePullSecrets"], pod["runtimeClassName"], pod["schedulerName"]) == \
+        (affinity, [{"name": "registry"}], "gvisor", "volcano")
+    for key in ("securityContext", "automountServiceAccountToken", "volumes", "enableServiceLinks"):
+        assert pod[key] == locked[key], key
+    assert pod["containers"][0]["securityContext"] == locked["containers"][0]["securityContext"]
+
+
+@pytest.mark.parametrize("overlay, field", [
+    ({"spec": {"securityContext": {"runAsUser": 0}}}, "securityContext"),
+    ({"spec": {"automountServiceAccountToken": True}}, "automountServiceAccountToken"),
+    ({"spec": {"serviceAccountName": "cluster-admin"}}, "serviceAccountName"),
+    ({"spec": {"containers": [{"name": "runner", "securityContext": {"privileged": True}}]}}, "containers"),
+    ({"spec": {"hostPID": True}}, "hostPID"),
+    ({"metadata": {"labels": {"disp.dev/purification-job": "other"}}}, "labels"),
+    ({"metadata": {"annotations": {"container.apparmor.security.beta.kubernetes.io/runner": "unconfined"}}},
+     "annotations"),
+])
+def test_overriding_security_through_the_pod_template_is_refused_naming_the_field(overlay, field):
+    from disp_operator.validation import InvalidSpec, parse_job
+    from tests.operator.conftest import job_body
+
+    with pytest.raises(InvalidSpec, match=f"spec.podTemplate.*{field}"):
+        parse_job(job_body(podTemplate=overlay))
+
+
+def test_a_multi_node_fine_tune_is_an_indexed_job_meeting_through_a_headless_service():
+    from disp_operator.jobs import RENDEZVOUS_PORT, rendezvous_service
+
+    job = make_job(parallelism={"finetuneNodes": 3}, resources={"stages": {"finetune": {"gpus": 8}}})
+    manifest = _valid(stage_job(job, StageName.FINETUNE, StepKind.RUN, 2, DEFAULTS))
+    spec = manifest["spec"]
+    assert (spec["completionMode"], spec["completions"], spec["parallelism"], spec["backoffLimit"]) == \
+        ("Indexed", 3, 3, 0)
+    pod = spec["template"]["spec"]
+    service = _valid(rendezvous_service(job))
+    assert pod["subdomain"] == service["metadata"]["name"] == "purify-finetune-nodes"
+    assert service["spec"]["clusterIP"] == "None" and service["spec"]["publishNotReadyAddresses"] is True
+    # The Service selects exactly the fine-tune's pods, whatever the attempt.
+    assert service["spec"]["selector"].items() <= spec["template"]["metadata"]["labels"].items()
+    assert service["metadata"]["ownerReferences"][0]["uid"] == job.metadata.uid
+    (container,) = pod["containers"]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["MASTER_ADDR"] == "purify-finetune-2-0.purify-finetune-nodes"  # pod 0's DNS name
+    assert env["MASTER_PORT"] == str(RENDEZVOUS_PORT)
+    args = container["args"]
+    assert args[args.index("--nodes") + 1] == "3" and args[args.index("--node-rank") + 1] == "$(JOB_COMPLETION_INDEX)"
+    assert args[args.index("--processes") + 1] == "8"
+    assert container["ports"] == [{"name": "rendezvous", "containerPort": RENDEZVOUS_PORT, "protocol": "TCP"}]
+    # Other stages are not touched by finetuneNodes.
+    saliency = stage_job(job, StageName.SALIENCY, StepKind.RUN, 1, DEFAULTS)
+    assert "completionMode" not in saliency["spec"] and "subdomain" not in pod_of(saliency)
+
+
+def test_multi_node_pod_hostnames_stay_dns_labels_for_long_job_names():
+    from disp_operator.naming import rendezvous_service_name
+
+    name = stage_job_name("x" * 63, StageName.FINETUNE, StepKind.RUN, 12)
+    assert len(f"{name}-63") <= 63
+    service = rendezvous_service_name("7" + "x" * 62)
+    assert len(service) <= 63 and service[0].isalpha()
+
+
+def test_a_kueue_queue_label_reaches_every_stage_job_which_starts_suspended():
+    from tests.operator.conftest import job_body
+    from disp_operator.validation import parse_job
+
+    body = job_body()
+    body["metadata"]["labels"] = {"kueue.x-k8s.io/queue-name": "gpu-batch", "kueue.x-k8s.io/priority-class": "high",
+                                  "team": "vision"}
+    job = parse_job(body)
+    for stage in StageName:
+        manifest = _valid(stage_job(job, stage, StepKind.RUN, 1, DEFAULTS))
+        labels = manifest["metadata"]["labels"]
+        assert labels["kueue.x-k8s.io/queue-name"] == "gpu-batch" and labels["kueue.x-k8s.io/priority-class"] == "high"
+        assert "team" not in labels  # only Kueue's labels pass on
+        assert manifest["spec"]["suspend"] is True
+    plain = stage_job(make_job(), StageName.SALIENCY, StepKind.RUN, 1, DEFAULTS)
+    assert "suspend" not in plain["spec"] and not any(k.startswith("kueue") for k in plain["metadata"]["labels"])

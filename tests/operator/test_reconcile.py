@@ -14,19 +14,22 @@ from disp_api.status import (
     StagePhase,
     StepKind,
 )
-from disp_operator.children import ChildJob, FailureKind, PodOutcome
+from disp_operator.children import ChildJob, FailureKind, PendingPod, PodOutcome
 from disp_operator.reconcile import CreateJob, EventType, Observation, RetryBackoff, RunnerProgress, reconcile, reject
 from tests.operator.conftest import k8s_job, k8s_pod, make_job
 
 T0 = datetime(2026, 11, 28, 12, 0, tzinfo=timezone.utc)
+PENDING_AFTER = timedelta(minutes=5)
 BACKOFF = RetryBackoff(base_seconds=10, maximum_seconds=60)
 
 
-def step(job, status, at=T0, jobs=(), pods=None, progress=None, metrics=None, generation=1):
+def step(job, status, at=T0, jobs=(), pods=None, progress=None, metrics=None, generation=1, pending=None):
     children = {j["metadata"]["name"]: ChildJob.from_job(j) for j in jobs}
     outcomes = {name: [PodOutcome.from_pod(p) for p in ps] for name, ps in (pods or {}).items()}
-    return reconcile(job, status, generation, Observation(now=at, children=children, pods=outcomes,
-                                                          progress=progress, metrics=metrics), BACKOFF)
+    waiting = {name: [PendingPod.from_pod(p) for p in ps] for name, ps in (pending or {}).items()}
+    return reconcile(job, status, generation, Observation(now=at, children=children, pods=outcomes, pending=waiting,
+                                                          progress=progress, metrics=metrics), BACKOFF,
+                     PENDING_AFTER)
 
 
 def run_to(job, stage: StageName):
@@ -268,3 +271,91 @@ def test_a_finished_job_only_acknowledges_later_edits():
     edited = reconcile(None, done.status, 2, Observation(now=T0 + timedelta(hours=1)))
     assert edited.status.observed_generation == 2 and edited.status.phase is JobPhase.SUCCEEDED
     assert edited.create == [] and edited.delete == [] and edited.events == []
+
+
+# -- what holds a running stage up: a queue, a pod that cannot start -----------------------------
+
+def _pending_pod(name, created, reason=None, message=""):
+    status = {"phase": "Pending"}
+    if reason == "Unschedulable":
+        status["conditions"] = [{"type": "PodScheduled", "status": "False", "reason": reason, "message": message}]
+    elif reason:
+        status["containerStatuses"] = [{"name": "runner", "state": {"waiting": {"reason": reason, "message": message}}}]
+    return {"metadata": {"name": name, "creationTimestamp": created.isoformat().replace("+00:00", "Z")},
+            "status": status}
+
+
+def test_a_stage_job_queued_by_kueue_says_it_waits_for_admission():
+    from disp_operator.validation import parse_job
+    from tests.operator.conftest import job_body
+
+    body = job_body()
+    body["metadata"]["labels"] = {"kueue.x-k8s.io/queue-name": "gpu-batch"}
+    job = parse_job(body)
+    started = step(job, PurificationJobStatus())
+    queued = {"metadata": {"name": "purify-saliency"}, "spec": {"suspend": True}, "status": {}}
+    plan = step(job, started.status, jobs=[queued])
+    assert plan.create == [] and plan.status.phase is JobPhase.RUNNING
+    reconciling = plan.status.condition(ConditionType.RECONCILING)
+    assert (reconciling.status, reconciling.reason) == (ConditionStatus.TRUE, Reason.WAITING_FOR_ADMISSION)
+    assert "waiting for admission in Kueue queue gpu-batch" in plan.status.message
+    assert condition(plan.status, ConditionType.STALLED) is ConditionStatus.FALSE  # queued is not stuck
+    assert [(e.type, e.reason) for e in plan.events] == [(EventType.NORMAL, Reason.WAITING_FOR_ADMISSION)]
+    assert plan.holdup.pending_seconds == 0  # a suspended Job has no pod: nothing for the stall alert
+    again = step(job, plan.status, at=T0 + timedelta(minutes=1), jobs=[queued])
+    assert again.events == []  # said once
+    admitted = step(job, again.status, at=T0 + timedelta(minutes=2), jobs=[k8s_job("purify-saliency")])
+    assert admitted.status.condition(ConditionType.RECONCILING).reason is Reason.STAGE_RUNNING
+
+
+def test_an_unschedulable_pod_stalls_the_job_with_the_schedulers_message(job):
+    started = step(job, PurificationJobStatus())
+    message = "0/12 nodes are available: 12 Insufficient nvidia.com/gpu."
+    pod = _pending_pod("purify-saliency-x", T0, "Unschedulable", message)
+    plan = step(job, started.status, at=T0 + timedelta(seconds=20), jobs=[k8s_job("purify-saliency")],
+                pending={"purify-saliency": [pod]})
+    stalled = plan.status.condition(ConditionType.STALLED)
+    assert (stalled.status, stalled.reason) == (ConditionStatus.TRUE, Reason.UNSCHEDULABLE)
+    assert message in stalled.message and "purify-saliency-x" in stalled.message
+    assert plan.status.stage(StageName.SALIENCY).message == stalled.message
+    assert [(e.type, e.reason) for e in plan.events] == [(EventType.WARNING, Reason.UNSCHEDULABLE)]
+    assert plan.holdup.pending_seconds == 20
+    again = step(job, plan.status, at=T0 + timedelta(seconds=40), jobs=[k8s_job("purify-saliency")],
+                 pending={"purify-saliency": [pod]})
+    assert again.events == []  # one Event per episode
+    scheduled = step(job, again.status, at=T0 + timedelta(minutes=1), jobs=[k8s_job("purify-saliency")])
+    assert condition(scheduled.status, ConditionType.STALLED) is ConditionStatus.FALSE
+    assert scheduled.status.stage(StageName.SALIENCY).message == ""
+
+
+def test_a_pod_pending_past_the_threshold_stalls_the_job_but_not_before(job):
+    started = step(job, PurificationJobStatus())
+    pod = _pending_pod("purify-saliency-x", T0, "ImagePullBackOff", "Back-off pulling image")
+    early = step(job, started.status, at=T0 + PENDING_AFTER - timedelta(seconds=1),
+                 jobs=[k8s_job("purify-saliency")], pending={"purify-saliency": [pod]})
+    assert condition(early.status, ConditionType.STALLED) is ConditionStatus.FALSE and early.events == []
+    late = step(job, early.status, at=T0 + PENDING_AFTER, jobs=[k8s_job("purify-saliency")],
+                pending={"purify-saliency": [pod]})
+    stalled = late.status.condition(ConditionType.STALLED)
+    assert (stalled.status, stalled.reason) == (ConditionStatus.TRUE, Reason.POD_PENDING)
+    assert "ImagePullBackOff" in stalled.message and "Back-off pulling image" in stalled.message
+
+
+def test_a_suspended_job_is_never_stalled(job):
+    started = step(job, PurificationJobStatus())
+    pod = _pending_pod("purify-saliency-x", T0, "Unschedulable", "no GPU")
+    stalled = step(job, started.status, at=T0 + timedelta(seconds=5), jobs=[k8s_job("purify-saliency")],
+                   pending={"purify-saliency": [pod]})
+    assert condition(stalled.status, ConditionType.STALLED) is ConditionStatus.TRUE
+    suspended_job = make_job(policy={"suspend": True})
+    plan = step(suspended_job, stalled.status, at=T0 + timedelta(seconds=10), jobs=[k8s_job("purify-saliency")],
+                pending={"purify-saliency": [pod]})
+    assert plan.status.phase is JobPhase.SUSPENDED
+    assert condition(plan.status, ConditionType.STALLED) is ConditionStatus.FALSE
+
+
+def test_the_running_stage_gets_an_estimated_completion_time(job):
+    started = step(job, PurificationJobStatus())
+    plan = step(job, started.status, jobs=[k8s_job("purify-saliency")],
+                progress=RunnerProgress(StageName.SALIENCY, 0.25, T0, eta_seconds=90.0))
+    assert plan.status.stage(StageName.SALIENCY).estimated_completion_time == T0 + timedelta(seconds=90)

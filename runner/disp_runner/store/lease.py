@@ -5,9 +5,11 @@
 The lease is an object beside the output (`<stage>.lease`: holder and expiry) created with S3's
 conditional write (If-None-Match: *), so of two processes exactly one creates it. The holder
 renews it (If-Match on its own ETag) every third of its time to live, so the lease of a process
-that was killed lapses within one TTL and the next attempt takes it over; the holder deletes it
-when it is done. A process that finds a live lease held by another gets a TransientError (exit 75):
-the operator retries later, a person is told who holds it and until when."""
+that was killed lapses within one TTL; the holder deletes it when it is done. A process that finds
+a lease held by another waits until it expires (at most one TTL): unrenewed, it was a killed
+holder's (an OOM-killed or evicted pod, the case of every retried stage), and the waiting process
+takes it over; renewed, its holder is alive, and the waiting process gets a TransientError (exit
+75): the operator retries later, a person is told who holds it and until when."""
 
 from __future__ import annotations
 
@@ -20,12 +22,27 @@ import time
 from datetime import datetime, timezone
 from typing import Callable
 
-from disp_runner.errors import TransientError
+from disp_runner.errors import TransientError, UserInputError
 from disp_runner.store.s3 import S3Store
 
 logger = logging.getLogger(__name__)
 LEASE_SUFFIX = ".lease"
 DEFAULT_TTL_SECONDS = 60.0
+TTL_ENV = "DISP_LEASE_TTL_SECONDS"  # how long a killed holder's lease blocks the next attempt
+
+
+def lease_ttl() -> float:
+    """The lease time to live: $DISP_LEASE_TTL_SECONDS, else 60 s."""
+    raw = os.environ.get(TTL_ENV, "").strip()
+    if not raw:
+        return DEFAULT_TTL_SECONDS
+    try:
+        ttl = float(raw)
+    except ValueError:
+        ttl = -1.0
+    if not 1.0 <= ttl <= 3600.0:
+        raise UserInputError(f"{TTL_ENV}={raw[:20]!r}: expected seconds between 1 and 3600")
+    return ttl
 
 
 def _iso(ts: float) -> str:
@@ -33,9 +50,10 @@ def _iso(ts: float) -> str:
 
 
 class S3Lease:
-    def __init__(self, store: S3Store, bucket: str, key: str, ttl: float = DEFAULT_TTL_SECONDS,
-                 clock: Callable[[], float] = time.time):
-        self.store, self.bucket, self.key, self.ttl, self.clock = store, bucket, key, ttl, clock
+    def __init__(self, store: S3Store, bucket: str, key: str, ttl: float | None = None,
+                 clock: Callable[[], float] = time.time, sleep: Callable[[float], None] = time.sleep):
+        self.store, self.bucket, self.key, self.clock, self.sleep = store, bucket, key, clock, sleep
+        self.ttl = lease_ttl() if ttl is None else ttl
         self.holder = f"pid {os.getpid()} on {socket.gethostname()}"
         self._etag: str | None = None
         self._stop = threading.Event()
@@ -55,8 +73,16 @@ class S3Lease:
             except (ValueError, KeyError, TypeError):
                 holder, expires = "an unknown process", 0.0  # unreadable: treat as lapsed
             if expires > self.clock():
-                raise TransientError(f"{where}: this output is being built by {holder} (lease until "
-                                     f"{_iso(expires)}); run again when it has finished")
+                busy = TransientError(f"{where}: this output is being built by {holder} (lease until "
+                                      f"{_iso(expires)}); run again when it has finished")
+                wait = expires - self.clock() + 1.0
+                if wait > self.ttl + 1.0:
+                    raise busy  # not a lease this runner wrote: do not wait on it
+                logger.warning("%s: held by %s until %s; waiting for it to lapse (a killed attempt's?)",
+                               where, holder, _iso(expires))
+                self.sleep(wait)
+                if self.store.etag(self.bucket, self.key) != current_etag:
+                    raise busy  # renewed (or released and retaken) meanwhile: its holder is alive
             self._etag = self.store.put_conditionally(self.bucket, self.key, self._record(), if_match=current_etag)
             if self._etag is None:
                 raise TransientError(f"{where}: another process took over the lapsed lease of {holder} just now; "
