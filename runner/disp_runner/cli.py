@@ -448,7 +448,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exc:  # --help, or a wrong flag (already reported in one line)
         return exc.code if isinstance(exc.code, int) else EXIT_USER_ERROR
     prepare_scratch()  # before torch or transformers look for a temporary or cache folder
-    apply_threads(choose_threads(args.threads)[0])  # before torch sizes its thread pool
+    threads, source = choose_threads(args.threads)
+    apply_threads(threads)  # before torch sizes its thread pool
+    if args.command == "run" and args.no_progress:  # a pod's log says what the pod was given
+        print(f"disp: {threads} CPU thread{'s' if threads > 1 else ''} for torch, from {source}", flush=True)
     command = f"disp {args.command}"
     try:
         COMMANDS[args.command](args)
