@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 CHECKOV_VENV ?= .venv-checkov
 CHECKOV_STAMP := $(CHECKOV_VENV)/.installed
 
-.PHONY: demo test setup clean crd images
+.PHONY: demo test setup clean crd images prometheus-tools
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -30,8 +30,17 @@ setup: $(STAMP) $(CHECKOV_STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/disp demo
 
-test: $(STAMP) $(CHECKOV_STAMP)
+test: $(STAMP) $(CHECKOV_STAMP) prometheus-tools
 	$(VENV)/bin/python -m pytest -q
+
+# promtool (alert-rule unit tests, exposition lint) and a Prometheus server (the dashboard's queries
+# run against it): Debian's prometheus package, installed when missing.
+prometheus-tools:
+	@command -v promtool >/dev/null && command -v prometheus >/dev/null || { \
+	  [ "$$(id -u)" = 0 ] || { echo "promtool/prometheus missing and not root: apt-get install prometheus" >&2; exit 1; }; \
+	  echo "installing Debian's prometheus package (promtool and the server)"; \
+	  apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+	    prometheus >/dev/null; }
 
 # The operator and runner images, built with podman from the Dockerfile on a Debian-made Python
 # base (no container registry needed; installs podman, runc and debootstrap when missing). The

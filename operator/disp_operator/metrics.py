@@ -1,5 +1,10 @@
 """Prometheus metrics of the operator, for dashboards and the chart's alert rules. Per-job series are
-bounded: they exist while a PurificationJob exists and are dropped when it is deleted."""
+bounded: they exist while a PurificationJob exists and are dropped when it is deleted.
+
+Per-job series carry the job's `namespace` and `name`; the chart's ServiceMonitor sets
+`honorLabels` so that `namespace` stays the job's (as kube-state-metrics does) instead of being
+renamed `exported_namespace` beside the operator's own. Counters exist from the start, at 0, for
+every stage and reason, so `increase()` sees a first failure."""
 
 from __future__ import annotations
 
@@ -9,7 +14,13 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from disp_api import StageName
 from disp_api import MetricsSummary
-from disp_api.status import JobPhase
+from disp_api.status import JobPhase, Reason
+from disp_operator.children import FailureKind
+
+# The reasons a stage or a job fails for good, and the failure kinds that are retried.
+STAGE_FAILURE_REASONS = (Reason.STAGE_FAILED, Reason.BACKOFF_LIMIT_EXCEEDED, Reason.DEADLINE_EXCEEDED)
+JOB_FAILURE_REASONS = (Reason.INVALID_SPEC, *STAGE_FAILURE_REASONS)
+RETRYABLE_FAILURES = tuple(kind for kind in FailureKind if kind.retryable)
 
 # Stages take seconds (embedded model) to many hours (billions of parameters on GPUs).
 STAGE_BUCKETS = (1, 5, 15, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200, 14400, 28800, 86400, float("inf"))
@@ -26,6 +37,10 @@ class OperatorMetrics:
                                      ["stage", "failure"], registry=r)
         self.stage_failures = Counter("disp_stage_failures_total", "Stages that failed for good.",
                                       ["stage", "reason"], registry=r)
+        self.job_failures = Counter("disp_job_failures_total", "PurificationJobs that failed, by reason (InvalidSpec "
+                                    "included).", ["reason"], registry=r)
+        self.job_phase = Gauge("disp_job_phase", "1 for the phase each PurificationJob is in, 0 for the others "
+                               "(alerts name the job).", ["namespace", "name", "phase"], registry=r)
         self.last_progress = Gauge("disp_job_last_progress_timestamp_seconds", "When an active job last made "
                                    "progress (Unix time); alert when it stops moving.", ["namespace", "name"], registry=r)
         self.progress = Gauge("disp_job_progress_ratio", "Fraction of an active job's stages done.",
@@ -36,6 +51,12 @@ class OperatorMetrics:
                                 "jobs.", ["namespace", "name"], registry=r)
         self.asr_after = Gauge("disp_job_asr_after_ratio", "Attack success rate after purification, finished jobs.",
                                ["namespace", "name"], registry=r)
+        self.clean_before = Gauge("disp_job_clean_performance_before_ratio", "Clean performance of the compromised "
+                                  "model, finished jobs with a clean set.", ["namespace", "name"], registry=r)
+        self.clean_after = Gauge("disp_job_clean_performance_after_ratio", "Clean performance of the purified model, "
+                                 "finished jobs with a clean set.", ["namespace", "name"], registry=r)
+        self.retention = Gauge("disp_job_retention_ratio", "Clean performance after / before purification, finished "
+                               "jobs with a clean set.", ["namespace", "name"], registry=r)
         self.handler_runs = Counter("disp_operator_reconciles_total", "Reconcile passes.", registry=r)
         self.handler_errors = Counter("disp_operator_reconcile_errors_total", "Reconcile passes that raised.",
                                       ["error"], registry=r)
@@ -44,6 +65,13 @@ class OperatorMetrics:
         self._phases: dict[tuple[str, str], JobPhase] = {}
         for phase in JobPhase:
             self.jobs.labels(phase.value).set(0)
+        for stage in StageName:  # every series from the start: increase() needs the 0 before the first 1
+            for reason in STAGE_FAILURE_REASONS:
+                self.stage_failures.labels(stage.value, reason.value)
+            for kind in RETRYABLE_FAILURES:
+                self.stage_retries.labels(stage.value, kind.value)
+        for reason in JOB_FAILURE_REASONS:
+            self.job_failures.labels(reason.value)
 
     def set_phase(self, namespace: str, name: str, phase: JobPhase) -> None:
         key = (namespace, name)
@@ -54,6 +82,8 @@ class OperatorMetrics:
             self.jobs.labels(old.value).dec()
         self.jobs.labels(phase.value).inc()
         self._phases[key] = phase
+        for each in JobPhase:
+            self.job_phase.labels(namespace, name, each.value).set(1 if each is phase else 0)
 
     def set_progress(self, namespace: str, name: str, ratio: float, at_timestamp: float) -> None:
         self.progress.labels(namespace, name).set(ratio)
@@ -72,12 +102,20 @@ class OperatorMetrics:
             _remove(self.pending, namespace, name)
 
     def set_outcome(self, namespace: str, name: str, metrics: Optional[MetricsSummary]) -> None:
-        """A finished job: its ASR stays visible, its activity series go."""
+        """A finished job: its ASR and clean performance stay visible, its activity series go."""
         for gauge in (self.progress, self.last_progress, self.pending):
             _remove(gauge, namespace, name)
         if metrics is not None:
             self.asr_before.labels(namespace, name).set(metrics.asr_before)
             self.asr_after.labels(namespace, name).set(metrics.asr_after)
+            for gauge, value in ((self.clean_before, metrics.clean_performance_before),
+                                 (self.clean_after, metrics.clean_performance_after),
+                                 (self.retention, metrics.retention)):
+                if value is not None:
+                    gauge.labels(namespace, name).set(value)
+
+    def job_failed(self, reason: Reason) -> None:
+        self.job_failures.labels(reason.value).inc()
 
     def stage_finished(self, stage: StageName, succeeded: bool, seconds: float) -> None:
         self.stage_duration.labels(stage.value, "succeeded" if succeeded else "failed").observe(max(0.0, seconds))
@@ -87,8 +125,11 @@ class OperatorMetrics:
         old = self._phases.pop((namespace, name), None)
         if old is not None:
             self.jobs.labels(old.value).dec()
-        for gauge in (self.progress, self.last_progress, self.pending, self.asr_before, self.asr_after):
+        for gauge in (self.progress, self.last_progress, self.pending, self.asr_before, self.asr_after,
+                      self.clean_before, self.clean_after, self.retention):
             _remove(gauge, namespace, name)
+        for phase in JobPhase:
+            _remove(self.job_phase, namespace, name, phase.value)
 
 
 def _remove(gauge: Gauge, *labels: str) -> None:

@@ -21,7 +21,7 @@ from pydantic import ValidationError
 from pydantic.alias_generators import to_camel
 
 from disp_api import PurificationJob
-from disp_api.status import JobPhase, PurificationJobStatus, StagePhase
+from disp_api.status import ConditionType, JobPhase, PurificationJobStatus, Reason, StagePhase
 from disp_operator.artifacts import RunStore
 from disp_operator.children import ChildJob, PendingPod, PodOutcome
 from disp_operator.config import OperatorConfig
@@ -210,6 +210,9 @@ class JobLoop:
                     metrics.stage_failures.labels(stage.name.value, reason).inc()
         if new.phase.finished:
             metrics.set_outcome(self.namespace, self.name, new.metrics)
+            if new.phase is JobPhase.FAILED and old.phase is not JobPhase.FAILED:
+                failed = new.condition(ConditionType.FAILED)
+                metrics.job_failed(failed.reason if failed else Reason.STAGE_FAILED)
         elif new.phase is JobPhase.RUNNING:
             updated = new.progress.last_update_time
             metrics.set_progress(self.namespace, self.name, new.progress.percent / 100,

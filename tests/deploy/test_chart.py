@@ -24,6 +24,9 @@ OPTION_SETS = {
     "namespaced": {"watchNamespaces": ["ml-team", "research"]},
     "monitoring": {"monitoring": {"serviceMonitor": {"enabled": True, "labels": {"release": "prom"}},
                                   "prometheusRule": {"enabled": True}}},
+    "hosted-runbooks": {"monitoring": {"prometheusRule": {"enabled": True,
+                                                          "runbookBaseUrl": "https://git.example/ml/disp/blob/main"},
+                                       "grafanaDashboard": {"enabled": True}}},
     "custom-image": {"image": {"repository": "registry.example/disp-operator", "tag": "1.2.3"},
                      "runner": {"image": {"repository": "registry.example/disp-runner", "tag": "1.2.3"},
                                 "gpus": 2, "nodeSelector": {"pool": "h100"}},
@@ -76,8 +79,18 @@ def test_the_chart_renders_lints_and_validates(option):
         assert "absent(" in alerts["DispOperatorDown"]["expr"]
         for alert in alerts.values():
             assert {"summary", "description", "runbook_url"} <= set(alert["annotations"])
-            anchor = alert["annotations"]["runbook_url"].split("#")[1]
-            assert f"### {alert['alert']}" in (CHART / "README.md").read_text(), anchor
+            path, anchor = alert["annotations"]["runbook_url"].split("#")
+            assert (ROOT / path).is_file(), path  # a page of this repository
+            assert anchor == alert["alert"].lower() and f"### {alert['alert']}" in (ROOT / path).read_text()
+        (monitor,) = by_kind(docs, "ServiceMonitor")
+        assert monitor["spec"]["endpoints"][0]["honorLabels"] is True  # job series keep their namespace
+    elif option == "hosted-runbooks":
+        (rule,) = by_kind(docs, "PrometheusRule")
+        urls = [r["annotations"]["runbook_url"] for r in rule["spec"]["groups"][0]["rules"]]
+        assert all(u.startswith("https://git.example/ml/disp/blob/main/charts/disp-operator/README.md#")
+                   for u in urls), urls
+        (dashboard,) = by_kind(docs, "ConfigMap")
+        assert dashboard["metadata"]["labels"]["grafana_dashboard"] == "1"
     else:
         assert by_kind(docs, "PrometheusRule") == [] and by_kind(docs, "ServiceMonitor") == []
 
