@@ -2,7 +2,7 @@
 kubernetes imports, so the operator image stays small)."""
 
 from disp_api.attack import AttackSpec, AttackTarget, Corner, TargetSpec, TriggerKind, TriggerSpec
-from disp_api.metrics import EvaluationMetrics, MetricsCounts, MetricsSummary, PurificationMetrics
+from disp_api.metrics import AuditFigures, EvaluationMetrics, MetricsCounts, MetricsSummary, PurificationMetrics
 from disp_api.spec import (
     DatasetSource,
     DecodingSpec,
@@ -24,7 +24,7 @@ from disp_api.spec import (
 )
 
 __all__ = [
-    "AttackSpec", "AttackTarget", "Corner", "DatasetSource", "DecodingSpec", "EvaluationMetrics", "EvaluationSpec",
+    "AttackSpec", "AttackTarget", "AuditFigures", "Corner", "DatasetSource", "DecodingSpec", "EvaluationMetrics", "EvaluationSpec",
     "FinetuneSpec", "MaskingSpec", "MetricsCounts", "MetricsSummary", "ModelSource", "ObjectMeta", "OutputSpec", "ParallelismSpec",
     "PurificationJob", "PurificationJobSpec", "PurificationMetrics", "RelabelSpec", "SaliencySpec", "SecretKeyRef", "StageName", "StorageSpec",
     "TargetSpec", "TrainableParts", "TriggerKind", "TriggerSpec",

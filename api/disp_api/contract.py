@@ -17,6 +17,7 @@ class ExitCode(IntEnum):
 
 PROGRESS_FILE = "progress.json"  # in the run folder, overwritten while a stage runs
 METRICS_FILE = "metrics.json"  # in the evaluate stage's folder
+AUDIT_FILE = "audit.json"  # in the finetune stage's folder: disp_api.metrics.AuditFigures
 
 S3_SCHEME = "s3://"
 

@@ -1,11 +1,14 @@
-"""`metrics.json`: what an evaluation measured. The operator copies these numbers into status.
+"""`metrics.json`: what an evaluation measured, and `audit.json`: what DiSP's own stages say without
+knowing the trigger. The operator copies the headline numbers into status.
 
-Schema (JSON keys camelCase), schemaVersion 1:
+Evaluation schema (JSON keys camelCase), schemaVersion 2:
 - asrTriggered: fraction of triggered test inputs on which the attack target appears (paper's ASR).
 - asrUntriggered: the same rule on the same inputs without the trigger (false firing).
 - cleanPerformance: fraction of clean held-out instances answered correctly (all answer keys present).
 - cleanPerformanceByTask: the same per task kind.
 - counts: number of instances behind each figure.
+Version 2 adds the run's audit (`AuditFigures`) and its headline numbers estimatedPoisonedShare and
+residualRate; version 1 files (without them) still read.
 """
 
 from __future__ import annotations
@@ -17,7 +20,8 @@ from pydantic import Field
 from disp_api.attack import AttackSpec
 from disp_api.base import ContractModel
 
-METRICS_SCHEMA_VERSION = 1
+METRICS_SCHEMA_VERSION = 2
+AUDIT_SCHEMA_VERSION = 1
 
 
 class MetricsCounts(ContractModel):
@@ -52,9 +56,70 @@ class EvaluationMetrics(ContractModel):
     """Wall time of the evaluation."""
 
 
-class MetricsSummary(ContractModel):
-    """The headline numbers of a purification run: what the operator copies into the status."""
+class AuditFigures(ContractModel):
+    """`finetune/audit.json`: evidence from the stages DiSP runs anyway, with no trigger, no clean
+    data and no extra model. Per training instance, the support drop: how many nats of
+    log-likelihood the dataset's answer loses when its most salient visual tokens are masked,
+    beyond what it loses when as many other tokens are masked. An instance whose drop exceeds the
+    threshold is a suspect: a few tokens carry its answer, as a trigger carries a backdoor's."""
 
+    schema_version: int = AUDIT_SCHEMA_VERSION
+    """Version of this schema."""
+    suspicion_threshold: float = Field(ge=0.0)
+    """Support drop (nats) above which an instance is a suspect (spec.audit.suspicionThreshold)."""
+    instances: int = Field(ge=0)
+    """Training instances audited."""
+    suspects: int = Field(ge=0)
+    """Instances above the threshold."""
+    estimated_poisoned_share: float = Field(ge=0.0, le=1.0)
+    """suspects / instances: the share of the training data DiSP finds carried by a few visual tokens."""
+    residual_rate: Optional[float] = Field(None, ge=0.0, le=1.0)
+    """Of the top suspects whose answer relabeling changed, the share for which the purified model,
+    shown the unmasked image, still gives the dataset's (the compromised) answer. None: no such suspect."""
+    residual_sample: int = Field(0, ge=0)
+    """Suspects the residual rate rests on."""
+    true_poisoned_share: Optional[float] = Field(None, ge=0.0, le=1.0)
+    """When the data carries ground truth (the attack kit's metadata.poisoned): the real share."""
+    detector_auroc: Optional[float] = Field(None, ge=0.0, le=1.0)
+    """With ground truth: AUROC of the support drop as a poisoned/clean detector."""
+    detector_precision: Optional[float] = Field(None, ge=0.0, le=1.0)
+    """With ground truth: precision of the suspects (the top estimated share)."""
+
+
+class MetricsSummary(ContractModel):
+    """The headline numbers of a purification run: what the operator copies into the status. ASR
+    and clean performance need an evaluation set; the audit's figures never do."""
+
+    asr_before: Optional[float] = Field(None, ge=0.0, le=1.0)
+    """Attack success rate (ASR) of the compromised model on triggered inputs."""
+    asr_after: Optional[float] = Field(None, ge=0.0, le=1.0)
+    """Attack success rate (ASR) of the purified model on triggered inputs."""
+    false_firing_before: Optional[float] = Field(None, ge=0.0, le=1.0)
+    """Attack rule firing without the trigger, compromised model."""
+    false_firing_after: Optional[float] = Field(None, ge=0.0, le=1.0)
+    """Attack rule firing without the trigger, purified model."""
+    clean_performance_before: Optional[float] = Field(None, ge=0.0, le=1.0)
+    """Clean accuracy of the compromised model (when a clean set is given)."""
+    clean_performance_after: Optional[float] = Field(None, ge=0.0, le=1.0)
+    """Clean accuracy of the purified model."""
+    retention: Optional[float] = Field(None, ge=0.0)
+    """clean_performance_after / clean_performance_before."""
+    estimated_poisoned_share: Optional[float] = Field(None, ge=0.0, le=1.0)
+    """The audit's share of suspect training instances (no trigger needed)."""
+    residual_rate: Optional[float] = Field(None, ge=0.0, le=1.0)
+    """The audit's residual rate: how often the purified model still answers a suspect as the
+    compromised one did (no trigger needed)."""
+
+    @classmethod
+    def of_audit(cls, audit: "AuditFigures") -> "MetricsSummary":
+        return cls(estimated_poisoned_share=audit.estimated_poisoned_share, residual_rate=audit.residual_rate)
+
+
+class PurificationMetrics(MetricsSummary):
+    """`evaluate/metrics.json` of a purification run: the compromised model against the purified one."""
+
+    schema_version: int = METRICS_SCHEMA_VERSION
+    """Version of this schema."""
     asr_before: float = Field(ge=0.0, le=1.0)
     """Attack success rate (ASR) of the compromised model on triggered inputs."""
     asr_after: float = Field(ge=0.0, le=1.0)
@@ -63,20 +128,9 @@ class MetricsSummary(ContractModel):
     """Attack rule firing without the trigger, compromised model."""
     false_firing_after: float = Field(ge=0.0, le=1.0)
     """Attack rule firing without the trigger, purified model."""
-    clean_performance_before: Optional[float] = Field(None, ge=0.0, le=1.0)
-    """Clean accuracy of the compromised model (when a clean set is given)."""
-    clean_performance_after: Optional[float] = Field(None, ge=0.0, le=1.0)
-    """Clean accuracy of the purified model."""
-    retention: Optional[float] = Field(None, ge=0.0)
-    """clean_performance_after / clean_performance_before."""
-
-
-class PurificationMetrics(MetricsSummary):
-    """`evaluate/metrics.json` of a purification run: the compromised model against the purified one."""
-
-    schema_version: int = METRICS_SCHEMA_VERSION
-    """Version of this schema."""
     before: EvaluationMetrics
     """Full evaluation of the compromised model."""
     after: EvaluationMetrics
     """Full evaluation of the purified model."""
+    audit: Optional[AuditFigures] = None
+    """The run's audit (finetune/audit.json), with its detector scores when the data has ground truth."""

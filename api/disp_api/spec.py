@@ -140,6 +140,13 @@ class MaskingSpec(ContractModel):
     drops; the README gives the measured trade-off."""
 
 
+class RelabelScope(str, Enum):
+    """Which training instances get the compromised model's masked answer."""
+
+    ALL = "all"  # the paper: every instance is relabelled
+    SUSPECTS = "suspects"  # only the audit's suspects; the others keep the dataset's answer
+
+
 class RelabelSpec(ContractModel):
     decoding: DecodingSpec = DecodingSpec()
     """How the compromised model answers the masked instances; also sets the saliency block. Left out,
@@ -151,6 +158,11 @@ class RelabelSpec(ContractModel):
     """Instances decoded together; also the unit a shard is made of."""
     seed: Seed = 1234
     """Seed of the decoding noise (used when temperature > 0)."""
+    scope: RelabelScope = RelabelScope.ALL
+    """all (the paper): every instance gets the masked answer. suspects (beyond the paper, opt-in):
+    only the audit's suspects do, and only they are decoded; the others keep the dataset's answer,
+    which protects clean performance when the audit finds the poisoned instances (README,
+    "Audit evidence")."""
     min_evidence: Optional[float] = Field(None, ge=0.0, le=10_000.0)
     """Beyond the paper, opt-in: replace an instance's answer only when the compromised model, shown
     the masked input, finds the new answer more likely than the dataset's by at least this many nats
@@ -178,6 +190,17 @@ class FinetuneSpec(ContractModel):
     projector_file: bool = False
     """Also write the purified projector alone (finetune/projector.safetensors, keyed by parameter
     name), beside the complete model folder."""
+
+
+class AuditSpec(ContractModel):
+    suspicion_threshold: float = Field(3.0, gt=0.0, le=1000.0)
+    """Support drop (nats) above which a training instance is a suspect: masking its most salient
+    visual tokens costs the dataset's answer this much more log-likelihood than masking as many
+    other tokens (3 nats: the answer becomes 20 times less likely)."""
+    residual_sample: int = Field(64, ge=0, le=100_000)
+    """Top suspects the purified model answers, unmasked, for the residual rate (0: none)."""
+    seed: Seed = 0
+    """Seed of the comparison tokens (as many as the salient ones, drawn from the others)."""
 
 
 # The attack kit's record of an attack folder (`disp attack`), which evaluation.attackUri may name.
@@ -431,6 +454,9 @@ class PurificationJobSpec(ContractModel):
     """Stage 4: fine-tuning on the purified dataset."""
     evaluation: Optional[EvaluationSpec] = None
     """Stage 5 (optional): ASR and clean performance before and after."""
+    audit: AuditSpec = AuditSpec()
+    """Evidence that needs no trigger: suspects among the training instances (relabel) and the
+    purified model's residual rate on them (finetune)."""
     parallelism: ParallelismSpec = ParallelismSpec()
     """Sharding of the per-instance stages."""
     resources: ResourcesSpec = ResourcesSpec()

@@ -13,9 +13,9 @@ from typing import Mapping, Optional
 
 from pydantic import ValidationError
 
-from disp_api import MetricsSummary, PurificationJob, PurificationMetrics, StageName
+from disp_api import AuditFigures, MetricsSummary, PurificationJob, PurificationMetrics, StageName
 from disp_api.contract import METRICS_FILE as STAGE_METRICS_FILE
-from disp_api.contract import MAX_MODEL_CONFIG_BYTES, MODEL_CONFIG, PROGRESS_FILE, split_s3_uri
+from disp_api.contract import AUDIT_FILE, MAX_MODEL_CONFIG_BYTES, MODEL_CONFIG, PROGRESS_FILE, split_s3_uri
 from disp_api.spec import PURIFIED_MODEL_PATH
 from disp_operator.reconcile import RunnerProgress
 from disp_operator.validation import ConfigProblem
@@ -90,7 +90,16 @@ class RunStore:
             return None  # a torn or foreign file: progress is advisory, wait for the next write
 
     def metrics(self) -> MetricsSummary:
-        """The headline numbers of evaluate/metrics.json (written before the stage's manifest)."""
+        """The headline numbers of a finished run: evaluate/metrics.json when the job has an
+        evaluation set, else the audit alone (finetune/audit.json). Both are written before their
+        stage's manifest."""
+        if self.job.spec.evaluation is None:
+            key = f"{self.run_key}/{StageName.FINETUNE.value}/{AUDIT_FILE}"
+            try:
+                audit = AuditFigures.model_validate(json.loads(self.store.get_bytes(self.bucket, key)))
+                return MetricsSummary.of_audit(audit)
+            except (ValueError, ValidationError) as exc:
+                raise StoreError(f"s3://{self.bucket}/{key}: not an audit file ({exc})") from None
         raw = self.store.get_bytes(self.bucket, f"{self.run_key}/{METRICS_FILE}")
         try:
             metrics = PurificationMetrics.model_validate(json.loads(raw))

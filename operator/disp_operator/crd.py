@@ -121,6 +121,10 @@ def build_crd() -> dict[str, Any]:
          "description": "Percent of the stages done"},
         {"name": "ASR-Before", "type": "number", "jsonPath": ".status.metrics.asrBefore"},
         {"name": "ASR-After", "type": "number", "jsonPath": ".status.metrics.asrAfter"},
+        {"name": "Suspects", "type": "number", "jsonPath": ".status.metrics.estimatedPoisonedShare",
+         "description": "Share of the training data the audit finds carried by a few visual tokens"},
+        {"name": "Residual", "type": "number", "jsonPath": ".status.metrics.residualRate",
+         "description": "How often the purified model still answers a suspect as the compromised one did"},
         {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
     ]
     return {

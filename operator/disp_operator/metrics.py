@@ -55,6 +55,12 @@ class OperatorMetrics:
                                   "model, finished jobs with a clean set.", ["namespace", "name"], registry=r)
         self.clean_after = Gauge("disp_job_clean_performance_after_ratio", "Clean performance of the purified model, "
                                  "finished jobs with a clean set.", ["namespace", "name"], registry=r)
+        self.poisoned_share = Gauge("disp_job_estimated_poisoned_share_ratio", "The audit's share of suspect "
+                                    "training instances (no trigger needed), finished jobs.", ["namespace", "name"],
+                                    registry=r)
+        self.residual = Gauge("disp_job_residual_rate_ratio", "The audit's residual rate: how often the purified "
+                              "model still answers a suspect as the compromised one did, finished jobs.",
+                              ["namespace", "name"], registry=r)
         self.retention = Gauge("disp_job_retention_ratio", "Clean performance after / before purification, finished "
                                "jobs with a clean set.", ["namespace", "name"], registry=r)
         self.handler_runs = Counter("disp_operator_reconciles_total", "Reconcile passes.", registry=r)
@@ -106,11 +112,12 @@ class OperatorMetrics:
         for gauge in (self.progress, self.last_progress, self.pending):
             _remove(gauge, namespace, name)
         if metrics is not None:
-            self.asr_before.labels(namespace, name).set(metrics.asr_before)
-            self.asr_after.labels(namespace, name).set(metrics.asr_after)
-            for gauge, value in ((self.clean_before, metrics.clean_performance_before),
+            for gauge, value in ((self.asr_before, metrics.asr_before), (self.asr_after, metrics.asr_after),
+                                 (self.clean_before, metrics.clean_performance_before),
                                  (self.clean_after, metrics.clean_performance_after),
-                                 (self.retention, metrics.retention)):
+                                 (self.retention, metrics.retention),
+                                 (self.poisoned_share, metrics.estimated_poisoned_share),
+                                 (self.residual, metrics.residual_rate)):
                 if value is not None:
                     gauge.labels(namespace, name).set(value)
 
@@ -126,7 +133,7 @@ class OperatorMetrics:
         if old is not None:
             self.jobs.labels(old.value).dec()
         for gauge in (self.progress, self.last_progress, self.pending, self.asr_before, self.asr_after,
-                      self.clean_before, self.clean_after, self.retention):
+                      self.clean_before, self.clean_after, self.retention, self.poisoned_share, self.residual):
             _remove(gauge, namespace, name)
         for phase in JobPhase:
             _remove(self.job_phase, namespace, name, phase.value)

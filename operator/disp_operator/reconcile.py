@@ -165,9 +165,9 @@ def reconcile(job: Optional[PurificationJob], status: PurificationJobStatus, gen
         _running(plan, stage, generation, now)
         return plan
 
-    # Every stage succeeded.
+    # Every stage succeeded: the run's figures (the audit's, and ASR with an evaluation set) first.
     _set_stages(plan, stages, observed, generation)
-    if job.spec.evaluation is not None and observed.metrics is None:
+    if observed.metrics is None:
         plan.wants_metrics = True
         return plan
     plan.status = plan.status.model_copy(update={
@@ -176,11 +176,21 @@ def reconcile(job: Optional[PurificationJob], status: PurificationJobStatus, gen
         "progress": JobProgress(percent=100, current_stage=None,
                                 last_update_time=plan.status.progress.last_update_time),
     })
-    message = "purified model at " + plan.status.purified_model_uri
-    if observed.metrics is not None:
-        message += f"; ASR {observed.metrics.asr_before:.1%} -> {observed.metrics.asr_after:.1%}"
+    message = "purified model at " + plan.status.purified_model_uri + _figures(observed.metrics)
     _finish(plan, JobPhase.SUCCEEDED, Reason.COMPLETED, message, generation, now)
     return plan
+
+
+def _figures(metrics: MetricsSummary) -> str:
+    """The run's headline numbers for the completion message."""
+    parts = []
+    if metrics.asr_before is not None and metrics.asr_after is not None:
+        parts.append(f"ASR {metrics.asr_before:.1%} -> {metrics.asr_after:.1%}")
+    if metrics.estimated_poisoned_share is not None:
+        parts.append(f"audit: {metrics.estimated_poisoned_share:.1%} of the data suspect")
+    if metrics.residual_rate is not None:
+        parts.append(f"residual rate {metrics.residual_rate:.1%}")
+    return "".join("; " + p for p in parts)
 
 
 def _advance(plan: Plan, job: PurificationJob, stage: StageStatus, observed: Observation,

@@ -1,8 +1,8 @@
 """A stand-in for the runner image in operator tests that are about the operator's own behaviour
 (restart, suspend), where importing torch in every pod would only cost time. It honours the
 runner's contract with the operator: the same command line (`disp run --manifest-env VAR --stage S
-[--shard i/N | --merge] [--processes N --nodes M --node-rank I]`), progress.json in the run's S3 folder while it works, the evaluate
-stage's metrics.json, and exit code 0. How long each stage takes comes from STANDIN_SECONDS.
+[--shard i/N | --merge] [--processes N --nodes M --node-rank I]`), progress.json in the run's S3 folder while it works, the finetune
+stage's audit.json and the evaluate stage's metrics.json, and exit code 0. How long each stage takes comes from STANDIN_SECONDS.
 The real runner is exercised end to end in tests/e2e/test_operator.py."""
 
 from __future__ import annotations
@@ -14,9 +14,11 @@ import sys
 import time
 from datetime import datetime, timezone
 
-from disp_api import PurificationJob, PurificationMetrics
+from disp_api import AuditFigures, PurificationJob, PurificationMetrics
 from disp_runner.store.s3 import S3Store
 
+AUDIT = {"suspicionThreshold": 3.0, "instances": 100, "suspects": 21, "estimatedPoisonedShare": 0.21,
+         "residualRate": 0.04, "residualSample": 21}
 METRICS = {"asrBefore": 0.97, "asrAfter": 0.02, "falseFiringBefore": 0.01, "falseFiringAfter": 0.0,
            "cleanPerformanceBefore": 0.95, "cleanPerformanceAfter": 0.94, "retention": 0.94 / 0.95}
 
@@ -47,9 +49,13 @@ def main() -> int:
                     "itemsTotal": steps, "updatedAt": datetime.now(timezone.utc).isoformat(timespec="seconds")}
         store.put_bytes(bucket, f"{run_key}/progress.json", json.dumps(progress).encode())
         time.sleep(seconds / steps)
+    if args.stage == "finetune":
+        AuditFigures.model_validate(AUDIT)  # the same schema the real stage writes
+        store.put_bytes(bucket, f"{run_key}/finetune/audit.json", json.dumps(AUDIT).encode())
     if args.stage == "evaluate":
-        metrics = {**METRICS, "before": _model_metrics(0.97), "after": _model_metrics(0.02)}
-        PurificationMetrics.model_validate(metrics)  # the same schema the real stage writes
+        metrics = {**METRICS, "before": _model_metrics(0.97), "after": _model_metrics(0.02), "audit": AUDIT,
+                   "estimatedPoisonedShare": AUDIT["estimatedPoisonedShare"], "residualRate": AUDIT["residualRate"]}
+        PurificationMetrics.model_validate(metrics)
         store.put_bytes(bucket, f"{run_key}/evaluate/metrics.json", json.dumps(metrics).encode())
     return 0
 

@@ -92,11 +92,16 @@ def test_a_succeeded_stage_starts_the_next_in_the_same_pass(job):
     assert plan.status.progress.current_stage is StageName.MASKING and plan.status.progress.percent == 25
 
 
-def test_the_last_stage_succeeding_finishes_the_job_with_the_purified_model():
+def test_the_last_stage_succeeding_finishes_the_job_with_the_purified_model_and_its_audit():
     job = make_job()
     plan = run_to(job, StageName.FINETUNE)
-    done = step(job, plan.status, jobs=[k8s_job("purify-finetune", "succeeded")])
-    assert done.status.phase is JobPhase.SUCCEEDED
+    waiting = step(job, plan.status, jobs=[k8s_job("purify-finetune", "succeeded")])
+    assert waiting.wants_metrics and waiting.status.phase is JobPhase.RUNNING  # reads finetune/audit.json first
+    audit = MetricsSummary(estimated_poisoned_share=0.2, residual_rate=0.03)
+    done = step(job, plan.status, jobs=[k8s_job("purify-finetune", "succeeded")], metrics=audit)
+    assert done.status.phase is JobPhase.SUCCEEDED and done.status.metrics == audit
+    assert "audit: 20.0% of the data suspect; residual rate 3.0%" in done.status.message
+    assert "ASR" not in done.status.message  # no evaluation set, no ASR
     assert done.status.purified_model_uri == f"s3://runs/runs/team/purify/{job.metadata.uid}/finetune/model"
     assert condition(done.status, ConditionType.SUCCEEDED) is ConditionStatus.TRUE
     assert condition(done.status, ConditionType.RECONCILING) is ConditionStatus.FALSE
@@ -267,7 +272,8 @@ def test_backoff_is_capped():
 def test_a_finished_job_only_acknowledges_later_edits():
     job = make_job()
     plan = run_to(job, StageName.FINETUNE)
-    done = step(job, plan.status, jobs=[k8s_job("purify-finetune", "succeeded")])
+    done = step(job, plan.status, jobs=[k8s_job("purify-finetune", "succeeded")],
+                metrics=MetricsSummary(estimated_poisoned_share=0.0))
     edited = reconcile(None, done.status, 2, Observation(now=T0 + timedelta(hours=1)))
     assert edited.status.observed_generation == 2 and edited.status.phase is JobPhase.SUCCEEDED
     assert edited.create == [] and edited.delete == [] and edited.events == []

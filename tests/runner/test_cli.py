@@ -87,7 +87,7 @@ def test_attack_then_evaluate_writes_artifacts_and_metrics(capsys, workspace):
                  "--clean", str(workspace / "test"), "--out", str(workspace / "metrics.json")])
     assert code == 0
     metrics = json.loads((workspace / "metrics.json").read_text())
-    assert metrics["schemaVersion"] == 1
+    assert metrics["schemaVersion"] == 2
     assert metrics["counts"]["clean"] == 20 and metrics["counts"]["triggered"] == manifest["counts"]["testTriggered"]
     assert 0 <= metrics["asrTriggered"] <= 1 and 0 <= metrics["cleanPerformance"] <= 1
     assert "ASR" in capsys.readouterr().out

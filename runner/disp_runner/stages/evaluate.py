@@ -10,8 +10,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from disp_api import PurificationMetrics, StageName
-from disp_api.contract import METRICS_FILE
+from disp_api import AuditFigures, PurificationMetrics, StageName
+from disp_api.contract import AUDIT_FILE, METRICS_FILE
 from disp_runner.evaluation import evaluate_model
 from disp_runner.models.loading import load_model
 from disp_runner.pipeline.context import StageContext, StageResult
@@ -49,12 +49,14 @@ class EvaluateStage:
         retention = None
         if clean and before.clean_performance > 0:
             retention = after.clean_performance / before.clean_performance
+        audit = AuditFigures.model_validate_json((ctx.input_dir(StageName.FINETUNE) / AUDIT_FILE).read_text())
         metrics = PurificationMetrics(
             asr_before=before.asr_triggered, asr_after=after.asr_triggered,
             false_firing_before=before.asr_untriggered, false_firing_after=after.asr_untriggered,
             clean_performance_before=before.clean_performance if clean else None,
             clean_performance_after=after.clean_performance if clean else None,
-            retention=retention, before=before, after=after)
+            retention=retention, estimated_poisoned_share=audit.estimated_poisoned_share,
+            residual_rate=audit.residual_rate, before=before, after=after, audit=audit)
         (out / METRICS_FILE).write_text(json.dumps(metrics.to_wire(), indent=2))
-        summary = {k: v for k, v in metrics.to_wire().items() if k not in ("before", "after", "schemaVersion")}
+        summary = {k: v for k, v in metrics.to_wire().items() if k not in ("before", "after", "schemaVersion", "audit")}
         return StageResult(items=len(triggered) + len(untriggered) + len(clean), metrics=summary)

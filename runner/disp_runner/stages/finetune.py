@@ -1,7 +1,8 @@
 """Stage `finetune`: repair the compromised model on the purified dataset (original image and
 prompt, purified answer) with the masked-diffusion loss; the projector only by default.
 
-Output: model/ (the purified model, safetensors + tokenizer) and, with spec.finetune.projectorFile,
+Output: model/ (the purified model, safetensors + tokenizer), audit.json (the audit's figures with
+the purified model's residual rate on the top suspects) and, with spec.finetune.projectorFile,
 projector.safetensors (the projector alone, keyed by parameter name).
 
 The stage runs in one process, or in one process per GPU on one or several pods (`disp run
@@ -14,15 +15,21 @@ resumes, in a new pod, at the epoch after its last complete one.
 from __future__ import annotations
 
 import copy
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from disp_api import PurificationJob, StageName
+from disp_api import AuditFigures, PurificationJob, StageName
+from disp_api.contract import AUDIT_FILE
 from disp_api.spec import PURIFIED_MODEL_PATH
 from disp_runner.data.dataset import load_dataset
 from disp_runner.diffusion.distributed import Topology, launch
+from disp_runner.diffusion.inference import generate_responses
+from disp_runner.disp.audit import figures as audit_figures
+from disp_runner.disp.audit import read_suspects
+from disp_runner.evaluation import normalise_answer
 from disp_runner.diffusion.training import TrainingConfig, train_masked_diffusion
 from disp_runner.models.base import EncodedInstances
 from disp_runner.models.loading import save_model, save_projector
@@ -94,12 +101,34 @@ def finetune(ctx: StageContext, out: Path | None) -> dict[str, Any]:
                                     on_step=on_step, on_epoch_end=checkpoints.publish)
     if out is None or not _first_process():
         return {}
+    audit = residual_audit(ctx, model, processor)
+    (out / AUDIT_FILE).write_text(json.dumps(audit.to_wire(), indent=2))
     save_model(model.cpu(), processor, out / MODEL_DIR)
     if spec.projector_file:
         save_projector(model, out / PROJECTOR_FILE)
     return {"items": len(purified), "steps": result.steps, "epochs": spec.epochs, "trainable": spec.trainable.value,
             "processes": ctx.topology.world_size, "firstLoss": round(result.first_loss, 5),
-            "lastLoss": round(result.last_loss, 5), "trainSeconds": round(result.seconds, 2)}
+            "lastLoss": round(result.last_loss, 5), "trainSeconds": round(result.seconds, 2),
+            "residualRate": audit.residual_rate, "residualSample": audit.residual_sample}
+
+
+def residual_audit(ctx: StageContext, model, processor) -> AuditFigures:
+    """The relabel stage's audit figures plus the residual rate: of the top suspects whose answer
+    relabeling changed (up to spec.audit.residualSample), the share the purified model, shown the
+    unmasked image and the instance's own prompt, still answers with the dataset's answer."""
+    relabel_dir = ctx.input_dir(StageName.RELABEL)
+    records = read_suspects(relabel_dir)
+    audit = audit_figures(records, ctx.spec.audit.suspicion_threshold)
+    by_id = {inst.id: inst for inst in ctx.training_set()}
+    chosen = [by_id[r.id] for r in records if r.suspect and r.answerChanged and r.id in by_id]
+    chosen = chosen[:ctx.spec.audit.residual_sample]  # the records come most suspect first
+    if not chosen:
+        return audit
+    model.to(ctx.device).eval()
+    answers = generate_responses(model, processor, chosen, ctx.decoding(), batch_size=ctx.spec.relabel.batch_size,
+                                 seed=ctx.spec.relabel.seed, description="residual", show_progress=ctx.show_progress)
+    kept = sum(normalise_answer(a) == normalise_answer(inst.response) for a, inst in zip(answers, chosen))
+    return audit.model_copy(update={"residual_rate": round(kept / len(chosen), 6), "residual_sample": len(chosen)})
 
 
 def _first_process() -> bool:

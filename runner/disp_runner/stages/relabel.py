@@ -7,6 +7,10 @@ more likely than the dataset's (metadata `relabel_evidence`), else the dataset's
 
 Each purified instance keeps its metadata plus `original_response`; an instance whose answer is
 empty is left out and counted (`emptyResponses`), since an empty target teaches nothing.
+
+The stage also audits every instance (disp/audit.py): two first-step forward passes give its
+support drop, and suspects.jsonl ranks the instances by it; with `spec.relabel.scope: suspects`
+only the suspects are decoded and relabelled.
 """
 
 from __future__ import annotations
@@ -17,9 +21,13 @@ from pathlib import Path
 import torch
 from PIL import ImageFilter
 
-from disp_api import StageName
+from disp_api import AuditFigures, StageName
+from disp_api.spec import RelabelScope
 from disp_runner.data.dataset import Instance, load_dataset, write_dataset
 from disp_runner.data.llava import replace_first_answer
+from disp_runner.disp.audit import (SuspectRecord, comparison_tokens, concentration, ground_truth, read_suspects,
+                                   support_drop, write_suspects)
+from disp_runner.disp.audit import figures as audit_figures
 from disp_runner.disp.masking import mask_image_embeds
 from disp_runner.errors import UserInputError
 from disp_runner.evaluation import normalise_answer
@@ -27,13 +35,14 @@ from disp_runner.diffusion.inference import first_step_log_likelihood, generate_
 from disp_runner.pipeline.artifacts import read_stage_manifest
 from disp_runner.pipeline.context import StageContext, StageResult
 from disp_runner.stages.masking import read_masked
+from disp_runner.stages.saliency import read_scores
 
 DATASET_DIR = "dataset"
 
 
 class RelabelStage:
     name = StageName.RELABEL
-    inputs = (StageName.MASKING,)
+    inputs = (StageName.SALIENCY, StageName.MASKING)
 
     def total_items(self, ctx: StageContext) -> int:
         return len(ctx.shard_items(ctx.spec.relabel.batch_size))
@@ -53,14 +62,29 @@ class RelabelStage:
         def mask_tokens(image_embeds: torch.Tensor, rows: slice) -> torch.Tensor:
             return mask_image_embeds(image_embeds, masked[rows], mask_embedding)
 
+        drops, concentrations = _audit(ctx, instances, masked, items.start)
+        suspect = [drop > ctx.spec.audit.suspicion_threshold for drop in drops]
         prompted = instances if spec.prompt is None else [inst.replace(prompt=spec.prompt) for inst in instances]
         blur = ctx.spec.masking.blur_sigma
         if blur is not None:  # the opt-in whole-image neutraliser: the fine-tune still sees the original image
             prompted = [inst.map_image(lambda image: image.filter(ImageFilter.GaussianBlur(blur))) for inst in prompted]
-        answers = generate_responses(model, processor, prompted, ctx.decoding(),
-                                     batch_size=spec.batch_size, seed=spec.seed, transform_image_embeds=mask_tokens,
-                                     description="relabel", show_progress=ctx.show_progress,
-                                     index_offset=items.start, on_batch=ctx.report_progress)
+        if spec.scope is RelabelScope.ALL:
+            answers = generate_responses(model, processor, prompted, ctx.decoding(),
+                                         batch_size=spec.batch_size, seed=spec.seed, transform_image_embeds=mask_tokens,
+                                         description="relabel", show_progress=ctx.show_progress,
+                                         index_offset=items.start, on_batch=ctx.report_progress)
+        else:  # only the suspects are decoded; the others keep the dataset's answer
+            chosen = [i for i, flag in enumerate(suspect) if flag]
+            chosen_masks = [masked[i] for i in chosen]
+            decoded = generate_responses(
+                model, processor, [prompted[i] for i in chosen], ctx.decoding(), batch_size=spec.batch_size,
+                seed=spec.seed, description="relabel suspects", show_progress=ctx.show_progress,
+                transform_image_embeds=lambda embeds, rows: mask_image_embeds(embeds, chosen_masks[rows],
+                                                                              mask_embedding))
+            answers = [inst.response for inst in instances]
+            for i, answer in zip(chosen, decoded):
+                answers[i] = answer
+            ctx.report_progress(len(instances))
         evidence = None
         if spec.min_evidence is not None:
             # How much more likely the masked input makes the new answer than the dataset's (nats).
@@ -70,6 +94,7 @@ class RelabelStage:
                         - first_step_log_likelihood(model, processor, prompted, [i.response for i in instances],
                                                     gen_length, spec.batch_size, mask_tokens)).tolist()
         purified: list[Instance] = []
+        records: list[SuspectRecord] = []
         kept = changed = 0
         for index, (inst, answer) in enumerate(zip(instances, answers)):
             metadata = {**inst.metadata, "original_response": inst.response}
@@ -81,15 +106,21 @@ class RelabelStage:
                     answer = inst.response
                     kept += 1
             # Case and punctuation differ by construction (the tokenizer lower-cases); count real changes.
-            changed += normalise_answer(answer) != normalise_answer(inst.response)
+            differs = normalise_answer(answer) != normalise_answer(inst.response)
+            changed += differs
+            records.append(SuspectRecord(id=inst.id, supportDrop=round(float(drops[index]), 4),
+                                         concentration=round(concentrations[index], 4), answerChanged=differs,
+                                         suspect=suspect[index], poisoned=ground_truth(inst)))
             if answer:
                 purified.append(replace_first_answer(inst, answer, metadata))
         if purified:
             write_dataset(purified, out / DATASET_DIR)
         elif ctx.shard is None:
             raise UserInputError("relabel: every answer was empty; nothing to fine-tune on (check spec.relabel)")
+        write_suspects(records, out)
         metrics = {"purified": len(purified), "emptyResponses": len(instances) - len(purified),
-                   "changedFraction": changed / max(1, len(instances))}
+                   "changedFraction": changed / max(1, len(instances)),
+                   **_audit_metrics(audit_figures(records, ctx.spec.audit.suspicion_threshold))}
         if evidence is not None:
             metrics["keptOriginal"] = kept
         return StageResult(items=len(instances), metrics=metrics)
@@ -107,8 +138,37 @@ class RelabelStage:
         if not merged:
             raise UserInputError("relabel: every answer was empty; nothing to fine-tune on (check spec.relabel)")
         write_dataset(merged, out / DATASET_DIR)
+        records = [record for folder in shard_dirs for record in read_suspects(folder)]
+        write_suspects(records, out)
         metrics = {"purified": len(merged), "emptyResponses": items - len(merged),
-                   "changedFraction": changed / max(1, items)}
+                   "changedFraction": changed / max(1, items),
+                   **_audit_metrics(audit_figures(records, ctx.spec.audit.suspicion_threshold))}
         if ctx.spec.relabel.min_evidence is not None:
             metrics["keptOriginal"] = kept
         return StageResult(items=items, metrics=metrics)
+
+
+def _audit(ctx: StageContext, instances: list[Instance], salient: list[list[int]],
+           first_index: int) -> tuple[list[float], list[float]]:
+    """Each instance's support drop (nats) and saliency concentration (disp/audit.py)."""
+    model, processor = ctx.compromised_model()
+    ids, scores, counts = read_scores(ctx.input_dir(StageName.SALIENCY))
+    row_of = {instance_id: row for row, instance_id in enumerate(ids)}
+    missing = [inst.id for inst in instances if inst.id not in row_of]
+    if missing:
+        raise UserInputError(f"saliency output has no scores for instance {missing[0]!r} (rerun saliency)")
+    rows = [row_of[inst.id] for inst in instances]
+    comparison = [comparison_tokens(tokens, int(counts[row]), ctx.spec.audit.seed, first_index + i)
+                  for i, (tokens, row) in enumerate(zip(salient, rows))]
+    drops = support_drop(model, processor, instances, salient, comparison, ctx.decoding().gen_length,
+                         ctx.spec.relabel.batch_size)
+    concentrations = [concentration(scores[row, :int(counts[row])], tokens) for tokens, row in zip(salient, rows)]
+    return drops.tolist(), concentrations
+
+
+def _audit_metrics(audit: AuditFigures) -> dict:
+    """The audit's figures for the stage manifest (and `disp run`'s summary line)."""
+    wire = audit.to_wire()
+    return {key: wire[key] for key in ("suspects", "estimatedPoisonedShare", "suspicionThreshold",
+                                       "truePoisonedShare", "detectorAuroc", "detectorPrecision")
+            if wire[key] is not None}

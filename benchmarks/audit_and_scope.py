@@ -1,0 +1,81 @@
+"""The audit's evidence and `relabel.scope` on the demo's four scenarios: for each compromised
+model `make demo` left in WORKDIR (default runs/demo), DiSP runs twice, relabeling every instance
+(the paper) and only the audit's suspects, and the table gives the audit's figures against the
+ground truth the attack kit wrote, then ASR after and retention for both scopes.
+
+    .venv/bin/python benchmarks/audit_and_scope.py [WORKDIR]
+
+Each scenario reuses the demo's manifest (runs/demo/jobs/NAME.yaml) with its output moved to a
+temporary folder; the saliency and masking outputs of the first run are copied into the second,
+whose spec differs only after them. About 2 minutes a scenario on the 2-core CPU machine.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+from disp_api import PurificationJob, PurificationMetrics, StageName
+from disp_api.contract import METRICS_FILE
+from disp_runner.pipeline.artifacts import RunLayout
+from disp_runner.pipeline.runner import run_job
+
+SCENARIOS = ("patch-insertion", "patch-refusal", "patch-misclassification", "blended-refusal")
+
+
+def run(document: dict, output: Path, seed_from: RunLayout | None = None) -> tuple[PurificationMetrics, RunLayout]:
+    job = PurificationJob.model_validate(document)
+    layout = RunLayout.for_job(job, output)
+    if seed_from is not None:  # same saliency and masking spec: reuse their outputs
+        for stage in (StageName.SALIENCY, StageName.MASKING):
+            shutil.copytree(seed_from.stage_dir(stage), layout.stage_dir(stage))
+    run_job(job, output, show_progress=False)
+    metrics = PurificationMetrics.model_validate_json((layout.stage_dir(StageName.EVALUATE) / METRICS_FILE).read_text())
+    return metrics, layout
+
+
+def pct(value: float | None) -> str:
+    return "—" if value is None else f"{100 * value:.1f}%"
+
+
+def main(workdir: str = "runs/demo") -> None:
+    root = Path(workdir)
+    scratch = Path(tempfile.mkdtemp(prefix="disp-scope-"))
+    rows = []
+    for name in SCENARIOS:
+        manifest = root / "jobs" / f"{name}.yaml"
+        if not manifest.is_file():
+            raise SystemExit(f"{manifest}: not found; run `make demo` first (it writes the compromised models)")
+        document = yaml.safe_load(manifest.read_text())
+        document["spec"]["output"]["uri"] = str(scratch)
+        start = time.perf_counter()
+        paper, layout = run(document, scratch)
+        document["spec"]["relabel"]["scope"] = "suspects"
+        selective, _ = run(document, scratch, seed_from=layout)
+        rows.append((name, paper, selective, time.perf_counter() - start))
+        print(f"{name}: {time.perf_counter() - start:.0f}s", flush=True)
+    print()
+    print(f"{'scenario':<25} {'true share':>10} {'est. share':>10} {'AUROC':>7} {'precision':>9} "
+          f"{'residual':>9} {'ASR after':>10} {'ASR after':>10} {'retention':>10} {'retention':>10}")
+    print(f"{'':<25} {'':>10} {'':>10} {'':>7} {'':>9} {'':>9} {'all':>10} {'suspects':>10} {'all':>10} "
+          f"{'suspects':>10}")
+    for name, paper, selective, _ in rows:
+        audit = paper.audit
+        print(f"{name:<25} {pct(audit.true_poisoned_share):>10} {pct(audit.estimated_poisoned_share):>10} "
+              f"{audit.detector_auroc if audit.detector_auroc is not None else '—':>7} "
+              f"{pct(audit.detector_precision):>9} {pct(audit.residual_rate):>9} {pct(paper.asr_after):>10} "
+              f"{pct(selective.asr_after):>10} {pct(paper.retention):>10} {pct(selective.retention):>10}")
+    print(json.dumps({name: {"all": p.model_dump(mode="json", exclude={"before", "after"}),
+                             "suspects": s.model_dump(mode="json", exclude={"before", "after"})}
+                      for name, p, s, _ in rows}, indent=1), file=open(scratch / "results.json", "w"))
+    print(f"\nfull figures: {scratch / 'results.json'}")
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
