@@ -71,8 +71,8 @@ def main(workdir: str = "runs/demo") -> None:
               f"{audit.detector_auroc if audit.detector_auroc is not None else '—':>7} "
               f"{pct(audit.detector_precision):>9} {pct(audit.residual_rate):>9} {pct(paper.asr_after):>10} "
               f"{pct(selective.asr_after):>10} {pct(paper.retention):>10} {pct(selective.retention):>10}")
-    print(json.dumps({name: {"all": p.model_dump(mode="json", exclude={"before", "after"}),
-                             "suspects": s.model_dump(mode="json", exclude={"before", "after"})}
+    print(json.dumps({name: {"all": p.model_dump(mode="json", by_alias=True, exclude={"before", "after"}),
+                             "suspects": s.model_dump(mode="json", by_alias=True, exclude={"before", "after"})}
                       for name, p, s, _ in rows}, indent=1), file=open(scratch / "results.json", "w"))
     print(f"\nfull figures: {scratch / 'results.json'}")
 

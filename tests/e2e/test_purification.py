@@ -1,6 +1,7 @@
 """The reduced end-to-end story on the shipped base model: a real backdoor planted by the attack
 kit, then the whole DiSP pipeline (`disp run` code path) on it. ASR must fall by 50 points or more
-while the model keeps answering clean inputs."""
+while the model keeps answering clean inputs, and the audit, which knows no trigger, must find the
+poisoned instances and see what ASR sees."""
 
 import json
 
@@ -32,3 +33,7 @@ def test_disp_run_removes_a_real_backdoor(insertion_attack):
     assert metrics.retention >= 0.85, metrics
     masking = json.loads((layout.stage_dir(StageName.MASKING) / "stage-manifest.json").read_text())
     assert masking["metrics"]["triggerLocalisation"] >= 0.8, masking["metrics"]
+    audit = metrics.audit
+    assert audit.true_poisoned_share == 0.2 and audit.detector_auroc >= 0.95, audit
+    assert abs(audit.estimated_poisoned_share - audit.true_poisoned_share) <= 0.05, audit
+    assert audit.residual_sample > 0 and abs(audit.residual_rate - metrics.asr_after) <= 0.1, (audit, metrics.asr_after)

@@ -92,21 +92,23 @@ class MaskingStage:
 
 
 def draw_report(path: Path, instances: Sequence[Instance], masked: Sequence[Sequence[int]],
-                layouts: Sequence[VisualLayout]) -> None:
-    """A grid of sample images: top row with a known trigger, bottom row without. Every masked token
-    that sees a cell of the image is outlined in red (thicker for the most salient); a known
-    trigger box is outlined in green."""
-    with_trigger = [i for i, (inst, layout) in enumerate(zip(instances, layouts))
-                    if known_trigger_tokens(inst, layout)]
-    without = [i for i in range(len(instances)) if i not in set(with_trigger)]
-    rows = [r[:REPORT_SAMPLES] for r in (with_trigger, without) if r]
+                layouts: Sequence[VisualLayout], rows: Sequence[Sequence[int]] | None = None,
+                caption: str = "") -> None:
+    """A grid of sample images (`rows` of instance indices; default: top row with a known trigger,
+    bottom row without). Every masked token that sees a cell of the image is outlined in red
+    (thicker for the most salient); a known trigger box is outlined in green."""
+    if rows is None:
+        with_trigger = [i for i, (inst, layout) in enumerate(zip(instances, layouts))
+                        if known_trigger_tokens(inst, layout)]
+        without = [i for i in range(len(instances)) if i not in set(with_trigger)]
+        rows = [r for r in (with_trigger, without) if r]
+        caption = "top row: known trigger (green box); " if with_trigger else ""
+    rows = [list(r)[:REPORT_SAMPLES] for r in rows if r]
     cell_w = max((instances[i].image_size[0] for row in rows for i in row), default=1) * REPORT_SCALE
     cell_h = max((instances[i].image_size[1] for row in rows for i in row), default=1) * REPORT_SCALE
     top = 18  # caption
     sheet = Image.new("RGB", (REPORT_SAMPLES * (cell_w + 4) + 4, top + len(rows) * (cell_h + 4) + 4), "white")
-    caption = "red: masked visual tokens (thick: most salient)"
-    if with_trigger:
-        caption = "top row: known trigger (green box); " + caption
+    caption += "red: masked visual tokens (thick: most salient)"
     ImageDraw.Draw(sheet).text((4, 4), caption, fill=(0, 0, 0))
     for r, row in enumerate(rows):
         for c, index in enumerate(row):

@@ -34,10 +34,11 @@ from disp_runner.evaluation import normalise_answer
 from disp_runner.diffusion.inference import first_step_log_likelihood, generate_responses
 from disp_runner.pipeline.artifacts import read_stage_manifest
 from disp_runner.pipeline.context import StageContext, StageResult
-from disp_runner.stages.masking import read_masked
+from disp_runner.stages.masking import REPORT_SAMPLES, draw_report, read_masked
 from disp_runner.stages.saliency import read_scores
 
 DATASET_DIR = "dataset"
+SUSPECTS_REPORT = "suspects.png"  # the top suspects, their masked tokens outlined
 
 
 class RelabelStage:
@@ -118,6 +119,8 @@ class RelabelStage:
         elif ctx.shard is None:
             raise UserInputError("relabel: every answer was empty; nothing to fine-tune on (check spec.relabel)")
         write_suspects(records, out)
+        if ctx.shard is None:
+            _draw_suspects(ctx, records, masked_by_id, out)
         metrics = {"purified": len(purified), "emptyResponses": len(instances) - len(purified),
                    "changedFraction": changed / max(1, len(instances)),
                    **_audit_metrics(audit_figures(records, ctx.spec.audit.suspicion_threshold))}
@@ -140,6 +143,7 @@ class RelabelStage:
         write_dataset(merged, out / DATASET_DIR)
         records = [record for folder in shard_dirs for record in read_suspects(folder)]
         write_suspects(records, out)
+        _draw_suspects(ctx, records, read_masked(ctx.input_dir(StageName.MASKING)), out)
         metrics = {"purified": len(merged), "emptyResponses": items - len(merged),
                    "changedFraction": changed / max(1, items),
                    **_audit_metrics(audit_figures(records, ctx.spec.audit.suspicion_threshold))}
@@ -172,3 +176,14 @@ def _audit_metrics(audit: AuditFigures) -> dict:
     return {key: wire[key] for key in ("suspects", "estimatedPoisonedShare", "suspicionThreshold",
                                        "truePoisonedShare", "detectorAuroc", "detectorPrecision")
             if wire[key] is not None}
+
+
+def _draw_suspects(ctx: StageContext, records: list[SuspectRecord], masked_by_id: dict[str, list[int]],
+                   out: Path) -> None:
+    """suspects.png: the most suspect instances with the tokens DiSP masked (none: an empty sheet)."""
+    by_id = {inst.id: inst for inst in ctx.training_set()}
+    top = [r for r in sorted(records, key=lambda r: -r.supportDrop) if r.suspect][:REPORT_SAMPLES]
+    instances = [by_id[r.id] for r in top]
+    layouts = [ctx.compromised_model().processor.layout_of(inst) for inst in instances]
+    draw_report(out / SUSPECTS_REPORT, instances, [masked_by_id[r.id] for r in top], layouts,
+                rows=[list(range(len(top)))], caption=f"top {len(top)} suspects by support drop; ")
