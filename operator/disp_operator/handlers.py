@@ -16,7 +16,7 @@ from disp_operator.config import OperatorConfig
 from disp_operator.kube import KubeApi, client_configuration
 from disp_operator.metrics import OperatorMetrics
 from disp_operator.naming import GROUP, LABEL_JOB, LABEL_MANAGED_BY, MANAGED_BY, PLURAL, VERSION
-from disp_operator.service import JobLoop, OperatorRuntime, effective_job
+from disp_operator.service import OperatorRuntime, effective_job
 from disp_operator.validation import InvalidSpec
 
 OURS = {LABEL_MANAGED_BY: MANAGED_BY}
@@ -54,9 +54,10 @@ def start(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: logging.Logg
 
 
 @kopf.on.cleanup()
-def stop(memo: kopf.Memo, **_: Any) -> None:
+async def stop(memo: kopf.Memo, **_: Any) -> None:
     runtime: OperatorRuntime | None = memo.get(RUNTIME_KEY)
     if runtime is not None:
+        await runtime.stop_all()
         if runtime.metrics_server is not None:
             runtime.metrics_server.shutdown()
             runtime.metrics_server.server_close()
@@ -95,22 +96,38 @@ def stage_job_changed(namespace: str, labels: kopf.Labels, memo: kopf.Memo, **_:
     memo[RUNTIME_KEY].wake(namespace, labels[LABEL_JOB])
 
 
-@kopf.daemon(GROUP, VERSION, PLURAL, cancellation_timeout=5.0)
-async def purification(body: kopf.Body, stopped: kopf.DaemonStopped, memo: kopf.Memo, logger: logging.Logger,
+@kopf.on.event(GROUP, VERSION, PLURAL)
+async def purification(event: kopf.RawEvent, body: kopf.Body, memo: kopf.Memo, logger: logging.Logger,
                        stage_jobs: kopf.Index, stage_pods: kopf.Index, **_: Any) -> None:
-    await JobLoop(memo[RUNTIME_KEY], body, logger, stage_jobs, stage_pods).run(stopped)
-
-
-@kopf.on.delete(GROUP, VERSION, PLURAL)
-async def deleted(body: kopf.Body, memo: kopf.Memo, logger: logging.Logger, **_: Any) -> None:
-    """Stage Jobs go with their owner (ownerReferences); artifacts stay unless the spec says otherwise."""
+    """Every job seen (at startup too) gets its reconcile loop; a deleted one loses it. No finalizer."""
     runtime: OperatorRuntime = memo[RUNTIME_KEY]
+    namespace, name = body.metadata.namespace, body.metadata.name
+    if event["type"] == "DELETED" or body.metadata.get("deletionTimestamp"):
+        await runtime.stop_loop(namespace, name)
+        if event["type"] == "DELETED":
+            runtime.metrics.forget(namespace, name)
+        return
+    runtime.ensure_loop(body, logger, stage_jobs, stage_pods)
+
+
+def _cleans_up(spec: kopf.Spec, **_: Any) -> bool:
+    return bool((spec.get("policy") or {}).get("cleanupArtifacts"))
+
+
+# Only a job that asks for its intermediates to be deleted carries a finalizer (this handler's),
+# so that deleting it while no operator runs waits for one and the clean-up still happens; every
+# other job is deleted at once, operator or not.
+@kopf.on.delete(GROUP, VERSION, PLURAL, when=_cleans_up)
+async def deleted(body: kopf.Body, memo: kopf.Memo, logger: logging.Logger, **_: Any) -> None:
+    """Stage Jobs go with their owner (ownerReferences); the run's intermediates go too."""
+    runtime: OperatorRuntime = memo[RUNTIME_KEY]
+    await runtime.stop_loop(body.metadata.namespace, body.metadata.name)
     runtime.metrics.forget(body.metadata.namespace, body.metadata.name)
     try:
         job = effective_job(body, runtime.config)
     except InvalidSpec:
         return  # it never ran
-    if not job.spec.policy.cleanup_artifacts or job.spec.storage is None:
+    if job.spec.storage is None:
         return
     data = await asyncio.to_thread(runtime.kube.secret_data, job.metadata.namespace,
                                    job.spec.storage.credentials_secret.name)

@@ -1,6 +1,8 @@
-"""One PurificationJob's reconcile loop: observe, decide (reconcile.py), act. It runs as a kopf
-daemon, so exactly one loop per job exists in the operator, and it is the only writer of the job's
-status: it keeps the status it wrote in memory rather than re-reading a possibly stale one.
+"""One PurificationJob's reconcile loop: observe, decide (reconcile.py), act. The operator keeps
+exactly one loop per job (`OperatorRuntime.ensure_loop`, driven by the job's watch events), and it
+is the only writer of the job's status: it keeps the status it wrote in memory rather than
+re-reading a possibly stale one. (Not a kopf daemon: kopf puts a finalizer on every object a
+daemon runs for, and a finalizer makes deleting a job hang whenever no operator runs.)
 
 Order of effects: status first (the intent), then Job deletions and creations, then Events. An
 operator stopped between two effects repeats the same decision after its restart, and creating
@@ -46,10 +48,36 @@ class OperatorRuntime:
     wakeups: dict[tuple[str, str], asyncio.Event] = field(default_factory=dict)
     metrics_server: Any = None  # prometheus_client's HTTP server, when enabled
 
+    loops: dict[tuple[str, str], "JobLoop"] = field(default_factory=dict)
+
     def wake(self, namespace: str, name: str) -> None:
         event = self.wakeups.get((namespace, name))
         if event is not None:
             event.set()
+
+    def ensure_loop(self, body: kopf.Body, logger: logging.Logger | logging.LoggerAdapter,
+                    jobs_index: Mapping[Any, Any], pods_index: Mapping[Any, Any]) -> None:
+        """Start the job's loop, or hand the running one the job as it is now."""
+        key = (body.metadata.namespace, body.metadata.name)
+        loop = self.loops.get(key)
+        if loop is not None and not loop.task.done():
+            spec_changed = body.metadata.get("generation") != loop.body.metadata.get("generation")
+            loop.body = body
+            if spec_changed:  # not for the loop's own status writes, which come back as events too
+                self.wake(*key)
+            return
+        loop = JobLoop(self, body, logger, jobs_index, pods_index)
+        loop.task = asyncio.create_task(loop.run(), name=f"purification {key[0]}/{key[1]}")
+        self.loops[key] = loop
+
+    async def stop_loop(self, namespace: str, name: str) -> None:
+        loop = self.loops.pop((namespace, name), None)
+        if loop is not None:
+            await loop.stop()
+
+    async def stop_all(self) -> None:
+        for key in list(self.loops):
+            await self.stop_loop(*key)
 
 
 class JobLoop:
@@ -63,10 +91,23 @@ class JobLoop:
         self.store: Optional[RunStore] = None
         self.next_progress_read = 0.0
         self.wake = runtime.wakeups.setdefault((self.namespace, self.name), asyncio.Event())
+        self.stopped = asyncio.Event()
+        self.task: Optional[asyncio.Task] = None
 
-    async def run(self, stopped: kopf.DaemonStopped) -> None:
+    async def stop(self, timeout: float = 5.0) -> None:
+        """Finish the current pass (its effects are in flight), then end; cancel it past `timeout`."""
+        self.stopped.set()
+        self.wake.set()
+        if self.task is not None:
+            try:
+                await asyncio.wait_for(asyncio.shield(self.task), timeout)
+            except asyncio.TimeoutError:
+                self.task.cancel()
+
+    async def run(self) -> None:
+        stopped = self.stopped
         try:
-            while not stopped:
+            while not stopped.is_set():
                 started = time.perf_counter()
                 self.rt.metrics.handler_runs.inc()
                 try:
@@ -81,10 +122,10 @@ class JobLoop:
         finally:
             self.rt.wakeups.pop((self.namespace, self.name), None)
 
-    async def _sleep(self, seconds: float, stopped: kopf.DaemonStopped) -> None:
-        """Until `seconds` pass, a child Job changes, or the daemon is asked to stop."""
+    async def _sleep(self, seconds: float, stopped: asyncio.Event) -> None:
+        """Until `seconds` pass, a child Job changes, or the loop is asked to stop."""
         deadline = time.monotonic() + seconds
-        while not stopped and time.monotonic() < deadline:
+        while not stopped.is_set() and time.monotonic() < deadline:
             try:
                 await asyncio.wait_for(self.wake.wait(), timeout=min(1.0, max(0.0, deadline - time.monotonic())))
                 break

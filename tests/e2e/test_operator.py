@@ -200,6 +200,36 @@ def test_without_cleanup_a_deleted_job_leaves_its_artifacts(cluster, kubelet, s3
     assert store.exists("runs", f"{uploaded}/runs/{NAMESPACE}/keep/{UID}/evaluate/metrics.json")
 
 
+def test_a_job_deleted_while_no_operator_runs_goes_at_once_unless_it_asked_for_clean_up(cluster, kubelet, s3,
+                                                                                       uploaded, monkeypatch):
+    """Only a job with policy.cleanupArtifacts carries a finalizer: deleting it while the operator is
+    away waits for one, which then cleans up and lets it go; any other job is deleted at once."""
+    store = S3Store(s3, ACCESS, SECRET, secure=False)
+    run_key = f"{uploaded}/runs/{NAMESPACE}/tidy/{UID}"
+    listed = lambda: {o["metadata"]["name"]: o for o in cluster.custom.list_namespaced_custom_object(  # noqa: E731
+        "disp.dev", "v1alpha1", NAMESPACE, "purificationjobs")["items"]}
+    with operator(monkeypatch):
+        cluster.create_job(standin_manifest(s3, uploaded, "tidy", policy={"cleanupArtifacts": True}), uid=UID)
+        cluster.create_job(standin_manifest(s3, uploaded, "plain"), uid=UID.replace("e2e1", "e2e2"))
+        for name in ("tidy", "plain"):
+            cluster.wait_for(NAMESPACE, name, finished, 60, f"{name} to finish")
+    jobs = listed()
+    assert jobs["plain"]["metadata"].get("finalizers", []) == []
+    assert jobs["tidy"]["metadata"].get("finalizers")  # the operator's, for the clean-up
+    store.put_bytes("runs", f"{run_key}/finetune/model/config.json", b"{}")  # what the real finetune leaves
+    # The operator is gone (helm uninstall keeps the CRD and so the jobs).
+    for name in ("tidy", "plain"):
+        cluster.custom.delete_namespaced_custom_object("disp.dev", "v1alpha1", NAMESPACE, "purificationjobs", name)
+    jobs = listed()
+    assert "plain" not in jobs  # no finalizer: gone without any operator
+    assert jobs["tidy"]["metadata"].get("deletionTimestamp")  # waits for an operator to clean up
+    assert store.exists("runs", f"{run_key}/evaluate/metrics.json")
+    with operator(monkeypatch):  # an operator comes back: it cleans up and removes its finalizer
+        wait_until(lambda: "tidy" not in listed(), 30, "the job to be deleted")
+    left = sorted(key for key, _, _ in store.list("runs", run_key + "/"))
+    assert left == [f"{run_key}/finetune/model/config.json"]
+
+
 def _condition(body: dict, kind: str) -> dict:
     return next((c for c in body.get("status", {}).get("conditions", []) if c["type"] == kind), {})
 

@@ -50,8 +50,10 @@ def test_the_chart_grants_exactly_what_the_operator_uses(cluster, kubelet, s3, u
     kubelet.standin_seconds = 1.5
     kubelet.faults["rbac-saliency"] = PodFault(137, "OOMKilled")
     with operator(monkeypatch, namespaces=scope):
-        # A two-pod fine-tune: the operator creates its rendezvous Service too.
-        cluster.create_job(standin_manifest(s3, uploaded, "rbac", parallelism={"finetuneNodes": 2}), uid=UID)
+        # A two-pod fine-tune: the operator creates its rendezvous Service too; clean-up on deletion:
+        # the job carries the operator's finalizer (patched in, and out once the artifacts are gone).
+        cluster.create_job(standin_manifest(s3, uploaded, "rbac", parallelism={"finetuneNodes": 2},
+                                           policy={"cleanupArtifacts": True}), uid=UID)
         wait_until(lambda: "rbac-masking" in kubelet.started, 60, "the masking pod")
         cluster.set_suspend(NAMESPACE, "rbac", True)
         cluster.wait_for(NAMESPACE, "rbac", lambda b: b.get("status", {}).get("phase") == "Suspended", 20, "suspension")
