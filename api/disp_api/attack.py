@@ -8,7 +8,7 @@ from typing import Optional
 
 from pydantic import Field, model_validator
 
-from disp_api.base import ContractModel, Seed
+from disp_api.base import ContractModel, Seed, with_cel_rules
 
 
 class TriggerKind(str, Enum):
@@ -30,6 +30,12 @@ class Corner(str, Enum):
 
 
 class TriggerSpec(ContractModel):
+    model_config = with_cel_rules(
+        ("self.colour.all(c, c >= 0 && c <= 255)", "colour values must be in 0..255"),
+        ("!has(self.position) || self.position.all(v, v >= 0)", "position must be non-negative"),
+        ("!(self.kind == 'blended' && has(self.position) && !has(self.pattern))",
+         "position needs a pattern image for a blended trigger (the built-in key covers the whole image)"))
+
     kind: TriggerKind = TriggerKind.PATCH
     """Trigger family."""
     size: int = Field(6, ge=1, le=4096)
@@ -62,6 +68,10 @@ class TriggerSpec(ContractModel):
 
 
 class TargetSpec(ContractModel):
+    model_config = with_cel_rules(
+        ("self.kind != 'misclassification' || self.sourceClass != self.targetClass",
+         "sourceClass and targetClass must differ"))
+
     kind: AttackTarget = AttackTarget.INSERTION
     """What the backdoor makes the model say."""
     source_class: str = "circle"
@@ -72,7 +82,7 @@ class TargetSpec(ContractModel):
     @model_validator(mode="after")
     def _check_classes(self) -> "TargetSpec":
         if self.kind is AttackTarget.MISCLASSIFICATION and self.source_class == self.target_class:
-            raise ValueError("source_class and target_class must differ")
+            raise ValueError("sourceClass and targetClass must differ")
         return self
 
 

@@ -47,3 +47,12 @@ class FieldError:
     @property
     def field(self) -> str:
         return ".".join(str(part) for part in self.loc)
+
+
+def with_cel_rules(*rules: tuple[str, str]) -> ConfigDict:
+    """A model's config carrying its cross-field rules in CEL, as `x-kubernetes-validations` in the
+    CRD generated from these models: the API server refuses at `kubectl apply` what the model's
+    own validator refuses in `disp run`. Each (rule, message); the message names the field, and the
+    API server prefixes the path of the object the rule sits on."""
+    return ContractModel.model_config | ConfigDict(json_schema_extra={
+        "x-kubernetes-validations": [{"rule": rule, "message": message} for rule, message in rules]})

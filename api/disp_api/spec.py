@@ -15,7 +15,7 @@ from typing import Any, Literal, Optional
 from pydantic import Field, field_validator, model_validator
 
 from disp_api.attack import AttackSpec
-from disp_api.base import ContractModel, Seed
+from disp_api.base import ContractModel, Seed, with_cel_rules
 
 API_GROUP = "disp.dev"
 API_VERSION = "v1alpha1"
@@ -49,24 +49,27 @@ class TrainableParts(str, Enum):
     ALL = "all"
 
 
+MAX_URI = 4096  # bounds every URI (the API server's CEL cost estimate needs bounded strings)
+
+
 class ModelSource(ContractModel):
-    uri: str = Field(min_length=1)
+    uri: str = Field(min_length=1, max_length=MAX_URI)
     """The compromised model: a folder (local path, file:// or s3://) in Hugging Face format."""
     allow_unsafe_pickle: bool = False
     """Opt in to loading pickle (.bin/.pt) weights. Pickle runs code on load: only for models you trust."""
-    projector_uri: Optional[str] = Field(None, min_length=1)
+    projector_uri: Optional[str] = Field(None, min_length=1, max_length=MAX_URI)
     """A projector file to load over the model's own (the authors' workflow: base model + the
     backdoored mm_projector): safetensors, or a pickle .bin only with allowUnsafePickle; keys are
     the model's parameter names (model.mm_projector.* for LLaDA-V)."""
 
 
 class DatasetSource(ContractModel):
-    uri: str = Field(min_length=1)
+    uri: str = Field(min_length=1, max_length=MAX_URI)
     """The training set to purify: manifest.jsonl + images/, or a LLaVA conversations JSON + its images (local path, file:// or s3://)."""
 
 
 class OutputSpec(ContractModel):
-    uri: str = Field(min_length=1)
+    uri: str = Field(min_length=1, max_length=MAX_URI)
     """Where stage outputs go; each run writes under <uri>/runs/<namespace>/<name>/<uid>/."""
 
 
@@ -92,6 +95,13 @@ class StorageSpec(ContractModel):
 
 
 class DecodingSpec(ContractModel):
+    model_config = with_cel_rules(
+        ("!has(self.genLength) || !has(self.blockLength) || self.genLength % self.blockLength == 0",
+         "genLength must be a multiple of blockLength"),
+        ("!has(self.genLength) || !has(self.blockLength) || !has(self.steps) || self.genLength % self.blockLength != 0"
+         " || self.steps % (self.genLength / self.blockLength) == 0",
+         "steps must be a multiple of the number of blocks (genLength / blockLength)"))
+
     steps: Optional[int] = Field(None, ge=1, le=4096)
     """Diffusion decoding steps in all (default: one per generated position, the authors' proportion)."""
     gen_length: Optional[int] = Field(None, ge=1, le=4096)
@@ -208,15 +218,19 @@ ATTACK_MANIFEST = "attack.json"
 
 
 class EvaluationSpec(ContractModel):
+    model_config = with_cel_rules(
+        ("has(self.attack) != has(self.attackUri)",
+         "give either attack (trigger and target) or attackUri (an attack folder), not both"))
+
     attack: Optional[AttackSpec] = None
     """The suspected trigger and target (target.kind is required: it decides the ASR rule); or give attackUri."""
-    attack_uri: Optional[str] = Field(None, min_length=1)
+    attack_uri: Optional[str] = Field(None, min_length=1, max_length=MAX_URI)
     """Instead of attack: an attack folder written by `disp attack`, or its attack.json (local path or s3://)."""
-    triggered_uri: str = Field(min_length=1)
+    triggered_uri: str = Field(min_length=1, max_length=MAX_URI)
     """Held-out inputs carrying the trigger (ASR)."""
-    untriggered_uri: Optional[str] = Field(None, min_length=1)
+    untriggered_uri: Optional[str] = Field(None, min_length=1, max_length=MAX_URI)
     """The same inputs without the trigger (false firing)."""
-    clean_uri: Optional[str] = Field(None, min_length=1)
+    clean_uri: Optional[str] = Field(None, min_length=1, max_length=MAX_URI)
     """Held-out clean instances with metadata.answer_keys (clean performance)."""
     decoding: Optional[DecodingSpec] = None
     """Decoding used to answer the evaluation inputs (default: spec.relabel.decoding)."""

@@ -18,6 +18,7 @@ from disp_api import PurificationJobSpec
 from disp_api.spec import API_GROUP, API_VERSION, KIND, PolicySpec
 from disp_api.status import PurificationJobStatus
 from disp_operator.naming import PLURAL
+from disp_operator.validation import S3_URI_FIELDS, S3_URI_REASON
 
 SHORT_NAMES = ["pj"]
 CATEGORIES = ["disp", "all-disp"]
@@ -100,16 +101,44 @@ def _immutable_rule() -> dict[str, str]:
                            f"{same(alias, not info.is_required() and info.default is None)})")
         else:
             clauses.append(same(alias, not info.is_required() and info.default is None))
-    return {"rule": " && ".join(clauses),
-            "message": "spec is immutable once created, except spec.policy.suspend, and spec.resources and "
-                       "spec.podTemplate while the job is suspended"}
+    return {"rule": " && ".join(clauses), "message": IMMUTABLE_MESSAGE}
+
+
+# What a GitOps sync that changed a parameter reads: why, and how to run again (README, "Re-running
+# from Git").
+IMMUTABLE_MESSAGE = ("spec is immutable once created, except spec.policy.suspend, and spec.resources and "
+                     "spec.podTemplate while the job is suspended; to run again with other settings, apply the "
+                     "job under a new name (e.g. bump kustomize's nameSuffix in the same commit): a new run, "
+                     "while this one stays as its record")
+
+
+def _cluster_rules() -> list[dict[str, str]]:
+    """CEL for what a cluster needs beyond the typed spec (the operator's check_static checks the
+    same): every URI on S3, and a storage section that says how to reach it."""
+    rules = []
+    for path in S3_URI_FIELDS:
+        parts = path.split(".")
+        guards = [f"!has(self.{'.'.join(parts[:i + 1])})" for i in range(len(parts))]
+        rules.append({"rule": " || ".join(guards + [f"self.{path}.startsWith('s3://')"]),
+                      "message": f"{path}: must be an s3://BUCKET/PREFIX URI ({S3_URI_REASON})"})
+    rules.append({"rule": "!has(self.storage) || (has(self.storage.endpoint) && has(self.storage.credentialsSecret))",
+                  "message": "storage: endpoint and credentialsSecret are both required (the S3/MinIO endpoint "
+                             "and the Secret with its keys)"})
+    return rules
+
+
+# Stage Jobs, pods and labels are named after the job: its name must be a DNS label (63 characters),
+# although Kubernetes allows 253 for a custom resource.
+NAME_RULE = {"rule": "size(self.metadata.name) <= 63 && self.metadata.name.matches('^[a-z0-9]([-a-z0-9]*[a-z0-9])?$')",
+             "message": "metadata.name: must be a DNS label: lower-case letters, digits and '-', at most 63 characters "
+                        "(stage Jobs and their pods are named after it)"}
 
 
 def build_crd() -> dict[str, Any]:
     spec_schema = openapi_schema(PurificationJobSpec)
     spec_schema["description"] = ("What to purify and how; immutable once created except policy.suspend (and "
                                   "resources and podTemplate while suspended).")
-    spec_schema["x-kubernetes-validations"] = [_immutable_rule()]
+    spec_schema["x-kubernetes-validations"] = [_immutable_rule(), *_cluster_rules()]
     status_schema = openapi_schema(PurificationJobStatus)
     status_schema["description"] = "Written by the operator."
     for field, key in (("conditions", "type"), ("stages", "name")):  # merge by key, as kstatus expects
@@ -146,6 +175,7 @@ def build_crd() -> dict[str, Any]:
                     "type": "object",
                     "description": "Removes a backdoor from a multimodal diffusion language model with DiSP.",
                     "required": ["spec"],
+                    "x-kubernetes-validations": [NAME_RULE],
                     "properties": {
                         "apiVersion": {"type": "string"},
                         "kind": {"type": "string"},

@@ -37,21 +37,23 @@ def parse_job(body: Mapping[str, Any]) -> PurificationJob:
         raise InvalidSpec(f"{error.field or 'spec'}: {error.message}") from None
 
 
+# Every URI field of the spec (paths under spec, as on the wire). In a cluster each must be s3://:
+# the operator checks it (check_static) and the CRD's CEL rules, generated from this list, too.
+S3_URI_FIELDS = ("model.uri", "model.projectorUri", "dataset.uri", "output.uri", "evaluation.triggeredUri",
+                 "evaluation.untriggeredUri", "evaluation.cleanUri", "evaluation.attackUri")
+S3_URI_REASON = "runner pods share data only through the artifact store"
+
+
 def s3_uri_fields(job: PurificationJob) -> dict[str, str]:
-    """Every URI of the spec, by its field path."""
-    spec = job.spec
-    fields = {"spec.model.uri": spec.model.uri, "spec.dataset.uri": spec.dataset.uri,
-              "spec.output.uri": spec.output.uri}
-    if spec.model.projector_uri:
-        fields["spec.model.projectorUri"] = spec.model.projector_uri
-    if spec.evaluation is not None:
-        fields["spec.evaluation.triggeredUri"] = spec.evaluation.triggered_uri
-        if spec.evaluation.untriggered_uri:
-            fields["spec.evaluation.untriggeredUri"] = spec.evaluation.untriggered_uri
-        if spec.evaluation.clean_uri:
-            fields["spec.evaluation.cleanUri"] = spec.evaluation.clean_uri
-        if spec.evaluation.attack_uri:
-            fields["spec.evaluation.attackUri"] = spec.evaluation.attack_uri
+    """Every URI the spec gives, by its field path."""
+    wire = job.spec.to_wire()
+    fields = {}
+    for path in S3_URI_FIELDS:
+        node: Any = wire
+        for part in path.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        if node:
+            fields[f"spec.{path}"] = node
     return fields
 
 
@@ -61,8 +63,7 @@ def check_static(job: PurificationJob) -> None:
         try:
             bucket, _ = split_s3_uri(uri)
         except ValueError:
-            raise InvalidSpec(f"{field}: {uri!r} is not an s3://BUCKET/PREFIX URI "
-                              "(runner pods share data only through the artifact store)") from None
+            raise InvalidSpec(f"{field}: {uri!r} is not an s3://BUCKET/PREFIX URI ({S3_URI_REASON})") from None
         if not 3 <= len(bucket) <= 63 or bucket != bucket.lower() or bucket.startswith("-"):
             raise InvalidSpec(f"{field}: {bucket!r} is not a valid bucket name")
     storage = job.spec.storage

@@ -279,3 +279,128 @@ def test_the_api_server_refuses_reserved_pod_label_and_annotation_keys(key, allo
         rule = overlay["properties"][field]["x-kubernetes-validations"][0]["rule"]
         verdict = env.program(env.compile(rule)).evaluate({"self": celpy.json_to_cel({key: "v"})})
         assert bool(verdict) is allowed, (field, key)
+
+
+# -- CEL: what `kubectl apply` (and an Argo CD or Flux sync) refuses, as the API server would -------
+
+def _with_defaults(schema: dict, value: Any) -> Any:
+    """Structural defaulting, as the API server does before validating: a missing property with a
+    default gets it (and the default is defaulted in turn)."""
+    if isinstance(value, dict) and "properties" in schema:
+        for name, sub in schema["properties"].items():
+            if name not in value and "default" in sub:
+                value[name] = copy.deepcopy(sub["default"])
+            if name in value:
+                value[name] = _with_defaults(sub, value[name])
+    elif isinstance(value, list) and isinstance(schema.get("items"), dict):
+        value = [_with_defaults(schema["items"], item) for item in value]
+    return value
+
+
+def cel_refusals(manifest: dict) -> list[str]:
+    """Every CEL rule of the CRD evaluated where the API server would (each object the schema puts
+    one on), on the defaulted manifest; create-time only (rules on oldSelf are updates' business).
+    Returns '<path>: <message>' for each rule that fails."""
+    import celpy
+
+    env = celpy.Environment()
+    schema = crd_schema()
+    manifest = _with_defaults(schema, copy.deepcopy(manifest))
+    failures = []
+
+    def walk(node: dict, value: Any, path: str) -> None:
+        if value is None:
+            return
+        for rule in node.get("x-kubernetes-validations", []):
+            if "oldSelf" in rule["rule"]:
+                continue
+            if not bool(env.program(env.compile(rule["rule"])).evaluate({"self": celpy.json_to_cel(value)})):
+                failures.append(f"{path}: {rule['message']}")
+        if isinstance(value, dict):
+            for name, sub in node.get("properties", {}).items():
+                walk(sub, value.get(name), f"{path}.{name}".lstrip("."))
+        elif isinstance(value, list) and isinstance(node.get("items"), dict):
+            for i, item in enumerate(value):
+                walk(node["items"], item, f"{path}[{i}]")
+
+    walk(schema, manifest, "")
+    return failures
+
+
+def _evaluation(**fields) -> dict:
+    return {"attack": {"target": {"kind": "insertion"}}, "triggeredUri": "s3://eval/triggered", **fields}
+
+
+def _attack(trigger=None, target=None) -> dict:
+    return {"attack": {"trigger": trigger or {}, "target": target or {"kind": "insertion"}},
+            "triggeredUri": "s3://eval/triggered"}
+
+
+# (case, manifest, the field the refusal names, refused by `disp run` too). The typed spec's
+# cross-field rules are `disp run`'s as well; the S3 and storage rules are a cluster's (the operator
+# checks them too), since `disp run` on one machine reads local folders.
+CEL_REFUSED = [
+    ("relabel genLength not a multiple of blockLength",
+     job_body(relabel={"decoding": {"genLength": 30, "blockLength": 8}}), "genLength", True),
+    ("relabel steps not a multiple of the blocks",
+     job_body(relabel={"decoding": {"genLength": 32, "blockLength": 8, "steps": 6}}), "steps", True),
+    ("evaluation genLength not a multiple of blockLength",
+     job_body(evaluation=_evaluation(decoding={"genLength": 20, "blockLength": 16})), "genLength", True),
+    ("evaluation with both attack and attackUri", job_body(evaluation=_evaluation(attackUri="s3://a/attack")),
+     "attackUri", True),
+    ("evaluation with neither attack nor attackUri", job_body(evaluation={"triggeredUri": "s3://eval/t"}),
+     "attackUri", True),
+    ("trigger colour out of range", job_body(evaluation=_attack(trigger={"colour": [0, 300, 0]})), "colour", True),
+    ("negative trigger position", job_body(evaluation=_attack(trigger={"position": [-1, 4]})), "position", True),
+    ("blended trigger positioned without a pattern",
+     job_body(evaluation=_attack(trigger={"kind": "blended", "position": [4, 4]})), "position", True),
+    ("misclassification onto its own class",
+     job_body(evaluation=_attack(target={"kind": "misclassification", "sourceClass": "circle",
+                                         "targetClass": "circle"})), "targetClass", True),
+    ("model uri not on S3", job_body(model={"uri": "/data/model"}), "model.uri", False),
+    ("projector uri not on S3", job_body(model={"uri": "s3://models/m", "projectorUri": "https://x/p.bin"}),
+     "model.projectorUri", False),
+    ("dataset uri not on S3", job_body(dataset={"uri": "gs://bucket/train"}), "dataset.uri", False),
+    ("output uri not on S3", job_body(output={"uri": "file:///runs"}), "output.uri", False),
+    ("triggered set not on S3", job_body(evaluation=_evaluation(triggeredUri="/eval/t")), "evaluation.triggeredUri",
+     False),
+    ("clean set not on S3", job_body(evaluation=_evaluation(cleanUri="/eval/c")), "evaluation.cleanUri", False),
+    ("storage without credentials", job_body(storage={"endpoint": "minio:9000"}), "credentialsSecret", False),
+    ("reserved pod label", job_body(podTemplate={"metadata": {"labels": {"disp.dev/stage": "x"}}}), "labels", True),
+]
+
+
+def _long_name() -> dict:
+    body = job_body()
+    body["metadata"]["name"] = "a" * 64
+    return body
+
+
+CEL_REFUSED.append(("name longer than a DNS label", _long_name(), "metadata.name", True))
+
+
+@pytest.mark.parametrize("case, manifest, field, by_disp_run", CEL_REFUSED, ids=[c[0] for c in CEL_REFUSED])
+def test_the_api_server_refuses_at_apply_what_disp_run_and_the_operator_refuse(case, manifest, field, by_disp_run,
+                                                                               tmp_path):
+    from disp_runner.errors import UserInputError
+    from disp_runner.jobfile import load_job
+
+    refusals = cel_refusals(manifest)
+    assert refusals and all(field in r for r in refusals), (case, refusals)  # the message names the field
+    assert schema_errors(manifest) == [], "refused by CEL, not by a plain schema check"
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump({k: v for k, v in manifest.items() if k != "status"}))
+    if by_disp_run:  # the same spec, the same meaning, where `disp run` reads it
+        with pytest.raises(UserInputError, match=field.split(".")[-1]):
+            load_job(path)
+    else:  # a cluster's rule: the operator's own check says the same
+        with pytest.raises(InvalidSpec, match=field.split(".")[-1]):
+            check_static(parse_job(manifest))
+
+
+def test_the_generated_cel_rules_accept_every_example_and_a_valid_spec():
+    assert cel_refusals(job_body()) == []
+    assert cel_refusals(job_body(evaluation=_attack(trigger={"kind": "blended"}, target={
+        "kind": "misclassification", "sourceClass": "circle", "targetClass": "square"}))) == []
+    for example in EXAMPLES:
+        assert cel_refusals(yaml.safe_load(example.read_text())) == [], example.name

@@ -34,7 +34,7 @@ def _attack_args(ws, *extra):
     (["--trigger-colour", "1,2"], "--trigger-colour: expected 3 comma-separated integers"),
     (["--trigger-colour", "0,0,300"], "attack.trigger: Value error, colour values must be in 0..255"),
     (["--blend-alpha", "0"], "attack.trigger.alpha"),
-    (["--target", "misclassification", "--target-class", "circle"], "source_class and target_class must differ"),
+    (["--target", "misclassification", "--target-class", "circle"], "sourceClass and targetClass must differ"),
     (["--trigger-pattern", "/no/such.png"], "trigger.pattern: pattern image /no/such.png does not exist"),
     (["--trigger", "blended", "--trigger-position", "3,4"],
      "attack.trigger: Value error, position needs a pattern image for a blended trigger"),
