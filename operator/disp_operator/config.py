@@ -54,6 +54,10 @@ class OperatorConfig:
     progress_interval: float = 10.0  # seconds between reads of a running job's progress.json
     default_storage: Optional[StorageSpec] = None  # for jobs without spec.storage (the chart's MinIO)
     pending_threshold: timedelta = PENDING_THRESHOLD  # a stage pod Pending this long makes the job Stalled
+    # Namespaces whose credentials Secrets the operator may read (the chart grants exactly these);
+    # None: any (no chart: a developer's own kubeconfig).
+    credential_namespaces: Optional[frozenset[str]] = None
+    forbid_unsafe_pickle: bool = False  # refuse spec.model.allowUnsafePickle cluster-wide
 
     @classmethod
     def from_env(cls) -> "OperatorConfig":
@@ -72,7 +76,24 @@ class OperatorConfig:
             default_storage=_default_storage(),
             pending_threshold=timedelta(seconds=_number("DISP_PENDING_THRESHOLD_SECONDS",
                                                         PENDING_THRESHOLD.total_seconds(), 1.0)),
+            credential_namespaces=_namespaces("DISP_CREDENTIAL_NAMESPACES"),
+            forbid_unsafe_pickle=_flag("DISP_FORBID_UNSAFE_PICKLE"),
         )
+
+
+def _namespaces(name: str) -> Optional[frozenset[str]]:
+    """A comma-separated list of namespaces; unset: no restriction, set but empty: none at all."""
+    raw = os.environ.get(name)
+    if raw is None:
+        return None
+    return frozenset(ns.strip() for ns in raw.split(",") if ns.strip())
+
+
+def _flag(name: str) -> bool:
+    raw = os.environ.get(name, "false").strip().lower()
+    if raw not in ("true", "false"):
+        raise ConfigError(f"{name}: {raw!r} is not true or false")
+    return raw == "true"
 
 
 def _default_storage() -> Optional[StorageSpec]:

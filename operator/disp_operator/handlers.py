@@ -16,7 +16,7 @@ from disp_operator.config import OperatorConfig
 from disp_operator.kube import KubeApi, client_configuration
 from disp_operator.metrics import OperatorMetrics
 from disp_operator.naming import GROUP, LABEL_JOB, LABEL_MANAGED_BY, MANAGED_BY, PLURAL, VERSION
-from disp_operator.service import OperatorRuntime, effective_job
+from disp_operator.service import OperatorRuntime, effective_job, read_credentials
 from disp_operator.validation import InvalidSpec
 
 OURS = {LABEL_MANAGED_BY: MANAGED_BY}
@@ -129,8 +129,11 @@ async def deleted(body: kopf.Body, memo: kopf.Memo, logger: logging.Logger, **_:
         return  # it never ran
     if job.spec.storage is None:
         return
-    data = await asyncio.to_thread(runtime.kube.secret_data, job.metadata.namespace,
-                                   job.spec.storage.credentials_secret.name)
+    try:
+        data = await read_credentials(runtime, job)
+    except InvalidSpec as exc:
+        logger.warning("artifacts of %s not cleaned up: %s", job.run_uri(), exc)
+        return
     if data is None:
         logger.warning("artifacts of %s not cleaned up: credentials Secret gone", job.run_uri())
         return

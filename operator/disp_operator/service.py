@@ -31,7 +31,8 @@ from disp_operator.jobs import finetune_nodes, rendezvous_service, stage_job
 from disp_operator.kube import KubeApi
 from disp_operator.metrics import OperatorMetrics
 from disp_operator.reconcile import Observation, Plan, reconcile, reject
-from disp_operator.validation import ClusterFacts, InvalidSpec, check_cluster, check_static, parse_job
+from disp_operator.validation import (ClusterFacts, InvalidSpec, check_cluster, check_policy, check_static,
+                                      parse_job)
 from disp_runner.store.s3 import StoreError, StoreUnavailableError
 
 ERROR_BACKOFF = 5.0  # seconds before a pass that raised is repeated
@@ -146,11 +147,11 @@ class JobLoop:
             job = effective_job(self.body, self.rt.config)
             if not self.validated:
                 await self._validate(job)
+            if self.store is None:
+                self.store = await self._open_store(job)
         except InvalidSpec as exc:
             await self._apply(reject(self.status, str(exc), generation, now), job=None)
             return FINISHED_INTERVAL
-        if self.store is None:
-            self.store = await self._open_store(job)
         ended, pending = self._pods()
         observed = Observation(now=now, children=self._children(), pods=ended, pending=pending,
                                progress=await self._progress(job))
@@ -168,8 +169,8 @@ class JobLoop:
 
     async def _validate(self, job: PurificationJob) -> None:
         check_static(job)
-        ref = job.spec.storage.credentials_secret
-        data = await asyncio.to_thread(self.rt.kube.secret_data, self.namespace, ref.name)
+        check_policy(job, self.rt.config.credential_namespaces, self.rt.config.forbid_unsafe_pickle)
+        data = await self._credentials(job)
         check_cluster(job, ClusterFacts(secret_keys=None if data is None else frozenset(data)))
         self.store = await self._open_store(job, data)
         try:
@@ -183,10 +184,13 @@ class JobLoop:
         check_cluster(job, ClusterFacts(secret_keys=frozenset(data), model_files=files, model_type=model_type))
         self.validated = True
 
+    async def _credentials(self, job: PurificationJob) -> Optional[dict[str, str]]:
+        """The credentials Secret's data (None: it does not exist), read only where allowed."""
+        return await read_credentials(self.rt, job)
+
     async def _open_store(self, job: PurificationJob, data: Optional[dict[str, str]] = None) -> RunStore:
         if data is None:
-            data = await asyncio.to_thread(self.rt.kube.secret_data, self.namespace,
-                                           job.spec.storage.credentials_secret.name) or {}
+            data = await self._credentials(job) or {}
         return RunStore.from_secret_data(job, data)
 
     def _children(self) -> dict[str, ChildJob]:
@@ -284,3 +288,11 @@ def _read_status(raw: Optional[Mapping[str, Any]]) -> PurificationJobStatus:
 
 
 _STATUS_KEYS = {to_camel(name) for name in PurificationJobStatus.model_fields}
+
+
+async def read_credentials(runtime: OperatorRuntime, job: PurificationJob) -> Optional[dict[str, str]]:
+    """A job's credentials Secret (None when it does not exist), read only in the namespaces the
+    operator may read Secrets in (InvalidSpec otherwise: the chart grants no more)."""
+    check_policy(job, runtime.config.credential_namespaces, forbid_unsafe_pickle=False)
+    return await asyncio.to_thread(runtime.kube.secret_data, job.metadata.namespace,
+                                   job.spec.storage.credentials_secret.name)

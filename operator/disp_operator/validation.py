@@ -73,6 +73,20 @@ def check_static(job: PurificationJob) -> None:
         raise InvalidSpec("spec.storage.credentialsSecret: required (a Secret with the S3 access and secret keys)")
 
 
+def check_policy(job: PurificationJob, credential_namespaces: Optional[frozenset[str]],
+                 forbid_unsafe_pickle: bool) -> None:
+    """What the cluster's operator is configured to allow (the chart's values)."""
+    if forbid_unsafe_pickle and job.spec.model.allow_unsafe_pickle:
+        raise InvalidSpec("spec.model.allowUnsafePickle: this cluster refuses pickle weights (they run code when "
+                          "loaded; the operator's forbidUnsafePickle is set): convert the model to safetensors")
+    namespace = job.metadata.namespace
+    if credential_namespaces is not None and namespace not in credential_namespaces:
+        raise InvalidSpec(f"spec.storage.credentialsSecret: the operator may not read Secrets in namespace "
+                          f"{namespace!r} (it reads S3 credentials only in: "
+                          f"{', '.join(sorted(credential_namespaces)) or 'no namespace'}); ask the cluster's "
+                          "administrators to add it to the chart's credentialNamespaces")
+
+
 @dataclass(frozen=True)
 class ClusterFacts:
     """What the handler looked up before validating."""

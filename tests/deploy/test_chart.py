@@ -190,3 +190,35 @@ def test_the_argocd_health_check(case, status, health):
     result = check(lua.table_from(json.loads(json.dumps(obj)), recursive=True))
     assert result["status"] == health
     assert result["message"]
+
+
+@pytest.mark.parametrize("values, namespaces", [
+    ({"watchNamespaces": ["ml-team", "research"]}, ["ml-team", "research"]),
+    ({"credentialNamespaces": ["ml-team"]}, ["ml-team"]),
+    ({}, []),  # cluster-wide without credential namespaces: no job can run anywhere
+])
+def test_stage_pods_are_fenced_in_every_namespace_jobs_run_in(values, namespaces):
+    from disp_api import StageName
+    from disp_api.status import StepKind
+    from disp_operator.jobs import RunnerDefaults, stage_job
+    from tests.operator.conftest import make_job
+
+    policies = [p for p in by_kind(render(values), "NetworkPolicy") if p["metadata"]["name"].endswith("-runners")]
+    assert sorted(p["metadata"]["namespace"] for p in policies) == namespaces
+    pod_labels = stage_job(make_job(), StageName.FINETUNE, StepKind.RUN, 1, RunnerDefaults())["spec"]["template"][
+        "metadata"]["labels"]
+    for policy in policies:
+        kubernetes_validate.validate(policy, KUBE_VERSION, strict=True)
+        spec = policy["spec"]
+        assert spec["podSelector"]["matchLabels"].items() <= pod_labels.items()  # selects every stage pod
+        assert spec["policyTypes"] == ["Ingress", "Egress"]
+        ports = [sorted((p["port"], p["protocol"]) for p in rule.get("ports", [])) for rule in spec["egress"]]
+        assert ports == [[(53, "TCP"), (53, "UDP")], [(9000, "TCP")], []]  # DNS, S3, each other: nothing else
+        assert spec["egress"][2]["to"] == [{"podSelector": {"matchLabels": {"app.kubernetes.io/managed-by":
+                                                                            "disp-operator"}}}]
+        assert spec["ingress"] == [{"from": spec["egress"][2]["to"]}]
+    external = by_kind(render({"credentialNamespaces": ["ml-team"], "runnerNetworkPolicy": {
+        "s3": {"cidrs": ["203.0.113.0/24"], "port": 443}}}), "NetworkPolicy")
+    (fenced,) = [p for p in external if p["metadata"]["name"].endswith("-runners")]
+    assert fenced["spec"]["egress"][1] == {"to": [{"ipBlock": {"cidr": "203.0.113.0/24"}}],
+                                           "ports": [{"port": 443, "protocol": "TCP"}]}

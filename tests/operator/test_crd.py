@@ -404,3 +404,18 @@ def test_the_generated_cel_rules_accept_every_example_and_a_valid_spec():
         "kind": "misclassification", "sourceClass": "circle", "targetClass": "square"}))) == []
     for example in EXAMPLES:
         assert cel_refusals(yaml.safe_load(example.read_text())) == [], example.name
+
+
+def test_the_cluster_can_forbid_pickle_and_fence_credentials_by_namespace():
+    from disp_operator.validation import check_policy
+
+    pickled = parse_job(job_body(model={"uri": "s3://models/m", "allowUnsafePickle": True}))
+    check_policy(pickled, None, forbid_unsafe_pickle=False)  # the job's own opt-in is enough by default
+    with pytest.raises(InvalidSpec, match=r"spec.model.allowUnsafePickle: this cluster refuses pickle"):
+        check_policy(pickled, None, forbid_unsafe_pickle=True)
+    job = parse_job(job_body())  # namespace "team"
+    check_policy(job, frozenset({"team", "other"}), forbid_unsafe_pickle=False)
+    with pytest.raises(InvalidSpec, match=r"may not read Secrets in namespace 'team' .*in: other\); ask"):
+        check_policy(job, frozenset({"other"}), forbid_unsafe_pickle=False)
+    with pytest.raises(InvalidSpec, match="in: no namespace"):
+        check_policy(job, frozenset(), forbid_unsafe_pickle=False)

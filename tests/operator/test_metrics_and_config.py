@@ -62,10 +62,20 @@ def test_config_reads_the_environment(monkeypatch):
     config = OperatorConfig.from_env()
     assert config.runner.image == "mirror/disp:2"
     assert config.backoff.base_seconds == 30 and config.metrics_port == 0
+    assert config.credential_namespaces is None and config.forbid_unsafe_pickle is False  # no chart: unfenced
+    monkeypatch.setenv("DISP_CREDENTIAL_NAMESPACES", "ml-team, research")
+    monkeypatch.setenv("DISP_FORBID_UNSAFE_PICKLE", "true")
+    monkeypatch.setenv("DISP_PENDING_THRESHOLD_SECONDS", "120")
+    config = OperatorConfig.from_env()
+    assert config.credential_namespaces == {"ml-team", "research"} and config.forbid_unsafe_pickle is True
+    assert config.pending_threshold.total_seconds() == 120
+    monkeypatch.setenv("DISP_CREDENTIAL_NAMESPACES", "")  # the chart, cluster-wide, with no namespace listed
+    assert OperatorConfig.from_env().credential_namespaces == frozenset()
 
 
 @pytest.mark.parametrize("name, value", [("DISP_RETRY_BASE_SECONDS", "soon"), ("DISP_RECONCILE_INTERVAL_SECONDS", "0"),
-                                         ("DISP_METRICS_PORT", "-1")])
+                                         ("DISP_METRICS_PORT", "-1"), ("DISP_FORBID_UNSAFE_PICKLE", "yes"),
+                                         ("DISP_PENDING_THRESHOLD_SECONDS", "0")])
 def test_bad_settings_name_the_variable(monkeypatch, name, value):
     monkeypatch.setenv(name, value)
     with pytest.raises(ConfigError, match=name):

@@ -46,9 +46,22 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
   resources: ["services"]
   verbs: ["create"]
 - apiGroups: [""]
-  resources: ["secrets"]
-  verbs: ["get"]
-- apiGroups: [""]
   resources: ["events"]
   verbs: ["create"]
+{{- end -}}
+
+{{/* Reading S3 credentials: granted only by Roles, in the namespaces the operator may read them. */}}
+{{- define "disp-operator.secretRules" -}}
+- apiGroups: [""]
+  resources: ["secrets"]
+  verbs: ["get"]
+{{- end -}}
+
+{{/* The namespaces whose Secrets the operator may read (see values.yaml, credentialNamespaces). */}}
+{{- define "disp-operator.credentialNamespaces" -}}
+{{- if .Values.watchNamespaces -}}
+{{- join "," .Values.watchNamespaces -}}
+{{- else -}}
+{{- join "," .Values.credentialNamespaces -}}
+{{- end -}}
 {{- end -}}
