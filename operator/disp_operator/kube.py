@@ -6,7 +6,7 @@ service account in a cluster, $KUBECONFIG elsewhere (read when the operator star
 from __future__ import annotations
 
 import os
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import kubernetes
 from kubernetes.client.exceptions import ApiException
@@ -37,23 +37,11 @@ class KubeApi:
 
     def create_job(self, manifest: dict[str, Any]) -> bool:
         """Create a Job; False if one of that name exists already (names are deterministic)."""
-        try:
-            self.batch.create_namespaced_job(manifest["metadata"]["namespace"], manifest)
-            return True
-        except ApiException as exc:
-            if exc.status == 409:
-                return False
-            raise
+        return _create(self.batch.create_namespaced_job, manifest)
 
     def create_service(self, manifest: dict[str, Any]) -> bool:
         """Create a Service; False if it exists already (one per job, shared by its attempts)."""
-        try:
-            self.core.create_namespaced_service(manifest["metadata"]["namespace"], manifest)
-            return True
-        except ApiException as exc:
-            if exc.status == 409:
-                return False
-            raise
+        return _create(self.core.create_namespaced_service, manifest)
 
     def delete_job(self, namespace: str, name: str) -> None:
         """Delete a Job and, in the background, its pods; a Job already gone is fine."""
@@ -78,3 +66,14 @@ class KubeApi:
 
     def close(self) -> None:
         self.client.close()
+
+
+def _create(create: Callable[[str, dict[str, Any]], Any], manifest: dict[str, Any]) -> bool:
+    """Create an object; False when one of its (deterministic) name exists: creating twice is harmless."""
+    try:
+        create(manifest["metadata"]["namespace"], manifest)
+        return True
+    except ApiException as exc:
+        if exc.status == 409:
+            return False
+        raise

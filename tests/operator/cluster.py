@@ -10,8 +10,10 @@
   command/args, $(VAR) expansion, secretKeyRef from the emulator's Secrets, runAsNonRoot), runs it
   as a local subprocess, then writes the pods' terminated state and the Job's conditions. A Job
   deleted while its pods run gets them killed. It can also inject kubelet-level faults
-  (OOM kill, eviction) into chosen pods. Like the Job controller, it starts no pod of a suspended
-  Job until the Job is unsuspended (what Kueue does when it admits one).
+  (OOM kill, eviction) into chosen pods, kill a running pod (SIGKILL, reported as OOMKilled, as the
+  kernel's OOM killer does) once a condition holds, or leave a Job's pods Pending with the
+  scheduler's PodScheduled=False/Unschedulable condition. Like the Job controller, it starts no pod
+  of a suspended Job until the Job is unsuspended (what Kueue does when it admits one).
 
   What a local subprocess cannot do, it maps, and says so here: the image's folders (/opt/disp/bin,
   the venv on the image's PATH) are this test run's venv; each volume mount is a temporary folder,
