@@ -74,18 +74,8 @@ class RelabelStage:
                                          batch_size=spec.batch_size, seed=spec.seed, transform_image_embeds=mask_tokens,
                                          description="relabel", show_progress=ctx.show_progress,
                                          index_offset=items.start, on_batch=ctx.report_progress)
-        else:  # only the suspects are decoded; the others keep the dataset's answer
-            chosen = [i for i, flag in enumerate(suspect) if flag]
-            chosen_masks = [masked[i] for i in chosen]
-            decoded = generate_responses(
-                model, processor, [prompted[i] for i in chosen], ctx.decoding(), batch_size=spec.batch_size,
-                seed=spec.seed, description="relabel suspects", show_progress=ctx.show_progress,
-                transform_image_embeds=lambda embeds, rows: mask_image_embeds(embeds, chosen_masks[rows],
-                                                                              mask_embedding))
-            answers = [inst.response for inst in instances]
-            for i, answer in zip(chosen, decoded):
-                answers[i] = answer
-            ctx.report_progress(len(instances))
+        else:
+            answers = _relabel_suspects(ctx, instances, prompted, masked, suspect)
         evidence = None
         if spec.min_evidence is not None:
             # How much more likely the masked input makes the new answer than the dataset's (nats).
@@ -150,6 +140,24 @@ class RelabelStage:
         if ctx.spec.relabel.min_evidence is not None:
             metrics["keptOriginal"] = kept
         return StageResult(items=items, metrics=metrics)
+
+
+def _relabel_suspects(ctx: StageContext, instances: list[Instance], prompted: list[Instance],
+                      masked: list[list[int]], suspect: list[bool]) -> list[str]:
+    """relabel.scope: suspects — only the suspects are decoded; the others keep the dataset's answer."""
+    model, processor = ctx.compromised_model()
+    mask_embedding = model.mask_embedding().detach()
+    chosen = [i for i, flag in enumerate(suspect) if flag]
+    chosen_masks = [masked[i] for i in chosen]
+    decoded = generate_responses(
+        model, processor, [prompted[i] for i in chosen], ctx.decoding(), batch_size=ctx.spec.relabel.batch_size,
+        seed=ctx.spec.relabel.seed, description="relabel suspects", show_progress=ctx.show_progress,
+        transform_image_embeds=lambda embeds, rows: mask_image_embeds(embeds, chosen_masks[rows], mask_embedding))
+    answers = [inst.response for inst in instances]
+    for i, answer in zip(chosen, decoded):
+        answers[i] = answer
+    ctx.report_progress(len(instances))
+    return answers
 
 
 def _audit(ctx: StageContext, instances: list[Instance], salient: list[list[int]],
