@@ -170,7 +170,7 @@ class JobLoop:
     async def _validate(self, job: PurificationJob) -> None:
         check_static(job)
         check_policy(job, self.rt.config.credential_namespaces, self.rt.config.forbid_unsafe_pickle)
-        data = await self._credentials(job)
+        data = await read_credentials(self.rt, job)
         check_cluster(job, ClusterFacts(secret_keys=None if data is None else frozenset(data)))
         self.store = await self._open_store(job, data)
         try:
@@ -184,13 +184,9 @@ class JobLoop:
         check_cluster(job, ClusterFacts(secret_keys=frozenset(data), model_files=files, model_type=model_type))
         self.validated = True
 
-    async def _credentials(self, job: PurificationJob) -> Optional[dict[str, str]]:
-        """The credentials Secret's data (None: it does not exist), read only where allowed."""
-        return await read_credentials(self.rt, job)
-
     async def _open_store(self, job: PurificationJob, data: Optional[dict[str, str]] = None) -> RunStore:
         if data is None:
-            data = await self._credentials(job) or {}
+            data = await read_credentials(self.rt, job) or {}
         return RunStore.from_secret_data(job, data)
 
     def _children(self) -> dict[str, ChildJob]:

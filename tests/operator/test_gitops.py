@@ -18,7 +18,7 @@ from disp_api.status import PurificationJobStatus
 from disp_operator.crd import IMMUTABLE_MESSAGE
 from disp_operator.validation import check_static, parse_job
 from tests.operator.conftest import job_body, k8s_job, k8s_pod, make_job
-from tests.operator.test_crd import cel_refusals, crd_schema, schema_errors
+from tests.operator.test_crd import _defaulted, cel_refusals, crd_schema, schema_errors
 from tests.operator.test_reconcile import T0, run_to, step
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -37,12 +37,6 @@ def test_changing_a_parameter_is_refused_with_how_to_re_run():
     verdict = env.program(env.compile(rule["rule"])).evaluate({"self": celpy.json_to_cel(_defaulted(new)),
                                                                "oldSelf": celpy.json_to_cel(_defaulted(old))})
     assert not bool(verdict)
-
-
-def _defaulted(spec: dict) -> dict:
-    from disp_api import PurificationJobSpec
-
-    return PurificationJobSpec.model_validate(spec).model_dump(mode="json", by_alias=True, exclude_none=True)
 
 
 def _kustomize(folder: Path) -> list[dict]:

@@ -37,6 +37,14 @@ def store(s3_endpoint):
     return s
 
 
+def upload_inputs(store, bucket, workspace, folders):
+    """The workspace's folders under s3://BUCKET/inputs/."""
+    for name in folders:
+        for path in sorted((workspace / name).rglob("*")):
+            if path.is_file():
+                store.upload_file(path, bucket, f"inputs/{name}/{path.relative_to(workspace / name).as_posix()}")
+
+
 def make_stage(folder):
     from disp_runner.pipeline.artifacts import write_stage_manifest
 
@@ -219,10 +227,7 @@ def test_disp_run_on_s3_gives_the_local_metrics(workspace, tmp_path, s3_endpoint
     monkeypatch.setenv("DISP_S3_SECRET_KEY", SECRET)
     monkeypatch.setenv("DISP_SCRATCH", str(tmp_path / "scratch"))
     store = S3Store(s3_endpoint, ACCESS, SECRET, secure=False)
-    for name in ("model", "train", "triggered", "untriggered", "clean"):
-        for path in sorted((workspace / name).rglob("*")):
-            if path.is_file():
-                store.upload_file(path, bucket, f"inputs/{name}/{path.relative_to(workspace / name).as_posix()}")
+    upload_inputs(store, bucket, workspace, ("model", "train", "triggered", "untriggered", "clean"))
 
     local = PurificationJob.model_validate(job_document(workspace))
     run_job(local, show_progress=False)
@@ -316,10 +321,7 @@ def test_a_fine_tune_pod_lost_after_epoch_two_resumes_in_a_fresh_pod_at_epoch_th
     monkeypatch.setenv("DISP_S3_SECRET_KEY", SECRET)
     monkeypatch.setenv("DISP_SCRATCH", str(tmp_path / "pod-1"))
     store = S3Store(s3_endpoint, ACCESS, SECRET, secure=False)
-    for name in ("model", "train"):
-        for path in sorted((workspace / name).rglob("*")):
-            if path.is_file():
-                store.upload_file(path, bucket, f"inputs/{name}/{path.relative_to(workspace / name).as_posix()}")
+    upload_inputs(store, bucket, workspace, ("model", "train"))
     finetune = {"epochs": 4, "batchSize": 7, "learningRate": 0.01}  # 4 steps an epoch, 16 in all
     local = PurificationJob.model_validate(job_document(workspace, evaluation=None, finetune=finetune))
     run_job(local, show_progress=False)  # uninterrupted
