@@ -5,6 +5,7 @@ from disp_api.attack import AttackSpec, AttackTarget, Corner, TargetSpec, Trigge
 from disp_api.metrics import AuditFigures, EvaluationMetrics, MetricsCounts, MetricsSummary, PurificationMetrics
 from disp_api.spec import (
     DatasetSource,
+    DecodingCache,
     DecodingSpec,
     EvaluationSpec,
     FinetuneSpec,
@@ -24,7 +25,7 @@ from disp_api.spec import (
 )
 
 __all__ = [
-    "AttackSpec", "AttackTarget", "AuditFigures", "Corner", "DatasetSource", "DecodingSpec", "EvaluationMetrics", "EvaluationSpec",
+    "AttackSpec", "AttackTarget", "AuditFigures", "Corner", "DatasetSource", "DecodingCache", "DecodingSpec", "EvaluationMetrics", "EvaluationSpec",
     "FinetuneSpec", "MaskingSpec", "MetricsCounts", "MetricsSummary", "ModelSource", "ObjectMeta", "OutputSpec", "ParallelismSpec",
     "PurificationJob", "PurificationJobSpec", "PurificationMetrics", "RelabelSpec", "SaliencySpec", "SecretKeyRef", "StageName", "StorageSpec",
     "TargetSpec", "TrainableParts", "TriggerKind", "TriggerSpec",

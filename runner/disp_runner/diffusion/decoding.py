@@ -6,11 +6,11 @@ Pure tensor functions; the model is passed in as a callable so the same code ser
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Protocol, Sequence
 
 import torch
 
-from disp_api import DecodingSpec
+from disp_api import DecodingCache, DecodingSpec
 from disp_runner.errors import UserInputError
 
 
@@ -42,6 +42,8 @@ class DecodingConfig:
     gen_length: int = 32
     block_length: int = 32
     temperature: float = 0.0
+    cache: DecodingCache = DecodingCache.NONE
+    cache_refresh_steps: int | None = None  # None: the cache is computed once per block
 
     def __post_init__(self) -> None:
         if self.gen_length <= 0 or self.steps <= 0 or self.block_length <= 0:
@@ -53,6 +55,8 @@ class DecodingConfig:
             raise ValueError(f"steps {self.steps} must be a multiple of the number of blocks {num_blocks}")
         if self.temperature < 0:
             raise ValueError("temperature must be >= 0")
+        if self.cache_refresh_steps is not None and (self.cache is DecodingCache.NONE or self.cache_refresh_steps <= 0):
+            raise ValueError("cache_refresh_steps must be positive and needs a cache")
 
     @classmethod
     def for_model(cls, spec: DecodingSpec, model_gen_length: int | None, field: str) -> "DecodingConfig":
@@ -63,7 +67,8 @@ class DecodingConfig:
         block_length = spec.block_length or gen_length
         steps = spec.steps or gen_length
         try:
-            return cls(steps=steps, gen_length=gen_length, block_length=block_length, temperature=spec.temperature)
+            return cls(steps=steps, gen_length=gen_length, block_length=block_length, temperature=spec.temperature,
+                       cache=spec.cache, cache_refresh_steps=spec.cache_refresh_steps)
         except ValueError as exc:
             raise UserInputError(f"{field}: {exc} (with what the manifest leaves out taken from the model: "
                                  f"genLength {gen_length}, blockLength {block_length}, steps {steps})") from None
@@ -83,9 +88,27 @@ class DecodingConfig:
 LogitsFn = Callable[[torch.Tensor], torch.Tensor]  # ids [B, L] -> logits [B, L, V]
 
 
+class Denoiser(Protocol):
+    """What a decoding step asks the model: the logits of the current block's positions."""
+
+    def block_logits(self, ids: torch.Tensor, block: slice, step: int) -> torch.Tensor:
+        """Logits [B, block length, V] of `block`'s positions of `ids` [B, L]; `step` counts the
+        steps within the block from 0 (a cache refreshes itself on the steps it chooses)."""
+
+
+@dataclass(frozen=True)
+class ExactDenoiser:
+    """Exact decoding: every step a full forward pass over the whole sequence."""
+
+    logits_fn: LogitsFn
+
+    def block_logits(self, ids: torch.Tensor, block: slice, step: int) -> torch.Tensor:
+        return self.logits_fn(ids)[:, block]
+
+
 @torch.no_grad()
 def diffusion_generate(
-    logits_fn: LogitsFn,
+    denoiser: Denoiser | LogitsFn,
     input_ids: torch.Tensor,
     mask_token_id: int,
     decoding: DecodingConfig,
@@ -98,9 +121,13 @@ def diffusion_generate(
     Semi-autoregressive: blocks of `block_length` left to right, `steps_per_block` steps each; at
     every step all masked positions are predicted and the k most confident of the current block
     are kept. Returns the generated response ids [B, gen_length]. `on_step(step, ids)` observes.
+    `denoiser` gives the block's logits (a plain function of the ids returning every position's
+    logits decodes exactly).
     `never_generate` are ids no position may take (the [MASK] itself, image placeholders): their
     logits are -inf before argmax or sampling, as the authors' decoder does for its special ids.
     """
+    if not hasattr(denoiser, "block_logits"):
+        denoiser = ExactDenoiser(denoiser)
     ids = input_ids.clone()
     b, l = ids.shape
     g = decoding.gen_length
@@ -113,25 +140,23 @@ def diffusion_generate(
         hi = lo + decoding.block_length
         schedule = transfer_schedule((ids[:, lo:hi] == mask_token_id).sum(dim=1), decoding.steps_per_block)
         for step in range(decoding.steps_per_block):
-            masked = ids == mask_token_id  # [B, L]
-            logits = logits_fn(ids)  # [B, L, V]
+            # Only the block's masked positions compete for un-masking, so only their logits matter.
+            masked = ids[:, lo:hi] == mask_token_id  # [B, W]
+            logits = denoiser.block_logits(ids, slice(lo, hi), step)  # [B, W, V]
             if never_generate:
                 logits = logits.clone()
                 logits[..., list(never_generate)] = -torch.inf
-            predicted = torch.argmax(add_gumbel_noise(logits, decoding.temperature, generator), dim=-1)  # [B, L]
+            predicted = torch.argmax(add_gumbel_noise(logits, decoding.temperature, generator), dim=-1)  # [B, W]
             probs = torch.softmax(logits.float(), dim=-1)
-            confidence = torch.gather(probs, -1, predicted[..., None]).squeeze(-1)  # [B, L]
-            # Only masked positions of the current block compete for un-masking.
-            in_block = torch.zeros_like(masked)
-            in_block[:, lo:hi] = True
-            confidence = torch.where(masked & in_block, confidence, torch.full_like(confidence, -torch.inf))
+            confidence = torch.gather(probs, -1, predicted[..., None]).squeeze(-1)  # [B, W]
+            confidence = torch.where(masked, confidence, torch.full_like(confidence, -torch.inf))
             k_max = int(schedule[:, step].max())
             if k_max > 0:
                 top = torch.topk(confidence, k_max, dim=1).indices  # [B, k_max]
                 keep = torch.arange(k_max, device=ids.device)[None, :] < schedule[:, step:step + 1]
                 chosen = torch.zeros_like(masked)
                 chosen.scatter_(1, top, keep)
-                ids = torch.where(chosen, predicted, ids)
+                ids[:, lo:hi] = torch.where(chosen, predicted, ids[:, lo:hi])
             if on_step is not None:
                 on_step(step_index, ids)
             step_index += 1

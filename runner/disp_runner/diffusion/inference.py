@@ -8,9 +8,11 @@ from typing import Callable, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from disp_api import DecodingCache
 from disp_runner.data.dataset import Instance
 from disp_runner.device import autocast, sub_seed
 from disp_runner.diffusion.decoding import DecodingConfig, diffusion_generate
+from disp_runner.diffusion.prompt_cache import PromptCacheDenoiser, require_prompt_caching
 from disp_runner.models.base import DiffusionVLM, ModelInputs, Processor
 
 # Optional hook for DiSP: rewrite the visual tokens ([B, T, D]) of a batch before decoding.
@@ -47,10 +49,12 @@ def generate_responses(
 
     Decoding noise is seeded per batch from `seed` and the batch's global position
     (`index_offset` + its start), so a shard of whole batches decodes exactly as the full run.
-    `on_batch(done)` is called after each batch with the number of instances answered so far."""
+    `on_batch(done)` is called after each batch with the number of instances answered so far.
+    `decoding.cache` chooses exact decoding or a prompt cache (diffusion/prompt_cache.py)."""
     model.eval()
     device = model.device
     generator = torch.Generator(device=device)
+    cached = None if decoding.cache is DecodingCache.NONE else require_prompt_caching(model, decoding)
     texts: list[str] = []
     for lo in tqdm(range(0, len(instances), batch_size), desc=description, leave=False, disable=not show_progress,
                    mininterval=1.0):
@@ -64,7 +68,9 @@ def generate_responses(
                 return model(input_ids=ids, image_embeds=image_embeds, attention_mask=batch.attention_mask,
                              visual_spans=batch.visual_spans)
 
-            response_ids = diffusion_generate(logits_fn, batch.input_ids, processor.mask_token_id, decoding, generator,
+            denoiser = logits_fn if cached is None else PromptCacheDenoiser(
+                cached, batch.input_ids, batch.attention_mask, batch.visual_spans, image_embeds, decoding)
+            response_ids = diffusion_generate(denoiser, batch.input_ids, processor.mask_token_id, decoding, generator,
                                               never_generate=processor.never_generate)
         texts.extend(processor.decode(response_ids))
         if on_batch is not None:

@@ -26,7 +26,7 @@ import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Callable, Iterator, Protocol, Sequence
+from typing import Callable, Iterator, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 import torch
@@ -228,6 +228,34 @@ class DiffusionVLM(Protocol):
     def eval(self) -> "DiffusionVLM": ...
 
     def to(self, *args: object, **kwargs: object) -> "DiffusionVLM": ...
+
+
+@dataclass(frozen=True)
+class KeyValueContext:
+    """A prompt cache: every layer's keys and values ([B, H, C, hd], positions already encoded) of
+    the C positions a later forward pass attends to without recomputing them."""
+
+    layers: list[tuple[torch.Tensor, torch.Tensor]]
+
+
+@runtime_checkable
+class PromptCaching(Protocol):
+    """Optional part of the model protocol that cached decoding (`relabel.decoding.cache`) needs:
+    a full pass that also returns the keys and values of chosen positions, and a pass over a
+    window of text positions that attends to those instead of recomputing them. A family without
+    it decodes exactly (a cache asked of it is refused with a clear error)."""
+
+    def forward_with_context(self, *, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                             visual_spans: torch.Tensor, image_embeds: torch.Tensor, keep: torch.Tensor,
+                             logits_at: slice) -> tuple[torch.Tensor, KeyValueContext]:
+        """One full forward pass (as `DiffusionVLM.__call__`): the logits [B, W, V] of the positions
+        `logits_at` only, and the context of the positions where `keep` [L] (bool) is True."""
+
+    def forward_over_context(self, *, input_ids: torch.Tensor, attention_mask: torch.Tensor, window: slice,
+                             keep: torch.Tensor, context: KeyValueContext) -> torch.Tensor:
+        """Logits [B, W, V] of the positions `window` of `input_ids` [B, L] (text tokens only), each
+        attending to the window and to `context`, which holds the positions `keep` selected;
+        `attention_mask` [B, L] is the whole sequence's, as in the pass that made the context."""
 
 
 class Processor(ABC):

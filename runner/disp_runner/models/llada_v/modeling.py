@@ -17,9 +17,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import LlamaModel, LlamaPreTrainedModel, SiglipVisionModel
+from transformers import DynamicCache, LlamaModel, LlamaPreTrainedModel, SiglipVisionModel
 
-from disp_runner.models.base import ModelPart, split_parameters
+from disp_runner.models.base import KeyValueContext, ModelPart, split_parameters
 from disp_runner.models.llada_v.anyres import anyres_geometry, expand_pinpoints, max_views_of
 from disp_runner.models.llada_v.configuration import LladaVConfig
 
@@ -134,25 +134,55 @@ class LladaVForMaskedDiffusion(LlamaPreTrainedModel):
                 image_token_mask: torch.Tensor | None = None, **_: object) -> torch.Tensor:
         """Logits [B, L, V]: the visual tokens replace the placeholders of each row's visual span;
         positions count from each row's first real token (rows are left-padded)."""
-        embeds = self.model.embed_tokens(input_ids)
-        if visual_spans is not None:
-            if image_embeds is None:
-                image_embeds = self.embed_images(pixel_values, image_sizes)
-            if image_token_mask is not None:
-                image_embeds = torch.where(image_token_mask[..., None], self.mask_embedding().to(image_embeds.dtype),
-                                           image_embeds)
-            embeds = _scatter_spans(embeds, image_embeds, visual_spans)
+        if visual_spans is not None and image_embeds is None:
+            image_embeds = self.embed_images(pixel_values, image_sizes)
+        if image_embeds is not None and image_token_mask is not None:
+            image_embeds = torch.where(image_token_mask[..., None], self.mask_embedding().to(image_embeds.dtype),
+                                       image_embeds)
         if attention_mask is None:
             attention_mask = torch.ones(input_ids.shape, dtype=torch.long, device=input_ids.device)
-        positions = (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)
-        hidden = self.model(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=positions,
+        hidden = self.model(inputs_embeds=self._embed(input_ids, visual_spans, image_embeds),
+                            attention_mask=attention_mask, position_ids=_positions(attention_mask),
                             use_cache=False).last_hidden_state
+        return self.lm_head(hidden)
+
+    def _embed(self, input_ids: torch.Tensor, visual_spans: torch.Tensor | None,
+               image_embeds: torch.Tensor | None) -> torch.Tensor:
+        embeds = self.model.embed_tokens(input_ids)
+        return embeds if visual_spans is None else _scatter_spans(embeds, image_embeds, visual_spans)
+
+    # -- disp_runner.models.base.PromptCaching: transformers' own key/value cache, bidirectional --
+    def forward_with_context(self, *, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                             visual_spans: torch.Tensor, image_embeds: torch.Tensor, keep: torch.Tensor,
+                             logits_at: slice) -> tuple[torch.Tensor, KeyValueContext]:
+        cache = DynamicCache(config=self.config)
+        hidden = self.model(inputs_embeds=self._embed(input_ids, visual_spans, image_embeds),
+                            attention_mask=attention_mask, position_ids=_positions(attention_mask), cache=cache,
+                            use_cache=True).last_hidden_state
+        context = KeyValueContext([(layer.keys[:, :, keep], layer.values[:, :, keep]) for layer in cache.layers])
+        return self.lm_head(hidden[:, logits_at]), context
+
+    def forward_over_context(self, *, input_ids: torch.Tensor, attention_mask: torch.Tensor, window: slice,
+                             keep: torch.Tensor, context: KeyValueContext) -> torch.Tensor:
+        cache = DynamicCache(config=self.config)  # a fresh one: a pass appends its own keys to it
+        for index, (keys, values) in enumerate(context.layers):
+            cache.update(keys, values, index)
+        # The mask covers the keys in the cache's order: the context's positions, then the window's.
+        key_mask = torch.cat([attention_mask[:, keep], attention_mask[:, window]], dim=1)
+        hidden = self.model(inputs_embeds=self.model.embed_tokens(input_ids[:, window]), attention_mask=key_mask,
+                            position_ids=_positions(attention_mask)[:, window], cache=cache,
+                            use_cache=True).last_hidden_state
         return self.lm_head(hidden)
 
     def parameter_parts(self) -> dict[ModelPart, list[nn.Parameter]]:
         # image_newline belongs to neither the tower nor the projector: DiSP's default (projector
         # only) leaves it frozen, as the authors' mm_tunable_parts=mm_mlp_adapter does.
         return split_parameters(self, self.model.vision_tower, self.model.mm_projector)
+
+
+def _positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Left padding: positions count from each row's first real token. [B, L]"""
+    return (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)
 
 
 def _scatter_spans(embeds: torch.Tensor, image_embeds: torch.Tensor, spans: torch.Tensor) -> torch.Tensor:

@@ -18,7 +18,7 @@ from torch import nn
 from transformers import PreTrainedModel
 from transformers.activations import ACT2FN
 
-from disp_runner.models.base import ModelPart, split_parameters
+from disp_runner.models.base import KeyValueContext, ModelPart, split_parameters
 from disp_runner.models.mdlm.configuration import MDLMConfig
 
 
@@ -38,6 +38,11 @@ class RotaryEmbedding(nn.Module):
         return emb.cos(), emb.sin()
 
 
+def _positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Left padding: real tokens are numbered from 0 whatever the padding in front of them. [B, L]"""
+    return (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)
+
+
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat([-x2, x1], dim=-1)
@@ -53,16 +58,23 @@ class SelfAttention(nn.Module):
         self.qkv = nn.Linear(hidden, 3 * hidden)
         self.out = nn.Linear(hidden, hidden)
 
-    def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None, rope=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None, rope=None,
+                context: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, tuple]:
+        """Output [B, L, D] and this call's own keys and values ([B, H, L, hd], rotated). With
+        `context` (cached keys and values [B, H, C, hd]) the positions also attend to those, and
+        `key_mask` covers the context first, then x: [B, C + L]."""
         b, l, d = x.shape  # x: [B, L, D]
         q, k, v = self.qkv(x).view(b, l, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)  # 3 x [B, H, L, hd]
         if rope is not None:
             cos, sin = rope
             q = q * cos.to(q.dtype) + _rotate_half(q) * sin.to(q.dtype)
             k = k * cos.to(k.dtype) + _rotate_half(k) * sin.to(k.dtype)
-        attn_mask = None if key_mask is None else key_mask[:, None, None, :].bool()  # [B, 1, 1, L]
+        own = (k, v)
+        if context is not None:
+            k, v = torch.cat([context[0].to(k.dtype), k], dim=2), torch.cat([context[1].to(v.dtype), v], dim=2)
+        attn_mask = None if key_mask is None else key_mask[:, None, None, :].bool()  # [B, 1, 1, C + L]
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # [B, H, L, hd]
-        return self.out(y.transpose(1, 2).reshape(b, l, d))
+        return self.out(y.transpose(1, 2).reshape(b, l, d)), own
 
 
 class TransformerBlock(nn.Module):
@@ -76,8 +88,14 @@ class TransformerBlock(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(hidden, intermediate), nn.GELU(), nn.Linear(intermediate, hidden))
 
     def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None = None, rope=None) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x), key_mask, rope)
-        return x + self.mlp(self.norm2(x))
+        return self.forward_with_keys(x, key_mask, rope)[0]
+
+    def forward_with_keys(self, x: torch.Tensor, key_mask: torch.Tensor | None = None, rope=None,
+                          context: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, tuple]:
+        """The block's output and its attention's own keys and values (see SelfAttention)."""
+        attended, keys_values = self.attn(self.norm1(x), key_mask, rope, context)
+        x = x + attended
+        return x + self.mlp(self.norm2(x)), keys_values
 
 
 def sincos_2d(grid: int, width: int) -> torch.Tensor:
@@ -248,18 +266,41 @@ class MDLMForMaskedDiffusion(MDLMPreTrainedModel):
                 image_embeds = torch.where(image_token_mask[..., None], self.mask_embedding().to(image_embeds.dtype),
                                            image_embeds)
             inputs_embeds = self.embed_inputs(input_ids, image_embeds)
+        x, _ = self._language_model(inputs_embeds, attention_mask)
+        return self.lm_head(self.norm(x))
+
+    def _language_model(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None,
+                        keep: torch.Tensor | None = None) -> tuple[torch.Tensor, KeyValueContext | None]:
+        """Hidden states [B, L, D] of the transformer, and the keys and values of the positions
+        where `keep` [L] is True (none without it)."""
         b, l, _ = inputs_embeds.shape
         if l > self.config.max_position_embeddings:
             raise ValueError(f"sequence length {l} exceeds max_position_embeddings "
                              f"{self.config.max_position_embeddings}")
         if attention_mask is None:
             attention_mask = torch.ones(b, l, dtype=torch.long, device=inputs_embeds.device)
-        # Left padding: real tokens are numbered from 0 whatever the padding in front of them.
-        position_ids = (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)
-        rope = self.rotary(position_ids)
-        x = inputs_embeds
+        rope = self.rotary(_positions(attention_mask))
+        x, kept = inputs_embeds, []
         for layer in self.layers:
-            x = layer(x, attention_mask, rope)
+            x, (k, v) = layer.forward_with_keys(x, attention_mask, rope)
+            if keep is not None:
+                kept.append((k[:, :, keep], v[:, :, keep]))
+        return x, (KeyValueContext(kept) if keep is not None else None)
+
+    # -- disp_runner.models.base.PromptCaching -------------------------------------------------
+    def forward_with_context(self, *, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                             visual_spans: torch.Tensor, image_embeds: torch.Tensor, keep: torch.Tensor,
+                             logits_at: slice) -> tuple[torch.Tensor, KeyValueContext]:
+        x, context = self._language_model(self.embed_inputs(input_ids, image_embeds), attention_mask, keep)
+        return self.lm_head(self.norm(x[:, logits_at])), context
+
+    def forward_over_context(self, *, input_ids: torch.Tensor, attention_mask: torch.Tensor, window: slice,
+                             keep: torch.Tensor, context: KeyValueContext) -> torch.Tensor:
+        x = self.embed_tokens(input_ids[:, window])
+        rope = self.rotary(_positions(attention_mask)[:, window])
+        key_mask = torch.cat([attention_mask[:, keep], attention_mask[:, window]], dim=1)
+        for layer, layer_context in zip(self.layers, context.layers):
+            x, _ = layer.forward_with_keys(x, key_mask, rope, layer_context)
         return self.lm_head(self.norm(x))
 
     def parameter_parts(self) -> dict[ModelPart, list[nn.Parameter]]:
