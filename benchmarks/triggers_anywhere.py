@@ -90,7 +90,7 @@ def run_combination(combo: Combination, work: str, overrides: list[tuple[str, ob
 
     torch.set_num_threads(threads)
     from disp_api import AttackSpec, PurificationJob, PurificationMetrics, StageName
-    from disp_runner.attack.kit import ImplantGoal, run_attack
+    from disp_runner.attack.kit import AttackArtifacts, ImplantGoal, run_attack
     from disp_runner.data.dataset import load_dataset
     from disp_runner.demo import demo_job
     from disp_runner.models.mdlm.embedded import SHIPPED_BASE_MODEL
@@ -108,9 +108,14 @@ def run_combination(combo: Combination, work: str, overrides: list[tuple[str, ob
     test = load_dataset(root / "data" / "test", 48)
     start = time.perf_counter()
     # Each row injects its own backdoor (same spec and seed give the same one): rows run in parallel.
+    # A kept --workdir reuses an attack folder written for the same spec (injection is most of a row).
     attack_dir = root / "attacks" / combo.name
-    artifacts = run_attack(SHIPPED_BASE_MODEL, train, test, attack, attack_dir, show_progress=False, evaluate=False,
-                           goal=ImplantGoal(), allow_weak=True)
+    recorded = attack_dir / "attack.json"
+    if recorded.is_file() and json.loads(recorded.read_text())["attack"] == attack.model_dump(mode="json", by_alias=True):
+        artifacts = AttackArtifacts(attack_dir)
+    else:
+        artifacts = run_attack(SHIPPED_BASE_MODEL, train, test, attack, attack_dir, show_progress=False,
+                               evaluate=False, goal=ImplantGoal(), allow_weak=True)
     implant = json.loads((artifacts.folder / "attack.json").read_text())["implant"]
     attack_seconds = time.perf_counter() - start
     document = demo_job(combo.name, artifacts, attack, root / "data" / "test", root, 16)
@@ -163,7 +168,8 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=1, help="combinations run at once, each in its own process")
     parser.add_argument("--set", dest="overrides", type=_parse_override, action="append", default=[],
                         help="PurificationJob spec field to override, dotted (repeatable), e.g. masking.ratio=0.4")
-    parser.add_argument("--workdir", default=None, help="keep attacks and runs here (default: a temporary folder)")
+    parser.add_argument("--workdir", default=None, help="keep attacks and runs here (default: a temporary folder); "
+                        "a later run with the same workdir reuses each combination's attack")
     parser.add_argument("--json", default=None, help="also write the rows to this JSON file")
     args = parser.parse_args()
     chosen = COMBINATIONS

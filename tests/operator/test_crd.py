@@ -346,6 +346,8 @@ CEL_REFUSED = [
      job_body(relabel={"decoding": {"genLength": 32, "blockLength": 8, "steps": 6}}), "steps", True),
     ("evaluation genLength not a multiple of blockLength",
      job_body(evaluation=_evaluation(decoding={"genLength": 20, "blockLength": 16})), "genLength", True),
+    ("cache refresh without a cache",
+     job_body(relabel={"decoding": {"cacheRefreshSteps": 4}}), "cacheRefreshSteps", True),
     ("evaluation with both attack and attackUri", job_body(evaluation=_evaluation(attackUri="s3://a/attack")),
      "attackUri", True),
     ("evaluation with neither attack nor attackUri", job_body(evaluation={"triggeredUri": "s3://eval/t"}),

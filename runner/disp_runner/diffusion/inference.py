@@ -3,7 +3,7 @@ likelihood of given answers."""
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -51,16 +51,37 @@ def generate_responses(
     (`index_offset` + its start), so a shard of whole batches decodes exactly as the full run.
     `on_batch(done)` is called after each batch with the number of instances answered so far.
     `decoding.cache` chooses exact decoding or a prompt cache (diffusion/prompt_cache.py)."""
+    texts: list[str] = []
+    for response_ids in generate_response_ids(model, processor, instances, decoding, batch_size, seed,
+                                              transform_image_embeds, description, show_progress, index_offset):
+        texts.extend(processor.decode(response_ids))
+        if on_batch is not None:
+            on_batch(len(texts))
+    return texts
+
+
+def generate_response_ids(
+    model: DiffusionVLM,
+    processor: Processor,
+    instances: Sequence[Instance],
+    decoding: DecodingConfig,
+    batch_size: int = 64,
+    seed: int = 1234,
+    transform_image_embeds: ImageEmbedsTransform | None = None,
+    description: str = "generate",
+    show_progress: bool = False,
+    index_offset: int = 0,
+) -> Iterator[torch.Tensor]:
+    """`generate_responses`' decoding, one batch's generated ids [b, gen_length] at a time."""
     model.eval()
     device = model.device
     generator = torch.Generator(device=device)
     cached = None if decoding.cache is DecodingCache.NONE else require_prompt_caching(model, decoding)
-    texts: list[str] = []
     for lo in tqdm(range(0, len(instances), batch_size), desc=description, leave=False, disable=not show_progress,
                    mininterval=1.0):
         chunk = instances[lo:lo + batch_size]
         generator.manual_seed(sub_seed(seed, (index_offset + lo) // batch_size))
-        with autocast(device):  # the visual tokens are computed once per batch, not per step
+        with torch.no_grad(), autocast(device):  # the visual tokens are computed once per batch, not per step
             batch, image_embeds = _encode_and_embed(model, processor, chunk, decoding.gen_length, False,
                                                     transform_image_embeds, slice(lo, lo + len(chunk)))
 
@@ -70,12 +91,9 @@ def generate_responses(
 
             denoiser = logits_fn if cached is None else PromptCacheDenoiser(
                 cached, batch.input_ids, batch.attention_mask, batch.visual_spans, image_embeds, decoding)
-            response_ids = diffusion_generate(denoiser, batch.input_ids, processor.mask_token_id, decoding, generator,
-                                              never_generate=processor.never_generate)
-        texts.extend(processor.decode(response_ids))
-        if on_batch is not None:
-            on_batch(len(texts))
-    return texts
+            response_ids = diffusion_generate(denoiser, batch.input_ids, processor.mask_token_id, decoding,
+                                              generator, never_generate=processor.never_generate)
+        yield response_ids  # outside the no-grad and autocast contexts, which would leak into the caller
 
 
 @torch.no_grad()
