@@ -13,7 +13,6 @@ whose spec differs only after them. About 2 minutes a scenario on the 2-core CPU
 from __future__ import annotations
 
 import json
-import shutil
 import sys
 import tempfile
 import time
@@ -21,27 +20,7 @@ from pathlib import Path
 
 import yaml
 
-from disp_api import PurificationJob, PurificationMetrics, StageName
-from disp_api.contract import METRICS_FILE
-from disp_runner.pipeline.artifacts import RunLayout
-from disp_runner.pipeline.runner import run_job
-
-SCENARIOS = ("patch-insertion", "patch-refusal", "patch-misclassification", "blended-refusal")
-
-
-def run(document: dict, output: Path, seed_from: RunLayout | None = None) -> tuple[PurificationMetrics, RunLayout]:
-    job = PurificationJob.model_validate(document)
-    layout = RunLayout.for_job(job, output)
-    if seed_from is not None:  # same saliency and masking spec: reuse their outputs
-        for stage in (StageName.SALIENCY, StageName.MASKING):
-            shutil.copytree(seed_from.stage_dir(stage), layout.stage_dir(stage))
-    run_job(job, output, show_progress=False)
-    metrics = PurificationMetrics.model_validate_json((layout.stage_dir(StageName.EVALUATE) / METRICS_FILE).read_text())
-    return metrics, layout
-
-
-def pct(value: float | None) -> str:
-    return "—" if value is None else f"{100 * value:.1f}%"
+from demo_runs import SCENARIOS, pct, run
 
 
 def main(workdir: str = "runs/demo") -> None:

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
-import shutil
 import sys
 import tempfile
 import time
@@ -31,8 +30,8 @@ from pathlib import Path
 import torch
 import yaml
 
-from disp_api import DecodingCache, PurificationJob, PurificationMetrics, StageName
-from disp_api.contract import METRICS_FILE
+from demo_runs import SCENARIOS, pct, run
+from disp_api import DecodingCache, StageName
 from disp_runner.data.dataset import load_dataset
 from disp_runner.data.synthetic import generate_instances
 from disp_runner.device import default_device
@@ -40,9 +39,6 @@ from disp_runner.diffusion.decoding import DecodingConfig
 from disp_runner.diffusion.inference import generate_response_ids
 from disp_runner.disp.masking import mask_image_embeds
 from disp_runner.pipeline.artifacts import RunLayout, read_stage_manifest
-from disp_runner.pipeline.runner import run_job
-
-SCENARIOS = ("patch-insertion", "patch-refusal", "patch-misclassification", "blended-refusal")
 
 
 # -- speed: the LLaDA-V-shaped configuration ------------------------------------------------------
@@ -58,8 +54,7 @@ def decode(model, processor, instances, masked, decoding: DecodingConfig, batch_
 
 
 def speed(instances_count: int, batch_size: int) -> None:
-    sys.path.insert(0, str(Path(__file__).parent))
-    from bench_stages import LLADA_V_GEN, build  # noqa: E402 (the benchmark's shared configurations)
+    from bench_stages import LLADA_V_GEN, build  # the benchmarks' shared configurations
 
     device = default_device()
     torch.manual_seed(0)
@@ -104,17 +99,6 @@ def speed(instances_count: int, batch_size: int) -> None:
 
 
 # -- demo: the trained backdoored models -----------------------------------------------------------
-def run(document: dict, output: Path, seed_from: RunLayout | None = None) -> tuple[PurificationMetrics, RunLayout]:
-    job = PurificationJob.model_validate(document)
-    layout = RunLayout.for_job(job, output)
-    if seed_from is not None:  # same saliency and masking spec: reuse their outputs
-        for stage in (StageName.SALIENCY, StageName.MASKING):
-            shutil.copytree(seed_from.stage_dir(stage), layout.stage_dir(stage))
-    run_job(job, output, show_progress=False)
-    metrics = PurificationMetrics.model_validate_json((layout.stage_dir(StageName.EVALUATE) / METRICS_FILE).read_text())
-    return metrics, layout
-
-
 def relabel_answers(layout: RunLayout) -> dict[str, str]:
     dataset = load_dataset(layout.stage_dir(StageName.RELABEL) / "dataset", None)
     return {inst.id: inst.response for inst in dataset}
@@ -122,10 +106,6 @@ def relabel_answers(layout: RunLayout) -> dict[str, str]:
 
 def relabel_seconds(layout: RunLayout) -> float:
     return read_stage_manifest(layout.stage_dir(StageName.RELABEL))["seconds"]
-
-
-def pct(value: float | None) -> str:
-    return "—" if value is None else f"{100 * value:.1f}%"
 
 
 def demo(workdir: str) -> None:
