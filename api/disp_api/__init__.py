@@ -9,6 +9,7 @@ from disp_api.spec import (
     DecodingSpec,
     EvaluationSpec,
     FinetuneSpec,
+    MaskingSpace,
     MaskingSpec,
     ModelSource,
     ObjectMeta,
@@ -26,7 +27,7 @@ from disp_api.spec import (
 
 __all__ = [
     "AttackSpec", "AttackTarget", "AuditFigures", "Corner", "DatasetSource", "DecodingCache", "DecodingSpec", "EvaluationMetrics", "EvaluationSpec",
-    "FinetuneSpec", "MaskingSpec", "MetricsCounts", "MetricsSummary", "ModelSource", "ObjectMeta", "OutputSpec", "ParallelismSpec",
+    "FinetuneSpec", "MaskingSpace", "MaskingSpec", "MetricsCounts", "MetricsSummary", "ModelSource", "ObjectMeta", "OutputSpec", "ParallelismSpec",
     "PurificationJob", "PurificationJobSpec", "PurificationMetrics", "RelabelSpec", "SaliencySpec", "SecretKeyRef", "StageName", "StorageSpec",
     "TargetSpec", "TrainableParts", "TriggerKind", "TriggerSpec",
 ]

@@ -163,9 +163,22 @@ class SaliencySpec(ContractModel):
     "Triggers anywhere"). Costs (rows-w+1)·(cols-w+1) extra forward passes, without gradients, per batch."""
 
 
+class MaskingSpace(str, Enum):
+    """Where relabel masks the salient tokens."""
+
+    TOKENS = "tokens"  # the paper: their visual tokens are replaced by e_MASK after the projector
+    PIXELS = "pixels"  # their image cells are painted over before the vision tower sees the image
+
+
 class MaskingSpec(ContractModel):
     ratio: float = Field(0.3, gt=0.0, le=1.0)
     """ρ: the top ⌊ρ·T_img⌋ most salient visual tokens of each instance are masked."""
+    space: MaskingSpace = MaskingSpace.TOKENS
+    """tokens (the paper): the masked visual tokens are replaced by e_MASK. pixels (beyond the paper,
+    opt-in): relabel sees the image with those tokens' cells painted in the image's border colour
+    instead, so the vision tower never sees what they showed: its attention spreads a trigger's
+    evidence into neighbouring tokens, which token masking leaves in place (README, "Triggers
+    anywhere"). The audit still masks tokens."""
     blur_sigma: Optional[float] = Field(None, gt=0.0, le=64.0)
     """Beyond the paper, opt-in: relabel also sees the image blurred (Gaussian, this σ in pixels of
     the stored image), which neutralises whole-image triggers made of fine noise (Blended keys) that

@@ -366,3 +366,22 @@ def test_a_tower_saved_with_the_layer_llada_v_drops_loads_and_reads_the_layer_be
     from disp_runner.errors import UserInputError
     with pytest.raises(UserInputError, match=r"the weights hold 3 vision tower layers, vision_config.num_hidden_layers says 1"):
         load_model(tmp_path)
+
+
+def test_painting_a_newline_token_paints_nothing_and_a_map_token_paints_its_cell():
+    """masking.space: pixels on anyres packing: tokens are painted through the layout's cells."""
+    import numpy as np
+
+    from disp_runner.disp.masking import paint_token_cells
+
+    _, processor = tiny_checkpoint(None)
+    image = Image.fromarray((torch.rand(22, 30, 3) * 255).byte().numpy())
+    layout = processor.visual_layout(30, 22)  # tokens 0-3 base view, then rows of 2 map cells + a newline
+    before = np.asarray(image)
+    assert np.array_equal(np.asarray(paint_token_cells(image, layout, [6, 9])), before)  # the two newlines
+    after = np.asarray(paint_token_cells(image, layout, [4]))
+    cells = dict(cell for grid in layout.grids for cell in grid.cells())
+    x0, y0, x1, y1 = cells[4]
+    changed = np.argwhere((after != before).any(axis=-1))
+    assert changed.size and changed[:, 0].min() >= y0 and changed[:, 0].max() < y1
+    assert changed[:, 1].min() >= x0 and changed[:, 1].max() < x1

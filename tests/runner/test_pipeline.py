@@ -212,6 +212,47 @@ def test_blur_sigma_blurs_what_relabel_answers_but_not_what_the_fine_tune_learns
         assert np.array_equal(np.asarray(inst.image), np.asarray(originals[inst.id].image))
 
 
+def test_pixel_space_paints_the_masked_cells_instead_of_masking_tokens(workspace, monkeypatch):
+    """masking.space: pixels — relabel answers the image with exactly the masked tokens' cells painted
+    in the border's median colour and no visual token replaced; the fine-tune keeps the original."""
+    import numpy as np
+
+    import disp_runner.stages.relabel as relabel
+    from disp_runner.models.loading import load_model
+    from disp_runner.stages.masking import read_masked
+
+    seen = []
+    real = relabel.generate_responses
+
+    def spy(model, processor, instances, *args, **kwargs):
+        seen.append((list(instances), kwargs.get("transform_image_embeds")))
+        return real(model, processor, instances, *args, **kwargs)
+
+    monkeypatch.setattr(relabel, "generate_responses", spy)
+    masking = {"ratio": 0.3, "space": "pixels"}
+    layout = layout_of(workspace, evaluation=None, masking=masking)
+    for stage in (StageName.SALIENCY, StageName.MASKING, StageName.RELABEL):
+        run_job(make_job(workspace, evaluation=None, masking=masking), only=stage, show_progress=False)
+    originals = {inst.id: inst for inst in load_dataset(workspace / "train", 16)}
+    masked = read_masked(layout.stage_dir(StageName.MASKING))
+    processor = load_model(workspace / "model").processor
+    [(shown, transform)] = seen
+    assert transform is None and len(shown) == len(originals)
+    for inst in shown:
+        before, after = np.asarray(originals[inst.id].image.convert("RGB")), np.asarray(inst.image)
+        cells = dict(cell for grid in processor.layout_of(inst).grids for cell in grid.cells())
+        painted = np.zeros(before.shape[:2], dtype=bool)
+        for token in masked[inst.id]:
+            x0, y0, x1, y1 = cells[token]
+            painted[y0:y1, x0:x1] = True
+        border = np.concatenate([before[0], before[-1], before[:, 0], before[:, -1]])
+        assert painted.any() and (after[painted] == np.median(border, axis=0).astype(np.uint8)).all()
+        assert np.array_equal(after[~painted], before[~painted])
+    purified = load_dataset(layout.stage_dir(StageName.RELABEL) / "dataset", 16)
+    for inst in purified:  # the fine-tune pairs the original image with the answer
+        assert np.array_equal(np.asarray(inst.image), np.asarray(originals[inst.id].image))
+
+
 def test_min_evidence_keeps_the_dataset_answer_unless_the_masked_input_prefers_the_new_one(workspace):
     """relabel.minEvidence: a changed answer whose evidence (how many nats more likely the masked input
     makes it than the dataset's answer, recomputed here independently) is below the bar is put back;

@@ -5,10 +5,12 @@ from __future__ import annotations
 import math
 from typing import Sequence
 
+import numpy as np
 import torch
+from PIL import Image
 
 from disp_runner.errors import UserInputError
-from disp_runner.models.base import visual_token_mask
+from disp_runner.models.base import VisualLayout, visual_token_mask
 
 
 def tokens_to_mask(num_tokens: int, ratio: float) -> int:
@@ -51,3 +53,18 @@ def trigger_localisation(masked: Sequence[int], trigger_tokens: Sequence[int]) -
         raise ValueError("no trigger tokens to localise")
     chosen = set(masked)
     return sum(t in chosen for t in trigger_tokens) / len(trigger_tokens)
+
+
+def paint_token_cells(image: Image.Image, layout: VisualLayout, tokens: Sequence[int]) -> Image.Image:
+    """`masking.space: pixels`: the image with the cells the given visual tokens see painted in the
+    median colour of its border (the scene's background, where it has one), so the vision tower
+    never sees what they showed. Tokens that see no cell (row separators) paint nothing."""
+    pixels = np.array(image.convert("RGB"))
+    border = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
+    colour = np.median(border, axis=0).astype(np.uint8)
+    chosen = set(tokens)
+    for grid in layout.grids:
+        for token, (x0, y0, x1, y1) in grid.cells():
+            if token in chosen:
+                pixels[y0:y1, x0:x1] = colour
+    return Image.fromarray(pixels)

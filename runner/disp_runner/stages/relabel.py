@@ -1,7 +1,9 @@
 """Stage `relabel`: the compromised model answers each training instance with its most salient
 visual tokens masked (the trigger is neutralised, so the answers are clean). The answers replace
 the responses: the purified dataset, same format as the input (dataset/manifest.jsonl + images/).
-With `spec.masking.blurSigma` the image it answers is also blurred (whole-image triggers); with
+With `spec.masking.space: pixels` the salient tokens' image cells are painted over instead of their
+tokens replaced by e_MASK; with `spec.masking.blurSigma` the image it answers is also blurred
+(whole-image triggers); with
 `spec.relabel.minEvidence` an answer is replaced only when the masked input makes it that many nats
 more likely than the dataset's (metadata `relabel_evidence`), else the dataset's answer is kept.
 
@@ -18,20 +20,19 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-import torch
 from PIL import ImageFilter
 
-from disp_api import AuditFigures, StageName
+from disp_api import AuditFigures, MaskingSpace, StageName
 from disp_api.spec import RelabelScope
 from disp_runner.data.dataset import Instance, load_dataset, write_dataset
 from disp_runner.data.llava import replace_first_answer
 from disp_runner.disp.audit import (SuspectRecord, comparison_tokens, concentration, ground_truth, read_suspects,
                                    support_drop, write_suspects)
 from disp_runner.disp.audit import figures as audit_figures
-from disp_runner.disp.masking import mask_image_embeds
+from disp_runner.disp.masking import mask_image_embeds, paint_token_cells
 from disp_runner.errors import UserInputError
 from disp_runner.evaluation import normalise_answer
-from disp_runner.diffusion.inference import first_step_log_likelihood, generate_responses
+from disp_runner.diffusion.inference import ImageEmbedsTransform, first_step_log_likelihood, generate_responses
 from disp_runner.pipeline.artifacts import read_stage_manifest
 from disp_runner.pipeline.context import StageContext, StageResult
 from disp_runner.stages.masking import REPORT_SAMPLES, draw_report, read_masked
@@ -58,24 +59,16 @@ class RelabelStage:
         if missing:
             raise UserInputError(f"masking output has no entry for instance {missing[0]!r} (rerun masking)")
         masked = [masked_by_id[inst.id] for inst in instances]  # each instance's masked visual tokens
-        mask_embedding = model.mask_embedding().detach()
-
-        def mask_tokens(image_embeds: torch.Tensor, rows: slice) -> torch.Tensor:
-            return mask_image_embeds(image_embeds, masked[rows], mask_embedding)
-
         drops, concentrations = _audit(ctx, instances, masked, items.start)
         suspect = [drop > ctx.spec.audit.suspicion_threshold for drop in drops]
-        prompted = instances if spec.prompt is None else [inst.replace(prompt=spec.prompt) for inst in instances]
-        blur = ctx.spec.masking.blur_sigma
-        if blur is not None:  # the opt-in whole-image neutraliser: the fine-tune still sees the original image
-            prompted = [inst.map_image(lambda image: image.filter(ImageFilter.GaussianBlur(blur))) for inst in prompted]
+        prompted, mask_tokens = _masked_inputs(ctx, instances, masked)
         if spec.scope is RelabelScope.ALL:
             answers = generate_responses(model, processor, prompted, ctx.decoding(),
                                          batch_size=spec.batch_size, seed=spec.seed, transform_image_embeds=mask_tokens,
                                          description="relabel", show_progress=ctx.show_progress,
                                          index_offset=items.start, on_batch=ctx.report_progress)
         else:
-            answers = _relabel_suspects(ctx, instances, prompted, masked, suspect)
+            answers = _relabel_suspects(ctx, instances, masked, suspect)
         evidence = None
         if spec.min_evidence is not None:
             # How much more likely the masked input makes the new answer than the dataset's (nats).
@@ -142,17 +135,35 @@ class RelabelStage:
         return StageResult(items=items, metrics=metrics)
 
 
-def _relabel_suspects(ctx: StageContext, instances: list[Instance], prompted: list[Instance],
-                      masked: list[list[int]], suspect: list[bool]) -> list[str]:
+def _masked_inputs(ctx: StageContext, instances: list[Instance],
+                   masked: list[list[int]]) -> tuple[list[Instance], ImageEmbedsTransform | None]:
+    """What the compromised model is shown: the instances (with relabel's prompt, and the images
+    blurred or painted over as the spec says) and the visual-token rewrite to apply, if any. The
+    fine-tune still pairs the answers with the original images."""
+    spec = ctx.spec
+    shown = instances if spec.relabel.prompt is None else [inst.replace(prompt=spec.relabel.prompt)
+                                                          for inst in instances]
+    blur = spec.masking.blur_sigma
+    if blur is not None:  # the opt-in whole-image neutraliser
+        shown = [inst.map_image(lambda image: image.filter(ImageFilter.GaussianBlur(blur))) for inst in shown]
+    if spec.masking.space is MaskingSpace.PIXELS:
+        layout_of = ctx.compromised_model().processor.layout_of
+        return [inst.map_image(lambda image, inst=inst, tokens=tokens: paint_token_cells(image, layout_of(inst), tokens))
+                for inst, tokens in zip(shown, masked)], None
+    mask_embedding = ctx.compromised_model().model.mask_embedding().detach()
+    return shown, lambda image_embeds, rows: mask_image_embeds(image_embeds, masked[rows], mask_embedding)
+
+
+def _relabel_suspects(ctx: StageContext, instances: list[Instance], masked: list[list[int]],
+                      suspect: list[bool]) -> list[str]:
     """relabel.scope: suspects — only the suspects are decoded; the others keep the dataset's answer."""
     model, processor = ctx.compromised_model()
-    mask_embedding = model.mask_embedding().detach()
     chosen = [i for i, flag in enumerate(suspect) if flag]
-    chosen_masks = [masked[i] for i in chosen]
+    chosen_shown, mask_chosen = _masked_inputs(ctx, [instances[i] for i in chosen], [masked[i] for i in chosen])
     decoded = generate_responses(
-        model, processor, [prompted[i] for i in chosen], ctx.decoding(), batch_size=ctx.spec.relabel.batch_size,
+        model, processor, chosen_shown, ctx.decoding(), batch_size=ctx.spec.relabel.batch_size,
         seed=ctx.spec.relabel.seed, description="relabel suspects", show_progress=ctx.show_progress,
-        transform_image_embeds=lambda embeds, rows: mask_image_embeds(embeds, chosen_masks[rows], mask_embedding))
+        transform_image_embeds=mask_chosen)
     answers = [inst.response for inst in instances]
     for i, answer in zip(chosen, decoded):
         answers[i] = answer
