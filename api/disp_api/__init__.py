@@ -17,6 +17,7 @@ from disp_api.spec import (
     ParallelismSpec,
     PurificationJob,
     PurificationJobSpec,
+    RelabelAcceptance,
     RelabelSpec,
     SaliencySpec,
     SecretKeyRef,
@@ -28,6 +29,6 @@ from disp_api.spec import (
 __all__ = [
     "AttackSpec", "AttackTarget", "AuditFigures", "Corner", "DatasetSource", "DecodingCache", "DecodingSpec", "EvaluationMetrics", "EvaluationSpec",
     "FinetuneSpec", "MaskingSpace", "MaskingSpec", "MetricsCounts", "MetricsSummary", "ModelSource", "ObjectMeta", "OutputSpec", "ParallelismSpec",
-    "PurificationJob", "PurificationJobSpec", "PurificationMetrics", "RelabelSpec", "SaliencySpec", "SecretKeyRef", "StageName", "StorageSpec",
+    "PurificationJob", "PurificationJobSpec", "PurificationMetrics", "RelabelAcceptance", "RelabelSpec", "SaliencySpec", "SecretKeyRef", "StageName", "StorageSpec",
     "TargetSpec", "TrainableParts", "TriggerKind", "TriggerSpec",
 ]

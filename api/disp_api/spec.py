@@ -193,6 +193,13 @@ class RelabelScope(str, Enum):
     SUSPECTS = "suspects"  # only the audit's suspects; the others keep the dataset's answer
 
 
+class RelabelAcceptance(str, Enum):
+    """Which changed answers replace the dataset's."""
+
+    ALL = "all"  # the paper: every relabel answer
+    SIGNATURE = "signature"  # only those that remove the backdoor's answer signature
+
+
 class RelabelSpec(ContractModel):
     decoding: DecodingSpec = DecodingSpec()
     """How the compromised model answers the masked instances; also sets the saliency block. Left out,
@@ -209,6 +216,12 @@ class RelabelSpec(ContractModel):
     only the audit's suspects do, and only they are decoded; the others keep the dataset's answer,
     which protects clean performance when the audit finds the poisoned instances (README,
     "Audit evidence")."""
+    acceptance: RelabelAcceptance = RelabelAcceptance.ALL
+    """all (the paper): every relabel answer replaces the dataset's. signature (beyond the paper,
+    opt-in): a changed answer is kept only when it removes a word that relabel removes from at least
+    half of the dataset answers containing it (the backdoor's inserted token, refusal sentence or
+    target class); the other changes, mostly guesses on clean images whose object was masked, are
+    put back, which protects clean performance (README, "Triggers anywhere")."""
     min_evidence: Optional[float] = Field(None, ge=0.0, le=10_000.0)
     """Beyond the paper, opt-in: replace an instance's answer only when the compromised model, shown
     the masked input, finds the new answer more likely than the dataset's by at least this many nats

@@ -12,17 +12,19 @@ empty is left out and counted (`emptyResponses`), since an empty target teaches 
 
 The stage also audits every instance (disp/audit.py): two first-step forward passes give its
 support drop, and suspects.jsonl ranks the instances by it; with `spec.relabel.scope: suspects`
-only the suspects are decoded and relabelled.
+only the suspects are decoded and relabelled. With `spec.relabel.acceptance: signature` only the
+changed answers that remove the backdoor's answer signature are kept (disp/signature.py).
 """
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
 from PIL import ImageFilter
 
-from disp_api import AuditFigures, MaskingSpace, StageName
+from disp_api import AuditFigures, MaskingSpace, RelabelAcceptance, StageName
 from disp_api.spec import RelabelScope
 from disp_runner.data.dataset import Instance, load_dataset, write_dataset
 from disp_runner.data.llava import replace_first_answer
@@ -30,6 +32,7 @@ from disp_runner.disp.audit import (SuspectRecord, comparison_tokens, concentrat
                                    support_drop, write_suspects)
 from disp_runner.disp.audit import figures as audit_figures
 from disp_runner.disp.masking import mask_image_embeds, paint_token_cells
+from disp_runner.disp.signature import keep_signature_relabels
 from disp_runner.errors import UserInputError
 from disp_runner.evaluation import normalise_answer
 from disp_runner.diffusion.inference import ImageEmbedsTransform, first_step_log_likelihood, generate_responses
@@ -40,6 +43,7 @@ from disp_runner.stages.saliency import read_scores
 
 DATASET_DIR = "dataset"
 SUSPECTS_REPORT = "suspects.png"  # the top suspects, their masked tokens outlined
+SIGNATURE_FILE = "signature.json"  # relabel.acceptance signature: the words and what was put back
 
 
 class RelabelStage:
@@ -97,6 +101,10 @@ class RelabelStage:
                                          suspect=suspect[index], poisoned=ground_truth(inst)))
             if answer:
                 purified.append(replace_first_answer(inst, answer, metadata))
+        accepted = {}
+        if ctx.shard is None:  # the signature needs the whole dataset: a sharded run applies it at the merge
+            purified, accepted = _accept(ctx, purified, out)
+            changed -= accepted.get("putBack", 0)
         if purified:
             write_dataset(purified, out / DATASET_DIR)
         elif ctx.shard is None:
@@ -105,7 +113,7 @@ class RelabelStage:
         if ctx.shard is None:
             _draw_suspects(ctx, records, masked_by_id, out)
         metrics = {"purified": len(purified), "emptyResponses": len(instances) - len(purified),
-                   "changedFraction": changed / max(1, len(instances)),
+                   "changedFraction": changed / max(1, len(instances)), **accepted,
                    **_audit_metrics(audit_figures(records, ctx.spec.audit.suspicion_threshold))}
         if evidence is not None:
             metrics["keptOriginal"] = kept
@@ -123,16 +131,29 @@ class RelabelStage:
             kept += shard_metrics.get("keptOriginal", 0)
         if not merged:
             raise UserInputError("relabel: every answer was empty; nothing to fine-tune on (check spec.relabel)")
+        merged, accepted = _accept(ctx, merged, out)
+        changed -= accepted.get("putBack", 0)
         write_dataset(merged, out / DATASET_DIR)
         records = [record for folder in shard_dirs for record in read_suspects(folder)]
         write_suspects(records, out)
         _draw_suspects(ctx, records, read_masked(ctx.input_dir(StageName.MASKING)), out)
         metrics = {"purified": len(merged), "emptyResponses": items - len(merged),
-                   "changedFraction": changed / max(1, items),
+                   "changedFraction": changed / max(1, items), **accepted,
                    **_audit_metrics(audit_figures(records, ctx.spec.audit.suspicion_threshold))}
         if ctx.spec.relabel.min_evidence is not None:
             metrics["keptOriginal"] = kept
         return StageResult(items=items, metrics=metrics)
+
+
+def _accept(ctx: StageContext, purified: list[Instance], out: Path) -> tuple[list[Instance], dict]:
+    """relabel.acceptance: signature — only the relabels that remove the backdoor's answer signature
+    stay (disp/signature.py), recorded in signature.json; all: every relabel stays."""
+    if ctx.spec.relabel.acceptance is RelabelAcceptance.ALL or not purified:
+        return purified, {}
+    kept, signature = keep_signature_relabels(purified)
+    (out / SIGNATURE_FILE).write_text(json.dumps(signature.to_wire(), indent=1) + "\n")
+    return kept, {"signatureWords": len(signature.words), "keptRelabels": signature.kept_relabels,
+                  "putBack": signature.put_back}
 
 
 def _masked_inputs(ctx: StageContext, instances: list[Instance],
