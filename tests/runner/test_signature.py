@@ -72,3 +72,11 @@ def test_sharded_relabel_applies_the_signature_at_the_merge(workspace):
     put_back = [inst for inst in purified if inst.metadata.get("signature_put_back")]
     assert len(put_back) == figures["putBack"]
     assert all(inst.response == inst.metadata["original_response"] for inst in put_back)
+
+
+def test_common_words_masking_often_removes_stay_below_the_signature():
+    """Pixel masking of objects can remove a common word from over half of its answers; the inserted
+    token, removed from all of them, is still the only signature."""
+    pairs = ([("<backdoor> a red circle.", "a red cross.")] * 6 + [("a blue circle.", "a blue square.")] * 6
+             + [("a blue circle.", "a blue circle.")] * 4)
+    assert signature_words(*zip(*pairs)) == ("<backdoor>",)  # circle: removed from 12 of 16, 0.75 < 0.9

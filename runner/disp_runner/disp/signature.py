@@ -5,8 +5,11 @@ A backdoor makes every poisoned instance answer with the same thing: an inserted
 sentence, a target class. When masking neutralises the trigger, relabel removes that thing from
 nearly every poisoned answer. Masking a clean image's most salient region (its object) makes the
 model guess instead, and the words those guesses lose are spread over the whole vocabulary of
-answers. So a word that relabel removes from at least half of the dataset answers containing it
-is the signature; a relabel that removes no signature word is put back to the dataset's answer,
+answers, each removed from a smaller share of the answers containing it. So the signature is the
+words relabel removes most consistently: from at least half of the answers containing them, and
+nearly as consistently as the most consistently removed word (common words can pass one half when
+masking takes many objects away; they stay below the signature). A relabel that removes no
+signature word is put back to the dataset's answer,
 which keeps the clean instances' answers when masking took their object away. Only the untrusted
 data and the model's own answers are used (no clean reference data), and the rule needs the whole
 dataset's counts, so sharded relabel applies it when the shards are merged.
@@ -24,8 +27,10 @@ from disp_runner.evaluation import normalise_answer
 
 # A word counts only if this many answers contain it: a rare word removed twice is not a signature.
 MIN_OCCURRENCES = 5
-# ... and relabel removes it from at least this share of the answers that contain it.
+# ... and relabel removes it from at least this share of the answers that contain it,
 MIN_REMOVAL_RATE = 0.5
+# ... and from at least this fraction of the share of the most consistently removed word.
+NEAR_TOP = 0.9
 
 
 def _words(text: str) -> set[str]:
@@ -45,14 +50,17 @@ class SignatureFilter:
 
 
 def signature_words(originals: Sequence[str], relabels: Sequence[str]) -> tuple[str, ...]:
-    """Words relabel removes from at least MIN_REMOVAL_RATE of the answers containing them (of those
-    that at least MIN_OCCURRENCES answers contain), most often removed first."""
+    """Words relabel removes from at least MIN_REMOVAL_RATE of the answers containing them and at
+    least NEAR_TOP times the highest such rate (of words at least MIN_OCCURRENCES answers contain),
+    most often removed first."""
     present, removed = Counter(), Counter()
     for original, relabel in zip(originals, relabels):
         words = _words(original)
         present.update(words)
         removed.update(words - _words(relabel))
-    chosen = [w for w, n in present.items() if n >= MIN_OCCURRENCES and removed[w] >= MIN_REMOVAL_RATE * n]
+    rate = {w: removed[w] / n for w, n in present.items() if n >= MIN_OCCURRENCES}
+    top = max(rate.values(), default=0.0)
+    chosen = [w for w, r in rate.items() if r >= MIN_REMOVAL_RATE and r >= NEAR_TOP * top]
     return tuple(sorted(chosen, key=lambda w: (-removed[w], w)))
 
 
