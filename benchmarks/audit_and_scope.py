@@ -18,9 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-import yaml
-
-from demo_runs import SCENARIOS, pct, run
+from demo_runs import SCENARIOS, demo_manifest, pct, run
 
 
 def main(workdir: str = "runs/demo") -> None:
@@ -28,11 +26,7 @@ def main(workdir: str = "runs/demo") -> None:
     scratch = Path(tempfile.mkdtemp(prefix="disp-scope-"))
     rows = []
     for name in SCENARIOS:
-        manifest = root / "jobs" / f"{name}.yaml"
-        if not manifest.is_file():
-            raise SystemExit(f"{manifest}: not found; run `make demo` first (it writes the compromised models)")
-        document = yaml.safe_load(manifest.read_text())
-        document["spec"]["output"]["uri"] = str(scratch)
+        document = demo_manifest(root, name, scratch)
         start = time.perf_counter()
         paper, layout = run(document, scratch)
         document["spec"]["relabel"]["scope"] = "suspects"

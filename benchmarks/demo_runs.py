@@ -6,12 +6,24 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import yaml
+
 from disp_api import PurificationJob, PurificationMetrics, StageName
 from disp_api.contract import METRICS_FILE
 from disp_runner.pipeline.artifacts import RunLayout
 from disp_runner.pipeline.runner import run_job
 
 SCENARIOS = ("patch-insertion", "patch-refusal", "patch-misclassification", "blended-refusal")
+
+
+def demo_manifest(workdir: Path, name: str, output: Path) -> dict:
+    """The manifest `make demo` wrote for scenario `name` under `workdir`, its output moved to `output`."""
+    manifest = workdir / "jobs" / f"{name}.yaml"
+    if not manifest.is_file():
+        raise SystemExit(f"{manifest}: not found; run `make demo` first (it writes the compromised models)")
+    document = yaml.safe_load(manifest.read_text())
+    document["spec"]["output"]["uri"] = str(output)
+    return document
 
 
 def run(document: dict, output: Path, seed_from: RunLayout | None = None) -> tuple[PurificationMetrics, RunLayout]:

@@ -28,9 +28,8 @@ import time
 from pathlib import Path
 
 import torch
-import yaml
 
-from demo_runs import SCENARIOS, pct, run
+from demo_runs import SCENARIOS, demo_manifest, pct, run
 from disp_api import DecodingCache, StageName
 from disp_runner.data.dataset import load_dataset
 from disp_runner.data.synthetic import generate_instances
@@ -113,11 +112,7 @@ def demo(workdir: str) -> None:
     scratch = Path(tempfile.mkdtemp(prefix="disp-cache-"))
     rows = []
     for name in SCENARIOS:
-        manifest = root / "jobs" / f"{name}.yaml"
-        if not manifest.is_file():
-            raise SystemExit(f"{manifest}: not found; run `make demo` first (it writes the compromised models)")
-        document = yaml.safe_load(manifest.read_text())
-        document["spec"]["output"]["uri"] = str(scratch)
+        document = demo_manifest(root, name, scratch)
         if "evaluation" in document["spec"]:  # the demo's YAML anchor shares one dict: keep evaluation exact
             document["spec"]["evaluation"]["decoding"] = copy.deepcopy(document["spec"]["relabel"]["decoding"])
         exact, exact_layout = run(document, scratch)
