@@ -72,6 +72,9 @@ def test_sharded_relabel_applies_the_signature_at_the_merge(workspace):
     put_back = [inst for inst in purified if inst.metadata.get("signature_put_back")]
     assert len(put_back) == figures["putBack"]
     assert all(inst.response == inst.metadata["original_response"] for inst in put_back)
+    changed = {json.loads(line)["id"]: json.loads(line)["answerChanged"]
+               for line in (whole.stage_dir(StageName.RELABEL) / "suspects.jsonl").read_text().splitlines()}
+    assert not any(changed[inst.id] for inst in put_back)  # the residual rate samples only real changes
 
 
 def test_common_words_masking_often_removes_stay_below_the_signature():

@@ -18,6 +18,7 @@ changed answers that remove the backdoor's answer signature are kept (disp/signa
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -103,7 +104,7 @@ class RelabelStage:
                 purified.append(replace_first_answer(inst, answer, metadata))
         accepted = {}
         if ctx.shard is None:  # the signature needs the whole dataset: a sharded run applies it at the merge
-            purified, accepted = _accept(ctx, purified, out)
+            purified, records, accepted = _accept(ctx, purified, records, out)
             changed -= accepted.get("putBack", 0)
         if purified:
             write_dataset(purified, out / DATASET_DIR)
@@ -131,10 +132,10 @@ class RelabelStage:
             kept += shard_metrics.get("keptOriginal", 0)
         if not merged:
             raise UserInputError("relabel: every answer was empty; nothing to fine-tune on (check spec.relabel)")
-        merged, accepted = _accept(ctx, merged, out)
+        records = [record for folder in shard_dirs for record in read_suspects(folder)]
+        merged, records, accepted = _accept(ctx, merged, records, out)
         changed -= accepted.get("putBack", 0)
         write_dataset(merged, out / DATASET_DIR)
-        records = [record for folder in shard_dirs for record in read_suspects(folder)]
         write_suspects(records, out)
         _draw_suspects(ctx, records, read_masked(ctx.input_dir(StageName.MASKING)), out)
         metrics = {"purified": len(merged), "emptyResponses": items - len(merged),
@@ -145,15 +146,19 @@ class RelabelStage:
         return StageResult(items=items, metrics=metrics)
 
 
-def _accept(ctx: StageContext, purified: list[Instance], out: Path) -> tuple[list[Instance], dict]:
+def _accept(ctx: StageContext, purified: list[Instance], records: list[SuspectRecord],
+            out: Path) -> tuple[list[Instance], list[SuspectRecord], dict]:
     """relabel.acceptance: signature — only the relabels that remove the backdoor's answer signature
-    stay (disp/signature.py), recorded in signature.json; all: every relabel stays."""
+    stay (disp/signature.py), recorded in signature.json, and the audit's records say which answers
+    changed in the end (the residual rate samples those); all: every relabel stays."""
     if ctx.spec.relabel.acceptance is RelabelAcceptance.ALL or not purified:
-        return purified, {}
+        return purified, records, {}
     kept, signature = keep_signature_relabels(purified)
     (out / SIGNATURE_FILE).write_text(json.dumps(signature.to_wire(), indent=1) + "\n")
-    return kept, {"signatureWords": len(signature.words), "keptRelabels": signature.kept_relabels,
-                  "putBack": signature.put_back}
+    put_back = {inst.id for inst in kept if inst.metadata.get("signature_put_back")}
+    records = [dataclasses.replace(r, answerChanged=False) if r.id in put_back else r for r in records]
+    return kept, records, {"signatureWords": len(signature.words), "keptRelabels": signature.kept_relabels,
+                           "putBack": signature.put_back}
 
 
 def _masked_inputs(ctx: StageContext, instances: list[Instance],
