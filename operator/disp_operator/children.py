@@ -82,6 +82,7 @@ class ChildJob:
     state: ChildState
     job_failure_reason: str  # the Job's Failed condition reason (BackoffLimitExceeded, DeadlineExceeded)
     job_failure_message: str
+    failed_at: Optional[datetime] = None  # the Failed condition's lastTransitionTime
 
     @classmethod
     def from_job(cls, job: Mapping[str, Any]) -> "ChildJob":
@@ -93,7 +94,8 @@ class ChildJob:
             if condition.get("type") == "Complete":
                 return cls(name, ChildState.SUCCEEDED, "", "")
             if condition.get("type") == "Failed":
-                return cls(name, ChildState.FAILED, condition.get("reason") or "", condition.get("message") or "")
+                return cls(name, ChildState.FAILED, condition.get("reason") or "", condition.get("message") or "",
+                           _timestamp(condition.get("lastTransitionTime")))
         if (job.get("spec") or {}).get("suspend"):
             return cls(name, ChildState.QUEUED, "", "")
         return cls(name, ChildState.ACTIVE, "", "")

@@ -193,6 +193,10 @@ def _figures(metrics: MetricsSummary) -> str:
     return "".join("; " + p for p in parts)
 
 
+# How long a failed Job's verdict waits for its failed pod to be observed (then: no pod left to ask).
+POD_STATUS_GRACE = timedelta(seconds=10)
+
+
 def _advance(plan: Plan, job: PurificationJob, stage: StageStatus, observed: Observation,
              backoff: RetryBackoff, pending_threshold: timedelta) -> StageStatus:
     """Move the current (first unfinished) stage forward as far as the observation allows."""
@@ -227,7 +231,15 @@ def _advance(plan: Plan, job: PurificationJob, stage: StageStatus, observed: Obs
             "artifact_uri": f"{job.run_uri()}/{stage.name.value}"})
 
     # The attempt failed.
-    failure = classify_failure(child, list(observed.pods.get(child.name, [])))
+    pods = list(observed.pods.get(child.name, []))
+    if not any(pod.failed for pod in pods) and child.failed_at is not None \
+            and now - child.failed_at < POD_STATUS_GRACE:
+        # Jobs and pods are two watches with no order between them: the Job's Failed condition can
+        # arrive before the failed pod's status that says why (OOM-killed, bad input). Wait for it a
+        # moment rather than report the cause as unknown.
+        plan.requeue_after = 1.0
+        return stage
+    failure = classify_failure(child, pods)
     failures = stage.failures + 1
     if not job.spec.policy.keep_failed_pods:
         plan.delete.append(child.name)

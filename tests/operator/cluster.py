@@ -319,9 +319,11 @@ class Kubelet:
         if any(code is None for code in results) or not self._exists(namespace, name):
             return  # deleted while running: nothing to report
         failed = sum(1 for code in results if code != 0)
+        # As the Job controller writes them: with lastProbeTime and lastTransitionTime.
         condition = {"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded",
                      "message": "Job has reached the specified backoff limit"} if failed else \
             {"type": "Complete", "status": "True"}
+        condition |= {"lastProbeTime": now_iso(), "lastTransitionTime": now_iso()}
         self.cluster.batch.patch_namespaced_job_status(name, namespace, {"status": {
             "active": 0, "succeeded": len(results) - failed, "failed": failed, "completionTime": now_iso(),
             "conditions": [condition]}})

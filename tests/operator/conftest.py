@@ -39,13 +39,14 @@ def make_job(**spec_overrides: Any) -> PurificationJob:
         "metadata": {k: v for k, v in body["metadata"].items() if k != "generation"}})
 
 
-def k8s_job(name: str, state: str = "active", reason: str = "", message: str = "") -> dict[str, Any]:
+def k8s_job(name: str, state: str = "active", reason: str = "", message: str = "",
+            failed_at: str | None = None) -> dict[str, Any]:
     conditions = []
     if state == "succeeded":
         conditions = [{"type": "Complete", "status": "True"}]
     elif state == "failed":
         conditions = [{"type": "Failed", "status": "True", "reason": reason or "BackoffLimitExceeded",
-                       "message": message}]
+                       "message": message} | ({"lastTransitionTime": failed_at} if failed_at else {})]
     return {"metadata": {"name": name}, "status": {"conditions": conditions}}
 
 

@@ -170,6 +170,23 @@ def test_a_crash_is_retried_after_an_exponential_backoff(job):
     assert failed2.retries == [(StageName.SALIENCY, FailureKind.TRANSIENT)]
 
 
+def test_a_failed_job_waits_briefly_for_the_pod_that_says_why(job):
+    """Jobs and pods arrive on separate watches: a Failed Job whose failed pod is not observed yet is
+    held for a few seconds (its OOM-kill is not reported as an unknown cause), then decided."""
+    started = step(job, PurificationJobStatus())
+    failed_job = k8s_job("purify-saliency", "failed", failed_at="2026-11-28T12:00:00Z")
+    early = step(job, started.status, at=T0 + timedelta(seconds=2), jobs=[failed_job])
+    assert early.status.stage(StageName.SALIENCY).phase is StagePhase.RUNNING
+    assert early.events == [] and early.delete == [] and early.requeue_after == 1.0
+    told = step(job, started.status, at=T0 + timedelta(seconds=3), jobs=[failed_job],
+                pods={"purify-saliency": [k8s_pod("p1", 137, reason="OOMKilled")]})
+    assert "OOM-killed" in told.status.stage(StageName.SALIENCY).message
+    assert told.retries == [(StageName.SALIENCY, FailureKind.TRANSIENT)]
+    late = step(job, started.status, at=T0 + timedelta(seconds=30), jobs=[failed_job])  # its node went away
+    assert late.status.stage(StageName.SALIENCY).phase is StagePhase.RETRYING
+    assert late.retries == [(StageName.SALIENCY, FailureKind.TRANSIENT)]
+
+
 def test_a_permanent_failure_fails_the_job_without_a_retry(job):
     started = step(job, PurificationJobStatus())
     plan = step(job, started.status, jobs=[k8s_job("purify-saliency", "failed")],
