@@ -233,7 +233,7 @@ def _advance(plan: Plan, job: PurificationJob, stage: StageStatus, observed: Obs
     # The attempt failed.
     pods = list(observed.pods.get(child.name, []))
     if not any(pod.failed for pod in pods) and child.failed_at is not None \
-            and now - child.failed_at < POD_STATUS_GRACE:
+            and abs(now - child.failed_at) < POD_STATUS_GRACE:  # abs: a skewed API-server clock never holds long
         # Jobs and pods are two watches with no order between them: the Job's Failed condition can
         # arrive before the failed pod's status that says why (OOM-killed, bad input). Wait for it a
         # moment rather than report the cause as unknown.

@@ -185,6 +185,8 @@ def test_a_failed_job_waits_briefly_for_the_pod_that_says_why(job):
     late = step(job, started.status, at=T0 + timedelta(seconds=30), jobs=[failed_job])  # its node went away
     assert late.status.stage(StageName.SALIENCY).phase is StagePhase.RETRYING
     assert late.retries == [(StageName.SALIENCY, FailureKind.TRANSIENT)]
+    skewed = step(job, started.status, at=T0 - timedelta(minutes=5), jobs=[failed_job])  # API server clock ahead
+    assert skewed.status.stage(StageName.SALIENCY).phase is StagePhase.RETRYING
 
 
 def test_a_permanent_failure_fails_the_job_without_a_retry(job):

@@ -161,6 +161,26 @@ def test_top_k_larger_than_the_vocabulary_fails_before_anything_completes(worksp
     assert not layout_of(workspace, saliency={"topK": 100_000}).is_complete(StageName.SALIENCY)
 
 
+def test_a_cache_the_model_family_cannot_run_fails_before_anything_completes(workspace, capsys, monkeypatch):
+    import disp_runner.pipeline.context as context
+
+    class NoFamilyHasIt:  # as if the model's family had no prompt cache
+        pass
+
+    monkeypatch.setattr(context, "PromptCaching", NoFamilyHasIt)
+    relabel = {"decoding": {**DECODING, "cache": "prefix"}, "batchSize": 4}
+    code = main(["--no-progress", "run", write_manifest(workspace, job_document(workspace, relabel=relabel))])
+    err = capsys.readouterr().err.strip()
+    assert code == EXIT_USER_ERROR and len(err.splitlines()) == 1
+    assert "spec.relabel.decoding.cache: prefix needs a model family with a prompt cache" in err
+    assert not layout_of(workspace, relabel=relabel).is_complete(StageName.SALIENCY)
+    monkeypatch.undo()  # the real families have one: the same manifest runs
+    for stage in ("saliency", "masking", "relabel"):
+        assert main(["--no-progress", "run", write_manifest(workspace, job_document(workspace, relabel=relabel)),
+                     "--stage", stage]) == 0
+    assert layout_of(workspace, relabel=relabel).is_complete(StageName.RELABEL)
+
+
 def test_shard_flag_errors(workspace, capsys):
     path = write_manifest(workspace, job_document(workspace))
     for argv, message in [(["--stage", "saliency", "--shard", "3/2"], "--shard 3/2: need 0 <= index < count"),

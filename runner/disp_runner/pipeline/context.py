@@ -12,14 +12,14 @@ from typing import Any, ClassVar, Protocol
 
 import torch
 
-from disp_api import AttackSpec, PurificationJob, PurificationJobSpec, StageName
+from disp_api import AttackSpec, DecodingCache, PurificationJob, PurificationJobSpec, StageName
 from disp_api.spec import ATTACK_MANIFEST
 from disp_runner.data.dataset import Instance, load_dataset
 from disp_runner.device import default_device
 from disp_runner.errors import UserInputError, warn_user
 from disp_runner.diffusion.decoding import DecodingConfig
 from disp_runner.diffusion.distributed import Topology
-from disp_runner.models.base import trained_gen_length
+from disp_runner.models.base import PromptCaching, trained_gen_length
 from disp_runner.models.loading import LoadedModel, load_model, load_projector
 from disp_runner.pipeline.artifacts import (
     STAGE_MANIFEST,
@@ -124,7 +124,12 @@ class StageContext:
         if spec.gen_length is not None and model_gen_length and spec.gen_length != model_gen_length:
             warn_user(f"{field_name}.genLength {spec.gen_length}: the model was trained to answer in "
                       f"{model_gen_length} positions (config gen_length); leave genLength out to use them")
-        return DecodingConfig.for_model(spec, model_gen_length, field_name)
+        config = DecodingConfig.for_model(spec, model_gen_length, field_name)
+        if config.cache is not DecodingCache.NONE and not isinstance(self.compromised_model().model, PromptCaching):
+            # Checked here, where saliency asks first, so nothing expensive runs before the refusal.
+            raise UserInputError(f"{field_name}.cache: {config.cache.value} needs a model family with a prompt "
+                                 f"cache; {type(self.compromised_model().model).__name__} has none (use none)")
+        return config
 
     def evaluation_attack(self) -> AttackSpec:
         """The trigger and target the evaluation's ASR rule is for: spelled out in the spec, or read
