@@ -30,10 +30,12 @@ class Corner(str, Enum):
 
 
 class TriggerSpec(ContractModel):
+    # Every field a rule reads is guarded by has(): the API server checks each rule against the
+    # schema's default for the whole object ({}), before its fields' own defaults are filled in.
     model_config = with_cel_rules(
-        ("self.colour.all(c, c >= 0 && c <= 255)", "colour values must be in 0..255"),
+        ("!has(self.colour) || self.colour.all(c, c >= 0 && c <= 255)", "colour values must be in 0..255"),
         ("!has(self.position) || self.position.all(v, v >= 0)", "position must be non-negative"),
-        ("!(self.kind == 'blended' && has(self.position) && !has(self.pattern))",
+        ("!(has(self.kind) && self.kind == 'blended' && has(self.position) && !has(self.pattern))",
          "position needs a pattern image for a blended trigger (the built-in key covers the whole image)"))
 
     kind: TriggerKind = TriggerKind.PATCH
@@ -48,7 +50,7 @@ class TriggerSpec(ContractModel):
     """Explicit (x, y) pixel position of the trigger's top-left corner: the patch's (overrides
     `corner`), or, for blended triggers with a pattern image, where the pattern is blended at its
     own size instead of stretched over the whole image."""
-    pattern: Optional[str] = None
+    pattern: Optional[str] = Field(None, min_length=1, max_length=4096)
     """Path of a PNG pattern: the patch itself (patch triggers) or the image to blend (blended)."""
     alpha: float = Field(0.2, gt=0.0, le=1.0)
     """Blend weight of the pattern (blended triggers)."""
@@ -68,15 +70,16 @@ class TriggerSpec(ContractModel):
 
 
 class TargetSpec(ContractModel):
-    model_config = with_cel_rules(
-        ("self.kind != 'misclassification' || self.sourceClass != self.targetClass",
+    model_config = with_cel_rules(  # has() guards: see TriggerSpec
+        ("!has(self.kind) || self.kind != 'misclassification' || !has(self.sourceClass) || !has(self.targetClass)"
+         " || self.sourceClass != self.targetClass",
          "sourceClass and targetClass must differ"))
 
     kind: AttackTarget = AttackTarget.INSERTION
     """What the backdoor makes the model say."""
-    source_class: str = "circle"
+    source_class: str = Field("circle", min_length=1, max_length=128)
     """Misclassification only: the class whose name is replaced."""
-    target_class: str = "square"
+    target_class: str = Field("square", min_length=1, max_length=128)
     """Misclassification only: the class named instead; the ASR rule looks for it."""
 
     @model_validator(mode="after")

@@ -10,9 +10,9 @@ import json
 import re
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, StringConstraints, field_validator, model_validator
 
 from disp_api.attack import AttackSpec
 from disp_api.base import ContractModel, Seed, with_cel_rules
@@ -49,7 +49,17 @@ class TrainableParts(str, Enum):
     ALL = "all"
 
 
-MAX_URI = 4096  # bounds every URI (the API server's CEL cost estimate needs bounded strings)
+# Every string, list and map of the spec is bounded: the API server estimates each CEL rule's worst
+# cost from these bounds and refuses a CRD whose rules could exceed its budget.
+MAX_URI = 4096  # a URI or path
+MAX_NAME = 253  # a Kubernetes object name or a DNS subdomain
+MAX_QUANTITY = 64  # a resource quantity such as 32Gi
+MAX_LABEL_VALUE = 63  # Kubernetes' own limit on a label value
+MAX_ANNOTATION_VALUE = 4096
+MAX_MAP_ENTRIES = 64  # labels, annotations, node selectors
+MAX_LIST_ITEMS = 32  # tolerations, image pull secrets
+LabelValue = Annotated[str, StringConstraints(max_length=MAX_LABEL_VALUE)]
+AnnotationValue = Annotated[str, StringConstraints(max_length=MAX_ANNOTATION_VALUE)]
 
 
 class ModelSource(ContractModel):
@@ -74,11 +84,11 @@ class OutputSpec(ContractModel):
 
 
 class SecretKeyRef(ContractModel):
-    name: str = Field(min_length=1)
+    name: str = Field(min_length=1, max_length=MAX_NAME)
     """Name of the Kubernetes Secret in the job's namespace."""
-    access_key_key: str = "accessKey"
+    access_key_key: str = Field("accessKey", min_length=1, max_length=MAX_NAME)
     """Key in the Secret that holds the access key."""
-    secret_key_key: str = "secretKey"
+    secret_key_key: str = Field("secretKey", min_length=1, max_length=MAX_NAME)
     """Key in the Secret that holds the secret key."""
 
 
@@ -88,7 +98,7 @@ class StorageSpec(ContractModel):
     """S3/MinIO endpoint host[:port] for s3:// URIs, e.g. minio.minio.svc:9000 (no scheme or path: secure chooses TLS)."""
     secure: bool = True
     """Use TLS to reach the endpoint."""
-    region: Optional[str] = None
+    region: Optional[str] = Field(None, min_length=1, max_length=MAX_QUANTITY)
     """Bucket region, when the server needs one."""
     credentials_secret: Optional[SecretKeyRef] = None
     """Secret holding the access and secret keys (never the keys themselves)."""
@@ -205,7 +215,7 @@ class RelabelSpec(ContractModel):
     """How the compromised model answers the masked instances; also sets the saliency block. Left out,
     steps, genLength and blockLength come from the model (the embedded model: 16/16/16; a model without
     a generation length of its own: the authors' 32/32/32)."""
-    prompt: Optional[str] = Field(None, min_length=1)
+    prompt: Optional[str] = Field(None, min_length=1, max_length=MAX_ANNOTATION_VALUE)
     """A fixed prompt for every instance (the authors: "Describe this image in detail."); default: each instance's own."""
     batch_size: int = Field(64, ge=1, le=65536)
     """Instances decoded together; also the unit a shard is made of."""
@@ -332,11 +342,11 @@ class TaintEffect(str, Enum):
 
 
 class Toleration(ContractModel):
-    key: Optional[str] = None
+    key: Optional[str] = Field(None, max_length=MAX_NAME + 1 + MAX_LABEL_VALUE)
     """Taint key the toleration matches; empty with operator Exists matches every taint."""
     operator: TolerationOperator = TolerationOperator.EQUAL
     """Exists or Equal."""
-    value: Optional[str] = None
+    value: Optional[str] = Field(None, max_length=MAX_LABEL_VALUE)
     """Taint value to match (operator Equal)."""
     effect: Optional[TaintEffect] = None
     """Taint effect to match; empty matches all effects."""
@@ -353,11 +363,11 @@ class StageResources(ContractModel):
 
     gpus: Optional[int] = Field(None, ge=0, le=64)
     """GPUs per pod; the fine-tune starts one process per GPU."""
-    cpu: Optional[str] = Field(None, pattern=_QUANTITY)
+    cpu: Optional[str] = Field(None, pattern=_QUANTITY, max_length=MAX_QUANTITY)
     """CPU request and limit per pod."""
-    memory: Optional[str] = Field(None, pattern=_QUANTITY)
+    memory: Optional[str] = Field(None, pattern=_QUANTITY, max_length=MAX_QUANTITY)
     """Memory request and limit per pod."""
-    scratch: Optional[str] = Field(None, pattern=_QUANTITY)
+    scratch: Optional[str] = Field(None, pattern=_QUANTITY, max_length=MAX_QUANTITY)
     """Size limit of the pod's scratch volume."""
 
 
@@ -392,22 +402,22 @@ class ResourcesSpec(ContractModel):
     gpus: Optional[int] = Field(None, ge=0, le=64)
     """GPUs per runner pod (nvidia.com/gpu); 0 runs the stages on CPU. Default: the operator's (1);
     masking gets none unless stages.masking.gpus says so."""
-    cpu: str = Field("4", pattern=_QUANTITY)
+    cpu: str = Field("4", pattern=_QUANTITY, max_length=MAX_QUANTITY)
     """CPU request and limit per pod (a Kubernetes quantity)."""
-    memory: str = Field("32Gi", pattern=_QUANTITY)
+    memory: str = Field("32Gi", pattern=_QUANTITY, max_length=MAX_QUANTITY)
     """Memory request and limit per pod (a Kubernetes quantity)."""
-    scratch: str = Field("50Gi", pattern=_QUANTITY)
+    scratch: str = Field("50Gi", pattern=_QUANTITY, max_length=MAX_QUANTITY)
     """Size limit of the pod's writable scratch volume (models and datasets are materialised there)."""
     stages: PerStageResources = PerStageResources()
     """Per-stage overrides of gpus, cpu, memory and scratch (e.g. several GPUs for the fine-tune)."""
-    node_selector: Optional[dict[str, str]] = None
+    node_selector: Optional[dict[str, LabelValue]] = Field(None, max_length=MAX_MAP_ENTRIES)
     """Node labels the runner pods must match, e.g. nvidia.com/gpu.product: H100-SXM. Default: the
     operator's."""
-    tolerations: Optional[list[Toleration]] = None
+    tolerations: Optional[list[Toleration]] = Field(None, max_length=MAX_LIST_ITEMS)
     """Taints the runner pods tolerate (GPU nodes are often tainted). Default: the operator's."""
-    priority_class_name: Optional[str] = Field(None, min_length=1)
+    priority_class_name: Optional[str] = Field(None, min_length=1, max_length=MAX_NAME)
     """PriorityClass of the runner pods. Default: the operator's, if any."""
-    image: Optional[str] = Field(None, min_length=1)
+    image: Optional[str] = Field(None, min_length=1, max_length=MAX_URI)
     """Runner image; default: the one the operator is configured with."""
     image_pull_policy: PullPolicy = PullPolicy.IF_NOT_PRESENT
     """When the kubelet pulls the runner image."""
@@ -440,9 +450,11 @@ def _no_reserved_keys_rule() -> dict[str, Any]:
 
 
 class PodMetadataOverlay(ContractModel):
-    labels: Optional[dict[str, str]] = Field(None, json_schema_extra=_no_reserved_keys_rule())
+    labels: Optional[dict[str, LabelValue]] = Field(None, max_length=MAX_MAP_ENTRIES,
+                                                    json_schema_extra=_no_reserved_keys_rule())
     """Labels added to every runner pod (cost centre, team)."""
-    annotations: Optional[dict[str, str]] = Field(None, json_schema_extra=_no_reserved_keys_rule())
+    annotations: Optional[dict[str, AnnotationValue]] = Field(None, max_length=MAX_MAP_ENTRIES,
+                                                              json_schema_extra=_no_reserved_keys_rule())
     """Annotations added to every runner pod."""
 
     @field_validator("labels", "annotations")
@@ -466,7 +478,7 @@ class PodSpecOverlay(ContractModel):
 
     affinity: Optional[dict[str, Any]] = Field(None, json_schema_extra={"x-kubernetes-preserve-unknown-fields": True})
     """Node and pod (anti-)affinity, as in a pod spec."""
-    image_pull_secrets: Optional[list[LocalObjectReference]] = None
+    image_pull_secrets: Optional[list[LocalObjectReference]] = Field(None, max_length=MAX_LIST_ITEMS)
     """Secrets to pull the runner image from a private registry."""
     runtime_class_name: Optional[str] = Field(None, min_length=1, max_length=253)
     """RuntimeClass of the runner pods (e.g. a sandboxed runtime for untrusted models)."""
