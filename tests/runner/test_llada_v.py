@@ -20,7 +20,7 @@ from disp_runner.data.synthetic import generate_instances
 from disp_runner.models.llada_v import LladaVForMaskedDiffusion, LladaVProcessor
 from disp_runner.models.llada_v.anyres import anyres_geometry, expand_pinpoints
 from disp_runner.models.llada_v.processing import Specials
-from disp_runner.models.llada_v.stand_in import build_model, stand_in_tokenizer
+from disp_runner.models.llada_v.stand_in import PUBLISHED_AUTO_MAP, build_model, publish_layout, stand_in_tokenizer
 from disp_runner.models.loading import load_model, save_model
 from disp_runner.pipeline.artifacts import RunLayout
 from disp_runner.pipeline.runner import run_job
@@ -44,7 +44,35 @@ def tiny_checkpoint(folder, corpus=(), **overrides) -> tuple[LladaVForMaskedDiff
         model.model.image_newline.normal_()  # the published one is trained; zeros would hide packing mistakes
     if folder is not None:
         save_model(model, processor, folder)
+        publish_layout(folder)  # no declared mask token, an auto_map, the checkpoint's own code beside it
     return model, processor
+
+
+def test_the_published_layout_loads_without_a_declared_mask_token_and_never_runs_its_code(tmp_path, caplog):
+    """LLaDA-V's tokenizer_config.json declares no mask_token (<|mdm_mask|> is an added token) and
+    its config.json has an auto_map to the code the hub repository ships: the family's known mask
+    token is taken, the auto_map is ignored (said once) and the shipped code never imported."""
+    from disp_runner.errors import UserInputError
+
+    folder = tmp_path / "published"
+    tiny_checkpoint(folder)
+    config = json.loads((folder / "config.json").read_text())
+    assert config["auto_map"] == PUBLISHED_AUTO_MAP and "mask_token_id" in config
+    assert "mask_token" not in json.loads((folder / "tokenizer_config.json").read_text())
+    with caplog.at_level("WARNING"):
+        model, processor = load_model(folder)
+        load_model(folder)
+    assert processor.tokenizer.mask_token == "<|mdm_mask|>" and processor.mask_token_id == config["mask_token_id"]
+    told = [r.getMessage() for r in caplog.records if "auto_map ignored" in r.getMessage()]
+    assert len(told) <= 1  # once per process (an earlier test may have been told already)
+    assert not (folder / "REMOTE-CODE-RAN").exists()
+    # The family's token must exist: a tokenizer without it is still refused, naming the token.
+    data = json.loads((folder / "tokenizer.json").read_text())
+    data["added_tokens"] = [t for t in data["added_tokens"] if t["content"] != "<|mdm_mask|>"]
+    data["model"]["vocab"].pop("<|mdm_mask|>")
+    (folder / "tokenizer.json").write_text(json.dumps(data))
+    with pytest.raises(UserInputError, match=r"tokenizer lacks the special token\(s\) <\|mdm_mask\|>"):
+        load_model(folder)
 
 
 def test_the_packed_token_counts_follow_the_anyres_formula():
@@ -55,6 +83,11 @@ def test_the_packed_token_counts_follow_the_anyres_formula():
               for size in [(384, 384), (300, 300), (640, 480), (1024, 768)]}
     assert counts == {(384, 384): 1485, (300, 300): 1485, (640, 480): 2929, (1024, 768): 3627}
     assert anyres_geometry(1024, 768, 384, 27, pinpoints, 4).packed == (46, 62)  # shrunk: 54 x 73 > 1.1 x 4 views
+    # Sizes where LLaVA's unpad_image (scale first: int(h * (cols / w))) and int(h * cols / w) round
+    # apart: the counts LLaDA-V's own code gives (2025, 4023 and 3627 with the other rounding).
+    rounding = {size: anyres_geometry(*size, 384, 27, pinpoints, 4).num_tokens
+                for size in [(147, 3969), (1640, 369), (4671, 3460)]}
+    assert rounding == {(147, 3969): 1701, (1640, 369): 3969, (4671, 3460): 3673}
 
 
 def test_weights_carry_the_published_names_and_shard_with_an_index(tmp_path):
@@ -254,8 +287,13 @@ def test_hostile_checkpoint_folders_are_refused_with_one_line_each(tmp_path, cap
         processor.save_pretrained(folder)
         return folder, model
 
-    remote, _ = fresh("remote")
-    _edit_json(remote / "config.json", auto_map={"AutoModel": "modeling_llada.LLaDAModelLM"})
+    # An auto_map is refused for a family whose published checkpoints carry none (the embedded one).
+    from disp_runner.models.loading import save_model as save
+    from disp_runner.models.mdlm.embedded import SHIPPED_BASE_MODEL
+
+    remote = tmp_path / "remote"
+    save(*load_model(SHIPPED_BASE_MODEL), remote)
+    _edit_json(remote / "config.json", auto_map={"AutoModel": "modeling_mdlm.MDLM"})
     with pytest.raises(UserInputError, match=r"auto_map asks for the checkpoint's own code, which this runner never runs"):
         load_model(remote)
 

@@ -258,15 +258,27 @@ class PromptCaching(Protocol):
         `attention_mask` [B, L] is the whole sequence's, as in the pass that made the context."""
 
 
+def adopt_mask_token(tokenizer: PreTrainedTokenizerBase, known: str | None) -> None:
+    """A published tokenizer may hold its family's [MASK] only as an added token, without declaring
+    it (LLaDA-V's tokenizer_config.json has no mask_token): take the family's known token then, when
+    the vocabulary has it. The config's mask_token_id is still checked against it (Processor)."""
+    if tokenizer.mask_token_id is None and known is not None and known in tokenizer.get_vocab():
+        tokenizer.mask_token = known
+
+
 class Processor(ABC):
     """The processor side of a family: tokenizer + sequence layout. The family says how an image
     becomes pixels and which tokens precede the prompt; the sequence assembly, padding and the
     checks every family needs are written once here."""
 
+    # The family's [MASK] token by name, taken when a tokenizer does not declare one.
+    known_mask_token: str | None = None
+
     def __init__(self, tokenizer: PreTrainedTokenizerBase, config: PretrainedConfig, where: str = "model"):
         """Raises UserInputError naming `where` when the tokenizer and the config disagree."""
         self.tokenizer = tokenizer
         self.config = config
+        adopt_mask_token(tokenizer, self.known_mask_token)
         if tokenizer.mask_token_id is None:
             raise UserInputError(f"{where}: the tokenizer declares no mask token")
         for name in ("mask_token_id", "pad_token_id", "eos_token_id"):
@@ -432,6 +444,9 @@ class ModelFamily:
     # Config overrides that make the model match the tensor names the checkpoint holds (e.g. a
     # tower saved with one layer more than the config says); ValueError when they cannot match.
     config_for_weights: Callable[[dict, set[str]], dict] | None = None
+    # The published checkpoint ships its own code (config.json's auto_map) for what this family
+    # implements natively: the entry is ignored, never run. For other families auto_map is refused.
+    native_for_auto_map: bool = False
 
 
 def config_size(config: dict, key: str, default: int) -> int:

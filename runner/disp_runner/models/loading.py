@@ -11,6 +11,7 @@ must agree with the config.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import struct
 from pathlib import Path
@@ -23,8 +24,10 @@ from transformers.utils import logging as hf_logging
 
 from disp_api.contract import PICKLE_WEIGHT_SUFFIXES, SAFE_WEIGHT_SUFFIXES, weight_files
 from disp_runner.errors import DegenerateResultError, UnsafeModelFormatError, UserInputError
-from disp_runner.models.base import DiffusionVLM, ModelFamily, ModelPart, Processor
+from disp_runner.models.base import DiffusionVLM, ModelFamily, ModelPart, Processor, adopt_mask_token
 from disp_runner.models.registry import family_for
+
+logger = logging.getLogger(__name__)
 
 # Our own progress bars and one-line summaries say what happens; transformers' per-shard bars
 # would only clutter stderr, where user errors must stand on one line.
@@ -216,9 +219,21 @@ def load_tokenizer(folder: str | Path, family: ModelFamily | None = None) -> Pre
         missing = [t for t in family.required_tokens if t not in vocab]
         if missing:
             raise UserInputError(f"{where}: tokenizer lacks the special token(s) {', '.join(missing)}")
+        adopt_mask_token(tokenizer, family.processor_class.known_mask_token)
     if tokenizer.mask_token is None or tokenizer.mask_token_id is None:
         raise UserInputError(f"{where}: tokenizer does not declare a mask token")
     return tokenizer
+
+
+_AUTO_MAP_TOLD: set[str] = set()
+
+
+def _say_auto_map_ignored(config_path: Path, family: ModelFamily) -> None:
+    """Once per model type and process: the checkpoint's own code is not what runs."""
+    if family.model_type not in _AUTO_MAP_TOLD:
+        _AUTO_MAP_TOLD.add(family.model_type)
+        logger.warning("%s: auto_map ignored: the checkpoint's own code is never run; the built-in %r family "
+                       "loads its weights", config_path, family.model_type)
 
 
 def load_model(folder: str | Path, allow_unsafe_pickle: bool = False) -> LoadedModel:
@@ -232,8 +247,11 @@ def load_model(folder: str | Path, allow_unsafe_pickle: bool = False) -> LoadedM
     config_dict = _read_config(config_path)
     family = family_for(config_dict.get("model_type"), str(config_path))
     if config_dict.get("auto_map") is not None:
-        raise UserInputError(f"{config_path}: auto_map asks for the checkpoint's own code, which this runner never "
-                             f"runs; remove it to load the weights with the built-in {family.model_type!r} family")
+        if not family.native_for_auto_map:
+            raise UserInputError(f"{config_path}: auto_map asks for the checkpoint's own code, which this runner "
+                                 f"never runs; remove it to load the weights with the built-in "
+                                 f"{family.model_type!r} family")
+        _say_auto_map_ignored(config_path, family)
     for key in family.positive_sizes:
         value = config_dict.get(key, 1)
         if not isinstance(value, int) or isinstance(value, bool) or not 0 < value < 2**31:

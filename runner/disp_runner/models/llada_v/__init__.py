@@ -15,6 +15,7 @@ FAMILY = ModelFamily(
     key_mapping=LladaVForMaskedDiffusion.ORIGINAL_LLADA_KEYS,
     parameter_count=parameter_count,
     config_for_weights=config_for_weights,
+    native_for_auto_map=True,  # GSAI-ML/LLaDA-V ships configuration_llada.py and an auto_map
 )
 
 __all__ = ["FAMILY", "LladaVConfig", "LladaVForMaskedDiffusion", "LladaVProcessor"]

@@ -64,12 +64,13 @@ def resize_and_pad(image: Image.Image, target: tuple[int, int]) -> Image.Image:
 
 def unpadded_crop(map_rows: int, map_cols: int, width: int, height: int) -> tuple[slice, slice]:
     """Rows and columns of a map_rows x map_cols token map of the resized-and-padded image that
-    show the image, not the padding (LLaVA's unpad_image)."""
+    show the image, not the padding (LLaVA's unpad_image). The scale is computed first, as there:
+    int(height * (cols / width)) and int(height * cols / width) round apart for a few sizes."""
     if width / height > map_cols / map_rows:
-        new_rows = int(height * map_cols / width)
+        new_rows = int(height * (map_cols / width))
         pad = (map_rows - new_rows) // 2
         return slice(pad, map_rows - pad), slice(0, map_cols)
-    new_cols = int(width * map_rows / height)
+    new_cols = int(width * (map_rows / height))
     pad = (map_cols - new_cols) // 2
     return slice(0, map_rows), slice(pad, map_cols - pad)
 

@@ -45,6 +45,7 @@ class Specials:
 
 class LladaVProcessor(Processor):
     config: LladaVConfig
+    known_mask_token = Specials.MASK  # the published tokenizer holds it only as an added token
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, config: LladaVConfig, where: str = "model"):
         super().__init__(tokenizer, config, where)

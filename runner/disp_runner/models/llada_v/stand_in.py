@@ -3,13 +3,17 @@ the hub, so the published weights and tokenizer.json are not available.
 
 `stand_in_tokenizer` is a word-level tokenizer over the given texts with LLaDA's special tokens
 under their published names (at other ids: the ids are always looked up by name); the real one
-is a byte-level BPE of 126,464 entries. `build_model` builds a randomly initialised model of any
-size whose special ids come from the tokenizer. Loading, processing and every stage treat such a
-checkpoint exactly as a published one.
+is a byte-level BPE of 126,464 entries. Like the published tokenizer it declares no mask token:
+`<|mdm_mask|>` is only one of its added tokens. `build_model` builds a randomly initialised model
+of any size whose special ids come from the tokenizer. `publish_layout` makes a saved checkpoint
+look as the hub's does where loading depends on it. Loading, processing and every stage treat such
+a checkpoint exactly as a published one.
 """
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Iterable
 
 from tokenizers import AddedToken, Tokenizer, models, normalizers, pre_tokenizers
@@ -33,13 +37,43 @@ def stand_in_tokenizer(texts: Iterable[str]) -> PreTrainedTokenizerFast:
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
     backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
     return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token=UNKNOWN, bos_token=Specials.START,
-                                   eos_token=Specials.END, pad_token=Specials.END, mask_token=Specials.MASK)
+                                   eos_token=Specials.END, pad_token=Specials.END)
 
 
 def build_model(tokenizer: PreTrainedTokenizerBase, vocab_size: int | None = None,
                 **sizes) -> tuple[LladaVForMaskedDiffusion, LladaVProcessor]:
     """A randomly initialised LLaDA-V of the given sizes (LladaVConfig fields) and its processor;
     `vocab_size` may exceed the tokenizer's (the published model's is 126,464)."""
-    config = LladaVConfig(vocab_size=vocab_size or len(tokenizer), mask_token_id=tokenizer.mask_token_id,
+    config = LladaVConfig(vocab_size=vocab_size or len(tokenizer),
+                          mask_token_id=tokenizer.convert_tokens_to_ids(Specials.MASK),
                           eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **sizes)
     return LladaVForMaskedDiffusion(config).eval(), LladaVProcessor(tokenizer, config)
+
+
+# What GSAI-ML/LLaDA-V's config.json names: its own code (the repository is tagged custom_code and
+# ships configuration_llada.py). This runner never imports it.
+PUBLISHED_AUTO_MAP = {"AutoConfig": "configuration_llada.LLaDAConfig",
+                      "AutoModel": "modeling_llada.LLaDAModel",
+                      "AutoModelForCausalLM": "modeling_llada.LLaDAModelLM"}
+# Code that must never run: importing it leaves a marker beside it and fails.
+_TRAP = ("from pathlib import Path\n"
+         "(Path(__file__).parent / 'REMOTE-CODE-RAN').write_text(__name__)\n"
+         "raise RuntimeError('the checkpoint\\'s own code was imported')\n")
+
+
+def publish_layout(folder: str | Path) -> None:
+    """Make a checkpoint saved here look as the published one does to a loader: no mask_token in
+    tokenizer_config.json / special_tokens_map.json, config.json with an auto_map, and the
+    checkpoint's own Python files beside it (traps that mark the folder if ever imported)."""
+    folder = Path(folder)
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        path = folder / name
+        if path.is_file():
+            data = json.loads(path.read_text())
+            data.pop("mask_token", None)
+            path.write_text(json.dumps(data, indent=2))
+    config = json.loads((folder / "config.json").read_text())
+    config["auto_map"] = PUBLISHED_AUTO_MAP
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    for module in ("configuration_llada.py", "modeling_llada.py"):
+        (folder / module).write_text(_TRAP)
