@@ -1,8 +1,9 @@
 # Both entry points set themselves up: a virtual environment in .venv with the runner's dependencies.
 VENV ?= .venv
 PYTHON ?= python3
-# The CPU wheel of this version lies on the development machines' disk (installs in seconds);
-# GPU machines may override it, e.g. `make TORCH_SPEC='torch==2.13.0' ...` from their own index.
+# PyPI's Linux wheel of torch is the CUDA build (about 3 GB to download, 5.5 GB in the venv; it
+# runs on the CPU too). Override to take another build, e.g. a CPU wheel from a local folder:
+# `make TORCH_SPEC='torch==2.13.0+cpu' PIP_FIND_LINKS=/path/to/wheels test`.
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 # checkov (security scan of the chart and the stage Jobs) pins packages that clash with moto's:
@@ -10,7 +11,7 @@ STAMP := $(VENV)/.installed
 CHECKOV_VENV ?= .venv-checkov
 CHECKOV_STAMP := $(CHECKOV_VENV)/.installed
 
-.PHONY: demo test setup clean crd images prometheus-tools
+.PHONY: demo test setup clean crd images prometheus-tools k8s
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -30,8 +31,15 @@ setup: $(STAMP) $(CHECKOV_STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/disp demo
 
-test: $(STAMP) $(CHECKOV_STAMP) prometheus-tools
+test: $(STAMP) $(CHECKOV_STAMP) prometheus-tools k8s
 	$(VENV)/bin/python -m pytest -q
+
+# The real Kubernetes control plane of the end-to-end tests (kube-apiserver, kube-controller-manager,
+# kube-scheduler, etcd), built from their Go modules as pinned in tools/controlplane/ into a
+# versioned folder under ~/.cache/disp-operator (a cold build takes 15-30 min on 2 cores; nothing
+# is rebuilt while the pins are unchanged). Needs Go 1.26 and the Go module proxy.
+k8s:
+	bash tools/controlplane/build.sh
 
 # promtool (alert-rule unit tests, exposition lint) and a Prometheus server (the dashboard's queries
 # run against it): Debian's prometheus package, installed when missing.

@@ -1,8 +1,9 @@
-"""How the operator copes with a burst: N PurificationJobs created at once against the Kubernetes
-emulator (kmock, over HTTP) and a loopback S3 server (moto). The operator runs as its own process
-(`disp-operator`), exactly as in its container; nothing plays the kubelet, so the figure is the
-operator's own work: validate each job (Secret lookup, model listing in S3), write its status,
-create its first stage Job.
+"""How the operator copes with a burst: N PurificationJobs created at once against a real
+Kubernetes control plane on loopback (etcd, kube-apiserver, kube-controller-manager, kube-scheduler,
+as built by `make k8s`) and a loopback S3 server (moto). The operator runs as its own process
+(`disp-operator`), exactly as in its container; no node runs the stage pods, so the figure is the
+operator's own work (and the API server's): validate each job (Secret lookup, model listing in
+S3), write its status, create its first stage Job.
 
 Prints the time from the first create until every first-stage Job exists, per-job latency
 percentiles, and the operator process's peak resident memory (VmHWM).
@@ -29,15 +30,15 @@ sys.path.insert(0, str(ROOT))
 from moto.server import ThreadedMotoServer  # noqa: E402
 
 from disp_runner.store.s3 import S3Store  # noqa: E402
-from tests.operator.cluster import EmulatedCluster  # noqa: E402
+from tests.harness.cluster import Cluster, install_crd  # noqa: E402
+from tests.harness.controlplane import free_port, running_control_plane  # noqa: E402
 
-NAMESPACE = "bench"
 ACCESS, SECRET = "bench-access", "bench-secret"
 
 
-def manifest(name: str, endpoint: str) -> dict:
+def manifest(name: str, namespace: str, endpoint: str) -> dict:
     return {"apiVersion": "disp.dev/v1alpha1", "kind": "PurificationJob",
-            "metadata": {"name": name, "namespace": NAMESPACE},
+            "metadata": {"name": name, "namespace": namespace},
             "spec": {"model": {"uri": "s3://models/m"}, "dataset": {"uri": "s3://data/train"},
                      "output": {"uri": "s3://runs"},
                      "storage": {"endpoint": endpoint, "secure": False, "credentialsSecret": {"name": "minio"}}}}
@@ -48,14 +49,6 @@ def peak_rss_mib(pid: int) -> float:
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024
     return float("nan")
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def main() -> None:
@@ -75,10 +68,19 @@ def main() -> None:
     store.put_bytes("models", "m/model.safetensors", b"weights")
 
     workdir = Path(tempfile.mkdtemp(prefix="bench-operator-"))
-    cluster = EmulatedCluster(workdir)
-    cluster.apply_secret(NAMESPACE, "minio", {"accessKey": ACCESS, "secretKey": SECRET})
+    with running_control_plane(workdir / "control-plane") as plane:
+        install_crd(plane)
+        run(args, plane, endpoint, workdir)
+    s3.stop()
+
+
+def run(args: argparse.Namespace, plane, endpoint: str, workdir: Path) -> None:
+    cluster = Cluster(plane, "bench")
+    namespace = cluster.namespace
+    cluster.apply_secret(namespace, "minio", {"accessKey": ACCESS, "secretKey": SECRET})
     liveness = free_port()
-    env = {**os.environ, "KUBECONFIG": str(cluster.kubeconfig), "DISP_METRICS_PORT": "0"}
+    # A cluster admin's credentials: the figure is the operator's work, not RBAC's.
+    env = {**os.environ, "KUBECONFIG": str(plane.admin_kubeconfig), "DISP_METRICS_PORT": "0"}
     log = (workdir / "operator.log").open("w")
     operator = subprocess.Popen([str(Path(sys.executable).with_name("disp-operator")), "--liveness-port",
                                  str(liveness)], env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -98,17 +100,17 @@ def main() -> None:
         created_at: dict[str, float] = {}
 
         def create(name: str) -> None:
-            cluster.create_job(manifest(name, endpoint), uid=f"uid-{name}")
+            cluster.create_job(manifest(name, namespace, endpoint))
             created_at[name] = time.monotonic()
 
         start = time.monotonic()
-        with ThreadPoolExecutor(8) as pool:  # as fast as the emulator takes them
+        with ThreadPoolExecutor(8) as pool:  # as fast as the API server takes them
             list(pool.map(create, names))
         all_created = time.monotonic() - start
         seen_at: dict[str, float] = {}
         while len(seen_at) < len(names) and time.monotonic() - start < args.timeout:
             now = time.monotonic()
-            for job in cluster.batch.list_namespaced_job(NAMESPACE).items:
+            for job in cluster.batch.list_namespaced_job(namespace).items:
                 owner = job.metadata.name.removesuffix("-saliency")
                 if job.metadata.name.endswith("-saliency") and owner not in seen_at:
                     seen_at[owner] = now
@@ -122,7 +124,6 @@ def main() -> None:
         operator.terminate()
         operator.wait(30)
         cluster.close()
-        s3.stop()
     p95 = latencies[int(0.95 * (len(latencies) - 1))]
     print(f"jobs created                         {args.jobs} in {all_created:.1f}s")
     print(f"every first-stage Job exists after    {elapsed:.1f}s from the first create")

@@ -3,6 +3,10 @@ import os
 import pytest
 from moto.server import ThreadedMotoServer
 
+from tests.harness.cluster import install_crd
+from tests.harness.controlplane import ControlPlane, ControlPlaneError, build_binaries
+from tests.harness.node_agent import NodeAgent, NodeSpec
+
 # Tests must be reproducible and fast on two cores.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -98,3 +102,44 @@ def workspace(tmp_path, tiny_model, tiny_processor):
     write_dataset(untriggered, tmp_path / "untriggered")
     write_dataset(generate_instances(8, seed=3, image_size=16), tmp_path / "clean")
     return tmp_path
+
+
+# The real Kubernetes control plane (tests/harness/controlplane.py) and the node agent, started once
+# per session by the first test that needs them.
+
+# Two nodes, as a small GPU cluster has them: a CPU node, and a GPU node with the taint GPU pools
+# carry (the chart's default toleration matches it).
+NODES = (NodeSpec("cpu-node-0", cpu="16", memory="64Gi"),
+         NodeSpec("gpu-node-0", cpu="16", memory="64Gi", gpus=1,
+                  taints=({"key": "nvidia.com/gpu", "value": "present", "effect": "NoSchedule"},)))
+VERSIONS: dict[str, str] = {}  # what the session's control plane reported (printed at the end)
+
+
+@pytest.fixture(scope="session")
+def control_plane(tmp_path_factory):
+    """The control plane of the whole session, with the CRD installed and Established."""
+    try:
+        plane = ControlPlane(tmp_path_factory.mktemp("control-plane"), build_binaries())
+        plane.start()
+    except ControlPlaneError as exc:
+        pytest.fail(f"the Kubernetes control plane did not come up: {exc}", pytrace=False)
+    try:
+        install_crd(plane)
+        VERSIONS.update(plane.versions())
+        VERSIONS["started in"] = f"{plane.startup_seconds:.1f} s"
+        yield plane
+    finally:
+        plane.stop()
+
+
+@pytest.fixture(scope="session")
+def node_agent(control_plane, tmp_path_factory):
+    agent = NodeAgent(control_plane, tmp_path_factory.mktemp("nodes"), NODES)
+    yield agent
+    agent.close()
+
+
+def pytest_terminal_summary(terminalreporter):
+    if VERSIONS:
+        terminalreporter.write_line("control plane under test: " + "; ".join(
+            f"{name}: {version}" for name, version in VERSIONS.items()))

@@ -1,8 +1,8 @@
 """Pods in a real container runtime: a pod spec the operator builds, run with podman (runc) as a
 kubelet would run it, with nothing mapped or skipped.
 
-What the kubelet would decide comes from tests/operator/container_rules.py (the same rules the
-kubelet stand-in follows): the env with Secret values and $(VAR) expanded, the identity, and the
+What the kubelet would decide comes from tests/harness/container_rules.py (the same rules the
+node agent follows): the env with Secret values and $(VAR) expanded, the identity, and the
 command/args, which map onto the runtime as the kubelet maps them (`command` -> the entry point,
 `args` -> the arguments after the image). The pod's securityContext becomes the runtime's own
 settings: a read-only root filesystem (without the writable /tmp, /var/tmp and /run that podman
@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Optional
 
-from tests.operator.container_rules import ImageConfig, container_process
+from tests.harness.container_rules import ImageConfig, container_process
 
 REPO = Path(__file__).resolve().parents[2]
 BUILD_SCRIPT = REPO / "containers" / "build-images.sh"

@@ -10,6 +10,8 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "charts" / "disp-operator"
+# The least an install must say (the chart refuses neither list): whose credentials it may read.
+TEAM = {"credentialNamespaces": ["ml-team"]}
 
 
 def render(values: dict) -> list[dict]:

@@ -15,19 +15,19 @@ import pytest
 import yaml
 
 from disp_operator.crd import render as render_crd
-from tests.deploy.helm_chart import CHART, ROOT, by_kind, render
+from tests.deploy.helm_chart import CHART, ROOT, TEAM, by_kind, render
 
 KUBE_VERSION = "1.30"
 
 OPTION_SETS = {
-    "default": {},
+    "default": TEAM,
     "namespaced": {"watchNamespaces": ["ml-team", "research"]},
-    "monitoring": {"monitoring": {"serviceMonitor": {"enabled": True, "labels": {"release": "prom"}},
+    "monitoring": {**TEAM, "monitoring": {"serviceMonitor": {"enabled": True, "labels": {"release": "prom"}},
                                   "prometheusRule": {"enabled": True}}},
-    "hosted-runbooks": {"monitoring": {"prometheusRule": {"enabled": True,
+    "hosted-runbooks": {**TEAM, "monitoring": {"prometheusRule": {"enabled": True,
                                                           "runbookBaseUrl": "https://git.example/ml/disp/blob/main"},
                                        "grafanaDashboard": {"enabled": True}}},
-    "custom-image": {"image": {"repository": "registry.example/disp-operator", "tag": "1.2.3"},
+    "custom-image": {**TEAM, "image": {"repository": "registry.example/disp-operator", "tag": "1.2.3"},
                      "runner": {"image": {"repository": "registry.example/disp-runner", "tag": "1.2.3"},
                                 "gpus": 2, "nodeSelector": {"pool": "h100"}},
                      "storage": {"endpoint": "minio.minio.svc:9000", "credentialsSecret": "minio"}},
@@ -64,7 +64,11 @@ def test_the_chart_renders_lints_and_validates(option):
         assert sorted(r["metadata"]["namespace"] for r in roles) == ["ml-team", "research"]
         assert [r["metadata"]["name"] for r in by_kind(docs, "ClusterRole") if "\"batch\"" in json.dumps(r)] == []
     else:
-        assert "--all-namespaces" in container["args"] and by_kind(docs, "Role") == []
+        # cluster-wide: one Role, reading Secrets only, in each credential namespace
+        assert "--all-namespaces" in container["args"]
+        roles = by_kind(docs, "Role")
+        assert [(r["metadata"]["namespace"], r["rules"]) for r in roles] == \
+            [("ml-team", [{"apiGroups": [""], "resources": ["secrets"], "verbs": ["get"]}])]
     if option == "monitoring":
         (monitor,) = by_kind(docs, "ServiceMonitor")
         assert monitor["metadata"]["labels"]["release"] == "prom"
@@ -97,16 +101,16 @@ def test_the_chart_renders_lints_and_validates(option):
 
 def test_the_chart_ships_the_generated_crd_and_keeps_it_on_uninstall():
     assert (CHART / "files" / "purificationjobs.disp.dev.yaml").read_text() == render_crd()
-    (crd,) = by_kind(render({}), "CustomResourceDefinition")
+    (crd,) = by_kind(render(TEAM), "CustomResourceDefinition")
     assert crd["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
     assert crd["spec"] == yaml.safe_load(render_crd())["spec"]
-    (crd,) = by_kind(render({"crd": {"keep": False}}), "CustomResourceDefinition")
+    (crd,) = by_kind(render({**TEAM, "crd": {"keep": False}}), "CustomResourceDefinition")
     assert "annotations" not in crd["metadata"]
-    assert by_kind(render({"crd": {"install": False}}), "CustomResourceDefinition") == []
+    assert by_kind(render({**TEAM, "crd": {"install": False}}), "CustomResourceDefinition") == []
 
 
 def test_user_roles_aggregate_into_view_and_edit():
-    roles = {r["metadata"]["name"]: r for r in by_kind(render({}), "ClusterRole")}
+    roles = {r["metadata"]["name"]: r for r in by_kind(render(TEAM), "ClusterRole")}
     viewer, editor = roles["disp-operator-viewer"], roles["disp-operator-editor"]
     assert viewer["metadata"]["labels"]["rbac.authorization.k8s.io/aggregate-to-view"] == "true"
     assert editor["metadata"]["labels"]["rbac.authorization.k8s.io/aggregate-to-edit"] == "true"
@@ -132,8 +136,21 @@ def test_the_values_schema_rejects(case, values, field):
     with pytest.raises(helm_python.HelmError) as exc:
         chart.validate_schema(merged)
     assert field in str(exc.value)
-    with pytest.raises(helm_python.HelmError):  # and `helm install` refuses to render them
-        chart.render(values, name="disp", namespace="disp-system")
+    with pytest.raises(helm_python.HelmError) as exc:  # and `helm install` refuses to render them
+        chart.render({**TEAM, **values}, name="disp", namespace="disp-system")
+    assert field in str(exc.value)
+
+
+def test_an_install_that_names_no_namespace_is_refused_saying_what_to_set():
+    """With neither list, the operator could read no credentials and every job would fail
+    InvalidSpec: `helm install` refuses at once instead, naming both values."""
+    with pytest.raises(helm_python.HelmError) as exc:
+        render({})
+    assert "set credentialNamespaces" in str(exc.value) and "watchNamespaces" in str(exc.value)
+    for values in (TEAM, {"watchNamespaces": ["ml-team"]}):
+        (deployment,) = by_kind(render(values), "Deployment")
+        env = {e["name"]: e.get("value") for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]}
+        assert env["DISP_CREDENTIAL_NAMESPACES"] == "ml-team"
 
 
 def test_the_default_values_pass_the_schema():
@@ -195,7 +212,6 @@ def test_the_argocd_health_check(case, status, health):
 @pytest.mark.parametrize("values, namespaces", [
     ({"watchNamespaces": ["ml-team", "research"]}, ["ml-team", "research"]),
     ({"credentialNamespaces": ["ml-team"]}, ["ml-team"]),
-    ({}, []),  # cluster-wide without credential namespaces: no job can run anywhere
 ])
 def test_stage_pods_are_fenced_in_every_namespace_jobs_run_in(values, namespaces):
     from disp_api import StageName

@@ -14,7 +14,7 @@ import yaml
 from disp_api import StageName
 from disp_api.status import StepKind
 from disp_operator.jobs import RunnerDefaults, stage_job
-from tests.deploy.helm_chart import CHART, ROOT, render
+from tests.deploy.helm_chart import CHART, ROOT, TEAM, render
 from tests.operator.conftest import make_job
 
 # checkov lives in its own virtual environment (its pins clash with moto's); the Makefile builds it.
@@ -30,7 +30,7 @@ def test_the_accepted_exceptions_are_the_documented_ones():
 
 def test_checkov_finds_nothing_beyond_the_accepted_exceptions(tmp_path):
     assert CHECKOV.exists(), f"{CHECKOV} missing: run `make setup` (it installs checkov in .venv-checkov)"
-    values = {"monitoring": {"serviceMonitor": {"enabled": True}, "prometheusRule": {"enabled": True}}}
+    values = {**TEAM, "monitoring": {"serviceMonitor": {"enabled": True}, "prometheusRule": {"enabled": True}}}
     for i, doc in enumerate(render(values)):
         (tmp_path / f"chart-{i:02d}-{doc['kind']}.yaml").write_text(yaml.safe_dump(doc))
     job = make_job(parallelism={"relabelShards": 2}, policy={"activeDeadlineSeconds": 3600})

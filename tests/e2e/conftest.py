@@ -1,5 +1,8 @@
-"""Fixtures of the end-to-end tests: the emulated cluster and its kubelet stand-in, the loopback S3
-server holding the tiny model and data, and the container images."""
+"""Fixtures of the end-to-end tests: a real Kubernetes control plane (etcd, kube-apiserver,
+kube-controller-manager, kube-scheduler; tests/harness/controlplane.py) with the CRD installed,
+the node agent that runs the pods the scheduler binds (tests/harness/node_agent.py), a namespace
+of each test's own with the S3 credentials Secret, the loopback S3 server holding the tiny model
+and data, and the container images."""
 
 from __future__ import annotations
 
@@ -10,9 +13,31 @@ from minio import Minio
 
 from disp_runner.store.s3 import S3Store
 from tests.containers.podman import OPERATOR_IMAGE, RUNNER_IMAGE, RuntimeUnavailable, build_images
-from tests.e2e.support import ACCESS, CREDENTIALS_SECRET, NAMESPACE, SECRET
-from tests.operator.cluster import RUNNER_IMAGE as STANDIN_RUNNER_IMAGE
-from tests.operator.cluster import EmulatedCluster, Kubelet
+from tests.e2e.support import ACCESS, CREDENTIALS_SECRET, SECRET, NodeView
+from tests.harness.cluster import Cluster
+from tests.harness.node_agent import RUNNER_IMAGE as LOCAL_RUNNER_IMAGE
+
+@pytest.fixture
+def cluster(control_plane, monkeypatch):
+    """A namespace of this test's own, with the S3 credentials Secret; the operator's settings
+    that make a test quick (reconcile and progress every half second, short retry backoff) and the
+    runner image the node agent knows."""
+    cluster = Cluster(control_plane)
+    monkeypatch.setenv("DISP_RECONCILE_INTERVAL_SECONDS", "0.5")
+    monkeypatch.setenv("DISP_PROGRESS_INTERVAL_SECONDS", "0.5")
+    monkeypatch.setenv("DISP_RETRY_BASE_SECONDS", "0.2")
+    monkeypatch.setenv("DISP_RUNNER_IMAGE", LOCAL_RUNNER_IMAGE)
+    cluster.apply_secret(cluster.namespace, CREDENTIALS_SECRET, {"accessKey": ACCESS, "secretKey": SECRET})
+    yield cluster
+    cluster.close()
+
+
+@pytest.fixture
+def kubelet(node_agent, cluster):
+    """The node agent as this test sees it: its own namespace's pods, its own fault hooks."""
+    view = NodeView(node_agent, cluster.namespace)
+    yield view
+    view.reset()
 
 
 @pytest.fixture
@@ -48,23 +73,3 @@ def images():
     except RuntimeUnavailable as exc:
         pytest.fail(f"container runtime unavailable: {exc}", pytrace=False)
     return {"operator": OPERATOR_IMAGE, "runner": RUNNER_IMAGE}
-
-
-@pytest.fixture
-def cluster(tmp_path, monkeypatch):
-    cluster = EmulatedCluster(tmp_path)
-    monkeypatch.setenv("KUBECONFIG", str(cluster.kubeconfig))
-    monkeypatch.setenv("DISP_RECONCILE_INTERVAL_SECONDS", "0.5")
-    monkeypatch.setenv("DISP_PROGRESS_INTERVAL_SECONDS", "0.5")
-    monkeypatch.setenv("DISP_RETRY_BASE_SECONDS", "0.2")
-    monkeypatch.setenv("DISP_RUNNER_IMAGE", STANDIN_RUNNER_IMAGE)
-    cluster.apply_secret(NAMESPACE, CREDENTIALS_SECRET, {"accessKey": ACCESS, "secretKey": SECRET})
-    yield cluster
-    cluster.close()
-
-
-@pytest.fixture
-def kubelet(cluster, tmp_path):
-    kubelet = Kubelet(cluster, tmp_path)
-    yield kubelet
-    kubelet.close()

@@ -34,19 +34,10 @@ from tests.containers.podman import (
     started_pod,
 )
 from tests.deploy.helm_chart import by_kind, render
-from tests.e2e.support import (
-    ACCESS,
-    CREDENTIALS_SECRET,
-    NAMESPACE,
-    SECRET,
-    free_port,
-    manifest,
-)
-from tests.operator.cluster import EmulatedCluster
-from tests.operator.container_rules import (
+from tests.e2e.support import ACCESS, CREDENTIALS_SECRET, SECRET, free_port, install, manifest
+from tests.harness.container_rules import (
     ImageConfig,
     image_config,
-    indexed_pod_template,
     process_argv,
 )
 from tests.tiny import job_document
@@ -77,7 +68,7 @@ def test_a_machine_that_cannot_build_or_run_containers_is_told_why_in_one_line(t
 
 
 def test_the_images_are_configured_as_the_dockerfile_says(images):
-    """The kubelet stand-in reads ENTRYPOINT/CMD/ENV/USER from the Dockerfile; the builder must agree."""
+    """The node agent reads ENTRYPOINT/CMD/ENV/USER from the Dockerfile; the builder must agree."""
     for target in ("runner", "operator"):
         assert inspect_config(images[target]) == image_config(REPO / "Dockerfile", target), target
 
@@ -106,7 +97,7 @@ def test_the_runner_image_loads_its_shipped_model_as_the_pod_user_on_a_read_only
 
 
 def test_the_runtime_merges_command_and_args_with_the_image_as_the_rules_say(images, tmp_path):
-    """The stand-in kubelet's command/args rules (container_rules.process_argv), checked against
+    """The node agent's command/args rules (container_rules.process_argv), checked against
     podman with a probe image whose entry point and command echo what they were given."""
     dockerfile = tmp_path / "Dockerfile"
     dockerfile.write_text("FROM localhost/disp-python:3.11-bookworm AS probe\n"
@@ -129,25 +120,38 @@ def test_the_runtime_merges_command_and_args_with_the_image_as_the_rules_say(ima
         podman("rmi", probe, check=False)
 
 
-def _run_stage_step(job: PurificationJob, stage: StageName, step: StepKind, runner: ImageConfig,
+def _run_stage_step(cluster, job: PurificationJob, stage: StageName, step: StepKind, runner: ImageConfig,
                     workdir: Path) -> list[ContainerRun]:
-    """One stage step's pods, as the operator builds them, all at once (as the Job would run them)."""
-    template = stage_job(job, stage, step, 1, RunnerDefaults(image=RUNNER_IMAGE))["spec"]["template"]
-    pods = [indexed_pod_template(template, i) for i in range(job.spec.shards(stage))] \
-        if step is StepKind.SHARDS else [template]
-    with ThreadPoolExecutor(len(pods)) as pool:
-        return list(pool.map(lambda pod: run_pod(pod, runner, secrets, workdir, unique(stage.value)), pods))
+    """One stage step's pods, all at once: the operator's stage Job is given to the real API
+    server and Job controller (with a scheduler name no scheduler serves, so the pods stay
+    unbound), and the pods the controller makes of it (an Indexed Job's index in each) run in
+    podman instead of on a node."""
+    manifest = stage_job(job, stage, step, 1, RunnerDefaults(image=RUNNER_IMAGE))
+    manifest["metadata"]["namespace"] = cluster.namespace
+    del manifest["metadata"]["ownerReferences"]  # the PurificationJob is not in this API server
+    manifest["spec"]["template"]["spec"]["schedulerName"] = "podman-in-this-test"
+    name = manifest["metadata"]["name"]
+    cluster.batch.create_namespaced_job(cluster.namespace, manifest)
+    expected = job.spec.shards(stage) if step is StepKind.SHARDS else 1
+    try:
+        pods = _wait(lambda: (lambda found: found if len(found) == expected else None)(
+            [p for p in cluster.pods(cluster.namespace)
+             if p["metadata"]["labels"].get("batch.kubernetes.io/job-name") == name]), 60, f"the pods of {name}")
+        with ThreadPoolExecutor(len(pods)) as pool:
+            return list(pool.map(lambda pod: run_pod(pod, runner, secrets, workdir, unique(stage.value)), pods))
+    finally:
+        cluster.batch.delete_namespaced_job(name, cluster.namespace, propagation_policy="Background")
 
 
-def test_every_stage_runs_in_the_runner_image_under_the_pod_security_settings(images, workspace, s3, uploaded,
-                                                                              tmp_path):
-    doc = manifest(workspace, s3, uploaded, name="contained", parallelism={"saliencyShards": 2})
+def test_every_stage_runs_in_the_runner_image_under_the_pod_security_settings(images, cluster, workspace, s3,
+                                                                              uploaded, tmp_path):
+    doc = manifest(workspace, s3, uploaded, "ml-team", name="contained", parallelism={"saliencyShards": 2})
     job = PurificationJob.model_validate({**doc, "metadata": {**doc["metadata"], "uid": UID}})
     runner = inspect_config(images["runner"])
     for stage in job.spec.stages():
         steps = [StepKind.SHARDS, StepKind.MERGE] if job.spec.shards(stage) > 1 else [StepKind.RUN]
         for step in steps:
-            for run in _run_stage_step(job, stage, step, runner, tmp_path):
+            for run in _run_stage_step(cluster, job, stage, step, runner, tmp_path):
                 assert run.exit_code == 0, f"{stage.value}/{step.value}: exit {run.exit_code}\n{run.logs[-3000:]}"
                 # read-only root: nothing but the scratch volume (and /dev/shm) was written
                 assert run.root_changes == [], (stage.value, run.root_changes)
@@ -191,7 +195,8 @@ def _wait(predicate, timeout: float, what: str):
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
-def test_the_operator_image_runs_the_charts_deployment_without_torch(images, workspace, s3, uploaded, tmp_path):
+def test_the_operator_image_runs_the_charts_deployment_without_torch(images, cluster, workspace, s3, uploaded,
+                                                                     tmp_path):
     help_run = podman("run", "--rm", *RUNTIME_FLAGS, "--network", "none", images["operator"], "operator", "--help")
     assert "usage: disp-operator" in help_run.stdout
     probe = podman("run", "--rm", *RUNTIME_FLAGS, "--network", "none", "--entrypoint", "python",
@@ -199,37 +204,35 @@ def test_the_operator_image_runs_the_charts_deployment_without_torch(images, wor
                    "import importlib.util, disp_operator.handlers; print(importlib.util.find_spec('torch'))")
     assert probe.stdout.strip() == "None"  # the operator image starts, and has no torch
 
-    # The chart's own Deployment (securityContext, volumes, args, env) with this image, logging in
-    # with a kubeconfig (outside a cluster there is no service-account token) to the API emulator.
-    cluster = EmulatedCluster(tmp_path)
-    try:
-        health, metrics = free_port(), free_port()
-        docs = render({"image": {"repository": OPERATOR_IMAGE.rsplit(":", 1)[0], "tag": OPERATOR_IMAGE.rsplit(":", 1)[1],
-                                 "pullPolicy": "Never"},
-                       "watchNamespaces": [NAMESPACE],
-                       "operator": {"healthPort": health, "metricsPort": metrics, "reconcileIntervalSeconds": 1}})
-        template = copy.deepcopy(by_kind(docs, "Deployment")[0]["spec"]["template"])
-        kube = tmp_path / "kube"
-        kube.mkdir(mode=0o755)
-        (kube / "config").write_text(cluster.kubeconfig.read_text())
-        (kube / "config").chmod(0o644)
-        template["spec"]["volumes"].append({"name": "kubeconfig", "hostPath": {"path": str(kube)}})
-        (container,) = template["spec"]["containers"]
-        container["volumeMounts"].append({"name": "kubeconfig", "mountPath": "/disp-kube", "readOnly": True})
-        container["env"].append({"name": "KUBECONFIG", "value": "/disp-kube/config"})
-        cluster.apply_secret(NAMESPACE, CREDENTIALS_SECRET, {"accessKey": ACCESS, "secretKey": SECRET})
-        with started_pod(template, inspect_config(images["operator"]), secrets, tmp_path, unique("operator")) as stop:
-            url = f"http://127.0.0.1:{health}/healthz"
-            _wait(lambda: urllib.request.urlopen(url, timeout=2).status == 200, 90, "/healthz")
-            cluster.create_job(manifest(workspace, s3, uploaded, name="from-image"), uid=UID)
-            names = _wait(lambda: [j["metadata"]["name"] for j in cluster.jobs(NAMESPACE)], 60, "the first stage Job")
-            scrape = urllib.request.urlopen(f"http://127.0.0.1:{metrics}/metrics", timeout=5).read().decode()
-            ended = stop()
-        assert names == ["from-image-saliency"]
-        assert "disp_purification_jobs" in scrape
-        assert ended.root_changes == [], ended.root_changes
-        assert SECRET not in ended.logs and ACCESS not in ended.logs
-        status = cluster.get(NAMESPACE, "from-image")["status"]
-        assert status["stages"][0]["jobName"] == "from-image-saliency"
-    finally:
-        cluster.close()
+    # The chart's own Deployment (securityContext, volumes, args, env) with this image, against the
+    # real API server with its ServiceAccount's token in a kubeconfig (outside a cluster no token
+    # is mounted for it).
+    health, metrics = free_port(), free_port()
+    namespace = cluster.namespace
+    chart = install(cluster, {"image": {"repository": OPERATOR_IMAGE.rsplit(":", 1)[0],
+                                        "tag": OPERATOR_IMAGE.rsplit(":", 1)[1], "pullPolicy": "Never"},
+                              "watchNamespaces": [namespace],
+                              "operator": {"healthPort": health, "metricsPort": metrics,
+                                           "reconcileIntervalSeconds": 1}}, embed_ca=True)
+    template = copy.deepcopy(chart.deployment["spec"]["template"])
+    kube = tmp_path / "kube"
+    kube.mkdir(mode=0o755)
+    (kube / "config").write_text(chart.kubeconfig.read_text())
+    (kube / "config").chmod(0o644)
+    template["spec"]["volumes"].append({"name": "kubeconfig", "hostPath": {"path": str(kube)}})
+    (container,) = template["spec"]["containers"]
+    container["volumeMounts"].append({"name": "kubeconfig", "mountPath": "/disp-kube", "readOnly": True})
+    container["env"].append({"name": "KUBECONFIG", "value": "/disp-kube/config"})
+    with started_pod(template, inspect_config(images["operator"]), secrets, tmp_path, unique("operator")) as stop:
+        url = f"http://127.0.0.1:{health}/healthz"
+        _wait(lambda: urllib.request.urlopen(url, timeout=2).status == 200, 90, "/healthz")
+        cluster.create_job(manifest(workspace, s3, uploaded, namespace, name="from-image"))
+        names = _wait(lambda: [j["metadata"]["name"] for j in cluster.jobs(namespace)], 60, "the first stage Job")
+        scrape = urllib.request.urlopen(f"http://127.0.0.1:{metrics}/metrics", timeout=5).read().decode()
+        ended = stop()
+    assert names == ["from-image-saliency"]
+    assert "disp_purification_jobs" in scrape
+    assert ended.root_changes == [], ended.root_changes
+    assert SECRET not in ended.logs and ACCESS not in ended.logs
+    status = cluster.get(namespace, "from-image")["status"]
+    assert status["stages"][0]["jobName"] == "from-image-saliency"

@@ -1,5 +1,5 @@
 """A real Prometheus (Debian's server) scrapes the real operator while it runs jobs against the
-emulated cluster, with the chart's scrape settings (honorLabels) and alert rules: the job series
+real control plane, with the chart's scrape settings (honorLabels) and alert rules: the job series
 keep their namespace, the failure alert names a failed job, and every query of the chart's Grafana
 dashboard returns data."""
 
@@ -16,9 +16,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.e2e.support import NAMESPACE, UID, finished, free_port, operator, standin_manifest, wait_until
+from tests.e2e.support import PodFault, finished, free_port, operator, standin_manifest, wait_until
 from tests.monitoring.test_alerts import chart_rules
-from tests.operator.cluster import PodFault
 
 DASHBOARD = Path(__file__).resolve().parents[2] / "charts" / "disp-operator" / "files" / "grafana-dashboard.json"
 
@@ -71,25 +70,32 @@ def test_a_real_prometheus_scrapes_the_operator_and_every_dashboard_query_return
     metrics_port = free_port()
     prometheus = Prometheus(tmp_path, f"127.0.0.1:{metrics_port}")
     kubelet.faults["watched-masking"] = PodFault(137, "OOMKilled")  # one retry
-    kubelet.unschedulable["waiting-saliency"] = "0/3 nodes are available: 3 Insufficient nvidia.com/gpu."
     start = time.time()
     try:
-        with operator(monkeypatch, metrics_port=metrics_port):
-            cluster.create_job(standin_manifest(s3, uploaded, "watched"), uid=UID)
-            cluster.create_job(standin_manifest(s3, uploaded, "waiting"), uid=UID.replace("e2e1", "e2e2"))
-            cluster.create_job(standin_manifest(s3, uploaded, "invalid", masking={"ratio": 1.5}),
-                               uid=UID.replace("e2e1", "e2e3"))
-            cluster.wait_for(NAMESPACE, "watched", finished, 90, "the job to finish")
+        with operator(cluster, monkeypatch, metrics_port=metrics_port):
+            namespace = cluster.namespace
+            cluster.create_job(standin_manifest(s3, uploaded, namespace, "watched"))
+            # More GPUs than any node has: the scheduler leaves its pod Pending (the stall panels).
+            cluster.create_job(standin_manifest(s3, uploaded, namespace, "waiting",
+                                                resources={"gpus": 4, "cpu": "1", "memory": "1Gi"}))
+            # Accepted by the API server, refused by the operator: its Secret does not exist.
+            cluster.create_job(standin_manifest(s3, uploaded, namespace, "invalid", storage={
+                "endpoint": s3, "secure": False, "credentialsSecret": {"name": "no-such-secret"}}))
+            cluster.wait_for(namespace, "watched", finished, 90, "the job to finish")
             wait_until(lambda: prometheus.query_range('ALERTS{alertname="DispPurificationJobFailed",name="invalid"}',
                                                       start, time.time()), 30, "the failure alert")
             time.sleep(3)  # a few more scrapes of the final state
             end = time.time()
         # The job's series keep the job's namespace; the target's own went nowhere else.
-        after = prometheus.query_range("disp_job_asr_after_ratio", start, end)
-        assert [s["metric"]["namespace"] for s in after] == [NAMESPACE] and after[0]["metric"]["name"] == "watched"
+        # (Scoped to this test's namespace: a cluster-wide operator also exports the jobs left in
+        # namespaces of earlier tests that the namespace controller is still deleting.)
+        after = prometheus.query_range(f'disp_job_asr_after_ratio{{namespace="{namespace}"}}', start, end)
+        assert [s["metric"]["namespace"] for s in after] == [namespace] and after[0]["metric"]["name"] == "watched"
         assert not prometheus.query_range('{exported_namespace!=""}', start, end)
-        (alert,) = prometheus.query_range('ALERTS{alertname="DispPurificationJobFailed"}', start, end)
-        assert (alert["metric"]["namespace"], alert["metric"]["name"]) == (NAMESPACE, "invalid")
+        alerts = prometheus.query_range(f'ALERTS{{alertname="DispPurificationJobFailed",namespace="{namespace}"}}',
+                                        start, end)
+        assert {(a["metric"]["namespace"], a["metric"]["name"], a["metric"]["alertstate"]) for a in alerts} == \
+            {(namespace, "invalid", "firing")}, [a["metric"] for a in alerts]
         failures = prometheus.query_range('disp_job_failures_total{reason="InvalidSpec"}', start, end)
         assert failures and failures[0]["values"][-1][1] == "1"
         dashboard = json.loads(DASHBOARD.read_text())

@@ -1,6 +1,8 @@
-"""The real operator (kopf.testing.KopfRunner) against kmock's Kubernetes emulator over HTTP, a
-kubelet stand-in that runs each stage Job's `disp run` command as a subprocess, and a loopback S3
-server (moto) holding the model, the data and the run's artifacts. See tests/operator/cluster.py."""
+"""The real operator (kopf.testing.KopfRunner, with the chart's ServiceAccount token and RBAC)
+against a real Kubernetes control plane (API server, etcd, Job controller, scheduler, garbage
+collector), the node agent that runs each stage pod's `disp run` command as a local process, and a
+loopback S3 server (moto) holding the model, the data and the run's artifacts. See
+tests/harness/."""
 
 from __future__ import annotations
 
@@ -12,9 +14,8 @@ import pytest
 
 from disp_api import MetricsSummary, StageName
 from disp_runner.store.s3 import S3Store
-from tests.e2e.support import (ACCESS, NAMESPACE, SECRET, UID, finished, free_port, manifest,
-                               operator, standin_manifest, wait_until)
-from tests.operator.cluster import PodFault
+from tests.e2e.support import (ACCESS, SECRET, PodFault, finished, free_port, manifest, operator, standin_manifest,
+                               wait_until)
 
 ALL_STAGES = [s.value for s in StageName]
 
@@ -23,13 +24,13 @@ def test_a_manifest_runs_every_stage_and_ends_succeeded(cluster, kubelet, worksp
                                                          monkeypatch):
     """The happy path with the real runner in every pod, plus one stage pod OOM-killed once."""
     port = free_port()
-    job = manifest(workspace, s3, uploaded, parallelism={"saliencyShards": 2})
+    job = manifest(workspace, s3, uploaded, cluster.namespace, parallelism={"saliencyShards": 2})
     kubelet.faults["tiny-masking"] = PodFault(137, "OOMKilled")
-    with operator(monkeypatch, metrics_port=port) as runner:
-        cluster.create_job(job, uid=UID)
-        body = cluster.wait_for(NAMESPACE, "tiny", finished, 300, "the job to finish")
+    with operator(cluster, monkeypatch, metrics_port=port) as runner:
+        uid = cluster.create_job(job)
+        body = cluster.wait_for(cluster.namespace, "tiny", finished, 300, "the job to finish")
         # kopf posts Events in the background, shortly after the status
-        wait_until(lambda: any(e["reason"] == "Completed" for e in cluster.events(NAMESPACE)), 10, "the last Event")
+        wait_until(lambda: any(e["reason"] == "Completed" for e in cluster.events(cluster.namespace)), 10, "the last Event")
         scrape = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
     status = body["status"]
     assert status["phase"] == "Succeeded", status
@@ -38,14 +39,14 @@ def test_a_manifest_runs_every_stage_and_ends_succeeded(cluster, kubelet, worksp
     # the OOM-killed masking pod's Job was retried under a new name.
     assert kubelet.started == ["tiny-saliency", "tiny-saliency-merge", "tiny-masking", "tiny-masking-2",
                                "tiny-relabel", "tiny-finetune", "tiny-evaluate"]
-    jobs = {j["metadata"]["name"]: j for j in cluster.jobs(NAMESPACE)}
+    jobs = {j["metadata"]["name"]: j for j in cluster.jobs(cluster.namespace)}
     assert "tiny-masking" not in jobs  # the failed attempt was deleted (keepFailedPods is false)
     assert jobs["tiny-saliency"]["spec"]["completionMode"] == "Indexed"
     # Each pod ran the image's `disp` with the stage's arguments, the shard index expanded.
     argvs = [argv for _, argv in kubelet.processes]
     assert all(argv[:3] == ("disp", "--no-progress", "run") for argv in argvs), argvs
     assert sorted(argv[-1] for argv in argvs if "--shard" in argv) == ["0/2", "1/2"]
-    assert all(j["metadata"]["ownerReferences"][0]["uid"] == UID for j in jobs.values())
+    assert all(j["metadata"]["ownerReferences"][0]["uid"] == uid for j in jobs.values())
 
     # status: conditions, stages, progress, metrics equal to the run's metrics.json
     conditions = {c["type"]: c for c in status["conditions"]}
@@ -57,7 +58,7 @@ def test_a_manifest_runs_every_stage_and_ends_succeeded(cluster, kubelet, worksp
     assert (stages["masking"]["attempts"], stages["masking"]["failures"]) == (2, 1)
     assert all(s["attempts"] == 1 for name, s in stages.items() if name != "masking")
     assert status["progress"]["percent"] == 100
-    run = f"s3://runs/{uploaded}/runs/{NAMESPACE}/tiny/{UID}"
+    run = f"s3://runs/{uploaded}/runs/{cluster.namespace}/tiny/{uid}"
     assert status["purifiedModelUri"] == f"{run}/finetune/model"
     store = S3Store(s3, ACCESS, SECRET, secure=False)
     metrics_json = json.loads(store.get_bytes("runs", f"{run.removeprefix('s3://runs/')}/evaluate/metrics.json"))
@@ -67,7 +68,7 @@ def test_a_manifest_runs_every_stage_and_ends_succeeded(cluster, kubelet, worksp
     assert store.exists("runs", f"{run.removeprefix('s3://runs/')}/finetune/model/config.json")
 
     # Events: one per transition; no secret anywhere.
-    events = [(e["type"], e["reason"], e["message"]) for e in cluster.events(NAMESPACE)]
+    events = [(e["type"], e["reason"], e["message"]) for e in cluster.events(cluster.namespace)]
     reasons = [r for _, r, _ in events]
     assert reasons.count("StageStarted") == 6 and reasons.count("StageSucceeded") == 5
     retry = [e for e in events if e[1] == "StageRetrying"]
@@ -82,17 +83,17 @@ def test_a_manifest_runs_every_stage_and_ends_succeeded(cluster, kubelet, worksp
     for stage in ALL_STAGES:
         assert f'disp_stage_duration_seconds_count{{result="succeeded",stage="{stage}"}} 1.0' in scrape
     assert 'disp_stage_retries_total{failure="Transient",stage="masking"} 1.0' in scrape
-    assert f'disp_job_asr_after_ratio{{name="tiny",namespace="{NAMESPACE}"}} {status["metrics"]["asrAfter"]}' in scrape
+    assert f'disp_job_asr_after_ratio{{name="tiny",namespace="{cluster.namespace}"}} {status["metrics"]["asrAfter"]}' in scrape
     assert "disp_operator_reconciles_total" in scrape
 
 
 def test_a_permanent_failure_fails_the_job_once_without_retries(cluster, kubelet, workspace, s3, uploaded,
                                                                 monkeypatch):
     """The runner rejects a dataset folder that holds no manifest (exit code 2): no retry storm."""
-    job = manifest(workspace, s3, uploaded, dataset={"uri": f"s3://data/{uploaded}/no-such-dataset"})
-    with operator(monkeypatch):
-        cluster.create_job(job, uid=UID)
-        body = cluster.wait_for(NAMESPACE, "tiny", finished, 120, "the job to fail")
+    job = manifest(workspace, s3, uploaded, cluster.namespace, dataset={"uri": f"s3://data/{uploaded}/no-such-dataset"})
+    with operator(cluster, monkeypatch):
+        cluster.create_job(job)
+        body = cluster.wait_for(cluster.namespace, "tiny", finished, 120, "the job to fail")
         time.sleep(2)  # several reconcile intervals: nothing more may start
     status = body["status"]
     assert status["phase"] == "Failed"
@@ -100,20 +101,20 @@ def test_a_permanent_failure_fails_the_job_once_without_retries(cluster, kubelet
     assert failed["reason"] == "StageFailed" and "saliency" in failed["message"]
     assert "no-such-dataset/: no objects" in failed["message"]  # the runner's error, via the termination message
     assert kubelet.started == ["tiny-saliency"]
-    warnings = [e for e in cluster.events(NAMESPACE) if e["type"] == "Warning"]
+    warnings = [e for e in cluster.events(cluster.namespace) if e["type"] == "Warning"]
     assert [e["reason"] for e in warnings] == ["StageFailed"]
 
 
 def test_an_operator_restart_mid_stage_neither_duplicates_jobs_nor_loses_the_run(cluster, kubelet, s3, uploaded,
                                                                                   monkeypatch):
     kubelet.standin_seconds = 3.0
-    with operator(monkeypatch):
-        cluster.create_job(standin_manifest(s3, uploaded, "restart"), uid=UID)
+    with operator(cluster, monkeypatch):
+        cluster.create_job(standin_manifest(s3, uploaded, cluster.namespace, "restart"))
         wait_until(lambda: "restart-relabel" in kubelet.started, 60, "the relabel pod to start")
     started_before = list(kubelet.started)
     kubelet.standin_seconds = 0.3
-    with operator(monkeypatch):  # a new operator process against the same API state
-        body = cluster.wait_for(NAMESPACE, "restart", finished, 60, "the job to finish")
+    with operator(cluster, monkeypatch):  # a new operator process against the same API state
+        body = cluster.wait_for(cluster.namespace, "restart", finished, 60, "the job to finish")
     assert body["status"]["phase"] == "Succeeded"
     assert started_before[-1] == "restart-relabel"
     assert kubelet.started == ["restart-saliency", "restart-masking", "restart-relabel", "restart-finetune",
@@ -125,28 +126,28 @@ def test_an_operator_restart_mid_stage_neither_duplicates_jobs_nor_loses_the_run
 def test_suspend_stops_the_running_stage_and_resume_continues_from_the_last_completed_one(cluster, kubelet, s3,
                                                                                          uploaded, monkeypatch):
     kubelet.standin_seconds = 3.0
-    with operator(monkeypatch):
-        cluster.create_job(standin_manifest(s3, uploaded, "pause"), uid=UID)
+    with operator(cluster, monkeypatch):
+        cluster.create_job(standin_manifest(s3, uploaded, cluster.namespace, "pause"))
         wait_until(lambda: "pause-relabel" in kubelet.started, 60, "the relabel pod to start")
-        cluster.set_suspend(NAMESPACE, "pause", True)
-        body = cluster.wait_for(NAMESPACE, "pause", lambda b: b.get("status", {}).get("phase") == "Suspended", 20,
+        cluster.set_suspend(cluster.namespace, "pause", True)
+        body = cluster.wait_for(cluster.namespace, "pause", lambda b: b.get("status", {}).get("phase") == "Suspended", 20,
                                 "the job to be suspended")
         # its Job was deleted, so its pod was stopped
         wait_until(lambda: "pause-relabel" in kubelet.killed, 10, "the relabel pod to be killed")
-        assert "pause-relabel" not in {j["metadata"]["name"] for j in cluster.jobs(NAMESPACE)}
+        assert "pause-relabel" not in {j["metadata"]["name"] for j in cluster.jobs(cluster.namespace)}
         suspended = next(c for c in body["status"]["conditions"] if c["type"] == "Suspended")
         assert suspended["status"] == "True" and suspended["observedGeneration"] == 2
         time.sleep(1.5)
         assert kubelet.started[-1] == "pause-relabel"  # nothing starts while suspended
         kubelet.standin_seconds = 0.3
-        cluster.set_suspend(NAMESPACE, "pause", False)
-        body = cluster.wait_for(NAMESPACE, "pause", finished, 60, "the job to finish")
+        cluster.set_suspend(cluster.namespace, "pause", False)
+        body = cluster.wait_for(cluster.namespace, "pause", finished, 60, "the job to finish")
     assert body["status"]["phase"] == "Succeeded"
     assert kubelet.started == ["pause-saliency", "pause-masking", "pause-relabel", "pause-relabel-2",
                                "pause-finetune", "pause-evaluate"]
     relabel = next(s for s in body["status"]["stages"] if s["name"] == "relabel")
     assert (relabel["attempts"], relabel["failures"]) == (2, 0)
-    reasons = [e["reason"] for e in cluster.events(NAMESPACE)]
+    reasons = [e["reason"] for e in cluster.events(cluster.namespace)]
     assert reasons.count("Suspended") == 1 and reasons.count("Resumed") == 1
 
 
@@ -154,50 +155,51 @@ def test_suspend_stops_the_running_stage_and_resume_continues_from_the_last_comp
     ("missing secret", {"storage": {"endpoint": "x:9000", "secure": False, "credentialsSecret": {"name": "nope"}}},
      "spec.storage.credentialsSecret.name: Secret 'nope' does not exist"),
     ("pickle model", {"model": {"uri": "s3://models/PREFIX/pickled"}}, "spec.model.allowUnsafePickle"),
-    ("ratio above one", {"masking": {"ratio": 1.5}}, "spec.masking.ratio"),
+    ("unknown model family", {"model": {"uri": "s3://models/PREFIX/mmada"}}, "model_type is 'mmada'"),
 ])
 def test_an_invalid_spec_fails_at_once_without_children(cluster, kubelet, s3, uploaded, monkeypatch, case, change,
                                                        message):
     store = S3Store(s3, ACCESS, SECRET, secure=False)
     store.put_bytes("models", f"{uploaded}/pickled/config.json", b"{}")
     store.put_bytes("models", f"{uploaded}/pickled/pytorch_model.bin", b"not really")
+    store.put_bytes("models", f"{uploaded}/mmada/config.json", b'{"model_type": "mmada"}')
+    store.put_bytes("models", f"{uploaded}/mmada/model.safetensors", b"")
     change = json.loads(json.dumps(change).replace("PREFIX", uploaded))
-    with operator(monkeypatch):
-        cluster.create_job(standin_manifest(s3, uploaded, "bad", **change), uid=UID)
-        body = cluster.wait_for(NAMESPACE, "bad", finished, 30, "the job to be rejected")
+    with operator(cluster, monkeypatch):
+        cluster.create_job(standin_manifest(s3, uploaded, cluster.namespace, "bad", **change))
+        body = cluster.wait_for(cluster.namespace, "bad", finished, 30, "the job to be rejected")
     failed = next(c for c in body["status"]["conditions"] if c["type"] == "Failed")
     assert body["status"]["phase"] == "Failed" and failed["reason"] == "InvalidSpec"
     assert message in failed["message"]
-    assert kubelet.started == [] and cluster.jobs(NAMESPACE) == []
-    (event,) = [e for e in cluster.events(NAMESPACE) if e["reason"] == "InvalidSpec"]
+    assert kubelet.started == [] and cluster.jobs(cluster.namespace) == []
+    (event,) = [e for e in cluster.events(cluster.namespace) if e["reason"] == "InvalidSpec"]
     assert event["type"] == "Warning" and message in event["message"]
 
 
 def test_deleting_a_job_with_cleanup_removes_its_intermediates_but_keeps_the_model(cluster, kubelet, s3, uploaded,
                                                                                    monkeypatch):
     store = S3Store(s3, ACCESS, SECRET, secure=False)
-    run_key = f"{uploaded}/runs/{NAMESPACE}/tidy/{UID}"
-    with operator(monkeypatch):
-        cluster.create_job(standin_manifest(s3, uploaded, "tidy", policy={"cleanupArtifacts": True}), uid=UID)
-        cluster.wait_for(NAMESPACE, "tidy", finished, 60, "the job to finish")
+    with operator(cluster, monkeypatch):
+        uid = cluster.create_job(standin_manifest(s3, uploaded, cluster.namespace, "tidy",
+                                                  policy={"cleanupArtifacts": True}))
+        run_key = f"{uploaded}/runs/{cluster.namespace}/tidy/{uid}"
+        cluster.wait_for(cluster.namespace, "tidy", finished, 60, "the job to finish")
         store.put_bytes("runs", f"{run_key}/finetune/model/config.json", b"{}")  # what the real finetune leaves
         assert store.exists("runs", f"{run_key}/evaluate/metrics.json")
-        cluster.custom.delete_namespaced_custom_object("disp.dev", "v1alpha1", NAMESPACE, "purificationjobs", "tidy")
-        wait_until(lambda: not any(o["metadata"]["name"] == "tidy" for o in cluster.custom.list_namespaced_custom_object(
-            "disp.dev", "v1alpha1", NAMESPACE, "purificationjobs")["items"]), 20, "the job to be deleted")
+        cluster.delete_job(cluster.namespace, "tidy")
+        wait_until(lambda: "tidy" not in cluster.list_jobs(cluster.namespace), 20, "the job to be deleted")
     left = sorted(key for key, _, _ in store.list("runs", run_key + "/"))
     assert left == [f"{run_key}/finetune/model/config.json"]
 
 
 def test_without_cleanup_a_deleted_job_leaves_its_artifacts(cluster, kubelet, s3, uploaded, monkeypatch):
     store = S3Store(s3, ACCESS, SECRET, secure=False)
-    with operator(monkeypatch):
-        cluster.create_job(standin_manifest(s3, uploaded, "keep"), uid=UID)
-        cluster.wait_for(NAMESPACE, "keep", finished, 60, "the job to finish")
-        cluster.custom.delete_namespaced_custom_object("disp.dev", "v1alpha1", NAMESPACE, "purificationjobs", "keep")
-        wait_until(lambda: not cluster.custom.list_namespaced_custom_object(
-            "disp.dev", "v1alpha1", NAMESPACE, "purificationjobs")["items"], 20, "the job to be deleted")
-    assert store.exists("runs", f"{uploaded}/runs/{NAMESPACE}/keep/{UID}/evaluate/metrics.json")
+    with operator(cluster, monkeypatch):
+        uid = cluster.create_job(standin_manifest(s3, uploaded, cluster.namespace, "keep"))
+        cluster.wait_for(cluster.namespace, "keep", finished, 60, "the job to finish")
+        cluster.delete_job(cluster.namespace, "keep")
+        wait_until(lambda: not cluster.list_jobs(cluster.namespace), 20, "the job to be deleted")
+    assert store.exists("runs", f"{uploaded}/runs/{cluster.namespace}/keep/{uid}/evaluate/metrics.json")
 
 
 def test_a_job_deleted_while_no_operator_runs_goes_at_once_unless_it_asked_for_clean_up(cluster, kubelet, s3,
@@ -205,26 +207,26 @@ def test_a_job_deleted_while_no_operator_runs_goes_at_once_unless_it_asked_for_c
     """Only a job with policy.cleanupArtifacts carries a finalizer: deleting it while the operator is
     away waits for one, which then cleans up and lets it go; any other job is deleted at once."""
     store = S3Store(s3, ACCESS, SECRET, secure=False)
-    run_key = f"{uploaded}/runs/{NAMESPACE}/tidy/{UID}"
-    listed = lambda: {o["metadata"]["name"]: o for o in cluster.custom.list_namespaced_custom_object(  # noqa: E731
-        "disp.dev", "v1alpha1", NAMESPACE, "purificationjobs")["items"]}
-    with operator(monkeypatch):
-        cluster.create_job(standin_manifest(s3, uploaded, "tidy", policy={"cleanupArtifacts": True}), uid=UID)
-        cluster.create_job(standin_manifest(s3, uploaded, "plain"), uid=UID.replace("e2e1", "e2e2"))
+    listed = lambda: cluster.list_jobs(cluster.namespace)  # noqa: E731
+    with operator(cluster, monkeypatch):
+        uid = cluster.create_job(standin_manifest(s3, uploaded, cluster.namespace, "tidy",
+                                                  policy={"cleanupArtifacts": True}))
+        cluster.create_job(standin_manifest(s3, uploaded, cluster.namespace, "plain"))
         for name in ("tidy", "plain"):
-            cluster.wait_for(NAMESPACE, name, finished, 60, f"{name} to finish")
+            cluster.wait_for(cluster.namespace, name, finished, 60, f"{name} to finish")
+    run_key = f"{uploaded}/runs/{cluster.namespace}/tidy/{uid}"
     jobs = listed()
     assert jobs["plain"]["metadata"].get("finalizers", []) == []
     assert jobs["tidy"]["metadata"].get("finalizers")  # the operator's, for the clean-up
     store.put_bytes("runs", f"{run_key}/finetune/model/config.json", b"{}")  # what the real finetune leaves
     # The operator is gone (helm uninstall keeps the CRD and so the jobs).
     for name in ("tidy", "plain"):
-        cluster.custom.delete_namespaced_custom_object("disp.dev", "v1alpha1", NAMESPACE, "purificationjobs", name)
+        cluster.delete_job(cluster.namespace, name)
     jobs = listed()
     assert "plain" not in jobs  # no finalizer: gone without any operator
     assert jobs["tidy"]["metadata"].get("deletionTimestamp")  # waits for an operator to clean up
     assert store.exists("runs", f"{run_key}/evaluate/metrics.json")
-    with operator(monkeypatch):  # an operator comes back: it cleans up and removes its finalizer
+    with operator(cluster, monkeypatch):  # an operator comes back: it cleans up and removes its finalizer
         wait_until(lambda: "tidy" not in listed(), 30, "the job to be deleted")
     left = sorted(key for key, _, _ in store.list("runs", run_key + "/"))
     assert left == [f"{run_key}/finetune/model/config.json"]
@@ -236,54 +238,55 @@ def _condition(body: dict, kind: str) -> dict:
 
 def test_with_a_kueue_queue_every_stage_job_waits_suspended_until_admitted(cluster, kubelet, s3, uploaded,
                                                                            monkeypatch):
-    doc = standin_manifest(s3, uploaded, "queued")
+    doc = standin_manifest(s3, uploaded, cluster.namespace, "queued")
     doc["metadata"]["labels"] = {"kueue.x-k8s.io/queue-name": "gpu-batch"}
     admitted: list[str] = []
-    with operator(monkeypatch):
-        cluster.create_job(doc, uid=UID)
-        body = cluster.wait_for(NAMESPACE, "queued",
+    with operator(cluster, monkeypatch):
+        cluster.create_job(doc)
+        body = cluster.wait_for(cluster.namespace, "queued",
                                 lambda b: "waiting for admission" in b.get("status", {}).get("message", ""), 30,
                                 "the job to say it waits for admission")
         time.sleep(1.0)  # several reconcile passes and kubelet polls
         assert kubelet.started == []  # a suspended Job runs no pod
-        (queued,) = cluster.jobs(NAMESPACE)
+        (queued,) = cluster.jobs(cluster.namespace)
         assert queued["spec"]["suspend"] is True
         assert queued["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "gpu-batch"
         assert _condition(body, "Reconciling")["reason"] == "WaitingForAdmission"
         assert _condition(body, "Stalled")["status"] == "False"
         deadline = time.monotonic() + 60
-        while not finished(cluster.get(NAMESPACE, "queued")):  # play Kueue: admit what waits
+        while not finished(cluster.get(cluster.namespace, "queued")):  # play Kueue: admit what waits
             assert time.monotonic() < deadline, "timed out admitting the stages"
-            for job in cluster.jobs(NAMESPACE):
+            for job in cluster.jobs(cluster.namespace):
                 if job["spec"].get("suspend"):
-                    cluster.batch.patch_namespaced_job(job["metadata"]["name"], NAMESPACE, {"spec": {"suspend": False}})
+                    cluster.batch.patch_namespaced_job(job["metadata"]["name"], cluster.namespace, {"spec": {"suspend": False}})
                     admitted.append(job["metadata"]["name"])
             time.sleep(0.1)
-        body = cluster.get(NAMESPACE, "queued")
+        body = cluster.get(cluster.namespace, "queued")
     assert body["status"]["phase"] == "Succeeded"
     assert admitted == kubelet.started == ["queued-saliency", "queued-masking", "queued-relabel", "queued-finetune",
                                            "queued-evaluate"]
-    assert sum(e["reason"] == "WaitingForAdmission" for e in cluster.events(NAMESPACE)) == 5
+    assert sum(e["reason"] == "WaitingForAdmission" for e in cluster.events(cluster.namespace)) == 5
 
 
 def test_an_unschedulable_stage_pod_stalls_the_job_visibly_until_it_is_suspended(cluster, kubelet, s3, uploaded,
                                                                                   monkeypatch):
-    message = "0/3 nodes are available: 3 Insufficient nvidia.com/gpu."
-    kubelet.unschedulable["pending-saliency"] = message
+    """More GPUs than any node has: the real scheduler refuses the stage pod and says why."""
+    message = "Insufficient nvidia.com/gpu"  # the scheduler's own words; the largest node has one GPU
     port = free_port()
-    with operator(monkeypatch, metrics_port=port):
-        cluster.create_job(standin_manifest(s3, uploaded, "pending"), uid=UID)
-        body = cluster.wait_for(NAMESPACE, "pending", lambda b: _condition(b, "Stalled").get("status") == "True", 30,
+    with operator(cluster, monkeypatch, metrics_port=port):
+        cluster.create_job(standin_manifest(s3, uploaded, cluster.namespace, "pending",
+                                            resources={"gpus": 4, "cpu": "1", "memory": "1Gi"}))
+        body = cluster.wait_for(cluster.namespace, "pending", lambda b: _condition(b, "Stalled").get("status") == "True", 30,
                                 "the job to be stalled")
         stalled = _condition(body, "Stalled")
         assert stalled["reason"] == "Unschedulable" and message in stalled["message"]
         assert body["status"]["phase"] == "Running" and message in body["status"]["stages"][0]["message"]
         wait_until(lambda: any(e["reason"] == "Unschedulable" and e["type"] == "Warning"
-                               for e in cluster.events(NAMESPACE)), 10, "the Warning Event")
+                               for e in cluster.events(cluster.namespace)), 10, "the Warning Event")
         scrape = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-        assert f'disp_job_pending_pod_seconds{{name="pending",namespace="{NAMESPACE}"}}' in scrape
-        cluster.set_suspend(NAMESPACE, "pending", True)
-        body = cluster.wait_for(NAMESPACE, "pending", lambda b: b.get("status", {}).get("phase") == "Suspended", 20,
+        assert f'disp_job_pending_pod_seconds{{name="pending",namespace="{cluster.namespace}"}}' in scrape
+        cluster.set_suspend(cluster.namespace, "pending", True)
+        body = cluster.wait_for(cluster.namespace, "pending", lambda b: b.get("status", {}).get("phase") == "Suspended", 20,
                                 "suspension")
         assert _condition(body, "Stalled")["status"] == "False"  # suspended jobs are never stalled
         time.sleep(1.0)
@@ -306,10 +309,12 @@ def test_a_fine_tune_pod_killed_after_epoch_two_of_four_resumes_at_epoch_three(c
     # 24 steps an epoch, through every weight: about a second an epoch to be killed in.
     finetune = {"epochs": 4, "batchSize": 1, "learningRate": 0.001, "trainable": "all"}
     store = S3Store(s3, ACCESS, SECRET, secure=False)
-    run_key = f"{uploaded}/runs/{NAMESPACE}/resume/{UID}"
+    run_key = ""  # known once the API server gives the job its uid
     killed_after: list[int] = []
 
     def epoch_two_is_saved() -> bool:
+        if not run_key:
+            return False
         epochs = [int(key.split("/epoch-")[1][:4]) for key, _, _ in
                   store.list("runs", f"{run_key}/finetune.checkpoints/") if key.endswith("/stage-manifest.json")]
         if epochs and max(epochs) >= 2:
@@ -321,14 +326,16 @@ def test_a_fine_tune_pod_killed_after_epoch_two_of_four_resumes_at_epoch_three(c
     # The killed pod's lease on the stage lapses within one TTL (60 s by default), which the new
     # pod waits out before taking it over; 3 s keeps the test short.
     kubelet.extra_env["DISP_LEASE_TTL_SECONDS"] = "3"
-    with operator(monkeypatch):
-        cluster.create_job(manifest(workspace, s3, uploaded, name="resume", evaluation=None, finetune=finetune), uid=UID)
-        body = cluster.wait_for(NAMESPACE, "resume", finished, 300, "the job to finish")
+    with operator(cluster, monkeypatch):
+        uid = cluster.create_job(manifest(workspace, s3, uploaded, cluster.namespace, name="resume", evaluation=None,
+                                          finetune=finetune))
+        run_key = f"{uploaded}/runs/{cluster.namespace}/resume/{uid}"
+        body = cluster.wait_for(cluster.namespace, "resume", finished, 300, "the job to finish")
     assert body["status"]["phase"] == "Succeeded", body["status"]
     assert kubelet.started[-2:] == ["resume-finetune", "resume-finetune-2"]
     stage = next(s for s in body["status"]["stages"] if s["name"] == "finetune")
     assert (stage["attempts"], stage["failures"]) == (2, 1)
-    log = (kubelet.workdir / "logs" / "resume-finetune-2-0.log").read_text()
+    log = kubelet.log("resume-finetune-2")
     assert "took over the lapsed lease" in log or "waiting for it to lapse" in log, log
     (epoch,) = killed_after
     assert epoch in (2, 3), killed_after

@@ -16,7 +16,7 @@ from prometheus_client import generate_latest
 from disp_api import MetricsSummary, StageName
 from disp_api.status import JobPhase, Reason
 from disp_operator.metrics import OperatorMetrics
-from tests.deploy.helm_chart import by_kind, render
+from tests.deploy.helm_chart import TEAM, by_kind, render
 
 HERE = Path(__file__).parent
 
@@ -29,7 +29,7 @@ def promtool() -> str:
 
 
 def chart_rules() -> dict:
-    (rule,) = by_kind(render({"monitoring": {"prometheusRule": {"enabled": True}}}), "PrometheusRule")
+    (rule,) = by_kind(render({**TEAM, "monitoring": {"prometheusRule": {"enabled": True}}}), "PrometheusRule")
     return {"groups": rule["spec"]["groups"]}
 
 

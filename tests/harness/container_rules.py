@@ -1,7 +1,7 @@
 """How a container's process is made from its image and its pod spec: the rules a container image
 builder, the kubelet and a container runtime follow, written once for both places where the tests
-start stage pods: the kubelet stand-in (tests/operator/cluster.py, local subprocesses) and the real
-runtime (tests/containers, podman).
+start pods: the node agent (tests/harness/node_agent.py, local processes) and the real runtime
+(tests/containers, podman).
 
 Sources of truth, each followed as written there:
 - The image's configuration (ENTRYPOINT, CMD, ENV, WORKDIR, USER) is read from the build target
@@ -260,20 +260,3 @@ def container_process(image: ImageConfig, pod: Mapping[str, Any], container: Map
     return Process(argv=process_argv(image, container, pod_env), env={**image.env, **pod_env}, pod_env=pod_env,
                    workdir=container.get("workingDir") or image.workdir,
                    identity=process_identity(image, pod, container))
-
-
-# --- the Job controller ------------------------------------------------------------------------------
-
-COMPLETION_INDEX_ANNOTATION = "batch.kubernetes.io/job-completion-index"
-
-
-def indexed_pod_template(template: Mapping[str, Any], index: int) -> dict[str, Any]:
-    """What the Job controller makes of an Indexed Job's pod template for one index: the index
-    annotation, and a JOB_COMPLETION_INDEX env var read from it in every container."""
-    metadata = dict(template.get("metadata") or {})
-    metadata["annotations"] = {**(metadata.get("annotations") or {}), COMPLETION_INDEX_ANNOTATION: str(index)}
-    spec = dict(template["spec"])
-    spec["containers"] = [{**c, "env": [*(c.get("env") or []), {"name": "JOB_COMPLETION_INDEX", "valueFrom": {
-        "fieldRef": {"fieldPath": f"metadata.annotations['{COMPLETION_INDEX_ANNOTATION}']"}}}]}
-        for c in spec["containers"]]
-    return {"metadata": metadata, "spec": spec}

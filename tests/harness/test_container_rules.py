@@ -1,4 +1,4 @@
-"""The container rules the kubelet stand-in and the podman runs share (container_rules.py): the
+"""The container rules the node agent and the podman runs share (container_rules.py): the
 image configuration read from a Dockerfile, Kubernetes' command/args and $(VAR) rules, the user,
 and the operator's stage pods resolved against the real runner image's configuration."""
 
@@ -13,8 +13,8 @@ from disp_api.status import StepKind
 from disp_operator.jobs import RunnerDefaults, stage_job
 from disp_runner.cli import build_parser
 from tests.operator.conftest import make_job
-from tests.operator.container_rules import (PYTHON_BASE, ContainerConfigError, ImageConfig, container_env,
-                                            container_process, expand, image_config, indexed_pod_template,
+from tests.harness.container_rules import (PYTHON_BASE, ContainerConfigError, ImageConfig, container_env,
+                                            container_process, expand, image_config,
                                             process_argv, process_identity)
 
 DOCKERFILE = Path(__file__).resolve().parents[2] / "Dockerfile"
@@ -124,12 +124,23 @@ def test_run_as_non_root_refuses_a_root_or_unverifiable_user(image_user, message
         process_identity(ImageConfig(user=image_user), {"spec": {"securityContext": {"runAsNonRoot": True}}}, {})
 
 
+def with_completion_index(template: dict, index: int) -> dict:
+    """A pod of an Indexed Job as the Job controller makes it: the index in a label and an
+    annotation, and JOB_COMPLETION_INDEX read from it by the downward API (the real controller's
+    pods run in tests/e2e/test_containers.py)."""
+    key = "batch.kubernetes.io/job-completion-index"
+    metadata = {**template.get("metadata", {}), "annotations": {key: str(index)}, "labels": {
+        **template.get("metadata", {}).get("labels", {}), key: str(index)}}
+    containers = [{**c, "env": [*(c.get("env") or []), {"name": "JOB_COMPLETION_INDEX", "valueFrom": {
+        "fieldRef": {"fieldPath": f"metadata.labels['{key}']"}}}]} for c in template["spec"]["containers"]]
+    return {"metadata": metadata, "spec": {**template["spec"], "containers": containers}}
+
+
 def test_an_indexed_pod_gets_its_index_through_the_downward_api():
     template = {"metadata": {"labels": {"a": "b"}}, "spec": {"containers": [{"name": "c", "args": ["$(JOB_COMPLETION_INDEX)/4"]}]}}
-    pod = indexed_pod_template(template, 2)
+    pod = with_completion_index(template, 2)
     process = container_process(ImageConfig(entrypoint=("run",)), pod, pod["spec"]["containers"][0], NO_SECRETS)
     assert process.argv == ("run", "2/4") and process.pod_env["JOB_COMPLETION_INDEX"] == "2"
-    assert "env" not in template["spec"]["containers"][0]  # the Job's own template is untouched
 
 
 # --- the operator's stage pods, against the runner image --------------------------------------------
@@ -145,7 +156,7 @@ def test_every_stage_pod_runs_a_command_line_the_runner_accepts(stage, step, sha
     job = make_job(parallelism={"saliencyShards": 2})
     pod = stage_job(job, stage, step, 1, RunnerDefaults(image="registry.example/disp-runner:1"))["spec"]["template"]
     if step is StepKind.SHARDS:
-        pod = indexed_pod_template(pod, 1)
+        pod = with_completion_index(pod, 1)
     (container,) = pod["spec"]["containers"]
     secrets = lambda name, key: "x"  # noqa: E731
     process = container_process(image_config(DOCKERFILE, "runner"), pod, container, secrets)
