@@ -36,7 +36,7 @@ test: $(STAMP) $(CHECKOV_STAMP) prometheus-tools k8s
 
 # The real Kubernetes control plane of the end-to-end tests (kube-apiserver, kube-controller-manager,
 # kube-scheduler, etcd), built from their Go modules as pinned in tools/controlplane/ into a
-# versioned folder under ~/.cache/disp-operator (a cold build takes 15-30 min on 2 cores; nothing
+# versioned folder under ~/.cache/disp-operator (a cold build takes about 5 min on 2 cores; nothing
 # is rebuilt while the pins are unchanged). Needs Go 1.26 and the Go module proxy.
 k8s:
 	bash tools/controlplane/build.sh
