@@ -216,7 +216,7 @@ class RelabelSpec(ContractModel):
     steps, genLength and blockLength come from the model (the embedded model: 16/16/16; a model without
     a generation length of its own: the authors' 32/32/32)."""
     prompt: Optional[str] = Field(None, min_length=1, max_length=MAX_ANNOTATION_VALUE)
-    """A fixed prompt for every instance (the authors: "Describe this image in detail."); default: each instance's own."""
+    """A fixed prompt for every instance (the authors: "Describe this image in detail."), which saliency scores the tokens for too; default: each instance's own."""
     batch_size: int = Field(64, ge=1, le=65536)
     """Instances decoded together; also the unit a shard is made of."""
     seed: Seed = 1234

@@ -318,3 +318,29 @@ def test_min_evidence_keeps_the_dataset_answer_unless_the_masked_input_prefers_t
     assert 0 < kept < len(changed)
     manifest = json.loads((layout.stage_dir(StageName.RELABEL) / STAGE_MANIFEST).read_text())
     assert manifest["metrics"]["keptOriginal"] == kept
+
+
+def test_saliency_scores_the_tokens_for_the_prompt_relabel_asks(workspace):
+    """With a fixed purification prompt (the authors': "Describe this image in detail."), the
+    tokens are scored for that question, not each instance's own: the scores equal those of the
+    same data whose prompts were replaced, and differ from the instance-prompt scores."""
+    from disp_runner.data.dataset import write_dataset
+
+    prompt = "describe this image in detail"
+    own = layout_of(workspace, evaluation=None)
+    run_job(make_job(workspace, evaluation=None), only=StageName.SALIENCY, show_progress=False)
+    fixed = make_job(workspace, evaluation=None, output={"uri": str(workspace / "fixed")},
+                     relabel={"decoding": DECODING, "batchSize": 4, "prompt": prompt})
+    run_job(fixed, only=StageName.SALIENCY, show_progress=False)
+    write_dataset([inst.replace(prompt=prompt) for inst in load_dataset(workspace / "train", 16)],
+                  workspace / "asked")
+    asked = make_job(workspace, evaluation=None, output={"uri": str(workspace / "asked-out")},
+                     dataset={"uri": str(workspace / "asked")})
+    run_job(asked, only=StageName.SALIENCY, show_progress=False)
+
+    def scores(job, root):
+        return read_scores(RunLayout.for_job(job, root).stage_dir(StageName.SALIENCY))[1]
+
+    with_fixed = scores(fixed, workspace / "fixed")
+    assert torch.equal(with_fixed, scores(asked, workspace / "asked-out"))
+    assert not torch.allclose(with_fixed, read_scores(own.stage_dir(StageName.SALIENCY))[1])

@@ -107,6 +107,12 @@ class Instance:
         return f"Instance(id={self.id!r}, prompt={self.prompt!r}, response={self.response!r}, image_size={self.image_size})"
 
 
+def with_prompt(instances: list[Instance], prompt: str | None) -> list[Instance]:
+    """The instances asked `prompt` instead of their own question (unchanged when None): what
+    relabel's fixed purification prompt (spec.relabel.prompt) makes of them."""
+    return instances if prompt is None else [inst.replace(prompt=prompt) for inst in instances]
+
+
 def write_dataset(instances: Iterable[Instance], out_dir: str | Path) -> Path:
     """Write instances as manifest.jsonl + PNGs; atomic at the folder level."""
     out_dir = Path(out_dir)

@@ -27,7 +27,7 @@ from PIL import ImageFilter
 
 from disp_api import AuditFigures, MaskingSpace, RelabelAcceptance, StageName
 from disp_api.spec import RelabelScope
-from disp_runner.data.dataset import Instance, load_dataset, write_dataset
+from disp_runner.data.dataset import Instance, load_dataset, with_prompt, write_dataset
 from disp_runner.data.llava import replace_first_answer
 from disp_runner.disp.audit import (SuspectRecord, comparison_tokens, concentration, ground_truth, read_suspects,
                                    support_drop, write_suspects)
@@ -167,8 +167,7 @@ def _masked_inputs(ctx: StageContext, instances: list[Instance],
     blurred or painted over as the spec says) and the visual-token rewrite to apply, if any. The
     fine-tune still pairs the answers with the original images."""
     spec = ctx.spec
-    shown = instances if spec.relabel.prompt is None else [inst.replace(prompt=spec.relabel.prompt)
-                                                          for inst in instances]
+    shown = with_prompt(instances, spec.relabel.prompt)
     blur = spec.masking.blur_sigma
     if blur is not None:  # the opt-in whole-image neutraliser
         shown = [inst.map_image(lambda image: image.filter(ImageFilter.GaussianBlur(blur))) for inst in shown]

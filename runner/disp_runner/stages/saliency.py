@@ -16,6 +16,7 @@ from disp_api import StageName
 from disp_runner.device import autocast, sub_seed
 from disp_runner.disp.masking import check_ratio_masks_a_token
 from disp_runner.disp.saliency import SaliencyConfig, token_saliency
+from disp_runner.data.dataset import with_prompt
 from disp_runner.errors import DegenerateResultError, UserInputError
 from disp_runner.pipeline.context import StageContext, StageResult
 
@@ -64,7 +65,9 @@ class SaliencyStage:
         if spec.top_k > model.config.vocab_size:
             raise UserInputError(f"spec.saliency.topK: {spec.top_k} is larger than the vocabulary "
                                  f"({model.config.vocab_size} tokens)")
-        instances = ctx.training_set()
+        # The tokens are scored for the question relabel will ask (its fixed prompt, when set): a
+        # token salient for another question is not the one whose masking changes that answer.
+        instances = with_prompt(ctx.training_set(), ctx.spec.relabel.prompt)
         counts = torch.tensor([processor.layout_of(inst).num_tokens for inst in instances], dtype=torch.long)
         # Before the expensive part: a masking ratio that would mask nothing makes the scores useless.
         check_ratio_masks_a_token(ctx.spec.masking.ratio, int(counts.min()))
