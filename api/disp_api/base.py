@@ -40,6 +40,8 @@ class FieldError:
         err = exc.errors()[0]
         loc = [part for part in err["loc"] if not (isinstance(part, str) and part.startswith("function-"))]
         message = "unknown field" if err["type"] == "extra_forbidden" else err["msg"]
+        if err["type"] == "value_error":  # a validator's own sentence, without pydantic's prefix
+            message = message.removeprefix("Value error, ")
         if exc.error_count() > 1:
             message += f" (and {exc.error_count() - 1} more)"
         return cls(loc, message)

@@ -4,6 +4,7 @@ from a run folder, and how an `s3://` URI splits into bucket and key."""
 
 from __future__ import annotations
 
+import re
 from enum import IntEnum
 
 
@@ -24,6 +25,52 @@ S3_SCHEME = "s3://"
 
 def is_s3_uri(uri: str) -> bool:
     return uri.startswith(S3_SCHEME)
+
+
+# A URI the API server refuses (the CRD's CEL rule on every URI field) and the runner and operator
+# refuse before anything is created or deleted: a '..' segment (a key or path that leaves its
+# folder, e.g. the local cache an s3:// key is mirrored into), an s3:// key that is absolute or has
+# an empty or '.' segment, and the shell's '~' and $VARIABLE, which nothing here expands. Written
+# with character classes only, so Python's re and the API server's RE2 read it alike.
+UNSAFE_URI_PATTERN = (r"^~|[$]([{]|[A-Za-z_])|(^|/)[.][.](/|$)|^s3://[^/]*//|^s3://[^/]*/.*//"
+                      r"|^s3://[^/]*/(.*/)?[.](/|$)")
+UNSAFE_URI_MESSAGE = ("must not contain a '..' segment, an empty or '.' segment in an s3:// key, a leading '~' "
+                      "or a $VARIABLE (nothing is expanded: give the full path)")
+# s3:// bucket names as S3 and MinIO allow them.
+_BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+
+
+def uri_problem(uri: str) -> str | None:
+    """Why `uri` may not name an input or output (None when it may): the one check every URI field
+    passes through, in the spec's validation, the operator and the runner."""
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in uri):
+        return "contains a control character"
+    if uri.startswith("~"):
+        return "starts with '~', which nothing expands here (give the full path)"
+    if re.search(r"[$]([{]|[A-Za-z_])", uri):
+        return "contains a $VARIABLE, which nothing expands here (give the full path)"
+    if is_s3_uri(uri):
+        bucket, _, key = uri[len(S3_SCHEME):].partition("/")
+        if not bucket:
+            return "names no bucket (expected s3://BUCKET/PREFIX)"
+        if not _BUCKET.match(bucket):
+            return f"bucket {bucket!r} is not a valid bucket name (3-63 lower-case letters, digits, '.' and '-')"
+        if key.startswith("/"):
+            return "has an absolute key (a '/' right after the bucket)"
+        segments = key[:-1].split("/") if key.endswith("/") else key.split("/")
+        if key and "" in segments:
+            return "has an empty segment ('//') in its key"
+        if ".." in segments or "." in segments:
+            return f"has a {'..' if '..' in segments else '.'!r} segment in its key, which would leave the prefix"
+    else:
+        path = uri[len("file://"):] if uri.startswith("file://") else uri
+        if "://" in uri and not uri.startswith("file://"):
+            return "has an unsupported scheme (use a path, file:// or s3://)"
+        if not path:
+            return "names no path"
+        if ".." in path.split("/"):
+            return "has a '..' segment (give the folder's full path)"
+    return None
 
 
 def split_s3_uri(uri: str) -> tuple[str, str]:

@@ -12,10 +12,11 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Annotated, Any, Literal, Optional
 
-from pydantic import Field, StringConstraints, field_validator, model_validator
+from pydantic import AfterValidator, Field, StringConstraints, field_validator, model_validator
 
 from disp_api.attack import AttackSpec
 from disp_api.base import ContractModel, Seed, with_cel_rules
+from disp_api.contract import uri_problem
 
 API_GROUP = "disp.dev"
 API_VERSION = "v1alpha1"
@@ -62,24 +63,36 @@ LabelValue = Annotated[str, StringConstraints(max_length=MAX_LABEL_VALUE)]
 AnnotationValue = Annotated[str, StringConstraints(max_length=MAX_ANNOTATION_VALUE)]
 
 
+def _safe_uri(uri: str) -> str:
+    problem = uri_problem(uri)
+    if problem is not None:
+        raise ValueError(f"{uri[:200]!r} {problem}")
+    return uri
+
+
+# Every input and output location: a local path, file:// or s3://BUCKET/PREFIX, refused here (so by
+# the operator and `disp run` alike) when it could leave its folder or relies on a shell's expansion.
+Uri = Annotated[str, Field(min_length=1, max_length=MAX_URI), AfterValidator(_safe_uri)]
+
+
 class ModelSource(ContractModel):
-    uri: str = Field(min_length=1, max_length=MAX_URI)
+    uri: Uri
     """The compromised model: a folder (local path, file:// or s3://) in Hugging Face format."""
     allow_unsafe_pickle: bool = False
     """Opt in to loading pickle (.bin/.pt) weights. Pickle runs code on load: only for models you trust."""
-    projector_uri: Optional[str] = Field(None, min_length=1, max_length=MAX_URI)
+    projector_uri: Optional[Uri] = None
     """A projector file to load over the model's own (the authors' workflow: base model + the
     backdoored mm_projector): safetensors, or a pickle .bin only with allowUnsafePickle; keys are
     the model's parameter names (model.mm_projector.* for LLaDA-V)."""
 
 
 class DatasetSource(ContractModel):
-    uri: str = Field(min_length=1, max_length=MAX_URI)
+    uri: Uri
     """The training set to purify: manifest.jsonl + images/, or a LLaVA conversations JSON + its images (local path, file:// or s3://)."""
 
 
 class OutputSpec(ContractModel):
-    uri: str = Field(min_length=1, max_length=MAX_URI)
+    uri: Uri
     """Where stage outputs go; each run writes under <uri>/runs/<namespace>/<name>/<uid>/."""
 
 
@@ -283,13 +296,13 @@ class EvaluationSpec(ContractModel):
 
     attack: Optional[AttackSpec] = None
     """The suspected trigger and target (target.kind is required: it decides the ASR rule); or give attackUri."""
-    attack_uri: Optional[str] = Field(None, min_length=1, max_length=MAX_URI)
+    attack_uri: Optional[Uri] = None
     """Instead of attack: an attack folder written by `disp attack`, or its attack.json (local path or s3://)."""
-    triggered_uri: str = Field(min_length=1, max_length=MAX_URI)
+    triggered_uri: Uri
     """Held-out inputs carrying the trigger (ASR)."""
-    untriggered_uri: Optional[str] = Field(None, min_length=1, max_length=MAX_URI)
+    untriggered_uri: Optional[Uri] = None
     """The same inputs without the trigger (false firing)."""
-    clean_uri: Optional[str] = Field(None, min_length=1, max_length=MAX_URI)
+    clean_uri: Optional[Uri] = None
     """Held-out clean instances with metadata.answer_keys (clean performance)."""
     decoding: Optional[DecodingSpec] = None
     """Decoding used to answer the evaluation inputs (default: spec.relabel.decoding)."""
@@ -417,7 +430,7 @@ class ResourcesSpec(ContractModel):
     """Taints the runner pods tolerate (GPU nodes are often tainted). Default: the operator's."""
     priority_class_name: Optional[str] = Field(None, min_length=1, max_length=MAX_NAME)
     """PriorityClass of the runner pods. Default: the operator's, if any."""
-    image: Optional[str] = Field(None, min_length=1, max_length=MAX_URI)
+    image: Optional[Uri] = None
     """Runner image; default: the one the operator is configured with."""
     image_pull_policy: PullPolicy = PullPolicy.IF_NOT_PRESENT
     """When the kubelet pulls the runner image."""

@@ -23,6 +23,7 @@ from disp_api.base import SEED_MAX
 
 from disp_runner.errors import (EXIT_INTERNAL_ERROR, EXIT_TRANSIENT_ERROR, EXIT_USER_ERROR, EXIT_WEAK_BACKDOOR,
                                 TransientError, UserInputError, WeakBackdoorError)
+from disp_runner import logs
 from disp_runner.scratch import prepare_scratch
 from disp_runner.threads import apply_threads, choose_threads
 
@@ -182,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-unsafe-pickle", action="store_true")
 
     p = add("run", help="run a PurificationJob manifest (YAML/JSON): all stages, or one stage/shard")
-    p.add_argument("manifest", nargs="?", help="PurificationJob YAML or JSON file")
+    p.add_argument("manifest", nargs="?", help="PurificationJob YAML or JSON file (- reads standard input)")
     p.add_argument("--manifest-env", metavar="VAR", default=None,
                    help="read the manifest (JSON) from this environment variable instead (runner pods)")
     p.add_argument("--stage", choices=[s.value for s in _stage_names()], default=None,
@@ -413,7 +414,12 @@ def _cmd_run(args) -> None:
         if not hasattr(runner_stage, "merge"):
             raise UserInputError(f"--stage {stage.value} cannot be sharded; only saliency and relabel can")
         if args.merge:
-            report(merge_shards(runner_stage, ctx, shard.count if shard else shard_count(job, stage)))
+            count = shard.count if shard else shard_count(job, stage)
+            if count == 1:
+                raise UserInputError(f"--merge: spec.parallelism.{stage.value}Shards is 1, so {stage.value} has no "
+                                     "shards to merge (run the stage without --merge, or give --shard INDEX/COUNT "
+                                     "of the shards that ran)")
+            report(merge_shards(runner_stage, ctx, count))
         else:
             report(run_stage(runner_stage, ctx))
     print(f"run folder: {run_uri(job, root)}")
@@ -448,6 +454,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exc:  # --help, or a wrong flag (already reported in one line)
         return exc.code if isinstance(exc.code, int) else EXIT_USER_ERROR
     prepare_scratch()  # before torch or transformers look for a temporary or cache folder
+    logs.configure(debug=args.debug)  # before any library prints a warning ahead of the one error line
     threads, source = choose_threads(args.threads)
     apply_threads(threads)  # before torch sizes its thread pool
     if args.command == "run" and args.no_progress:  # a pod's log says what the pod was given
@@ -488,8 +495,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:  # noqa: BLE001 - the one place a bug becomes one line instead of a traceback
         if args.debug:
             raise
+        if _disk_full(exc):  # e.g. safetensors' or torch's writer, which wrap the OSError in their own type
+            print(f"{command}: transient error (retry later): no space left on device ({type(exc).__name__})",
+                  file=sys.stderr)
+            return EXIT_TRANSIENT_ERROR
         return _internal_error(command, exc)
     return 0
+
+
+def _disk_full(exc: BaseException) -> bool:
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if "No space left on device" in str(current) or "StorageFull" in str(current):
+            return True
+        current = current.__cause__ or current.__context__
+    return False
 
 
 def _internal_error(command: str, exc: BaseException) -> int:

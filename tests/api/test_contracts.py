@@ -86,7 +86,7 @@ def test_a_folder_whose_only_pickle_is_training_args_is_judged_alike_by_runner_a
         load_model(folder)
     assert not isinstance(runner_error.value, UnsafeModelFormatError)
     job = PurificationJob.model_validate({
-        "apiVersion": "disp.dev/v1alpha1", "kind": "PurificationJob", "metadata": {"name": "j"}, "spec": {"model": {"uri": "s3://models/m"}, "dataset": {"uri": "s3://d/x"},
-                                            "output": {"uri": "s3://o/y"}}})
+        "apiVersion": "disp.dev/v1alpha1", "kind": "PurificationJob", "metadata": {"name": "j"}, "spec": {"model": {"uri": "s3://models/m"}, "dataset": {"uri": "s3://data/x"},
+                                            "output": {"uri": "s3://out/y"}}})
     with pytest.raises(InvalidSpec, match="no weights at s3://models/m"):
         check_model_files(job, tuple(p.name for p in folder.iterdir()))

@@ -67,3 +67,32 @@ def test_the_readme_example_manifest_is_valid():
     block = next(b for b in re.findall(r"```yaml\n(.*?)```", readme, re.S) if "kind: PurificationJob" in b)
     job = PurificationJob.model_validate(yaml.safe_load(block))
     assert job.spec.evaluation is not None and StageName.EVALUATE in job.spec.stages()
+
+
+# Every URI field goes through one check (disp_api.contract.uri_problem); the CRD carries the same
+# rule as a regular expression for the API server. The two must refuse the same URIs.
+URI_CASES = [
+    ("s3://bucket/models/m", True), ("s3://bucket/models/m/", True), ("s3://bucket", True), ("s3://bucket/", True),
+    ("/data/model", True), ("./model", True), ("model", True), ("file:///data/m", True), ("/a/b..c/d", True),
+    ("/a/..b", True), ("s3://bucket/a.b/c", True), ("s3://bucket/.hidden", True),
+    ("s3://bucket/../../etc", False), ("s3://bucket/a/../b", False), ("s3://bucket/a/..", False),
+    ("s3://bucket//etc", False), ("s3://bucket/a//b", False), ("s3://bucket/a/./b", False), ("s3://bucket/.", False),
+    ("/data/../etc", False), ("../model", False), ("file://../m", False), ("~/model", False), ("~", False),
+    ("$HOME/model", False), ("/data/${USER}/m", False), ("s3://bucket/$X/m", False),
+]
+
+
+@pytest.mark.parametrize("uri, allowed", URI_CASES)
+def test_one_uri_rule_for_the_spec_and_the_api_server(uri, allowed):
+    import re
+
+    from disp_api.contract import UNSAFE_URI_PATTERN, uri_problem
+    assert (uri_problem(uri) is None) == allowed, uri_problem(uri)
+    assert (re.search(UNSAFE_URI_PATTERN, uri) is None) == allowed
+
+
+@pytest.mark.parametrize("uri, reason", [("s3://Bucket_1/x", "not a valid bucket name"), ("s3:///x", "names no bucket"),
+                                         ("gs://b/x", "unsupported scheme"), ("/a\nb", "control character")])
+def test_uris_the_api_server_leaves_to_the_operator_are_still_refused_by_the_spec(uri, reason):
+    from disp_api.contract import uri_problem
+    assert reason in uri_problem(uri)

@@ -235,7 +235,7 @@ SUSPENDED = {"policy": {"suspend": True}}
     ("suspend", {}, {"policy": {"suspend": True}}, True),
     ("model uri", {}, {"model": {"uri": "s3://models/other"}}, False),
     ("masking ratio", {}, {"masking": {"ratio": 0.5}}, False),
-    ("evaluation added", {}, {"evaluation": {"attack": {"target": {"kind": "insertion"}}, "triggeredUri": "s3://e/t"}},
+    ("evaluation added", {}, {"evaluation": {"attack": {"target": {"kind": "insertion"}}, "triggeredUri": "s3://eval/t"}},
      False),
     ("backoff limit", {}, {"policy": {"backoffLimit": 9}}, False),
     ("deadline added", {}, {"policy": {"activeDeadlineSeconds": 60}}, False),
@@ -348,7 +348,7 @@ CEL_REFUSED = [
      job_body(evaluation=_evaluation(decoding={"genLength": 20, "blockLength": 16})), "genLength", True),
     ("cache refresh without a cache",
      job_body(relabel={"decoding": {"cacheRefreshSteps": 4}}), "cacheRefreshSteps", True),
-    ("evaluation with both attack and attackUri", job_body(evaluation=_evaluation(attackUri="s3://a/attack")),
+    ("evaluation with both attack and attackUri", job_body(evaluation=_evaluation(attackUri="s3://attacks/attack")),
      "attackUri", True),
     ("evaluation with neither attack nor attackUri", job_body(evaluation={"triggeredUri": "s3://eval/t"}),
      "attackUri", True),
@@ -369,6 +369,13 @@ CEL_REFUSED = [
     ("clean set not on S3", job_body(evaluation=_evaluation(cleanUri="/eval/c")), "evaluation.cleanUri", False),
     ("storage without credentials", job_body(storage={"endpoint": "minio:9000"}), "credentialsSecret", False),
     ("reserved pod label", job_body(podTemplate={"metadata": {"labels": {"disp.dev/stage": "x"}}}), "labels", True),
+    ("dataset key leaving its prefix", job_body(dataset={"uri": "s3://data/train/../../../etc"}), "dataset.uri", True),
+    ("output key absolute", job_body(output={"uri": "s3://runs//etc"}), "output.uri", True),
+    ("projector key with an empty segment", job_body(model={"uri": "s3://models/m", "projectorUri": "s3://models/a//p"}),
+     "model.projectorUri", True),
+    ("attack folder key with a '.' segment", job_body(evaluation={
+        "attackUri": "s3://attacks/./a", "triggeredUri": "s3://eval/triggered"}),
+     "evaluation.attackUri", True),
 ]
 
 

@@ -294,7 +294,7 @@ def test_an_unreachable_server_is_a_transient_exit_code(tmp_path, workspace, mon
     from disp_runner.errors import EXIT_TRANSIENT_ERROR
     # A short retry budget for the store the CLI builds (the default one sleeps ~15 s in all).
     monkeypatch.setattr(S3Store.__init__, "__defaults__", (True, None, RetryPolicy(attempts=2, base_delay=0.01),
-                                                           lambda s: None))
+                                                           lambda s: None, 60.0))
     monkeypatch.setenv("DISP_S3_ACCESS_KEY", ACCESS)
     monkeypatch.setenv("DISP_S3_SECRET_KEY", SECRET)
     document = job_document(workspace)

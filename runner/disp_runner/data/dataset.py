@@ -34,6 +34,27 @@ REQUIRED_FIELDS = {"id": str, "image": str, "prompt": str, "response": str}
 MAX_IMAGE_PIXELS = 4096 * 4096
 
 
+def as_rgb(img: Image.Image) -> Image.Image:
+    """`img` in 8-bit RGB with its brightness kept. Pillow's own convert("RGB") clips the modes with
+    more than 8 bits per sample (16-bit greyscale "I;16", 32-bit "I", float "F") at 255, which turns
+    an ordinary 16-bit PNG white; those are scaled from their full range instead."""
+    if img.mode == "RGB":
+        return img
+    if img.mode.startswith("I;16") or img.mode in ("I", "F"):
+        import numpy as np
+
+        values = np.asarray(img, dtype=np.float64)
+        if img.mode == "F" and values.size and np.nanmax(values) <= 1.0:
+            full_range = 1.0  # a float image in [0, 1]
+        elif img.mode == "F" or (values.size and np.nanmax(values) <= 255):
+            full_range = 255.0  # already 8-bit values held in a wider type
+        else:
+            full_range = 65535.0
+        grey = np.clip(np.nan_to_num(values) * (255.0 / full_range), 0, 255).round().astype(np.uint8)
+        return Image.fromarray(grey, mode="L").convert("RGB")
+    return img.convert("RGB")
+
+
 @dataclass(frozen=True)
 class ImageFile:
     """An image file whose header was checked; decoded each time it is used, never kept."""
@@ -49,7 +70,7 @@ class ImageFile:
                 if img.size != self.size:
                     raise UserInputError(f"{self.where}: image file {self.path} changed size since the dataset was read")
                 img.load()
-                return img.convert("RGB") if self.to_rgb and img.mode != "RGB" else img.copy()
+                return as_rgb(img) if self.to_rgb else img.copy()
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
             raise UserInputError(f"{self.where}: image file {self.path} is unreadable ({exc.__class__.__name__})") from None
 
@@ -129,7 +150,7 @@ def write_dataset(instances: Iterable[Instance], out_dir: str | Path) -> Path:
                 # The position makes the name unique: ids that differ only in characters a file
                 # name cannot hold ("x/1", "x_1") must not share an image.
                 rel = f"{IMAGES_DIR}/{index:06d}-{_safe_file_stem(inst.id)}.png"
-                inst.image.convert("RGB").save(staging / rel, format="PNG")
+                as_rgb(inst.image).save(staging / rel, format="PNG")
                 record = {"id": inst.id, "image": rel, "prompt": inst.prompt, "response": inst.response,
                           "metadata": inst.metadata}
                 manifest.write(json.dumps(record, ensure_ascii=False) + "\n")
@@ -164,7 +185,7 @@ def load_dataset(
         raise UserInputError(f"{manifest}: dataset manifest not found (nor a LLaVA JSON file)")
     instances: list[Instance] = []
     seen: dict[str, int] = {}
-    with open(manifest, encoding="utf-8", errors="strict") as handle:
+    with open(manifest, "rb") as handle:
         for line_no, line in _numbered_lines(handle, manifest):
             if not line.strip():
                 continue
@@ -182,12 +203,13 @@ def load_dataset(
 
 
 def _numbered_lines(handle, manifest: Path):
-    line_no = 0
-    try:
-        for line_no, line in enumerate(handle, start=1):
-            yield line_no, line
-    except UnicodeDecodeError:
-        raise UserInputError(f"{manifest}: not UTF-8 text (after line {line_no})") from None
+    """(line number, text) of a file opened in binary: each line decoded on its own, so a bad byte
+    is reported on its own line (a text-mode reader decodes ahead, in blocks)."""
+    for line_no, raw in enumerate(handle, start=1):
+        try:
+            yield line_no, raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise UserInputError(f"{manifest}:{line_no}: not UTF-8 text") from None
 
 
 def _parse_record(line: str, where: str) -> dict[str, Any]:

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
-from disp_runner.data.dataset import Instance
+from disp_runner.data.dataset import Instance, as_rgb
 from disp_runner.errors import UserInputError
 
 
@@ -165,7 +165,7 @@ def images_to_tensor(instances: Sequence[Instance], image_size: int) -> torch.Te
         if inst.image_size != (image_size, image_size):
             raise UserInputError(f"instance {inst.id}: image is {inst.image_size[0]}x{inst.image_size[1]}, "
                                  f"model expects {image_size}x{image_size}")
-        arrays.append(np.asarray(inst.image.convert("RGB"), dtype=np.uint8))
+        arrays.append(np.asarray(as_rgb(inst.image), dtype=np.uint8))
     pixels = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)  # [B, H, W, C] -> [B, C, H, W]
     return pixels.float() / 255.0
 

@@ -23,6 +23,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
 from disp_api.contract import PICKLE_WEIGHT_SUFFIXES, SAFE_WEIGHT_SUFFIXES, weight_files
+from disp_runner.device import default_device
 from disp_runner.errors import DegenerateResultError, UnsafeModelFormatError, UserInputError
 from disp_runner.models.base import DiffusionVLM, ModelFamily, ModelPart, Processor, adopt_mask_token
 from disp_runner.models.registry import family_for
@@ -103,7 +104,9 @@ def load_projector(model: DiffusionVLM, path: Path, allow_unsafe_pickle: bool = 
     for name, tensor in tensors.items():
         if tuple(tensor.shape) != tuple(own[name].shape):
             raise UserInputError(f"{path}: {name} has shape {list(tensor.shape)}, the model's {list(own[name].shape)}")
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        if not tensor.is_floating_point():
+            raise UserInputError(f"{path}: {name} is stored as {tensor.dtype}, not a floating-point type")
+        if not bool(torch.isfinite(tensor).all()):
             raise UserInputError(f"{path}: {name} holds NaN or infinite values")
     with torch.no_grad():
         for name, tensor in tensors.items():
@@ -236,6 +239,52 @@ def _say_auto_map_ignored(config_path: Path, family: ModelFamily) -> None:
                        "loads its weights", config_path, family.model_type)
 
 
+# Weights are floating point; an integer tensor where a weight belongs (an int8-quantised export, a
+# corrupted header) would be cast silently and compute nonsense. int64 is kept for index buffers.
+FLOAT_DTYPES = {"F16", "BF16", "F32", "F64"}
+INDEX_DTYPES = {"I64"}
+
+
+def _check_weight_dtypes(path: Path, header: dict) -> None:
+    for name, entry in header.items():
+        if name == "__metadata__" or not isinstance(entry, dict):
+            continue
+        dtype = entry.get("dtype")
+        if dtype not in FLOAT_DTYPES | INDEX_DTYPES:
+            raise UserInputError(f"{path}: tensor {name} is stored as {dtype}, not a floating-point type (quantised "
+                                 "checkpoints are not supported: export the weights in float16, bfloat16 or float32)")
+
+
+CONFIG_DTYPES = ("float32", "float16", "bfloat16")
+
+
+def _load_dtype(config: dict, config_path: Path) -> torch.dtype | str:
+    """The precision weights are held in: the checkpoint's own ("auto") on a GPU, where autocast
+    computes in bf16; float32 on a CPU, whose half-precision kernels are slow and where float16
+    overflows in training (a diverged fine-tune after three stages were published)."""
+    for key in ("dtype", "torch_dtype"):
+        if config.get(key) is not None and config[key] not in CONFIG_DTYPES:
+            raise UserInputError(f"{config_path}: {key} must be one of {', '.join(CONFIG_DTYPES)}, got {config[key]!r}")
+    if default_device().type == "cuda":
+        return "auto"
+    stored = str(config.get("dtype") or config.get("torch_dtype") or "float32")
+    if stored in ("float16", "bfloat16"):
+        logger.info("%s: %s weights held in float32 on the CPU", config_path, stored)
+    return torch.float32
+
+
+def _load_failure(exc: BaseException) -> str:
+    """Why loading failed, in one line. torch's refusal of a pickle that holds more than tensors
+    ends with advice to load it with weights_only=False, which would run the file's code: that is
+    never the way out for an untrusted model, so it is not repeated."""
+    text = str(exc)
+    if "weights_only" in text or "Unsupported global" in text or type(exc).__name__ == "UnpicklingError":
+        return ("the pickle file holds objects other than tensors, which would run code when loaded; it is refused "
+                "even with allowUnsafePickle (convert the weights to safetensors)")
+    first = (text.strip().splitlines() or [""])[0][:300]
+    return f"{type(exc).__name__}: {first}"
+
+
 def load_model(folder: str | Path, allow_unsafe_pickle: bool = False) -> LoadedModel:
     """Load model + processor from a local folder, refusing anything unsafe or inconsistent."""
     folder = Path(folder)
@@ -252,7 +301,9 @@ def load_model(folder: str | Path, allow_unsafe_pickle: bool = False) -> LoadedM
                                  f"never runs; remove it to load the weights with the built-in "
                                  f"{family.model_type!r} family")
         _say_auto_map_ignored(config_path, family)
-    for key in family.positive_sizes:
+    # gen_length is optional (null: not said), but a length of 0 or "16" must not decode a default.
+    optional = {"gen_length": None} if config_dict.get("gen_length") is not None else {}
+    for key in (*family.positive_sizes, *optional):
         value = config_dict.get(key, 1)
         if not isinstance(value, int) or isinstance(value, bool) or not 0 < value < 2**31:
             raise UserInputError(f"{config_path}: {key} must be a positive integer, got {value!r}")
@@ -267,7 +318,7 @@ def load_model(folder: str | Path, allow_unsafe_pickle: bool = False) -> LoadedM
                 f"{folder}: only pickle weights ({', '.join(p.name for p in pickled)}) found; pickle can run "
                 "arbitrary code, so it is refused unless you pass --allow-unsafe-pickle")
     for path in safe:
-        _safetensors_header(path)
+        _check_weight_dtypes(path, _safetensors_header(path))
     tokenizer = load_tokenizer(folder, family)
     overrides = {}
     if family.config_for_weights is not None and safe:
@@ -278,10 +329,10 @@ def load_model(folder: str | Path, allow_unsafe_pickle: bool = False) -> LoadedM
     try:
         model, info = family.model_class.from_pretrained(
             str(folder), local_files_only=True, trust_remote_code=False, use_safetensors=bool(safe),
-            output_loading_info=True, key_mapping=family.key_mapping, **overrides)
+            output_loading_info=True, key_mapping=family.key_mapping, dtype=_load_dtype(config_dict, config_path),
+            **overrides)
     except Exception as exc:  # noqa: BLE001 - any failure to parse an untrusted file is the file's fault
-        first = (str(exc).strip().splitlines() or [""])[0][:300]
-        raise UserInputError(f"{folder}: cannot load model weights ({type(exc).__name__}: {first})") from None
+        raise UserInputError(f"{folder}: cannot load model weights ({_load_failure(exc)})") from None
     # A missing tensor would silently keep its random initialisation.
     for kind in ("missing_keys", "unexpected_keys", "mismatched_keys"):
         if info.get(kind):

@@ -87,8 +87,9 @@ def _files_under(folder: Path) -> list[Path]:
 
 
 def write_stage_manifest(folder: Path, stage: StageName, metrics: dict[str, Any], seconds: float,
-                         shard: Shard | None = None) -> dict[str, Any]:
-    """Record every file of `folder` with its size and SHA-256; written last, it marks completion."""
+                         shard: Shard | None = None, inputs: dict[str, str] | None = None) -> dict[str, Any]:
+    """Record every file of `folder` with its size and SHA-256, and the fingerprints of the inputs
+    it was built from; written last, it marks completion."""
     manifest = {
         "version": MANIFEST_VERSION,
         "stage": stage.value,
@@ -96,6 +97,7 @@ def write_stage_manifest(folder: Path, stage: StageName, metrics: dict[str, Any]
         "completedAt": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "seconds": round(seconds, 3),
         "metrics": metrics,
+        "inputs": inputs or {},
         "files": [{"path": p.relative_to(folder).as_posix(), "size": p.stat().st_size, "sha256": sha256_file(p)}
                   for p in _files_under(folder)],
     }

@@ -5,8 +5,10 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import tempfile
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
@@ -26,19 +28,62 @@ from disp_runner.pipeline.artifacts import (
     ProgressReporter,
     RunLayout,
     Shard,
+    read_stage_manifest,
+    sha256_file,
     verify_stage_output,
 )
 from disp_runner.pipeline.checkpoints import CheckpointMirror
 from disp_runner.store.credentials import open_s3_store
 from disp_runner.store.lease import LEASE_SUFFIX, S3Lease
 from disp_runner.store.location import Location, Scheme
-from disp_runner.store.s3 import S3Store
-from disp_runner.store.tree import download_folder, download_stage, remote_stage_complete, upload_stage
+from disp_runner.store.fingerprint import local_fingerprint, s3_fingerprint
+from disp_runner.store.s3 import S3Store, StoreError
+from disp_runner.store.tree import (
+    download_folder,
+    download_stage,
+    read_uploaded_etags,
+    remote_stage_complete,
+    remote_stage_problem,
+    upload_stage,
+    write_uploaded_etags,
+)
 
 
 def scratch_root() -> Path:
     """Local working space for S3-backed runs (a pod's writable scratch volume): $DISP_SCRATCH."""
     return Path(os.environ.get("DISP_SCRATCH") or Path(tempfile.gettempdir()) / "disp-scratch")
+
+
+class SpecInput(str, Enum):
+    """A spec field naming files a stage reads: recorded (as a fingerprint) in the stage's manifest,
+    so that an output is built again when what the field names has changed."""
+
+    MODEL = "spec.model.uri"
+    PROJECTOR = "spec.model.projectorUri"
+    DATASET = "spec.dataset.uri"
+    TRIGGERED = "spec.evaluation.triggeredUri"
+    UNTRIGGERED = "spec.evaluation.untriggeredUri"
+    CLEAN = "spec.evaluation.cleanUri"
+    ATTACK = "spec.evaluation.attackUri"
+
+    def uri(self, spec: PurificationJobSpec) -> str | None:
+        evaluation = spec.evaluation
+        return {
+            SpecInput.MODEL: spec.model.uri,
+            SpecInput.PROJECTOR: spec.model.projector_uri,
+            SpecInput.DATASET: spec.dataset.uri,
+            SpecInput.TRIGGERED: evaluation.triggered_uri if evaluation else None,
+            SpecInput.UNTRIGGERED: evaluation.untriggered_uri if evaluation else None,
+            SpecInput.CLEAN: evaluation.clean_uri if evaluation else None,
+            SpecInput.ATTACK: evaluation.attack_uri if evaluation else None,
+        }[self]
+
+
+# Every stage reads the model under purification (and its projector); these are its other inputs.
+MODEL_INPUTS = (SpecInput.MODEL, SpecInput.PROJECTOR)
+TRAINING_INPUTS = (*MODEL_INPUTS, SpecInput.DATASET)
+EVALUATION_INPUTS = (*MODEL_INPUTS, SpecInput.TRIGGERED, SpecInput.UNTRIGGERED, SpecInput.CLEAN, SpecInput.ATTACK)
+UPSTREAM_PREFIX = "stage:"  # an input that is an earlier stage's output: the SHA-256 of its manifest
 
 
 @dataclass(frozen=True)
@@ -75,6 +120,7 @@ class StageContext:
     topology: Topology = Topology()  # the processes a distributed stage (the fine-tune) runs on
     output_root: Path | None = None  # `disp run --output`, which a launched process reopens the run with
     _stores: dict[str, S3Store] = field(default_factory=dict, repr=False)
+    _fingerprints: dict[str, str] = field(default_factory=dict, repr=False)  # per process: inputs do not change mid-run
 
     @property
     def spec(self) -> PurificationJobSpec:
@@ -96,6 +142,8 @@ class StageContext:
         of an s3:// prefix (a rerun downloads only what changed)."""
         location = Location.parse(uri, field_name)
         if location.scheme is Scheme.LOCAL:
+            if location.path.is_file():
+                raise UserInputError(f"{field_name}: {location.path} is a file; a folder is expected here")
             return location.path
         cache = scratch_root() / "cache" / location.bucket / location.key
         return download_folder(self.s3_store(), location.bucket, location.key, cache)
@@ -105,6 +153,9 @@ class StageContext:
         the scratch cache."""
         location = Location.parse(uri, field_name)
         if location.scheme is Scheme.LOCAL:
+            if location.path.is_dir():
+                raise UserInputError(f"{field_name}: {location.path} is a folder; a file is expected here"
+                                     + (f" ({hint})" if hint else ""))
             if not location.path.is_file():
                 raise UserInputError(f"{field_name}: {location.path} not found" + (f" ({hint})" if hint else ""))
             return location.path
@@ -149,19 +200,104 @@ class StageContext:
             first = (str(exc).strip().splitlines() or [""])[0]
             raise UserInputError(f"{field_name}: {uri} is not an attack record ({first})") from None
 
+    def input_fingerprints(self, stage: "Stage") -> dict[str, str]:
+        """What `stage` reads, fingerprinted: each spec field it reads that the spec sets, and the
+        manifest of each earlier stage output it reads (verified, and downloaded if need be)."""
+        fingerprints = {}
+        for spec_input in stage.reads:
+            uri = spec_input.uri(self.spec)
+            if uri is None:
+                continue
+            if spec_input.value not in self._fingerprints:
+                location = Location.parse(uri, spec_input.value)
+                self._fingerprints[spec_input.value] = (
+                    local_fingerprint(location.path, spec_input.value)
+                    if location.scheme is Scheme.LOCAL
+                    else s3_fingerprint(self.s3_store(), location.bucket, location.key))
+            fingerprints[spec_input.value] = self._fingerprints[spec_input.value]
+        for needed in stage.inputs:
+            manifest = self.input_dir(needed) / STAGE_MANIFEST  # raises, naming the folder, when incomplete
+            fingerprints[UPSTREAM_PREFIX + needed.value] = "sha256:" + sha256_file(manifest)
+        return fingerprints
+
     def is_complete(self, folder: Path) -> bool:
-        if (folder / STAGE_MANIFEST).is_file():
-            return True
-        return self.remote is not None and remote_stage_complete(
-            self.remote.store, self.remote.bucket, self.remote.stage_prefix(self.layout, folder))
+        """Whether `folder` holds a published output: in an S3-backed run, its manifest must be in
+        the store (a local copy alone does not count). A cheap look; completed_manifest decides."""
+        if self.remote is None:
+            return (folder / STAGE_MANIFEST).is_file()
+        return remote_stage_complete(self.remote.store, self.remote.bucket, self.remote.stage_prefix(self.layout, folder))
+
+    def completed_manifest(self, folder: Path, inputs: dict[str, str]) -> dict[str, Any] | None:
+        """The manifest of the output at `folder` when it is complete, intact and was built from
+        `inputs` (see input_fingerprints); None when it must be built (again), after saying why
+        when an output was there. In an S3-backed run the store decides: an output is complete when
+        its manifest is in the store and every file it lists is there, unchanged; a verified local
+        copy that the store lacks (an upload cut short, objects deleted or overwritten) is uploaded
+        again rather than rebuilt."""
+        where = folder.relative_to(self.layout.root).as_posix()
+        if self.remote is None:
+            manifest = self._verified_local(folder, where)
+        else:
+            manifest = self._verified_remote(folder, where)
+        if manifest is None:
+            return None
+        recorded = manifest.get("inputs")
+        if recorded != inputs:
+            changed = sorted(k for k in set(inputs) | set(recorded or {}) if (recorded or {}).get(k) != inputs.get(k))
+            warn_user(f"{where}: {', '.join(changed)} changed since this output was built; building it again")
+            self._verified.discard(folder)
+            return None
+        return manifest
+
+    def _verified_local(self, folder: Path, where: str) -> dict[str, Any] | None:
+        if not (folder / STAGE_MANIFEST).is_file():
+            return None
+        try:
+            manifest = verify_stage_output(folder) if folder not in self._verified else read_stage_manifest(folder)
+        except UserInputError as exc:
+            warn_user(f"{where}: not intact ({exc}); building it again")
+            return None
+        self._verified.add(folder)
+        return manifest
+
+    def _verified_remote(self, folder: Path, where: str) -> dict[str, Any] | None:
+        assert self.remote is not None
+        store, bucket, prefix = self.remote.store, self.remote.bucket, self.remote.stage_prefix(self.layout, folder)
+        remote_raw = store.get_bytes_or_none(bucket, f"{prefix}/{STAGE_MANIFEST}")
+        local_raw = (folder / STAGE_MANIFEST).read_bytes() if (folder / STAGE_MANIFEST).is_file() else None
+        problem = None if remote_raw is None else remote_stage_problem(
+            store, bucket, prefix, remote_raw, read_uploaded_etags(folder))
+        if remote_raw is not None and problem is None:
+            if local_raw != remote_raw:
+                shutil.rmtree(folder, ignore_errors=True)  # another attempt's copy: the store's wins
+                self._verified.discard(folder)
+            try:
+                self.fetch(folder)
+            except StoreError as exc:  # an object changed since it was published (checksum mismatch)
+                problem, local_raw = str(exc), None
+                shutil.rmtree(folder, ignore_errors=True)
+            else:
+                return read_stage_manifest(folder)
+        if local_raw is None or (remote_raw is not None and local_raw != remote_raw):
+            if problem is not None:
+                warn_user(f"{self.uri_of(folder)}: not intact ({problem}); building it again")
+            return None
+        local = self._verified_local(folder, where)
+        if local is None:
+            return None
+        warn_user(f"{self.uri_of(folder)}: " + ("missing from the store" if remote_raw is None else problem)
+                  + "; uploading the verified local copy again")
+        self.publish_remote(folder)
+        return local
 
     def fetch(self, folder: Path) -> Path:
         """A completed stage output (stage or shard folder), downloaded when it lives in S3 only,
         and checked against its manifest."""
         if folder not in self._verified:
             if self.remote is not None and not (folder / STAGE_MANIFEST).is_file():
-                download_stage(self.remote.store, self.remote.bucket, self.remote.stage_prefix(self.layout, folder),
-                               folder)
+                etags = download_stage(self.remote.store, self.remote.bucket,
+                                       self.remote.stage_prefix(self.layout, folder), folder)
+                write_uploaded_etags(folder, etags)
             verify_stage_output(folder)
             self._verified.add(folder)
         return folder
@@ -185,7 +321,9 @@ class StageContext:
 
     def publish_remote(self, folder: Path) -> None:
         if self.remote is not None:
-            upload_stage(folder, self.remote.store, self.remote.bucket, self.remote.stage_prefix(self.layout, folder))
+            etags = upload_stage(folder, self.remote.store, self.remote.bucket,
+                                 self.remote.stage_prefix(self.layout, folder))
+            write_uploaded_etags(folder, etags)
 
     def compromised_model(self) -> LoadedModel:
         """The model under purification and its processor (loaded once per process, on the stage's device)."""
@@ -233,6 +371,7 @@ class Stage(Protocol):
 
     name: ClassVar[StageName]
     inputs: ClassVar[tuple[StageName, ...]]  # earlier stages whose outputs this one reads
+    reads: ClassVar[tuple[SpecInput, ...]]  # the files named in the spec it reads
 
     def total_items(self, ctx: StageContext) -> int:
         """How many items this run (or shard) will process, for progress."""

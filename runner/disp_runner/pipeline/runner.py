@@ -20,7 +20,6 @@ from disp_runner.pipeline.artifacts import (
     Shard,
     StagingFolder,
     output_lock,
-    read_stage_manifest,
     write_stage_manifest,
 )
 from disp_runner.pipeline.context import (
@@ -56,16 +55,16 @@ def _progress_path(layout: RunLayout, stage: StageName, shard: Shard | None) -> 
     return layout.root / f"progress-{stage.value}-{shard.label}.json"
 
 
-def _already_complete(ctx: StageContext, stage: StageName, folder: Path,
+def _already_complete(ctx: StageContext, stage: StageName, folder: Path, inputs: dict[str, str],
                       shard: Shard | None = None) -> StageOutcome | None:
-    if not ctx.is_complete(folder):
+    manifest = ctx.completed_manifest(folder, inputs)
+    if manifest is None:
         return None
-    manifest = read_stage_manifest(ctx.fetch(folder))
     return StageOutcome(stage, skipped=True, seconds=0.0, metrics=manifest.get("metrics", {}), shard=shard)
 
 
 def _produce(ctx: StageContext, stage: StageName, final: Path, build: Callable[[Path], StageResult],
-             shard: Shard | None = None, **extra_metrics: Any) -> StageOutcome:
+             inputs: dict[str, str], shard: Shard | None = None, **extra_metrics: Any) -> StageOutcome:
     """Build an output in a staging folder, write its manifest last, publish it (locally, then to
     S3 when the run is mirrored there); on any error the staging folder goes and nothing is complete."""
     start = time.perf_counter()
@@ -74,7 +73,7 @@ def _produce(ctx: StageContext, stage: StageName, final: Path, build: Callable[[
         result = build(staging.path)
         seconds = time.perf_counter() - start
         metrics = {"items": result.items, **extra_metrics, **result.metrics}
-        write_stage_manifest(staging.path, stage, metrics, seconds, shard)
+        write_stage_manifest(staging.path, stage, metrics, seconds, shard, inputs)
         staging.publish()
     except BaseException:
         staging.discard()
@@ -94,15 +93,15 @@ def run_stage(stage: Stage, ctx: StageContext) -> StageOutcome:
 
 
 def _run_locked(stage: Stage, ctx: StageContext, final: Path, shard: Shard | None) -> StageOutcome:
-    skipped = _already_complete(ctx, stage.name, final, shard)  # also when another process just finished it
+    # Raises, naming the folder, when an earlier stage's output is incomplete or corrupt.
+    inputs = ctx.input_fingerprints(stage)
+    skipped = _already_complete(ctx, stage.name, final, inputs, shard)  # also when another process just finished it
     if skipped is not None:
         return skipped
-    for needed in stage.inputs:
-        ctx.input_dir(needed)  # raises, naming the folder, when an input is incomplete or corrupt
     seed_everything(0)
     start_progress(ctx, stage.name, stage.total_items(ctx))
     ctx.progress.update(0, force=True)
-    outcome = _produce(ctx, stage.name, final, lambda out: stage.run(ctx, out), shard)
+    outcome = _produce(ctx, stage.name, final, lambda out: stage.run(ctx, out), inputs, shard)
     # Resumable state (epoch checkpoints) is superseded by the published output.
     ctx.checkpoints(stage.name).discard()
     # Done, in the stage's own unit (instances, optimiser steps, models): itemsDone = itemsTotal.
@@ -123,13 +122,16 @@ def merge_shards(stage: ShardableStage, ctx: StageContext, count: int) -> StageO
     """Combine the `count` shards of a stage into its output; every shard must be complete."""
     final = ctx.layout.stage_dir(stage.name)
     with output_lock(final), ctx.output_lease(final):
-        skipped = _already_complete(ctx, stage.name, final)
+        inputs = ctx.input_fingerprints(stage)
+        skipped = _already_complete(ctx, stage.name, final, inputs)
         if skipped is not None:
             return skipped
         shard_dirs = [ctx.layout.shard_dir(stage.name, Shard(i, count)) for i in range(count)]
-        for folder in shard_dirs:
-            ctx.fetch(folder)  # raises, naming the shard, when one is incomplete
-        return _produce(ctx, stage.name, final, lambda out: stage.merge(ctx, shard_dirs, out), shards=count)
+        for index, folder in enumerate(shard_dirs):
+            if ctx.completed_manifest(folder, inputs) is None:
+                raise UserInputError(f"{ctx.uri_of(folder)}: shard {index}/{count} of {stage.name.value} is "
+                                     f"not complete for these inputs (run it with --shard {index}/{count} first)")
+        return _produce(ctx, stage.name, final, lambda out: stage.merge(ctx, shard_dirs, out), inputs, shards=count)
 
 
 def open_run(job: PurificationJob, output_root: Path | None = None, shard: Shard | None = None,
@@ -143,7 +145,7 @@ def open_run(job: PurificationJob, output_root: Path | None = None, shard: Shard
         return StageContext(layout=RunLayout.for_job(job, root), **common)
     layout = RunLayout.for_job(job, scratch_root() / "runs" / location.bucket / location.key)
     store = open_s3_store(job.spec.storage)
-    store.check_bucket(location.bucket)  # fail at once, naming the bucket, rather than after a stage
+    store.check_bucket(location.bucket, f"{location.key}/" if location.key else "")  # fail at once, not after a stage
     run_path = RunLayout.for_job(job, Path()).root.as_posix()  # runs/<namespace>/<name>/<uid>
     remote = RemoteRun(store, location.bucket, "/".join(filter(None, [location.key, run_path])))
     return StageContext(layout=layout, remote=remote, **common)

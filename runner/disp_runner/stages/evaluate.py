@@ -14,7 +14,7 @@ from disp_api import AuditFigures, PurificationMetrics, StageName
 from disp_api.contract import AUDIT_FILE, METRICS_FILE
 from disp_runner.evaluation import evaluate_model
 from disp_runner.models.loading import load_model
-from disp_runner.pipeline.context import StageContext, StageResult
+from disp_runner.pipeline.context import EVALUATION_INPUTS, StageContext, StageResult
 from disp_runner.stages.finetune import MODEL_DIR
 
 
@@ -22,6 +22,7 @@ from disp_runner.stages.finetune import MODEL_DIR
 class EvaluateStage:
     name = StageName.EVALUATE
     inputs = (StageName.FINETUNE,)
+    reads = EVALUATION_INPUTS
 
     def total_items(self, ctx: StageContext) -> int:
         return 2  # models

@@ -33,7 +33,7 @@ from disp_runner.evaluation import normalise_answer
 from disp_runner.diffusion.training import TrainingConfig, train_masked_diffusion
 from disp_runner.models.base import EncodedInstances
 from disp_runner.models.loading import save_model, save_projector
-from disp_runner.pipeline.context import StageContext, StageResult
+from disp_runner.pipeline.context import TRAINING_INPUTS, StageContext, StageResult
 from disp_runner.stages.relabel import DATASET_DIR
 
 MODEL_DIR = PURIFIED_MODEL_PATH.split("/")[-1]  # the operator reports <run>/finetune/model
@@ -43,6 +43,7 @@ PROJECTOR_FILE = "projector.safetensors"  # with spec.finetune.projectorFile
 class FinetuneStage:
     name = StageName.FINETUNE
     inputs = (StageName.RELABEL,)
+    reads = TRAINING_INPUTS
 
     def total_items(self, ctx: StageContext) -> int:
         return 0  # progress is reported in optimiser steps, once they are known

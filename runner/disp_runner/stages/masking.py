@@ -20,7 +20,7 @@ from disp_runner.disp.masking import check_ratio_masks_a_token, top_salient_toke
 from disp_runner.disp.token_grid import seeing_tokens, tokens_covered
 from disp_runner.errors import UserInputError
 from disp_runner.models.base import VisualLayout
-from disp_runner.pipeline.context import StageContext, StageResult
+from disp_runner.pipeline.context import TRAINING_INPUTS, StageContext, StageResult
 from disp_runner.stages.saliency import read_scores
 
 MASKED_FILE = "masked.json"
@@ -55,6 +55,7 @@ def known_trigger_tokens(inst: Instance, layout: VisualLayout) -> list[int] | No
 class MaskingStage:
     name = StageName.MASKING
     inputs = (StageName.SALIENCY,)
+    reads = TRAINING_INPUTS
 
     def total_items(self, ctx: StageContext) -> int:
         return len(ctx.training_set())

@@ -38,7 +38,7 @@ from disp_runner.errors import UserInputError
 from disp_runner.evaluation import normalise_answer
 from disp_runner.diffusion.inference import ImageEmbedsTransform, first_step_log_likelihood, generate_responses
 from disp_runner.pipeline.artifacts import read_stage_manifest
-from disp_runner.pipeline.context import StageContext, StageResult
+from disp_runner.pipeline.context import TRAINING_INPUTS, StageContext, StageResult
 from disp_runner.stages.masking import REPORT_SAMPLES, draw_report, read_masked
 from disp_runner.stages.saliency import read_scores
 
@@ -50,6 +50,7 @@ SIGNATURE_FILE = "signature.json"  # relabel.acceptance signature: the words and
 class RelabelStage:
     name = StageName.RELABEL
     inputs = (StageName.SALIENCY, StageName.MASKING)
+    reads = TRAINING_INPUTS
 
     def total_items(self, ctx: StageContext) -> int:
         return len(ctx.shard_items(ctx.spec.relabel.batch_size))

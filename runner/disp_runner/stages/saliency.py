@@ -18,7 +18,7 @@ from disp_runner.disp.masking import check_ratio_masks_a_token
 from disp_runner.disp.saliency import SaliencyConfig, token_saliency
 from disp_runner.data.dataset import with_prompt
 from disp_runner.errors import DegenerateResultError, UserInputError
-from disp_runner.pipeline.context import StageContext, StageResult
+from disp_runner.pipeline.context import TRAINING_INPUTS, StageContext, StageResult
 
 SCORES_FILE = "scores.safetensors"
 IDS_FILE = "ids.json"
@@ -46,14 +46,38 @@ def write_scores(folder: Path, ids: list[str], scores: torch.Tensor, counts: tor
     if bad:  # top-k over NaN would "find" tokens 0..k: nothing degenerate goes on to masking
         raise DegenerateResultError(f"saliency: {bad} of {scores.numel()} scores are NaN or infinite "
                                     "(the model's outputs are not finite); nothing was published")
+    spans = [scores[row, :int(count)] for row, count in enumerate(counts.tolist())]
+    if spans and all(span.numel() > 1 and bool((span == span[0]).all()) for span in spans):
+        # Equal scores rank no token above another: masking would pick tokens by position alone.
+        raise DegenerateResultError(f"saliency: every instance's {int(counts.max())} scores are equal (nothing "
+                                    "ranks one token above another); nothing was published")
     save_file({"scores": scores.contiguous(), COUNTS_KEY: counts.to(torch.long).contiguous()},
               str(folder / SCORES_FILE))
     (folder / IDS_FILE).write_text(json.dumps(ids))
 
 
+def check_region_fits_the_grids(region_size: int, instances, processor) -> None:
+    """A window as large as a token grid covers all of it: every window holds every token, so every
+    token gets the same score. Refused before any scoring, naming the smallest grid."""
+    if region_size <= 1:
+        return
+    smallest = None
+    for inst in instances:
+        for grid in processor.layout_of(inst).grids:
+            side = min(grid.rows, grid.cols)
+            if smallest is None or side < smallest[0]:
+                smallest = (side, grid, inst.id)
+    if smallest is not None and region_size >= smallest[0]:
+        side, grid, instance_id = smallest
+        raise UserInputError(f"spec.saliency.regionSize: {region_size} covers a whole {grid.rows}x{grid.cols} token "
+                             f"grid (instance {instance_id!r}), so every token would score the same; use at most "
+                             f"{max(1, side - 1)}")
+
+
 class SaliencyStage:
     name = StageName.SALIENCY
     inputs = ()
+    reads = TRAINING_INPUTS
 
     def total_items(self, ctx: StageContext) -> int:
         return len(ctx.shard_items(ctx.spec.saliency.batch_size))
@@ -71,6 +95,7 @@ class SaliencyStage:
         counts = torch.tensor([processor.layout_of(inst).num_tokens for inst in instances], dtype=torch.long)
         # Before the expensive part: a masking ratio that would mask nothing makes the scores useless.
         check_ratio_masks_a_token(ctx.spec.masking.ratio, int(counts.min()))
+        check_region_fits_the_grids(spec.region_size, instances, processor)
         config = SaliencyConfig(top_k=spec.top_k, probes=spec.probes, block_length=decoding.block_length,
                                 region_size=spec.region_size)
         width = int(counts.max())  # every shard pads to the whole dataset's widest image, so shards concatenate

@@ -63,12 +63,28 @@ class S3Lease:
         return json.dumps({"holder": self.holder, "expiresAt": self.clock() + self.ttl}).encode()
 
     def acquire(self) -> None:
+        # The lease may be released between the failed create and the reads of it (its holder just
+        # finished): then the create is simply tried again.
+        for _ in range(3):
+            if self._try_acquire():
+                break
+        else:
+            raise TransientError(f"s3://{self.bucket}/{self.key}: other processes keep taking and releasing this "
+                                 "lease; run again when they have finished")
+        self._renewer = threading.Thread(target=self._renew, name="s3-lease", daemon=True)
+        self._renewer.start()
+
+    def _try_acquire(self) -> bool:
+        """True once this process holds the lease; False when it vanished while being looked at."""
         where = f"s3://{self.bucket}/{self.key}"
         self._etag = self.store.put_conditionally(self.bucket, self.key, self._record())
         if self._etag is None:  # someone holds, or held, the lease
-            current_etag = self.store.etag(self.bucket, self.key)
+            current_etag = self.store.etag_or_none(self.bucket, self.key)
+            raw = self.store.get_bytes_or_none(self.bucket, self.key) if current_etag is not None else None
+            if raw is None:
+                return False  # released meanwhile
             try:
-                current = json.loads(self.store.get_bytes(self.bucket, self.key))
+                current = json.loads(raw)
                 holder, expires = str(current["holder"]), float(current["expiresAt"])
             except (ValueError, KeyError, TypeError):
                 holder, expires = "an unknown process", 0.0  # unreadable: treat as lapsed
@@ -81,15 +97,17 @@ class S3Lease:
                 logger.warning("%s: held by %s until %s; waiting for it to lapse (a killed attempt's?)",
                                where, holder, _iso(expires))
                 self.sleep(wait)
-                if self.store.etag(self.bucket, self.key) != current_etag:
+                now_etag = self.store.etag_or_none(self.bucket, self.key)
+                if now_etag is None:
+                    return False  # released meanwhile
+                if now_etag != current_etag:
                     raise busy  # renewed (or released and retaken) meanwhile: its holder is alive
             self._etag = self.store.put_conditionally(self.bucket, self.key, self._record(), if_match=current_etag)
             if self._etag is None:
                 raise TransientError(f"{where}: another process took over the lapsed lease of {holder} just now; "
                                      "run again when it has finished")
             logger.warning("%s: took over the lapsed lease of %s", where, holder)
-        self._renewer = threading.Thread(target=self._renew, name="s3-lease", daemon=True)
-        self._renewer.start()
+        return True
 
     def _renew(self) -> None:
         while not self._stop.wait(self.ttl / 3):

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 
-from disp_api.contract import is_s3_uri, split_s3_uri
+from disp_api.contract import is_s3_uri, split_s3_uri, uri_problem
 from disp_runner.errors import UserInputError
 
 
@@ -24,16 +24,17 @@ class Location:
 
     @classmethod
     def parse(cls, uri: str, field_name: str) -> "Location":
+        """The location `uri` names, refused (naming `field_name`) before anything is created or
+        removed when it could leave its folder: the spec's own check (uri_problem), for the URIs
+        that come from elsewhere (command-line flags, attack records) too."""
+        problem = uri_problem(uri)
+        if problem is not None:
+            raise UserInputError(f"{field_name}: {uri[:200]!r} {problem}")
         if is_s3_uri(uri):
-            try:
-                bucket, key = split_s3_uri(uri)
-            except ValueError as exc:
-                raise UserInputError(f"{field_name}: {exc}") from None
+            bucket, key = split_s3_uri(uri)
             return cls(Scheme.S3, bucket=bucket, key=key)
         if uri.startswith("file://"):
             return cls(Scheme.LOCAL, path=Path(uri[len("file://"):]))
-        if "://" in uri:
-            raise UserInputError(f"{field_name}: unsupported URI scheme in {uri!r} (use a path, file:// or s3://)")
         return cls(Scheme.LOCAL, path=Path(uri))
 
     def child(self, *parts: str) -> "Location":

@@ -41,11 +41,19 @@ class StoreUnavailableError(TransientError):
     """Transient storage failures that outlasted the retry budget: a later attempt may succeed."""
 
 
+# A socket read that waits this long for a byte has met a server that is not answering: retried, but
+# only TIMEOUT_ATTEMPTS times in all, so an endpoint that accepts connections and never answers
+# fails the stage (exit 75) within minutes, not after attempts x read timeout.
+READ_TIMEOUT_SECONDS = 60.0
+TIMEOUT_ATTEMPTS = 2
+
+
 @dataclass(frozen=True)
 class RetryPolicy:
     attempts: int = 6  # first try included
     base_delay: float = 0.5  # seconds; doubles each retry, with jitter
     max_delay: float = 20.0
+    timeout_attempts: int = TIMEOUT_ATTEMPTS  # of those, how many may end in a read timeout
 
     def delay(self, attempt: int) -> float:
         return min(self.max_delay, self.base_delay * 2 ** attempt) * (0.5 + random.random() / 2)
@@ -72,6 +80,24 @@ def is_transient(exc: BaseException) -> bool:
     return isinstance(exc, (urllib3.exceptions.HTTPError, ConnectionError, TimeoutError))
 
 
+def _timed_out(exc: BaseException) -> bool:
+    """A server that took the connection and then did not answer in time (a refused connection,
+    which urllib3 also files under its timeouts, is not one)."""
+    def waited(error: BaseException | None) -> bool:
+        return isinstance(error, (urllib3.exceptions.ReadTimeoutError, TimeoutError)) and \
+            not isinstance(error, urllib3.exceptions.NewConnectionError)
+
+    return waited(exc) or waited(getattr(exc, "reason", None))
+
+
+def _not_s3(exc: BaseException) -> bool:
+    """The SDK could not read the answer as S3's XML: whatever listens there is not S3 (a web page,
+    a proxy's login form)."""
+    import xml.etree.ElementTree as ElementTree
+
+    return isinstance(exc, ElementTree.ParseError) or (isinstance(exc, ValueError) and "XML" in str(exc))
+
+
 def describe(exc: BaseException) -> str:
     if _tls_failure(exc):
         return ("TLS handshake failed (a plain-HTTP endpoint needs spec.storage.secure: false; "
@@ -86,9 +112,9 @@ class S3Store:
 
     def __init__(self, endpoint: str, access_key: str | None, secret_key: str | None, secure: bool = True,
                  region: str | None = None, retry: RetryPolicy = RetryPolicy(),
-                 sleep: Callable[[float], None] = time.sleep):
+                 sleep: Callable[[float], None] = time.sleep, read_timeout: float = READ_TIMEOUT_SECONDS):
         # The SDK's own HTTP retries are off: this class decides what is worth retrying.
-        http = urllib3.PoolManager(timeout=urllib3.Timeout(connect=10, read=300),
+        http = urllib3.PoolManager(timeout=urllib3.Timeout(connect=10, read=read_timeout),
                                    retries=urllib3.Retry(total=0, connect=0, read=0, redirect=0, status=0),
                                    maxsize=10)
         try:
@@ -99,21 +125,31 @@ class S3Store:
         self.retry = retry
         self.sleep = sleep
         self.endpoint = endpoint
+        self.read_timeout = read_timeout
 
     def _call(self, what: str, bucket: str, key: str, fn: Callable[[], T]) -> T:
+        import xml.etree.ElementTree as ElementTree
+
         where = f"s3://{bucket}/{key}" if key else f"s3://{bucket}"
+        timeouts = 0
         for attempt in range(self.retry.attempts):
             try:
                 return fn()
-            except ValueError as exc:  # the SDK's own checks, e.g. an invalid bucket name
+            except (ValueError, ElementTree.ParseError) as exc:  # the SDK's own checks, or an answer it cannot read
+                if _not_s3(exc):
+                    raise StoreError(f"spec.storage.endpoint {self.endpoint}: the server there does not answer as "
+                                     f"S3 does ({what} {where} got no S3 XML; is it an S3/MinIO endpoint?)") from None
                 raise StoreError(f"{what} {where}: {exc}") from None
             except (S3Error, ServerError, InvalidResponseError, urllib3.exceptions.HTTPError, ConnectionError,
                     TimeoutError) as exc:
                 if not is_transient(exc):
                     raise StoreError(f"{what} {where}: {describe(exc)}") from None
-                if attempt + 1 == self.retry.attempts:
-                    raise StoreUnavailableError(f"{what} {where}: still failing after {self.retry.attempts} attempts "
-                                     f"({describe(exc)}) at {self.endpoint}") from None
+                timeouts += _timed_out(exc)
+                if attempt + 1 == self.retry.attempts or timeouts >= self.retry.timeout_attempts:
+                    detail = (f"no answer within {self.read_timeout:g} s, {timeouts} times" if _timed_out(exc)
+                              else describe(exc))
+                    raise StoreUnavailableError(f"{what} {where}: still failing after {attempt + 1} attempts "
+                                                f"({detail}) at {self.endpoint}") from None
                 self.sleep(self.retry.delay(attempt))
         raise AssertionError("unreachable")
 
@@ -224,9 +260,44 @@ class S3Store:
         if keys:
             self._call("delete in", bucket, keys[0], delete)
 
-    def check_bucket(self, bucket: str) -> None:
+    def check_bucket(self, bucket: str, prefix: str = "") -> None:
+        """Fail at once, naming the bucket, when it is missing; and naming the endpoint when what
+        answers there is not S3 (a bucket lookup is a bare HEAD any web server answers: a listing
+        needs S3's XML). The listing stays under `prefix`, where credentials limited to the run's
+        prefix may list."""
         if not self._call("lookup of", bucket, "", lambda: self.client.bucket_exists(bucket)):
             raise StoreError(f"s3://{bucket}: no such bucket at {self.endpoint}")
+        self._call("listing of", bucket, prefix,
+                   lambda: next(iter(self.client.list_objects(bucket, prefix=prefix or None)), None))
+
+    def etag_or_none(self, bucket: str, key: str) -> str | None:
+        """The object's ETag, None when there is no such object."""
+        def stat() -> str | None:
+            try:
+                return self.client.stat_object(bucket, key).etag
+            except S3Error as exc:
+                if exc.code in ("NoSuchKey", "NoSuchObject", "ResourceNotFound"):
+                    return None
+                raise
+
+        return self._call("lookup of", bucket, key, stat)
+
+    def get_bytes_or_none(self, bucket: str, key: str) -> bytes | None:
+        """The object's bytes, None when there is no such object."""
+        def read() -> bytes | None:
+            try:
+                response = self.client.get_object(bucket, key)
+            except S3Error as exc:
+                if exc.code in ("NoSuchKey", "NoSuchObject", "ResourceNotFound"):
+                    return None
+                raise
+            try:
+                return response.read()
+            finally:
+                response.close()
+                response.release_conn()
+
+        return self._call("read of", bucket, key, read)
 
 
 class _BackgroundSha256:

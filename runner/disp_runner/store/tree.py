@@ -20,22 +20,65 @@ def _inside(dest: Path, rel: str, where: str) -> Path:
     return dest / rel
 
 
-def upload_stage(folder: Path, store: S3Store, bucket: str, prefix: str) -> None:
+def upload_stage(folder: Path, store: S3Store, bucket: str, prefix: str) -> dict[str, str]:
     """Upload a published stage folder: every file, then its manifest. A crash before the last call
-    leaves no remote manifest, so readers ignore the partial upload and the stage reruns."""
+    leaves no remote manifest, so readers ignore the partial upload and the stage reruns. Returns
+    the ETag of every object written, by path in the folder."""
     files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != STAGE_MANIFEST)
+    etags = {}
     for path in files:
-        store.upload_file(path, bucket, f"{prefix}/{path.relative_to(folder).as_posix()}")
-    store.upload_file(folder / STAGE_MANIFEST, bucket, f"{prefix}/{STAGE_MANIFEST}")
+        rel = path.relative_to(folder).as_posix()
+        etags[rel] = store.upload_file(path, bucket, f"{prefix}/{rel}")
+    etags[STAGE_MANIFEST] = store.upload_file(folder / STAGE_MANIFEST, bucket, f"{prefix}/{STAGE_MANIFEST}")
+    return etags
 
 
 def remote_stage_complete(store: S3Store, bucket: str, prefix: str) -> bool:
     return store.exists(bucket, f"{prefix}/{STAGE_MANIFEST}")
 
 
-def download_stage(store: S3Store, bucket: str, prefix: str, dest: Path) -> None:
+def _etag_record(folder: Path) -> Path:
+    # Beside the folder, not in it: the folder's files are exactly what its manifest lists.
+    return folder.with_name(f".{folder.name}.s3-etags.json")
+
+
+def write_uploaded_etags(folder: Path, etags: dict[str, str]) -> None:
+    """Remember the ETags of a stage output's objects as this process wrote or verified them."""
+    _etag_record(folder).write_text(json.dumps(etags))
+
+
+def read_uploaded_etags(folder: Path) -> dict[str, str]:
+    return _read_index(_etag_record(folder))
+
+
+def remote_stage_problem(store: S3Store, bucket: str, prefix: str, manifest_raw: bytes,
+                         known_etags: dict[str, str]) -> str | None:
+    """What is wrong with a published stage output in the store (None: nothing seen): a file its
+    manifest lists that is missing or of another size, or whose ETag differs from the one this
+    machine recorded when it uploaded or verified it (its content was overwritten). Without a
+    record the SHA-256 check of the download decides."""
+    try:
+        entries = json.loads(manifest_raw)["files"]
+        listed = {entry["path"]: entry["size"] for entry in entries}
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
+        return f"s3://{bucket}/{prefix}/{STAGE_MANIFEST} is unreadable"
+    objects = {key[len(prefix) + 1:]: (size, etag) for key, size, etag in store.list(bucket, prefix + "/")}
+    if known_etags.get(STAGE_MANIFEST) != objects.get(STAGE_MANIFEST, (0, None))[1]:
+        known_etags = {}  # recorded for another publication of this output: it says nothing here
+    for rel, size in sorted(listed.items()):
+        if rel not in objects:
+            return f"s3://{bucket}/{prefix}/{rel} is missing"
+        if objects[rel][0] != size:
+            return f"s3://{bucket}/{prefix}/{rel} has {objects[rel][0]} bytes, not {size}"
+        if rel in known_etags and known_etags[rel] != objects[rel][1]:
+            return f"s3://{bucket}/{prefix}/{rel} was overwritten since it was published"
+    return None
+
+
+def download_stage(store: S3Store, bucket: str, prefix: str, dest: Path) -> dict[str, str]:
     """Fetch a completed stage output: the manifest, then every file it lists, each verified
-    against its SHA-256 (a changed object fails, naming its key). The manifest is written last."""
+    against its SHA-256 (a changed object fails, naming its key). The manifest is written last.
+    Returns the ETags of the objects as listed once they were verified."""
     manifest_key = f"{prefix}/{STAGE_MANIFEST}"
     if not store.exists(bucket, manifest_key):
         raise StoreError(f"s3://{bucket}/{manifest_key}: missing; that stage output is incomplete (rerun its stage)")
@@ -50,6 +93,9 @@ def download_stage(store: S3Store, bucket: str, prefix: str, dest: Path) -> None
         target = _inside(dest, entry["path"], f"s3://{bucket}/{manifest_key}")
         store.download_file(bucket, f"{prefix}/{entry['path']}", target, sha256=entry["sha256"])
     (dest / STAGE_MANIFEST).write_bytes(raw)
+    wanted = {entry["path"] for entry in entries} | {STAGE_MANIFEST}
+    return {rel: etag for key, _size, etag in store.list(bucket, prefix + "/")
+            if (rel := key[len(prefix) + 1:]) in wanted}
 
 
 def _read_index(path: Path) -> dict[str, str]:

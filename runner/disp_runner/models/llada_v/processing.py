@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 from transformers import PreTrainedTokenizerBase
 
-from disp_runner.data.dataset import Instance
+from disp_runner.data.dataset import Instance, as_rgb
 from disp_runner.errors import UserInputError
 from disp_runner.models.base import Processor, TokenGrid, VisualLayout
 from disp_runner.models.llada_v.anyres import anyres_geometry, expand_pinpoints, max_views_of, resize_and_pad
@@ -109,7 +109,7 @@ class LladaVProcessor(Processor):
         rescaled to [-1, 1] (SigLIP: mean = std = 0.5); zero views after an image's last."""
         per_image = []
         for inst in instances:
-            image = inst.image.convert("RGB")
+            image = as_rgb(inst.image)
             geometry = self.geometry(*image.size)
             canvas = resize_and_pad(image, geometry.resolution)
             views = [image.resize((self.view_size, self.view_size), Image.BICUBIC)]
