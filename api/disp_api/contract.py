@@ -32,7 +32,7 @@ def is_s3_uri(uri: str) -> bool:
 # folder, e.g. the local cache an s3:// key is mirrored into), an s3:// key that is absolute or has
 # an empty or '.' segment, and the shell's '~' and $VARIABLE, which nothing here expands. Written
 # with character classes only, so Python's re and the API server's RE2 read it alike.
-UNSAFE_URI_PATTERN = (r"^~|[$]([{]|[A-Za-z_])|(^|/)[.][.](/|$)|^s3://[^/]*//|^s3://[^/]*/.*//"
+UNSAFE_URI_PATTERN = (r"^(file://)?~|[$]([{]|[A-Za-z_])|(^|/)[.][.](/|$)|^s3://[^/]*//|^s3://[^/]*/.*//"
                       r"|^s3://[^/]*/(.*/)?[.](/|$)")
 UNSAFE_URI_MESSAGE = ("must not contain a '..' segment, an empty or '.' segment in an s3:// key, a leading '~' "
                       "or a $VARIABLE (nothing is expanded: give the full path)")
@@ -45,7 +45,7 @@ def uri_problem(uri: str) -> str | None:
     passes through, in the spec's validation, the operator and the runner."""
     if any(ord(c) < 0x20 or ord(c) == 0x7F for c in uri):
         return "contains a control character"
-    if uri.startswith("~"):
+    if uri.startswith("~") or uri.startswith("file://~"):
         return "starts with '~', which nothing expands here (give the full path)"
     if re.search(r"[$]([{]|[A-Za-z_])", uri):
         return "contains a $VARIABLE, which nothing expands here (give the full path)"

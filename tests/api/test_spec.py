@@ -77,7 +77,7 @@ URI_CASES = [
     ("/a/..b", True), ("s3://bucket/a.b/c", True), ("s3://bucket/.hidden", True),
     ("s3://bucket/../../etc", False), ("s3://bucket/a/../b", False), ("s3://bucket/a/..", False),
     ("s3://bucket//etc", False), ("s3://bucket/a//b", False), ("s3://bucket/a/./b", False), ("s3://bucket/.", False),
-    ("/data/../etc", False), ("../model", False), ("file://../m", False), ("~/model", False), ("~", False),
+    ("/data/../etc", False), ("../model", False), ("file://../m", False), ("~/model", False), ("~", False), ("file://~/m", False), ("/data/~x", True),
     ("$HOME/model", False), ("/data/${USER}/m", False), ("s3://bucket/$X/m", False),
 ]
 

@@ -288,6 +288,8 @@ def _load_failure(exc: BaseException) -> str:
 def load_model(folder: str | Path, allow_unsafe_pickle: bool = False) -> LoadedModel:
     """Load model + processor from a local folder, refusing anything unsafe or inconsistent."""
     folder = Path(folder)
+    if folder.is_file():
+        raise UserInputError(f"{folder}: a file; a model is a folder (config.json, tokenizer and weights)")
     if not folder.is_dir():
         raise UserInputError(f"{folder}: model folder does not exist")
     config_path = folder / "config.json"
