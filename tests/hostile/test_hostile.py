@@ -3,12 +3,11 @@
 Every refused case must: end with the right exit code (2 for the user's input, 75 for a transient
 condition), print exactly one line on stderr that names the file, line or field at fault and no
 Python traceback, publish nothing (no stage-manifest.json appears), and leave everything outside
-the run's output folder as it was (a snapshot of the whole workspace, output folder aside)."""
+the run's output and scratch folders as they were (a snapshot of the whole workspace, those aside)."""
 
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import os
 import pickle
@@ -27,6 +26,7 @@ from disp_runner.cli import main
 from disp_runner.data.dataset import MANIFEST_NAME
 from disp_runner.errors import EXIT_INTERNAL_ERROR, EXIT_TRANSIENT_ERROR, EXIT_USER_ERROR
 from disp_runner.pipeline.artifacts import STAGE_MANIFEST, RunLayout, output_lock
+from tests.hostile.support import assert_refused
 from tests.tiny import job_document
 
 
@@ -41,23 +41,6 @@ def disp(capsys, *argv: str) -> Ran:
     code = main(["--no-progress", *argv])
     captured = capsys.readouterr()
     return Ran(code, captured.err.strip())
-
-
-def snapshot(root: Path, skip: Path, *more: Path) -> dict[str, str]:
-    """Every file and folder under `root` (links as links), except the subtrees `skip` and `more`."""
-    skipped = (skip, *more)
-    tree = {}
-    for path in sorted(root.rglob("*")):
-        if any(path == s or s in path.parents for s in skipped):
-            continue
-        rel = path.relative_to(root).as_posix()
-        if path.is_symlink():
-            tree[rel] = "link:" + os.readlink(path)
-        elif path.is_file():
-            tree[rel] = hashlib.sha256(path.read_bytes()).hexdigest()
-        else:
-            tree[rel] = "dir"
-    return tree
 
 
 def write_job(ws: Path, document: dict | str, name: str = "job.yaml") -> Path:
@@ -320,21 +303,7 @@ CASES = [
 @pytest.mark.parametrize("setup, code, phrases", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
 def test_refused_with_one_line_nothing_published_nothing_outside_touched(workspace, setup, code, phrases):
     """Through the installed executable: what a library prints on stderr counts, as for a user."""
-    from tests.hostile.test_hostile_installed import run_disp
-
-    argv = setup(workspace)
-    out, scratch = workspace / "out", workspace / "scratch"
-    before = snapshot(workspace, out, scratch)
-    manifests_before = set(out.rglob(STAGE_MANIFEST)) if out.is_dir() else set()
-    ran = run_disp(workspace, *argv)
-    assert ran.code == code, ran.err
-    # One error line (a setting the run warned about before failing may precede it, as a warning).
-    assert len(ran.error_lines) == 1 and "Traceback" not in ran.err, ran.err
-    assert all(phrase in ran.error_lines[0] for phrase in phrases), ran.err
-    assert "Warning" not in ran.err and "weights_only=False" not in ran.err, ran.err
-    assert snapshot(workspace, out, scratch) == before
-    manifests_after = set(out.rglob(STAGE_MANIFEST)) if out.is_dir() else set()
-    assert manifests_after <= manifests_before, "a refused run published a stage"
+    assert_refused(workspace, setup(workspace), code, phrases)
     assert not Path("/tmp/disp-hostile-pickle-ran").exists()
 
 

@@ -12,12 +12,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import socket
-import subprocess
-import sys
 import threading
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -29,31 +25,9 @@ from safetensors.torch import load_file, save_file
 from disp_runner.data.dataset import MANIFEST_NAME
 from disp_runner.errors import EXIT_TRANSIENT_ERROR, EXIT_USER_ERROR
 from disp_runner.pipeline.artifacts import STAGE_MANIFEST
-from tests.hostile.test_hostile import edit_config, first_image, snapshot, write_job
+from tests.hostile.support import ACCESS, SECRET, assert_refused, run_disp
+from tests.hostile.test_hostile import edit_config, first_image, png_header_only, write_job
 from tests.tiny import job_document
-
-DISP = Path(sys.executable).with_name("disp")
-ACCESS, SECRET = "hostile-access", "hostile-secret"
-
-
-@dataclass
-class Ran:
-    code: int
-    out: str
-    err: str
-
-    @property
-    def error_lines(self) -> list[str]:
-        return [line for line in self.err.splitlines() if not line.startswith("disp: warning: ")]
-
-
-def run_disp(ws: Path, *argv: str, stdin: str | None = None, timeout: float = 600) -> Ran:
-    env = {**os.environ, "DISP_SCRATCH": str(ws / "scratch"), "DISP_S3_ACCESS_KEY": ACCESS,
-           "DISP_S3_SECRET_KEY": SECRET, "PYTHONWARNINGS": "default"}
-    result = subprocess.run([str(DISP), "--no-progress", *argv], capture_output=True, text=True, env=env,
-                            input=stdin, timeout=timeout)
-    return Ran(result.returncode, result.stdout, result.stderr.strip())
-
 
 def _job(ws: Path, *extra: str, edit: Callable[[dict], None] = lambda d: None, **spec) -> list[str]:
     doc = job_document(ws, **spec)
@@ -176,23 +150,13 @@ CASES = [
 
 def _bomb_png(ws: Path) -> None:
     """An image Pillow warns about (DecompressionBombWarning) before the runner refuses its size."""
-    from tests.hostile.test_hostile import png_header_only
     _, _, image = first_image(ws / "train")
     png_header_only(image, 9500, 9500)
 
 
 @pytest.mark.parametrize("setup, code, phrases", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
 def test_the_installed_command_refuses_with_one_line(workspace, setup, code, phrases):
-    argv = setup(workspace)
-    out, scratch = workspace / "out", workspace / "scratch"
-    before = snapshot(workspace, out, scratch)
-    ran = run_disp(workspace, *argv)
-    assert ran.code == code, ran.err
-    assert len(ran.error_lines) == 1 and "Traceback" not in ran.err, ran.err
-    assert all(phrase in ran.error_lines[0] for phrase in phrases), ran.err
-    assert "Warning" not in ran.err and "weights_only=False" not in ran.err, ran.err
-    assert snapshot(workspace, out, scratch) == before
-    assert not any(p.name == STAGE_MANIFEST for root in (out, scratch) if root.exists() for p in root.rglob("*"))
+    assert_refused(workspace, setup(workspace), code, phrases)
     assert not (Path.home() / "disp-out").exists() and not Path("~").exists()
 
 

@@ -28,6 +28,7 @@ PART_SIZE = 16 * 2**20
 DOWNLOAD_CHUNK = 4 * 2**20
 PERMANENT_CODES = {"NoSuchBucket", "NoSuchKey", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch",
                    "InvalidBucketName", "AllAccessDisabled", "NoSuchUpload", "InvalidArgument"}
+MISSING_CODES = ("NoSuchKey", "NoSuchObject", "ResourceNotFound")  # the object (not the bucket) is not there
 TRANSIENT_CODES = {"SlowDown", "Throttling", "ThrottlingException", "RequestTimeout", "InternalError",
                    "ServiceUnavailable", "RequestTimeTooSkewed", "OperationAborted"}
 
@@ -192,9 +193,14 @@ class S3Store:
                              f"got {actual[:12]}…); the object changed or is corrupt")
         os.replace(tmp, path)
 
-    def get_bytes(self, bucket: str, key: str) -> bytes:
-        def read() -> bytes:
-            response = self.client.get_object(bucket, key)
+    def _read(self, bucket: str, key: str, missing_ok: bool) -> bytes | None:
+        def read() -> bytes | None:
+            try:
+                response = self.client.get_object(bucket, key)
+            except S3Error as exc:
+                if missing_ok and exc.code in MISSING_CODES:
+                    return None
+                raise
             try:
                 return response.read()
             finally:
@@ -202,6 +208,13 @@ class S3Store:
                 response.release_conn()
 
         return self._call("read of", bucket, key, read)
+
+    def get_bytes(self, bucket: str, key: str) -> bytes:
+        return self._read(bucket, key, missing_ok=False)
+
+    def get_bytes_or_none(self, bucket: str, key: str) -> bytes | None:
+        """The object's bytes, None when there is no such object."""
+        return self._read(bucket, key, missing_ok=True)
 
     def put_bytes(self, bucket: str, key: str, data: bytes) -> None:
         import io
@@ -227,16 +240,7 @@ class S3Store:
         return self._call("conditional write of", bucket, key, put)
 
     def exists(self, bucket: str, key: str) -> bool:
-        def stat() -> bool:
-            try:
-                self.client.stat_object(bucket, key)
-                return True
-            except S3Error as exc:
-                if exc.code in ("NoSuchKey", "NoSuchObject", "ResourceNotFound"):
-                    return False
-                raise
-
-        return self._call("lookup of", bucket, key, stat)
+        return self.etag_or_none(bucket, key) is not None
 
     def etag(self, bucket: str, key: str) -> str:
         return self._call("lookup of", bucket, key, lambda: self.client.stat_object(bucket, key).etag)
@@ -276,28 +280,11 @@ class S3Store:
             try:
                 return self.client.stat_object(bucket, key).etag
             except S3Error as exc:
-                if exc.code in ("NoSuchKey", "NoSuchObject", "ResourceNotFound"):
+                if exc.code in MISSING_CODES:
                     return None
                 raise
 
         return self._call("lookup of", bucket, key, stat)
-
-    def get_bytes_or_none(self, bucket: str, key: str) -> bytes | None:
-        """The object's bytes, None when there is no such object."""
-        def read() -> bytes | None:
-            try:
-                response = self.client.get_object(bucket, key)
-            except S3Error as exc:
-                if exc.code in ("NoSuchKey", "NoSuchObject", "ResourceNotFound"):
-                    return None
-                raise
-            try:
-                return response.read()
-            finally:
-                response.close()
-                response.release_conn()
-
-        return self._call("read of", bucket, key, read)
 
 
 class _BackgroundSha256:
