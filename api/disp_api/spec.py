@@ -154,6 +154,11 @@ class DecodingSpec(ContractModel):
     exact decoding (README, "Prompt-cache decoding"). dual: the later blocks are cached too."""
     cache_refresh_steps: Optional[int] = Field(None, ge=1, le=4096)
     """With a cache: recompute it every this many steps within a block (default: once, when the block starts)."""
+    stop_at_end: bool = False
+    """The authors' decoder: once a position commits the answer's end marker (<|eot_id|> for
+    LLaDA-V, the end token for the embedded model), only positions before it are unmasked, and
+    decoding ends when they are filled. Off (the default): every position is decoded and the answer
+    cut at its first end marker; the unmasking order, and so the answers, can differ."""
 
     @model_validator(mode="after")
     def _check_blocks(self) -> "DecodingSpec":
@@ -285,6 +290,17 @@ class AuditSpec(ContractModel):
     """Seed of the comparison tokens (as many as the salient ones, drawn from the others)."""
 
 
+class MaskedInferenceSpec(ContractModel):
+    """The DiSP authors' test-time defence, measured beside DiSP: the compromised model answers each
+    evaluation input with the top ⌊ρ·T⌋ most salient visual tokens of that input replaced by e_MASK
+    (saliency as spec.saliency scores it, on the input's own prompt), with no fine-tune. Every
+    evaluation input then costs a saliency pass (1 forward + `probes` backward passes) on top of
+    decoding."""
+
+    ratio: float = Field(0.3, gt=0.0, le=1.0)
+    """ρ at inference (the authors' generate(mask_infer=True, mask_ratio=0.3))."""
+
+
 # The attack kit's record of an attack folder (`disp attack`), which evaluation.attackUri may name.
 ATTACK_MANIFEST = "attack.json"
 
@@ -308,6 +324,9 @@ class EvaluationSpec(ContractModel):
     """Decoding used to answer the evaluation inputs (default: spec.relabel.decoding)."""
     max_instances: Optional[int] = Field(None, ge=1)
     """Use at most this many instances of each evaluation set."""
+    masked_inference: Optional[MaskedInferenceSpec] = None
+    """Also evaluate the authors' test-time defence (the compromised model answering with its most
+    salient visual tokens masked), reported as metrics.json maskedInference beside DiSP's result."""
 
     @model_validator(mode="after")
     def _one_attack(self) -> "EvaluationSpec":

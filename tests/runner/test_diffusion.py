@@ -124,3 +124,80 @@ def test_temperature_zero_is_argmax_and_sampling_is_seeded():
 def test_invalid_decoding_configs_are_rejected(kwargs):
     with pytest.raises(ValueError):
         DecodingConfig(**kwargs)
+
+
+def _scripted(confidence_by_position, end_position, end=4, vocab=6):
+    """A denoiser whose prediction at position p (of the answer) is word p % 4, or END at
+    `end_position`, with confidence order given by `confidence_by_position`; counts its calls."""
+    calls = []
+
+    def logits_fn(ids):
+        calls.append(1)
+        b, l = ids.shape
+        logits = torch.full((b, l, vocab), -5.0)
+        g = len(confidence_by_position)
+        for p in range(g):
+            token = end if p == end_position else p % 4
+            logits[:, l - g + p, token] = confidence_by_position[p]
+        return logits
+    return logits_fn, calls
+
+
+def test_the_authors_stop_rule_fills_only_the_positions_before_a_committed_end_marker():
+    from disp_runner.diffusion.decoding import DecodingConfig, diffusion_generate
+    mask, end, g = 5, 4, 6
+    # END at answer position 2 is the most confident prediction; then positions 5, 4, 3, 0, 1.
+    order = [3.0, 2.0, 9.0, 4.0, 5.0, 6.0]
+    prompt = torch.tensor([[0, 1] + [mask] * g])
+    exact, exact_calls = _scripted(order, end_position=2)
+    full = diffusion_generate(exact, prompt, mask, DecodingConfig(steps=g, gen_length=g, block_length=g),
+                              end_ids=(end,))
+    assert full.tolist() == [[0, 1, end, 3, 0, 1]] and len(exact_calls) == g  # stop_at_end off: every position
+    stopping, calls = _scripted(order, end_position=2)
+    config = DecodingConfig(steps=g, gen_length=g, block_length=g, stop_at_end=True)
+    stopped = diffusion_generate(stopping, prompt, mask, config, end_ids=(end,))
+    assert stopped.tolist() == [[0, 1, end, mask, mask, mask]]  # after the marker: never decoded
+    assert len(calls) == 3  # the marker, then positions 1 and 0 (most confident first); then it ends
+    # In a batch, a row that stopped idles while another (no marker) decodes all its positions,
+    # and each row comes out as it does alone.
+    no_end, _ = _scripted(order, end_position=-1)
+
+    def both(ids):
+        return torch.cat([stopping(ids[:1]), no_end(ids[1:])])
+    batched = diffusion_generate(both, prompt.repeat(2, 1), mask, config, end_ids=(end,))
+    alone, _ = _scripted(order, end_position=-1)
+    assert batched[0].tolist() == stopped[0].tolist()
+    assert batched[1].tolist() == diffusion_generate(alone, prompt, mask, config, end_ids=(end,))[0].tolist()
+
+
+def test_the_stop_rule_skips_blocks_after_the_end_marker():
+    from disp_runner.diffusion.decoding import DecodingConfig, diffusion_generate
+    mask, end, g = 5, 4, 8
+    order = [1.0, 9.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0]  # END committed at position 1, in the first block
+    prompt = torch.tensor([[0] + [mask] * g])
+    fn, calls = _scripted(order, end_position=1)
+    out = diffusion_generate(fn, prompt, mask, DecodingConfig(steps=8, gen_length=g, block_length=4, stop_at_end=True),
+                             end_ids=(end,))
+    assert out.tolist() == [[0, end] + [mask] * 6] and len(calls) == 2
+
+
+def test_a_manifest_asks_for_the_stop_rule_and_relabel_decodes_with_it(workspace, monkeypatch):
+    import disp_runner.diffusion.inference as inference
+    from disp_api import DecodingSpec, PurificationJob, StageName
+    from disp_runner.pipeline.runner import run_job
+    from tests.tiny import DECODING, job_document
+
+    assert DecodingConfig.for_model(DecodingSpec.model_validate({"stopAtEnd": True}), 16, "f").stop_at_end
+    seen = []
+    real = inference.diffusion_generate
+
+    def spy(*args, **kwargs):
+        seen.append((args[3].stop_at_end, kwargs.get("end_ids")))
+        return real(*args, **kwargs)
+    monkeypatch.setattr(inference, "diffusion_generate", spy)
+    document = job_document(workspace, relabel={"decoding": {**DECODING, "stopAtEnd": True}, "batchSize": 4})
+    job = PurificationJob.model_validate(document)
+    run_job(job, workspace / "out", only=StageName.SALIENCY, show_progress=False)
+    run_job(job, workspace / "out", only=StageName.MASKING, show_progress=False)
+    run_job(job, workspace / "out", only=StageName.RELABEL, show_progress=False)
+    assert seen and all(stop and end_ids for stop, end_ids in seen)

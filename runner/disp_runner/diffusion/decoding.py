@@ -44,6 +44,7 @@ class DecodingConfig:
     temperature: float = 0.0
     cache: DecodingCache = DecodingCache.NONE
     cache_refresh_steps: int | None = None  # None: the cache is computed once per block
+    stop_at_end: bool = False  # the authors' stop rule (DecodingSpec.stop_at_end)
 
     def __post_init__(self) -> None:
         if self.gen_length <= 0 or self.steps <= 0 or self.block_length <= 0:
@@ -68,7 +69,7 @@ class DecodingConfig:
         steps = spec.steps or gen_length
         try:
             return cls(steps=steps, gen_length=gen_length, block_length=block_length, temperature=spec.temperature,
-                       cache=spec.cache, cache_refresh_steps=spec.cache_refresh_steps)
+                       cache=spec.cache, cache_refresh_steps=spec.cache_refresh_steps, stop_at_end=spec.stop_at_end)
         except ValueError as exc:
             raise UserInputError(f"{field}: {exc} (with what the manifest leaves out taken from the model: "
                                  f"genLength {gen_length}, blockLength {block_length}, steps {steps})") from None
@@ -115,6 +116,7 @@ def diffusion_generate(
     generator: torch.Generator | None = None,
     on_step: Callable[[int, torch.Tensor], None] | None = None,
     never_generate: Sequence[int] = (),
+    end_ids: Sequence[int] = (),
 ) -> torch.Tensor:
     """Fill the last `gen_length` positions of `input_ids` (all [MASK]) by low-confidence remasking.
 
@@ -125,6 +127,10 @@ def diffusion_generate(
     logits decodes exactly).
     `never_generate` are ids no position may take (the [MASK] itself, image placeholders): their
     logits are -inf before argmax or sampling, as the authors' decoder does for its special ids.
+    With `decoding.stop_at_end`, once a row commits one of `end_ids`, only its positions before the
+    first such marker are unmasked (the step's count still comes from the block's schedule), its
+    positions after it stay [MASK], and decoding ends when every row's positions before its marker
+    are filled: the authors' stopping rule.
     """
     if not hasattr(denoiser, "block_logits"):
         denoiser = ExactDenoiser(denoiser)
@@ -134,14 +140,24 @@ def diffusion_generate(
     start = l - g
     if not bool((ids[:, start:] == mask_token_id).all()):
         raise ValueError("the last gen_length positions of input_ids must all be [MASK]")
+    stopping = decoding.stop_at_end and len(end_ids) > 0
+    ends = torch.tensor(sorted(end_ids), device=ids.device, dtype=ids.dtype)
+    stop = torch.full((b,), g, dtype=torch.long, device=ids.device)  # each row's first end marker (g: none yet)
     step_index = 0
     for block in range(g // decoding.block_length):
         lo = start + block * decoding.block_length
         hi = lo + decoding.block_length
+        if stopping and bool((stop <= lo - start).all()):
+            break  # every row ended before this block
         schedule = transfer_schedule((ids[:, lo:hi] == mask_token_id).sum(dim=1), decoding.steps_per_block)
+        positions = torch.arange(lo - start, hi - start, device=ids.device)[None, :]  # [1, W], answer positions
         for step in range(decoding.steps_per_block):
-            # Only the block's masked positions compete for un-masking, so only their logits matter.
+            # Only the block's masked positions (before a committed end marker) compete for un-masking.
             masked = ids[:, lo:hi] == mask_token_id  # [B, W]
+            if stopping:
+                masked &= positions < stop[:, None]
+                if not bool(masked.any()):
+                    break
             logits = denoiser.block_logits(ids, slice(lo, hi), step)  # [B, W, V]
             if never_generate:
                 logits = logits.clone()
@@ -156,7 +172,12 @@ def diffusion_generate(
                 keep = torch.arange(k_max, device=ids.device)[None, :] < schedule[:, step:step + 1]
                 chosen = torch.zeros_like(masked)
                 chosen.scatter_(1, top, keep)
+                chosen &= masked  # a stopped row may have fewer candidates than its schedule's count
                 ids[:, lo:hi] = torch.where(chosen, predicted, ids[:, lo:hi])
+                if stopping:
+                    is_end = torch.isin(ids[:, start:], ends)
+                    first = torch.where(is_end.any(dim=1), is_end.int().argmax(dim=1), torch.full_like(stop, g))
+                    stop = torch.minimum(stop, first)
             if on_step is not None:
                 on_step(step_index, ids)
             step_index += 1

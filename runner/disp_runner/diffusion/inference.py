@@ -92,7 +92,8 @@ def generate_response_ids(
             denoiser = logits_fn if cached is None else PromptCacheDenoiser(
                 cached, batch.input_ids, batch.attention_mask, batch.visual_spans, image_embeds, decoding)
             response_ids = diffusion_generate(denoiser, batch.input_ids, processor.mask_token_id, decoding,
-                                              generator, never_generate=processor.never_generate)
+                                              generator, never_generate=processor.never_generate,
+                                              end_ids=tuple(processor.answer_end_ids))
         yield response_ids  # outside the no-grad and autocast contexts, which would leak into the caller
 
 
