@@ -134,3 +134,8 @@ class PurificationMetrics(MetricsSummary):
     """Full evaluation of the purified model."""
     audit: Optional[AuditFigures] = None
     """The run's audit (finetune/audit.json), with its detector scores when the data has ground truth."""
+    masked_inference: Optional[EvaluationMetrics] = None
+    """With spec.evaluation.maskedInference: the compromised model answering with the top-ρ salient
+    visual tokens of each input masked (the authors' test-time defence, no fine-tune)."""
+    masked_inference_ratio: Optional[float] = Field(None, gt=0.0, le=1.0)
+    """ρ of maskedInference."""

@@ -21,11 +21,11 @@ def tokens_to_mask(num_tokens: int, ratio: float) -> int:
     return math.floor(ratio * num_tokens + 1e-9)
 
 
-def check_ratio_masks_a_token(ratio: float, visual_tokens: int) -> None:
+def check_ratio_masks_a_token(ratio: float, visual_tokens: int, field_name: str = "spec.masking.ratio") -> None:
     """A ratio that masks no visual token would "purify" by relabeling with the trigger intact.
     `visual_tokens`: the fewest any image of the dataset has."""
     if tokens_to_mask(visual_tokens, ratio) == 0:
-        raise UserInputError(f"spec.masking.ratio: {ratio} masks no token of the model's {visual_tokens} visual "
+        raise UserInputError(f"{field_name}: {ratio} masks no token of the model's {visual_tokens} visual "
                              f"tokens; the smallest ratio that masks one is {1 / visual_tokens:.4g}")
 
 

@@ -30,13 +30,15 @@ the relabels of clean instances lose it more often and clean performance drops (
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 
+from disp_runner.data.dataset import Instance
+from disp_runner.device import autocast, sub_seed
 from disp_runner.disp.token_grid import window_masks
-from disp_runner.models.base import DiffusionVLM, ModelInputs, VisualLayout
+from disp_runner.models.base import DiffusionVLM, ModelInputs, Processor, VisualLayout
 
 
 @dataclass(frozen=True)
@@ -182,3 +184,37 @@ def token_saliency(
     if config.region_size > 1:
         scores = torch.maximum(scores, region_kl_scores(model, batch, gen_length, config, layouts))
     return scores
+
+
+def score_instances(
+    model: DiffusionVLM,
+    processor: Processor,
+    instances: Sequence[Instance],
+    gen_length: int,
+    config: SaliencyConfig,
+    seed: int,
+    batch_size: int,
+    rows: range | None = None,
+    on_batch: Callable[[int], None] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """token_saliency over `instances[rows]` (default: all) in batches of `batch_size`: scores
+    [len(rows), T] float64 (row i's first counts[i] columns; T = the widest image of all
+    `instances`, so the rows of any split concatenate) and counts, the visual tokens of every
+    instance [len(instances)]. Probes are seeded per global batch (`seed`, the batch's index), so a
+    shard of whole batches scores exactly what the whole run does. `on_batch(done)` after each batch."""
+    rows = range(len(instances)) if rows is None else rows
+    device = model.device
+    layouts = [processor.layout_of(inst) for inst in instances]
+    counts = torch.tensor([layout.num_tokens for layout in layouts], dtype=torch.long)
+    scores = torch.zeros(len(rows), int(counts.max()) if len(counts) else 0, dtype=torch.float64)
+    for lo in range(rows.start, rows.stop, batch_size):
+        hi = min(lo + batch_size, rows.stop)
+        batch = processor.encode(instances[lo:hi], gen_length, with_response=False)
+        generator = torch.Generator(device=device).manual_seed(sub_seed(seed, lo // batch_size))
+        with autocast(device):
+            part = token_saliency(model, batch.to(device), gen_length, config, generator, layouts[lo:hi]).cpu()
+        for row, count in enumerate(batch.visual_spans[:, 1].tolist()):  # beyond a row's tokens stays 0
+            scores[lo - rows.start + row, :count] = part[row, :count]
+        if on_batch is not None:
+            on_batch(hi - rows.start)
+    return scores, counts

@@ -12,7 +12,8 @@ from pathlib import Path
 
 from disp_api import AuditFigures, PurificationMetrics, StageName
 from disp_api.contract import AUDIT_FILE, METRICS_FILE
-from disp_runner.evaluation import evaluate_model
+from disp_runner.disp.saliency import SaliencyConfig
+from disp_runner.evaluation import MaskedInference, evaluate_model
 from disp_runner.models.loading import load_model
 from disp_runner.pipeline.context import EVALUATION_INPUTS, StageContext, StageResult
 from disp_runner.stages.finetune import MODEL_DIR
@@ -25,7 +26,8 @@ class EvaluateStage:
     reads = EVALUATION_INPUTS
 
     def total_items(self, ctx: StageContext) -> int:
-        return 2  # models
+        masked = ctx.spec.evaluation is not None and ctx.spec.evaluation.masked_inference is not None
+        return 3 if masked else 2  # evaluations: before, after (and the compromised model's masked inference)
 
     def run(self, ctx: StageContext, out: Path) -> StageResult:
         spec = ctx.spec.evaluation
@@ -47,6 +49,18 @@ class EvaluateStage:
                                           decoding, show_progress=ctx.show_progress))
             ctx.report_progress(done + 1)
         before, after = results
+        masked_inference = None
+        if spec.masked_inference is not None:  # the authors' test-time defence, beside DiSP's result
+            saliency = ctx.spec.saliency
+            defence = MaskedInference(
+                ratio=spec.masked_inference.ratio, seed=saliency.seed, batch_size=saliency.batch_size,
+                saliency=SaliencyConfig(top_k=saliency.top_k, probes=saliency.probes,
+                                        block_length=decoding.block_length, region_size=saliency.region_size),
+                field_name="spec.evaluation.maskedInference.ratio")
+            masked_inference = evaluate_model(compromised, processor, ctx.spec.model.uri, attack, triggered,
+                                              untriggered, clean, decoding, show_progress=ctx.show_progress,
+                                              masked_inference=defence)
+            ctx.report_progress(3)
         retention = None
         if clean and before.clean_performance > 0:
             retention = after.clean_performance / before.clean_performance
@@ -57,7 +71,14 @@ class EvaluateStage:
             clean_performance_before=before.clean_performance if clean else None,
             clean_performance_after=after.clean_performance if clean else None,
             retention=retention, estimated_poisoned_share=audit.estimated_poisoned_share,
-            residual_rate=audit.residual_rate, before=before, after=after, audit=audit)
+            residual_rate=audit.residual_rate, before=before, after=after, audit=audit,
+            masked_inference=masked_inference,
+            masked_inference_ratio=spec.masked_inference.ratio if spec.masked_inference else None)
         (out / METRICS_FILE).write_text(json.dumps(metrics.to_wire(), indent=2))
-        summary = {k: v for k, v in metrics.to_wire().items() if k not in ("before", "after", "schemaVersion", "audit")}
+        summary = {k: v for k, v in metrics.to_wire().items()
+                   if k not in ("before", "after", "schemaVersion", "audit", "maskedInference")}
+        if masked_inference is not None:
+            summary["asrMaskedInference"] = masked_inference.asr_triggered
+            if clean:
+                summary["cleanPerformanceMaskedInference"] = masked_inference.clean_performance
         return StageResult(items=len(triggered) + len(untriggered) + len(clean), metrics=summary)

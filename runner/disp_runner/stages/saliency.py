@@ -13,9 +13,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from disp_api import StageName
-from disp_runner.device import autocast, sub_seed
 from disp_runner.disp.masking import check_ratio_masks_a_token
-from disp_runner.disp.saliency import SaliencyConfig, token_saliency
+from disp_runner.disp.saliency import SaliencyConfig, score_instances
 from disp_runner.data.dataset import with_prompt
 from disp_runner.errors import DegenerateResultError, UserInputError
 from disp_runner.pipeline.context import TRAINING_INPUTS, StageContext, StageResult
@@ -98,20 +97,11 @@ class SaliencyStage:
         check_region_fits_the_grids(spec.region_size, instances, processor)
         config = SaliencyConfig(top_k=spec.top_k, probes=spec.probes, block_length=decoding.block_length,
                                 region_size=spec.region_size)
-        width = int(counts.max())  # every shard pads to the whole dataset's widest image, so shards concatenate
+        # Every shard pads to the whole dataset's widest image, so shards concatenate.
         items = ctx.shard_items(spec.batch_size)
-        scores = torch.zeros(len(items), width, dtype=torch.float64)
-        for lo in range(items.start, items.stop, spec.batch_size):
-            chunk = instances[lo:min(lo + spec.batch_size, items.stop)]
-            batch = processor.encode(chunk, decoding.gen_length, with_response=False)
-            # Probes are seeded per global batch, so a shard computes exactly what the full run does.
-            generator = torch.Generator(device=ctx.device).manual_seed(sub_seed(spec.seed, lo // spec.batch_size))
-            with autocast(ctx.device):
-                part = token_saliency(model, batch.to(ctx.device), decoding.gen_length, config, generator,
-                                      [processor.layout_of(inst) for inst in chunk]).cpu()
-            for row, count in enumerate(batch.visual_spans[:, 1].tolist()):  # beyond a row's tokens stays 0
-                scores[lo - items.start + row, :count] = part[row, :count]
-            ctx.report_progress(lo + len(chunk) - items.start)
+        scores, counts = score_instances(model, processor, instances, decoding.gen_length, config, spec.seed,
+                                         spec.batch_size, rows=items, on_batch=ctx.report_progress)
+        width = scores.shape[1]
         write_scores(out, [instances[i].id for i in items], scores, counts[items.start:items.stop])
         return StageResult(items=len(items), metrics={"visualTokens": width, "topK": spec.top_k,
                                                       "probes": spec.probes, "regionSize": spec.region_size})

@@ -1,0 +1,77 @@
+"""The DiSP authors' test-time defence (evaluation.maskedInference) against DiSP itself, on the
+demo's four backdoors.
+
+    make demo && .venv/bin/python benchmarks/masked_inference.py [WORKDIR] [--ratio 0.3]   # ~5 min on 2 CPU cores
+
+For each compromised model `make demo` left in WORKDIR (default runs/demo), the compromised model
+answers the demo's evaluation sets (200 triggered, the same 200 untriggered, 200 clean) with each
+input's top-ρ most salient visual tokens masked, saliency scored as the demo's job scores it (its
+K, probes, seed and decoding; on the input's own prompt) — no fine-tune. Printed beside the demo
+run's own figures (read from its metrics.json): ASR and clean performance of the compromised model
+as is, of the purified model (DiSP), and of the compromised model through masked inference, plus
+the seconds each evaluation took (masked inference pays a saliency pass per input on every query;
+DiSP pays once, at purification).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from demo_runs import SCENARIOS, demo_manifest, pct
+from disp_api import PurificationJob, PurificationMetrics, StageName
+from disp_api.contract import METRICS_FILE
+from disp_runner.disp.saliency import SaliencyConfig
+from disp_runner.evaluation import MaskedInference, evaluate_model
+from disp_runner.pipeline.artifacts import RunLayout
+from disp_runner.pipeline.runner import open_run
+
+
+def measure(workdir: Path, name: str, ratio: float) -> tuple[PurificationMetrics, object, float]:
+    document = demo_manifest(workdir, name, workdir)  # the demo's own output folder: its finished run
+    job = PurificationJob.model_validate(document)
+    metrics_path = RunLayout.for_job(job, workdir).stage_dir(StageName.EVALUATE) / METRICS_FILE
+    if not metrics_path.is_file():
+        raise SystemExit(f"{metrics_path}: not found; run `make demo` first")
+    disp = PurificationMetrics.model_validate_json(metrics_path.read_text())
+    ctx = open_run(job, workdir, show_progress=False)
+    spec, saliency = job.spec.evaluation, job.spec.saliency
+    decoding = ctx.decoding(evaluation=True)
+    defence = MaskedInference(ratio=ratio, seed=saliency.seed, batch_size=saliency.batch_size,
+                              saliency=SaliencyConfig(top_k=saliency.top_k, probes=saliency.probes,
+                                                      block_length=decoding.block_length,
+                                                      region_size=saliency.region_size))
+    model, processor = ctx.compromised_model()
+    sets = [ctx.load_evaluation_set(uri, field) if uri else [] for uri, field in (
+        (spec.triggered_uri, "triggeredUri"), (spec.untriggered_uri, "untriggeredUri"), (spec.clean_uri, "cleanUri"))]
+    start = time.perf_counter()
+    masked = evaluate_model(model, processor, f"{name} masked", ctx.evaluation_attack(), *sets, decoding,
+                            show_progress=False, masked_inference=defence)
+    return disp, masked, time.perf_counter() - start
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("workdir", nargs="?", default="runs/demo")
+    parser.add_argument("--ratio", type=float, default=0.3)
+    args = parser.parse_args(argv)
+    rows = []
+    for name in SCENARIOS:
+        rows.append((name, *measure(Path(args.workdir), name, args.ratio)))
+        print(f"{name}: done", flush=True)
+    print(f"\nmasked inference at rho {args.ratio:g} vs DiSP (demo runs in {args.workdir})")
+    print(f"{'scenario':<25} {'ASR':>8} {'ASR':>8} {'ASR':>8} {'clean':>8} {'clean':>8} {'clean':>8} {'eval s':>8} "
+          f"{'eval s':>8}")
+    print(f"{'':<25} {'before':>8} {'DiSP':>8} {'masked':>8} {'before':>8} {'DiSP':>8} {'masked':>8} {'DiSP':>8} "
+          f"{'masked':>8}")
+    for name, disp, masked, seconds in rows:
+        print(f"{name:<25} {pct(disp.asr_before):>8} {pct(disp.asr_after):>8} {pct(masked.asr_triggered):>8} "
+              f"{pct(disp.clean_performance_before):>8} {pct(disp.clean_performance_after):>8} "
+              f"{pct(masked.clean_performance):>8} {disp.after.seconds:8.1f} {seconds:8.1f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
