@@ -40,9 +40,7 @@ def measure(workdir: Path, name: str, ratio: float) -> tuple[PurificationMetrics
     spec, saliency = job.spec.evaluation, job.spec.saliency
     decoding = ctx.decoding(evaluation=True)
     defence = MaskedInference(ratio=ratio, seed=saliency.seed, batch_size=saliency.batch_size,
-                              saliency=SaliencyConfig(top_k=saliency.top_k, probes=saliency.probes,
-                                                      block_length=decoding.block_length,
-                                                      region_size=saliency.region_size))
+                              saliency=SaliencyConfig.from_spec(saliency, decoding.block_length))
     model, processor = ctx.compromised_model()
     sets = [ctx.load_evaluation_set(uri, field) if uri else [] for uri, field in (
         (spec.triggered_uri, "triggeredUri"), (spec.untriggered_uri, "untriggeredUri"), (spec.clean_uri, "cleanUri"))]

@@ -19,6 +19,8 @@ from disp_api.spec import (
     PurificationJobSpec,
     RelabelAcceptance,
     RelabelSpec,
+    ProbeDraws,
+    Profile,
     SaliencySpec,
     SecretKeyRef,
     StageName,
@@ -29,6 +31,6 @@ from disp_api.spec import (
 __all__ = [
     "AttackSpec", "AttackTarget", "AuditFigures", "Corner", "DatasetSource", "DecodingCache", "DecodingSpec", "EvaluationMetrics", "EvaluationSpec",
     "FinetuneSpec", "MaskingSpace", "MaskingSpec", "MetricsCounts", "MetricsSummary", "ModelSource", "ObjectMeta", "OutputSpec", "ParallelismSpec",
-    "PurificationJob", "PurificationJobSpec", "PurificationMetrics", "RelabelAcceptance", "RelabelSpec", "SaliencySpec", "SecretKeyRef", "StageName", "StorageSpec",
+    "PurificationJob", "PurificationJobSpec", "PurificationMetrics", "RelabelAcceptance", "RelabelSpec", "ProbeDraws", "Profile", "SaliencySpec", "SecretKeyRef", "StageName", "StorageSpec",
     "TargetSpec", "TrainableParts", "TriggerKind", "TriggerSpec",
 ]

@@ -174,6 +174,13 @@ class DecodingSpec(ContractModel):
         return self
 
 
+class ProbeDraws(str, Enum):
+    """Which random draws the Hutchinson probes of each instance use."""
+
+    INDEPENDENT = "independent"  # fresh draws per batch (seeded by its position), so instances differ
+    SHARED = "shared"  # the authors': the generator is reseeded for every instance, so all share one set
+
+
 class SaliencySpec(ContractModel):
     top_k: int = Field(5, ge=2)
     """Logits per position that enter the softmax Fisher (K); at least 2, at most the vocabulary."""
@@ -183,6 +190,10 @@ class SaliencySpec(ContractModel):
     """Instances per forward pass; also the unit a shard is made of."""
     seed: Seed = 0
     """Seed of the Hutchinson probes."""
+    probe_draws: ProbeDraws = ProbeDraws.INDEPENDENT
+    """independent: each batch draws its own probes (seeded by its position, so a shard scores
+    what the whole run does). shared (the authors'): every instance is scored with the same draws,
+    as their code reseeds before each instance; the estimator's noise is then the same for all."""
     region_size: int = Field(1, ge=1, le=16)
     """w: 1 scores each visual token by the paper's Fisher–Jacobian quadratic form. w ≥ 2 (beyond the
     paper, opt-in) also scores every w x w window of tokens by the exact KL of masking it whole, and a
@@ -542,7 +553,46 @@ class PolicySpec(ContractModel):
     is kept)."""
 
 
+class Profile(str, Enum):
+    """A preset of settings; every setting it fills can also be given on its own, and one given in
+    the manifest wins over the preset."""
+
+    DEFAULT = "default"  # this project's defaults (the paper's hyper-parameters)
+    AUTHORS = "authors"  # as the authors' released code runs: README, "The DiSP authors' code and this project"
+
+
+AUTHORS_PROMPT = "Describe this image in detail."
+# What `profile: authors` fills in where the manifest is silent (wire names, paths from spec).
+# What `profile: authors` fills in where the manifest is silent (attribute paths from the spec).
+# The evaluation's decoding is filled only where the manifest gives one: left out, it is relabel's.
+AUTHORS_PRESET: dict[tuple[str, ...], Any] = {
+    ("relabel", "prompt"): AUTHORS_PROMPT,
+    ("relabel", "decoding", "stop_at_end"): True,
+    ("evaluation", "decoding", "stop_at_end"): True,
+    ("saliency", "probe_draws"): ProbeDraws.SHARED,
+}
+
+
+def _filled(model: ContractModel, path: tuple[str, ...], value: Any) -> ContractModel:
+    """`model` with the field at `path` set to `value` unless the manifest set it (or a section on
+    the way is absent); a copy when anything changed."""
+    head, rest = path[0], path[1:]
+    if not rest:
+        return model if head in model.model_fields_set else model.model_copy(update={head: value})
+    child = getattr(model, head)
+    if child is None:
+        return model
+    new_child = _filled(child, rest, value)
+    return model if new_child is child else model.model_copy(update={head: new_child})
+
+
 class PurificationJobSpec(ContractModel):
+    profile: Profile = Profile.DEFAULT
+    """authors: the settings in which the authors' released code differs from this project's
+    defaults, where the manifest does not set them: the fixed purification prompt "Describe this
+    image in detail." (relabel.prompt, which saliency scores for too), their decoding stop rule
+    (relabel's and the evaluation's decoding.stopAtEnd) and their probe draws (saliency.probeDraws:
+    shared)."""
     model: ModelSource
     """The compromised model to purify."""
     dataset: DatasetSource
@@ -573,6 +623,15 @@ class PurificationJobSpec(ContractModel):
     the job is suspended."""
     policy: PolicySpec = PolicySpec()
     """Retries, deadlines, suspension and clean-up."""
+
+    @model_validator(mode="after")
+    def _preset(self) -> "PurificationJobSpec":
+        if self.profile is Profile.AUTHORS:
+            for path, value in AUTHORS_PRESET.items():
+                section = _filled(getattr(self, path[0]), path[1:], value) if getattr(self, path[0]) else None
+                if section is not None and section is not getattr(self, path[0]):
+                    object.__setattr__(self, path[0], section)  # a frozen model, completed while validated
+        return self
 
     def shards(self, stage: StageName) -> int:
         """Pods `stage` is split over (1 for the stages that are not sharded)."""

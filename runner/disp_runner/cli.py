@@ -367,8 +367,7 @@ def _cmd_evaluate(args) -> None:
     if args.masked_inference is not None:
         defaults = SaliencySpec()  # the spec's defaults: the paper's K, m and seed
         defence = MaskedInference(ratio=args.masked_inference, seed=defaults.seed, batch_size=defaults.batch_size,
-                                  saliency=SaliencyConfig(top_k=defaults.top_k, probes=defaults.probes,
-                                                          block_length=decoding.block_length))
+                                  saliency=SaliencyConfig.from_spec(defaults, decoding.block_length))
         masked = evaluate_model(model, processor, f"{args.model} (masked inference, rho {args.masked_inference:g})",
                                 attack, triggered, untriggered, clean, decoding, show_progress=not args.no_progress,
                                 masked_inference=defence)

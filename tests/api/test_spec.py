@@ -96,3 +96,39 @@ def test_one_uri_rule_for_the_spec_and_the_api_server(uri, allowed):
 def test_uris_the_api_server_leaves_to_the_operator_are_still_refused_by_the_spec(uri, reason):
     from disp_api.contract import uri_problem
     assert reason in uri_problem(uri)
+
+
+def _authors(**spec):
+    from tests.tiny import job_document
+    document = job_document(Path("/data"), **spec)
+    document["spec"]["profile"] = "authors"
+    return PurificationJob.model_validate_json(__import__("json").dumps(document), strict=True).spec
+
+
+def test_the_authors_profile_fills_their_settings_where_the_manifest_is_silent():
+    from disp_api import ProbeDraws
+    spec = _authors()
+    assert spec.relabel.prompt == "Describe this image in detail."
+    assert spec.relabel.decoding.stop_at_end and spec.evaluation.decoding.stop_at_end
+    assert spec.saliency.probe_draws is ProbeDraws.SHARED
+    assert spec.relabel.batch_size == 4 and spec.relabel.decoding.gen_length == 16  # the rest as written
+    # What the manifest sets wins; an evaluation without its own decoding keeps inheriting relabel's.
+    mine = _authors(relabel={"prompt": "What is shown?", "decoding": {"stopAtEnd": False}},
+                    saliency={"probeDraws": "independent"})
+    assert mine.relabel.prompt == "What is shown?" and not mine.relabel.decoding.stop_at_end
+    assert mine.saliency.probe_draws is ProbeDraws.INDEPENDENT
+    evaluation = _authors().evaluation.to_wire()
+    evaluation.pop("decoding")
+    assert _authors(evaluation=evaluation).evaluation.decoding is None
+    # The completed spec reads back as itself (what the operator passes to its pods).
+    assert PurificationJobSpec.model_validate(spec.to_wire()) == spec
+
+
+def test_the_default_profile_changes_nothing():
+    from tests.tiny import job_document
+    plain = PurificationJob.model_validate(job_document(Path("/data"))).spec
+    document = job_document(Path("/data"))
+    document["spec"]["profile"] = "default"
+    assert PurificationJob.model_validate(document).spec.model_dump(exclude={"profile"}) == \
+        plain.model_dump(exclude={"profile"})
+    assert plain.relabel.prompt is None and not plain.relabel.decoding.stop_at_end

@@ -215,3 +215,20 @@ def test_region_scores_are_the_exact_kl_of_masking_each_window_and_a_token_takes
                        fisher_jacobian_scores(model, batch, GEN, paper, torch.Generator().manual_seed(2)))
     with pytest.raises(ValueError, match="row 0: a layout of 4 visual tokens does not match its 9"):
         region_kl_scores(model, batch, GEN, config, [VisualLayout.single_grid(TokenGrid(2, 2, 12, 12))] * 3)
+
+
+def test_shared_probe_draws_score_every_instance_with_the_same_draws(tiny_model, tiny_processor):
+    """The authors reseed before each instance: an instance scores the same alone or in any batch
+    position. Independent draws (the default) differ with the batch position."""
+    from disp_runner.data.synthetic import generate_instances
+    from disp_runner.disp.saliency import SaliencyConfig, score_instances
+    instances = generate_instances(5, seed=4, image_size=16)
+    shared = SaliencyConfig(top_k=4, probes=2, block_length=GEN, shared_probes=True)
+    together, _ = score_instances(tiny_model, tiny_processor, instances, GEN, shared, seed=7, batch_size=5)
+    for i, inst in enumerate(instances):
+        alone, _ = score_instances(tiny_model, tiny_processor, [inst], GEN, shared, seed=7, batch_size=1)
+        assert torch.allclose(alone[0], together[i], rtol=1e-6, atol=1e-12)
+    independent = SaliencyConfig(top_k=4, probes=2, block_length=GEN)
+    together, _ = score_instances(tiny_model, tiny_processor, instances, GEN, independent, seed=7, batch_size=5)
+    alone, _ = score_instances(tiny_model, tiny_processor, instances[3:4], GEN, independent, seed=7, batch_size=1)
+    assert not torch.allclose(alone[0], together[3], rtol=1e-3)

@@ -35,6 +35,7 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
+from disp_api import ProbeDraws, SaliencySpec
 from disp_runner.data.dataset import Instance
 from disp_runner.device import autocast, sub_seed
 from disp_runner.disp.token_grid import window_masks
@@ -47,6 +48,13 @@ class SaliencyConfig:
     probes: int = 6  # Hutchinson probes m (4–8 is the usual range)
     block_length: int = 32  # G = min(block_length, gen_length) positions enter the KL
     region_size: int = 1  # w >= 2: w x w windows are scored exactly too (opt-in); 1 = the paper's scores
+    shared_probes: bool = False  # every instance scored with the same probe draws (the authors' reseeding)
+
+    @classmethod
+    def from_spec(cls, spec: SaliencySpec, block_length: int) -> "SaliencyConfig":
+        """spec.saliency's scoring settings; `block_length`: the decoding's (its first block is scored)."""
+        return cls(top_k=spec.top_k, probes=spec.probes, block_length=block_length, region_size=spec.region_size,
+                   shared_probes=spec.probe_draws is ProbeDraws.SHARED)
 
     def __post_init__(self) -> None:
         if self.region_size < 1:
@@ -59,10 +67,12 @@ class SaliencyConfig:
             raise ValueError(f"block_length must be >= 1, got {self.block_length}")
 
 
-def fisher_probe(p: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+def fisher_probe(p: torch.Tensor, generator: torch.Generator, shared: bool = False) -> torch.Tensor:
     """A random q with Cov(q) = diag(p) − p pᵀ per row, from y ~ N(0, I): u = √p,
-    q = u ⊙ (y − (y·u) u). p: [..., K] (rows sum to 1) -> q: [..., K]."""
-    y = torch.randn(p.shape, generator=generator, device=p.device, dtype=p.dtype)
+    q = u ⊙ (y − (y·u) u). p: [B, ..., K] (rows sum to 1) -> q: [B, ..., K]. `shared`: one draw of
+    y for the first instance, used by every instance of the batch."""
+    shape = (1, *p.shape[1:]) if shared else p.shape
+    y = torch.randn(shape, generator=generator, device=p.device, dtype=p.dtype).expand(p.shape)
     u = p.sqrt()
     return u * (y - (y * u).sum(dim=-1, keepdim=True) * u)
 
@@ -160,7 +170,7 @@ def fisher_jacobian_scores(
     p = torch.softmax(z.detach().double(), dim=-1)  # [B, G, K]
     squared = torch.zeros(image_embeds.shape[:2], dtype=torch.float64, device=image_embeds.device)  # [B, T]
     for j in range(config.probes):
-        q = fisher_probe(p, generator).to(z.dtype)  # [B, G, K]
+        q = fisher_probe(p, generator, config.shared_probes).to(z.dtype)  # [B, G, K]
         # Rows are independent, so one backward of the batch sum gives every row its own ∂s/∂e.
         s = (q * z).sum()
         (grad,) = torch.autograd.grad(s, image_embeds, retain_graph=j + 1 < config.probes)  # [B, T, D]
@@ -201,7 +211,9 @@ def score_instances(
     [len(rows), T] float64 (row i's first counts[i] columns; T = the widest image of all
     `instances`, so the rows of any split concatenate) and counts, the visual tokens of every
     instance [len(instances)]. Probes are seeded per global batch (`seed`, the batch's index), so a
-    shard of whole batches scores exactly what the whole run does. `on_batch(done)` after each batch."""
+    shard of whole batches scores exactly what the whole run does; with `config.shared_probes`, every
+    batch is seeded with `seed` itself, so every instance gets the same draws (the authors' code
+    reseeds before each instance). `on_batch(done)` after each batch."""
     rows = range(len(instances)) if rows is None else rows
     device = model.device
     layouts = [processor.layout_of(inst) for inst in instances]
@@ -210,7 +222,8 @@ def score_instances(
     for lo in range(rows.start, rows.stop, batch_size):
         hi = min(lo + batch_size, rows.stop)
         batch = processor.encode(instances[lo:hi], gen_length, with_response=False)
-        generator = torch.Generator(device=device).manual_seed(sub_seed(seed, lo // batch_size))
+        generator = torch.Generator(device=device).manual_seed(
+            seed if config.shared_probes else sub_seed(seed, lo // batch_size))
         with autocast(device):
             part = token_saliency(model, batch.to(device), gen_length, config, generator, layouts[lo:hi]).cpu()
         for row, count in enumerate(batch.visual_spans[:, 1].tolist()):  # beyond a row's tokens stays 0

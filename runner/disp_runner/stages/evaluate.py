@@ -52,11 +52,10 @@ class EvaluateStage:
         masked_inference = None
         if spec.masked_inference is not None:  # the authors' test-time defence, beside DiSP's result
             saliency = ctx.spec.saliency
-            defence = MaskedInference(
-                ratio=spec.masked_inference.ratio, seed=saliency.seed, batch_size=saliency.batch_size,
-                saliency=SaliencyConfig(top_k=saliency.top_k, probes=saliency.probes,
-                                        block_length=decoding.block_length, region_size=saliency.region_size),
-                field_name="spec.evaluation.maskedInference.ratio")
+            defence = MaskedInference(ratio=spec.masked_inference.ratio, seed=saliency.seed,
+                                      batch_size=saliency.batch_size,
+                                      saliency=SaliencyConfig.from_spec(saliency, decoding.block_length),
+                                      field_name="spec.evaluation.maskedInference.ratio")
             masked_inference = evaluate_model(compromised, processor, ctx.spec.model.uri, attack, triggered,
                                               untriggered, clean, decoding, show_progress=ctx.show_progress,
                                               masked_inference=defence)

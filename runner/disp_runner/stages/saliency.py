@@ -95,8 +95,7 @@ class SaliencyStage:
         # Before the expensive part: a masking ratio that would mask nothing makes the scores useless.
         check_ratio_masks_a_token(ctx.spec.masking.ratio, int(counts.min()))
         check_region_fits_the_grids(spec.region_size, instances, processor)
-        config = SaliencyConfig(top_k=spec.top_k, probes=spec.probes, block_length=decoding.block_length,
-                                region_size=spec.region_size)
+        config = SaliencyConfig.from_spec(spec, decoding.block_length)
         # Every shard pads to the whole dataset's widest image, so shards concatenate.
         items = ctx.shard_items(spec.batch_size)
         scores, counts = score_instances(model, processor, instances, decoding.gen_length, config, spec.seed,
