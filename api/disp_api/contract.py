@@ -27,15 +27,25 @@ def is_s3_uri(uri: str) -> bool:
     return uri.startswith(S3_SCHEME)
 
 
-# A URI the API server refuses (the CRD's CEL rule on every URI field) and the runner and operator
-# refuse before anything is created or deleted: a '..' segment (a key or path that leaves its
-# folder, e.g. the local cache an s3:// key is mirrored into), an s3:// key that is absolute or has
-# an empty or '.' segment, and the shell's '~' and $VARIABLE, which nothing here expands. Written
-# with character classes only, so Python's re and the API server's RE2 read it alike.
-UNSAFE_URI_PATTERN = (r"^(file://)?~|[$]([{]|[A-Za-z_])|(^|/)[.][.](/|$)|^s3://[^/]*//|^s3://[^/]*/.*//"
-                      r"|^s3://[^/]*/(.*/)?[.](/|$)")
-UNSAFE_URI_MESSAGE = ("must not contain a '..' segment, an empty or '.' segment in an s3:// key, a leading '~' "
-                      "or a $VARIABLE (nothing is expanded: give the full path)")
+# A URI the API server refuses (a CEL rule on every URI field of the CRD) and the runner and
+# operator refuse before anything is created or deleted: a '..' segment (a key or path that leaves
+# its folder, e.g. the local cache an s3:// key is mirrored into), a '.' segment in an s3:// key,
+# a leading '~' and any '$' (nothing here expands them). The rule is made of contains, startsWith
+# and endsWith only: the API server prices every rule by the longest string it may see, and a
+# regular expression over 4096-character URIs costs a large share of the CRD's budget. An s3://
+# key with an empty segment ('//', or an absolute key) is refused by uri_problem, so by `disp run`
+# and the operator, not by the API server (as a malformed bucket name is).
+UNSAFE_URI_MESSAGE = ("must not contain a '..' segment, a '.' segment in an s3:// key, a leading '~' or a '$' "
+                      "(nothing is expanded: give the full path)")
+
+
+def unsafe_uri_cel(value: str) -> str:
+    """The CEL condition, true for a URI uri_problem refuses for its shape, on the string `value`."""
+    return (f"{value}.startsWith('~') || {value}.startsWith('file://~') || {value}.contains('$') || "
+            f"{value}.contains('/../') || {value}.endsWith('/..') || {value}.startsWith('../') || {value} == '..' || "
+            f"({value}.startsWith('s3://') && ({value}.contains('/./') || {value}.endsWith('/.')))")
+
+
 # s3:// bucket names as S3 and MinIO allow them.
 _BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 
@@ -47,8 +57,8 @@ def uri_problem(uri: str) -> str | None:
         return "contains a control character"
     if uri.startswith("~") or uri.startswith("file://~"):
         return "starts with '~', which nothing expands here (give the full path)"
-    if re.search(r"[$]([{]|[A-Za-z_])", uri):
-        return "contains a $VARIABLE, which nothing expands here (give the full path)"
+    if "$" in uri:
+        return "contains a '$' ($VARIABLES are not expanded here: give the full path)"
     if is_s3_uri(uri):
         bucket, _, key = uri[len(S3_SCHEME):].partition("/")
         if not bucket:

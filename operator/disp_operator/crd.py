@@ -15,7 +15,7 @@ import yaml
 from pydantic import BaseModel
 
 from disp_api import PurificationJobSpec
-from disp_api.contract import UNSAFE_URI_MESSAGE, UNSAFE_URI_PATTERN
+from disp_api.contract import UNSAFE_URI_MESSAGE, unsafe_uri_cel
 from disp_api.spec import API_GROUP, API_VERSION, KIND, PolicySpec
 from disp_api.status import PurificationJobStatus
 from disp_operator.naming import PLURAL
@@ -122,7 +122,7 @@ def _cluster_rules() -> list[dict[str, str]]:
         guards = [f"!has(self.{'.'.join(parts[:i + 1])})" for i in range(len(parts))]
         rules.append({"rule": " || ".join(guards + [f"self.{path}.startsWith('s3://')"]),
                       "message": f"{path}: must be an s3://BUCKET/PREFIX URI ({S3_URI_REASON})"})
-        rules.append({"rule": " || ".join(guards + [f"!self.{path}.matches('{UNSAFE_URI_PATTERN}')"]),
+        rules.append({"rule": " || ".join(guards + [f"!({unsafe_uri_cel('self.' + path)})"]),
                       "message": f"{path}: {UNSAFE_URI_MESSAGE}"})
     rules.append({"rule": "!has(self.storage) || (has(self.storage.endpoint) && has(self.storage.credentialsSecret))",
                   "message": "storage: endpoint and credentialsSecret are both required (the S3/MinIO endpoint "

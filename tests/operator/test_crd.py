@@ -370,9 +370,9 @@ CEL_REFUSED = [
     ("storage without credentials", job_body(storage={"endpoint": "minio:9000"}), "credentialsSecret", False),
     ("reserved pod label", job_body(podTemplate={"metadata": {"labels": {"disp.dev/stage": "x"}}}), "labels", True),
     ("dataset key leaving its prefix", job_body(dataset={"uri": "s3://data/train/../../../etc"}), "dataset.uri", True),
-    ("output key absolute", job_body(output={"uri": "s3://runs//etc"}), "output.uri", True),
-    ("projector key with an empty segment", job_body(model={"uri": "s3://models/m", "projectorUri": "s3://models/a//p"}),
+    ("projector key ending in '..'", job_body(model={"uri": "s3://models/m", "projectorUri": "s3://models/a/.."}),
      "model.projectorUri", True),
+    ("output with a $VARIABLE", job_body(output={"uri": "s3://runs/$USER"}), "output.uri", True),
     ("attack folder key with a '.' segment", job_body(evaluation={
         "attackUri": "s3://attacks/./a", "triggeredUri": "s3://eval/triggered"}),
      "evaluation.attackUri", True),
