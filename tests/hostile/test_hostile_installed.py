@@ -265,6 +265,12 @@ def test_an_s3_run_republishes_what_the_store_lost_instead_of_trusting_its_scrat
     ran = run_disp(workspace, *argv)
     assert ran.code == 0 and "was overwritten since it was published" in ran.err, ran.err
     assert client.get_object(bucket, victim).read() == data
+    # The scratch copy damaged while the store's is intact: the store's copy replaces it.
+    local = next(p for p in (workspace / "scratch").rglob(victim.rsplit("/", 1)[-1]) if "saliency" in p.parts)
+    local.write_bytes(b"damaged")
+    ran = run_disp(workspace, *argv)
+    assert ran.code == 0 and "saliency: complete, skipped" in ran.out, ran.err
+    assert local.read_bytes() == data
 
 
 def test_a_fresh_scratch_rebuilds_an_s3_output_whose_object_was_corrupted(s3_run):

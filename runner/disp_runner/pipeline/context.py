@@ -269,15 +269,11 @@ class StageContext:
             store, bucket, prefix, remote_raw, read_uploaded_etags(folder))
         if remote_raw is not None and problem is None:
             if local_raw != remote_raw:
-                shutil.rmtree(folder, ignore_errors=True)  # another attempt's copy: the store's wins
-                self._verified.discard(folder)
-            try:
-                self.fetch(folder)
-            except StoreError as exc:  # an object changed since it was published (checksum mismatch)
-                problem, local_raw = str(exc), None
-                shutil.rmtree(folder, ignore_errors=True)
-            else:
+                self._drop_local(folder)  # another attempt's copy: the store's wins
+            problem = self._fetch_intact(folder)
+            if problem is None:
                 return read_stage_manifest(folder)
+            local_raw = None
         if local_raw is None or (remote_raw is not None and local_raw != remote_raw):
             if problem is not None:
                 warn_user(f"{self.uri_of(folder)}: not intact ({problem}); building it again")
@@ -289,6 +285,26 @@ class StageContext:
                   + "; uploading the verified local copy again")
         self.publish_remote(folder)
         return local
+
+    def _drop_local(self, folder: Path) -> None:
+        shutil.rmtree(folder, ignore_errors=True)
+        self._verified.discard(folder)
+
+    def _fetch_intact(self, folder: Path) -> str | None:
+        """Fetch a published output whose store copy looks complete; what is wrong with it, if
+        anything. A scratch copy that no longer matches its manifest is replaced by the store's."""
+        for attempt in range(2):
+            try:
+                self.fetch(folder)
+                return None
+            except StoreError as exc:  # an object changed since it was published (checksum mismatch)
+                self._drop_local(folder)
+                return str(exc)
+            except UserInputError:  # the scratch copy changed: download the store's
+                if attempt:
+                    raise
+                self._drop_local(folder)
+        return None
 
     def fetch(self, folder: Path) -> Path:
         """A completed stage output (stage or shard folder), downloaded when it lives in S3 only,
