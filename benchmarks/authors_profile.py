@@ -18,9 +18,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from demo_runs import SCENARIOS, demo_manifest, pct, run
-from disp_api import PurificationJob, PurificationMetrics, StageName
-from disp_api.contract import METRICS_FILE
+from demo_runs import SCENARIOS, demo_manifest, demo_run, pct, run
+from disp_api import StageName
 from disp_runner.pipeline.artifacts import RunLayout, read_stage_manifest
 from masked_inference import measure
 
@@ -40,10 +39,7 @@ def main(argv=None) -> int:
     scratch = Path(tempfile.mkdtemp(prefix="disp-authors-"))
     rows = []
     for name in SCENARIOS:
-        document = demo_manifest(root, name, root)
-        default_layout = RunLayout.for_job(PurificationJob.model_validate(document), root)
-        default = PurificationMetrics.model_validate_json(
-            (default_layout.stage_dir(StageName.EVALUATE) / METRICS_FILE).read_text())
+        _, default_layout, default = demo_run(root, name)
         document = demo_manifest(root, name, scratch)
         document["spec"]["profile"] = "authors"
         authors, authors_layout = run(document, scratch)

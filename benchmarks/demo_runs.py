@@ -16,14 +16,27 @@ from disp_runner.pipeline.runner import run_job
 SCENARIOS = ("patch-insertion", "patch-refusal", "patch-misclassification", "blended-refusal")
 
 
-def demo_manifest(workdir: Path, name: str, output: Path) -> dict:
-    """The manifest `make demo` wrote for scenario `name` under `workdir`, its output moved to `output`."""
+def demo_manifest(workdir: Path, name: str, output: Path | None) -> dict:
+    """The manifest `make demo` wrote for scenario `name` under `workdir`, its output moved to
+    `output` (None: as written, so its run folder is the demo's own; its paths are relative to the
+    repository, where `make demo` runs)."""
     manifest = workdir / "jobs" / f"{name}.yaml"
     if not manifest.is_file():
         raise SystemExit(f"{manifest}: not found; run `make demo` first (it writes the compromised models)")
     document = yaml.safe_load(manifest.read_text())
-    document["spec"]["output"]["uri"] = str(output)
+    if output is not None:
+        document["spec"]["output"]["uri"] = str(output)
     return document
+
+
+def demo_run(workdir: Path, name: str) -> tuple[PurificationJob, RunLayout, PurificationMetrics]:
+    """The demo's own finished run of scenario `name`: its job, run folder and figures."""
+    job = PurificationJob.model_validate(demo_manifest(workdir, name, None))
+    layout = RunLayout.for_job(job, Path(job.spec.output.uri))
+    metrics_path = layout.stage_dir(StageName.EVALUATE) / METRICS_FILE
+    if not metrics_path.is_file():
+        raise SystemExit(f"{metrics_path}: not found; run `make demo` first (from the repository's root)")
+    return job, layout, PurificationMetrics.model_validate_json(metrics_path.read_text())
 
 
 def run(document: dict, output: Path, seed_from: RunLayout | None = None) -> tuple[PurificationMetrics, RunLayout]:

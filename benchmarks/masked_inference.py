@@ -20,23 +20,16 @@ import sys
 import time
 from pathlib import Path
 
-from demo_runs import SCENARIOS, demo_manifest, pct
-from disp_api import PurificationJob, PurificationMetrics, StageName
-from disp_api.contract import METRICS_FILE
+from demo_runs import SCENARIOS, demo_run, pct
+from disp_api import PurificationMetrics
 from disp_runner.disp.saliency import SaliencyConfig
 from disp_runner.evaluation import MaskedInference, evaluate_model
-from disp_runner.pipeline.artifacts import RunLayout
 from disp_runner.pipeline.runner import open_run
 
 
 def measure(workdir: Path, name: str, ratio: float) -> tuple[PurificationMetrics, object, float]:
-    document = demo_manifest(workdir, name, workdir)  # the demo's own output folder: its finished run
-    job = PurificationJob.model_validate(document)
-    metrics_path = RunLayout.for_job(job, workdir).stage_dir(StageName.EVALUATE) / METRICS_FILE
-    if not metrics_path.is_file():
-        raise SystemExit(f"{metrics_path}: not found; run `make demo` first")
-    disp = PurificationMetrics.model_validate_json(metrics_path.read_text())
-    ctx = open_run(job, workdir, show_progress=False)
+    job, _, disp = demo_run(workdir, name)
+    ctx = open_run(job, Path(job.spec.output.uri), show_progress=False)
     spec, saliency = job.spec.evaluation, job.spec.saliency
     decoding = ctx.decoding(evaluation=True)
     defence = MaskedInference(ratio=ratio, seed=saliency.seed, batch_size=saliency.batch_size,
