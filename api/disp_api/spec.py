@@ -73,6 +73,10 @@ def _safe_uri(uri: str) -> str:
 # Every input and output location: a local path, file:// or s3://BUCKET/PREFIX, refused here (so by
 # the operator and `disp run` alike) when it could leave its folder or relies on a shell's expansion.
 Uri = Annotated[str, Field(min_length=1, max_length=MAX_URI), AfterValidator(_safe_uri)]
+# Every URI field of the spec, as paths under spec on the wire: what the operator requires on S3
+# (and the CRD's CEL rules say so) and what a stage may read (PurificationJobSpec.uris).
+URI_FIELDS = ("model.uri", "model.projectorUri", "dataset.uri", "output.uri", "evaluation.triggeredUri",
+              "evaluation.untriggeredUri", "evaluation.cleanUri", "evaluation.attackUri")
 
 
 class ModelSource(ContractModel):
@@ -632,6 +636,18 @@ class PurificationJobSpec(ContractModel):
                 if section is not None and section is not getattr(self, path[0]):
                     object.__setattr__(self, path[0], section)  # a frozen model, completed while validated
         return self
+
+    def uris(self) -> dict[str, str]:
+        """Every URI the spec gives, by its field path ("spec.model.uri", ...)."""
+        wire: Any = self.to_wire()
+        found = {}
+        for path in URI_FIELDS:
+            node = wire
+            for part in path.split("."):
+                node = node.get(part) if isinstance(node, dict) else None
+            if node:
+                found[f"spec.{path}"] = node
+        return found
 
     def shards(self, stage: StageName) -> int:
         """Pods `stage` is split over (1 for the stages that are not sharded)."""

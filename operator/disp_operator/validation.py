@@ -13,6 +13,7 @@ from pydantic import ValidationError
 from disp_api import PurificationJob
 from disp_api.base import FieldError
 from disp_api.contract import MODEL_CONFIG, SUPPORTED_MODEL_TYPES, WEIGHT_INDEX, split_s3_uri, weight_files
+from disp_api.spec import URI_FIELDS
 
 OTHER_WEIGHTS = (".gguf", ".ggml", ".onnx", ".h5", ".msgpack", ".tflite", ".mlmodel")
 
@@ -37,29 +38,15 @@ def parse_job(body: Mapping[str, Any]) -> PurificationJob:
         raise InvalidSpec(f"{error.field or 'spec'}: {error.message}") from None
 
 
-# Every URI field of the spec (paths under spec, as on the wire). In a cluster each must be s3://:
-# the operator checks it (check_static) and the CRD's CEL rules, generated from this list, too.
-S3_URI_FIELDS = ("model.uri", "model.projectorUri", "dataset.uri", "output.uri", "evaluation.triggeredUri",
-                 "evaluation.untriggeredUri", "evaluation.cleanUri", "evaluation.attackUri")
+# Every URI field of the spec (disp_api's list): in a cluster each must be s3://. The operator checks
+# it (check_static) and the CRD's CEL rules, generated from this list, too.
+S3_URI_FIELDS = URI_FIELDS
 S3_URI_REASON = "runner pods share data only through the artifact store"
-
-
-def s3_uri_fields(job: PurificationJob) -> dict[str, str]:
-    """Every URI the spec gives, by its field path."""
-    wire = job.spec.to_wire()
-    fields = {}
-    for path in S3_URI_FIELDS:
-        node: Any = wire
-        for part in path.split("."):
-            node = node.get(part) if isinstance(node, dict) else None
-        if node:
-            fields[f"spec.{path}"] = node
-    return fields
 
 
 def check_static(job: PurificationJob) -> None:
     """What the spec alone must satisfy to run in a cluster."""
-    for field, uri in s3_uri_fields(job).items():
+    for field, uri in job.spec.uris().items():
         try:
             bucket, _ = split_s3_uri(uri)
         except ValueError:

@@ -67,16 +67,7 @@ class SpecInput(str, Enum):
     ATTACK = "spec.evaluation.attackUri"
 
     def uri(self, spec: PurificationJobSpec) -> str | None:
-        evaluation = spec.evaluation
-        return {
-            SpecInput.MODEL: spec.model.uri,
-            SpecInput.PROJECTOR: spec.model.projector_uri,
-            SpecInput.DATASET: spec.dataset.uri,
-            SpecInput.TRIGGERED: evaluation.triggered_uri if evaluation else None,
-            SpecInput.UNTRIGGERED: evaluation.untriggered_uri if evaluation else None,
-            SpecInput.CLEAN: evaluation.clean_uri if evaluation else None,
-            SpecInput.ATTACK: evaluation.attack_uri if evaluation else None,
-        }[self]
+        return spec.uris().get(self.value)
 
 
 # Every stage reads the model under purification (and its projector); these are its other inputs.
