@@ -6,8 +6,8 @@ PYTHON ?= python3
 # `make TORCH_SPEC='torch==2.13.0+cpu' PIP_FIND_LINKS=/path/to/wheels test`.
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
-# checkov (security scan of the chart and the stage Jobs) pins packages that clash with moto's:
-# it gets a virtual environment of its own.
+# checkov (security scan of the chart and the stage Jobs) pins many packages of its own: it gets a
+# virtual environment of its own.
 CHECKOV_VENV ?= .venv-checkov
 CHECKOV_STAMP := $(CHECKOV_VENV)/.installed
 
@@ -35,11 +35,14 @@ test: $(STAMP) $(CHECKOV_STAMP) prometheus-tools k8s
 	$(VENV)/bin/python -m pytest -q
 
 # The real Kubernetes control plane of the end-to-end tests (kube-apiserver, kube-controller-manager,
-# kube-scheduler, etcd), built from their Go modules as pinned in tools/controlplane/ into a
-# versioned folder under ~/.cache/disp-operator (a cold build takes about 5 min on 2 cores; nothing
-# is rebuilt while the pins are unchanged). Needs Go 1.26 and the Go module proxy.
+# kube-scheduler, etcd) and kubectl, built from their Go modules as pinned in tools/controlplane/,
+# and the cluster tools (helm, kustomize, the MinIO server, Kueue) pinned in tools/clustertools/,
+# into versioned folders under ~/.cache/disp-operator (cold: about 5 min for the control plane and
+# 8 min for the tools on 2 cores; nothing is rebuilt while the pins are unchanged). Needs Go 1.26
+# and the Go module proxy.
 k8s:
 	bash tools/controlplane/build.sh
+	bash tools/clustertools/build.sh
 
 # promtool (alert-rule unit tests, exposition lint) and a Prometheus server (the dashboard's queries
 # run against it): Debian's prometheus package, installed when missing.

@@ -1,6 +1,6 @@
 """How the operator copes with a burst: N PurificationJobs created at once against a real
 Kubernetes control plane on loopback (etcd, kube-apiserver, kube-controller-manager, kube-scheduler,
-as built by `make k8s`) and a loopback S3 server (moto). The operator runs as its own process
+as built by `make k8s`) and a loopback MinIO server (also `make k8s`). The operator runs as its own process
 (`disp-operator`), exactly as in its container; no node runs the stage pods, so the figure is the
 operator's own work (and the API server's): validate each job (Secret lookup, model listing in
 S3), write its status, create its first stage Job.
@@ -27,13 +27,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from moto.server import ThreadedMotoServer  # noqa: E402
-
 from disp_runner.store.s3 import S3Store  # noqa: E402
 from tests.harness.cluster import Cluster, install_crd  # noqa: E402
 from tests.harness.controlplane import free_port, running_control_plane  # noqa: E402
-
-ACCESS, SECRET = "bench-access", "bench-secret"
+from tests.harness.minio import S3_ACCESS as ACCESS, S3_SECRET as SECRET, MinioServer  # noqa: E402
+from tests.harness.tools import build_cluster_tools  # noqa: E402
 
 
 def manifest(name: str, namespace: str, endpoint: str) -> dict:
@@ -57,17 +55,15 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=600)
     args = parser.parse_args()
 
-    s3 = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
-    s3.start()
-    host, port = s3.get_host_and_port()
-    endpoint = f"{host}:{port}"
+    workdir = Path(tempfile.mkdtemp(prefix="bench-operator-"))
+    s3 = MinioServer(build_cluster_tools() / "minio", workdir / "minio").start()
+    endpoint = s3.endpoint
     store = S3Store(endpoint, ACCESS, SECRET, secure=False)
     for bucket in ("models", "runs"):
         store.client.make_bucket(bucket)
     store.put_bytes("models", "m/config.json", b"{}")
     store.put_bytes("models", "m/model.safetensors", b"weights")
 
-    workdir = Path(tempfile.mkdtemp(prefix="bench-operator-"))
     with running_control_plane(workdir / "control-plane") as plane:
         install_crd(plane)
         run(args, plane, endpoint, workdir)

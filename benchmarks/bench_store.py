@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/bench_store.py            # 1 GiB object (default)
     .venv/bin/python benchmarks/bench_store.py --mib 256
 
-Starts moto's S3 server in a separate process on loopback (so its memory is not ours), writes a
+Starts a MinIO server (built by `make k8s`) in a separate process on loopback, writes a
 file of random bytes, and prints for upload and download: seconds, MiB/s, throughput as a ratio
 to the SDK's (target >= 0.9), and the peak Python heap allocated during the transfer (tracemalloc;
 streaming means it stays a few part sizes, not the file size). Our download also verifies a
@@ -15,8 +15,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -25,29 +23,14 @@ from pathlib import Path
 
 from minio import Minio
 
-from disp_runner.store.s3 import S3Store
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
-ACCESS, SECRET, BUCKET = "bench-access", "bench-secret", "bench"
+from disp_runner.store.s3 import S3Store  # noqa: E402
+from tests.harness.minio import S3_ACCESS as ACCESS, S3_SECRET as SECRET, MinioServer  # noqa: E402
+from tests.harness.tools import build_cluster_tools  # noqa: E402
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(port: int) -> subprocess.Popen:
-    server_bin = Path(sys.executable).with_name("moto_server")
-    proc = subprocess.Popen([str(server_bin), "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    for _ in range(100):
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return proc
-        except OSError:
-            time.sleep(0.1)
-    proc.kill()
-    raise RuntimeError("moto_server did not start")
+BUCKET = "bench"
 
 
 def measure(fn) -> tuple[float, float]:
@@ -65,10 +48,9 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mib", type=int, default=1024, help="object size in MiB (default 1024)")
     args = parser.parse_args(argv)
-    port = free_port()
-    server = start_server(port)
+    server = MinioServer(build_cluster_tools() / "minio", Path(tempfile.mkdtemp(prefix="bench-store-"))).start()
     try:
-        endpoint = f"127.0.0.1:{port}"
+        endpoint = server.endpoint
         sdk = Minio(endpoint, access_key=ACCESS, secret_key=SECRET, secure=False)
         sdk.make_bucket(BUCKET)
         ours = S3Store(endpoint, ACCESS, SECRET, secure=False)
@@ -93,7 +75,7 @@ def main(argv=None) -> int:
             our_down_v = measure(lambda: ours.download_file(BUCKET, "ours.bin", Path(tmp) / "ours2.out", sha256=sha))
             rows = [("upload", sdk_up, our_up), ("download", sdk_down, our_down),
                     ("download + sha256 check", sdk_down, our_down_v)]
-            print(f"object {args.mib} MiB, moto S3 server on loopback (separate process), part size "
+            print(f"object {args.mib} MiB, MinIO ({server.version()}) on loopback, part size "
                   f"{PART_SIZE // 2**20} MiB")
             print(f"{'operation':<24} {'SDK s':>7} {'ours s':>7} {'SDK MiB/s':>10} {'ours MiB/s':>10} "
                   f"{'ratio':>6} {'SDK peak MiB':>12} {'ours peak MiB':>13}")
@@ -101,8 +83,7 @@ def main(argv=None) -> int:
                 print(f"{name:<24} {s_sec:7.2f} {o_sec:7.2f} {args.mib / s_sec:10.1f} {args.mib / o_sec:10.1f} "
                       f"{s_sec / o_sec:6.2f} {s_mem:12.1f} {o_mem:13.1f}")
     finally:
-        server.terminate()
-        server.wait(timeout=10)
+        server.stop()
     return 0
 
 

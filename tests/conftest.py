@@ -1,11 +1,13 @@
 import os
 
 import pytest
-from moto.server import ThreadedMotoServer
 
 from tests.harness.cluster import install_crd
 from tests.harness.controlplane import ControlPlane, ControlPlaneError, build_binaries
+from tests.harness.minio import MinioError, MinioServer
 from tests.harness.node_agent import NodeAgent, NodeSpec
+
+VERSIONS_S3: dict[str, str] = {}  # the S3 server the session ran against (printed at the end)
 
 # Tests must be reproducible and fast on two cores.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -33,14 +35,35 @@ def insertion_attack(tmp_path_factory):
     return root, attack, artifacts, test
 
 
-@pytest.fixture(scope="module")
-def s3_endpoint():
-    """A real S3 server (moto's) on loopback, host:port, shared by a test module."""
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
-    server.start()
-    host, port = server.get_host_and_port()
-    yield f"{host}:{port}"
+@pytest.fixture(scope="session")
+def minio_binary():
+    """The MinIO server's executable (tools/clustertools/build.sh)."""
+    from tests.harness.tools import ToolError, build_cluster_tools
+
+    try:
+        return build_cluster_tools() / "minio"
+    except ToolError as exc:
+        pytest.fail(f"the cluster tools did not build: {exc}", pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def minio_server(minio_binary, tmp_path_factory):
+    """The session's MinIO server on loopback (tests/harness/minio.py)."""
+    server = MinioServer(minio_binary, tmp_path_factory.mktemp("minio"))
+    try:
+        server.start()
+    except MinioError as exc:
+        pytest.fail(f"the MinIO server did not come up: {exc}", pytrace=False)
+    VERSIONS_S3["minio"] = server.version()
+    yield server
     server.stop()
+
+
+@pytest.fixture
+def s3_endpoint(minio_server):
+    """host:port of the session's MinIO server; its one identity is tests.harness.minio.S3_ACCESS
+    and S3_SECRET."""
+    return minio_server.endpoint
 
 
 # The embedded tokenizer, a tiny randomly initialised MDLM, and the workspaces the command-line,
@@ -140,6 +163,8 @@ def node_agent(control_plane, tmp_path_factory):
 
 
 def pytest_terminal_summary(terminalreporter):
+    if VERSIONS_S3:
+        terminalreporter.write_line(f"S3 server under test: {VERSIONS_S3['minio']}")
     if VERSIONS:
         terminalreporter.write_line("control plane under test: " + "; ".join(
             f"{name}: {version}" for name, version in VERSIONS.items()))

@@ -8,6 +8,7 @@ references inlined, no `anyOf` for optional fields, tuples as bounded arrays, bo
 
 from __future__ import annotations
 
+import re
 import sys
 from typing import Any
 
@@ -34,6 +35,13 @@ def openapi_schema(model: type[BaseModel]) -> dict[str, Any]:
     return _structural(schema, schema.get("$defs", {}))
 
 
+def reflow(text: str) -> str:
+    """A docstring's lines joined into paragraphs: `kubectl explain` wraps descriptions to the
+    terminal itself, so a source line break would show as a break in mid-sentence. Blank lines
+    (paragraphs) and lines that start a list item stay breaks."""
+    return re.sub(r"(?<=\S)\n(?![\n\-*])\s*", " ", text.strip())
+
+
 def _structural(node: Any, defs: dict[str, Any]) -> Any:
     if isinstance(node, list):
         return [_structural(item, defs) for item in node]
@@ -53,6 +61,8 @@ def _structural(node: Any, defs: dict[str, Any]) -> Any:
         node = {**_structural(options[0], defs), **_structural(rest, defs)}
     if node.get("default", 0) is None:
         node.pop("default")
+    if isinstance(node.get("description"), str):
+        node["description"] = reflow(node["description"])
     if "prefixItems" in node:  # fixed-length tuples of one type, e.g. an RGB colour
         items = node.pop("prefixItems")
         node["items"] = _structural(items[0], defs)

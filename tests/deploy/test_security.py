@@ -17,7 +17,7 @@ from disp_operator.jobs import RunnerDefaults, stage_job
 from tests.deploy.helm_chart import CHART, ROOT, TEAM, render
 from tests.operator.conftest import make_job
 
-# checkov lives in its own virtual environment (its pins clash with moto's); the Makefile builds it.
+# checkov lives in its own virtual environment (it pins many packages); the Makefile builds it.
 CHECKOV = Path(os.environ.get("CHECKOV", ROOT / ".venv-checkov" / "bin" / "checkov"))
 ACCEPTED = {"CKV_K8S_43", "CKV_K8S_15", "CKV_K8S_38", "CKV_K8S_35", "CKV2_K8S_5", "CKV2_K8S_6"}
 

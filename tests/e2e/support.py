@@ -20,8 +20,9 @@ from tests.harness.cluster import OPERATOR_NAMESPACE, Cluster
 from tests.harness.controlplane import free_port  # noqa: F401 - the tests' one free-port helper
 from tests.harness.node_agent import STANDIN_IMAGE, NodeAgent, PodFault  # noqa: F401 - re-exported
 from tests.tiny import job_document
+from tests.harness.minio import S3_ACCESS, S3_SECRET
 
-ACCESS, SECRET = "e2e-access-key", "e2e-secret-value-9f3a"
+ACCESS, SECRET = S3_ACCESS, S3_SECRET  # the MinIO server's identity (tests/harness/minio.py)
 CREDENTIALS_SECRET = "minio-credentials"
 RBAC_KINDS = ("ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding")
 # The chart's settings a test replaces (the cluster fixture sets them for speed and for the node

@@ -1,7 +1,7 @@
 """The real operator (kopf.testing.KopfRunner, with the chart's ServiceAccount token and RBAC)
 against a real Kubernetes control plane (API server, etcd, Job controller, scheduler, garbage
 collector), the node agent that runs each stage pod's `disp run` command as a local process, and a
-loopback S3 server (moto) holding the model, the data and the run's artifacts. See
+loopback MinIO server holding the model, the data and the run's artifacts. See
 tests/harness/."""
 
 from __future__ import annotations

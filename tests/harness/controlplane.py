@@ -42,6 +42,7 @@ ADMIN_USER = "disp-test-admin"  # in group system:masters: what `kubectl` as a c
 SERVICE_CIDR = "10.96.0.0/16"
 ISSUER = "https://kubernetes.default.svc.cluster.local"
 COMPONENTS = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler")
+CLIENTS = ("kubectl",)  # built with the components, from the same Kubernetes release
 
 AUDIT_POLICY = {"apiVersion": "audit.k8s.io/v1", "kind": "Policy", "omitStages": ["RequestReceived"],
                 "rules": [{"level": "Metadata"}]}
@@ -58,7 +59,7 @@ def free_port() -> int:
 
 
 def build_binaries() -> Path:
-    """The folder holding the four binaries (built once, behind a stamp, by build.sh)."""
+    """The folder holding the four components and kubectl (built once, behind a stamp, by build.sh)."""
     try:
         result = subprocess.run(["bash", str(BUILD_SCRIPT)], capture_output=True, text=True, timeout=3600)
     except subprocess.TimeoutExpired:
@@ -67,7 +68,7 @@ def build_binaries() -> Path:
         tail = "\n".join(result.stderr.strip().splitlines()[-15:])
         raise ControlPlaneError(f"tools/controlplane/build.sh failed (exit {result.returncode}):\n{tail}")
     folder = Path(result.stdout.strip().splitlines()[-1])
-    missing = [c for c in COMPONENTS if not (folder / c).is_file()]
+    missing = [c for c in COMPONENTS + CLIENTS if not (folder / c).is_file()]
     if missing:
         raise ControlPlaneError(f"tools/controlplane/build.sh left no {', '.join(missing)} in {folder}")
     return folder

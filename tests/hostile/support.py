@@ -11,9 +11,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from disp_runner.pipeline.artifacts import STAGE_MANIFEST
+from tests.harness.minio import S3_ACCESS, S3_SECRET
 
 DISP = Path(sys.executable).with_name("disp")
-ACCESS, SECRET = "hostile-access", "hostile-secret"
+ACCESS, SECRET = S3_ACCESS, S3_SECRET  # the MinIO server's identity (tests/harness/minio.py)
 
 
 @dataclass

@@ -28,6 +28,7 @@ from disp_runner.errors import EXIT_INTERNAL_ERROR, EXIT_TRANSIENT_ERROR, EXIT_U
 from disp_runner.pipeline.artifacts import STAGE_MANIFEST, RunLayout, output_lock
 from tests.hostile.support import assert_refused
 from tests.tiny import job_document
+from tests.harness.minio import S3_ACCESS, S3_SECRET
 
 
 @dataclass
@@ -384,7 +385,7 @@ def test_disk_full_is_transient_and_other_bugs_are_one_line_with_a_pointer_to_de
 def test_tls_against_a_plain_http_server_is_a_setting_to_fix_not_retried(s3_endpoint):
     from disp_runner.store.s3 import RetryPolicy, S3Store, StoreError
     sleeps: list[float] = []
-    store = S3Store(s3_endpoint, "k", "s", secure=True, retry=RetryPolicy(attempts=4), sleep=sleeps.append)
+    store = S3Store(s3_endpoint, S3_ACCESS, S3_SECRET, secure=True, retry=RetryPolicy(attempts=4), sleep=sleeps.append)
     with pytest.raises(StoreError, match="TLS handshake failed .*secure: false"):
         store.exists("models", "x")
     assert sleeps == []  # refused at once
@@ -395,10 +396,10 @@ def test_the_s3_input_cache_drops_what_was_deleted_upstream(s3_endpoint, tmp_pat
 
     from disp_runner.store.s3 import S3Store
     from disp_runner.store.tree import download_folder
-    client = Minio(s3_endpoint, access_key="k", secret_key="s", secure=False)
+    client = Minio(s3_endpoint, access_key=S3_ACCESS, secret_key=S3_SECRET, secure=False)
     if not client.bucket_exists("cache"):
         client.make_bucket("cache")
-    store = S3Store(s3_endpoint, "k", "s", secure=False)
+    store = S3Store(s3_endpoint, S3_ACCESS, S3_SECRET, secure=False)
     for name in ("config.json", "model.safetensors"):
         store.put_bytes("cache", f"m/{name}", name.encode())
     dest = download_folder(store, "cache", "m", tmp_path / "cache")
@@ -457,10 +458,10 @@ def test_an_s3_lease_is_exclusive_lapses_when_its_holder_dies_and_is_released(s3
     from disp_runner.errors import TransientError
     from disp_runner.store.lease import S3Lease
     from disp_runner.store.s3 import S3Store
-    client = Minio(s3_endpoint, access_key="k", secret_key="s", secure=False)
+    client = Minio(s3_endpoint, access_key=S3_ACCESS, secret_key=S3_SECRET, secure=False)
     if not client.bucket_exists("leases"):
         client.make_bucket("leases")
-    store = S3Store(s3_endpoint, "k", "s", secure=False)
+    store = S3Store(s3_endpoint, S3_ACCESS, S3_SECRET, secure=False)
     now = [1000.0]
     waits = []
 

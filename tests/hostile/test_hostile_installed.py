@@ -28,6 +28,7 @@ from disp_runner.pipeline.artifacts import STAGE_MANIFEST
 from tests.hostile.support import ACCESS, SECRET, assert_refused, run_disp
 from tests.hostile.test_hostile import edit_config, first_image, png_header_only, write_job
 from tests.tiny import job_document
+from tests.harness.minio import S3_ACCESS, S3_SECRET
 
 def _job(ws: Path, *extra: str, edit: Callable[[dict], None] = lambda d: None, **spec) -> list[str]:
     doc = job_document(ws, **spec)
@@ -335,10 +336,10 @@ def test_a_lease_released_while_it_is_being_looked_at_is_taken_not_a_permanent_e
 
     from disp_runner.store.lease import S3Lease
     from disp_runner.store.s3 import S3Store
-    client = Minio(s3_endpoint, access_key="k", secret_key="s", secure=False)
+    client = Minio(s3_endpoint, access_key=S3_ACCESS, secret_key=S3_SECRET, secure=False)
     if not client.bucket_exists("race"):
         client.make_bucket("race")
-    store = S3Store(s3_endpoint, "k", "s", secure=False)
+    store = S3Store(s3_endpoint, S3_ACCESS, S3_SECRET, secure=False)
     holder = S3Lease(store, "race", "run/saliency.lease", ttl=60)
     holder.acquire()
     real_etag = store.etag_or_none

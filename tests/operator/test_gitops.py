@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import json
+import subprocess
 from datetime import timedelta
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from disp_api import StageName
 from disp_api.status import PurificationJobStatus
 from disp_operator.crd import IMMUTABLE_MESSAGE
 from disp_operator.validation import check_static, parse_job
+from tests.harness.tools import toolbox
 from tests.operator.conftest import job_body, k8s_job, k8s_pod, make_job
 from tests.operator.test_crd import _defaulted, cel_refusals, crd_schema, schema_errors
 from tests.operator.test_reconcile import T0, run_to, step
@@ -40,17 +42,12 @@ def test_changing_a_parameter_is_refused_with_how_to_re_run():
 
 
 def _kustomize(folder: Path) -> list[dict]:
-    """What `kustomize build` makes of the example: namespace and nameSuffix applied to its resources
-    (the only transformations it uses)."""
-    kustomization = yaml.safe_load((folder / "kustomization.yaml").read_text())
-    assert set(kustomization) <= {"apiVersion", "kind", "namespace", "nameSuffix", "resources"}, kustomization
-    built = []
-    for resource in kustomization["resources"]:
-        doc = yaml.safe_load((folder / resource).read_text())
-        doc["metadata"]["name"] += kustomization.get("nameSuffix", "")
-        doc["metadata"]["namespace"] = kustomization["namespace"]
-        built.append(doc)
-    return built
+    """`kustomize build FOLDER`: the real kustomize (tools/clustertools/build.sh), as Argo CD and
+    Flux run it."""
+    result = subprocess.run([str(toolbox().path("kustomize")), "build", str(folder)], capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
 
 
 def test_the_re_run_example_builds_a_valid_job_and_a_bumped_suffix_is_a_new_run(tmp_path):

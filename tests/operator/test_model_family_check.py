@@ -10,6 +10,7 @@ from disp_operator.artifacts import RunStore
 from disp_operator.validation import ConfigProblem
 from disp_runner.store.s3 import S3Store
 from tests.operator.conftest import make_job
+from tests.harness.minio import S3_ACCESS, S3_SECRET
 
 
 def test_the_operator_and_the_runner_agree_on_the_supported_families():
@@ -19,12 +20,12 @@ def test_the_operator_and_the_runner_agree_on_the_supported_families():
 
 
 def test_the_model_type_is_read_from_config_json_and_bad_configs_are_named(s3_endpoint):
-    store = S3Store(s3_endpoint, "key", "secret", secure=False)
+    store = S3Store(s3_endpoint, S3_ACCESS, S3_SECRET, secure=False)
     if not store.client.bucket_exists("models"):
         store.client.make_bucket("models")
     job = make_job(model={"uri": "s3://models/compromised"}, storage={"endpoint": s3_endpoint, "secure": False,
                                                                        "credentialsSecret": {"name": "minio"}})
-    run = RunStore(job, "key", "secret")
+    run = RunStore(job, S3_ACCESS, S3_SECRET)
     assert run.model_type() == ConfigProblem("not found")
     for body, expected in [(json.dumps({"model_type": "llava_llada"}), "llava_llada"),
                            (json.dumps({"hidden_size": 8}), None),

@@ -12,6 +12,7 @@ from disp_runner.cli import main
 from disp_runner.pipeline.artifacts import RunLayout
 from disp_runner.pipeline.runner import run_job
 from tests.tiny import ATTACK, job_document
+from tests.harness.minio import S3_ACCESS, S3_SECRET
 
 
 def _metrics(ws, job: PurificationJob) -> PurificationMetrics:
@@ -67,12 +68,12 @@ def test_attack_uri_reads_attack_json_from_s3_without_fetching_the_folder(worksp
 
     from disp_runner.pipeline.context import StageContext
     from disp_runner.store.s3 import S3Store
-    monkeypatch.setenv("DISP_S3_ACCESS_KEY", "k")
-    monkeypatch.setenv("DISP_S3_SECRET_KEY", "s")
-    client = Minio(s3_endpoint, access_key="k", secret_key="s", secure=False)
+    monkeypatch.setenv("DISP_S3_ACCESS_KEY", S3_ACCESS)
+    monkeypatch.setenv("DISP_S3_SECRET_KEY", S3_SECRET)
+    client = Minio(s3_endpoint, access_key=S3_ACCESS, secret_key=S3_SECRET, secure=False)
     if not client.bucket_exists("attacks"):
         client.make_bucket("attacks")
-    store = S3Store(s3_endpoint, "k", "s", secure=False)
+    store = S3Store(s3_endpoint, S3_ACCESS, S3_SECRET, secure=False)
     store.put_bytes("attacks", "patch/attack.json", json.dumps({"attack": ATTACK.to_wire()}).encode())
     store.put_bytes("attacks", "patch/model/model.safetensors", b"large weights the evaluation does not need")
     doc = job_document(workspace)

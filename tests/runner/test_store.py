@@ -1,11 +1,10 @@
-"""The artifact store against a real S3 server on loopback (moto's), through the minio SDK."""
+"""The artifact store against a real MinIO server on loopback, through the minio SDK."""
 
 import json
 
 import pytest
 import torch
 from minio import Minio
-from moto.server import ThreadedMotoServer
 
 from disp_api import PurificationJob, PurificationMetrics, StageName
 from disp_runner.pipeline.artifacts import STAGE_MANIFEST, RunLayout
@@ -15,8 +14,9 @@ from disp_runner.store.tree import download_folder, download_stage, remote_stage
 
 from .s3_faults import FaultProxy
 from tests.tiny import job_document
+from tests.harness.minio import S3_ACCESS, S3_SECRET, MinioServer
 
-ACCESS, SECRET = "testing-access", "testing-secret"
+ACCESS, SECRET = S3_ACCESS, S3_SECRET  # the MinIO server's identity (tests/harness/minio.py)
 
 
 @pytest.fixture
@@ -140,48 +140,44 @@ def test_bad_credentials_fail_at_once_without_a_retry_storm(tmp_path, s3_endpoin
     assert f"upload to s3://{bucket}/models/m/config.json: {code}" in str(info.value)
 
 
-def test_the_server_stopping_mid_upload_leaves_no_manifest(tmp_path, bucket):
+def test_the_server_stopping_mid_upload_leaves_no_manifest(tmp_path, minio_binary):
     from disp_runner.store import tree
 
     src = make_stage(tmp_path / "src")
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
-    server.start()
-    host, port = server.get_host_and_port()
-    store = S3Store(f"{host}:{port}", ACCESS, SECRET, secure=False, retry=RetryPolicy(attempts=2, base_delay=0.01),
-                    sleep=lambda s: None)
-    uploaded = []
-    real = store.upload_file
-
-    def upload_then_crash_the_server(path, b, key):
-        result = real(path, b, key)
-        uploaded.append(key)
-        if len(uploaded) == 1:
-            server.stop()  # the server goes away after the first file
-        return result
-
-    store.upload_file = upload_then_crash_the_server
-    with pytest.raises(StoreUnavailableError, match="still failing after 2 attempts"):
-        tree.upload_stage(src, store, bucket, "run/finetune")
-    assert len(uploaded) == 1
-    # The same (process-global) moto backend behind a new server: the first file is there, the
-    # manifest is not, so the stage counts as incomplete and reruns.
-    again = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
-    again.start()
+    server = MinioServer(minio_binary, tmp_path / "minio").start()  # a server of this test's own
     try:
-        fresh = S3Store(f"{host}:{port}", ACCESS, SECRET, secure=False)
-        assert fresh.exists(bucket, uploaded[0])
-        assert not remote_stage_complete(fresh, bucket, "run/finetune")
+        Minio(server.endpoint, access_key=ACCESS, secret_key=SECRET, secure=False).make_bucket("crash")
+        store = S3Store(server.endpoint, ACCESS, SECRET, secure=False,
+                        retry=RetryPolicy(attempts=2, base_delay=0.01), sleep=lambda s: None)
+        uploaded = []
+        real = store.upload_file
+
+        def upload_then_crash_the_server(path, b, key):
+            result = real(path, b, key)
+            uploaded.append(key)
+            if len(uploaded) == 1:
+                server.stop()  # the server goes away after the first file
+            return result
+
+        store.upload_file = upload_then_crash_the_server
+        with pytest.raises(StoreUnavailableError, match="still failing after 2 attempts"):
+            tree.upload_stage(src, store, "crash", "run/finetune")
+        assert len(uploaded) == 1
+        # The server comes back on its folder: the first file is there, the manifest is not, so the
+        # stage counts as incomplete and reruns.
+        server.start()
+        fresh = S3Store(server.endpoint, ACCESS, SECRET, secure=False)
+        assert fresh.exists("crash", uploaded[0])
+        assert not remote_stage_complete(fresh, "crash", "run/finetune")
     finally:
-        again.stop()
+        server.stop()
 
 
-def test_a_stopped_server_fails_after_the_retry_budget(tmp_path):
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
-    server.start()
-    host, port = server.get_host_and_port()
+def test_a_stopped_server_fails_after_the_retry_budget(tmp_path, minio_binary):
+    server = MinioServer(minio_binary, tmp_path / "minio").start()
     server.stop()
     sleeps = []
-    store = S3Store(f"{host}:{port}", ACCESS, SECRET, secure=False, retry=RetryPolicy(attempts=3, base_delay=0.01),
+    store = S3Store(server.endpoint, ACCESS, SECRET, secure=False, retry=RetryPolicy(attempts=3, base_delay=0.01),
                     sleep=sleeps.append)
     path = tmp_path / "f.txt"
     path.write_text("x")

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Builds the real Kubernetes control plane the end-to-end tests run against: kube-apiserver,
 # kube-controller-manager and kube-scheduler from the k8s.io/kubernetes module, and etcd from
-# go.etcd.io/etcd/server/v3, each pinned by the go.mod and go.sum beside this script.
+# go.etcd.io/etcd/server/v3, each pinned by the go.mod and go.sum beside this script; and kubectl
+# from the same Kubernetes release (the deployment tests run the README's commands with it).
 #
 # The binaries go to a versioned cache folder (printed on the last line) behind a stamp that holds
 # the digest of the pinning files, so a rebuild happens only when a version changes. Go's own
@@ -35,10 +36,10 @@ minor=${K8S_VERSION#v1.}; minor=${minor%%.*}
 ldflags="-s -w -X k8s.io/component-base/version.gitVersion=$K8S_VERSION \
   -X k8s.io/component-base/version.gitMajor=1 -X k8s.io/component-base/version.gitMinor=$minor \
   -X k8s.io/component-base/version.gitTreeState=clean"
-say "building kube-apiserver, kube-controller-manager, kube-scheduler $K8S_VERSION (cold: about 5 min on 2 cores and 4 GB of Go caches)"
+say "building kube-apiserver, kube-controller-manager, kube-scheduler, kubectl $K8S_VERSION (cold: about 5 min on 2 cores and 4 GB of Go caches)"
 (cd "$here/kubernetes" && CGO_ENABLED=0 go build -trimpath -ldflags "$ldflags" -o "$out/" \
   k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kube-controller-manager \
-  k8s.io/kubernetes/cmd/kube-scheduler)
+  k8s.io/kubernetes/cmd/kube-scheduler k8s.io/kubernetes/cmd/kubectl)
 
 say "building etcd $ETCD_VERSION"
 (cd "$here/etcd" && CGO_ENABLED=0 go build -trimpath -ldflags "-s -w" -o "$out/etcd" go.etcd.io/etcd/server/v3)
