@@ -80,7 +80,8 @@ class ChildJob:
 
     name: str
     state: ChildState
-    job_failure_reason: str  # the Job's Failed condition reason (BackoffLimitExceeded, DeadlineExceeded)
+    job_failure_reason: str  # the Job's Failed condition reason (BackoffLimitExceeded, DeadlineExceeded,
+    # PodFailurePolicy)
     job_failure_message: str
     failed_at: Optional[datetime] = None  # the Failed condition's lastTransitionTime
 
@@ -152,6 +153,8 @@ def classify_failure(job: ChildJob, pods: list[PodOutcome]) -> Failure:
     for pod in failed:
         if pod.exit_code == EXIT_USER_ERROR:
             return Failure(FailureKind.PERMANENT, _describe(pod, "rejected its input"))
+    if job.job_failure_reason == "PodFailurePolicy":  # the stage Job's only FailJob rule: exit code 2
+        return Failure(FailureKind.PERMANENT, job.job_failure_message or "a pod rejected its input")
     if job.job_failure_reason == "DeadlineExceeded":
         return Failure(FailureKind.DEADLINE, job.job_failure_message or "the stage ran past activeDeadlineSeconds")
     for pod in failed:

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from disp_api import PurificationJob, StageName
+from disp_api.contract import ExitCode
 from disp_api.status import StepKind
 from disp_operator.naming import (ANNOTATION_ATTEMPT, LABEL_JOB, LABEL_STAGE, child_labels,
                                   rendezvous_service_name, stage_job_name)
@@ -61,6 +62,27 @@ def finetune_nodes(job: PurificationJob, stage: StageName) -> int:
     return job.spec.parallelism.finetune_nodes if stage is StageName.FINETUNE else 1
 
 
+RUNNER_CONTAINER = "runner"
+
+# What the Job controller can decide itself, before the operator looks (Kubernetes' pod failure
+# policy; rules are tried in order):
+# - the runner's exit code 2 (USER_ERROR: the input is bad) fails the whole Job at once, with the
+#   Job's own reason PodFailurePolicy, so a sharded stage stops every shard and the verdict survives
+#   the pods being garbage-collected;
+# - a pod disrupted by the cluster (preemption, eviction, node drain: the DisruptionTarget
+#   condition) does not count as a failure: the Job controller replaces the pod within the same
+#   Job, so no attempt of the run's backoffLimit is spent on what the workload did not cause.
+# What the policy cannot say stays the operator's (children.classify_failure): OOMKilled (the
+# policy sees exit code 137, not the reason; the operator names spec.resources.memory), the
+# transient exit code 75 (retried by the operator with its own backoff across Jobs, up to
+# spec.policy.backoffLimit) and the deadline.
+POD_FAILURE_POLICY: dict[str, Any] = {"rules": [
+    {"action": "FailJob", "onExitCodes": {"containerName": RUNNER_CONTAINER, "operator": "In",
+                                          "values": [int(ExitCode.USER_ERROR)]}},
+    {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
+]}
+
+
 def stage_job(job: PurificationJob, stage: StageName, step: StepKind, attempt: int,
               defaults: RunnerDefaults) -> dict[str, Any]:
     """The Job manifest for `attempt` (1-based) of one step of `stage`."""
@@ -75,6 +97,7 @@ def stage_job(job: PurificationJob, stage: StageName, step: StepKind, attempt: i
     pod = _pod_spec(job, stage, step, defaults, name)
     job_spec: dict[str, Any] = {
         "backoffLimit": 0,  # the operator retries, with its own backoff and failure classification
+        "podFailurePolicy": POD_FAILURE_POLICY,
         "template": {"metadata": pod_metadata, "spec": pod},
     }
     if step is StepKind.SHARDS:
@@ -176,7 +199,7 @@ def _pod_spec(job: PurificationJob, stage: StageName, step: StepKind, defaults: 
         limits[GPU_RESOURCE] = request.gpus
     multi_node = finetune_nodes(job, stage) > 1 and step is StepKind.RUN
     container = {
-        "name": "runner",
+        "name": RUNNER_CONTAINER,
         "image": res.image or defaults.image,
         "imagePullPolicy": res.image_pull_policy.value,
         "command": list(RUNNER_COMMAND),

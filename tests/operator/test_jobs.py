@@ -118,11 +118,27 @@ def test_policy_reaches_the_job():
     (k8s_pod("p", 1), "", FailureKind.ERROR),
     (k8s_pod("p", 1), "DeadlineExceeded", FailureKind.DEADLINE),
     (None, "BackoffLimitExceeded", FailureKind.TRANSIENT),  # no pod left: its node went away
+    (None, "PodFailurePolicy", FailureKind.PERMANENT),  # the pod is gone, the Job's verdict stays
 ])
 def test_failures_are_classified(pod, job_reason, kind):
     child = ChildJob.from_job(k8s_job("j", "failed", reason=job_reason))
     outcomes = [PodOutcome.from_pod(pod)] if pod else []
     assert classify_failure(child, outcomes).kind is kind
+
+
+def test_the_job_controller_fails_a_rejected_input_at_once_and_replaces_disrupted_pods():
+    """The pod failure policy of every stage Job: the runner's exit code 2 fails the Job (every
+    shard at once), a pod the cluster disrupted is replaced by the Job controller. The rules are
+    checked on the real Job controller by tests/e2e/test_operator.py."""
+    job = make_job()
+    for stage, step in ((StageName.SALIENCY, StepKind.SHARDS), (StageName.FINETUNE, StepKind.RUN)):
+        spec = stage_job(job, stage, step, 1, DEFAULTS)["spec"]
+        (container,) = spec["template"]["spec"]["containers"]
+        rules = spec["podFailurePolicy"]["rules"]
+        assert rules[0] == {"action": "FailJob", "onExitCodes": {"containerName": container["name"],
+                                                                 "operator": "In", "values": [2]}}
+        assert rules[1] == {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]}
+        assert spec["template"]["spec"]["restartPolicy"] == "Never"  # what the policy requires
 
 
 def test_a_permanent_shard_failure_wins_over_a_transient_one():
