@@ -36,6 +36,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     command += [f"--namespace={ns}" for ns in args.namespace] or ["--all-namespaces"]
     if args.liveness_port:
         command.append(f"--liveness=http://0.0.0.0:{args.liveness_port}/healthz")
+        os.environ["DISP_LIVENESS_PORT"] = str(args.liveness_port)  # served while waiting to lead
     if args.verbose:
         command.append("--verbose")
     from kopf.cli import main as kopf_cli  # kopf's own CLI: signal handling, logging, liveness

@@ -46,6 +46,36 @@ def _json(name: str, default: Any, kind: type) -> Any:
 
 
 @dataclass(frozen=True)
+class LeaderElectionConfig:
+    """Where the replicas meet (a Lease in the operator's own namespace) and client-go's timings:
+    a leader that has not renewed for `lease_seconds` may be replaced; it stops leading itself
+    after `renew_deadline_seconds` without a renewal; candidates retry every `retry_seconds`."""
+
+    namespace: str
+    lease_name: str = "disp-operator"
+    lease_seconds: float = 15.0
+    renew_deadline_seconds: float = 10.0
+    retry_seconds: float = 2.0
+
+    @classmethod
+    def from_env(cls) -> Optional["LeaderElectionConfig"]:
+        if not _flag("DISP_LEADER_ELECTION"):
+            return None
+        namespace = os.environ.get("POD_NAMESPACE", "").strip()
+        if not namespace:
+            raise ConfigError("POD_NAMESPACE: required with DISP_LEADER_ELECTION=true (the namespace of the Lease; "
+                              "the chart sets it from the pod's own)")
+        config = cls(namespace=namespace, lease_name=os.environ.get("DISP_LEADER_LEASE_NAME") or "disp-operator",
+                     lease_seconds=_number("DISP_LEADER_LEASE_SECONDS", 15.0, 1.0),
+                     renew_deadline_seconds=_number("DISP_LEADER_RENEW_DEADLINE_SECONDS", 10.0, 0.5),
+                     retry_seconds=_number("DISP_LEADER_RETRY_SECONDS", 2.0, 0.1))
+        if not config.retry_seconds < config.renew_deadline_seconds < config.lease_seconds:
+            raise ConfigError("DISP_LEADER_RETRY_SECONDS < DISP_LEADER_RENEW_DEADLINE_SECONDS < "
+                              "DISP_LEADER_LEASE_SECONDS must hold (a leader must stop before another may take over)")
+        return config
+
+
+@dataclass(frozen=True)
 class OperatorConfig:
     runner: RunnerDefaults = field(default_factory=RunnerDefaults)
     backoff: RetryBackoff = field(default_factory=RetryBackoff)
@@ -58,6 +88,7 @@ class OperatorConfig:
     # None: any (no chart: a developer's own kubeconfig).
     credential_namespaces: Optional[frozenset[str]] = None
     forbid_unsafe_pickle: bool = False  # refuse spec.model.allowUnsafePickle cluster-wide
+    leader_election: Optional[LeaderElectionConfig] = None  # None: this replica leads alone
 
     @classmethod
     def from_env(cls) -> "OperatorConfig":
@@ -78,6 +109,7 @@ class OperatorConfig:
                                                         PENDING_THRESHOLD.total_seconds(), 1.0)),
             credential_namespaces=_namespaces("DISP_CREDENTIAL_NAMESPACES"),
             forbid_unsafe_pickle=_flag("DISP_FORBID_UNSAFE_PICKLE"),
+            leader_election=LeaderElectionConfig.from_env(),
         )
 
 

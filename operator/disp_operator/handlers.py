@@ -5,15 +5,20 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import signal
+import threading
 from typing import Any
 
 import kopf
+import kubernetes
 from prometheus_client import start_http_server
 
 from disp_operator.artifacts import RunStore
 from disp_operator.children import ChildJob, PendingPod, PodOutcome
-from disp_operator.config import OperatorConfig
+from disp_operator.config import LeaderElectionConfig, OperatorConfig
 from disp_operator.kube import KubeApi, client_configuration
+from disp_operator.leadership import LeaderElector, identity, serve_standby_health
 from disp_operator.metrics import OperatorMetrics
 from disp_operator.naming import GROUP, LABEL_JOB, LABEL_MANAGED_BY, MANAGED_BY, PLURAL, VERSION
 from disp_operator.service import OperatorRuntime, effective_job, read_credentials
@@ -21,6 +26,7 @@ from disp_operator.validation import InvalidSpec
 
 OURS = {LABEL_MANAGED_BY: MANAGED_BY}
 RUNTIME_KEY = "disp_runtime"  # in kopf's memo
+LIVENESS_PORT_ENV = "DISP_LIVENESS_PORT"  # set by disp-operator (__main__) from --liveness-port
 
 
 @kopf.on.login()
@@ -30,8 +36,10 @@ def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
 
 
 @kopf.on.startup()
-def start(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: logging.Logger, **_: Any) -> None:
-    settings.peering.standalone = True  # one replica; the Deployment's strategy is Recreate
+async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: logging.Logger, **_: Any) -> None:
+    # One replica reconciles at a time: leader election (below) when the chart runs two, so kopf's
+    # own peering stays off.
+    settings.peering.standalone = True
     # kopf's own bookkeeping goes to annotations: status belongs to the PurificationJob's users.
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="kopf.disp.dev")
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix="kopf.disp.dev")
@@ -46,22 +54,42 @@ def start(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: logging.Logg
     settings.posting.level = logging.WARNING  # Events come from our transitions, not from every log line
     config = OperatorConfig.from_env()
     metrics = OperatorMetrics()
-    runtime = OperatorRuntime(config=config, kube=KubeApi(client_configuration()), metrics=metrics)
+    kube = KubeApi(client_configuration())
+    runtime = OperatorRuntime(config=config, kube=kube, metrics=metrics)
     if config.metrics_port:
         runtime.metrics_server, _ = start_http_server(config.metrics_port, registry=metrics.registry)
         logger.info("metrics on :%d/metrics", config.metrics_port)
     memo[RUNTIME_KEY] = runtime
+    if config.leader_election is not None:
+        # kopf starts watching only when the startup handlers have returned: until this replica
+        # leads it watches nothing, reconciles nothing and exports no job series.
+        await lead(runtime, config.leader_election, logger)
+    metrics.leader.set(1)
 
 
-@kopf.on.cleanup()
-async def stop(memo: kopf.Memo, **_: Any) -> None:
-    runtime: OperatorRuntime | None = memo.get(RUNTIME_KEY)
-    if runtime is not None:
-        await runtime.stop_all()
-        if runtime.metrics_server is not None:
-            runtime.metrics_server.shutdown()
-            runtime.metrics_server.server_close()
-        runtime.kube.close()
+async def lead(runtime: OperatorRuntime, election: LeaderElectionConfig, logger: logging.Logger) -> None:
+    elector = LeaderElector(kubernetes.client.CoordinationV1Api(runtime.kube.client), election.namespace,
+                            election.lease_name, identity(), duration=election.lease_seconds,
+                            renew_deadline=election.renew_deadline_seconds, retry=election.retry_seconds)
+    runtime.leadership = elector
+    liveness_port = int(os.environ.get(LIVENESS_PORT_ENV) or 0)
+    standby = serve_standby_health(liveness_port) if liveness_port else None
+    logger.info("waiting to lead (Lease %s/%s, as %s)", election.namespace, election.lease_name, elector.me)
+    try:
+        await elector.campaign()
+    finally:
+        if standby is not None:
+            standby.shutdown()
+            standby.server_close()
+
+    def lost() -> None:
+        runtime.metrics.leader.set(0)
+        # The container restarts and campaigns again. In the operator's own process (kopf in the
+        # main thread) SIGTERM is kopf's graceful stop; run in-process by a test, writes stay fenced.
+        if threading.current_thread() is threading.main_thread():
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    runtime.leadership_task = asyncio.create_task(elector.keep(lost), name="leader election")
 
 
 @kopf.on.probe(id="jobs")

@@ -64,6 +64,8 @@ class OperatorMetrics:
         self.retention = Gauge("disp_job_retention_ratio", "Clean performance after / before purification, finished "
                                "jobs with a clean set.", ["namespace", "name"], registry=r)
         self.handler_runs = Counter("disp_operator_reconciles_total", "Reconcile passes.", registry=r)
+        self.leader = Gauge("disp_operator_leader", "1 while this replica leads (only the leader reconciles and "
+                            "exports job series), 0 while it waits.", registry=r)
         self.handler_errors = Counter("disp_operator_reconcile_errors_total", "Reconcile passes that raised.",
                                       ["error"], registry=r)
         self.handler_latency = Histogram("disp_operator_reconcile_duration_seconds", "Time of one reconcile pass.",

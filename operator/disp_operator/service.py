@@ -48,6 +48,8 @@ class OperatorRuntime:
     metrics: OperatorMetrics
     wakeups: dict[tuple[str, str], asyncio.Event] = field(default_factory=dict)
     metrics_server: Any = None  # prometheus_client's HTTP server, when enabled
+    leadership: Any = None  # leadership.LeaderElector, with leader election on
+    leadership_task: Optional[asyncio.Task] = None  # its renewals
 
     loops: dict[tuple[str, str], "JobLoop"] = field(default_factory=dict)
 
@@ -215,6 +217,8 @@ class JobLoop:
             return None
 
     async def _apply(self, plan: Plan, job: Optional[PurificationJob]) -> None:
+        if self.rt.leadership is not None and not self.rt.leadership.leading:
+            return  # lost the Lease: another replica may lead by now, so nothing is written
         kube = self.rt.kube
         old = self.status
         if plan.status != old:

@@ -16,6 +16,7 @@ from disp_operator.crd import render as render_crd
 from tests.deploy.helm_chart import CHART, ROOT, TEAM, HelmFailed, by_kind, lint, render
 
 KUBE_VERSION = "1.30"
+LEASE_ROLE = "disp-operator-leader-election"
 
 OPTION_SETS = {
     "default": TEAM,
@@ -45,7 +46,8 @@ def test_the_chart_renders_lints_and_validates(option):
     (deployment,) = by_kind(docs, "Deployment")
     pod = deployment["spec"]["template"]["spec"]
     (container,) = pod["containers"]
-    assert deployment["spec"]["replicas"] == 1 and deployment["spec"]["strategy"]["type"] == "Recreate"
+    assert deployment["spec"]["replicas"] == 1 and deployment["spec"]["strategy"]["type"] == "RollingUpdate"
+    assert deployment["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0  # the new pod waits, then leads
     assert container["securityContext"]["readOnlyRootFilesystem"] is True
     assert container["securityContext"]["allowPrivilegeEscalation"] is False
     assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
@@ -58,15 +60,18 @@ def test_the_chart_renders_lints_and_validates(option):
         assert (env["DISP_S3_ENDPOINT"], env["DISP_S3_CREDENTIALS_SECRET"]) == ("minio.minio.svc:9000", "minio")
     if option == "namespaced":
         assert "--namespace=ml-team" in container["args"] and "--all-namespaces" not in container["args"]
-        roles = by_kind(docs, "Role")
+        roles = [r for r in by_kind(docs, "Role") if r["metadata"]["name"] != LEASE_ROLE]
         assert sorted(r["metadata"]["namespace"] for r in roles) == ["ml-team", "research"]
         assert [r["metadata"]["name"] for r in by_kind(docs, "ClusterRole") if "\"batch\"" in json.dumps(r)] == []
     else:
         # cluster-wide: one Role, reading Secrets only, in each credential namespace
         assert "--all-namespaces" in container["args"]
-        roles = by_kind(docs, "Role")
+        roles = [r for r in by_kind(docs, "Role") if r["metadata"]["name"] != LEASE_ROLE]
         assert [(r["metadata"]["namespace"], r["rules"]) for r in roles] == \
             [("ml-team", [{"apiGroups": [""], "resources": ["secrets"], "verbs": ["get"]}])]
+    # and, in both modes, Leases only in the operator's own namespace (leader election)
+    (lease_role,) = [r for r in by_kind(docs, "Role") if r["metadata"]["name"] == LEASE_ROLE]
+    assert lease_role["metadata"]["namespace"] == "disp-system"
     if option == "monitoring":
         (monitor,) = by_kind(docs, "ServiceMonitor")
         assert monitor["metadata"]["labels"]["release"] == "prom"
@@ -107,6 +112,27 @@ def test_the_chart_ships_the_generated_crd_and_keeps_it_on_uninstall():
     assert by_kind(render({**TEAM, "crd": {"install": False}}), "CustomResourceDefinition") == []
 
 
+def test_two_replicas_elect_a_leader_and_keep_one_through_a_drain():
+    """replicaCount 2: both replicas get what leader election needs (their pod's name and
+    namespace, the Lease's name, a Role for Leases in the release's namespace only) and a
+    PodDisruptionBudget keeps one; with one replica there is nothing for a budget to keep."""
+    docs = render({**TEAM, "replicaCount": 2})
+    (deployment,) = by_kind(docs, "Deployment")
+    env = {e["name"]: e for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["DISP_LEADER_ELECTION"]["value"] == "true" and env["DISP_LEADER_LEASE_NAME"]["value"] == "disp-operator"
+    assert env["POD_NAMESPACE"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace"
+    assert env["POD_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+    roles = {r["metadata"]["name"]: r for r in by_kind(docs, "Role")}
+    lease_role = roles["disp-operator-leader-election"]
+    assert lease_role["metadata"]["namespace"] == "disp-system"
+    assert lease_role["rules"] == [{"apiGroups": ["coordination.k8s.io"], "resources": ["leases"],
+                                    "verbs": ["get", "create", "patch"]}]
+    (budget,) = by_kind(docs, "PodDisruptionBudget")
+    assert budget["spec"]["minAvailable"] == 1
+    assert budget["spec"]["selector"]["matchLabels"] == deployment["spec"]["selector"]["matchLabels"]
+    assert by_kind(render(TEAM), "PodDisruptionBudget") == []
+
+
 def test_user_roles_aggregate_into_view_and_edit():
     roles = {r["metadata"]["name"]: r for r in by_kind(render(TEAM), "ClusterRole")}
     viewer, editor = roles["disp-operator-viewer"], roles["disp-operator-editor"]
@@ -117,7 +143,7 @@ def test_user_roles_aggregate_into_view_and_edit():
 
 BAD_VALUES = [
     ("negative replicas", {"replicaCount": -1}, "replicaCount"),
-    ("two replicas", {"replicaCount": 2}, "replicaCount"),
+    ("three replicas", {"replicaCount": 3}, "replicaCount"),
     ("negative GPUs", {"runner": {"gpus": -1}}, "gpus"),
     ("unknown top-level key", {"replicas": 1}, "replicas"),
     ("non-string image tag", {"image": {"tag": 1.2}}, "tag"),

@@ -26,6 +26,11 @@ def cluster(control_plane, monkeypatch):
     monkeypatch.setenv("DISP_RECONCILE_INTERVAL_SECONDS", "0.5")
     monkeypatch.setenv("DISP_PROGRESS_INTERVAL_SECONDS", "0.5")
     monkeypatch.setenv("DISP_RETRY_BASE_SECONDS", "0.2")
+    # Leader election as the chart sets it up, on shorter timings: a test's operator that did not
+    # hand its Lease back is replaced within seconds by the next test's.
+    monkeypatch.setenv("DISP_LEADER_LEASE_SECONDS", "4")
+    monkeypatch.setenv("DISP_LEADER_RENEW_DEADLINE_SECONDS", "3")
+    monkeypatch.setenv("DISP_LEADER_RETRY_SECONDS", "0.5")
     monkeypatch.setenv("DISP_RUNNER_IMAGE", LOCAL_RUNNER_IMAGE)
     cluster.apply_secret(cluster.namespace, CREDENTIALS_SECRET, {"accessKey": ACCESS, "secretKey": SECRET})
     yield cluster

@@ -7,7 +7,12 @@ stand-in runner's job."""
 from __future__ import annotations
 
 import contextlib
+import os
+import signal
+import subprocess
+import sys
 import time
+import urllib.request
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -95,9 +100,12 @@ def operator(cluster: Cluster, monkeypatch, values: Optional[dict[str, Any]] = N
     """The operator as `helm install` with `values` deploys it (see `install`), its arguments and
     environment the chart's Deployment's, run in this process by kopf's test runner."""
     chart = install(cluster, values)
+    pod_name = f"disp-operator-{uuid.uuid4().hex[:5]}"
+    downward = {"metadata.namespace": OPERATOR_NAMESPACE, "metadata.name": pod_name}  # what the kubelet fills in
     for var in chart.container["env"]:
         if var["name"] not in TEST_SETTINGS:
-            monkeypatch.setenv(var["name"], var.get("value", ""))
+            field_ref = (var.get("valueFrom") or {}).get("fieldRef", {}).get("fieldPath")
+            monkeypatch.setenv(var["name"], downward[field_ref] if field_ref else var.get("value", ""))
     monkeypatch.setenv("DISP_METRICS_PORT", str(metrics_port))
     monkeypatch.setenv("KUBECONFIG", str(chart.kubeconfig))
     scope = [arg for arg in chart.container["args"] if arg.startswith(("--namespace=", "--all-namespaces"))]
@@ -107,6 +115,18 @@ def operator(cluster: Cluster, monkeypatch, values: Optional[dict[str, Any]] = N
 
 
 OPERATOR_USER = f"system:serviceaccount:{OPERATOR_NAMESPACE}:disp-operator"  # the chart's ServiceAccount
+LEASE = "disp-operator"  # the chart's Lease (leader election), in OPERATOR_NAMESPACE
+
+
+def delete_lease(cluster: Cluster) -> None:
+    """Start from no Lease, as on a fresh install (the session's earlier operators left theirs)."""
+    import kubernetes
+
+    try:
+        kubernetes.client.CoordinationV1Api(cluster.plane.admin()).delete_namespaced_lease(LEASE, OPERATOR_NAMESPACE)
+    except kubernetes.client.exceptions.ApiException as exc:
+        if exc.status != 404:
+            raise
 
 
 def finished(body: dict) -> bool:
@@ -164,3 +184,61 @@ class NodeView:
     def log(self, job: str, pod: int = -1) -> str:
         """The log of one of the Job's pods (the last to end, by default)."""
         return self.agent.pod_logs[(self.namespace, job)][pod].read_text(errors="replace")
+
+
+@dataclass
+class Replica:
+    """One replica of the operator as the chart's Deployment runs it, as its own process: the
+    installed `disp-operator` with the Deployment's arguments and environment (the pod's name and
+    namespace filled in as the kubelet does), the ServiceAccount's token, its own metrics and
+    liveness ports. Killed with SIGKILL, it stops as a crashed pod does: without handing over."""
+
+    name: str
+    process: subprocess.Popen
+    metrics_port: int
+    liveness_port: int
+    log: Path
+
+    @classmethod
+    def start(cls, chart: "Install", name: str, folder: Path, settings: dict[str, str]) -> "Replica":
+        metrics_port, liveness_port = free_port(), free_port()
+        downward = {"metadata.namespace": OPERATOR_NAMESPACE, "metadata.name": name}
+        env = {"PATH": os.environ["PATH"], "HOME": str(folder), "KUBECONFIG": str(chart.kubeconfig)}
+        for var in chart.container["env"]:
+            field_ref = (var.get("valueFrom") or {}).get("fieldRef", {}).get("fieldPath")
+            env[var["name"]] = downward[field_ref] if field_ref else var.get("value", "")
+        env.update(settings, TMPDIR=str(folder))
+        args = [a for a in chart.container["args"] if a.startswith(("--namespace=", "--all-namespaces"))]
+        log = folder / f"{name}.log"
+        process = subprocess.Popen(
+            [str(Path(sys.executable).with_name("disp-operator")), *args, f"--metrics-port={metrics_port}",
+             f"--liveness-port={liveness_port}"], env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
+        return cls(name, process, metrics_port, liveness_port, log)
+
+    def metrics(self) -> str:
+        """/metrics, or "" while nothing answers."""
+        try:
+            return urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=2).read().decode()
+        except OSError:
+            return ""
+
+    def leads(self) -> bool:
+        return "disp_operator_leader 1.0" in self.metrics()
+
+    def healthy(self) -> bool:
+        try:
+            return urllib.request.urlopen(f"http://127.0.0.1:{self.liveness_port}/healthz", timeout=2).status == 200
+        except OSError:
+            return False
+
+    def kill(self) -> None:
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait(10)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                self.kill()

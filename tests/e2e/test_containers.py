@@ -34,7 +34,8 @@ from tests.containers.podman import (
     started_pod,
 )
 from tests.deploy.helm_chart import by_kind, render
-from tests.e2e.support import ACCESS, CREDENTIALS_SECRET, SECRET, free_port, install, manifest
+from tests.e2e.support import ACCESS, CREDENTIALS_SECRET, SECRET, delete_lease, free_port, install, manifest
+from tests.harness.cluster import OPERATOR_NAMESPACE
 from tests.harness.container_rules import (
     ImageConfig,
     image_config,
@@ -215,6 +216,9 @@ def test_the_operator_image_runs_the_charts_deployment_without_torch(images, clu
                               "operator": {"healthPort": health, "metricsPort": metrics,
                                            "reconcileIntervalSeconds": 1}}, embed_ca=True)
     template = copy.deepcopy(chart.deployment["spec"]["template"])
+    # what the API server gives the ReplicaSet's pod (the downward API reads them: leader election)
+    template["metadata"].update(name=unique("disp-operator"), namespace=OPERATOR_NAMESPACE)
+    delete_lease(cluster)  # no earlier test's Lease to wait out: the pod leads at once
     kube = tmp_path / "kube"
     kube.mkdir(mode=0o755)
     (kube / "config").write_text(chart.kubeconfig.read_text())

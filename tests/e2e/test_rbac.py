@@ -8,8 +8,8 @@ from __future__ import annotations
 import pytest
 
 from tests.deploy.helm_chart import by_kind, render
-from tests.e2e.support import (OPERATOR_USER, PodFault, chart_values, finished, operator, standin_manifest,
-                               wait_until)
+from tests.e2e.support import (OPERATOR_USER, PodFault, chart_values, delete_lease, finished, operator,
+                               standin_manifest, wait_until)
 
 CLUSTER = "*"  # a grant by a ClusterRole: every namespace
 
@@ -66,6 +66,7 @@ def test_the_chart_grants_exactly_what_the_operator_uses(cluster, kubelet, s3, u
     values = chart_values(cluster) if mode == "cluster-wide" else {"watchNamespaces": [cluster.namespace]}
     kubelet.standin_seconds = 1.5
     kubelet.faults["rbac-saliency"] = PodFault(137, "OOMKilled")
+    delete_lease(cluster)  # a first install: the operator creates its Lease, renews it, hands it back
     with operator(cluster, monkeypatch, values):
         # A two-pod fine-tune: the operator creates its rendezvous Service too; clean-up on deletion:
         # the job carries the operator's finalizer (patched in, and out once the artifacts are gone).
