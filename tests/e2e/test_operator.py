@@ -10,6 +10,7 @@ import json
 import time
 import urllib.request
 
+import kubernetes
 import pytest
 
 from disp_api import MetricsSummary, StageName
@@ -236,38 +237,6 @@ def _condition(body: dict, kind: str) -> dict:
     return next((c for c in body.get("status", {}).get("conditions", []) if c["type"] == kind), {})
 
 
-def test_with_a_kueue_queue_every_stage_job_waits_suspended_until_admitted(cluster, kubelet, s3, uploaded,
-                                                                           monkeypatch):
-    doc = standin_manifest(s3, uploaded, cluster.namespace, "queued")
-    doc["metadata"]["labels"] = {"kueue.x-k8s.io/queue-name": "gpu-batch"}
-    admitted: list[str] = []
-    with operator(cluster, monkeypatch):
-        cluster.create_job(doc)
-        body = cluster.wait_for(cluster.namespace, "queued",
-                                lambda b: "waiting for admission" in b.get("status", {}).get("message", ""), 30,
-                                "the job to say it waits for admission")
-        time.sleep(1.0)  # several reconcile passes and kubelet polls
-        assert kubelet.started == []  # a suspended Job runs no pod
-        (queued,) = cluster.jobs(cluster.namespace)
-        assert queued["spec"]["suspend"] is True
-        assert queued["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "gpu-batch"
-        assert _condition(body, "Reconciling")["reason"] == "WaitingForAdmission"
-        assert _condition(body, "Stalled")["status"] == "False"
-        deadline = time.monotonic() + 60
-        while not finished(cluster.get(cluster.namespace, "queued")):  # play Kueue: admit what waits
-            assert time.monotonic() < deadline, "timed out admitting the stages"
-            for job in cluster.jobs(cluster.namespace):
-                if job["spec"].get("suspend"):
-                    cluster.batch.patch_namespaced_job(job["metadata"]["name"], cluster.namespace, {"spec": {"suspend": False}})
-                    admitted.append(job["metadata"]["name"])
-            time.sleep(0.1)
-        body = cluster.get(cluster.namespace, "queued")
-    assert body["status"]["phase"] == "Succeeded"
-    assert admitted == kubelet.started == ["queued-saliency", "queued-masking", "queued-relabel", "queued-finetune",
-                                           "queued-evaluate"]
-    assert sum(e["reason"] == "WaitingForAdmission" for e in cluster.events(cluster.namespace)) == 5
-
-
 def test_an_unschedulable_stage_pod_stalls_the_job_visibly_until_it_is_suspended(cluster, kubelet, s3, uploaded,
                                                                                   monkeypatch):
     """More GPUs than any node has: the real scheduler refuses the stage pod and says why."""
@@ -356,3 +325,23 @@ def test_a_fine_tune_pod_killed_after_epoch_two_of_four_resumes_at_epoch_three(c
     assert resumed.keys() == uninterrupted.keys()
     for name, tensor in uninterrupted.items():
         assert (resumed[name] == tensor).all(), name
+
+
+def test_a_pod_the_cluster_disrupts_is_replaced_by_the_job_controller_without_spending_an_attempt(
+        cluster, kubelet, s3, uploaded, monkeypatch):
+    """The stage Job's pod failure policy on the real Job controller: an evicted pod (Failed, with
+    the DisruptionTarget condition the kubelet adds) is ignored and replaced within the same Job, so
+    the run neither makes a second attempt nor counts a failure against spec.policy.backoffLimit."""
+    kubelet.standin_seconds = 0.3
+    kubelet.faults["evict-masking"] = PodFault(None, "Evicted", "The node was low on resource: memory.")
+    with operator(cluster, monkeypatch):
+        cluster.create_job(standin_manifest(s3, uploaded, cluster.namespace, "evict"))
+        body = cluster.wait_for(cluster.namespace, "evict", finished, 90, "the job to finish")
+    assert body["status"]["phase"] == "Succeeded", body["status"]
+    assert kubelet.started == ["evict-saliency", "evict-masking", "evict-relabel", "evict-finetune", "evict-evaluate"]
+    masking = next(s for s in body["status"]["stages"] if s["name"] == "masking")
+    assert (masking["attempts"], masking.get("failures", 0)) == (1, 0)
+    core = kubernetes.client.CoreV1Api(cluster.plane.admin())
+    pods = core.list_namespaced_pod(cluster.namespace, label_selector="batch.kubernetes.io/job-name=evict-masking").items
+    assert sorted((p.status.phase, p.status.reason or "") for p in pods) == [("Failed", "Evicted"), ("Succeeded", "")]
+    assert not [e for e in cluster.events(cluster.namespace) if e["reason"] == "StageRetrying"]
