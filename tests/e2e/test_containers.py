@@ -33,7 +33,6 @@ from tests.containers.podman import (
     run_pod,
     started_pod,
 )
-from tests.deploy.helm_chart import by_kind, render
 from tests.e2e.support import ACCESS, CREDENTIALS_SECRET, SECRET, delete_lease, free_port, install, manifest
 from tests.harness.cluster import OPERATOR_NAMESPACE
 from tests.harness.container_rules import (

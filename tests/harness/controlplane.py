@@ -20,7 +20,6 @@ import base64
 import contextlib
 import json
 import os
-import signal
 import socket
 import ssl
 import subprocess
@@ -35,6 +34,7 @@ import kubernetes
 import yaml
 
 from tests.harness.pki import ClusterPKI, KeyPair
+from tests.harness.process import build_folder, log_tail, stop
 
 REPO = Path(__file__).resolve().parents[2]
 BUILD_SCRIPT = REPO / "tools" / "controlplane" / "build.sh"
@@ -60,25 +60,7 @@ def free_port() -> int:
 
 def build_binaries() -> Path:
     """The folder holding the four components and kubectl (built once, behind a stamp, by build.sh)."""
-    try:
-        result = subprocess.run(["bash", str(BUILD_SCRIPT)], capture_output=True, text=True, timeout=3600)
-    except subprocess.TimeoutExpired:
-        raise ControlPlaneError("tools/controlplane/build.sh ran over an hour") from None
-    if result.returncode != 0:
-        tail = "\n".join(result.stderr.strip().splitlines()[-15:])
-        raise ControlPlaneError(f"tools/controlplane/build.sh failed (exit {result.returncode}):\n{tail}")
-    folder = Path(result.stdout.strip().splitlines()[-1])
-    missing = [c for c in COMPONENTS + CLIENTS if not (folder / c).is_file()]
-    if missing:
-        raise ControlPlaneError(f"tools/controlplane/build.sh left no {', '.join(missing)} in {folder}")
-    return folder
-
-
-def log_tail(path: Path, lines: int = 25) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except FileNotFoundError:
-        return "(no log)"
+    return build_folder(BUILD_SCRIPT, COMPONENTS + CLIENTS, ControlPlaneError)
 
 
 @dataclass
@@ -95,14 +77,7 @@ class Component:
         return ControlPlaneError(f"{self.name} {what} ({state}); last lines of {self.log}:\n{log_tail(self.log)}")
 
     def stop(self, grace: float = 10) -> None:
-        if not self.alive():
-            return
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            self.process.wait(grace)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        stop(self.process, grace)
 
 
 def kubeconfig(path: Path, server: str, ca: Path, *, client: Optional[KeyPair] = None,

@@ -19,15 +19,13 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Optional
 
 import yaml
 
-from tests.harness.controlplane import ControlPlane, free_port, log_tail
+from tests.harness.controlplane import ControlPlane, free_port
+from tests.harness.process import http_ok, stop, wait_ready
 from tests.harness.tools import BUILD_SCRIPT, ToolError
 
 KUEUE_API = "kueue.x-k8s.io/v1beta2"
@@ -89,30 +87,9 @@ class KueueManager:
                  # the on-demand visibility API server needs an APIService and certificates of its own
                  "--feature-gates=VisibilityOnDemand=false"],
                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise ToolError(f"kueue exited with code {self.process.returncode}; last lines of {self.log}:\n"
-                                f"{log_tail(self.log)}")
-            if self._ready():
-                return self
-            time.sleep(0.2)
-        self.stop()
-        raise ToolError(f"kueue was not ready within {timeout}s; last lines of {self.log}:\n{log_tail(self.log)}")
-
-    def _ready(self) -> bool:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.health_port}/readyz", timeout=2) as response:
-                return response.status == 200
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
-            return False
+        wait_ready("kueue", self.process, self.log, lambda: http_ok(f"http://127.0.0.1:{self.health_port}/readyz"),
+                   timeout, ToolError)
+        return self
 
     def stop(self) -> None:
-        if self.process is None or self.process.poll() is not None:
-            return
-        self.process.terminate()
-        try:
-            self.process.wait(15)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        stop(self.process, grace=15)

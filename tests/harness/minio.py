@@ -10,13 +10,11 @@ from __future__ import annotations
 
 import os
 import subprocess
-import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Optional
 
-from tests.harness.controlplane import free_port, log_tail
+from tests.harness.controlplane import free_port
+from tests.harness.process import http_ok, stop, wait_ready
 from tests.harness.tools import module_version
 
 S3_ACCESS, S3_SECRET = "disp-test-access", "disp-test-secret-6f2b"
@@ -51,33 +49,12 @@ class MinioServer:
                 [str(self.binary), "server", str(self.data), "--address", self.endpoint,
                  "--console-address", f"127.0.0.1:{free_port()}", "--quiet"],
                 stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise MinioError(f"minio exited with code {self.process.returncode}; last lines of {self.log}:\n"
-                                 f"{log_tail(self.log)}")
-            if self._ready():
-                return self
-            time.sleep(0.05)
-        self.stop()
-        raise MinioError(f"minio was not ready within {timeout}s; last lines of {self.log}:\n{log_tail(self.log)}")
-
-    def _ready(self) -> bool:
-        try:
-            with urllib.request.urlopen(f"http://{self.endpoint}/minio/health/ready", timeout=2) as response:
-                return response.status == 200
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
-            return False
+        wait_ready("minio", self.process, self.log, lambda: http_ok(f"http://{self.endpoint}/minio/health/ready"),
+                   timeout, MinioError)
+        return self
 
     def stop(self) -> None:
-        if self.process is None or self.process.poll() is not None:
-            return
-        self.process.terminate()
-        try:
-            self.process.wait(10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        stop(self.process)
 
     def version(self) -> str:
         return module_version(self.binary)

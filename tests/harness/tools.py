@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Mapping, Optional
 
 from tests.harness.controlplane import REPO, build_binaries
+from tests.harness.process import build_folder
 
 BUILD_SCRIPT = REPO / "tools" / "clustertools" / "build.sh"
 CLUSTER_TOOLS = ("helm", "kustomize", "minio", "kueue")
@@ -25,18 +26,7 @@ class ToolError(RuntimeError):
 
 def build_cluster_tools() -> Path:
     """The folder holding helm, kustomize, minio and kueue (built once, behind a stamp)."""
-    try:
-        result = subprocess.run(["bash", str(BUILD_SCRIPT)], capture_output=True, text=True, timeout=3600)
-    except subprocess.TimeoutExpired:
-        raise ToolError("tools/clustertools/build.sh ran over an hour") from None
-    if result.returncode != 0:
-        tail = "\n".join(result.stderr.strip().splitlines()[-15:])
-        raise ToolError(f"tools/clustertools/build.sh failed (exit {result.returncode}):\n{tail}")
-    folder = Path(result.stdout.strip().splitlines()[-1])
-    missing = [tool for tool in CLUSTER_TOOLS if not (folder / tool).is_file()]
-    if missing:
-        raise ToolError(f"tools/clustertools/build.sh left no {', '.join(missing)} in {folder}")
-    return folder
+    return build_folder(BUILD_SCRIPT, CLUSTER_TOOLS, ToolError)
 
 
 @dataclass(frozen=True)
