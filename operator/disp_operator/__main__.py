@@ -12,7 +12,10 @@ from typing import Sequence
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from disp_api.version import VERSION
+
     parser = argparse.ArgumentParser(prog="disp-operator", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"disp-operator {VERSION}")
     scope = parser.add_mutually_exclusive_group()
     scope.add_argument("-A", "--all-namespaces", action="store_true", help="watch every namespace (default)")
     scope.add_argument("-n", "--namespace", action="append", default=[],

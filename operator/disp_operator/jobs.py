@@ -13,6 +13,7 @@ from typing import Any, Mapping
 
 from disp_api import PurificationJob, StageName
 from disp_api.contract import ExitCode
+from disp_api.version import VERSION
 from disp_api.status import StepKind
 from disp_operator.naming import (ANNOTATION_ATTEMPT, LABEL_JOB, LABEL_STAGE, child_labels,
                                   rendezvous_service_name, stage_job_name)
@@ -31,7 +32,7 @@ GPU_RESOURCE = "nvidia.com/gpu"
 class RunnerDefaults:
     """What the operator's deployment decides for every runner pod unless the spec overrides it."""
 
-    image: str = "ghcr.io/disp-dev/disp-runner:0.1.0"
+    image: str = f"ghcr.io/disp-dev/disp-runner:{VERSION}"  # the runner of this operator's own release
     service_account: str = ""  # empty: the namespace's default (its token is not mounted anyway)
     gpus: int = 1
     node_selector: Mapping[str, str] = field(default_factory=dict)

@@ -20,6 +20,7 @@ from pydantic import ValidationError
 
 from disp_api.attack import AttackTarget, TriggerKind
 from disp_api.base import SEED_MAX
+from disp_api.version import VERSION
 
 from disp_runner.errors import (EXIT_INTERNAL_ERROR, EXIT_TRANSIENT_ERROR, EXIT_USER_ERROR, EXIT_WEAK_BACKDOOR,
                                 TransientError, UserInputError, WeakBackdoorError)
@@ -116,6 +117,7 @@ def _add_global_flags(parser: argparse.ArgumentParser, defaults: bool) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _OneLineErrors(prog="disp", description="DiSP runner: backdoor purification for MDLMs.")
+    parser.add_argument("--version", action="version", version=f"disp {VERSION}")
     _add_global_flags(parser, defaults=True)
     common = argparse.ArgumentParser(add_help=False)
     _add_global_flags(common, defaults=False)
