@@ -89,6 +89,9 @@ class OperatorConfig:
     credential_namespaces: Optional[frozenset[str]] = None
     forbid_unsafe_pickle: bool = False  # refuse spec.model.allowUnsafePickle cluster-wide
     leader_election: Optional[LeaderElectionConfig] = None  # None: this replica leads alone
+    # host[:port] patterns of the S3 endpoints jobs may name (the chart's storage.allowedEndpoints);
+    # None: any. Keeps a tenant from pointing the operator, with its own keys, at any address.
+    allowed_endpoints: Optional[tuple[str, ...]] = None
 
     @classmethod
     def from_env(cls) -> "OperatorConfig":
@@ -110,6 +113,7 @@ class OperatorConfig:
             credential_namespaces=_namespaces("DISP_CREDENTIAL_NAMESPACES"),
             forbid_unsafe_pickle=_flag("DISP_FORBID_UNSAFE_PICKLE"),
             leader_election=LeaderElectionConfig.from_env(),
+            allowed_endpoints=_endpoints("DISP_ALLOWED_S3_ENDPOINTS"),
         )
 
 
@@ -119,6 +123,16 @@ def _namespaces(name: str) -> Optional[frozenset[str]]:
     if raw is None:
         return None
     return frozenset(ns.strip() for ns in raw.split(",") if ns.strip())
+
+
+def _endpoints(name: str) -> Optional[tuple[str, ...]]:
+    """Comma-separated host[:port] patterns; unset or empty: no restriction."""
+    raw = os.environ.get(name, "")
+    patterns = tuple(p.strip() for p in raw.split(",") if p.strip())
+    for pattern in patterns:
+        if "/" in pattern or " " in pattern:
+            raise ConfigError(f"{name}: {pattern!r} is not a host[:port] pattern")
+    return patterns or None
 
 
 def _flag(name: str) -> bool:

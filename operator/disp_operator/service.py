@@ -171,7 +171,8 @@ class JobLoop:
 
     async def _validate(self, job: PurificationJob) -> None:
         check_static(job)
-        check_policy(job, self.rt.config.credential_namespaces, self.rt.config.forbid_unsafe_pickle)
+        check_policy(job, self.rt.config.credential_namespaces, self.rt.config.forbid_unsafe_pickle,
+                     self.rt.config.allowed_endpoints)
         data = await read_credentials(self.rt, job)
         check_cluster(job, ClusterFacts(secret_keys=None if data is None else frozenset(data)))
         self.store = await self._open_store(job, data)
@@ -293,6 +294,7 @@ _STATUS_KEYS = {to_camel(name) for name in PurificationJobStatus.model_fields}
 async def read_credentials(runtime: OperatorRuntime, job: PurificationJob) -> Optional[dict[str, str]]:
     """A job's credentials Secret (None when it does not exist), read only in the namespaces the
     operator may read Secrets in (InvalidSpec otherwise: the chart grants no more)."""
-    check_policy(job, runtime.config.credential_namespaces, forbid_unsafe_pickle=False)
+    check_policy(job, runtime.config.credential_namespaces, forbid_unsafe_pickle=False,
+                 allowed_endpoints=runtime.config.allowed_endpoints)
     return await asyncio.to_thread(runtime.kube.secret_data, job.metadata.namespace,
                                    job.spec.storage.credentials_secret.name)

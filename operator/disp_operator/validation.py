@@ -5,6 +5,7 @@ credentials Secret exists with both keys, and the model folder holds weights the
 
 from __future__ import annotations
 
+import fnmatch
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional
 
@@ -60,9 +61,32 @@ def check_static(job: PurificationJob) -> None:
         raise InvalidSpec("spec.storage.credentialsSecret: required (a Secret with the S3 access and secret keys)")
 
 
+def _host_port(text: str) -> tuple[str, str]:
+    host, colon, port = text.strip().lower().rpartition(":")
+    return (host, port) if colon and port.isdigit() else (text.strip().lower(), "")
+
+
+def endpoint_allowed(endpoint: str, patterns: tuple[str, ...]) -> bool:
+    """`host[:port]` against the chart's storage.allowedEndpoints: shell-style patterns on the host
+    (`*.minio.svc`), a pattern without a port allows any port, hosts compare case-insensitively."""
+    host, port = _host_port(endpoint)
+    for pattern in patterns:
+        allowed_host, allowed_port = _host_port(pattern)
+        if fnmatch.fnmatchcase(host, allowed_host) and allowed_port in ("", port):
+            return True
+    return False
+
+
 def check_policy(job: PurificationJob, credential_namespaces: Optional[frozenset[str]],
-                 forbid_unsafe_pickle: bool) -> None:
-    """What the cluster's operator is configured to allow (the chart's values)."""
+                 forbid_unsafe_pickle: bool, allowed_endpoints: Optional[tuple[str, ...]] = None) -> None:
+    """What the cluster's operator is configured to allow (the chart's values). Checked before the
+    operator reads a Secret or connects anywhere."""
+    storage = job.spec.storage
+    if allowed_endpoints is not None and storage is not None and not endpoint_allowed(storage.endpoint,
+                                                                                     allowed_endpoints):
+        raise InvalidSpec(f"spec.storage.endpoint: {storage.endpoint!r} is not an S3 endpoint this cluster allows "
+                          f"(storage.allowedEndpoints: {', '.join(allowed_endpoints) or 'none'}); ask the "
+                          "cluster's administrators to add it")
     if forbid_unsafe_pickle and job.spec.model.allow_unsafe_pickle:
         raise InvalidSpec("spec.model.allowUnsafePickle: this cluster refuses pickle weights (they run code when "
                           "loaded; the operator's forbidUnsafePickle is set): convert the model to safetensors")

@@ -29,7 +29,8 @@ OPTION_SETS = {
     "custom-image": {**TEAM, "image": {"repository": "registry.example/disp-operator", "tag": "1.2.3"},
                      "runner": {"image": {"repository": "registry.example/disp-runner", "tag": "1.2.3"},
                                 "gpus": 2, "nodeSelector": {"pool": "h100"}},
-                     "storage": {"endpoint": "minio.minio.svc:9000", "credentialsSecret": "minio"}},
+                     "storage": {"endpoint": "minio.minio.svc:9000", "credentialsSecret": "minio",
+                                 "allowedEndpoints": ["minio.minio.svc:9000", "*.s3.example"]}},
 }
 
 
@@ -58,6 +59,7 @@ def test_the_chart_renders_lints_and_validates(option):
         assert env["DISP_RUNNER_IMAGE"] == "registry.example/disp-runner:1.2.3"
         assert env["DISP_RUNNER_GPUS"] == "2" and json.loads(env["DISP_RUNNER_NODE_SELECTOR"]) == {"pool": "h100"}
         assert (env["DISP_S3_ENDPOINT"], env["DISP_S3_CREDENTIALS_SECRET"]) == ("minio.minio.svc:9000", "minio")
+        assert env["DISP_ALLOWED_S3_ENDPOINTS"] == "minio.minio.svc:9000,*.s3.example"
     if option == "namespaced":
         assert "--namespace=ml-team" in container["args"] and "--all-namespaces" not in container["args"]
         roles = [r for r in by_kind(docs, "Role") if r["metadata"]["name"] != LEASE_ROLE]
@@ -150,6 +152,7 @@ BAD_VALUES = [
     ("endpoint without a credentials Secret", {"storage": {"endpoint": "minio:9000"}}, "credentialsSecret"),
     ("bad namespace", {"watchNamespaces": ["Not_A_Namespace"]}, "watchNamespaces"),
     ("bad port", {"operator": {"metricsPort": 70000}}, "metricsPort"),
+    ("endpoint pattern with a scheme", {"storage": {"allowedEndpoints": ["http://minio:9000"]}}, "allowedEndpoints"),
 ]
 
 

@@ -7,6 +7,8 @@ tests/harness/."""
 from __future__ import annotations
 
 import json
+import socket
+import threading
 import time
 import urllib.request
 
@@ -15,8 +17,8 @@ import pytest
 
 from disp_api import MetricsSummary, StageName
 from disp_runner.store.s3 import S3Store
-from tests.e2e.support import (ACCESS, SECRET, PodFault, finished, free_port, manifest, operator, standin_manifest,
-                               wait_until)
+from tests.e2e.support import (ACCESS, CREDENTIALS_SECRET, SECRET, PodFault, chart_values, finished, free_port,
+                               manifest, operator, standin_manifest, wait_until)
 
 ALL_STAGES = [s.value for s in StageName]
 
@@ -345,3 +347,48 @@ def test_a_pod_the_cluster_disrupts_is_replaced_by_the_job_controller_without_sp
     pods = core.list_namespaced_pod(cluster.namespace, label_selector="batch.kubernetes.io/job-name=evict-masking").items
     assert sorted((p.status.phase, p.status.reason or "") for p in pods) == [("Failed", "Evicted"), ("Succeeded", "")]
     assert not [e for e in cluster.events(cluster.namespace) if e["reason"] == "StageRetrying"]
+
+
+def test_a_job_naming_an_endpoint_outside_the_fence_fails_before_any_connection(cluster, kubelet, s3, uploaded,
+                                                                                monkeypatch):
+    """The chart's storage.allowedEndpoints: a job that names another endpoint (here a listener that
+    records every connection) fails InvalidSpec without the operator reading its Secret or
+    connecting; a job on the allowed endpoint runs."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    listener.settimeout(0.2)
+    connections: list[tuple[str, int]] = []
+    stop = threading.Event()
+
+    def record() -> None:
+        while not stop.is_set():
+            try:
+                conn, peer = listener.accept()
+            except OSError:
+                continue
+            connections.append(peer)
+            conn.close()
+
+    recorder = threading.Thread(target=record, daemon=True)
+    recorder.start()
+    elsewhere = f"127.0.0.1:{listener.getsockname()[1]}"
+    kubelet.standin_seconds = 0.2
+    values = chart_values(cluster, storage={"allowedEndpoints": [s3]})
+    try:
+        with operator(cluster, monkeypatch, values):
+            cluster.create_job(standin_manifest(s3, uploaded, cluster.namespace, "fenced", storage={
+                "endpoint": elsewhere, "secure": False, "credentialsSecret": {"name": CREDENTIALS_SECRET}}))
+            cluster.create_job(standin_manifest(s3, uploaded, cluster.namespace, "allowed"))
+            refused = cluster.wait_for(cluster.namespace, "fenced", finished, 30, "the fenced job to fail")
+            ran = cluster.wait_for(cluster.namespace, "allowed", finished, 90, "the allowed job to finish")
+    finally:
+        stop.set()
+        recorder.join(5)
+        listener.close()
+    failed = next(c for c in refused["status"]["conditions"] if c["type"] == "Failed")
+    assert failed["reason"] == "InvalidSpec" and failed["message"].startswith("spec.storage.endpoint: ")
+    assert f"storage.allowedEndpoints: {s3}" in failed["message"]
+    assert connections == []  # not one connection to the endpoint outside the fence
+    assert ran["status"]["phase"] == "Succeeded", ran["status"]
+    assert not any(job.startswith("fenced-") for job in kubelet.started)

@@ -428,3 +428,25 @@ def test_the_cluster_can_forbid_pickle_and_fence_credentials_by_namespace():
         check_policy(job, frozenset({"other"}), forbid_unsafe_pickle=False)
     with pytest.raises(InvalidSpec, match="in: no namespace"):
         check_policy(job, frozenset(), forbid_unsafe_pickle=False)
+
+
+@pytest.mark.parametrize("endpoint, allowed", [
+    ("minio.minio.svc:9000", True),
+    ("MINIO.minio.svc:9000", True),  # hosts compare case-insensitively
+    ("minio.minio.svc:9001", False),  # the pattern names its port
+    ("store.s3.example", True), ("store.s3.example:443", True),  # no port in the pattern: any
+    ("s3.example", False),  # "*.s3.example" needs a subdomain
+    ("10.0.0.12:9000", False), ("kubernetes.default.svc:443", False), ("169.254.169.254", False),
+])
+def test_the_cluster_can_fence_the_storage_endpoints_jobs_may_name(endpoint, allowed):
+    from disp_operator.validation import check_policy
+
+    job = parse_job(job_body(storage={"endpoint": endpoint, "credentialsSecret": {"name": "minio"}}))
+    fence = ("minio.minio.svc:9000", "*.s3.example")
+    check_policy(job, None, forbid_unsafe_pickle=False)  # no fence: any endpoint
+    if allowed:
+        check_policy(job, None, forbid_unsafe_pickle=False, allowed_endpoints=fence)
+    else:
+        with pytest.raises(InvalidSpec, match=r"^spec.storage.endpoint: .* is not an S3 endpoint this cluster "
+                                              r"allows \(storage.allowedEndpoints: minio.minio.svc:9000, \*.s3.example\)"):
+            check_policy(job, None, forbid_unsafe_pickle=False, allowed_endpoints=fence)

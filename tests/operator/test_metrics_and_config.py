@@ -71,11 +71,15 @@ def test_config_reads_the_environment(monkeypatch):
     assert config.pending_threshold.total_seconds() == 120
     monkeypatch.setenv("DISP_CREDENTIAL_NAMESPACES", "")  # the chart, cluster-wide, with no namespace listed
     assert OperatorConfig.from_env().credential_namespaces == frozenset()
+    assert config.allowed_endpoints is None  # the chart's default: an empty list, any endpoint
+    monkeypatch.setenv("DISP_ALLOWED_S3_ENDPOINTS", "minio.minio.svc:9000, *.s3.example")
+    assert OperatorConfig.from_env().allowed_endpoints == ("minio.minio.svc:9000", "*.s3.example")
 
 
 @pytest.mark.parametrize("name, value", [("DISP_RETRY_BASE_SECONDS", "soon"), ("DISP_RECONCILE_INTERVAL_SECONDS", "0"),
                                          ("DISP_METRICS_PORT", "-1"), ("DISP_FORBID_UNSAFE_PICKLE", "yes"),
-                                         ("DISP_PENDING_THRESHOLD_SECONDS", "0")])
+                                         ("DISP_PENDING_THRESHOLD_SECONDS", "0"),
+                                         ("DISP_ALLOWED_S3_ENDPOINTS", "http://minio:9000")])
 def test_bad_settings_name_the_variable(monkeypatch, name, value):
     monkeypatch.setenv(name, value)
     with pytest.raises(ConfigError, match=name):
