@@ -24,6 +24,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="Prometheus /metrics port (default: $DISP_METRICS_PORT or 9090; 0 turns it off)")
     parser.add_argument("--liveness-port", type=int, default=8080,
                         help="port of the /healthz liveness and readiness endpoint (0 turns it off)")
+    parser.add_argument("--log-format", choices=("text", "json"), default="text",
+                        help="json: one JSON object per line, with the PurificationJob's namespace and name under "
+                             "'object' where a line is about one (for log pipelines)")
     parser.add_argument("--verbose", action="store_true", help="debug logging")
     return parser
 
@@ -40,6 +43,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.liveness_port:
         command.append(f"--liveness=http://0.0.0.0:{args.liveness_port}/healthz")
         os.environ["DISP_LIVENESS_PORT"] = str(args.liveness_port)  # served while waiting to lead
+    if args.log_format == "json":
+        command.append("--log-format=json")
     if args.verbose:
         command.append("--verbose")
     from kopf.cli import main as kopf_cli  # kopf's own CLI: signal handling, logging, liveness

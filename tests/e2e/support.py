@@ -201,6 +201,7 @@ class Replica:
 
     @classmethod
     def start(cls, chart: "Install", name: str, folder: Path, settings: dict[str, str]) -> "Replica":
+        """The replica `name` (its pod's name), with `settings` over the chart's environment."""
         metrics_port, liveness_port = free_port(), free_port()
         downward = {"metadata.namespace": OPERATOR_NAMESPACE, "metadata.name": name}
         env = {"PATH": os.environ["PATH"], "HOME": str(folder), "KUBECONFIG": str(chart.kubeconfig)}
@@ -208,7 +209,7 @@ class Replica:
             field_ref = (var.get("valueFrom") or {}).get("fieldRef", {}).get("fieldPath")
             env[var["name"]] = downward[field_ref] if field_ref else var.get("value", "")
         env.update(settings, TMPDIR=str(folder))
-        args = [a for a in chart.container["args"] if a.startswith(("--namespace=", "--all-namespaces"))]
+        args = [a for a in chart.container["args"] if a.startswith(("--namespace=", "--all-namespaces", "--log-format"))]
         log = folder / f"{name}.log"
         process = subprocess.Popen(
             [str(Path(sys.executable).with_name("disp-operator")), *args, f"--metrics-port={metrics_port}",

@@ -4,13 +4,15 @@ killed mid-stage and the other taking over."""
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 
 import kubernetes
 
 from disp_operator.leadership import LeaderElector
-from tests.e2e.support import LEASE, Replica, delete_lease, finished, install, standin_manifest, wait_until
+from tests.e2e.support import (LEASE, Replica, chart_values, delete_lease, finished, install, standin_manifest,
+                               wait_until)
 from tests.harness.cluster import OPERATOR_NAMESPACE
 
 # The chart's leader-election settings, shortened for the test (client-go's proportions).
@@ -94,3 +96,32 @@ def test_the_leader_killed_mid_stage_is_replaced_without_a_duplicate_job_or_lost
     assert 4 - 0.5 <= took_over <= 4 + 3, took_over  # the lease's duration, give or take a retry
     # The clean stop handed the Lease back.
     assert not api.read_namespaced_lease(LEASE, OPERATOR_NAMESPACE).spec.holder_identity
+
+
+def test_with_log_format_json_every_line_the_operator_writes_is_json_and_names_its_job(
+        cluster, kubelet, s3, uploaded, tmp_path):
+    """The chart's operator.logFormat json: the whole log of a replica that led one run parses line
+    by line, and the lines about the run carry its namespace and name for a log pipeline to filter."""
+    chart = install(cluster, chart_values(cluster, operator={"logFormat": "json"}))
+    assert "--log-format=json" in chart.container["args"]
+    delete_lease(cluster)
+    replica = Replica.start(chart, "disp-operator-json", tmp_path, FAST)
+    try:
+        wait_until(replica.leads, 60, "the replica to lead")
+        kubelet.standin_seconds = 0.2
+        cluster.create_job(standin_manifest(s3, uploaded, cluster.namespace, "logged"))
+        body = cluster.wait_for(cluster.namespace, "logged", finished, 90, "the job to finish")
+    finally:
+        replica.stop()
+    assert body["status"]["phase"] == "Succeeded", body["status"]
+    lines = [line for line in replica.log.read_text().splitlines() if line.strip()]
+    records = []
+    for number, line in enumerate(lines, 1):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            raise AssertionError(f"line {number} of the operator's log is not JSON: {line[:200]}") from None
+    assert all({"message", "severity"} <= set(record) for record in records)
+    about = [r for r in records if (r.get("object") or {}).get("name") == "logged"]
+    assert {r["object"]["namespace"] for r in about} == {cluster.namespace}
+    assert any(r["message"] == "created Job logged-saliency" for r in about), [r["message"] for r in about]
