@@ -292,6 +292,10 @@ class FinetuneSpec(ContractModel):
     projector_file: bool = False
     """Also write the purified projector alone (finetune/projector.safetensors, keyed by parameter
     name), beside the complete model folder."""
+    group_by_length: bool = False
+    """Batches of rows of similar lengths (groups of 16 batches sorted by length, the batches
+    shuffled; LLaVA's group_by_modality_length): far less padding when image sizes, and so visual
+    token counts, vary. Off: every batch a random draw."""
 
 
 class AuditSpec(ContractModel):

@@ -423,3 +423,17 @@ def test_painting_a_newline_token_paints_nothing_and_a_map_token_paints_its_cell
     changed = np.argwhere((after != before).any(axis=-1))
     assert changed.size and changed[:, 0].min() >= y0 and changed[:, 0].max() < y1
     assert changed[:, 1].min() >= x0 and changed[:, 1].max() < x1
+
+
+def test_the_head_runs_on_the_asked_positions_only_and_gives_their_full_logits(tiny_model):
+    """Every stage reads the answer's logits alone; both families compute exactly those."""
+    llada_v, _ = tiny_checkpoint(None)
+    for model in (llada_v, tiny_model):
+        ids = torch.randint(0, model.config.vocab_size, (2, 30), generator=torch.Generator().manual_seed(0))
+        mask = torch.ones_like(ids)
+        mask[1, :4] = 0
+        with torch.no_grad():
+            full = model(input_ids=ids, attention_mask=mask)
+            window = model(input_ids=ids, attention_mask=mask, logits_at=slice(18, 26))
+        assert window.shape == (2, 8, model.config.vocab_size)
+        assert torch.allclose(window, full[:, 18:26], atol=1e-5)

@@ -88,7 +88,7 @@ class ToyVLM(PreTrainedModel):
         return self.embed_tokens.weight[self.config.mask_token_id]
 
     def forward(self, input_ids, attention_mask, visual_spans, image_embeds=None, pixel_values=None,
-                image_sizes=None, image_token_mask=None, **_):
+                image_sizes=None, image_token_mask=None, logits_at=None, **_):
         if image_embeds is None:
             image_embeds = self.embed_images(pixel_values, image_sizes)
         if image_token_mask is not None:
@@ -102,7 +102,7 @@ class ToyVLM(PreTrainedModel):
         positions = (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)
         hidden = self.encoder(torch.stack(rows) + self.positions(positions),
                               src_key_padding_mask=~attention_mask.bool())
-        return self.lm_head(hidden)
+        return self.lm_head(hidden if logits_at is None else hidden[:, logits_at])
 
     def parameter_parts(self):  # the separator is the language model's, as LLaDA-V's image_newline
         vision, projector = list(self.patchify.parameters()), list(self.projector.parameters())

@@ -107,3 +107,64 @@ def test_visual_token_masking_masks_up_to_the_ratio():
     mask = random_token_mask(pixels, 8, 0.5, torch.Generator().manual_seed(0))
     assert mask.shape == (64, 4) and mask.dtype == torch.bool
     assert mask.sum(dim=1).max() <= 2 and mask.any()
+
+
+def test_length_grouped_batches_cover_the_epoch_once_and_pad_far_less():
+    from disp_runner.diffusion.training import epoch_batches
+
+    lengths = torch.randint(100, 400, (300,), generator=torch.Generator().manual_seed(0)).tolist()
+    draw = lambda lengths=None: [b.tolist() for b in epoch_batches(300, 8, torch.Generator().manual_seed(3), lengths)]  # noqa: E731
+    grouped, plain = draw(lengths), draw()
+    assert sorted(i for b in grouped for i in b) == list(range(300)) and grouped == draw(lengths)
+    # Without lengths: exactly the shuffled DataLoader draw the loop always made.
+    loader = torch.utils.data.DataLoader(range(300), batch_size=8, shuffle=True, generator=torch.Generator().manual_seed(3))
+    assert plain == [b.tolist() for b in loader]
+
+    def padding(batches):
+        return sum(len(b) * max(lengths[i] for i in b) - sum(lengths[i] for i in b) for b in batches)
+    assert padding(grouped) < padding(plain) / 5
+
+
+def test_cutting_the_shared_padding_leaves_every_logit_as_it_was():
+    from PIL import Image
+
+    from tests.runner.test_llada_v import tiny_checkpoint
+
+    model, processor = tiny_checkpoint(None)
+    instances = [inst.replace(image=Image.new("RGB", size)) for inst, size in
+                 zip(generate_instances(2, seed=4, image_size=16), [(16, 16), (40, 20)])]
+    batch = processor.encode(instances, 24, pad_to=200)  # 200 positions, most of them padding in both rows
+    cut = batch.trim_left(batch.first_real_column())
+    assert cut.input_ids.shape[1] < 200 and int(cut.attention_mask[:, 0].max()) == 1
+    with torch.no_grad():
+        full = model(input_ids=batch.input_ids, pixel_values=batch.pixel_values, image_sizes=batch.image_sizes,
+                     attention_mask=batch.attention_mask, visual_spans=batch.visual_spans, logits_at=slice(-24, None))
+        short = model(input_ids=cut.input_ids, pixel_values=cut.pixel_values, image_sizes=cut.image_sizes,
+                      attention_mask=cut.attention_mask, visual_spans=cut.visual_spans, logits_at=slice(-24, None))
+    assert torch.allclose(full, short, atol=1e-5)
+    try:
+        cut.trim_left(1)
+    except ValueError as exc:
+        assert "real tokens" in str(exc)
+    else:
+        raise AssertionError("cutting a real token must be refused")
+
+
+def test_a_grouped_fine_tune_trains_on_batches_no_longer_than_their_longest_row():
+    from PIL import Image
+
+    from disp_runner.models.base import EncodedInstances
+    from tests.runner.test_llada_v import tiny_checkpoint
+
+    model, processor = tiny_checkpoint(None)
+    sizes = [(16, 16), (40, 20), (28, 28), (56, 56)]
+    instances = [inst.replace(image=Image.new("RGB", sizes[i % 4], (i * 9 % 255, 40, 90)))
+                 for i, inst in enumerate(generate_instances(32, seed=5, image_size=16))]
+    data = EncodedInstances(processor, instances, 24)
+    seen = []
+    model.register_forward_pre_hook(lambda module, args, kwargs: seen.append(kwargs["input_ids"].shape[1]),
+                                    with_kwargs=True)
+    result = train_masked_diffusion(model, data, processor.mask_token_id,
+                                    TrainingConfig(epochs=2, batch_size=4, group_by_length=True), show_progress=False)
+    assert result.steps == 16 and all(torch.isfinite(torch.tensor(result.losses)))
+    assert min(seen) < data.length == max(data.lengths) and len(set(seen)) > 1

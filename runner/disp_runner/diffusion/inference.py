@@ -3,6 +3,7 @@ likelihood of given answers."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
 
 import torch
@@ -12,11 +13,27 @@ from disp_api import DecodingCache
 from disp_runner.data.dataset import Instance
 from disp_runner.device import autocast, sub_seed
 from disp_runner.diffusion.decoding import DecodingConfig, diffusion_generate
+from disp_runner.diffusion.objective import response_window
 from disp_runner.diffusion.prompt_cache import PromptCacheDenoiser, require_prompt_caching
 from disp_runner.models.base import DiffusionVLM, ModelInputs, Processor
 
 # Optional hook for DiSP: rewrite the visual tokens ([B, T, D]) of a batch before decoding.
 ImageEmbedsTransform = Callable[[torch.Tensor, slice], torch.Tensor]
+
+
+
+@dataclass(frozen=True)
+class ModelDenoiser:
+    """Exact decoding: every step a full forward pass over the whole sequence, the head applied to
+    the current block's positions only (the rest of the logits would be thrown away)."""
+
+    model: DiffusionVLM
+    batch: ModelInputs
+    image_embeds: torch.Tensor
+
+    def block_logits(self, ids: torch.Tensor, block: slice, step: int) -> torch.Tensor:
+        return self.model(input_ids=ids, image_embeds=self.image_embeds, attention_mask=self.batch.attention_mask,
+                          visual_spans=self.batch.visual_spans, logits_at=block)
 
 
 def _encode_and_embed(model: DiffusionVLM, processor: Processor, chunk: Sequence[Instance], gen_length: int,
@@ -85,11 +102,7 @@ def generate_response_ids(
             batch, image_embeds = _encode_and_embed(model, processor, chunk, decoding.gen_length, False,
                                                     transform_image_embeds, slice(lo, lo + len(chunk)))
 
-            def logits_fn(ids: torch.Tensor) -> torch.Tensor:
-                return model(input_ids=ids, image_embeds=image_embeds, attention_mask=batch.attention_mask,
-                             visual_spans=batch.visual_spans)
-
-            denoiser = logits_fn if cached is None else PromptCacheDenoiser(
+            denoiser = ModelDenoiser(model, batch, image_embeds) if cached is None else PromptCacheDenoiser(
                 cached, batch.input_ids, batch.attention_mask, batch.visual_spans, image_embeds, decoding)
             response_ids = diffusion_generate(denoiser, batch.input_ids, processor.mask_token_id, decoding,
                                               generator, never_generate=processor.never_generate,
@@ -125,10 +138,11 @@ def first_step_log_likelihood(
                                                     slice(lo, lo + len(chunk)))
             masked_ids = torch.where(batch.response_mask, torch.full_like(batch.input_ids, processor.mask_token_id),
                                      batch.input_ids)
+            window = response_window(batch.response_mask)
             logits = model(input_ids=masked_ids, image_embeds=image_embeds, attention_mask=batch.attention_mask,
-                           visual_spans=batch.visual_spans)
+                           visual_spans=batch.visual_spans, logits_at=window)
         log_probs = torch.log_softmax(logits.double(), dim=-1)
-        token = torch.gather(log_probs, -1, batch.input_ids[..., None]).squeeze(-1)  # [B, L]
-        total = (token * batch.response_mask).sum(dim=1).cpu()
+        token = torch.gather(log_probs, -1, batch.input_ids[:, window, None]).squeeze(-1)  # [B, W]
+        total = (token * batch.response_mask[:, window]).sum(dim=1).cpu()
         out[lo:lo + len(chunk)] = torch.where(torch.tensor(fits), total, torch.tensor(-torch.inf, dtype=torch.float64))
     return out

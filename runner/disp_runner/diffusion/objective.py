@@ -48,17 +48,26 @@ def add_mask_noise(
     return NoisedBatch(noisy, masked, p)
 
 
+def response_window(response_mask: torch.Tensor) -> slice:
+    """The columns from the first that holds a response token of any row to the end: the only
+    positions whose logits the loss reads (rows are left-padded, the response block is last)."""
+    columns = response_mask.any(dim=0).nonzero()
+    return slice(int(columns[0]) if len(columns) else response_mask.shape[1], None)
+
+
 def masked_diffusion_loss(
     logits: torch.Tensor,
     target_ids: torch.Tensor,
     noised: NoisedBatch,
     response_mask: torch.Tensor,
+    window: slice = slice(None),
 ) -> torch.Tensor:
     """LLaDA SFT loss: sum over masked positions of CE / p, divided by the response length, batch mean.
 
-    logits [B, L, V], target_ids [B, L] (clean tokens), response_mask [B, L].
+    target_ids [B, L] (clean tokens), response_mask [B, L]; logits [B, W, V] of the columns
+    `window` (by default all L), which must hold every response position (`response_window`).
     """
-    ce = F.cross_entropy(logits.float().transpose(1, 2), target_ids, reduction="none")  # [B, L]
-    weighted = (ce * noised.masked) / noised.mask_prob[:, None]
+    ce = F.cross_entropy(logits.float().transpose(1, 2), target_ids[:, window], reduction="none")  # [B, W]
+    weighted = (ce * noised.masked[:, window]) / noised.mask_prob[:, None]
     response_len = response_mask.sum(dim=1).clamp(min=1)  # [B]
     return (weighted.sum(dim=1) / response_len).mean()

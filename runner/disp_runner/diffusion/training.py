@@ -14,7 +14,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 from accelerate import Accelerator
@@ -27,7 +27,7 @@ from disp_api import TrainableParts
 from disp_runner.device import sub_seed
 from disp_runner.errors import DegenerateResultError, UserInputError
 from disp_runner.diffusion.distributed import batch_share
-from disp_runner.diffusion.objective import add_mask_noise, masked_diffusion_loss
+from disp_runner.diffusion.objective import add_mask_noise, masked_diffusion_loss, response_window
 from disp_runner.models.base import DiffusionVLM, ModelPart, TrainingData
 
 
@@ -43,6 +43,8 @@ class TrainingConfig:
     trainable: TrainableParts = TrainableParts.PROJECTOR
     # The projector may learn at its own rate when more than it is trained (LLaVA's mm_projector_lr).
     projector_learning_rate: float | None = None
+    # Batches of similar lengths (see `epoch_batches`): less padding when image sizes vary.
+    group_by_length: bool = False
 
     def __post_init__(self) -> None:
         # Written as "not > 0" so that NaN, which compares false to everything, is refused too.
@@ -157,22 +159,24 @@ def train_masked_diffusion(
         # Per-epoch seeds make every epoch reproducible on its own, which is what resuming needs.
         order = torch.Generator().manual_seed(sub_seed(config.seed, epoch))
         # Every process draws the same global batches and trains on its share of each.
-        loader = DataLoader(range(len(data)), batch_size=config.batch_size, shuffle=True, generator=order,
-                            drop_last=False)
+        loader = epoch_batches(len(data), config.batch_size, order,
+                               getattr(data, "lengths", None) if config.group_by_length else None)
         noise_generator.manual_seed(sub_seed(config.seed, epoch + 500_009))
         for global_rows in loader:  # a batch is encoded (its images decoded) only when it is drawn
             rows, positions, share = batch_share(global_rows, rank, world)
-            batch = data.batch(rows).to(accelerator.device)
+            batch = data.batch(rows)
+            batch = batch.trim_left(_global_first_real_column(batch, world, accelerator.device)).to(accelerator.device)
             noised = add_mask_noise(batch.input_ids, batch.response_mask, mask_token_id, noise_generator,
                                     rows_of=(len(global_rows), positions))
             image_token_mask = None
             if visual_token_mask is not None:
                 image_token_mask = visual_token_mask(batch.pixel_values, noise_generator)
+            window = response_window(batch.response_mask)  # the head runs on the answer's columns only
             with accelerator.autocast():
                 logits = model(input_ids=noised.noisy_ids, pixel_values=batch.pixel_values,
                                image_sizes=batch.image_sizes, attention_mask=batch.attention_mask,
-                               visual_spans=batch.visual_spans, image_token_mask=image_token_mask)
-            loss = masked_diffusion_loss(logits, batch.input_ids, noised, batch.response_mask) * share
+                               visual_spans=batch.visual_spans, image_token_mask=image_token_mask, logits_at=window)
+            loss = masked_diffusion_loss(logits, batch.input_ids, noised, batch.response_mask, window) * share
             batch_loss = loss.detach().clone()  # the whole batch's loss: the shares' sum
             if world > 1:
                 torch.distributed.all_reduce(batch_loss)
@@ -206,6 +210,39 @@ def train_masked_diffusion(
         p.requires_grad_(False)
     result.seconds = time.perf_counter() - start
     return result
+
+
+# Length grouping sorts this many batches' worth of rows at a time: batches of similar lengths
+# while the order stays random at the scale of the epoch (LLaVA's group_by_modality_length).
+GROUPED_BATCHES = 16
+
+
+def epoch_batches(count: int, batch_size: int, order: torch.Generator,
+                  lengths: Sequence[int] | None = None) -> list[torch.Tensor]:
+    """One epoch's global batches of row indices, drawn with `order`. Without `lengths`: a random
+    permutation cut into batches (what a shuffled DataLoader gives). With them: that permutation in
+    groups of GROUPED_BATCHES batches, each group sorted longest first and cut into batches, the
+    batches then shuffled, so a batch holds rows of similar lengths and pads little."""
+    if lengths is None:
+        return list(DataLoader(range(count), batch_size=batch_size, shuffle=True, generator=order, drop_last=False))
+    permutation = torch.randperm(count, generator=order).tolist()
+    span = batch_size * GROUPED_BATCHES
+    batches = []
+    for lo in range(0, count, span):
+        group = sorted(permutation[lo:lo + span], key=lambda i: -lengths[i])  # stable: ties keep the draw
+        batches += [torch.tensor(group[i:i + batch_size]) for i in range(0, len(group), batch_size)]
+    return [batches[i] for i in torch.randperm(len(batches), generator=order).tolist()]
+
+
+def _global_first_real_column(batch, world: int, device: torch.device) -> int:
+    """The first column that holds a real token in any row of the global batch, this process's share
+    being `batch`: every process cuts the same columns, so the shares keep one shape."""
+    first = batch.first_real_column()
+    if world > 1:
+        agreed = torch.tensor([first], dtype=torch.long, device=device)  # NCCL reduces GPU tensors only
+        torch.distributed.all_reduce(agreed, op=torch.distributed.ReduceOp.MIN)
+        first = int(agreed)
+    return first
 
 
 # -- epoch checkpoints ----------------------------------------------------------------------------

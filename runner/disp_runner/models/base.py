@@ -35,6 +35,7 @@ from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerB
 
 from disp_runner.data.dataset import Instance, as_rgb
 from disp_runner.errors import UserInputError
+from disp_runner.planning import ModelShape
 
 
 class ModelPart(enum.Enum):
@@ -114,6 +115,23 @@ class ModelInputs:
         """As a `TrainingData`: already encoded, so a selection."""
         return self.select(rows)
 
+    def first_real_column(self) -> int:
+        """The first column that holds a real token of any row (rows are left-padded)."""
+        columns = self.attention_mask.bool().any(dim=0).nonzero()
+        return int(columns[0]) if len(columns) else self.input_ids.shape[1]
+
+    def trim_left(self, columns: int) -> "ModelInputs":
+        """The batch without its first `columns` columns, which must be padding in every row: the
+        same inputs for a model that reads positions from the attention mask, at less compute."""
+        if columns == 0:
+            return self
+        if bool(self.attention_mask[:, :columns].any()):
+            raise ValueError(f"the first {columns} columns hold real tokens")
+        spans = self.visual_spans.clone()
+        spans[:, 0] -= columns
+        return ModelInputs(self.input_ids[:, columns:], self.attention_mask[:, columns:], self.pixel_values,
+                           self.response_mask[:, columns:], spans, self.image_sizes)
+
     def __len__(self) -> int:
         return self.input_ids.shape[0]
 
@@ -121,11 +139,13 @@ class ModelInputs:
 class EncodedInstances:
     """Training data encoded a batch at a time, images decoded only then, so memory does not grow
     with the dataset. Every batch is padded to the dataset's longest row: a batch's tensors do not
-    depend on which instances share it (a resumed or re-sharded run computes the same thing)."""
+    depend on which instances share it (a resumed or re-sharded run computes the same thing); the
+    training loop then cuts the columns that are padding in every row of the global batch."""
 
     def __init__(self, processor: "Processor", instances: Sequence[Instance], gen_length: int):
         self.processor, self.instances, self.gen_length = processor, instances, gen_length
-        self.length = max(len(ids) for ids, _, _ in processor.token_rows(instances, gen_length))  # also checks all
+        self.lengths = [len(ids) for ids, _, _ in processor.token_rows(instances, gen_length)]  # also checks all
+        self.length = max(self.lengths)
 
     def __len__(self) -> int:
         return len(self.instances)
@@ -205,8 +225,12 @@ class DiffusionVLM(Protocol):
 
     def __call__(self, *, input_ids: torch.Tensor, attention_mask: torch.Tensor, visual_spans: torch.Tensor,
                  image_embeds: torch.Tensor | None = None, pixel_values: torch.Tensor | None = None,
-                 image_sizes: torch.Tensor | None = None, image_token_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits [B, L, V] of the clean token at every position. The visual tokens come from
+                 image_sizes: torch.Tensor | None = None, image_token_mask: torch.Tensor | None = None,
+                 logits_at: slice | None = None) -> torch.Tensor:
+        """Logits [B, L, V] of the clean token at every position, or [B, W, V] of the positions
+        `logits_at` only: every stage reads the answer's positions alone, and the head over a whole
+        3,600-token sequence would cost a 126k-wide product and a [B, L, V] tensor per position it
+        never reads (1.9 GB a row for LLaDA-V in fp32). The visual tokens come from
         `image_embeds` [B, T, D] (already embedded, possibly rewritten by DiSP) or from
         `pixel_values` + `image_sizes`; `image_token_mask` [B, T] (True = replace by e_MASK) masks
         some of them. Row i's first `visual_spans[i, 1]` visual tokens go to the positions from
@@ -346,6 +370,10 @@ class Processor(ABC):
     def layout_of(self, instance: Instance) -> VisualLayout:
         return self.visual_layout(*instance.image_size)
 
+    def views_of(self, instance: Instance) -> int:
+        """How many views of the image the vision tower encodes (one, unless the family tiles)."""
+        return 1
+
     def response_ids(self, text: str, gen_length: int) -> list[int] | None:
         """An answer as the `gen_length` response positions hold it, padded with the end token; None
         when it does not fit. An answer that fills every position needs no end marker, as one that
@@ -447,6 +475,9 @@ class ModelFamily:
     # The published checkpoint ships its own code (config.json's auto_map) for what this family
     # implements natively: the entry is ignored, never run. For other families auto_map is refused.
     native_for_auto_map: bool = False
+    # The sizes the memory planner needs, from a config.json dict (disp_runner.planning); None: the
+    # family's stages run unplanned.
+    model_shape: Callable[[dict], ModelShape] | None = None
 
 
 def config_size(config: dict, key: str, default: int) -> int:

@@ -35,6 +35,8 @@ from disp_runner.models.base import EncodedInstances
 from disp_runner.models.loading import save_model, save_projector
 from disp_runner.pipeline.context import TRAINING_INPUTS, StageContext, StageResult
 from disp_runner.stages.relabel import DATASET_DIR
+from disp_runner.pipeline.memory import check_stage_memory, memory_metrics
+from disp_runner.planning import PlannedStage
 
 MODEL_DIR = PURIFIED_MODEL_PATH.split("/")[-1]  # the operator reports <run>/finetune/model
 PROJECTOR_FILE = "projector.safetensors"  # with spec.finetune.projectorFile
@@ -85,7 +87,10 @@ def finetune(ctx: StageContext, out: Path | None) -> dict[str, Any]:
     data = EncodedInstances(processor, purified, ctx.decoding().gen_length)  # batch by batch
     config = TrainingConfig(epochs=spec.epochs, learning_rate=spec.learning_rate, batch_size=spec.batch_size,
                             warmup_ratio=spec.warmup_ratio, weight_decay=spec.weight_decay, seed=spec.seed,
-                            trainable=spec.trainable)
+                            trainable=spec.trainable, group_by_length=spec.group_by_length)
+    plan = check_stage_memory(model, processor, PlannedStage.FINETUNE, "spec.finetune.batchSize", spec.batch_size,
+                              purified, ctx.decoding().gen_length, ctx.device, trainable=spec.trainable,
+                              processes=ctx.topology.world_size)
     checkpoints = ctx.checkpoints(StageName.FINETUNE)
 
     def on_step(step: int, total: int, loss: float) -> None:
@@ -110,7 +115,7 @@ def finetune(ctx: StageContext, out: Path | None) -> dict[str, Any]:
     return {"items": len(purified), "steps": result.steps, "epochs": spec.epochs, "trainable": spec.trainable.value,
             "processes": ctx.topology.world_size, "firstLoss": round(result.first_loss, 5),
             "lastLoss": round(result.last_loss, 5), "trainSeconds": round(result.seconds, 2),
-            "residualRate": audit.residual_rate, "residualSample": audit.residual_sample}
+            "residualRate": audit.residual_rate, "residualSample": audit.residual_sample, **memory_metrics(plan)}
 
 
 def residual_audit(ctx: StageContext, model, processor) -> AuditFigures:

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from PIL import ImageFilter
 
-from disp_api import AuditFigures, MaskingSpace, RelabelAcceptance, StageName
+from disp_api import AuditFigures, DecodingCache, MaskingSpace, RelabelAcceptance, StageName
 from disp_api.spec import RelabelScope
 from disp_runner.data.dataset import Instance, load_dataset, with_prompt, write_dataset
 from disp_runner.data.llava import replace_first_answer
@@ -41,6 +41,8 @@ from disp_runner.pipeline.artifacts import read_stage_manifest
 from disp_runner.pipeline.context import TRAINING_INPUTS, StageContext, StageResult
 from disp_runner.stages.masking import REPORT_SAMPLES, draw_report, read_masked
 from disp_runner.stages.saliency import read_scores
+from disp_runner.pipeline.memory import check_stage_memory, memory_metrics
+from disp_runner.planning import PlannedStage
 
 DATASET_DIR = "dataset"
 SUSPECTS_REPORT = "suspects.png"  # the top suspects, their masked tokens outlined
@@ -68,6 +70,11 @@ class RelabelStage:
         drops, concentrations = _audit(ctx, instances, masked, items.start)
         suspect = [drop > ctx.spec.audit.suspicion_threshold for drop in drops]
         prompted, mask_tokens = _masked_inputs(ctx, instances, masked)
+        decoding = ctx.decoding()
+        plan = check_stage_memory(model, processor, PlannedStage.RELABEL if decoding.cache is DecodingCache.NONE
+                                  else PlannedStage.RELABEL_CACHED, "spec.relabel.batchSize", spec.batch_size, prompted,
+                                  decoding.gen_length, ctx.device, steps=decoding.steps,
+                                  block_length=decoding.block_length)
         if spec.scope is RelabelScope.ALL:
             answers = generate_responses(model, processor, prompted, ctx.decoding(),
                                          batch_size=spec.batch_size, seed=spec.seed, transform_image_embeds=mask_tokens,
@@ -116,7 +123,7 @@ class RelabelStage:
             _draw_suspects(ctx, records, masked_by_id, out)
         metrics = {"purified": len(purified), "emptyResponses": len(instances) - len(purified),
                    "changedFraction": changed / max(1, len(instances)), **accepted,
-                   **_audit_metrics(audit_figures(records, ctx.spec.audit.suspicion_threshold))}
+                   **_audit_metrics(audit_figures(records, ctx.spec.audit.suspicion_threshold)), **memory_metrics(plan)}
         if evidence is not None:
             metrics["keptOriginal"] = kept
         return StageResult(items=len(instances), metrics=metrics)

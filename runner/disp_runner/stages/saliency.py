@@ -18,6 +18,8 @@ from disp_runner.disp.saliency import SaliencyConfig, score_instances
 from disp_runner.data.dataset import with_prompt
 from disp_runner.errors import DegenerateResultError, UserInputError
 from disp_runner.pipeline.context import TRAINING_INPUTS, StageContext, StageResult
+from disp_runner.pipeline.memory import check_stage_memory, memory_metrics
+from disp_runner.planning import PlannedStage
 
 SCORES_FILE = "scores.safetensors"
 IDS_FILE = "ids.json"
@@ -98,12 +100,16 @@ class SaliencyStage:
         config = SaliencyConfig.from_spec(spec, decoding.block_length)
         # Every shard pads to the whole dataset's widest image, so shards concatenate.
         items = ctx.shard_items(spec.batch_size)
+        plan = check_stage_memory(model, processor, PlannedStage.SALIENCY, "spec.saliency.batchSize", spec.batch_size,
+                                  instances[items.start:items.stop], decoding.gen_length, ctx.device,
+                                  probes=spec.probes, block_length=decoding.block_length)
         scores, counts = score_instances(model, processor, instances, decoding.gen_length, config, spec.seed,
                                          spec.batch_size, rows=items, on_batch=ctx.report_progress)
         width = scores.shape[1]
         write_scores(out, [instances[i].id for i in items], scores, counts[items.start:items.stop])
         return StageResult(items=len(items), metrics={"visualTokens": width, "topK": spec.top_k,
-                                                      "probes": spec.probes, "regionSize": spec.region_size})
+                                                      "probes": spec.probes, "regionSize": spec.region_size,
+                                                      **memory_metrics(plan)})
 
     def merge(self, ctx: StageContext, shard_dirs: list[Path], out: Path) -> StageResult:
         ids: list[str] = []

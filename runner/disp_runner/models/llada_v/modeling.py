@@ -131,9 +131,11 @@ class LladaVForMaskedDiffusion(LlamaPreTrainedModel):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 visual_spans: torch.Tensor | None = None, image_embeds: torch.Tensor | None = None,
                 pixel_values: torch.Tensor | None = None, image_sizes: torch.Tensor | None = None,
-                image_token_mask: torch.Tensor | None = None, **_: object) -> torch.Tensor:
-        """Logits [B, L, V]: the visual tokens replace the placeholders of each row's visual span;
-        positions count from each row's first real token (rows are left-padded)."""
+                image_token_mask: torch.Tensor | None = None, logits_at: slice | None = None,
+                **_: object) -> torch.Tensor:
+        """Logits [B, L, V] ([B, W, V] of the positions `logits_at` only): the visual tokens replace
+        the placeholders of each row's visual span; positions count from each row's first real token
+        (rows are left-padded)."""
         if visual_spans is not None and image_embeds is None:
             image_embeds = self.embed_images(pixel_values, image_sizes)
         if image_embeds is not None and image_token_mask is not None:
@@ -144,7 +146,7 @@ class LladaVForMaskedDiffusion(LlamaPreTrainedModel):
         hidden = self.model(inputs_embeds=self._embed(input_ids, visual_spans, image_embeds),
                             attention_mask=attention_mask, position_ids=_positions(attention_mask),
                             use_cache=False).last_hidden_state
-        return self.lm_head(hidden)
+        return self.lm_head(hidden if logits_at is None else hidden[:, logits_at])
 
     def _embed(self, input_ids: torch.Tensor, visual_spans: torch.Tensor | None,
                image_embeds: torch.Tensor | None) -> torch.Tensor:

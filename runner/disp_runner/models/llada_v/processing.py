@@ -72,6 +72,9 @@ class LladaVProcessor(Processor):
     def geometry(self, width: int, height: int):
         return anyres_geometry(width, height, self.view_size, self.side, self.pinpoints, self.max_views)
 
+    def views_of(self, instance: Instance) -> int:
+        return self.geometry(*instance.image_size).views
+
     def visual_layout(self, width: int, height: int) -> VisualLayout:
         """The base view's side x side tokens over the whole image, then the packed crop map, whose
         rows each end in a newline token that sees no cell."""

@@ -246,9 +246,10 @@ class MDLMForMaskedDiffusion(MDLMPreTrainedModel):
         image_token_mask: torch.Tensor | None = None,
         visual_spans: torch.Tensor | None = None,
         image_sizes: torch.Tensor | None = None,
+        logits_at: slice | None = None,
         **_: object,
     ) -> torch.Tensor:
-        """Logits [B, L, V]. Give `input_ids` (+ `pixel_values` or precomputed `image_embeds`) or
+        """Logits [B, L, V] ([B, W, V] of the positions `logits_at` only). Give `input_ids` (+ `pixel_values` or precomputed `image_embeds`) or
         ready `inputs_embeds`. `attention_mask` [B, L] marks real (1) vs padding (0) tokens.
         `image_token_mask` [B, T] (True = replace that visual token by e_MASK) masks visual tokens
         the way DiSP does; training with it teaches the model to answer from partial evidence.
@@ -267,7 +268,7 @@ class MDLMForMaskedDiffusion(MDLMPreTrainedModel):
                                            image_embeds)
             inputs_embeds = self.embed_inputs(input_ids, image_embeds)
         x, _ = self._language_model(inputs_embeds, attention_mask)
-        return self.lm_head(self.norm(x))
+        return self.lm_head(self.norm(x if logits_at is None else x[:, logits_at]))
 
     def _language_model(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None,
                         keep: torch.Tensor | None = None) -> tuple[torch.Tensor, KeyValueContext | None]:

@@ -1,0 +1,92 @@
+"""The memory planner applied to a stage about to run: the estimate of its widest batch on this
+device, logged and reported, and a batch that cannot fit refused in one line before any compute.
+
+The planner itself (disp_runner.planning) is pure arithmetic over a config; this module finds the
+numbers it needs: the family's shape of the loaded model, the longest row of the stage's data
+(token ids only; no image is decoded), the views the tower sees, and the device's memory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from typing import Sequence
+
+import torch
+
+from disp_api import TrainableParts
+from disp_runner.data.dataset import Instance
+from disp_runner.errors import UserInputError
+from disp_runner.diffusion.training import TRAINED_PARTS
+from disp_runner.models.base import DiffusionVLM, Processor
+from disp_runner.models.loading import memory_budget
+from disp_runner.models.registry import family_for
+from disp_runner.planning import (GPU_HEADROOM_BYTES, MemoryEstimate, PlannedStage, Precision, Workload,
+                                  estimate_memory, largest_batch)
+
+logger = logging.getLogger(__name__)
+
+
+def device_memory(device: torch.device) -> int:
+    """Bytes the stage may use: the GPU's memory, or the machine's (DISP_MODEL_MEMORY_GIB, if set)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    return memory_budget()
+
+
+def usable_memory(device: torch.device) -> int:
+    return device_memory(device) - (GPU_HEADROOM_BYTES if device.type == "cuda" else 0)
+
+
+def precision_of(model: DiffusionVLM, device: torch.device) -> Precision:
+    weight_bytes = next(iter(model.parameters())).element_size()
+    return Precision.for_device(device.type, checkpoint_bytes=weight_bytes)
+
+
+def check_stage_memory(model: DiffusionVLM, processor: Processor, stage: PlannedStage, field: str, batch_size: int,
+                       instances: Sequence[Instance], gen_length: int, device: torch.device, *,
+                       probes: int = 6, steps: int = 32, block_length: int | None = None,
+                       trainable: TrainableParts = TrainableParts.PROJECTOR,
+                       processes: int = 1) -> MemoryEstimate | None:
+    """The estimate of the stage's widest batch (`batch_size` rows, or its share on each of
+    `processes`), or None for a family the planner has no shape for. Raises UserInputError naming
+    `field` when it cannot fit the device."""
+    family = family_for(getattr(model.config, "model_type", None), "config.json")
+    if family.model_shape is None or not instances:
+        return None
+    shape = family.model_shape(model.config.to_dict())
+    rows = processor.token_rows(instances, gen_length, with_response=stage is PlannedStage.FINETUNE)
+    longest = max(len(ids) for ids, _, _ in rows)
+    views = max(processor.views_of(inst) for inst in instances)
+    trainable_parameters = sum(p.numel() for part in TRAINED_PARTS[trainable]
+                               for p in model.parameter_parts()[part])
+    per_process = math.ceil(min(batch_size, len(instances)) / processes)
+    # The head runs on the answer's positions (fine-tune), the first block (saliency) or one block (relabel).
+    answer = gen_length if stage is PlannedStage.FINETUNE else min(block_length or gen_length, gen_length)
+    work = Workload(batch=per_process, sequence=longest, answer=answer, views=views, probes=probes, steps=steps,
+                    trainable_parameters=trainable_parameters,
+                    trains_language_model=trainable is not TrainableParts.PROJECTOR)
+    precision = precision_of(model, device)
+    estimate = estimate_memory(shape, stage, work, precision)
+    usable = usable_memory(device)
+    logger.info("memory plan, %s of %d rows of up to %d tokens: %s; this %s has %.1f GiB", field, per_process,
+                longest, estimate.describe(), device.type, usable / 2**30)
+    if estimate.total > usable:
+        fits = largest_batch(shape, stage, dataclasses.replace(work, batch=1), precision, device_memory(device))
+        advice = f"at most {fits * processes} fit" if fits else "not even one row fits: use a device with more memory"
+        raise UserInputError(
+            f"{field}: {per_process} rows of up to {longest} tokens need about {estimate.total / 2**30:.1f} GiB "
+            f"({_largest_parts(estimate)}), more than the {usable / 2**30:.1f} GiB this {device.type} offers; "
+            f"{advice}")
+    return estimate
+
+
+def _largest_parts(estimate: MemoryEstimate) -> str:
+    parts = sorted(estimate.parts.items(), key=lambda kv: -kv[1])[:3]
+    return ", ".join(f"{name} {value / 2**30:.1f}" for name, value in parts)
+
+
+def memory_metrics(estimate: MemoryEstimate | None) -> dict[str, float]:
+    """The stage manifest's record of the plan (and so the PurificationJob's status)."""
+    return {} if estimate is None else {"memoryEstimateGiB": round(estimate.total / 2**30, 2)}
