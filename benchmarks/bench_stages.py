@@ -4,6 +4,9 @@
     .venv/bin/python benchmarks/bench_stages.py --size 100m     # ~100M-parameter config (GPU, bf16)
     .venv/bin/python benchmarks/bench_stages.py --size llada-v-100m --batch 1 --instances 2 --repeats 1
                                         # LLaDA-V-shaped: 1,485 visual tokens per 384 px image
+    python benchmarks/bench_stages.py --size llada-v-8b --batch 1 --instances 4 --repeats 1
+                                        # the published size (a GPU of 80 GB; benchmarks/gpu_scale.sh
+                                        # measures it at both token counts with memory and MFU)
 
 Prints figures, never asserts: saliency cost as a ratio to a plain forward pass on the same batch
 (and to the ideal 1 forward + m backward, from a measured single backward), samples/s of each
@@ -50,15 +53,37 @@ LLADA_V_100M = dict(vocab_size=126464, hidden_size=384, intermediate_size=1152, 
                     num_attention_heads=6, num_key_value_heads=6, max_position_embeddings=8192,
                     vision_config=dict(hidden_size=192, intermediate_size=768, num_hidden_layers=26,
                                        num_attention_heads=3, image_size=384, patch_size=14))
-FAMILY_SIZES = {"llada-v-100m": LLADA_V_100M}
+# GSAI-ML/LLaDA-V as published: LLaDA-8B (4096 wide, 32 layers) after SigLIP so400m-patch14-384
+# (the config's default tower): 8.4 B parameters. Built on the device, never downloaded.
+LLADA_V_8B = dict(vocab_size=126464, hidden_size=4096, intermediate_size=12288, num_hidden_layers=32,
+                  num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=8192, rope_theta=500000.0)
+# The published vocabulary and token geometry at tiny widths: the large sizes' code path in seconds.
+LLADA_V_TINY = dict(vocab_size=126464, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=8192,
+                    vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2))
+FAMILY_SIZES = {"llada-v-tiny": LLADA_V_TINY, "llada-v-100m": LLADA_V_100M, "llada-v-8b": LLADA_V_8B}
 LLADA_V_IMAGE, LLADA_V_GEN = 384, 32  # the authors' purification decoding: 32 steps / length / block
 
 
-def build(size: str):
+def build_llada_v_on(size: str, device: torch.device):
+    """(model, processor) of a LLaDA-V size with random weights, initialised where it runs and in
+    the precision a loaded checkpoint is held in there (bf16 on a GPU, fp32 on a CPU): 8 B
+    parameters never pass through the CPU."""
+    corpus = [t for inst in generate_instances(300, seed=9) for t in (inst.prompt, inst.response)]
+    tokenizer = stand_in_tokenizer(corpus)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16 if device.type == "cuda" else torch.float32)
+    try:
+        with torch.device(device):
+            return build_llada_v(tokenizer, **FAMILY_SIZES[size])
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def build(size: str, device: torch.device | None = None):
     """(model, processor, image size, answer length) of a named configuration."""
     if size in FAMILY_SIZES:
-        corpus = [t for inst in generate_instances(500, seed=9) for t in (inst.prompt, inst.response)]
-        model, processor = build_llada_v(stand_in_tokenizer(corpus), **FAMILY_SIZES[size])
+        model, processor = build_llada_v_on(size, device or default_device())
         return model, processor, LLADA_V_IMAGE, LLADA_V_GEN
     model, processor = build_mdlm(build_embedded_tokenizer(), **SIZES[size])
     return model, processor, processor.image_size, model.config.gen_length
@@ -93,7 +118,7 @@ def main(argv=None) -> int:
 
     device = default_device()
     torch.manual_seed(0)
-    model, processor, image_size, gen = build(args.size)
+    model, processor, image_size, gen = build(args.size, device)
     model.to(device).eval()
     instances = generate_instances(args.instances, seed=0, image_size=image_size)
     batch = processor.encode(instances[:args.batch], gen, with_response=False).to(device)
