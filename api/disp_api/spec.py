@@ -296,6 +296,11 @@ class FinetuneSpec(ContractModel):
     """Batches of rows of similar lengths (groups of 16 batches sorted by length, the batches
     shuffled; LLaVA's group_by_modality_length): far less padding when image sizes, and so visual
     token counts, vary. Off: every batch a random draw."""
+    activation_checkpointing: bool = False
+    """Keep only each language-model layer's input for the backward and recompute the rest layer by
+    layer (about one more forward of compute): the fine-tune's activation memory drops from every
+    layer's to one layer's, so a batch several times larger fits. For model families that support
+    it (LLaDA-V does); refused otherwise."""
 
 
 class AuditSpec(ContractModel):

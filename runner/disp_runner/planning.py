@@ -103,6 +103,7 @@ class Workload:
     prompt: int | None = None  # relabel's cached prompt length (default: sequence - answer)
     trainable_parameters: int = 0  # the fine-tune's (the projector by default)
     trains_language_model: bool = False
+    checkpointing: bool = False  # the fine-tune's activation checkpointing: layer inputs kept, one layer recomputed
 
 
 @dataclass(frozen=True)
@@ -183,8 +184,12 @@ def estimate_memory(shape: ModelShape, stage: PlannedStage, work: Workload, prec
     if stage in (PlannedStage.SALIENCY, PlannedStage.FINETUNE):
         padded = work.sequence if work.batch > 1 else 0  # one row is never padded
         trained = stage is PlannedStage.FINETUNE and work.trains_language_model
-        parts["saved activations"] = rows * shape.layers * saved_bytes_per_token_layer(shape, precision, padded,
-                                                                                       trained)
+        per_layer = rows * saved_bytes_per_token_layer(shape, precision, padded, trained)
+        if stage is PlannedStage.FINETUNE and work.checkpointing:
+            # every layer's input, and one layer's saved tensors while its backward recomputes them
+            parts["saved activations"] = rows * shape.layers * a * shape.hidden + per_layer
+        else:
+            parts["saved activations"] = shape.layers * per_layer
         parts["backward working set"] = _backward_working_set(shape, rows, precision)
         # logits as computed, in fp32 for the loss / softmax, and the gradient flowing into them
         parts["logits"] = logits * (a + 2 * FP32)
@@ -254,6 +259,7 @@ def stage_flops(shape: ModelShape, stage: PlannedStage, work: Workload) -> float
         return tower + projector + forward + work.probes * forward
     if stage is PlannedStage.FINETUNE:  # input gradients down to the projector (+ weight gradients if trained)
         backward = forward * (2 if work.trains_language_model else 1)
+        # Recomputed layers are not model FLOPs (MFU counts what the model needs, not what is redone).
         return tower + 3 * projector + forward + backward
     if stage is PlannedStage.RELABEL:  # every step a full forward, the head on one block
         return tower + projector + work.steps * forward

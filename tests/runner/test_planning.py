@@ -2,6 +2,7 @@
 really keeps, its batch choice and refusals follow from the estimate, and a stage that cannot fit
 is refused in one line before it computes anything."""
 
+import dataclasses
 import json
 
 import pytest
@@ -72,6 +73,33 @@ def test_the_per_token_term_is_what_autograd_keeps_per_layer(bf16, rows):
     precision = Precision(2, 2, "cuda") if bf16 else Precision.for_device("cpu")
     expected = rows * length * saved_bytes_per_token_layer(shape, precision, length if rows > 1 else 0)
     assert per_layer == pytest.approx(expected, rel=0.05)
+
+
+def test_with_activation_checkpointing_a_fine_tune_keeps_each_layers_input_only():
+    from disp_runner.diffusion.training import _set_activation_checkpointing
+
+    def kept(layers: int) -> int:
+        model, _ = tiny_checkpoint(None, num_hidden_layers=layers, hidden_size=64, intermediate_size=160)
+        model.train().requires_grad_(False)
+        _set_activation_checkpointing(model, True)
+        params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        saved: dict[int, int] = {}
+
+        def pack(tensor):
+            saved[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+            return tensor
+        embeds = torch.randn(1, 300, 64, requires_grad=True)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model.model(inputs_embeds=embeds, attention_mask=torch.ones(1, 300, dtype=torch.long),
+                        position_ids=torch.arange(300)[None], use_cache=False)
+        return sum(size for pointer, size in saved.items() if pointer not in params)
+
+    per_layer = (kept(5) - kept(1)) / 4
+    assert per_layer == pytest.approx(300 * 64 * 4, rel=0.02)  # the layer's input, in fp32: what the planner counts
+    # On the published size: every layer's input plus one layer's recompute, a small part of 32 layers' tensors.
+    work = Workload(batch=1, sequence=3707, answer=32, views=7, checkpointing=True)
+    saved = lambda w: estimate_memory(model_shape(PUBLISHED), PlannedStage.FINETUNE, w, GPU).parts["saved activations"]  # noqa: E731
+    assert saved(work) < saved(dataclasses.replace(work, checkpointing=False)) / 10
 
 
 def test_saliency_keeps_no_linear_input_even_for_a_model_whose_weights_require_gradients():

@@ -1,5 +1,6 @@
 """Training lowers the masked-diffusion loss and touches only the parts it is told to."""
 
+import pytest
 import torch
 
 from disp_runner.models.loading import load_model
@@ -168,3 +169,33 @@ def test_a_grouped_fine_tune_trains_on_batches_no_longer_than_their_longest_row(
                                     TrainingConfig(epochs=2, batch_size=4, group_by_length=True), show_progress=False)
     assert result.steps == 16 and all(torch.isfinite(torch.tensor(result.losses)))
     assert min(seen) < data.length == max(data.lengths) and len(set(seen)) > 1
+
+
+def test_activation_checkpointing_trains_to_the_same_weights_and_is_refused_where_unsupported(tiny_model,
+                                                                                               tiny_processor):
+    from PIL import Image
+
+    from disp_runner.errors import UserInputError
+    from disp_runner.models.base import EncodedInstances
+    from tests.runner.test_llada_v import tiny_checkpoint
+
+    trained = []
+    for checkpointing in (False, True):
+        model, processor = tiny_checkpoint(None)
+        instances = [inst.replace(image=Image.new("RGB", (40, 20), (i * 7 % 255, 30, 60)))
+                     for i, inst in enumerate(generate_instances(16, seed=6, image_size=16))]
+        result = train_masked_diffusion(model, EncodedInstances(processor, instances, 24), processor.mask_token_id,
+                                        TrainingConfig(epochs=2, batch_size=8, learning_rate=1e-2,
+                                                       activation_checkpointing=checkpointing), show_progress=False)
+        on = model.is_activation_checkpointing if hasattr(model, "is_activation_checkpointing") \
+            else model.is_gradient_checkpointing
+        assert not on  # off again after training
+        trained.append((result.losses, model.model.mm_projector[0].weight.detach().clone()))
+    (losses_a, weights_a), (losses_b, weights_b) = trained
+    assert losses_a == pytest.approx(losses_b, rel=1e-5) and torch.allclose(weights_a, weights_b, atol=1e-6)
+    assert not torch.equal(weights_a, tiny_checkpoint(None)[0].model.mm_projector[0].weight)
+
+    data = tiny_processor.encode(generate_instances(16, 1, image_size=16), 16)  # the embedded family: no support
+    with pytest.raises(UserInputError, match=r"spec.finetune.activationCheckpointing: the 'disp_mdlm' model family"):
+        train_masked_diffusion(tiny_model, data, tiny_processor.mask_token_id,
+                               TrainingConfig(epochs=1, batch_size=8, activation_checkpointing=True), show_progress=False)

@@ -45,6 +45,8 @@ class TrainingConfig:
     projector_learning_rate: float | None = None
     # Batches of similar lengths (see `epoch_batches`): less padding when image sizes vary.
     group_by_length: bool = False
+    # Recompute each layer in the backward from its input (transformers' gradient checkpointing).
+    activation_checkpointing: bool = False
 
     def __post_init__(self) -> None:
         # Written as "not > 0" so that NaN, which compares false to everything, is refused too.
@@ -145,6 +147,11 @@ def train_masked_diffusion(
                 for _ in range(result.steps):  # the schedule is a pure function of the step count
                     scheduler.step()
     model.train()
+    if config.activation_checkpointing:
+        if not getattr(model, "supports_gradient_checkpointing", False):
+            raise UserInputError(f"spec.finetune.activationCheckpointing: the {model.config.model_type!r} model family "
+                                 "does not support it; turn it off")
+        _set_activation_checkpointing(model, True)
     # The scheduler stays unprepared: accelerate would step it once per process per optimiser step
     # (its rule for per-process batches), and here every process shares one global batch.
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -205,11 +212,27 @@ def train_masked_diffusion(
                 on_epoch_end(epoch)
     bar.close()
     # accelerate wraps (never copies) the module, so the caller's object is the one trained.
+    if config.activation_checkpointing:
+        _set_activation_checkpointing(unwrapped, False)
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
     result.seconds = time.perf_counter() - start
     return result
+
+
+def _set_activation_checkpointing(model, on: bool) -> None:
+    """transformers' activation checkpointing, under its 5.x name where it has it (the older name is
+    deprecated there). Non-reentrant: the gradient reaches the projector through recomputed layers."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        if on:
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.activation_checkpointing_disable()
+    elif on:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_disable()
 
 
 # Length grouping sorts this many batches' worth of rows at a time: batches of similar lengths

@@ -47,8 +47,8 @@ def precision_of(model: DiffusionVLM, device: torch.device) -> Precision:
 def check_stage_memory(model: DiffusionVLM, processor: Processor, stage: PlannedStage, field: str, batch_size: int,
                        instances: Sequence[Instance], gen_length: int, device: torch.device, *,
                        probes: int = 6, steps: int = 32, block_length: int | None = None,
-                       trainable: TrainableParts = TrainableParts.PROJECTOR,
-                       processes: int = 1) -> MemoryEstimate | None:
+                       trainable: TrainableParts = TrainableParts.PROJECTOR, processes: int = 1,
+                       checkpointing: bool = False) -> MemoryEstimate | None:
     """The estimate of the stage's widest batch (`batch_size` rows, or its share on each of
     `processes`), or None for a family the planner has no shape for. Raises UserInputError naming
     `field` when it cannot fit the device."""
@@ -66,7 +66,7 @@ def check_stage_memory(model: DiffusionVLM, processor: Processor, stage: Planned
     answer = gen_length if stage is PlannedStage.FINETUNE else min(block_length or gen_length, gen_length)
     work = Workload(batch=per_process, sequence=longest, answer=answer, views=views, probes=probes, steps=steps,
                     trainable_parameters=trainable_parameters,
-                    trains_language_model=trainable is not TrainableParts.PROJECTOR)
+                    trains_language_model=trainable is not TrainableParts.PROJECTOR, checkpointing=checkpointing)
     precision = precision_of(model, device)
     estimate = estimate_memory(shape, stage, work, precision)
     usable = usable_memory(device)
