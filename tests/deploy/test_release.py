@@ -49,3 +49,17 @@ def test_the_chart_packages_and_the_package_lints_and_renders_like_the_folder(tm
                                                    "disp-system", values=TEAM)) if d]
     assert packaged == render(TEAM)
     assert by_kind(packaged, "CustomResourceDefinition")
+
+
+def test_the_release_files_name_the_license_and_the_version_pyproject_does():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    license_text = (ROOT / "LICENSE").read_text()
+    assert project["license"]["text"] == "Apache-2.0"
+    assert license_text.split()[:4] == ["Apache", "License", "Version", "2.0,"]
+    assert "END OF TERMS AND CONDITIONS" in license_text
+    changelog = (ROOT / "CHANGELOG.md").read_text()
+    headings = [line for line in changelog.splitlines() if line.startswith("## [")]
+    # The newest section is unreleased work towards pyproject's version, or that version itself.
+    assert headings and (headings[0].startswith("## [Unreleased]") and project["version"] in headings[0]
+                         or headings[0].startswith(f"## [{project['version']}]")), headings[:1]
+    assert "Report a vulnerability" in (ROOT / "SECURITY.md").read_text()
