@@ -9,6 +9,7 @@ from disp_api.spec import (
     DecodingSpec,
     EvaluationSpec,
     FinetuneSpec,
+    LogFormat,
     MaskingSpace,
     MaskingSpec,
     ModelSource,
@@ -30,7 +31,7 @@ from disp_api.spec import (
 
 __all__ = [
     "AttackSpec", "AttackTarget", "AuditFigures", "Corner", "DatasetSource", "DecodingCache", "DecodingSpec", "EvaluationMetrics", "EvaluationSpec",
-    "FinetuneSpec", "MaskingSpace", "MaskingSpec", "MetricsCounts", "MetricsSummary", "ModelSource", "ObjectMeta", "OutputSpec", "ParallelismSpec",
+    "FinetuneSpec", "LogFormat", "MaskingSpace", "MaskingSpec", "MetricsCounts", "MetricsSummary", "ModelSource", "ObjectMeta", "OutputSpec", "ParallelismSpec",
     "PurificationJob", "PurificationJobSpec", "PurificationMetrics", "RelabelAcceptance", "RelabelSpec", "ProbeDraws", "Profile", "SaliencySpec", "SecretKeyRef", "StageName", "StorageSpec",
     "TargetSpec", "TrainableParts", "TriggerKind", "TriggerSpec",
 ]

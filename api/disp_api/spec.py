@@ -42,6 +42,14 @@ class StageName(str, Enum):
     EVALUATE = "evaluate"
 
 
+class LogFormat(str, Enum):
+    """How `disp run` writes its log: lines for people, or one JSON object per line for a log
+    pipeline (the operator passes its chart's choice to every stage pod)."""
+
+    TEXT = "text"
+    JSON = "json"
+
+
 class TrainableParts(str, Enum):
     """Which weights a fine-tune updates."""
 

@@ -4,6 +4,8 @@ the input is wrong and a retry cannot help, 75 means a dependency was unavailabl
 
 from __future__ import annotations
 
+import json
+
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from enum import Enum
@@ -171,5 +173,18 @@ def classify_failure(job: ChildJob, pods: list[PodOutcome]) -> Failure:
 
 
 def _describe(pod: PodOutcome, what: str) -> str:
-    detail = pod.message.splitlines()[-1] if pod.message else ""
+    detail = readable_line(pod.message.splitlines()[-1]) if pod.message else ""
     return f"pod {pod.pod_name} {what}" + (f": {detail}" if detail else "")
+
+
+def readable_line(line: str) -> str:
+    """A runner log line as people read it: the message of a JSON record (`disp run --log-format
+    json`, the chart's runner.logFormat), the line itself otherwise."""
+    if line.startswith("{"):
+        try:
+            record = json.loads(line)
+        except ValueError:
+            return line
+        if isinstance(record, dict) and isinstance(record.get("message"), str):
+            return record["message"]
+    return line

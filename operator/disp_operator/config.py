@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any, Optional
 
-from disp_api import SecretKeyRef, StorageSpec
+from disp_api import LogFormat, SecretKeyRef, StorageSpec
 
 from disp_operator.jobs import RunnerDefaults
 from disp_operator.reconcile import PENDING_THRESHOLD, RetryBackoff
@@ -101,7 +101,8 @@ class OperatorConfig:
                                   gpus=int(_number("DISP_RUNNER_GPUS", 1, 0)),
                                   node_selector=_json("DISP_RUNNER_NODE_SELECTOR", {}, dict),
                                   tolerations=tuple(_json("DISP_RUNNER_TOLERATIONS", [], list)),
-                                  priority_class_name=os.environ.get("DISP_RUNNER_PRIORITY_CLASS", "")),
+                                  priority_class_name=os.environ.get("DISP_RUNNER_PRIORITY_CLASS", ""),
+                                  log_format=_log_format("DISP_RUNNER_LOG_FORMAT")),
             backoff=RetryBackoff(base_seconds=_number("DISP_RETRY_BASE_SECONDS", 10.0, 0.0),
                                  maximum_seconds=_number("DISP_RETRY_MAX_SECONDS", 600.0, 0.0)),
             metrics_port=int(_number("DISP_METRICS_PORT", 9090, 0)),
@@ -115,6 +116,14 @@ class OperatorConfig:
             leader_election=LeaderElectionConfig.from_env(),
             allowed_endpoints=_endpoints("DISP_ALLOWED_S3_ENDPOINTS"),
         )
+
+
+def _log_format(name: str) -> LogFormat:
+    value = os.environ.get(name, "").strip() or LogFormat.TEXT.value
+    try:
+        return LogFormat(value)
+    except ValueError:
+        raise ConfigError(f"{name}: {value!r} is not one of {', '.join(f.value for f in LogFormat)}") from None
 
 
 def _namespaces(name: str) -> Optional[frozenset[str]]:

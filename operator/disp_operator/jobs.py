@@ -11,7 +11,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from disp_api import PurificationJob, StageName
+from disp_api import LogFormat, PurificationJob, StageName
 from disp_api.contract import ExitCode
 from disp_api.version import VERSION
 from disp_api.status import StepKind
@@ -38,6 +38,7 @@ class RunnerDefaults:
     node_selector: Mapping[str, str] = field(default_factory=dict)
     tolerations: tuple[Mapping[str, Any], ...] = ()
     priority_class_name: str = ""
+    log_format: LogFormat = LogFormat.TEXT  # the chart's runner.logFormat, passed to every stage pod
 
 
 # Kueue reads these labels on the workloads it admits; a PurificationJob carrying them passes them
@@ -149,9 +150,12 @@ def rendezvous_service(job: PurificationJob) -> dict[str, Any]:
     }
 
 
-def _runner_args(job: PurificationJob, stage: StageName, step: StepKind, gpus: int) -> list[str]:
+def _runner_args(job: PurificationJob, stage: StageName, step: StepKind, gpus: int,
+                 log_format: LogFormat = LogFormat.TEXT) -> list[str]:
     """The arguments after RUNNER_COMMAND."""
     args = ["--no-progress", "run", "--manifest-env", JOB_ENV, "--stage", stage.value]
+    if log_format is not LogFormat.TEXT:
+        args += ["--log-format", log_format.value]
     if step is StepKind.SHARDS:
         # The kubelet expands $(VAR) from the container's env; the Job controller sets the index.
         args += ["--shard", f"$(JOB_COMPLETION_INDEX)/{job.spec.shards(stage)}"]
@@ -204,7 +208,7 @@ def _pod_spec(job: PurificationJob, stage: StageName, step: StepKind, defaults: 
         "image": res.image or defaults.image,
         "imagePullPolicy": res.image_pull_policy.value,
         "command": list(RUNNER_COMMAND),
-        "args": _runner_args(job, stage, step, request.gpus),
+        "args": _runner_args(job, stage, step, request.gpus, defaults.log_format),
         "env": _env(job) + (_rendezvous_env(job, job_name) if multi_node else []),
         "resources": {"requests": dict(limits), "limits": limits},
         "volumeMounts": [{"name": "scratch", "mountPath": SCRATCH_PATH}, {"name": "dshm", "mountPath": "/dev/shm"}],

@@ -14,13 +14,14 @@ import math
 import os
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 from pydantic import ValidationError
 
 from disp_api.attack import AttackTarget, TriggerKind
 from disp_api.base import SEED_MAX
 from disp_api.version import VERSION
+from disp_api import LogFormat
 
 from disp_runner.errors import (EXIT_INTERNAL_ERROR, EXIT_TRANSIENT_ERROR, EXIT_USER_ERROR, EXIT_WEAK_BACKDOOR,
                                 TransientError, UserInputError, WeakBackdoorError)
@@ -202,6 +203,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="pods the fine-tune spans (node 0's address from MASTER_ADDR/MASTER_PORT)")
     p.add_argument("--node-rank", type=_bounded_int(0, 1023), default=0,
                    help="this pod's place among --nodes (0 publishes the stage's output)")
+    p.add_argument("--log-format", choices=[f.value for f in LogFormat], default=LogFormat.TEXT.value,
+                   help="json: every line one JSON object with the job, namespace, stage and shard it concerns "
+                        "(progress bars off)")
 
     sub.add_parser("operator", help="run the PurificationJob operator (see `disp operator --help`)", add_help=False)
 
@@ -404,6 +408,7 @@ def _cmd_run(args) -> None:
     if (args.manifest is None) == (args.manifest_env is None):
         raise UserInputError("give either a manifest file or --manifest-env VAR")
     job = load_job(args.manifest) if args.manifest else load_job_from_env(args.manifest_env)
+    logs.set_context(job=job.metadata.name, namespace=job.metadata.namespace, stage=args.stage, shard=args.shard)
     shard = Shard.parse(args.shard) if args.shard else None  # before any heavy work
     stage = StageName(args.stage) if args.stage else None
     if (shard or args.merge) and stage is None:
@@ -416,15 +421,17 @@ def _cmd_run(args) -> None:
         raise UserInputError("--nodes applies to --stage finetune only (the other stages shard instead)")
     if not topology.publishes:
         join_distributed_stage(job, root, topology, show_progress=not args.no_progress)
-        print(f"finetune: node {topology.node_rank} of {topology.nodes} done")
+        logs.say(f"finetune: node {topology.node_rank} of {topology.nodes} done", nodeRank=topology.node_rank)
         return
 
     def report(outcome) -> None:
         where = f" shard {outcome.shard.label}" if outcome.shard else ""
         state = "complete, skipped" if outcome.skipped else f"done in {outcome.seconds:.1f}s"
-        figures = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
-                            for k, v in outcome.metrics.items() if isinstance(v, (int, float, str)))
-        print(f"{outcome.stage.value}{where}: {state}; {figures}", flush=True)
+        shown = {k: v for k, v in outcome.metrics.items() if isinstance(v, (int, float, str))}
+        figures = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in shown.items())
+        logs.say(f"{outcome.stage.value}{where}: {state}; {figures}", stage=outcome.stage.value,
+                 shard=outcome.shard.label if outcome.shard else None, skipped=outcome.skipped,
+                 seconds=None if outcome.skipped else round(outcome.seconds, 3), metrics=shown)
 
     if shard is None and not args.merge:
         run_job(job, root, only=stage, show_progress=not args.no_progress, on_outcome=report, topology=topology)
@@ -442,7 +449,7 @@ def _cmd_run(args) -> None:
             report(merge_shards(runner_stage, ctx, count))
         else:
             report(run_stage(runner_stage, ctx))
-    print(f"run folder: {run_uri(job, root)}")
+    logs.say(f"run folder: {run_uri(job, root)}", runFolder=run_uri(job, root))
 
 
 def _cmd_demo(args) -> None:
@@ -475,51 +482,53 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.code if isinstance(exc.code, int) else EXIT_USER_ERROR
     prepare_scratch()  # before torch or transformers look for a temporary or cache folder
     logs.configure(debug=args.debug)  # before any library prints a warning ahead of the one error line
+    if getattr(args, "log_format", None) == LogFormat.JSON.value:
+        logs.set_format(LogFormat.JSON)
+        args.no_progress = True  # a bar's redrawn line is not a record
     threads, source = choose_threads(args.threads)
     apply_threads(threads)  # before torch sizes its thread pool
     if args.command == "run" and args.no_progress:  # a pod's log says what the pod was given
-        print(f"disp: {threads} CPU thread{'s' if threads > 1 else ''} for torch, from {source}", flush=True)
+        logs.say(f"disp: {threads} CPU thread{'s' if threads > 1 else ''} for torch, from {source}",
+                 threads=threads, threadsFrom=source)
     command = f"disp {args.command}"
+
+    def fail(kind: str, message: str, code: int) -> int:
+        label = {"user": "error", "transient": "transient error (retry later)", "internal": "internal error"}
+        logs.say(message, level="error", text=f"{command}: {label[kind]}: {message}" if kind in label
+                 else f"{command}: {message}", errorKind=kind, exitCode=code)
+        return code
+
     try:
         COMMANDS[args.command](args)
     except UserInputError as exc:
-        print(f"{command}: error: {exc}", file=sys.stderr)
-        return EXIT_USER_ERROR
+        return fail("user", str(exc), EXIT_USER_ERROR)
     except TransientError as exc:
-        print(f"{command}: transient error (retry later): {exc}", file=sys.stderr)
-        return EXIT_TRANSIENT_ERROR
+        return fail("transient", str(exc), EXIT_TRANSIENT_ERROR)
     except WeakBackdoorError as exc:
-        print(f"{command}: {exc}", file=sys.stderr)
-        return EXIT_WEAK_BACKDOOR
+        return fail("weak-backdoor", str(exc), EXIT_WEAK_BACKDOOR)
     except OSError as exc:
         if args.debug:
             raise
         where = f"{exc.filename}: " if exc.filename else ""
         reason = exc.strerror or str(exc)
         if exc.errno in _TRANSIENT_ERRNOS:
-            print(f"{command}: transient error (retry later): {where}{reason}", file=sys.stderr)
-            return EXIT_TRANSIENT_ERROR
+            return fail("transient", f"{where}{reason}", EXIT_TRANSIENT_ERROR)
         if exc.errno in _USER_ERRNOS:
-            print(f"{command}: error: {where}{reason}", file=sys.stderr)
-            return EXIT_USER_ERROR
-        return _internal_error(command, exc)
+            return fail("user", f"{where}{reason}", EXIT_USER_ERROR)
+        return _internal_error(fail, exc)
     except MemoryError as exc:
         if args.debug:
             raise
-        print(f"{command}: transient error (retry later): out of memory", file=sys.stderr)
         del exc
-        return EXIT_TRANSIENT_ERROR
+        return fail("transient", "out of memory", EXIT_TRANSIENT_ERROR)
     except KeyboardInterrupt:
-        print(f"{command}: interrupted", file=sys.stderr)
-        return 130
+        return fail("interrupted", "interrupted", 130)
     except Exception as exc:  # noqa: BLE001 - the one place a bug becomes one line instead of a traceback
         if args.debug:
             raise
         if _disk_full(exc):  # e.g. safetensors' or torch's writer, which wrap the OSError in their own type
-            print(f"{command}: transient error (retry later): no space left on device ({type(exc).__name__})",
-                  file=sys.stderr)
-            return EXIT_TRANSIENT_ERROR
-        return _internal_error(command, exc)
+            return fail("transient", f"no space left on device ({type(exc).__name__})", EXIT_TRANSIENT_ERROR)
+        return _internal_error(fail, exc)
     return 0
 
 
@@ -536,12 +545,11 @@ def _disk_full(exc: BaseException) -> bool:
     return False
 
 
-def _internal_error(command: str, exc: BaseException) -> int:
+def _internal_error(fail: Callable[[str, str, int], int], exc: BaseException) -> int:
     """A bug, not the user's mistake: one line, and where to find the traceback."""
     first = (str(exc).strip().splitlines() or [""])[0][:300]
-    print(f"{command}: internal error: {type(exc).__name__}: {first} (run again with --debug for the traceback)",
-          file=sys.stderr)
-    return EXIT_INTERNAL_ERROR
+    return fail("internal", f"{type(exc).__name__}: {first} (run again with --debug for the traceback)",
+                EXIT_INTERNAL_ERROR)
 
 
 if __name__ == "__main__":

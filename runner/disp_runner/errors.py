@@ -9,9 +9,9 @@ memory), `EXIT_INTERNAL_ERROR` for a bug.
 
 from __future__ import annotations
 
-import sys
 
 from disp_api.contract import ExitCode
+from disp_runner import logs
 
 # The exit codes are the operator's contract (disp_api.contract): it treats EXIT_USER_ERROR as
 # permanent (retrying a bad input cannot help) and EXIT_TRANSIENT_ERROR as worth a retry.
@@ -54,4 +54,4 @@ def warn_user(message: str) -> None:
     """A setting that is allowed but probably not meant: one line on stderr, once per process."""
     if message not in _warned:
         _warned.add(message)
-        print(f"disp: warning: {message}", file=sys.stderr, flush=True)
+        logs.say(message, level="warning", text=f"disp: warning: {message}")

@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from disp_api import PurificationJob, StageName
+from disp_api import LogFormat, PurificationJob, StageName
 from disp_api.status import StepKind
-from disp_operator.children import ChildJob, ChildState, FailureKind, PodOutcome, classify_failure
+from disp_operator.children import ChildJob, ChildState, FailureKind, PodOutcome, classify_failure, readable_line
 from disp_operator.jobs import JOB_ENV, RunnerDefaults, stage_job
 from disp_operator.naming import stage_job_name
 from tests.operator.conftest import k8s_job, k8s_pod, make_job
@@ -291,3 +291,19 @@ def test_a_kueue_queue_label_reaches_every_stage_job_which_starts_suspended():
         assert manifest["spec"]["suspend"] is True
     plain = stage_job(make_job(), StageName.SALIENCY, StepKind.RUN, 1, DEFAULTS)
     assert "suspend" not in plain["spec"] and not any(k.startswith("kueue") for k in plain["metadata"]["labels"])
+
+
+def test_with_the_charts_json_log_format_stage_pods_log_json_and_a_failure_still_reads_as_its_message():
+    text = pod_of(stage_job(make_job(), StageName.SALIENCY, StepKind.RUN, 1, DEFAULTS))["containers"][0]["args"]
+    assert "--log-format" not in text
+    json_defaults = RunnerDefaults(image="r:1", log_format=LogFormat.JSON)
+    args = pod_of(stage_job(make_job(), StageName.SALIENCY, StepKind.RUN, 1, json_defaults))["containers"][0]["args"]
+    assert args.index("--log-format") > args.index("run") and args[args.index("--log-format") + 1] == "json"
+    # The pod's termination message is its log's tail: the last record's message reaches status.
+    last = json.dumps({"time": "t", "level": "error", "message": "spec.dataset.uri: no such folder",
+                       "job": "j", "errorKind": "user"})
+    pod = PodOutcome.from_pod(k8s_pod("p", 2, message=f'{{"level": "info", "message": "x"}}\n{last}'))
+    failure = classify_failure(ChildJob.from_job(k8s_job("j", "failed")), [pod])
+    assert failure.kind is FailureKind.PERMANENT and failure.message.endswith(": spec.dataset.uri: no such folder")
+    assert readable_line("disp run: error: plain text") == "disp run: error: plain text"
+    assert readable_line("{not json") == "{not json"

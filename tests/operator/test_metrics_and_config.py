@@ -95,3 +95,14 @@ def test_a_default_storage_needs_its_secret(monkeypatch):
     storage = OperatorConfig.from_env().default_storage
     assert (storage.endpoint, storage.secure, storage.credentials_secret.name) == ("minio.minio.svc:9000", False,
                                                                                   "minio")
+
+
+def test_the_runner_log_format_comes_from_the_chart_and_a_wrong_one_stops_the_operator(monkeypatch):
+    from disp_api import LogFormat
+
+    assert OperatorConfig.from_env().runner.log_format is LogFormat.TEXT
+    monkeypatch.setenv("DISP_RUNNER_LOG_FORMAT", "json")
+    assert OperatorConfig.from_env().runner.log_format is LogFormat.JSON
+    monkeypatch.setenv("DISP_RUNNER_LOG_FORMAT", "yaml")
+    with pytest.raises(ConfigError, match="DISP_RUNNER_LOG_FORMAT: 'yaml' is not one of text, json"):
+        OperatorConfig.from_env()

@@ -31,6 +31,7 @@ from typing import Any, Callable, Iterator
 
 from disp_api import PurificationJob, StageName
 from disp_api.contract import PROGRESS_FILE
+from disp_runner import logs
 from disp_runner.errors import TransientError, UserInputError
 from disp_runner.safepaths import require_inside, resolve_inside
 
@@ -270,7 +271,10 @@ class ProgressReporter:
         if (self.log_interval is not None and done and done != self._last_logged
                 and (force or now - self._last_log >= self.log_interval)):
             self._last_log, self._last_logged = now, done
-            print(self._log_line(done, detail, now), flush=True)
+            eta = self.eta_seconds(done, now)
+            logs.say(self._log_line(done, detail, now), stage=self.stage.value,
+                     shard=None if self.shard is None else self.shard.label, itemsDone=done, itemsTotal=self.total,
+                     etaSeconds=None if eta is None else round(eta, 1), detail=detail or None)
         if not force and now - self._last_write < self.interval:
             return
         self._last_write = now

@@ -24,6 +24,7 @@ from typing import Any
 from disp_api import AuditFigures, PurificationJob, StageName
 from disp_api.contract import AUDIT_FILE
 from disp_api.spec import PURIFIED_MODEL_PATH
+from disp_runner import logs
 from disp_runner.data.dataset import load_dataset
 from disp_runner.diffusion.distributed import Topology, launch
 from disp_runner.diffusion.inference import generate_responses
@@ -75,7 +76,7 @@ class FinetuneStage:
         ctx.input_dir(StageName.RELABEL)
         epoch = ctx.checkpoints(self.name).restore()
         if epoch is not None:
-            print(f"finetune: resuming after epoch {epoch} from its checkpoint", flush=True)
+            logs.say(f"finetune: resuming after epoch {epoch} from its checkpoint", stage="finetune", resumedEpoch=epoch)
 
 
 def finetune(ctx: StageContext, out: Path | None) -> dict[str, Any]:
