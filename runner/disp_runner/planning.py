@@ -1,6 +1,6 @@
 """How much memory and arithmetic each heavy stage needs, from the model's config alone: before a
-byte of weights is read, a job that cannot fit is refused with the numbers, and the largest batch
-that fits a device is chosen.
+stage computes, a batch that cannot fit is refused with the numbers, and the largest batch that
+fits a device can be chosen.
 
 The estimate counts what PyTorch holds at the stage's peak, term by term:
 
@@ -8,11 +8,14 @@ The estimate counts what PyTorch holds at the stage's peak, term by term:
   autocast computes in bf16; fp32 on a CPU);
 * saved activations: what autograd keeps per token and layer of the language model when a
   gradient flows back through it (saliency's vector-Jacobian products, and the fine-tune, whose
-  trainable projector sits before the language model). Per token and layer of a LLaMA block:
-  each of the two RMSNorms keeps its input in fp32 and its output; attention keeps q and k after
-  rotary, v, its output and that output again as o_proj's input; the SwiGLU MLP keeps gate, up,
-  silu(gate) and their product:  2·(4·D + a·D) + a·(3·D + 2·D_kv) + 4·a·I  bytes, a the
-  activation width (2 under bf16 autocast, 4 in fp32);
+  trainable projector sits before the language model). Per token and layer of a LLaMA block
+  with frozen weights (a frozen linear keeps nothing): each RMSNorm its input in fp32 and its
+  inverse RMS; attention q and k after rotary, v and its output, and its log-sum-exp per head;
+  the SwiGLU MLP gate, up and silu(gate):  2·(4·D + 4) + a·(2·D + 2·D_kv) + 4·H + 3·a·I  bytes,
+  a the activation width (2 under bf16 autocast, 4 in fp32); padded rows add the [L, L] mask
+  and the attention output once more, a trained language model its linear layers' inputs, and
+  activation checkpointing keeps each layer's input plus one layer's tensors instead (checked
+  against autograd's saved-tensor hooks in tests/runner/test_planning.py);
 * the working set of the widest step: the backward's gradients at the widest layer, or, without
   a backward, one layer's intermediates (the MLP's three I-wide tensors dominate);
 * logits of the answer's positions only (the head is never applied elsewhere) and their fp32 and
