@@ -36,6 +36,31 @@ def test_the_published_size_is_eight_point_four_billion_parameters():
     assert 8.40e9 < model_shape(PUBLISHED).parameters < 8.45e9
 
 
+class KeptByAutograd:
+    """Within the block, every tensor autograd keeps for a backward, by storage; `bytes`: those that
+    are not the model's own weights."""
+
+    def __init__(self, model):
+        self.weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        self.kept: dict[int, int] = {}
+        self.hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda tensor: tensor)
+
+    def _pack(self, tensor):
+        self.kept[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    def __enter__(self):
+        self.hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self.hooks.__exit__(*exc)
+
+    @property
+    def bytes(self) -> int:
+        return sum(size for pointer, size in self.kept.items() if pointer not in self.weights)
+
+
 def _saved_bytes(layers: int, rows: int, length: int, bf16: bool, kv_heads: int) -> int:
     """Bytes autograd keeps (beyond the weights) for a gradient to the input embeddings through
     the language model of a fresh tiny LLaDA-V with `layers` layers; `rows` > 1 are padded."""
@@ -43,21 +68,13 @@ def _saved_bytes(layers: int, rows: int, length: int, bf16: bool, kv_heads: int)
     model, _ = tiny_checkpoint(None, num_hidden_layers=layers, num_key_value_heads=kv_heads, hidden_size=64,
                                intermediate_size=160, num_attention_heads=4)
     model.to(torch.bfloat16 if bf16 else torch.float32).requires_grad_(False)  # saliency's gradient: to the input only
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    kept: dict[int, int] = {}
-
-    def pack(tensor):
-        kept[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
-        return tensor
-
     embeds = torch.randn(rows, length, 64, dtype=next(model.parameters()).dtype, requires_grad=True)
     mask = torch.ones(rows, length, dtype=torch.long)
     mask[1:, :5] = 0  # every row after the first is left-padded
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
-            torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+    with KeptByAutograd(model) as kept, torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         model.model(inputs_embeds=embeds, attention_mask=mask, position_ids=torch.arange(length)[None].expand(rows, -1),
                     use_cache=False)
-    return sum(size for pointer, size in kept.items() if pointer not in params)
+    return kept.bytes
 
 
 @pytest.mark.parametrize("bf16", [False, True], ids=["fp32 (CPU)", "bf16 autocast (as on a GPU)"])
@@ -82,17 +99,11 @@ def test_with_activation_checkpointing_a_fine_tune_keeps_each_layers_input_only(
         model, _ = tiny_checkpoint(None, num_hidden_layers=layers, hidden_size=64, intermediate_size=160)
         model.train().requires_grad_(False)
         _set_activation_checkpointing(model, True)
-        params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-        saved: dict[int, int] = {}
-
-        def pack(tensor):
-            saved[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
-            return tensor
         embeds = torch.randn(1, 300, 64, requires_grad=True)
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with KeptByAutograd(model) as saved:
             model.model(inputs_embeds=embeds, attention_mask=torch.ones(1, 300, dtype=torch.long),
                         position_ids=torch.arange(300)[None], use_cache=False)
-        return sum(size for pointer, size in saved.items() if pointer not in params)
+        return saved.bytes
 
     per_layer = (kept(5) - kept(1)) / 4
     assert per_layer == pytest.approx(300 * 64 * 4, rel=0.02)  # the layer's input, in fp32: what the planner counts
@@ -111,17 +122,11 @@ def test_saliency_keeps_no_linear_input_even_for_a_model_whose_weights_require_g
 
     def kept_bytes(requires_grad: bool) -> int:
         model.requires_grad_(requires_grad)
-        params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-        kept: dict[int, int] = {}
-
-        def pack(tensor):
-            kept[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
-            return tensor
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with KeptByAutograd(model) as kept:
             scores = fisher_jacobian_scores(model, batch, 24, SaliencyConfig(probes=2, block_length=12),
                                             torch.Generator().manual_seed(0))
         assert all(p.requires_grad is requires_grad for p in model.parameters())
-        return sum(size for pointer, size in kept.items() if pointer not in params), scores
+        return kept.bytes, scores
 
     (trainable, scores_a), (frozen, scores_b) = kept_bytes(True), kept_bytes(False)
     assert trainable == frozen and torch.equal(scores_a, scores_b)
