@@ -282,6 +282,17 @@ class RelabelSpec(ContractModel):
     behaviour, every answer is replaced."""
 
 
+class FinetuneLabels(str, Enum):
+    """Which tokens of a training row the fine-tune's loss supervises."""
+
+    # This project's: the answer padded with the end token to genLength, loss over those positions.
+    PADDED_ANSWER = "padded-answer"
+    # The authors' (LLaDA-V's SFT labelling): the whole answer turn — its header, the answer and its
+    # end-of-turn marker — plus every chat-format marker in the prompt; no padding; loss divided by
+    # the number of supervised tokens.
+    CHAT_TURNS = "chat-turns"
+
+
 class FinetuneSpec(ContractModel):
     epochs: float = Field(4.0, gt=0.0, le=1000.0)
     """Passes over the purified dataset (rule of thumb: 1/5 to 1/10 of the injection's)."""
@@ -304,6 +315,12 @@ class FinetuneSpec(ContractModel):
     """Batches of rows of similar lengths (groups of 16 batches sorted by length, the batches
     shuffled; LLaVA's group_by_modality_length): far less padding when image sizes, and so visual
     token counts, vary. Off: every batch a random draw."""
+    labels: FinetuneLabels = FinetuneLabels.PADDED_ANSWER
+    """padded-answer: the answer padded with the end token to genLength is supervised (the model
+    learns where answers end as decoding sees them), loss divided by genLength. chat-turns (the
+    authors'): the answer's whole turn (header, answer, end-of-turn) and the chat format's markers
+    in the prompt are supervised, unpadded, loss divided by their number; for a family without a
+    chat format, the answer and one end token."""
     activation_checkpointing: bool = False
     """Keep only each language-model layer's input for the backward and recompute the rest layer by
     layer (about one more forward of compute): the fine-tune's activation memory drops from every
@@ -583,7 +600,6 @@ class Profile(str, Enum):
 
 
 AUTHORS_PROMPT = "Describe this image in detail."
-# What `profile: authors` fills in where the manifest is silent (wire names, paths from spec).
 # What `profile: authors` fills in where the manifest is silent (attribute paths from the spec).
 # The evaluation's decoding is filled only where the manifest gives one: left out, it is relabel's.
 AUTHORS_PRESET: dict[tuple[str, ...], Any] = {
@@ -591,6 +607,8 @@ AUTHORS_PRESET: dict[tuple[str, ...], Any] = {
     ("relabel", "decoding", "stop_at_end"): True,
     ("evaluation", "decoding", "stop_at_end"): True,
     ("saliency", "probe_draws"): ProbeDraws.SHARED,
+    ("finetune", "labels"): FinetuneLabels.CHAT_TURNS,
+    ("finetune", "group_by_length"): True,
 }
 
 
@@ -612,8 +630,9 @@ class PurificationJobSpec(ContractModel):
     """authors: the settings in which the authors' released code differs from this project's
     defaults, where the manifest does not set them: the fixed purification prompt "Describe this
     image in detail." (relabel.prompt, which saliency scores for too), their decoding stop rule
-    (relabel's and the evaluation's decoding.stopAtEnd) and their probe draws (saliency.probeDraws:
-    shared)."""
+    (relabel's and the evaluation's decoding.stopAtEnd), their probe draws (saliency.probeDraws:
+    shared), their fine-tune labels (finetune.labels: chat-turns) and their length-grouped batches
+    (finetune.groupByLength)."""
     model: ModelSource
     """The compromised model to purify."""
     dataset: DatasetSource

@@ -53,6 +53,34 @@ def test_loss_ignores_unmasked_and_prompt_positions():
     assert touched[2] > 0 and touched[[0, 1, 3, 4, 5]].sum() == 0
 
 
+def test_chat_turn_rows_noise_and_normalise_by_their_own_supervised_tokens(tiny_processor):
+    """Chat-turn labels: rows of different lengths, each answer unpadded plus one end token (the
+    embedded family has no chat markers); noise falls on those positions only, and each row's loss
+    is divided by its own count of them, as LLaDA-V's SFT loss does."""
+    from disp_api import FinetuneLabels
+    from disp_runner.data.synthetic import generate_instances
+
+    instances = generate_instances(4, 1, image_size=16)
+    batch = tiny_processor.encode(instances, 16, labels=FinetuneLabels.CHAT_TURNS)
+    eos = tiny_processor.tokenizer.eos_token_id
+    counts = batch.response_mask.sum(dim=1).tolist()
+    for row, inst in enumerate(instances):
+        answer = tiny_processor.answer_ids(inst.response)
+        assert counts[row] == len(answer) + 1
+        assert batch.input_ids[row, -counts[row]:].tolist() == [*answer, eos]
+    assert len(set(counts)) > 1 and max(counts) < 16
+    noised = add_mask_noise(batch.input_ids, batch.response_mask, tiny_processor.mask_token_id,
+                            torch.Generator().manual_seed(0))
+    assert not (noised.masked & ~batch.response_mask).any() and noised.masked.any()
+    torch.manual_seed(0)
+    logits = torch.randn(*batch.input_ids.shape, 23)
+    targets = batch.input_ids % 23
+    loss = masked_diffusion_loss(logits, targets, noised, batch.response_mask)
+    ce = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
+    expected = sum((ce[r] * noised.masked[r]).sum() / noised.mask_prob[r] / counts[r] for r in range(4)) / 4
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+
+
 def test_transfer_schedule_splits_evenly_with_remainder_first():
     schedule = transfer_schedule(torch.tensor([10, 16, 3]), 4)
     assert schedule.tolist() == [[3, 3, 2, 2], [4, 4, 4, 4], [1, 1, 1, 0]]
@@ -201,3 +229,27 @@ def test_a_manifest_asks_for_the_stop_rule_and_relabel_decodes_with_it(workspace
     run_job(job, workspace / "out", only=StageName.MASKING, show_progress=False)
     run_job(job, workspace / "out", only=StageName.RELABEL, show_progress=False)
     assert seen and all(stop and end_ids for stop, end_ids in seen)
+
+
+def test_a_manifest_asks_for_chat_turn_labels_and_the_fine_tune_trains_on_them(workspace, monkeypatch):
+    import disp_runner.stages.finetune as finetune_stage
+    from disp_api import FinetuneLabels, PurificationJob, StageName
+    from disp_runner.pipeline.runner import run_job
+    from tests.tiny import job_document
+
+    trained = []
+    real = finetune_stage.train_masked_diffusion
+
+    def spy(model, data, *args, **kwargs):
+        trained.append(data)
+        return real(model, data, *args, **kwargs)
+    monkeypatch.setattr(finetune_stage, "train_masked_diffusion", spy)
+    document = job_document(workspace, finetune={"epochs": 1, "batchSize": 8, "labels": "chat-turns"}, evaluation=None)
+    job = PurificationJob.model_validate(document)
+    for stage in (StageName.SALIENCY, StageName.MASKING, StageName.RELABEL, StageName.FINETUNE):
+        run_job(job, workspace / "out", only=stage, show_progress=False)
+    (data,) = trained
+    assert data.labels is FinetuneLabels.CHAT_TURNS
+    batch = data.batch(range(len(data)))
+    answers = [len(data.processor.answer_ids(inst.response)) + 1 for inst in data.instances]  # + one end token
+    assert batch.response_mask.sum(dim=1).tolist() == answers

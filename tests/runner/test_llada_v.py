@@ -193,6 +193,42 @@ def test_an_image_becomes_its_base_view_then_the_unpadded_map_with_a_newline_per
     assert ids[-8:] == [processor.mask_token_id] * 8
 
 
+def test_chat_turn_labels_supervise_the_answer_turn_and_every_chat_marker_unpadded():
+    """LLaDA-V's SFT labelling (its train.py): the assistant turn whole, plus <|startoftext|>, the
+    header markers and <|eot_id|> wherever they stand; no <|endoftext|> padding after the answer."""
+    from disp_api import FinetuneLabels
+
+    texts = ("a red circle", "there is one small blue square in the picture")
+    _, processor = tiny_checkpoint(None, corpus=texts)
+    instances = [inst.replace(response=text) for inst, text in zip(generate_instances(2, seed=1), texts)]
+    batch = processor.encode(instances, 16, labels=FinetuneLabels.CHAT_TURNS)
+    padded = processor.encode(instances, 16)
+    markers = {processor.ids[name] for name in (Specials.START, Specials.HEADER_START, Specials.HEADER_END,
+                                                Specials.EOT)}
+    for row, inst in enumerate(instances):
+        real = batch.attention_mask[row].bool()
+        ids, supervised = batch.input_ids[row][real].tolist(), batch.response_mask[row][real].tolist()
+        answer_turn = max(i for i, token in enumerate(ids) if token == processor.ids[Specials.HEADER_START])
+        start, count = batch.visual_spans[row].tolist()
+        start -= int((~real).sum())
+        expected = [i >= answer_turn or (token in markers and not start <= i < start + count)
+                    for i, token in enumerate(ids)]
+        assert supervised == expected
+        answer = processor.tokenizer(inst.response, add_special_tokens=False)["input_ids"]
+        assert ids[-len(answer) - 1:] == [*answer, processor.ids[Specials.EOT]]  # unpadded, the turn's end last
+        assert not batch.response_mask[row][~real].any()  # left padding is never supervised
+        # padded-answer: the last genLength positions, the answer then <|endoftext|> up to them.
+        assert padded.response_mask[row].tolist() == [False] * (padded.input_ids.shape[1] - 16) + [True] * 16
+        assert padded.input_ids[row, -1] == processor.ids[Specials.END]
+    assert batch.input_ids.shape[1] < padded.input_ids.shape[1]  # no padding to genLength
+    # An answer that fills all genLength positions keeps its end of turn; a longer one is refused.
+    long = instances[1].replace(response=" ".join(["square"] * 16))
+    assert processor.encode([long], 16, labels=FinetuneLabels.CHAT_TURNS).input_ids[0, -1] == processor.ids[Specials.EOT]
+    from disp_runner.errors import UserInputError
+    with pytest.raises(UserInputError, match="more than gen_length 16"):
+        processor.encode([long.replace(response=long.response + " square")], 16, labels=FinetuneLabels.CHAT_TURNS)
+
+
 def test_a_prompt_cannot_forge_a_chat_turn():
     from disp_runner.errors import UserInputError
 

@@ -215,3 +215,23 @@ def test_the_estimate_is_within_a_fifth_of_the_peak_a_fresh_process_reaches(stag
     assert out.returncode == 0, out.stderr[-2000:]
     row = json.loads(out.stdout.strip().splitlines()[-1])
     assert row["sequence"] > 1485 and 0.8 < row["estimate"] / row["peak"] < 1.2, row
+
+
+def test_with_chat_turn_labels_the_head_is_planned_over_every_row_from_its_first_chat_marker(monkeypatch):
+    """LLaDA-V's chat-turn labels supervise <|startoftext|>, the row's first token, so a fine-tune's
+    head runs over the whole row, not only over genLength answer positions; the plan must say so."""
+    from disp_api import FinetuneLabels
+    from disp_runner.pipeline import memory
+
+    model, processor = tiny_checkpoint(None)
+    instances = generate_instances(3, seed=2)
+    planned = []
+    real_estimate = memory.estimate_memory
+    monkeypatch.setattr(memory, "estimate_memory", lambda *a: planned.append(a[2]) or real_estimate(*a))
+    for labels in FinetuneLabels:
+        memory.check_stage_memory(model, processor, PlannedStage.FINETUNE, "spec.finetune.batchSize", 2, instances,
+                                  16, torch.device("cpu"), labels=labels)
+    padded, chat = planned
+    assert padded.answer == 16 and chat.answer == chat.sequence
+    longest = max(len(row.ids) for row in processor.token_rows(instances, 16, labels=FinetuneLabels.CHAT_TURNS))
+    assert chat.sequence == longest < padded.sequence

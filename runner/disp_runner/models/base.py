@@ -14,7 +14,9 @@ Every sequence is laid out, left-padded, as
     [PAD ...] [visual prefix: the family's own tokens around the image placeholders] [prompt] [response]
 
 so the response always occupies the last `gen_length` positions and loss, decoding and saliency
-index it the same way for every row and every family. Where each row's visual tokens sit is
+index it the same way for every row and every family (a fine-tune with the authors' chat-turn
+labels is the exception: its answers are unpadded, and `response_mask` says which positions the
+loss supervises). Where each row's visual tokens sit is
 recorded as its *visual span* (start, length), since padding moves it and a real model's number
 of visual tokens depends on the image.
 """
@@ -26,13 +28,14 @@ import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Callable, Iterator, Protocol, Sequence, runtime_checkable
+from typing import Callable, Iterator, NamedTuple, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 import torch
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
+from disp_api import FinetuneLabels
 from disp_runner.data.dataset import Instance, as_rgb
 from disp_runner.errors import UserInputError
 from disp_runner.planning import ModelShape
@@ -95,7 +98,9 @@ class ModelInputs:
     input_ids: torch.Tensor  # [B, L] response positions hold the clean response, or [MASK] to generate
     attention_mask: torch.Tensor  # [B, L] 1 = real token, 0 = left padding
     pixel_values: torch.Tensor  # [B, ...] the family's image tensor
-    response_mask: torch.Tensor  # [B, L] True on the last gen_length positions
+    # [B, L] the positions decoding fills or the loss supervises: the last gen_length (answers
+    # padded to it), or with chat-turn labels each row's answer turn and chat markers
+    response_mask: torch.Tensor
     visual_spans: torch.Tensor  # [B, 2] long: (start, length) of each row's visual tokens
     image_sizes: torch.Tensor  # [B, 2] long: (height, width) of each row's image in pixels
 
@@ -142,16 +147,18 @@ class EncodedInstances:
     depend on which instances share it (a resumed or re-sharded run computes the same thing); the
     training loop then cuts the columns that are padding in every row of the global batch."""
 
-    def __init__(self, processor: "Processor", instances: Sequence[Instance], gen_length: int):
-        self.processor, self.instances, self.gen_length = processor, instances, gen_length
-        self.lengths = [len(ids) for ids, _, _ in processor.token_rows(instances, gen_length)]  # also checks all
+    def __init__(self, processor: "Processor", instances: Sequence[Instance], gen_length: int,
+                 labels: FinetuneLabels = FinetuneLabels.PADDED_ANSWER):
+        self.processor, self.instances, self.gen_length, self.labels = processor, instances, gen_length, labels
+        self.lengths = [len(row.ids) for row in processor.token_rows(instances, gen_length, labels=labels)]  # checks all
         self.length = max(self.lengths)
 
     def __len__(self) -> int:
         return len(self.instances)
 
     def batch(self, rows: torch.Tensor | Sequence[int]) -> ModelInputs:
-        chosen = self.processor.encode([self.instances[int(i)] for i in rows], self.gen_length, pad_to=self.length)
+        chosen = self.processor.encode([self.instances[int(i)] for i in rows], self.gen_length, pad_to=self.length,
+                                       labels=self.labels)
         # Contiguous, as a DataLoader's collation of pre-encoded rows made them: convolutions round
         # differently on the channels-last strides the image arrays arrive in, and a fine-tune
         # must compute exactly what it did when the whole dataset was encoded up front.
@@ -290,6 +297,15 @@ def adopt_mask_token(tokenizer: PreTrainedTokenizerBase, known: str | None) -> N
         tokenizer.mask_token = known
 
 
+class TokenRow(NamedTuple):
+    """One instance as the model reads it (before padding)."""
+
+    ids: list[int]  # visual prefix, prompt, response
+    visual_offset: int  # where its visual tokens start
+    visual_tokens: int  # how many there are
+    supervised: list[bool]  # per id: decoding fills it or the loss supervises it (response_mask)
+
+
 class Processor(ABC):
     """The processor side of a family: tokenizer + sequence layout. The family says how an image
     becomes pixels and which tokens precede the prompt; the sequence assembly, padding and the
@@ -362,6 +378,18 @@ class Processor(ABC):
         """The ids between the visual prefix and the answer, around the user's prompt (a chat template)."""
         return user_ids
 
+    @property
+    def answer_header_length(self) -> int:
+        """How many of the last ids `wrap_prompt` adds open the answer's own turn (a chat format's
+        assistant header): chat-turn labels supervise them with the answer."""
+        return 0
+
+    @property
+    def chat_marker_ids(self) -> frozenset[int]:
+        """The chat format's markers, which chat-turn labels supervise wherever they stand, in the
+        prompt too (none without a chat format)."""
+        return frozenset()
+
     def answer_ids(self, text: str) -> list[int]:
         """An answer as the model was trained to give it, before padding to gen_length with the end token."""
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -385,15 +413,25 @@ class Processor(ABC):
             return None
         return ids + [self.tokenizer.eos_token_id] * (gen_length - len(ids))
 
-    def token_rows(self, instances: Sequence[Instance], gen_length: int,
-                   with_response: bool = True) -> list[tuple[list[int], int, int]]:
-        """Each instance's ids — visual prefix, prompt, response padded with the end token to
-        `gen_length` (or masks to generate) — with the offset and number of its visual tokens. Reads
-        image sizes, never pixels."""
+    def answer_turn(self, text: str, gen_length: int) -> list[int] | None:
+        """An answer as chat-turn labels train it: unpadded, ending in the end token (which an
+        answer that fills all `gen_length` positions keeps); None when it does not fit."""
+        ids = self.answer_ids(text)
+        if not ids or ids[-1] not in self.answer_end_ids:
+            ids = ids + [self.tokenizer.eos_token_id]
+        return ids if len(ids) <= gen_length + 1 else None
+
+    def token_rows(self, instances: Sequence[Instance], gen_length: int, with_response: bool = True,
+                   labels: FinetuneLabels = FinetuneLabels.PADDED_ANSWER) -> list[TokenRow]:
+        """Each instance's ids — visual prefix, prompt, response (padded with the end token to
+        `gen_length`, unpadded with chat-turn `labels`, or masks to generate) — with where its
+        visual tokens are and which positions are supervised. Reads image sizes, never pixels."""
         tok = self.tokenizer
         prompts = tok([inst.prompt for inst in instances], add_special_tokens=False)["input_ids"]
         reserved = self.reserved_ids | {self.mask_token_id}
-        rows: list[tuple[list[int], int, int]] = []
+        chat_turns = with_response and labels is FinetuneLabels.CHAT_TURNS
+        markers = self.chat_marker_ids if chat_turns else frozenset()
+        rows: list[TokenRow] = []
         for inst, prompt_ids in zip(instances, prompts):
             layout = self.layout_of(inst)
             visual_tokens = layout.num_tokens
@@ -411,30 +449,38 @@ class Processor(ABC):
                     f"{len(prompt_ids)}-token prompt + genLength {gen_length} = {positions} positions, more than "
                     f"the model's {self.max_positions}")
             if with_response:
-                response_ids = self.response_ids(inst.response, gen_length)
+                response_ids = (self.answer_turn if chat_turns else self.response_ids)(inst.response, gen_length)
                 if response_ids is None:
                     raise UserInputError(f"instance {inst.id}: response has {len(self.answer_ids(inst.response))} "
                                          f"tokens, more than gen_length {gen_length}")
             else:
                 response_ids = [self.mask_token_id] * gen_length
-            rows.append((prefix + prompt_ids + response_ids, visual_offset, visual_tokens))
+            ids = prefix + prompt_ids + response_ids
+            if chat_turns:
+                visual = range(visual_offset, visual_offset + visual_tokens)
+                answer_from = len(ids) - len(response_ids) - self.answer_header_length
+                supervised = [i >= answer_from or (token in markers and i not in visual) for i, token in enumerate(ids)]
+            else:
+                supervised = [i >= len(ids) - gen_length for i in range(len(ids))]
+            rows.append(TokenRow(ids, visual_offset, visual_tokens, supervised))
         return rows
 
     def encode(self, instances: Sequence[Instance], gen_length: int, with_response: bool = True,
-               pad_to: int = 0) -> ModelInputs:
+               pad_to: int = 0, labels: FinetuneLabels = FinetuneLabels.PADDED_ANSWER) -> ModelInputs:
         """The batch's `token_rows`, left-padded to the longest (or to `pad_to`, if longer), and its
         images (decoded now)."""
-        rows = self.token_rows(instances, gen_length, with_response)
-        length = max(pad_to, *(len(ids) for ids, _, _ in rows))
+        rows = self.token_rows(instances, gen_length, with_response, labels)
+        length = max(pad_to, *(len(row.ids) for row in rows))
         input_ids = torch.full((len(rows), length), self.tokenizer.pad_token_id, dtype=torch.long)
         attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
-        spans = torch.zeros((len(rows), 2), dtype=torch.long)
-        for i, (ids, offset, count) in enumerate(rows):
-            input_ids[i, length - len(ids):] = torch.tensor(ids)
-            attention_mask[i, length - len(ids):] = 1
-            spans[i] = torch.tensor([length - len(ids) + offset, count])
         response_mask = torch.zeros((len(rows), length), dtype=torch.bool)
-        response_mask[:, length - gen_length:] = True
+        spans = torch.zeros((len(rows), 2), dtype=torch.long)
+        for i, row in enumerate(rows):
+            start = length - len(row.ids)
+            input_ids[i, start:] = torch.tensor(row.ids)
+            attention_mask[i, start:] = 1
+            response_mask[i, start:] = torch.tensor(row.supervised)
+            spans[i] = torch.tensor([start + row.visual_offset, row.visual_tokens])
         sizes = torch.tensor([[inst.image_size[1], inst.image_size[0]] for inst in instances], dtype=torch.long)
         return ModelInputs(input_ids, attention_mask, self.pixel_values(instances), response_mask, spans, sizes)
 

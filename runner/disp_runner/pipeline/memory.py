@@ -15,7 +15,7 @@ from typing import Sequence
 
 import torch
 
-from disp_api import TrainableParts
+from disp_api import FinetuneLabels, TrainableParts
 from disp_runner.data.dataset import Instance
 from disp_runner.errors import UserInputError
 from disp_runner.diffusion.training import TRAINED_PARTS
@@ -48,7 +48,8 @@ def check_stage_memory(model: DiffusionVLM, processor: Processor, stage: Planned
                        instances: Sequence[Instance], gen_length: int, device: torch.device, *,
                        probes: int = 6, steps: int = 32, block_length: int | None = None,
                        trainable: TrainableParts = TrainableParts.PROJECTOR, processes: int = 1,
-                       checkpointing: bool = False) -> MemoryEstimate | None:
+                       checkpointing: bool = False,
+                       labels: FinetuneLabels = FinetuneLabels.PADDED_ANSWER) -> MemoryEstimate | None:
     """The estimate of the stage's widest batch (`batch_size` rows, or its share on each of
     `processes`), or None for a family the planner has no shape for. Raises UserInputError naming
     `field` when it cannot fit the device."""
@@ -56,14 +57,18 @@ def check_stage_memory(model: DiffusionVLM, processor: Processor, stage: Planned
     if family.model_shape is None or not instances:
         return None
     shape = family.model_shape(model.config.to_dict())
-    rows = processor.token_rows(instances, gen_length, with_response=stage is PlannedStage.FINETUNE)
-    longest = max(len(ids) for ids, _, _ in rows)
+    rows = processor.token_rows(instances, gen_length, with_response=stage is PlannedStage.FINETUNE, labels=labels)
+    longest = max(len(row.ids) for row in rows)
     views = max(processor.views_of(inst) for inst in instances)
     trainable_parameters = sum(p.numel() for part in TRAINED_PARTS[trainable]
                                for p in model.parameter_parts()[part])
     per_process = math.ceil(min(batch_size, len(instances)) / processes)
-    # The head runs on the answer's positions (fine-tune), the first block (saliency) or one block (relabel).
-    answer = gen_length if stage is PlannedStage.FINETUNE else min(block_length or gen_length, gen_length)
+    # The head runs on the supervised positions' columns (fine-tune: the answer, or with chat-turn
+    # labels from the first chat marker on), the first block (saliency) or one block (relabel).
+    if stage is PlannedStage.FINETUNE:
+        answer = max(len(row.ids) - row.supervised.index(True) for row in rows)
+    else:
+        answer = min(block_length or gen_length, gen_length)
     work = Workload(batch=per_process, sequence=longest, answer=answer, views=views, probes=probes, steps=steps,
                     trainable_parameters=trainable_parameters,
                     trains_language_model=trainable is not TrainableParts.PROJECTOR, checkpointing=checkpointing)

@@ -85,14 +85,15 @@ def finetune(ctx: StageContext, out: Path | None) -> dict[str, Any]:
     spec = ctx.spec.finetune
     model, processor = ctx.compromised_model()
     purified = load_dataset(ctx.input_dir(StageName.RELABEL) / DATASET_DIR, processor.image_size)
-    data = EncodedInstances(processor, purified, ctx.decoding().gen_length)  # batch by batch
+    data = EncodedInstances(processor, purified, ctx.decoding().gen_length, spec.labels)  # batch by batch
     config = TrainingConfig(epochs=spec.epochs, learning_rate=spec.learning_rate, batch_size=spec.batch_size,
                             warmup_ratio=spec.warmup_ratio, weight_decay=spec.weight_decay, seed=spec.seed,
                             trainable=spec.trainable, group_by_length=spec.group_by_length,
                             activation_checkpointing=spec.activation_checkpointing)
     plan = check_stage_memory(model, processor, PlannedStage.FINETUNE, "spec.finetune.batchSize", spec.batch_size,
                               purified, ctx.decoding().gen_length, ctx.device, trainable=spec.trainable,
-                              processes=ctx.topology.world_size, checkpointing=spec.activation_checkpointing)
+                              processes=ctx.topology.world_size, checkpointing=spec.activation_checkpointing,
+                              labels=spec.labels)
     checkpoints = ctx.checkpoints(StageName.FINETUNE)
 
     def on_step(step: int, total: int, loss: float) -> None:

@@ -98,6 +98,20 @@ class LladaVProcessor(Processor):
         return [*self._text(text), self.ids[Specials.EOT]]
 
     @property
+    def answer_header_length(self) -> int:
+        return len(self._header("assistant"))
+
+    @property
+    def chat_marker_ids(self) -> frozenset[int]:
+        """The tokens LLaDA-V's SFT labelling supervises even inside the system and user turns: the
+        start of text, the header markers, the end of turn, and "\n\n" when the vocabulary holds a
+        token of that very name (their list looks the names up as tokens; a byte-level vocabulary
+        spells the blank line otherwise, so there it is supervised only in the answer's header)."""
+        vocabulary = self.tokenizer.get_vocab()
+        names = (Specials.START, Specials.HEADER_START, Specials.HEADER_END, Specials.EOT, "\n\n")
+        return frozenset(vocabulary[name] for name in names if name in vocabulary)
+
+    @property
     def answer_end_ids(self) -> frozenset[int]:
         return frozenset({self.ids[Specials.EOT], self.ids[Specials.END]})
 
