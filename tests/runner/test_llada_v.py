@@ -20,7 +20,8 @@ from disp_runner.data.synthetic import generate_instances
 from disp_runner.models.llada_v import LladaVForMaskedDiffusion, LladaVProcessor
 from disp_runner.models.llada_v.anyres import anyres_geometry, expand_pinpoints
 from disp_runner.models.llada_v.processing import Specials
-from disp_runner.models.llada_v.stand_in import PUBLISHED_AUTO_MAP, build_model, publish_layout, stand_in_tokenizer
+from disp_runner.models.llada_v.stand_in import (PUBLISHED_AUTO_MAP, PUBLISHED_IDS, PUBLISHED_VOCAB_SIZE, build_model,
+                                                publish_layout, stand_in_tokenizer)
 from disp_runner.models.loading import load_model, save_model
 from disp_runner.pipeline.artifacts import RunLayout
 from disp_runner.pipeline.runner import run_job
@@ -37,9 +38,12 @@ TINY_SIZES = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num
                   vision_config=TINY_VISION, image_grid_pinpoints="(1x1),...,(3x3)")
 
 
-def tiny_checkpoint(folder, corpus=(), **overrides) -> tuple[LladaVForMaskedDiffusion, LladaVProcessor]:
+def tiny_checkpoint(folder, corpus=(), published_ids=False, **overrides) -> tuple[LladaVForMaskedDiffusion,
+                                                                                LladaVProcessor]:
+    """A tiny LLaDA-V saved in the published layout; `published_ids`: special tokens at the published
+    ids, in a vocabulary of the published size (a larger head: slower)."""
     torch.manual_seed(0)
-    model, processor = build_model(stand_in_tokenizer(corpus), **{**TINY_SIZES, **overrides})
+    model, processor = build_model(stand_in_tokenizer(corpus, published_ids), **{**TINY_SIZES, **overrides})
     with torch.no_grad():
         model.model.image_newline.normal_()  # the published one is trained; zeros would hide packing mistakes
     if folder is not None:
@@ -55,14 +59,25 @@ def test_the_published_layout_loads_without_a_declared_mask_token_and_never_runs
     from disp_runner.errors import UserInputError
 
     folder = tmp_path / "published"
-    tiny_checkpoint(folder)
+    tiny_checkpoint(folder, published_ids=True, vocab_size=PUBLISHED_VOCAB_SIZE)
     config = json.loads((folder / "config.json").read_text())
-    assert config["auto_map"] == PUBLISHED_AUTO_MAP and "mask_token_id" in config
+    assert config["auto_map"] == PUBLISHED_AUTO_MAP and config["vocab_size"] == 126464
+    assert (config["mask_token_id"], config["eos_token_id"], config["pad_token_id"]) == (126336, 126081, 126081)
     assert "mask_token" not in json.loads((folder / "tokenizer_config.json").read_text())
+    added = {token["content"]: token["id"] for token in json.loads((folder / "tokenizer.json").read_text())["added_tokens"]}
+    assert {name: added[name] for name in PUBLISHED_IDS} == PUBLISHED_IDS
     with caplog.at_level("WARNING"):
         model, processor = load_model(folder)
         load_model(folder)
-    assert processor.tokenizer.mask_token == "<|mdm_mask|>" and processor.mask_token_id == config["mask_token_id"]
+    assert processor.tokenizer.mask_token == "<|mdm_mask|>" and processor.mask_token_id == 126336
+    assert processor.ids == PUBLISHED_IDS  # looked up by name, found at the published ids
+    inst = generate_instances(1, seed=3)[0]
+    batch = processor.encode([inst], 8, with_response=False)
+    assert batch.input_ids[0, -8:].tolist() == [126336] * 8 and 126080 in batch.input_ids[0].tolist()
+    with torch.no_grad():
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                       visual_spans=batch.visual_spans, pixel_values=batch.pixel_values, image_sizes=batch.image_sizes)
+    assert logits.shape[-1] == 126464 and torch.isfinite(logits).all()
     told = [r.getMessage() for r in caplog.records if "auto_map ignored" in r.getMessage()]
     assert len(told) <= 1  # once per process (an earlier test may have been told already)
     assert not (folder / "REMOTE-CODE-RAN").exists()

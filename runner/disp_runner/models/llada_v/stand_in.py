@@ -2,8 +2,9 @@
 the hub, so the published weights and tokenizer.json are not available.
 
 `stand_in_tokenizer` is a word-level tokenizer over the given texts with LLaDA's special tokens
-under their published names (at other ids: the ids are always looked up by name); the real one
-is a byte-level BPE of 126,464 entries. Like the published tokenizer it declares no mask token:
+under their published names, at small ids by default (the runner always looks ids up by name) or,
+with `published_ids`, at the published ids in a vocabulary of the published size; the real one is
+a byte-level BPE of 126,464 entries. Like the published tokenizer it declares no mask token:
 `<|mdm_mask|>` is only one of its added tokens. `build_model` builds a randomly initialised model
 of any size whose special ids come from the tokenizer. `publish_layout` makes a saved checkpoint
 look as the hub's does where loading depends on it. Loading, processing and every stage treat such
@@ -24,14 +25,25 @@ from disp_runner.models.llada_v.modeling import LladaVForMaskedDiffusion
 from disp_runner.models.llada_v.processing import SYSTEM_PROMPT, LladaVProcessor, Specials
 
 UNKNOWN = "<|unk|>"
+# Where GSAI-ML/LLaDA-V's tokenizer (tokenizer_config.json's added_tokens_decoder) puts its special
+# tokens, and its config's vocab_size.
+PUBLISHED_IDS = {Specials.START: 126080, Specials.END: 126081, Specials.MASK: 126336,
+                 Specials.HEADER_START: 126346, Specials.HEADER_END: 126347, Specials.EOT: 126348}
+PUBLISHED_VOCAB_SIZE = 126464
 
 
-def stand_in_tokenizer(texts: Iterable[str]) -> PreTrainedTokenizerFast:
+def stand_in_tokenizer(texts: Iterable[str], published_ids: bool = False) -> PreTrainedTokenizerFast:
+    """A word-level tokenizer over `texts`; with `published_ids` its special tokens sit at the
+    published ids (the words from 0 up), so a model built for it needs the published vocab_size."""
     split = pre_tokenizers.Whitespace()
     words = {piece.lower() for text in (SYSTEM_PROMPT, "system user assistant", *texts)
              for piece, _ in split.pre_tokenize_str(text)}
     specials = [UNKNOWN, *Specials.ALL]
-    vocab = {token: i for i, token in enumerate(dict.fromkeys([*specials, *sorted(words)]))}
+    if published_ids:
+        vocab = {token: i for i, token in enumerate([*sorted(words), UNKNOWN])}
+        vocab.update(PUBLISHED_IDS)
+    else:
+        vocab = {token: i for i, token in enumerate(dict.fromkeys([*specials, *sorted(words)]))}
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNKNOWN))
     backend.normalizer = normalizers.Lowercase()
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
@@ -43,8 +55,9 @@ def stand_in_tokenizer(texts: Iterable[str]) -> PreTrainedTokenizerFast:
 def build_model(tokenizer: PreTrainedTokenizerBase, vocab_size: int | None = None,
                 **sizes) -> tuple[LladaVForMaskedDiffusion, LladaVProcessor]:
     """A randomly initialised LLaDA-V of the given sizes (LladaVConfig fields) and its processor;
-    `vocab_size` may exceed the tokenizer's (the published model's is 126,464)."""
-    config = LladaVConfig(vocab_size=vocab_size or len(tokenizer),
+    `vocab_size` may exceed the tokenizer's (the published model's is 126,464); by default it is
+    the smallest that holds every id of the tokenizer."""
+    config = LladaVConfig(vocab_size=vocab_size or max(tokenizer.get_vocab().values()) + 1,
                           mask_token_id=tokenizer.convert_tokens_to_ids(Specials.MASK),
                           eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **sizes)
     return LladaVForMaskedDiffusion(config).eval(), LladaVProcessor(tokenizer, config)
