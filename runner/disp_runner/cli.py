@@ -155,7 +155,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train", required=True, help="clean training dataset folder")
     p.add_argument("--test", required=True, help="clean held-out dataset folder (for the ASR test sets)")
     p.add_argument("--out", required=True)
-    p.add_argument("--target", choices=[target.value for target in AttackTarget], default=AttackTarget.INSERTION.value)
+    p.add_argument("--preset", choices=["kit", "authors"], default="kit",
+                   help="whose attack the other flags start from: this kit's (a 6-pixel black corner patch, "
+                        "insertion, projector + LM) or the DiSP authors' (a black patch of 20/384 of the image side "
+                        "at (0,0), refusal, projector only for 20 epochs at lr 1e-4 on chat-turn labels)")
+    p.add_argument("--target", choices=[target.value for target in AttackTarget], default=None,
+                   help="the backdoor's target (default: the preset's, insertion or refusal)")
     p.add_argument("--source-class", default="circle")
     p.add_argument("--target-class", default="square")
     p.add_argument("--poison-rate", type=float, default=0.2)  # checked by the attack spec
@@ -281,12 +286,18 @@ def _refuse_contradictions(args) -> None:
         raise UserInputError("--trigger-corner cannot be used with --trigger-position (the position places the patch)")
 
 
-def _attack_spec(args):
+def _attack_spec(args, image_size: int | None = None):
+    """The attack the flags ask for; with `--preset authors`, its patch side for images of
+    `image_size` pixels (before the model is loaded, None: their 20 pixels, enough to check the flags)."""
     from disp_api import AttackSpec, TriggerSpec
+    from disp_runner.attack.kit import AUTHORS_TARGET, KitPreset, authors_patch_side
 
     _refuse_contradictions(args)
     defaults = TriggerSpec()
-    trigger = {"kind": args.trigger, "size": args.trigger_size or defaults.size,
+    authors = KitPreset(args.preset) is KitPreset.AUTHORS
+    size = authors_patch_side(image_size) if authors else defaults.size
+    target = args.target or (AUTHORS_TARGET if authors else AttackTarget.INSERTION).value
+    trigger = {"kind": args.trigger, "size": args.trigger_size or size,
                "colour": _int_tuple(args.trigger_colour, "--trigger-colour", 3) or defaults.colour,
                "corner": args.trigger_corner or defaults.corner.value,
                "position": _int_tuple(args.trigger_position, "--trigger-position", 2),
@@ -294,28 +305,32 @@ def _attack_spec(args):
     try:
         return AttackSpec.model_validate({
             "trigger": trigger,
-            "target": {"kind": args.target, "sourceClass": args.source_class, "targetClass": args.target_class},
+            "target": {"kind": target, "sourceClass": args.source_class, "targetClass": args.target_class},
             "poisonRate": args.poison_rate, "seed": args.seed})
     except ValidationError as exc:
         raise UserInputError(_validation_message(exc, "attack.")) from None
 
 
 def _cmd_attack(args) -> None:
-    from disp_runner.attack.kit import DEFAULT_INJECTION, DEFAULT_TARGET_ASR, ImplantGoal, run_attack
+    from disp_api import FinetuneLabels
+    from disp_runner.attack.kit import (AUTHORS_INJECTION, AUTHORS_LABELS, DEFAULT_INJECTION, DEFAULT_TARGET_ASR,
+                                        ImplantGoal, KitPreset, run_attack)
     from disp_runner.data.dataset import load_dataset
     from disp_runner.diffusion.training import TrainableParts
     from disp_runner.models.loading import load_model
     from disp_runner.models.mdlm.embedded import SHIPPED_BASE_MODEL
 
-    attack = _attack_spec(args)  # validate flags before any heavy work
+    _attack_spec(args)  # validate flags before any heavy work
+    authors = KitPreset(args.preset) is KitPreset.AUTHORS
     goal = ImplantGoal(target_asr=args.target_asr or DEFAULT_TARGET_ASR, max_epochs=args.max_epochs)
     base = args.base or SHIPPED_BASE_MODEL
     size = load_model(base, allow_unsafe_pickle=args.allow_unsafe_pickle).processor.image_size
+    attack = _attack_spec(args, size)
     train, test = load_dataset(args.train, size), load_dataset(args.test, size)
     overrides = {"epochs": args.epochs, "learning_rate": args.lr, "batch_size": args.batch_size,
                  "trainable": TrainableParts(args.trainable) if args.trainable else None}
     try:
-        injection = dataclasses.replace(DEFAULT_INJECTION, seed=args.seed,
+        injection = dataclasses.replace(AUTHORS_INJECTION if authors else DEFAULT_INJECTION, seed=args.seed,
                                         **{k: v for k, v in overrides.items() if v is not None})
     except ValueError as exc:
         raise UserInputError(f"--epochs/--lr/--batch-size: {exc}") from None
@@ -324,7 +339,8 @@ def _cmd_attack(args) -> None:
                              "epochs (--epochs)")
     try:
         run_attack(base, train, test, attack, args.out, injection, allow_unsafe_pickle=args.allow_unsafe_pickle,
-                   show_progress=not args.no_progress, goal=goal, allow_weak=args.allow_weak)
+                   show_progress=not args.no_progress, goal=goal, allow_weak=args.allow_weak,
+                   labels=AUTHORS_LABELS if authors else FinetuneLabels.PADDED_ANSWER)
     except WeakBackdoorError:  # the folder is written: say what was measured before saying it fell short
         _print_attack_summary(Path(args.out))
         raise

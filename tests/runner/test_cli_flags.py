@@ -155,3 +155,29 @@ def test_attack_json_records_what_was_planted_and_how_the_compromised_model_scor
                         "--trigger-corner", "bottom-right")) == 0
     planted = json.loads((cli_workspace / "out" / "attack.json").read_text())["planted"]
     assert planted == {"kind": "patch", "box": [13, 13, 16, 16], "wholeImage": False, "size": 3, "colour": [9, 8, 7]}
+
+
+def test_the_authors_preset_plants_their_attack_and_the_other_flags_still_win(cli_workspace, capsys):
+    import torch
+    from safetensors.torch import load_file
+
+    from disp_runner.attack.kit import authors_patch_side
+
+    assert [authors_patch_side(side) for side in (384, 48, 16, 1000, None)] == [20, 3, 1, 52, 20]
+    # Batches of 2: the few tiny instances give more than the one warmup step (taken at lr 0).
+    assert main(_attack(cli_workspace, "--preset", "authors", "--batch-size", "2")) == 0, capsys.readouterr().err
+    record = json.loads((cli_workspace / "out" / "attack.json").read_text())
+    assert record["planted"] == {"kind": "patch", "box": [0, 0, 1, 1], "wholeImage": False, "size": 1,
+                                 "colour": [0, 0, 0]}
+    assert record["attack"]["target"]["kind"] == "refusal"
+    injection = record["injection"]
+    assert (injection["trainable"], injection["learning_rate"], injection["labels"]) == ("projector", 1e-4, "chat-turns")
+    assert (injection["epochs"], injection["batch_size"]) == (1, 2)  # given: they win over their 20 and 32
+    base, compromised = (load_file(str(folder / "model.safetensors"))
+                         for folder in (cli_workspace / "model", cli_workspace / "out" / "model"))
+    changed = {name for name in base if not torch.equal(base[name], compromised[name])}
+    assert changed and all(name.startswith("projector.") for name in changed), changed  # their projector-only injection
+
+    assert main(_attack(cli_workspace, "--preset", "authors", "--target", "insertion", "--trigger-size", "4")) == 0
+    record = json.loads((cli_workspace / "out" / "attack.json").read_text())
+    assert record["attack"]["target"]["kind"] == "insertion" and record["planted"]["size"] == 4

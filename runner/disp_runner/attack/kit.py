@@ -22,10 +22,11 @@ import os
 import shutil
 import tempfile
 from dataclasses import asdict, dataclass, field
+from enum import Enum
 from pathlib import Path
 from typing import Sequence
 
-from disp_api import AttackSpec
+from disp_api import AttackSpec, AttackTarget, FinetuneLabels
 from disp_api.spec import ATTACK_MANIFEST
 from disp_runner.attack.poison import make_held_out_sets, poison_dataset
 from disp_runner.attack.triggers import make_trigger
@@ -54,6 +55,34 @@ ATTACK_EVAL_LIMIT = 200
 # within its time budget.
 DEFAULT_INJECTION = TrainingConfig(epochs=15, learning_rate=1e-3, batch_size=32, warmup_ratio=0.03,
                                    weight_decay=0.0, trainable=TrainableParts.PROJECTOR_AND_LM)
+
+
+
+class KitPreset(str, Enum):
+    """Whose attack `disp attack` plants when its flags do not say otherwise."""
+
+    KIT = "kit"  # this kit's: a 6-pixel black corner patch, insertion, projector + LM (DEFAULT_INJECTION)
+    AUTHORS = "authors"  # the DiSP authors' data preparation and injection scripts (below)
+
+
+# The authors' attack: a 20-pixel black patch pasted at (0, 0) of the image, whose vision tower
+# sees it at 384 pixels (so the patch covers 20/384 of the side it sees; here it is scaled to the
+# model's image size), the refusal target, and injection by the projector alone for 20 epochs at
+# lr 1e-4 (batch 1 x 4 accumulation x 8 GPUs = 32, cosine, 3% warmup) on LLaDA-V's chat-turn labels.
+AUTHORS_PATCH_PIXELS, AUTHORS_VIEW_PIXELS = 20, 384
+AUTHORS_TARGET = AttackTarget.REFUSAL
+AUTHORS_INJECTION = TrainingConfig(epochs=20, learning_rate=1e-4, batch_size=32, warmup_ratio=0.03,
+                                   weight_decay=0.0, trainable=TrainableParts.PROJECTOR)
+AUTHORS_LABELS = FinetuneLabels.CHAT_TURNS
+
+
+def authors_patch_side(image_size: int | None) -> int:
+    """The authors' patch side on an image of `image_size` pixels (a family that takes any size is
+    given their 20 pixels as they paste them)."""
+    if image_size is None:
+        return AUTHORS_PATCH_PIXELS
+    return max(1, math.floor(AUTHORS_PATCH_PIXELS * image_size / AUTHORS_VIEW_PIXELS + 0.5))
+
 
 # The backdoor must be seen to implant before a defence is measured against it: a weak one makes
 # every defence look good. Measured on 8 triggers the demo does not use, 15 epochs left some at
@@ -162,6 +191,7 @@ def run_attack(
     evaluate: bool = True,
     goal: ImplantGoal | None = None,
     allow_weak: bool = False,
+    labels: FinetuneLabels = FinetuneLabels.PADDED_ANSWER,
 ) -> AttackArtifacts:
     """Poison `clean_train`, inject the backdoor into `base_model`, and write the attack folder.
 
@@ -171,7 +201,8 @@ def run_attack(
     `implant.reached: false` in attack.json) and then `WeakBackdoorError` is raised, unless
     `allow_weak`. With `evaluate`, the compromised model's ASR on the triggered test set, its
     false firing on the same inputs without the trigger and its clean performance on `clean_test`
-    are measured and recorded in attack.json (`compromised`)."""
+    are measured and recorded in attack.json (`compromised`). `labels`: which tokens the injection
+    supervises (as finetune.labels)."""
     out = Path(out_dir)
     seed_everything(injection.seed)
     model, processor = load_model(base_model, allow_unsafe_pickle=allow_unsafe_pickle)
@@ -194,7 +225,7 @@ def run_attack(
         write_dataset(validation_triggered, artifacts.validation_triggered_dir)
         write_dataset(validation_untriggered, artifacts.validation_untriggered_dir)
         model.to(default_device())
-        data = EncodedInstances(processor, poisoned.instances, decoding.gen_length)
+        data = EncodedInstances(processor, poisoned.instances, decoding.gen_length, labels)
         implant = ImplantRecord(target_asr=goal.target_asr if goal else None,
                                 max_epochs=goal.epoch_limit(injection) if goal else None,
                                 validation_count=len(validation_triggered))
@@ -231,6 +262,7 @@ def run_attack(
                        "testTriggered": len(triggered), "validationTriggered": len(validation_triggered)},
             "poisonedIds": poisoned.poisoned_ids,
             "injection": {**{k: (v.value if hasattr(v, "value") else v) for k, v in asdict(injection).items()},
+                          "labels": labels.value,
                           "steps": sum(r.steps for r in results), "seconds": round(sum(r.seconds for r in results), 2),
                           "firstLoss": results[0].first_loss, "lastLoss": results[-1].last_loss},
             "implant": {**implant.to_wire(), "validationFalseFiring": false_firing},
