@@ -7,6 +7,7 @@ from disp_api.spec import (
     DatasetSource,
     DecodingCache,
     DecodingSpec,
+    EmptyAnswers,
     EvaluationSpec,
     FinetuneLabels,
     FinetuneSpec,
@@ -31,7 +32,7 @@ from disp_api.spec import (
 )
 
 __all__ = [
-    "AttackSpec", "AttackTarget", "AuditFigures", "Corner", "DatasetSource", "DecodingCache", "DecodingSpec", "EvaluationMetrics", "EvaluationSpec",
+    "AttackSpec", "AttackTarget", "AuditFigures", "Corner", "DatasetSource", "DecodingCache", "DecodingSpec", "EmptyAnswers", "EvaluationMetrics", "EvaluationSpec",
     "FinetuneLabels", "FinetuneSpec", "LogFormat", "MaskingSpace", "MaskingSpec", "MetricsCounts", "MetricsSummary", "ModelSource", "ObjectMeta", "OutputSpec", "ParallelismSpec",
     "PurificationJob", "PurificationJobSpec", "PurificationMetrics", "RelabelAcceptance", "RelabelSpec", "ProbeDraws", "Profile", "SaliencySpec", "SecretKeyRef", "StageName", "StorageSpec",
     "TargetSpec", "TrainableParts", "TriggerKind", "TriggerSpec",

@@ -251,6 +251,13 @@ class RelabelAcceptance(str, Enum):
     SIGNATURE = "signature"  # only those that remove the backdoor's answer signature
 
 
+class EmptyAnswers(str, Enum):
+    """What becomes of an instance the compromised model answers with nothing once masked."""
+
+    DROP = "drop"  # left out of the purified dataset (and counted): an empty target teaches no answer
+    KEEP = "keep"  # the authors': the empty answer replaces the dataset's, and the fine-tune trains on it
+
+
 class RelabelSpec(ContractModel):
     decoding: DecodingSpec = DecodingSpec()
     """How the compromised model answers the masked instances; also sets the saliency block. Left out,
@@ -280,6 +287,10 @@ class RelabelSpec(ContractModel):
     clean image often loses its object and gets a guessed answer the model is unsure of, while a
     neutralised trigger leaves the rest of the image and a confident answer. Unset: the paper's
     behaviour, every answer is replaced."""
+    empty_answers: EmptyAnswers = EmptyAnswers.DROP
+    """drop: an instance whose relabel answer is empty is left out of the purified dataset (counted
+    as emptyResponses). keep (the authors'): the empty answer replaces the dataset's, so the
+    fine-tune teaches the model to end its answer at once on that image."""
 
 
 class FinetuneLabels(str, Enum):
@@ -607,6 +618,7 @@ AUTHORS_PRESET: dict[tuple[str, ...], Any] = {
     ("relabel", "decoding", "stop_at_end"): True,
     ("evaluation", "decoding", "stop_at_end"): True,
     ("saliency", "probe_draws"): ProbeDraws.SHARED,
+    ("relabel", "empty_answers"): EmptyAnswers.KEEP,
     ("finetune", "labels"): FinetuneLabels.CHAT_TURNS,
     ("finetune", "group_by_length"): True,
 }
@@ -631,8 +643,8 @@ class PurificationJobSpec(ContractModel):
     defaults, where the manifest does not set them: the fixed purification prompt "Describe this
     image in detail." (relabel.prompt, which saliency scores for too), their decoding stop rule
     (relabel's and the evaluation's decoding.stopAtEnd), their probe draws (saliency.probeDraws:
-    shared), their fine-tune labels (finetune.labels: chat-turns) and their length-grouped batches
-    (finetune.groupByLength)."""
+    shared), their empty answers kept (relabel.emptyAnswers: keep), their fine-tune labels
+    (finetune.labels: chat-turns) and their length-grouped batches (finetune.groupByLength)."""
     model: ModelSource
     """The compromised model to purify."""
     dataset: DatasetSource

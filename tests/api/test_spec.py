@@ -112,12 +112,13 @@ def _authors(**spec):
 
 
 def test_the_authors_profile_fills_their_settings_where_the_manifest_is_silent():
-    from disp_api import FinetuneLabels, ProbeDraws
+    from disp_api import EmptyAnswers, FinetuneLabels, ProbeDraws
     spec = _authors()
     assert spec.relabel.prompt == "Describe this image in detail."
     assert spec.relabel.decoding.stop_at_end and spec.evaluation.decoding.stop_at_end
     assert spec.saliency.probe_draws is ProbeDraws.SHARED
     assert spec.finetune.labels is FinetuneLabels.CHAT_TURNS and spec.finetune.group_by_length
+    assert spec.relabel.empty_answers is EmptyAnswers.KEEP
     assert spec.relabel.batch_size == 4 and spec.relabel.decoding.gen_length == 16  # the rest as written
     # What the manifest sets wins; an evaluation without its own decoding keeps inheriting relabel's.
     mine = _authors(relabel={"prompt": "What is shown?", "decoding": {"stopAtEnd": False}},

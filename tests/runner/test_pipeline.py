@@ -344,3 +344,59 @@ def test_saliency_scores_the_tokens_for_the_prompt_relabel_asks(workspace):
     with_fixed = scores(fixed, workspace / "fixed")
     assert torch.equal(with_fixed, scores(asked, workspace / "asked-out"))
     assert not torch.allclose(with_fixed, read_scores(own.stage_dir(StageName.SALIENCY))[1])
+
+
+@pytest.mark.parametrize("empty_answers", ["drop", "keep"])
+def test_empty_relabel_answers_are_dropped_or_kept_and_counted_either_way(workspace, monkeypatch, empty_answers):
+    import disp_runner.stages.finetune as finetune
+    import disp_runner.stages.relabel as relabel
+    from disp_runner.pipeline.artifacts import read_stage_manifest
+
+    real = relabel.generate_responses
+    silent: set[str] = set()
+
+    def every_third_empty(model, processor, instances, *args, **kwargs):
+        answers = list(real(model, processor, instances, *args, **kwargs))
+        for index, inst in enumerate(instances):
+            if index % 3 == 0 or "all" in silent:
+                answers[index] = ""
+                silent.add(inst.id)
+        return answers
+
+    trained = []
+    real_train = finetune.train_masked_diffusion
+    monkeypatch.setattr(finetune, "train_masked_diffusion",
+                        lambda model, data, *a, **k: trained.append(data) or real_train(model, data, *a, **k))
+    monkeypatch.setattr(relabel, "generate_responses", every_third_empty)
+    spec = dict(evaluation=None, relabel={"emptyAnswers": empty_answers}, finetune={"epochs": 1, "batchSize": 8})
+    job = make_job(workspace, **spec)
+    for stage in (StageName.SALIENCY, StageName.MASKING, StageName.RELABEL, StageName.FINETUNE):
+        run_job(job, only=stage, show_progress=False)
+    layout = layout_of(workspace, **spec)
+    purified = {inst.id: inst for inst in load_dataset(layout.stage_dir(StageName.RELABEL) / "dataset", 16,
+                                                      empty_responses=True)}
+    train = load_dataset(workspace / "train", 16)
+    metrics = read_stage_manifest(layout.stage_dir(StageName.RELABEL))["metrics"]
+    assert silent and metrics["emptyResponses"] == len(silent)
+    if empty_answers == "drop":
+        assert set(purified) == {inst.id for inst in train} - silent
+    else:  # the authors': the empty answer replaces the dataset's, and the fine-tune learns it
+        assert set(purified) == {inst.id for inst in train}
+        assert all(purified[i].response == "" and purified[i].metadata["original_response"] for i in silent)
+        (data,) = trained
+        rows = data.batch([k for k, inst in enumerate(data.instances) if inst.id in silent])
+        eos = data.processor.tokenizer.eos_token_id
+        assert (rows.input_ids[:, -16:] == eos).all()  # an empty answer: the end token at once, then padding
+        # Every answer empty: nothing is left to learn an answer from; refused, nothing published.
+        silent.add("all")
+        job = make_job(workspace, **{**spec, "output": {"uri": str(workspace / "silent")}})
+        for stage in (StageName.SALIENCY, StageName.MASKING):
+            run_job(job, only=stage, show_progress=False)
+        with pytest.raises(UserInputError, match="every answer was empty"):
+            run_job(job, only=StageName.RELABEL, show_progress=False)
+    # A user's dataset with an empty response is still refused, naming the line.
+    manifest = workspace / "train" / "manifest.jsonl"
+    lines = manifest.read_text().splitlines()
+    manifest.write_text("\n".join([lines[0], lines[1].replace(json.loads(lines[1])["response"], "")] + lines[2:]))
+    with pytest.raises(UserInputError, match=r"manifest.jsonl:2: field 'response' must be a non-empty string"):
+        load_dataset(workspace / "train", 16)

@@ -172,9 +172,11 @@ def _safe_file_stem(instance_id: str) -> str:
 def load_dataset(
     folder: str | Path,
     image_size: int | None = None,
+    empty_responses: bool = False,
 ) -> list[Instance]:
     """Read and validate a dataset folder: this format (manifest.jsonl), or a LLaVA conversations
-    JSON (see llava.py). `image_size` (pixels, square) is enforced when given."""
+    JSON (see llava.py). `image_size` (pixels, square) is enforced when given. `empty_responses`:
+    a response may be empty (a purified dataset that keeps empty relabel answers); a user's may not."""
     from disp_runner.data.llava import llava_json, load_llava  # llava.py builds on this module
 
     folder = Path(folder)
@@ -190,7 +192,7 @@ def load_dataset(
             if not line.strip():
                 continue
             where = f"{manifest}:{line_no}"
-            record = _parse_record(line, where)
+            record = _parse_record(line, where, empty_responses)
             if record["id"] in seen:
                 raise UserInputError(f"{where}: duplicate id {record['id']!r} (first on line {seen[record['id']]})")
             seen[record["id"]] = line_no
@@ -212,7 +214,7 @@ def _numbered_lines(handle, manifest: Path):
             raise UserInputError(f"{manifest}:{line_no}: not UTF-8 text") from None
 
 
-def _parse_record(line: str, where: str) -> dict[str, Any]:
+def _parse_record(line: str, where: str, empty_responses: bool = False) -> dict[str, Any]:
     try:
         record = json.loads(line)
     except json.JSONDecodeError as exc:
@@ -222,7 +224,9 @@ def _parse_record(line: str, where: str) -> dict[str, Any]:
     for name, kind in REQUIRED_FIELDS.items():
         if name not in record:
             raise UserInputError(f"{where}: missing field {name!r}")
-        if not isinstance(record[name], kind) or not record[name].strip():
+        if not isinstance(record[name], kind):
+            raise UserInputError(f"{where}: field {name!r} must be a non-empty string")
+        if not record[name].strip() and not (empty_responses and name == "response"):
             raise UserInputError(f"{where}: field {name!r} must be a non-empty string")
     if "metadata" in record and record["metadata"] is not None and not isinstance(record["metadata"], dict):
         raise UserInputError(f"{where}: field 'metadata' must be an object")

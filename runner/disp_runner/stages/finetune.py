@@ -84,7 +84,8 @@ def finetune(ctx: StageContext, out: Path | None) -> dict[str, Any]:
     and returns the stage's figures (the others return an empty dict)."""
     spec = ctx.spec.finetune
     model, processor = ctx.compromised_model()
-    purified = load_dataset(ctx.input_dir(StageName.RELABEL) / DATASET_DIR, processor.image_size)
+    purified = load_dataset(ctx.input_dir(StageName.RELABEL) / DATASET_DIR, processor.image_size,
+                            empty_responses=True)  # relabel.emptyAnswers: keep writes them
     data = EncodedInstances(processor, purified, ctx.decoding().gen_length, spec.labels)  # batch by batch
     config = TrainingConfig(epochs=spec.epochs, learning_rate=spec.learning_rate, batch_size=spec.batch_size,
                             warmup_ratio=spec.warmup_ratio, weight_decay=spec.weight_decay, seed=spec.seed,

@@ -8,7 +8,8 @@ tokens replaced by e_MASK; with `spec.masking.blurSigma` the image it answers is
 more likely than the dataset's (metadata `relabel_evidence`), else the dataset's answer is kept.
 
 Each purified instance keeps its metadata plus `original_response`; an instance whose answer is
-empty is left out and counted (`emptyResponses`), since an empty target teaches nothing.
+empty is left out and counted (`emptyResponses`), since an empty target teaches no answer, unless
+`spec.relabel.emptyAnswers: keep` (the authors'), which keeps it with the empty answer.
 
 The stage also audits every instance (disp/audit.py): two first-step forward passes give its
 support drop, and suspects.jsonl ranks the instances by it; with `spec.relabel.scope: suspects`
@@ -25,7 +26,7 @@ from pathlib import Path
 
 from PIL import ImageFilter
 
-from disp_api import AuditFigures, DecodingCache, MaskingSpace, RelabelAcceptance, StageName
+from disp_api import AuditFigures, DecodingCache, EmptyAnswers, MaskingSpace, RelabelAcceptance, StageName
 from disp_api.spec import RelabelScope
 from disp_runner.data.dataset import Instance, load_dataset, with_prompt, write_dataset
 from disp_runner.data.llava import replace_first_answer
@@ -108,20 +109,20 @@ class RelabelStage:
             records.append(SuspectRecord(id=inst.id, supportDrop=round(float(drops[index]), 4),
                                          concentration=round(concentrations[index], 4), answerChanged=differs,
                                          suspect=suspect[index], poisoned=ground_truth(inst)))
-            if answer:
+            if answer or spec.empty_answers is EmptyAnswers.KEEP:
                 purified.append(replace_first_answer(inst, answer, metadata))
         accepted = {}
         if ctx.shard is None:  # the signature needs the whole dataset: a sharded run applies it at the merge
             purified, records, accepted = _accept(ctx, purified, records, out)
             changed -= accepted.get("putBack", 0)
+        if ctx.shard is None and not _has_answers(purified):
+            raise UserInputError("relabel: every answer was empty; nothing to fine-tune on (check spec.relabel)")
         if purified:
             write_dataset(purified, out / DATASET_DIR)
-        elif ctx.shard is None:
-            raise UserInputError("relabel: every answer was empty; nothing to fine-tune on (check spec.relabel)")
         write_suspects(records, out)
         if ctx.shard is None:
             _draw_suspects(ctx, records, masked_by_id, out)
-        metrics = {"purified": len(purified), "emptyResponses": len(instances) - len(purified),
+        metrics = {"purified": len(purified), "emptyResponses": _empty_answers(len(instances), purified),
                    "changedFraction": changed / max(1, len(instances)), **accepted,
                    **_audit_metrics(audit_figures(records, ctx.spec.audit.suspicion_threshold)), **memory_metrics(plan)}
         if evidence is not None:
@@ -133,12 +134,12 @@ class RelabelStage:
         items = changed = kept = 0
         for folder in shard_dirs:
             if (folder / DATASET_DIR).is_dir():
-                merged += load_dataset(folder / DATASET_DIR, ctx.image_size())
+                merged += load_dataset(folder / DATASET_DIR, ctx.image_size(), empty_responses=True)
             shard_metrics = read_stage_manifest(folder)["metrics"]
             items += shard_metrics["items"]
             changed += round(shard_metrics["changedFraction"] * shard_metrics["items"])
             kept += shard_metrics.get("keptOriginal", 0)
-        if not merged:
+        if not _has_answers(merged):
             raise UserInputError("relabel: every answer was empty; nothing to fine-tune on (check spec.relabel)")
         records = [record for folder in shard_dirs for record in read_suspects(folder)]
         merged, records, accepted = _accept(ctx, merged, records, out)
@@ -146,12 +147,22 @@ class RelabelStage:
         write_dataset(merged, out / DATASET_DIR)
         write_suspects(records, out)
         _draw_suspects(ctx, records, read_masked(ctx.input_dir(StageName.MASKING)), out)
-        metrics = {"purified": len(merged), "emptyResponses": items - len(merged),
+        metrics = {"purified": len(merged), "emptyResponses": _empty_answers(items, merged),
                    "changedFraction": changed / max(1, items), **accepted,
                    **_audit_metrics(audit_figures(records, ctx.spec.audit.suspicion_threshold))}
         if ctx.spec.relabel.min_evidence is not None:
             metrics["keptOriginal"] = kept
         return StageResult(items=items, metrics=metrics)
+
+
+def _has_answers(purified: list[Instance]) -> bool:
+    """Whether any answer is left to fine-tune on (empty ones kept alone would only teach silence)."""
+    return any(inst.response.strip() for inst in purified)
+
+
+def _empty_answers(items: int, purified: list[Instance]) -> int:
+    """Relabel answers that were empty: those left out, and those kept (relabel.emptyAnswers: keep)."""
+    return items - len(purified) + sum(not inst.response.strip() for inst in purified)
 
 
 def _accept(ctx: StageContext, purified: list[Instance], records: list[SuspectRecord],
