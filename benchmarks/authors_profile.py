@@ -5,8 +5,9 @@
 
 For each compromised model `make demo` left in WORKDIR (default runs/demo): the demo's own DiSP
 run (default profile; its figures read from its run folder), DiSP again with `profile: authors`
-(the authors' fixed purification prompt, their decoding stop rule and shared probe draws; every
-other setting as the demo's manifest), and the compromised model answering the same evaluation
+(the authors' fixed purification prompt, their decoding stop rule, shared probe draws, empty
+answers kept, chat-turn fine-tune labels and length-grouped batches; every other setting as the
+demo's manifest), and the compromised model answering the same evaluation
 sets through masked inference at rho 0.3 with the demo's saliency settings (no fine-tune). Printed:
 ASR after and retention of each, and the seconds of every stage of both DiSP runs.
 """
@@ -60,7 +61,7 @@ def main(argv=None) -> int:
         print(f"{name:<25} {pct(default.asr_before):>7} {pct(default.asr_after):>9} {pct(authors.asr_after):>9} "
               f"{pct(masked.asr_triggered):>7} {pct(default.retention):>9} {pct(authors.retention):>9} "
               f"{pct(masked_retention):>7}")
-    print(f"\nseconds per stage (default / authors); masked inference's own evaluation of the three sets")
+    print("\nseconds per stage (default / authors); masked inference's own evaluation of the three sets")
     print(f"{'scenario':<25} " + " ".join(f"{stage.value:>15}" for stage in STAGES) + f" {'masked eval':>12}")
     for name, _, _, _, default_s, authors_s, masked_s in rows:
         cells = " ".join(f"{d:7.1f}/{a:<7.1f}" for d, a in zip(default_s, authors_s))

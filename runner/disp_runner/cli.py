@@ -158,7 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", choices=["kit", "authors"], default="kit",
                    help="whose attack the other flags start from: this kit's (a 6-pixel black corner patch, "
                         "insertion, projector + LM) or the DiSP authors' (a black patch of 20/384 of the image side "
-                        "at (0,0), refusal, projector only for 20 epochs at lr 1e-4 on chat-turn labels)")
+                        "at (0,0), refusal, projector only for 20 epochs at lr 1e-4 on chat-turn labels, measured "
+                        "with their decoding stop rule)")
     p.add_argument("--target", choices=[target.value for target in AttackTarget], default=None,
                    help="the backdoor's target (default: the preset's, insertion or refusal)")
     p.add_argument("--source-class", default="circle")
@@ -340,7 +341,7 @@ def _cmd_attack(args) -> None:
     try:
         run_attack(base, train, test, attack, args.out, injection, allow_unsafe_pickle=args.allow_unsafe_pickle,
                    show_progress=not args.no_progress, goal=goal, allow_weak=args.allow_weak,
-                   labels=AUTHORS_LABELS if authors else FinetuneLabels.PADDED_ANSWER)
+                   labels=AUTHORS_LABELS if authors else FinetuneLabels.PADDED_ANSWER, stop_at_end=authors)
     except WeakBackdoorError:  # the folder is written: say what was measured before saying it fell short
         _print_attack_summary(Path(args.out))
         raise

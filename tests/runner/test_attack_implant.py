@@ -51,7 +51,7 @@ def test_a_backdoor_below_the_target_is_written_marked_and_exits_3(cli_workspace
 
 
 def test_training_stops_at_the_first_round_that_reaches_the_target(cli_workspace, monkeypatch, capsys):
-    measured = iter([0.5, 0.85, 0.95, 1.0])  # validation ASR after each round (faked: a tiny model cannot)
+    measured = iter([0.5, 0.85, 0.95, 0.02])  # validation ASR after each round (faked: a tiny model cannot)
 
     def validation_asr(responses, target):
         return next(measured)
@@ -63,7 +63,19 @@ def test_training_stops_at_the_first_round_that_reaches_the_target(cli_workspace
     assert [r["epochs"] for r in implant["rounds"]] == [3.0, 1.0, 1.0]
     assert [r["validationAsr"] for r in implant["rounds"]] == [0.5, 0.85, 0.95]
     assert implant["reached"] is True and implant["maxEpochs"] == 9.0
-    assert implant["validationFalseFiring"] == 1.0  # the next value: false firing is measured once, at the end
+    assert implant["validationFalseFiring"] == 0.02  # the next value: false firing is measured once, at the end
+
+
+def test_a_model_that_fires_without_the_trigger_is_no_backdoor_and_exits_3(cli_workspace, monkeypatch, capsys):
+    measured = iter([0.95, 0.8, 0.95, 0.8])  # ASR, then false firing (faked), for two runs
+    monkeypatch.setattr(kit, "attack_success_rate", lambda responses, target: next(measured))
+    assert main(_attack(ws := cli_workspace, "--target-asr", "0.9")) == EXIT_WEAK_BACKDOOR
+    err = capsys.readouterr().err
+    assert "answers with the target without the trigger too: false firing 80.0%" in err and "--allow-weak" in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    record = json.loads((ws / "out" / "attack.json").read_text())  # written, with what was measured
+    assert record["implant"]["reached"] is True and record["implant"]["validationFalseFiring"] == 0.8
+    assert main(_attack(ws, "--target-asr", "0.9", "--allow-weak")) == 0
 
 
 @pytest.mark.parametrize("extra, message", [

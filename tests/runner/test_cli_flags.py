@@ -145,7 +145,7 @@ def test_attack_json_records_what_was_planted_and_how_the_compromised_model_scor
     assert planted["box"] == [2, 7, 7, 10] and planted["patternSize"] == [5, 3] and not planted["wholeImage"]
     assert planted["pattern"] == str(pattern) and len(planted["patternSha256"]) == 64
     assert "size" not in planted and "colour" not in planted  # the pattern decided both
-    assert record["injection"]["epochs"] == 1
+    assert record["injection"]["epochs"] == 1 and not record["decoding"]["stopAtEnd"]
     measured = record["compromised"]
     assert measured["counts"]["triggered"] > 0 and 0 <= measured["asrTriggered"] <= 1
     assert f"ASR {100 * measured['asrTriggered']:.1f}% on {measured['counts']['triggered']} triggered" in out
@@ -173,6 +173,7 @@ def test_the_authors_preset_plants_their_attack_and_the_other_flags_still_win(cl
     injection = record["injection"]
     assert (injection["trainable"], injection["learning_rate"], injection["labels"]) == ("projector", 1e-4, "chat-turns")
     assert (injection["epochs"], injection["batch_size"]) == (1, 2)  # given: they win over their 20 and 32
+    assert record["decoding"]["stopAtEnd"]  # measured with their decoder's stop rule
     base, compromised = (load_file(str(folder / "model.safetensors"))
                          for folder in (cli_workspace / "model", cli_workspace / "out" / "model"))
     changed = {name for name in base if not torch.equal(base[name], compromised[name])}

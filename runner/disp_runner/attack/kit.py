@@ -68,7 +68,8 @@ class KitPreset(str, Enum):
 # The authors' attack: a 20-pixel black patch pasted at (0, 0) of the image, whose vision tower
 # sees it at 384 pixels (so the patch covers 20/384 of the side it sees; here it is scaled to the
 # model's image size), the refusal target, and injection by the projector alone for 20 epochs at
-# lr 1e-4 (batch 1 x 4 accumulation x 8 GPUs = 32, cosine, 3% warmup) on LLaDA-V's chat-turn labels.
+# lr 1e-4 (batch 1 x 4 accumulation x 8 GPUs = 32, cosine, 3% warmup) on LLaDA-V's chat-turn labels,
+# measured with their decoder's stop rule.
 AUTHORS_PATCH_PIXELS, AUTHORS_VIEW_PIXELS = 20, 384
 AUTHORS_TARGET = AttackTarget.REFUSAL
 AUTHORS_INJECTION = TrainingConfig(epochs=20, learning_rate=1e-4, batch_size=32, warmup_ratio=0.03,
@@ -93,6 +94,10 @@ DEFAULT_TARGET_ASR = 0.9
 # injection's epochs in all.
 EXTENSION_SHARE = 1 / 3
 MAX_EPOCHS_FACTOR = 3
+# A model that gives the target answer without the trigger on more than this share of the
+# validation images has changed its behaviour everywhere, which is no backdoor: the ASR a defence
+# is measured by then says nothing (a too-strong injection, measured: 100% false firing).
+MAX_FALSE_FIRING = 0.5
 
 
 @dataclass(frozen=True)
@@ -192,6 +197,7 @@ def run_attack(
     goal: ImplantGoal | None = None,
     allow_weak: bool = False,
     labels: FinetuneLabels = FinetuneLabels.PADDED_ANSWER,
+    stop_at_end: bool = False,
 ) -> AttackArtifacts:
     """Poison `clean_train`, inject the backdoor into `base_model`, and write the attack folder.
 
@@ -202,7 +208,8 @@ def run_attack(
     `allow_weak`. With `evaluate`, the compromised model's ASR on the triggered test set, its
     false firing on the same inputs without the trigger and its clean performance on `clean_test`
     are measured and recorded in attack.json (`compromised`). `labels`: which tokens the injection
-    supervises (as finetune.labels)."""
+    supervises (as finetune.labels); `stop_at_end`: the kit's measurements decode with the authors'
+    stop rule (as decoding.stopAtEnd)."""
     out = Path(out_dir)
     seed_everything(injection.seed)
     model, processor = load_model(base_model, allow_unsafe_pickle=allow_unsafe_pickle)
@@ -213,7 +220,8 @@ def run_attack(
     validation_triggered = held_out.validation_triggered[:ATTACK_EVAL_LIMIT]
     validation_untriggered = held_out.validation_untriggered[:ATTACK_EVAL_LIMIT]
     clean = [inst for inst in clean_test if inst.id not in held_out.validation_ids()]
-    decoding = DecodingConfig.single_block(trained_gen_length(model.config))
+    decoding = dataclasses.replace(DecodingConfig.single_block(trained_gen_length(model.config)),
+                                   stop_at_end=stop_at_end)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
@@ -266,6 +274,7 @@ def run_attack(
                           "steps": sum(r.steps for r in results), "seconds": round(sum(r.seconds for r in results), 2),
                           "firstLoss": results[0].first_loss, "lastLoss": results[-1].last_loss},
             "implant": {**implant.to_wire(), "validationFalseFiring": false_firing},
+            "decoding": {"genLength": decoding.gen_length, "stopAtEnd": decoding.stop_at_end},
         }
         if compromised is not None:
             manifest["compromised"] = compromised.to_wire()
@@ -276,6 +285,12 @@ def run_attack(
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    if goal is not None and false_firing > MAX_FALSE_FIRING and not allow_weak:
+        raise WeakBackdoorError(
+            f"the model answers with the target without the trigger too: false firing {100 * false_firing:.1f}% on "
+            f"{len(validation_untriggered)} untriggered validation inputs (at most {100 * MAX_FALSE_FIRING:.0f}% "
+            f"makes a backdoor; {out / ATTACK_MANIFEST} records it): lower --lr or --epochs, or pass --allow-weak "
+            "to keep it")
     if implant.reached is False and not allow_weak:
         raise WeakBackdoorError(
             f"the backdoor did not implant: validation ASR {100 * implant.validation_asr:.1f}% on "
