@@ -13,12 +13,18 @@ class ExitCode(IntEnum):
     INTERNAL_ERROR = 1  # a bug: one line on stderr, the traceback with --debug
     USER_ERROR = 2  # bad input: permanent, a retry cannot help
     WEAK_BACKDOOR = 3  # `disp attack`: the backdoor did not reach its target ASR (the folder is written)
+    NOT_VERIFIED = 4  # `disp verify`: the run does not match its provenance (each mismatch named)
     TRANSIENT_ERROR = 75  # EX_TEMPFAIL: the environment failed (storage unreachable); retry later
 
 
 PROGRESS_FILE = "progress.json"  # in the run folder, overwritten while a stage runs
 METRICS_FILE = "metrics.json"  # in the evaluate stage's folder
 AUDIT_FILE = "audit.json"  # in the finetune stage's folder: disp_api.metrics.AuditFigures
+PROVENANCE_FILE = "provenance.json"  # in the run folder once the fine-tune is complete: in-toto + SLSA
+PROVENANCE_SIGNATURE_FILE = "provenance.sig.json"  # beside it when signed: a DSSE envelope (Ed25519)
+# Environment the operator gives a stage pod beyond the manifest:
+RUNNER_IMAGE_ENV = "DISP_RUNNER_IMAGE"  # the image reference the pod runs (recorded in its stage manifest)
+SIGNING_KEY_ENV = "DISP_SIGNING_KEY"  # spec.provenance.signingKeySecret's PEM, from the Secret
 
 S3_SCHEME = "s3://"
 

@@ -117,6 +117,20 @@ class SecretKeyRef(ContractModel):
     """Key in the Secret that holds the secret key."""
 
 
+class SecretKeySelector(ContractModel):
+    name: str = Field(min_length=1, max_length=MAX_NAME)
+    """Name of the Kubernetes Secret in the job's namespace."""
+    key: str = Field("signingKey", min_length=1, max_length=MAX_NAME)
+    """Key in the Secret that holds the value."""
+
+
+class ProvenanceSpec(ContractModel):
+    signing_key_secret: Optional[SecretKeySelector] = None
+    """A Secret key holding an Ed25519 private key in PEM (openssl genpkey -algorithm ed25519): the
+    runner signs the run's provenance.json with it (provenance.sig.json, a DSSE envelope), which
+    `disp verify RUN --key PUBLIC.pem` checks. Unset: provenance.json is written unsigned."""
+
+
 class StorageSpec(ContractModel):
     endpoint: Optional[str] = Field(None, min_length=1, max_length=253,
                                     pattern=r"^([A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?|\[[0-9A-Fa-f:.]+\])(:[0-9]{1,5})?$")
@@ -675,6 +689,8 @@ class PurificationJobSpec(ContractModel):
     the job is suspended."""
     policy: PolicySpec = PolicySpec()
     """Retries, deadlines, suspension and clean-up."""
+    provenance: ProvenanceSpec = ProvenanceSpec()
+    """How the run's provenance record (provenance.json: what made the purified model) is signed."""
 
     @model_validator(mode="after")
     def _preset(self) -> "PurificationJobSpec":
@@ -715,6 +731,8 @@ class ObjectMeta(ContractModel):
     """Namespace; part of the run's artifact prefix."""
     uid: Optional[str] = None
     """Set by Kubernetes; the run's artifact prefix ends in it."""
+    generation: Optional[int] = None
+    """Set by Kubernetes: which version of the spec this is (recorded in the run's provenance)."""
     labels: dict[str, str] = Field(default_factory=dict)
     """The job's labels (a Kueue queue-name label here is copied to every stage Job)."""
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from disp_api import LogFormat, PurificationJob, StageName
-from disp_api.contract import ExitCode
+from disp_api.contract import RUNNER_IMAGE_ENV, SIGNING_KEY_ENV, ExitCode
 from disp_api.version import VERSION
 from disp_api.status import StepKind
 from disp_operator.naming import (ANNOTATION_ATTEMPT, LABEL_JOB, LABEL_STAGE, child_labels,
@@ -175,12 +175,14 @@ def _rendezvous_env(job: PurificationJob, job_name: str) -> list[dict[str, Any]]
             {"name": "MASTER_PORT", "value": str(RENDEZVOUS_PORT)}]
 
 
-def _env(job: PurificationJob) -> list[dict[str, Any]]:
+def _env(job: PurificationJob, image: str) -> list[dict[str, Any]]:
+    meta = job.metadata
     wire = {"apiVersion": job.api_version, "kind": job.kind,
-            "metadata": {"name": job.metadata.name, "namespace": job.metadata.namespace, "uid": job.metadata.uid},
+            "metadata": {"name": meta.name, "namespace": meta.namespace, "uid": meta.uid, "generation": meta.generation},
             "spec": job.spec.to_wire()}
     env: list[dict[str, Any]] = [
         {"name": JOB_ENV, "value": json.dumps(wire, separators=(",", ":"), sort_keys=True)},
+        {"name": RUNNER_IMAGE_ENV, "value": image},  # recorded in the stage manifest and the provenance
         {"name": "DISP_SCRATCH", "value": SCRATCH_PATH},
         # Libraries that cache under $HOME must write to the scratch volume (the root fs is read-only).
         {"name": "HOME", "value": f"{SCRATCH_PATH}/home"},
@@ -192,6 +194,9 @@ def _env(job: PurificationJob) -> list[dict[str, Any]]:
         ref = storage.credentials_secret
         for var, key in (("DISP_S3_ACCESS_KEY", ref.access_key_key), ("DISP_S3_SECRET_KEY", ref.secret_key_key)):
             env.append({"name": var, "valueFrom": {"secretKeyRef": {"name": ref.name, "key": key}}})
+    signing = job.spec.provenance.signing_key_secret
+    if signing is not None:
+        env.append({"name": SIGNING_KEY_ENV, "valueFrom": {"secretKeyRef": {"name": signing.name, "key": signing.key}}})
     return env
 
 
@@ -203,13 +208,14 @@ def _pod_spec(job: PurificationJob, stage: StageName, step: StepKind, defaults: 
     if request.gpus:
         limits[GPU_RESOURCE] = request.gpus
     multi_node = finetune_nodes(job, stage) > 1 and step is StepKind.RUN
+    image = res.image or defaults.image
     container = {
         "name": RUNNER_CONTAINER,
-        "image": res.image or defaults.image,
+        "image": image,
         "imagePullPolicy": res.image_pull_policy.value,
         "command": list(RUNNER_COMMAND),
         "args": _runner_args(job, stage, step, request.gpus, defaults.log_format),
-        "env": _env(job) + (_rendezvous_env(job, job_name) if multi_node else []),
+        "env": _env(job, image) + (_rendezvous_env(job, job_name) if multi_node else []),
         "resources": {"requests": dict(limits), "limits": limits},
         "volumeMounts": [{"name": "scratch", "mountPath": SCRATCH_PATH}, {"name": "dshm", "mountPath": "/dev/shm"}],
         # The runner's last error line becomes the pod's termination message, which the operator

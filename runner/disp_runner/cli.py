@@ -23,8 +23,9 @@ from disp_api.base import SEED_MAX
 from disp_api.version import VERSION
 from disp_api import LogFormat
 
-from disp_runner.errors import (EXIT_INTERNAL_ERROR, EXIT_TRANSIENT_ERROR, EXIT_USER_ERROR, EXIT_WEAK_BACKDOOR,
-                                TransientError, UserInputError, WeakBackdoorError)
+from disp_runner.errors import (EXIT_INTERNAL_ERROR, EXIT_NOT_VERIFIED, EXIT_TRANSIENT_ERROR, EXIT_USER_ERROR,
+                                EXIT_WEAK_BACKDOOR, NotVerifiedError, TransientError, UserInputError,
+                                WeakBackdoorError)
 from disp_runner import logs
 from disp_runner.scratch import prepare_scratch
 from disp_runner.threads import apply_threads, choose_threads
@@ -212,6 +213,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-format", choices=[f.value for f in LogFormat], default=LogFormat.TEXT.value,
                    help="json: every line one JSON object with the job, namespace, stage and shard it concerns "
                         "(progress bars off)")
+    p.add_argument("--signing-key", metavar="FILE", default=None,
+                   help="Ed25519 private key (PEM) to sign the run's provenance.json with (provenance.sig.json)")
+
+    p = add("verify", help="check a run folder against its provenance.json: the signature, every file's digest, "
+                           "the chain of stage manifests and the inputs it was made from")
+    p.add_argument("run", help="the run folder: <output>/runs/<namespace>/<name>/<run id>")
+    p.add_argument("--key", metavar="PUBLIC.pem", default=None,
+                   help="Ed25519 public key the run must be signed with (a signed run needs it)")
+    p.add_argument("--skip-inputs", action="store_true",
+                   help="do not read the inputs again (model, dataset, evaluation sets): check the run folder only")
 
     sub.add_parser("operator", help="run the PurificationJob operator (see `disp operator --help`)", add_help=False)
 
@@ -417,6 +428,7 @@ def _cmd_run(args) -> None:
     from disp_api import StageName
     from disp_runner.jobfile import load_job, load_job_from_env
     from disp_runner.pipeline.artifacts import Shard
+    from disp_runner.provenance import load_signing_key
     from disp_runner.diffusion.distributed import Topology
     from disp_runner.pipeline.runner import (join_distributed_stage, merge_shards, open_run, run_job, run_stage,
                                              run_uri, shard_count)
@@ -425,6 +437,8 @@ def _cmd_run(args) -> None:
     if (args.manifest is None) == (args.manifest_env is None):
         raise UserInputError("give either a manifest file or --manifest-env VAR")
     job = load_job(args.manifest) if args.manifest else load_job_from_env(args.manifest_env)
+    signing_key = Path(args.signing_key) if args.signing_key else None
+    load_signing_key(signing_key)  # a bad key is refused now, not after the fine-tune
     logs.set_context(job=job.metadata.name, namespace=job.metadata.namespace, stage=args.stage, shard=args.shard)
     shard = Shard.parse(args.shard) if args.shard else None  # before any heavy work
     stage = StageName(args.stage) if args.stage else None
@@ -451,7 +465,8 @@ def _cmd_run(args) -> None:
                  seconds=None if outcome.skipped else round(outcome.seconds, 3), metrics=shown)
 
     if shard is None and not args.merge:
-        run_job(job, root, only=stage, show_progress=not args.no_progress, on_outcome=report, topology=topology)
+        run_job(job, root, only=stage, show_progress=not args.no_progress, on_outcome=report, topology=topology,
+                signing_key_file=signing_key)
     else:
         ctx = open_run(job, root, shard=shard, show_progress=not args.no_progress)
         runner_stage = STAGES[stage]
@@ -469,6 +484,23 @@ def _cmd_run(args) -> None:
     logs.say(f"run folder: {run_uri(job, root)}", runFolder=run_uri(job, root))
 
 
+def _cmd_verify(args) -> None:
+    from disp_runner.provenance import verify_run
+
+    run = Path(args.run)
+    if not run.is_dir():
+        raise UserInputError(f"{run}: no such run folder")
+    result = verify_run(run, Path(args.key) if args.key else None, check_inputs=not args.skip_inputs)
+    for line in result.checked:
+        logs.say(f"checked {line}", checked=line)
+    for finding in result.findings:
+        logs.say(f"MISMATCH {finding}", level="warning", file=finding.where, problem=finding.problem)
+    if not result.ok:
+        raise NotVerifiedError(f"{run}: {len(result.findings)} mismatch{'es' if len(result.findings) > 1 else ''} "
+                               "with its provenance (listed above)")
+    logs.say(f"{run}: verified: every file matches its provenance", verified=True)
+
+
 def _cmd_demo(args) -> None:
     from disp_runner.demo import run_demo
     from disp_runner.models.mdlm.embedded import SHIPPED_BASE_MODEL
@@ -477,7 +509,7 @@ def _cmd_demo(args) -> None:
 
 
 COMMANDS = {"data": _cmd_data, "pretrain": _cmd_pretrain, "attack": _cmd_attack, "evaluate": _cmd_evaluate,
-            "run": _cmd_run, "demo": _cmd_demo}
+            "run": _cmd_run, "verify": _cmd_verify, "demo": _cmd_demo}
 
 
 # OS errors that say the environment failed for now (a later attempt may succeed), and those that
@@ -523,6 +555,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return fail("transient", str(exc), EXIT_TRANSIENT_ERROR)
     except WeakBackdoorError as exc:
         return fail("weak-backdoor", str(exc), EXIT_WEAK_BACKDOOR)
+    except NotVerifiedError as exc:
+        return fail("not-verified", str(exc), EXIT_NOT_VERIFIED)
     except OSError as exc:
         if args.debug:
             raise

@@ -20,6 +20,7 @@ EXIT_USER_ERROR = ExitCode.USER_ERROR
 EXIT_TRANSIENT_ERROR = ExitCode.TRANSIENT_ERROR
 EXIT_INTERNAL_ERROR = ExitCode.INTERNAL_ERROR
 EXIT_WEAK_BACKDOOR = ExitCode.WEAK_BACKDOOR
+EXIT_NOT_VERIFIED = ExitCode.NOT_VERIFIED
 
 
 class UserInputError(Exception):
@@ -40,6 +41,11 @@ class WeakBackdoorError(Exception):
     """The attack kit's backdoor did not reach the target ASR on its validation split. The attack
     folder is complete and says so (attack.json `implant.reached: false`); the CLI exits with
     `EXIT_WEAK_BACKDOOR` so that no defence is unknowingly measured against it."""
+
+
+class NotVerifiedError(Exception):
+    """`disp verify`: the run does not match its provenance; each mismatch has been printed. The CLI
+    exits with `EXIT_NOT_VERIFIED`."""
 
 
 class TransientError(Exception):

@@ -90,6 +90,18 @@ def test_the_runner_gets_the_manifest_and_secret_refs_but_no_secret_values(job: 
     assert PurificationJob.model_validate(handed) == job  # the runner sees exactly the validated job
     assert env["DISP_S3_ACCESS_KEY"]["valueFrom"] == {"secretKeyRef": {"name": "minio", "key": "accessKey"}}
     assert env["DISP_S3_SECRET_KEY"]["valueFrom"] == {"secretKeyRef": {"name": "minio", "key": "secretKey"}}
+    assert env["DISP_RUNNER_IMAGE"]["value"] == container["image"]  # recorded in the stage's manifest
+    assert "DISP_SIGNING_KEY" not in env  # no signing key asked for
+
+
+def test_a_signing_key_reaches_the_runner_as_a_secret_ref_and_the_generation_with_the_manifest():
+    job = make_job(provenance={"signingKeySecret": {"name": "provenance-key", "key": "ed25519.pem"}})
+    job = job.model_copy(update={"metadata": job.metadata.model_copy(update={"generation": 7})})
+    (container,) = pod_of(stage_job(job, StageName.FINETUNE, StepKind.RUN, 1, DEFAULTS))["containers"]
+    env = {e["name"]: e for e in container["env"]}
+    assert env["DISP_SIGNING_KEY"] == {"name": "DISP_SIGNING_KEY",
+                                       "valueFrom": {"secretKeyRef": {"name": "provenance-key", "key": "ed25519.pem"}}}
+    assert json.loads(env[JOB_ENV]["value"])["metadata"]["generation"] == 7
 
 
 def test_a_sharded_step_is_an_indexed_job_and_the_merge_is_not():

@@ -88,9 +88,13 @@ def _files_under(folder: Path) -> list[Path]:
 
 
 def write_stage_manifest(folder: Path, stage: StageName, metrics: dict[str, Any], seconds: float,
-                         shard: Shard | None = None, inputs: dict[str, str] | None = None) -> dict[str, Any]:
-    """Record every file of `folder` with its size and SHA-256, and the fingerprints of the inputs
-    it was built from; written last, it marks completion."""
+                         shard: Shard | None = None, inputs: dict[str, str] | None = None,
+                         input_digests: dict[str, Any] | None = None,
+                         runner: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Record every file of `folder` with its size and SHA-256, the fingerprints of the inputs it
+    was built from (which decide whether it is still complete), the content digests of the spec
+    inputs it read and the runner that built it (for the run's provenance); written last, it marks
+    completion."""
     manifest = {
         "version": MANIFEST_VERSION,
         "stage": stage.value,
@@ -99,6 +103,8 @@ def write_stage_manifest(folder: Path, stage: StageName, metrics: dict[str, Any]
         "seconds": round(seconds, 3),
         "metrics": metrics,
         "inputs": inputs or {},
+        "inputDigests": input_digests or {},
+        "runner": runner or {},
         "files": [{"path": p.relative_to(folder).as_posix(), "size": p.stat().st_size, "sha256": sha256_file(p)}
                   for p in _files_under(folder)],
     }

@@ -112,6 +112,8 @@ class StageContext:
     output_root: Path | None = None  # `disp run --output`, which a launched process reopens the run with
     _stores: dict[str, S3Store] = field(default_factory=dict, repr=False)
     _fingerprints: dict[str, str] = field(default_factory=dict, repr=False)  # per process: inputs do not change mid-run
+    _digests: dict[str, dict[str, Any]] = field(default_factory=dict, repr=False)  # likewise
+    signing_key_file: Path | None = None  # `disp run --signing-key`: signs the run's provenance
 
     @property
     def spec(self) -> PurificationJobSpec:
@@ -181,10 +183,8 @@ class StageContext:
         if spec.attack is not None:
             return spec.attack
         field_name = "spec.evaluation.attackUri"
-        uri = spec.attack_uri.rstrip("/")
-        if not uri.endswith("/" + ATTACK_MANIFEST) and uri != ATTACK_MANIFEST:
-            uri = f"{uri}/{ATTACK_MANIFEST}"
-        raw = self.materialise_file(uri, field_name, "an attack folder written by disp attack?").read_bytes()
+        uri, path = self.attack_record_file()
+        raw = path.read_bytes()
         try:
             return AttackSpec.model_validate(json.loads(raw)["attack"])
         except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError) as exc:
@@ -210,6 +210,33 @@ class StageContext:
             manifest = self.input_dir(needed) / STAGE_MANIFEST  # raises, naming the folder, when incomplete
             fingerprints[UPSTREAM_PREFIX + needed.value] = "sha256:" + sha256_file(manifest)
         return fingerprints
+
+    def input_digests(self, stage: "Stage") -> dict[str, dict[str, Any]]:
+        """The content of each spec input `stage` reads, digested file by file (for the stage's
+        manifest and the run's provenance): a folder's every file, the projector file, or the
+        attack record an attack folder holds. An s3:// input is digested in its local copy."""
+        from disp_runner.provenance import content_digest  # hashing only; kept out of the import graph's core
+
+        for spec_input in stage.reads:
+            uri = spec_input.uri(self.spec)
+            if uri is None or spec_input.value in self._digests:
+                continue
+            if spec_input is SpecInput.PROJECTOR:
+                path = self.materialise_file(uri, spec_input.value)
+            elif spec_input is SpecInput.ATTACK:
+                _, path = self.attack_record_file()
+            else:
+                path = self.materialise(uri, spec_input.value)
+            self._digests[spec_input.value] = content_digest(path)
+        return {s.value: self._digests[s.value] for s in stage.reads if s.value in self._digests}
+
+    def attack_record_file(self) -> tuple[str, Path]:
+        """The URI of the attack.json that spec.evaluation.attackUri names (a folder or the file),
+        and a local copy of it."""
+        uri = self.spec.evaluation.attack_uri.rstrip("/")
+        if not uri.endswith("/" + ATTACK_MANIFEST) and uri != ATTACK_MANIFEST:
+            uri = f"{uri}/{ATTACK_MANIFEST}"
+        return uri, self.materialise_file(uri, "spec.evaluation.attackUri", "an attack folder written by disp attack?")
 
     def is_complete(self, folder: Path) -> bool:
         """Whether `folder` holds a published output: in an S3-backed run, its manifest must be in

@@ -5,16 +5,19 @@ PurificationJob in order (`disp run`), fanning sharded stages out and merging th
 from __future__ import annotations
 
 import logging
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 from disp_api import PurificationJob, StageName
+from disp_api.contract import PROVENANCE_SIGNATURE_FILE
 from disp_runner.device import seed_everything
 from disp_runner.diffusion.distributed import Topology
 from disp_runner.errors import TransientError, UserInputError
 from disp_runner.pipeline.artifacts import (
+    STAGE_MANIFEST,
     ProgressReporter,
     RunLayout,
     Shard,
@@ -30,6 +33,7 @@ from disp_runner.pipeline.context import (
     StageResult,
     scratch_root,
 )
+from disp_runner.provenance import runner_identity, write_provenance
 from disp_runner.store.credentials import open_s3_store
 from disp_runner.store.location import Location, Scheme
 
@@ -63,23 +67,24 @@ def _already_complete(ctx: StageContext, stage: StageName, folder: Path, inputs:
     return StageOutcome(stage, skipped=True, seconds=0.0, metrics=manifest.get("metrics", {}), shard=shard)
 
 
-def _produce(ctx: StageContext, stage: StageName, final: Path, build: Callable[[Path], StageResult],
+def _produce(ctx: StageContext, stage: Stage, final: Path, build: Callable[[Path], StageResult],
              inputs: dict[str, str], shard: Shard | None = None, **extra_metrics: Any) -> StageOutcome:
     """Build an output in a staging folder, write its manifest last, publish it (locally, then to
     S3 when the run is mirrored there); on any error the staging folder goes and nothing is complete."""
     start = time.perf_counter()
     staging = StagingFolder(final)
     try:
+        digests = ctx.input_digests(stage)  # what the stage reads, before it reads it
         result = build(staging.path)
         seconds = time.perf_counter() - start
         metrics = {"items": result.items, **extra_metrics, **result.metrics}
-        write_stage_manifest(staging.path, stage, metrics, seconds, shard, inputs)
+        write_stage_manifest(staging.path, stage.name, metrics, seconds, shard, inputs, digests, runner_identity())
         staging.publish()
     except BaseException:
         staging.discard()
         raise
     ctx.publish_remote(final)  # files first, manifest last: a crash here leaves the stage incomplete
-    return StageOutcome(stage, skipped=False, seconds=seconds, metrics=metrics, shard=shard)
+    return StageOutcome(stage.name, skipped=False, seconds=seconds, metrics=metrics, shard=shard)
 
 
 def run_stage(stage: Stage, ctx: StageContext) -> StageOutcome:
@@ -101,7 +106,7 @@ def _run_locked(stage: Stage, ctx: StageContext, final: Path, shard: Shard | Non
     seed_everything(0)
     start_progress(ctx, stage.name, stage.total_items(ctx))
     ctx.progress.update(0, force=True)
-    outcome = _produce(ctx, stage.name, final, lambda out: stage.run(ctx, out), inputs, shard)
+    outcome = _produce(ctx, stage, final, lambda out: stage.run(ctx, out), inputs, shard)
     # Resumable state (epoch checkpoints) is superseded by the published output.
     ctx.checkpoints(stage.name).discard()
     # Done, in the stage's own unit (instances, optimiser steps, models): itemsDone = itemsTotal.
@@ -131,7 +136,7 @@ def merge_shards(stage: ShardableStage, ctx: StageContext, count: int) -> StageO
             if ctx.completed_manifest(folder, inputs) is None:
                 raise UserInputError(f"{ctx.uri_of(folder)}: shard {index}/{count} of {stage.name.value} is "
                                      f"not complete for these inputs (run it with --shard {index}/{count} first)")
-        return _produce(ctx, stage.name, final, lambda out: stage.merge(ctx, shard_dirs, out), inputs, shards=count)
+        return _produce(ctx, stage, final, lambda out: stage.merge(ctx, shard_dirs, out), inputs, shards=count)
 
 
 def open_run(job: PurificationJob, output_root: Path | None = None, shard: Shard | None = None,
@@ -180,13 +185,18 @@ def shard_count(job: PurificationJob, stage: StageName) -> int:
 
 
 def run_job(job: PurificationJob, output_root: Path | None = None, only: StageName | None = None,
-            show_progress: bool = True, on_outcome=None, topology: Topology = Topology()) -> list[StageOutcome]:
+            show_progress: bool = True, on_outcome=None, topology: Topology = Topology(),
+            signing_key_file: Path | None = None) -> list[StageOutcome]:
     """Run the job's stages in order in this process (all of them, or `only` one), each skipped when
-    complete. Sharded stages run shard by shard, then merge, exactly as the cluster would."""
+    complete. Sharded stages run shard by shard, then merge, exactly as the cluster would. Once the
+    fine-tune is complete, the run's provenance is written (signed with `signing_key_file`, or the
+    key in $DISP_SIGNING_KEY, when either is given)."""
     from disp_runner.stages import STAGES  # the stage registry imports torch-heavy modules
 
     ctx = open_run(job, output_root, show_progress=show_progress, topology=topology)
+    ctx.signing_key_file = signing_key_file
     outcomes: list[StageOutcome] = []
+    finetune_dir = ctx.layout.stage_dir(StageName.FINETUNE)
     for name in job.spec.stages():
         if only is not None and name is not only:
             continue
@@ -204,9 +214,40 @@ def run_job(job: PurificationJob, output_root: Path | None = None, only: StageNa
         else:
             outcome = run_stage(stage, ctx)
         outcomes.append(outcome)
+        if name in PROVENANCE_STAGES and ctx.is_complete(finetune_dir):
+            publish_provenance(ctx)  # again after a skipped stage: a crash may have left it unwritten
         if on_outcome:
             on_outcome(outcome)
     return outcomes
+
+
+# The stages after which the run's provenance is (re)written: the purified model exists, and then
+# the evaluation's figures join the record.
+PROVENANCE_STAGES = (StageName.FINETUNE, StageName.EVALUATE)
+
+
+def publish_provenance(ctx: StageContext) -> None:
+    """provenance.json (and its signature) for the run as its stage manifests now stand, in the run
+    folder, and in an S3-backed run at the run's prefix (the Statement first, then the signature;
+    a signature left from an unsigned rewrite is removed)."""
+    if ctx.remote is None:
+        write_provenance(ctx.job, ctx.layout, signing_key_file=ctx.signing_key_file)
+        return
+    remote = ctx.remote
+    with tempfile.TemporaryDirectory(prefix="disp-manifests-") as folder:
+        manifests = RunLayout(Path(folder))
+        for stage in ctx.spec.stages():
+            key = f"{remote.stage_prefix(ctx.layout, ctx.layout.stage_dir(stage))}/{STAGE_MANIFEST}"
+            data = remote.store.get_bytes_or_none(remote.bucket, key)
+            if data is not None:
+                manifests.stage_dir(stage).mkdir()
+                (manifests.stage_dir(stage) / STAGE_MANIFEST).write_bytes(data)
+        ctx.layout.root.mkdir(parents=True, exist_ok=True)
+        written = write_provenance(ctx.job, manifests, into=ctx.layout.root, signing_key_file=ctx.signing_key_file)
+    for path in written:
+        remote.store.put_bytes(remote.bucket, f"{remote.prefix}/{path.name}", path.read_bytes())
+    if len(written) == 1:
+        remote.store.remove(remote.bucket, [f"{remote.prefix}/{PROVENANCE_SIGNATURE_FILE}"])
 
 
 def join_distributed_stage(job: PurificationJob, output_root: Path | None, topology: Topology,
