@@ -613,7 +613,7 @@ class PolicySpec(ContractModel):
     """Keep the Jobs and pods of failed attempts for debugging (default: deleted when retried)."""
     cleanup_artifacts: bool = False
     """Delete the run's intermediate artifacts when the PurificationJob is deleted (the purified model
-    is kept)."""
+    and its provenance.json are kept)."""
 
 
 class Profile(str, Enum):

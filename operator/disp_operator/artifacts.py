@@ -15,7 +15,8 @@ from pydantic import ValidationError
 
 from disp_api import AuditFigures, MetricsSummary, PurificationJob, PurificationMetrics, StageName
 from disp_api.contract import METRICS_FILE as STAGE_METRICS_FILE
-from disp_api.contract import AUDIT_FILE, MAX_MODEL_CONFIG_BYTES, MODEL_CONFIG, PROGRESS_FILE, split_s3_uri
+from disp_api.contract import (AUDIT_FILE, MAX_MODEL_CONFIG_BYTES, MODEL_CONFIG, PROGRESS_FILE, PROVENANCE_FILE,
+                               PROVENANCE_SIGNATURE_FILE, split_s3_uri)
 from disp_api.spec import PURIFIED_MODEL_PATH
 from disp_operator.reconcile import RunnerProgress
 from disp_operator.validation import ConfigProblem
@@ -108,8 +109,11 @@ class RunStore:
         return MetricsSummary.model_validate(metrics.model_dump(include=set(MetricsSummary.model_fields)))
 
     def delete_intermediates(self) -> int:
-        """Delete the run's files except the purified model; returns how many were deleted."""
+        """Delete the run's files except the purified model and its provenance record (what made
+        the model; its digests still check the model); returns how many were deleted."""
         keep = f"{self.run_key}/{PURIFIED_MODEL_PATH}/"
-        keys = [name for name, _, _ in self.store.list(self.bucket, self.run_key + "/") if not name.startswith(keep)]
+        records = {f"{self.run_key}/{PROVENANCE_FILE}", f"{self.run_key}/{PROVENANCE_SIGNATURE_FILE}"}
+        keys = [name for name, _, _ in self.store.list(self.bucket, self.run_key + "/")
+                if not name.startswith(keep) and name not in records]
         self.store.remove(self.bucket, keys)
         return len(keys)

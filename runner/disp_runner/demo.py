@@ -40,6 +40,7 @@ from disp_runner.models.loading import load_model
 from disp_runner.models.mdlm.embedded import SHIPPED_BASE_MODEL
 from disp_runner.pipeline.artifacts import RunLayout
 from disp_runner.pipeline.runner import StageOutcome, run_job
+from disp_runner.provenance import verify_run
 from disp_runner.reporting import PurificationRow, format_purification_table
 from disp_runner.stages.evaluate import METRICS_FILE
 
@@ -142,6 +143,7 @@ def run_demo(workdir: str | Path = "runs/demo", base_model: str | Path = SHIPPED
         shutil.rmtree(layout.root, ignore_errors=True)  # the model was just re-injected: start the run afresh
         outcomes: list[StageOutcome] = timer.run(f"{name}: DiSP (disp run {manifest})", run_job, job, workdir,
                                                  show_progress=show_progress, on_outcome=_print_outcome)
+        _print_verification(layout)
         metrics = PurificationMetrics.model_validate_json(
             (layout.stage_dir(StageName.EVALUATE) / METRICS_FILE).read_text())
         masking = next(o for o in outcomes if o.stage is StageName.MASKING).metrics
@@ -161,6 +163,15 @@ def _seconds_per_stage(outcomes: list[StageOutcome]) -> dict[str, float]:
     for o in outcomes:  # shards and their merge add up
         seconds[o.stage.value] = seconds.get(o.stage.value, 0.0) + o.seconds
     return seconds
+
+
+def _print_verification(layout: RunLayout) -> None:
+    """What `disp verify` says of the run just made: its provenance must match every file."""
+    result = verify_run(layout.root)
+    if not result.ok:  # written by this very process a moment ago: a bug, not an input to refuse
+        raise RuntimeError("the run does not match its own provenance: " + "; ".join(map(str, result.findings)))
+    print(f"      provenance verified: {result.stage_files} stage files, the model and every input "
+          f"(disp verify {layout.root})", flush=True)
 
 
 def _print_implant(artifacts: AttackArtifacts) -> None:

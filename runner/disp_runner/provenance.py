@@ -238,8 +238,9 @@ class Finding:
 
 @dataclass
 class Verification:
-    checked: list[str]
+    checked: list[str]  # what was checked, a line each
     findings: list[Finding]
+    stage_files: int = 0  # files of the stage outputs compared with their manifests
 
     @property
     def ok(self) -> bool:
@@ -285,7 +286,7 @@ def verify_run(run: Path, public_key_path: Path | None = None, check_inputs: boo
             findings.append(Finding(str(path), str(exc)))
             continue
         findings += _check_stage_files(path.parent, manifests[stage])
-        checked.append(f"{stage}: {len(manifests[stage]['files'])} files")
+        checked.append(f"{stage}: {_files(len(manifests[stage]['files']))}")
     findings += _check_chain(run, manifests)
     for item in subject:
         path = run / item["name"]
@@ -293,9 +294,13 @@ def verify_run(run: Path, public_key_path: Path | None = None, check_inputs: boo
             findings.append(Finding(str(path), "the purified model's file is missing"))
         elif sha256_file(path) != item["digest"]["sha256"]:
             findings.append(Finding(str(path), "the purified model's file differs from provenance.json's subject"))
-    checked.append(f"subject: {len(subject)} model files")
+    checked.append(f"subject: {_files(len(subject))} of the purified model")
     findings += _check_dependencies(dependencies, check_inputs, checked)
-    return Verification(checked, findings)
+    return Verification(checked, findings, sum(len(m["files"]) for m in manifests.values()))
+
+
+def _files(count: int) -> str:
+    return f"{count} file{'' if count == 1 else 's'}"
 
 
 def _check_signature(run: Path, payload: bytes, public_key_path: Path | None, checked: list[str]) -> list[Finding]:
@@ -372,7 +377,7 @@ def _check_dependencies(dependencies: Iterable[dict[str, Any]], check_inputs: bo
             checked.append(f"inputs: {dependency['name']} not checked here ({uri or 'no uri'})")
             continue
         findings += _check_local_input(Location.parse(uri, dependency["name"]).path, dependency)
-        checked.append(f"inputs: {dependency['name']} ({len(dependency['annotations']['files'])} files)")
+        checked.append(f"inputs: {dependency['name']} ({_files(len(dependency['annotations']['files']))})")
     return findings
 
 

@@ -188,11 +188,12 @@ def test_deleting_a_job_with_cleanup_removes_its_intermediates_but_keeps_the_mod
         run_key = f"{uploaded}/runs/{cluster.namespace}/tidy/{uid}"
         cluster.wait_for(cluster.namespace, "tidy", finished, 60, "the job to finish")
         store.put_bytes("runs", f"{run_key}/finetune/model/config.json", b"{}")  # what the real finetune leaves
+        store.put_bytes("runs", f"{run_key}/provenance.json", b"{}")  # and the record of what made it
         assert store.exists("runs", f"{run_key}/evaluate/metrics.json")
         cluster.delete_job(cluster.namespace, "tidy")
         wait_until(lambda: "tidy" not in cluster.list_jobs(cluster.namespace), 20, "the job to be deleted")
     left = sorted(key for key, _, _ in store.list("runs", run_key + "/"))
-    assert left == [f"{run_key}/finetune/model/config.json"]
+    assert left == [f"{run_key}/finetune/model/config.json", f"{run_key}/provenance.json"]
 
 
 def test_without_cleanup_a_deleted_job_leaves_its_artifacts(cluster, kubelet, s3, uploaded, monkeypatch):
@@ -222,6 +223,7 @@ def test_a_job_deleted_while_no_operator_runs_goes_at_once_unless_it_asked_for_c
     assert jobs["plain"]["metadata"].get("finalizers", []) == []
     assert jobs["tidy"]["metadata"].get("finalizers")  # the operator's, for the clean-up
     store.put_bytes("runs", f"{run_key}/finetune/model/config.json", b"{}")  # what the real finetune leaves
+    store.put_bytes("runs", f"{run_key}/provenance.json", b"{}")  # and the record of what made it
     # The operator is gone (helm uninstall keeps the CRD and so the jobs).
     for name in ("tidy", "plain"):
         cluster.delete_job(cluster.namespace, name)
@@ -232,7 +234,7 @@ def test_a_job_deleted_while_no_operator_runs_goes_at_once_unless_it_asked_for_c
     with operator(cluster, monkeypatch):  # an operator comes back: it cleans up and removes its finalizer
         wait_until(lambda: "tidy" not in listed(), 30, "the job to be deleted")
     left = sorted(key for key, _, _ in store.list("runs", run_key + "/"))
-    assert left == [f"{run_key}/finetune/model/config.json"]
+    assert left == [f"{run_key}/finetune/model/config.json", f"{run_key}/provenance.json"]
 
 
 def _condition(body: dict, kind: str) -> dict:
