@@ -31,6 +31,7 @@ OPTION_SETS = {
                                 "gpus": 2, "nodeSelector": {"pool": "h100"}},
                      "storage": {"endpoint": "minio.minio.svc:9000", "credentialsSecret": "minio",
                                  "allowedEndpoints": ["minio.minio.svc:9000", "*.s3.example"]}},
+    "fenced-operator": {**TEAM, "networkPolicy": {"apiServer": {"cidrs": ["172.18.0.2/32"], "ports": [6443]}}},
 }
 
 
@@ -257,3 +258,31 @@ def test_stage_pods_are_fenced_in_every_namespace_jobs_run_in(values, namespaces
     (fenced,) = [p for p in external if p["metadata"]["name"].endswith("-runners")]
     assert fenced["spec"]["egress"][1] == {"to": [{"ipBlock": {"cidr": "203.0.113.0/24"}}],
                                            "ports": [{"port": 443, "protocol": "TCP"}]}
+
+
+def test_the_operators_egress_is_limited_to_the_api_server_dns_and_s3_once_the_api_server_is_named():
+    """Without the API server's addresses (the chart cannot know them) the operator's egress stays
+    open; with them, the operator reaches only them, DNS and the S3 endpoint the runners reach."""
+    def operator_policy(values):
+        (policy,) = [p for p in by_kind(render({"credentialNamespaces": ["ml-team"], **values}), "NetworkPolicy")
+                     if not p["metadata"]["name"].endswith("-runners")]
+        kubernetes_validate.validate(policy, KUBE_VERSION, strict=True)
+        return policy["spec"]
+
+    assert operator_policy({})["egress"] == [{}]
+    spec = operator_policy({"networkPolicy": {"apiServer": {"cidrs": ["172.18.0.2/32"], "ports": [6443]}}})
+    assert spec["policyTypes"] == ["Ingress", "Egress"]
+    api, dns, s3 = spec["egress"]
+    assert api == {"to": [{"ipBlock": {"cidr": "172.18.0.2/32"}}], "ports": [{"port": 6443, "protocol": "TCP"}]}
+    assert sorted((p["port"], p["protocol"]) for p in dns["ports"]) == [(53, "TCP"), (53, "UDP")]
+    assert dns["to"][0]["namespaceSelector"] == {"matchLabels": {"kubernetes.io/metadata.name": "kube-system"}}
+    assert s3["ports"] == [{"port": 9000, "protocol": "TCP"}]
+    assert s3["to"] == [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "minio"}},
+                         "podSelector": {}}]
+    external = operator_policy({"networkPolicy": {"apiServer": {"cidrs": ["10.0.0.1/32"]}},
+                                "runnerNetworkPolicy": {"s3": {"cidrs": ["203.0.113.0/24"], "port": 443}}})
+    assert external["egress"][0]["ports"] == [{"port": 443, "protocol": "TCP"}, {"port": 6443, "protocol": "TCP"}]
+    assert external["egress"][2] == {"to": [{"ipBlock": {"cidr": "203.0.113.0/24"}}],
+                                     "ports": [{"port": 443, "protocol": "TCP"}]}
+    with pytest.raises(HelmFailed, match="apiServer"):
+        render({"credentialNamespaces": ["ml-team"], "networkPolicy": {"apiServer": {"cidrs": ["kubernetes.default"]}}})
