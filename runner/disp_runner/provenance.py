@@ -27,7 +27,8 @@ import json
 import os
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from pathlib import Path
+from enum import Enum
+from pathlib import Path, PurePosixPath
 from typing import Any, Iterable
 
 from disp_api import PurificationJob, StageName
@@ -35,6 +36,7 @@ from disp_api.contract import PROVENANCE_FILE, PROVENANCE_SIGNATURE_FILE, RUNNER
 from disp_api.version import VERSION
 from disp_runner.errors import UserInputError
 from disp_runner.pipeline.artifacts import STAGE_MANIFEST, RunLayout, read_stage_manifest, sha256_file
+from disp_runner.safepaths import resolve_inside
 from disp_runner.store.location import Location
 
 STATEMENT_TYPE = "https://in-toto.io/Statement/v1"
@@ -57,7 +59,9 @@ def file_entries(path: Path) -> list[dict[str, Any]]:
             for p in files]
 
 
-class InputKind:
+class InputKind(str, Enum):
+    """What an input's digest covers."""
+
     FILE = "file"  # one file (a projector, an attack record)
     FOLDER = "folder"  # every file of a folder (a model, a dataset)
 
@@ -67,9 +71,9 @@ def content_digest(path: Path) -> dict[str, Any]:
     the file list, so a check can name the file that changed."""
     files = file_entries(path)
     if path.is_file():
-        return {"sha256": files[0]["sha256"], "kind": InputKind.FILE, "files": files}
+        return {"sha256": files[0]["sha256"], "kind": InputKind.FILE.value, "files": files}
     lines = "".join(f"{f['path']}\t{f['size']}\t{f['sha256']}\n" for f in files)
-    return {"sha256": hashlib.sha256(lines.encode()).hexdigest(), "kind": InputKind.FOLDER, "files": files}
+    return {"sha256": hashlib.sha256(lines.encode()).hexdigest(), "kind": InputKind.FOLDER.value, "files": files}
 
 
 def runner_identity() -> dict[str, Any]:
@@ -270,11 +274,18 @@ def verify_run(run: Path, public_key_path: Path | None = None, check_inputs: boo
             raise ValueError("not an in-toto Statement with an SLSA provenance predicate")
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError) as exc:
         raise UserInputError(f"{statement_path}: unreadable provenance ({exc})") from None
+    try:
+        return _verify_statement(run, byproducts, subject, dependencies, check_inputs, checked, findings)
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:  # an edited record of the wrong shape
+        raise UserInputError(f"{statement_path}: malformed provenance ({type(exc).__name__}: {exc})") from None
 
+
+def _verify_statement(run: Path, byproducts: list, subject: list, dependencies: list, check_inputs: bool,
+                      checked: list[str], findings: list[Finding]) -> Verification:
     manifests: dict[str, dict[str, Any]] = {}
-    for product in byproducts:
-        stage = product["name"].split("/", 1)[0]
-        path = run / product["name"]
+    for index, product in enumerate(byproducts):
+        path = resolve_inside(run, product["name"], f"{PROVENANCE_FILE} byproducts[{index}].name", "the run folder")
+        stage = StageName(product["name"].split("/", 1)[0]).value
         if not path.is_file():
             findings.append(Finding(str(path), "listed in provenance.json but missing"))
             continue
@@ -288,8 +299,8 @@ def verify_run(run: Path, public_key_path: Path | None = None, check_inputs: boo
         findings += _check_stage_files(path.parent, manifests[stage])
         checked.append(f"{stage}: {_files(len(manifests[stage]['files']))}")
     findings += _check_chain(run, manifests)
-    for item in subject:
-        path = run / item["name"]
+    for index, item in enumerate(subject):
+        path = resolve_inside(run, item["name"], f"{PROVENANCE_FILE} subject[{index}].name", "the run folder")
         if not path.is_file():
             findings.append(Finding(str(path), "the purified model's file is missing"))
         elif sha256_file(path) != item["digest"]["sha256"]:
@@ -352,7 +363,7 @@ def _check_chain(run: Path, manifests: dict[str, dict[str, Any]]) -> list[Findin
         for name, fingerprint in manifest.get("inputs", {}).items():
             if not name.startswith("stage:"):
                 continue
-            upstream = run / name.removeprefix("stage:") / STAGE_MANIFEST
+            upstream = run / StageName(name.removeprefix("stage:")).value / STAGE_MANIFEST
             if not upstream.is_file() or f"sha256:{sha256_file(upstream)}" != fingerprint:
                 findings.append(Finding(str(upstream), f"is not the output the {stage} stage was built from"))
     return findings
@@ -381,15 +392,24 @@ def _check_dependencies(dependencies: Iterable[dict[str, Any]], check_inputs: bo
     return findings
 
 
+def _relative(text: str, field_name: str) -> PurePosixPath:
+    """A recorded file path inside its input, by its shape (an input may hold links that lead
+    elsewhere, as a model folder of symlinked blobs does, so it is not resolved)."""
+    path = PurePosixPath(text)
+    if not text or path.is_absolute() or ".." in path.parts:
+        raise ValueError(f"{field_name}: a recorded file path must lie inside the input, got {text!r}")
+    return path
+
+
 def _check_local_input(root: Path, dependency: dict[str, Any]) -> list[Finding]:
     """The input's files as recorded: a folder's every file (and no other), or the one file read,
     which the URI names or which lies in the folder it names (an attack folder's attack.json)."""
     recorded = dependency["annotations"]["files"]
-    whole_folder = dependency["annotations"]["kind"] == InputKind.FOLDER
+    whole_folder = InputKind(dependency["annotations"]["kind"]) is InputKind.FOLDER
     base = root if whole_folder or root.is_dir() else root.parent
     findings = []
     for entry in recorded:
-        path = base / entry["path"]
+        path = base / _relative(entry["path"], dependency["name"])
         if not path.is_file():
             findings.append(Finding(str(path), f"an input file ({dependency['name']}) is missing"))
         elif path.stat().st_size != entry["size"] or sha256_file(path) != entry["sha256"]:

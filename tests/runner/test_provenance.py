@@ -156,3 +156,22 @@ def test_openssl_keys_sign_and_verify_and_a_bad_key_is_refused_before_any_stage(
                    "(make one with: openssl genpkey -algorithm ed25519 -out key.pem)")
     assert not (workspace / "other-out").exists()  # refused before any stage ran
     assert "PRIVATE KEY" not in err
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda s: s["subject"][0].update(name="../../../etc/passwd"),
+     "provenance.json subject[0].name must be a relative path inside the run folder"),
+    (lambda s: s["predicate"]["runDetails"]["byproducts"][0].update(name="/etc/passwd"),
+     "provenance.json byproducts[0].name must be a relative path inside the run folder"),
+    (lambda s: s["predicate"]["buildDefinition"]["resolvedDependencies"][0]["annotations"]["files"][0].update(
+        path="../../outside"), "a recorded file path must lie inside the input"),
+    (lambda s: s["predicate"]["buildDefinition"].update(resolvedDependencies=[{"name": 3}]), "malformed provenance"),
+])
+def test_an_edited_record_that_points_outside_or_has_the_wrong_shape_is_one_line(workspace, capsys, edit, message):
+    layout = _run(workspace, capsys)
+    path = layout.root / "provenance.json"
+    statement = json.loads(path.read_text())
+    edit(statement)
+    path.write_text(json.dumps(statement))
+    code, _, err = _verify(capsys, layout.root)
+    assert code == EXIT_USER_ERROR and message in err and len(err.strip().splitlines()) == 1, err
