@@ -35,7 +35,8 @@ from disp_api import PurificationJob, StageName
 from disp_api.contract import PROVENANCE_FILE, PROVENANCE_SIGNATURE_FILE, RUNNER_IMAGE_ENV, SIGNING_KEY_ENV
 from disp_api.version import VERSION
 from disp_runner.errors import UserInputError
-from disp_runner.pipeline.artifacts import STAGE_MANIFEST, RunLayout, read_stage_manifest, sha256_file
+from disp_runner.pipeline.artifacts import (STAGE_MANIFEST, RunLayout, file_entries, read_stage_manifest,
+                                            sha256_file, stage_file_problems)
 from disp_runner.safepaths import resolve_inside
 from disp_runner.store.location import Location
 
@@ -50,15 +51,6 @@ MODEL_PREFIX, PROJECTOR_NAME = "model/", "projector.safetensors"
 
 
 # -- digests of what a stage reads ------------------------------------------------------------------
-def file_entries(path: Path) -> list[dict[str, Any]]:
-    """Every file of `path` (a file, or a folder read recursively), sorted, with size and SHA-256."""
-    if path.is_file():
-        return [{"path": path.name, "size": path.stat().st_size, "sha256": sha256_file(path)}]
-    files = sorted(p for p in path.rglob("*") if p.is_file())
-    return [{"path": p.relative_to(path).as_posix(), "size": p.stat().st_size, "sha256": sha256_file(p)}
-            for p in files]
-
-
 class InputKind(str, Enum):
     """What an input's digest covers."""
 
@@ -296,7 +288,7 @@ def _verify_statement(run: Path, byproducts: list, subject: list, dependencies: 
         except UserInputError as exc:
             findings.append(Finding(str(path), str(exc)))
             continue
-        findings += _check_stage_files(path.parent, manifests[stage])
+        findings += [Finding(str(file), problem) for file, problem in stage_file_problems(path.parent, manifests[stage])]
         checked.append(f"{stage}: {_files(len(manifests[stage]['files']))}")
     findings += _check_chain(run, manifests)
     for index, item in enumerate(subject):
@@ -343,17 +335,6 @@ def _check_signature(run: Path, payload: bytes, public_key_path: Path | None, ch
         checked.append(f"signature: valid, key {_key_id(key)[:16]}")
         return []
     return [Finding(str(envelope_path), f"no signature made with the key {public_key_path}")]
-
-
-def _check_stage_files(folder: Path, manifest: dict[str, Any]) -> list[Finding]:
-    findings = []
-    for entry in manifest["files"]:
-        path = folder / entry["path"]
-        if not path.is_file():
-            findings.append(Finding(str(path), f"listed in {STAGE_MANIFEST} but missing"))
-        elif path.stat().st_size != entry["size"] or sha256_file(path) != entry["sha256"]:
-            findings.append(Finding(str(path), f"differs from the digest {folder.name}/{STAGE_MANIFEST} records"))
-    return findings
 
 
 def _check_chain(run: Path, manifests: dict[str, dict[str, Any]]) -> list[Finding]:

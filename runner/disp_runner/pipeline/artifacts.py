@@ -83,8 +83,14 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def _files_under(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.is_file() and p.name != STAGE_MANIFEST)
+def file_entries(path: Path, skip: str | None = None) -> list[dict[str, Any]]:
+    """Every file of `path` (a file, or a folder read recursively, without files named `skip`),
+    sorted, each with its relative path, size and SHA-256: a manifest's record of it."""
+    if path.is_file():
+        return [{"path": path.name, "size": path.stat().st_size, "sha256": sha256_file(path)}]
+    files = sorted(p for p in path.rglob("*") if p.is_file() and p.name != skip)
+    return [{"path": p.relative_to(path).as_posix(), "size": p.stat().st_size, "sha256": sha256_file(p)}
+            for p in files]
 
 
 def write_stage_manifest(folder: Path, stage: StageName, metrics: dict[str, Any], seconds: float,
@@ -105,8 +111,7 @@ def write_stage_manifest(folder: Path, stage: StageName, metrics: dict[str, Any]
         "inputs": inputs or {},
         "inputDigests": input_digests or {},
         "runner": runner or {},
-        "files": [{"path": p.relative_to(folder).as_posix(), "size": p.stat().st_size, "sha256": sha256_file(p)}
-                  for p in _files_under(folder)],
+        "files": file_entries(folder, skip=STAGE_MANIFEST),
     }
     tmp = folder / (STAGE_MANIFEST + ".tmp")
     tmp.write_text(json.dumps(manifest, indent=2))
@@ -150,15 +155,21 @@ def _check_file_entry(folder: Path, entry: Any, where: str) -> None:
         raise ValueError(str(exc)) from None
 
 
-def verify_stage_output(folder: Path) -> dict[str, Any]:
-    """The manifest of a completed stage output, after checking every file it lists."""
-    manifest = read_stage_manifest(folder)
+def stage_file_problems(folder: Path, manifest: dict[str, Any]) -> Iterator[tuple[Path, str]]:
+    """Each file `manifest` lists that is missing from `folder` or differs from its record, with why."""
     for entry in manifest["files"]:
         path = folder / entry["path"]
         if not path.is_file():
-            raise UserInputError(f"{path}: listed in {folder / STAGE_MANIFEST} but missing")
-        if path.stat().st_size != entry["size"] or sha256_file(path) != entry["sha256"]:
-            raise UserInputError(f"{path}: checksum mismatch with {folder / STAGE_MANIFEST} (file changed or corrupt)")
+            yield path, f"listed in {folder / STAGE_MANIFEST} but missing"
+        elif path.stat().st_size != entry["size"] or sha256_file(path) != entry["sha256"]:
+            yield path, f"checksum mismatch with {folder / STAGE_MANIFEST} (file changed or corrupt)"
+
+
+def verify_stage_output(folder: Path) -> dict[str, Any]:
+    """The manifest of a completed stage output, after checking every file it lists."""
+    manifest = read_stage_manifest(folder)
+    for path, problem in stage_file_problems(folder, manifest):
+        raise UserInputError(f"{path}: {problem}")
     return manifest
 
 
