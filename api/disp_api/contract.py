@@ -18,6 +18,7 @@ class ExitCode(IntEnum):
 
 
 PROGRESS_FILE = "progress.json"  # in the run folder, overwritten while a stage runs
+STAGE_MANIFEST_FILE = "stage-manifest.json"  # in a stage's folder, written last: its files' SHA-256
 METRICS_FILE = "metrics.json"  # in the evaluate stage's folder
 AUDIT_FILE = "audit.json"  # in the finetune stage's folder: disp_api.metrics.AuditFigures
 PROVENANCE_FILE = "provenance.json"  # in the run folder once the fine-tune is complete: in-toto + SLSA

@@ -79,6 +79,7 @@ class Reason(str, Enum):
     WAITING_FOR_ADMISSION = "WaitingForAdmission"  # a stage Job waits in a Kueue queue
     UNSCHEDULABLE = "Unschedulable"  # the scheduler finds no node for a stage pod
     POD_PENDING = "PodPending"  # a stage pod has not started for longer than the operator's threshold
+    ARTIFACTS_TAMPERED = "ArtifactsTampered"  # a figure file is not the one its stage published
 
 
 class Condition(ContractModel):

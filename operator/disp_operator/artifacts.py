@@ -2,11 +2,18 @@
 the evaluate stage's metrics.json at the end, the model folder's file names for validation, and
 the clean-up of a deleted job's intermediate artifacts when the spec asks for it.
 
+The figures the operator puts in status and exports to Prometheus (ASR, residual rate) are read
+from objects that anyone holding the run's S3 keys can overwrite, so they are taken only when they
+are the ones their stage published: the file's SHA-256 must be the one its stage manifest records,
+and the manifest's the one the run's provenance.json records (`published_problem`). Anything else
+raises ArtifactsTampered, and the job fails with that reason instead of showing the figures.
+
 All of it is blocking I/O (the minio SDK); the handlers call it from a worker thread."""
 
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 from datetime import datetime
 from typing import Mapping, Optional
@@ -17,6 +24,7 @@ from disp_api import AuditFigures, MetricsSummary, PurificationJob, Purification
 from disp_api.contract import METRICS_FILE as STAGE_METRICS_FILE
 from disp_api.contract import (AUDIT_FILE, MAX_MODEL_CONFIG_BYTES, MODEL_CONFIG, PROGRESS_FILE, PROVENANCE_FILE,
                                PROVENANCE_SIGNATURE_FILE, split_s3_uri)
+from disp_api.contract import STAGE_MANIFEST_FILE
 from disp_api.spec import PURIFIED_MODEL_PATH
 from disp_operator.reconcile import RunnerProgress
 from disp_operator.validation import ConfigProblem
@@ -27,6 +35,47 @@ METRICS_FILE = f"{StageName.EVALUATE.value}/{STAGE_METRICS_FILE}"
 # The operator polls many jobs: a store that does not answer is retried briefly, then reported as
 # unavailable for this pass; the next pass tries again.
 OPERATOR_RETRY = RetryPolicy(attempts=2, base_delay=0.5, max_delay=2.0)
+
+
+class ArtifactsTampered(Exception):
+    """A file the operator reads figures from is not the one its stage published."""
+
+
+def published_problem(run_uri: str, stage: StageName, name: str, data: bytes, manifest: Optional[bytes],
+                      provenance: Optional[bytes]) -> Optional[str]:
+    """Why `data`, read as <run>/<stage>/<name>, is not the file the stage published (None when it
+    is): its SHA-256 against the stage manifest's record of it, and the manifest's against the
+    record of the run's provenance.json (written after the stage's manifest, before its pod ends)."""
+    file_uri = f"{run_uri}/{stage.value}/{name}"
+    manifest_name = f"{stage.value}/{STAGE_MANIFEST_FILE}"
+    if manifest is None:
+        return f"{file_uri}: {run_uri}/{manifest_name} is missing, so nothing records what the stage published"
+    try:
+        entries = json.loads(manifest)["files"]
+        recorded = next((e["sha256"] for e in entries if isinstance(e, dict) and e.get("path") == name), None)
+    except (ValueError, UnicodeDecodeError, RecursionError, KeyError, TypeError):
+        return f"{run_uri}/{manifest_name}: not a stage manifest"
+    actual = hashlib.sha256(data).hexdigest()
+    if recorded is None:
+        return f"{file_uri}: not listed in {run_uri}/{manifest_name}"
+    if actual != recorded:
+        return (f"{file_uri}: SHA-256 {actual[:12]}… differs from the {recorded[:12]}… that "
+                f"{manifest_name} records (changed after the stage published it)")
+    if provenance is None:
+        return f"{run_uri}/{PROVENANCE_FILE}: missing, so nothing records the stage manifests of this run"
+    try:
+        byproducts = json.loads(provenance)["predicate"]["runDetails"]["byproducts"]
+        chained = next((b["digest"]["sha256"] for b in byproducts
+                        if isinstance(b, dict) and b.get("name") == manifest_name), None)
+    except (ValueError, UnicodeDecodeError, RecursionError, KeyError, TypeError):
+        return f"{run_uri}/{PROVENANCE_FILE}: not a provenance record"
+    actual = hashlib.sha256(manifest).hexdigest()
+    if chained is None:
+        return f"{run_uri}/{manifest_name}: not recorded in {PROVENANCE_FILE}"
+    if actual != chained:
+        return (f"{run_uri}/{manifest_name}: SHA-256 {actual[:12]}… differs from the {str(chained)[:12]}… that "
+                f"{PROVENANCE_FILE} records (changed after the run published it)")
+    return None
 
 
 class RunStore:
@@ -92,21 +141,32 @@ class RunStore:
 
     def metrics(self) -> MetricsSummary:
         """The headline numbers of a finished run: evaluate/metrics.json when the job has an
-        evaluation set, else the audit alone (finetune/audit.json). Both are written before their
-        stage's manifest."""
+        evaluation set, else the audit alone (finetune/audit.json); each only as its stage
+        published it (ArtifactsTampered otherwise)."""
         if self.job.spec.evaluation is None:
             key = f"{self.run_key}/{StageName.FINETUNE.value}/{AUDIT_FILE}"
+            raw = self._published(StageName.FINETUNE, AUDIT_FILE)
             try:
-                audit = AuditFigures.model_validate(json.loads(self.store.get_bytes(self.bucket, key)))
-                return MetricsSummary.of_audit(audit)
+                return MetricsSummary.of_audit(AuditFigures.model_validate(json.loads(raw)))
             except (ValueError, ValidationError) as exc:
                 raise StoreError(f"s3://{self.bucket}/{key}: not an audit file ({exc})") from None
-        raw = self.store.get_bytes(self.bucket, f"{self.run_key}/{METRICS_FILE}")
+        raw = self._published(StageName.EVALUATE, STAGE_METRICS_FILE)
         try:
             metrics = PurificationMetrics.model_validate(json.loads(raw))
         except (ValueError, ValidationError) as exc:
             raise StoreError(f"s3://{self.bucket}/{self.run_key}/{METRICS_FILE}: not a metrics file ({exc})") from None
         return MetricsSummary.model_validate(metrics.model_dump(include=set(MetricsSummary.model_fields)))
+
+    def _published(self, stage: StageName, name: str) -> bytes:
+        """<run>/<stage>/<name>, checked against its stage manifest and the run's provenance."""
+        stage_key = f"{self.run_key}/{stage.value}"
+        data = self.store.get_bytes(self.bucket, f"{stage_key}/{name}")
+        manifest = self.store.get_bytes_or_none(self.bucket, f"{stage_key}/{STAGE_MANIFEST_FILE}")
+        provenance = self.store.get_bytes_or_none(self.bucket, f"{self.run_key}/{PROVENANCE_FILE}")
+        problem = published_problem(f"s3://{self.bucket}/{self.run_key}", stage, name, data, manifest, provenance)
+        if problem is not None:
+            raise ArtifactsTampered(problem)
+        return data
 
     def delete_intermediates(self) -> int:
         """Delete the run's files except the purified model and its provenance record (what made

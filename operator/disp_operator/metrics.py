@@ -19,7 +19,7 @@ from disp_operator.children import FailureKind
 
 # The reasons a stage or a job fails for good, and the failure kinds that are retried.
 STAGE_FAILURE_REASONS = (Reason.STAGE_FAILED, Reason.BACKOFF_LIMIT_EXCEEDED, Reason.DEADLINE_EXCEEDED)
-JOB_FAILURE_REASONS = (Reason.INVALID_SPEC, *STAGE_FAILURE_REASONS)
+JOB_FAILURE_REASONS = (Reason.INVALID_SPEC, *STAGE_FAILURE_REASONS, Reason.ARTIFACTS_TAMPERED)
 RETRYABLE_FAILURES = tuple(kind for kind in FailureKind if kind.retryable)
 
 # Stages take seconds (embedded model) to many hours (billions of parameters on GPUs).

@@ -74,6 +74,7 @@ class Observation:
     pending: Mapping[str, list[PendingPod]] = field(default_factory=dict)  # their pods not started yet, by Job name
     progress: Optional[RunnerProgress] = None
     metrics: Optional[MetricsSummary] = None  # the evaluate stage's metrics.json, once read
+    tampered: Optional[str] = None  # why the figure file read is not the one its stage published
 
 
 @dataclass(frozen=True)
@@ -167,6 +168,13 @@ def reconcile(job: Optional[PurificationJob], status: PurificationJobStatus, gen
 
     # Every stage succeeded: the run's figures (the audit's, and ASR with an evaluation set) first.
     _set_stages(plan, stages, observed, generation)
+    if observed.tampered is not None:
+        # Figures someone changed after their stage published them are not shown, exported or
+        # trusted, and neither is the model they would vouch for: the job fails, saying which file.
+        _finish(plan, JobPhase.FAILED, Reason.ARTIFACTS_TAMPERED,
+                f"figures not taken: {observed.tampered}; `disp verify` on the run names every changed file",
+                generation, now)
+        return plan
     if observed.metrics is None:
         plan.wants_metrics = True
         return plan

@@ -24,7 +24,7 @@ from pydantic.alias_generators import to_camel
 
 from disp_api import PurificationJob
 from disp_api.status import ConditionType, JobPhase, PurificationJobStatus, Reason, StagePhase
-from disp_operator.artifacts import RunStore
+from disp_operator.artifacts import ArtifactsTampered, RunStore
 from disp_operator.children import ChildJob, PendingPod, PodOutcome
 from disp_operator.config import OperatorConfig
 from disp_operator.jobs import finetune_nodes, rendezvous_service, stage_job
@@ -160,8 +160,10 @@ class JobLoop:
         config = self.rt.config
         plan = reconcile(job, self.status, generation, observed, config.backoff, config.pending_threshold)
         if plan.wants_metrics:
-            metrics = await asyncio.to_thread(self.store.metrics)
-            observed = dataclasses.replace(observed, metrics=metrics)
+            try:
+                observed = dataclasses.replace(observed, metrics=await asyncio.to_thread(self.store.metrics))
+            except ArtifactsTampered as exc:
+                observed = dataclasses.replace(observed, tampered=str(exc))
             plan = reconcile(job, self.status, generation, observed, config.backoff, config.pending_threshold)
         await self._apply(plan, job)
         if plan.status.phase.finished:

@@ -25,6 +25,7 @@ import base64
 import hashlib
 import json
 import os
+import tempfile
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import Enum
@@ -211,6 +212,27 @@ def write_provenance(job: PurificationJob, manifests: RunLayout, into: Path | No
     elif signature.exists():
         signature.unlink()  # a signature over an earlier Statement would not match this one
     return written
+
+
+def publish_remote_provenance(job: PurificationJob, store: Any, bucket: str, prefix: str, into: Path,
+                              signing_key_file: Path | None = None) -> None:
+    """The same for a run whose stage outputs live in S3 at `prefix` (`store`: an S3Store): the
+    Statement is built from the stage manifests published there, written into the local folder
+    `into` and uploaded to the prefix, the Statement first, then the signature; a signature left
+    from an earlier signed Statement is removed when this one is unsigned."""
+    with tempfile.TemporaryDirectory(prefix="disp-manifests-") as folder:
+        manifests = RunLayout(Path(folder))
+        for stage in job.spec.stages():
+            data = store.get_bytes_or_none(bucket, f"{prefix}/{stage.value}/{STAGE_MANIFEST}")
+            if data is not None:
+                manifests.stage_dir(stage).mkdir()
+                (manifests.stage_dir(stage) / STAGE_MANIFEST).write_bytes(data)
+        into.mkdir(parents=True, exist_ok=True)
+        written = write_provenance(job, manifests, into=into, signing_key_file=signing_key_file)
+    for path in written:
+        store.put_bytes(bucket, f"{prefix}/{path.name}", path.read_bytes())
+    if len(written) == 1:
+        store.remove(bucket, [f"{prefix}/{PROVENANCE_SIGNATURE_FILE}"])
 
 
 def _write_atomic(path: Path, data: bytes) -> Path:

@@ -81,7 +81,8 @@ def test_the_chart_renders_lints_and_validates(option):
         (rule,) = by_kind(docs, "PrometheusRule")
         alerts = {r["alert"]: r for r in rule["spec"]["groups"][0]["rules"]}
         assert set(alerts) == {"DispPurificationJobFailed", "DispPurificationJobStalled", "DispBackdoorNotRemoved",
-                               "DispResidualBackdoor", "DispStageRetriesClimbing", "DispOperatorDown"}
+                               "DispResidualBackdoor", "DispStageRetriesClimbing", "DispOperatorDown",
+                               "DispArtifactsTampered"}
         assert alerts["DispBackdoorNotRemoved"]["expr"] == "disp_job_asr_after_ratio > 0.05"
         stalled = alerts["DispPurificationJobStalled"]["expr"]
         assert "disp_job_last_progress_timestamp_seconds) > 1800" in stalled

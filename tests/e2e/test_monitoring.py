@@ -1,6 +1,7 @@
 """A real Prometheus (Debian's server) scrapes the real operator while it runs jobs against the
 real control plane, with the chart's scrape settings (honorLabels) and alert rules: the job series
-keep their namespace, the failure alert names a failed job, and every query of the chart's Grafana
+keep their namespace, the failure alert names a failed job, a run whose metrics.json was changed
+after publication fires the tamper alert and exports no ASR, and every query of the chart's Grafana
 dashboard returns data."""
 
 from __future__ import annotations
@@ -70,6 +71,7 @@ def test_a_real_prometheus_scrapes_the_operator_and_every_dashboard_query_return
     metrics_port = free_port()
     prometheus = Prometheus(tmp_path, f"127.0.0.1:{metrics_port}")
     kubelet.faults["watched-masking"] = PodFault(137, "OOMKilled")  # one retry
+    kubelet.extra_env["STANDIN_OVERWRITE_METRICS"] = "tampered"  # its evaluate pod rewrites metrics.json
     start = time.time()
     try:
         with operator(cluster, monkeypatch, metrics_port=metrics_port):
@@ -81,9 +83,14 @@ def test_a_real_prometheus_scrapes_the_operator_and_every_dashboard_query_return
             # Accepted by the API server, refused by the operator: its Secret does not exist.
             cluster.create_job(standin_manifest(s3, uploaded, namespace, "invalid", storage={
                 "endpoint": s3, "secure": False, "credentialsSecret": {"name": "no-such-secret"}}))
+            # Its figures are overwritten (asrAfter 0) by the evaluate pod after it published them.
+            cluster.create_job(standin_manifest(s3, uploaded, namespace, "tampered"))
             cluster.wait_for(namespace, "watched", finished, 90, "the job to finish")
+            tampered = cluster.wait_for(namespace, "tampered", finished, 90, "the tampered job to finish")
             wait_until(lambda: prometheus.query_range('ALERTS{alertname="DispPurificationJobFailed",name="invalid"}',
                                                       start, time.time()), 30, "the failure alert")
+            wait_until(lambda: prometheus.query_range('ALERTS{alertname="DispArtifactsTampered",alertstate="firing"}',
+                                                      start, time.time()), 30, "the tamper alert")
             time.sleep(3)  # a few more scrapes of the final state
             end = time.time()
         # The job's series keep the job's namespace; the target's own went nowhere else.
@@ -95,7 +102,17 @@ def test_a_real_prometheus_scrapes_the_operator_and_every_dashboard_query_return
         alerts = prometheus.query_range(f'ALERTS{{alertname="DispPurificationJobFailed",namespace="{namespace}"}}',
                                         start, end)
         assert {(a["metric"]["namespace"], a["metric"]["name"], a["metric"]["alertstate"]) for a in alerts} == \
-            {(namespace, "invalid", "firing")}, [a["metric"] for a in alerts]
+            {(namespace, "invalid", "firing"), (namespace, "tampered", "firing")}, [a["metric"] for a in alerts]
+        # The tampered run: failed with the reason and the file named, its figures nowhere.
+        failed = next(c for c in tampered["status"]["conditions"] if c["type"] == "Failed")
+        assert failed["reason"] == "ArtifactsTampered" and "/evaluate/metrics.json: SHA-256" in failed["message"]
+        assert "metrics" not in tampered["status"] and "purifiedModelUri" not in tampered["status"]
+        assert any(e["reason"] == "ArtifactsTampered" and e["type"] == "Warning" and
+                   e["involvedObject"]["name"] == "tampered" for e in cluster.events(namespace))
+        for series in ("disp_job_asr_after_ratio", "disp_job_asr_before_ratio", "disp_job_residual_rate_ratio"):
+            assert not prometheus.query_range(f'{series}{{namespace="{namespace}",name="tampered"}}', start, end)
+        tamper_failures = prometheus.query_range('disp_job_failures_total{reason="ArtifactsTampered"}', start, end)
+        assert tamper_failures[0]["values"][0][1] == "0" and tamper_failures[0]["values"][-1][1] == "1"
         failures = prometheus.query_range('disp_job_failures_total{reason="InvalidSpec"}', start, end)
         assert failures and failures[0]["values"][-1][1] == "1"
         dashboard = json.loads(DASHBOARD.read_text())

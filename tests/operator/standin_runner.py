@@ -2,7 +2,11 @@
 (restart, suspend), where importing torch in every pod would only cost time. It honours the
 runner's contract with the operator: the same command line (`disp run --manifest-env VAR --stage S
 [--shard i/N | --merge] [--processes N --nodes M --node-rank I]`), progress.json in the run's S3 folder while it works, the finetune
-stage's audit.json and the evaluate stage's metrics.json, and exit code 0. How long each stage takes comes from STANDIN_SECONDS.
+stage's audit.json and the evaluate stage's metrics.json, each published as the runner publishes
+a stage (its files, then its stage manifest, written by the runner's own code) and followed by the
+run's provenance.json (the runner's own code again), and exit code 0. How long each stage takes
+comes from STANDIN_SECONDS; STANDIN_OVERWRITE_METRICS=<job name> makes that job's evaluate pod
+overwrite its metrics.json after publishing it, as someone holding the run's S3 keys could.
 The real runner is exercised end to end in tests/e2e/test_operator.py."""
 
 from __future__ import annotations
@@ -11,10 +15,14 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 import time
 from datetime import datetime, timezone
+from pathlib import Path
 
-from disp_api import AuditFigures, PurificationJob, PurificationMetrics
+from disp_api import AuditFigures, PurificationJob, PurificationMetrics, StageName
+from disp_runner.pipeline.artifacts import STAGE_MANIFEST, write_stage_manifest
+from disp_runner.provenance import publish_remote_provenance
 from disp_runner.store.s3 import S3Store
 
 AUDIT = {"suspicionThreshold": 3.0, "instances": 100, "suspects": 21, "estimatedPoisonedShare": 0.21,
@@ -51,13 +59,36 @@ def main() -> int:
         time.sleep(seconds / steps)
     if args.stage == "finetune":
         AuditFigures.model_validate(AUDIT)  # the same schema the real stage writes
-        store.put_bytes(bucket, f"{run_key}/finetune/audit.json", json.dumps(AUDIT).encode())
+        _publish(job, store, bucket, run_key, StageName.FINETUNE, {"audit.json": AUDIT})
     if args.stage == "evaluate":
-        metrics = {**METRICS, "before": _model_metrics(0.97), "after": _model_metrics(0.02), "audit": AUDIT,
-                   "estimatedPoisonedShare": AUDIT["estimatedPoisonedShare"], "residualRate": AUDIT["residualRate"]}
-        PurificationMetrics.model_validate(metrics)
-        store.put_bytes(bucket, f"{run_key}/evaluate/metrics.json", json.dumps(metrics).encode())
+        metrics = evaluation_metrics()
+        _publish(job, store, bucket, run_key, StageName.EVALUATE, {"metrics.json": metrics})
+        if os.environ.get("STANDIN_OVERWRITE_METRICS") == job.metadata.name:
+            store.put_bytes(bucket, f"{run_key}/evaluate/metrics.json",
+                            json.dumps({**metrics, "asrAfter": 0.0}).encode())
     return 0
+
+
+def evaluation_metrics() -> dict:
+    """The evaluate stage's metrics.json, valid under the schema the real stage writes."""
+    metrics = {**METRICS, "before": _model_metrics(0.97), "after": _model_metrics(0.02), "audit": AUDIT,
+               "estimatedPoisonedShare": AUDIT["estimatedPoisonedShare"], "residualRate": AUDIT["residualRate"]}
+    PurificationMetrics.model_validate(metrics)
+    return metrics
+
+
+def _publish(job: PurificationJob, store: S3Store, bucket: str, run_key: str, stage: StageName,
+             files: dict[str, dict]) -> None:
+    """The stage's files, then its manifest, then the run's provenance, as the runner publishes them."""
+    with tempfile.TemporaryDirectory(prefix="standin-") as folder:
+        out = Path(folder) / stage.value
+        out.mkdir()
+        for name, record in files.items():
+            (out / name).write_text(json.dumps(record))
+        write_stage_manifest(out, stage, metrics={}, seconds=0.1)
+        for name in [*files, STAGE_MANIFEST]:
+            store.put_bytes(bucket, f"{run_key}/{stage.value}/{name}", (out / name).read_bytes())
+        publish_remote_provenance(job, store, bucket, run_key, Path(folder) / "run")
 
 
 def _model_metrics(asr: float) -> dict:

@@ -23,12 +23,14 @@ PENDING_AFTER = timedelta(minutes=5)
 BACKOFF = RetryBackoff(base_seconds=10, maximum_seconds=60)
 
 
-def step(job, status, at=T0, jobs=(), pods=None, progress=None, metrics=None, generation=1, pending=None):
+def step(job, status, at=T0, jobs=(), pods=None, progress=None, metrics=None, generation=1, pending=None,
+         tampered=None):
     children = {j["metadata"]["name"]: ChildJob.from_job(j) for j in jobs}
     outcomes = {name: [PodOutcome.from_pod(p) for p in ps] for name, ps in (pods or {}).items()}
     waiting = {name: [PendingPod.from_pod(p) for p in ps] for name, ps in (pending or {}).items()}
     return reconcile(job, status, generation, Observation(now=at, children=children, pods=outcomes, pending=waiting,
-                                                          progress=progress, metrics=metrics), BACKOFF,
+                                                          progress=progress, metrics=metrics, tampered=tampered),
+                     BACKOFF,
                      PENDING_AFTER)
 
 
@@ -126,6 +128,22 @@ def test_with_an_evaluation_set_the_job_waits_for_the_metrics_and_copies_them(jo
     done = step(job, plan.status, jobs=[k8s_job("purify-evaluate", "succeeded")], metrics=metrics)
     assert done.status.phase is JobPhase.SUCCEEDED and done.status.metrics == metrics
     assert "100.0% -> 2.0%" in done.status.message
+
+
+def test_figures_changed_after_publication_fail_the_job_and_show_no_figures_or_model():
+    job = make_job()
+    plan = run_to(job, StageName.FINETUNE)
+    why = "s3://runs/r/finetune/audit.json: SHA-256 0123… differs from the 4567… that finetune/stage-manifest.json records"
+    waiting = step(job, plan.status, jobs=[k8s_job("purify-finetune", "succeeded")])
+    done = step(job, waiting.status, jobs=[k8s_job("purify-finetune", "succeeded")], tampered=why)
+    assert done.status.phase is JobPhase.FAILED and not done.wants_metrics
+    failed = done.status.condition(ConditionType.FAILED)
+    assert failed.status is ConditionStatus.TRUE and failed.reason is Reason.ARTIFACTS_TAMPERED
+    assert why in failed.message and "disp verify" in failed.message
+    assert condition(done.status, ConditionType.STALLED) is ConditionStatus.TRUE
+    assert done.status.metrics is None and done.status.purified_model_uri is None
+    assert [(e.type.value, e.reason) for e in done.events] == [("Warning", Reason.ARTIFACTS_TAMPERED)]
+    assert done.status.stage(StageName.FINETUNE).phase is StagePhase.SUCCEEDED  # the stage itself ran
 
 
 def test_a_sharded_stage_runs_an_indexed_job_then_a_merge():

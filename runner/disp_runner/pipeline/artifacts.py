@@ -31,11 +31,11 @@ from typing import Any, Callable, Iterator
 
 from disp_api import PurificationJob, StageName
 from disp_api.contract import PROGRESS_FILE
+from disp_api.contract import STAGE_MANIFEST_FILE as STAGE_MANIFEST
 from disp_runner import logs
 from disp_runner.errors import TransientError, UserInputError
 from disp_runner.safepaths import require_inside, resolve_inside
 
-STAGE_MANIFEST = "stage-manifest.json"
 MANIFEST_VERSION = 1
 
 

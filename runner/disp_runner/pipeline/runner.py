@@ -5,19 +5,16 @@ PurificationJob in order (`disp run`), fanning sharded stages out and merging th
 from __future__ import annotations
 
 import logging
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 from disp_api import PurificationJob, StageName
-from disp_api.contract import PROVENANCE_SIGNATURE_FILE
 from disp_runner.device import seed_everything
 from disp_runner.diffusion.distributed import Topology
 from disp_runner.errors import TransientError, UserInputError
 from disp_runner.pipeline.artifacts import (
-    STAGE_MANIFEST,
     ProgressReporter,
     RunLayout,
     Shard,
@@ -33,7 +30,7 @@ from disp_runner.pipeline.context import (
     StageResult,
     scratch_root,
 )
-from disp_runner.provenance import runner_identity, write_provenance
+from disp_runner.provenance import publish_remote_provenance, runner_identity, write_provenance
 from disp_runner.store.credentials import open_s3_store
 from disp_runner.store.location import Location, Scheme
 
@@ -228,26 +225,13 @@ PROVENANCE_STAGES = (StageName.FINETUNE, StageName.EVALUATE)
 
 def publish_provenance(ctx: StageContext) -> None:
     """provenance.json (and its signature) for the run as its stage manifests now stand, in the run
-    folder, and in an S3-backed run at the run's prefix (the Statement first, then the signature;
-    a signature left from an unsigned rewrite is removed)."""
+    folder, and in an S3-backed run at the run's prefix as well."""
     if ctx.remote is None:
         write_provenance(ctx.job, ctx.layout, signing_key_file=ctx.signing_key_file)
         return
     remote = ctx.remote
-    with tempfile.TemporaryDirectory(prefix="disp-manifests-") as folder:
-        manifests = RunLayout(Path(folder))
-        for stage in ctx.spec.stages():
-            key = f"{remote.stage_prefix(ctx.layout, ctx.layout.stage_dir(stage))}/{STAGE_MANIFEST}"
-            data = remote.store.get_bytes_or_none(remote.bucket, key)
-            if data is not None:
-                manifests.stage_dir(stage).mkdir()
-                (manifests.stage_dir(stage) / STAGE_MANIFEST).write_bytes(data)
-        ctx.layout.root.mkdir(parents=True, exist_ok=True)
-        written = write_provenance(ctx.job, manifests, into=ctx.layout.root, signing_key_file=ctx.signing_key_file)
-    for path in written:
-        remote.store.put_bytes(remote.bucket, f"{remote.prefix}/{path.name}", path.read_bytes())
-    if len(written) == 1:
-        remote.store.remove(remote.bucket, [f"{remote.prefix}/{PROVENANCE_SIGNATURE_FILE}"])
+    publish_remote_provenance(ctx.job, remote.store, remote.bucket, remote.prefix, ctx.layout.root,
+                              signing_key_file=ctx.signing_key_file)
 
 
 def join_distributed_stage(job: PurificationJob, output_root: Path | None, topology: Topology,
