@@ -608,7 +608,11 @@ class PolicySpec(ContractModel):
     """True stops the job: running stage Jobs are deleted, no pod starts; false resumes from the last
     completed stage. The only field that may change after creation."""
     ttl_seconds_after_finished: Optional[int] = Field(None, ge=0)
-    """Kubernetes deletes finished stage Jobs (and their pods) this long after they finish."""
+    """Seconds after which finished objects are deleted: each stage Job (and its pods) this long
+    after it finishes (by Kubernetes), and the PurificationJob itself this long after it succeeds
+    or fails (by the operator; its artifacts stay unless cleanupArtifacts). Unset: kept until
+    deleted. Leave it unset for jobs applied from Git: Argo CD or Flux would re-create a deleted
+    job, and a re-created job (a new uid) is a new run."""
     keep_failed_pods: bool = False
     """Keep the Jobs and pods of failed attempts for debugging (default: deleted when retried)."""
     cleanup_artifacts: bool = False

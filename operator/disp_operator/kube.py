@@ -1,5 +1,6 @@
 """The operator's few Kubernetes calls besides kopf's own watching: create and delete stage Jobs,
-look at the credentials Secret, write the PurificationJob's status. Blocking (the official client);
+look at the credentials Secret, write the PurificationJob's status, delete a finished one whose
+time to live is over. Blocking (the official client);
 the handlers call it from worker threads. The credentials are the ones kopf logs in with: the pod's
 service account in a cluster, $KUBECONFIG elsewhere (read when the operator starts, not at import)."""
 
@@ -50,6 +51,20 @@ class KubeApi:
         except ApiException as exc:
             if exc.status != 404:
                 raise
+
+    def delete_purification_job(self, namespace: str, name: str, uid: Optional[str]) -> bool:
+        """Delete the PurificationJob with this uid (a precondition: never a newer one of the same
+        name); False when it is gone already or is another object now."""
+        options = kubernetes.client.V1DeleteOptions(
+            propagation_policy="Background",
+            preconditions=kubernetes.client.V1Preconditions(uid=uid) if uid else None)
+        try:
+            self.custom.delete_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name, body=options)
+            return True
+        except ApiException as exc:
+            if exc.status in (404, 409):  # gone, or a new object of that name (uid precondition)
+                return False
+            raise
 
     def secret_data(self, namespace: str, name: str) -> Optional[dict[str, str]]:
         """The Secret's base64 data, or None when it does not exist. Never logged."""

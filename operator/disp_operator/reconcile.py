@@ -109,6 +109,7 @@ class Plan:
     failure_reason: Optional[Reason] = None  # why the current stage failed for good
     retries: list[tuple[StageName, FailureKind]] = field(default_factory=list)  # failed attempts to retry
     holdup: Optional[Holdup] = None  # what keeps the running stage from running
+    expired: bool = False  # a finished job past policy.ttlSecondsAfterFinished: delete it
 
 
 def first_step(job: PurificationJob, stage: StageName) -> StepKind:
@@ -135,12 +136,17 @@ def reconcile(job: Optional[PurificationJob], status: PurificationJobStatus, gen
               observed: Observation, backoff: RetryBackoff = RetryBackoff(),
               pending_threshold: timedelta = PENDING_THRESHOLD) -> Plan:
     """One step of the state machine described in the module docstring. `job` may be None only
-    for a finished job (whose spec no longer matters)."""
+    for a finished job (whose spec then matters only for its time to live)."""
     now = observed.now
     plan = Plan(status)
     if status.phase.finished:
         # Terminal: nothing changes the outcome; a later edit (suspend) is only acknowledged.
         plan.status = status.model_copy(update={"observed_generation": max(status.observed_generation, generation)})
+        ttl = job.spec.policy.ttl_seconds_after_finished if job is not None else None
+        left = time_to_live(status, ttl, now)
+        if left is not None:
+            plan.expired = left <= timedelta(0)
+            plan.requeue_after = None if plan.expired else left.total_seconds()
         return plan
     assert job is not None, "an unfinished job is reconciled against its spec"
     stages = list(status.stages) or initial_stages(job)
@@ -187,6 +193,24 @@ def reconcile(job: Optional[PurificationJob], status: PurificationJobStatus, gen
     message = "purified model at " + plan.status.purified_model_uri + _figures(observed.metrics)
     _finish(plan, JobPhase.SUCCEEDED, Reason.COMPLETED, message, generation, now)
     return plan
+
+
+def finished_at(status: PurificationJobStatus) -> Optional[datetime]:
+    """When the job succeeded or failed: its true Succeeded or Failed condition's transition."""
+    for kind in (ConditionType.SUCCEEDED, ConditionType.FAILED):
+        condition = status.condition(kind)
+        if condition is not None and condition.status is ConditionStatus.TRUE:
+            return condition.last_transition_time
+    return None
+
+
+def time_to_live(status: PurificationJobStatus, ttl_seconds: Optional[int], now: datetime) -> Optional[timedelta]:
+    """How long a finished job has left under policy.ttlSecondsAfterFinished (<= 0: delete it now);
+    None when it is kept (no TTL, or no record of when it finished)."""
+    finished = finished_at(status)
+    if ttl_seconds is None or finished is None:
+        return None
+    return finished + timedelta(seconds=ttl_seconds) - now
 
 
 def _figures(metrics: MetricsSummary) -> str:

@@ -30,7 +30,7 @@ from disp_operator.config import OperatorConfig
 from disp_operator.jobs import finetune_nodes, rendezvous_service, stage_job
 from disp_operator.kube import KubeApi
 from disp_operator.metrics import OperatorMetrics
-from disp_operator.reconcile import Observation, Plan, reconcile, reject
+from disp_operator.reconcile import Observation, Plan, finished_at, reconcile, reject
 from disp_operator.validation import (ClusterFacts, InvalidSpec, check_cluster, check_policy, check_static,
                                       parse_job)
 from disp_runner.store.s3 import StoreError, StoreUnavailableError
@@ -142,9 +142,17 @@ class JobLoop:
         generation = int(self.body.metadata.get("generation") or 1)
         if self.status.phase.finished:
             # Nothing changes a finished job's outcome, but a later spec edit (suspend) is still
-            # acknowledged, so GitOps tools do not wait for it forever.
-            await self._apply(reconcile(None, self.status, generation, Observation(now=now)), job=None)
-            return FINISHED_INTERVAL
+            # acknowledged, so GitOps tools do not wait for it forever; past its time to live it goes.
+            try:
+                job: Optional[PurificationJob] = effective_job(self.body, self.rt.config)
+            except InvalidSpec:
+                job = None  # a spec that does not parse keeps its job (no TTL to trust)
+            plan = reconcile(job, self.status, generation, Observation(now=now))
+            await self._apply(plan, job=None)
+            if plan.expired:
+                await self._delete_self()
+                return FINISHED_INTERVAL
+            return min(FINISHED_INTERVAL, plan.requeue_after) if plan.requeue_after is not None else FINISHED_INTERVAL
         try:
             job = effective_job(self.body, self.rt.config)
             if not self.validated:
@@ -167,7 +175,7 @@ class JobLoop:
             plan = reconcile(job, self.status, generation, observed, config.backoff, config.pending_threshold)
         await self._apply(plan, job)
         if plan.status.phase.finished:
-            return FINISHED_INTERVAL
+            return 0.0  # the next pass, a finished job's, times its deletion when it has a TTL
         interval = self.rt.config.reconcile_interval
         return min(interval, plan.requeue_after) if plan.requeue_after is not None else interval
 
@@ -241,6 +249,17 @@ class JobLoop:
             kopf.event(self.body, type=event.type.value, reason=event.reason.value, message=event.message)
         self._record_metrics(old, plan)
 
+    async def _delete_self(self) -> None:
+        """Delete this finished job (its time to live is over); only the object seen, by uid, so a
+        job re-created under the same name is not. Its stage Jobs go with it (owner references)."""
+        if self.rt.leadership is not None and not self.rt.leadership.leading:
+            return
+        uid = self.body.metadata.get("uid")
+        if await asyncio.to_thread(self.rt.kube.delete_purification_job, self.namespace, self.name, uid):
+            self.logger.info("deleted: finished %s ago, policy.ttlSecondsAfterFinished has passed",
+                             _since(self.status))
+        self.stopped.set()
+
     def _record_metrics(self, old: PurificationJobStatus, plan: Plan) -> None:
         metrics, new = self.rt.metrics, plan.status
         metrics.set_phase(self.namespace, self.name, new.phase)
@@ -268,6 +287,11 @@ class JobLoop:
             metrics.set_pending(self.namespace, self.name, plan.holdup.pending_seconds if plan.holdup else 0.0)
         else:
             metrics.set_waiting(self.namespace, self.name)
+
+
+def _since(status: PurificationJobStatus) -> str:
+    finished = finished_at(status)
+    return f"{(datetime.now(timezone.utc) - finished).total_seconds():.0f}s" if finished else "a while"
 
 
 def effective_job(body: Mapping[str, Any], config: OperatorConfig) -> PurificationJob:

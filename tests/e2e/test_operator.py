@@ -206,6 +206,31 @@ def test_without_cleanup_a_deleted_job_leaves_its_artifacts(cluster, kubelet, s3
     assert store.exists("runs", f"{uploaded}/runs/{cluster.namespace}/keep/{uid}/evaluate/metrics.json")
 
 
+def test_a_finished_job_past_its_time_to_live_is_deleted_with_its_stage_jobs_and_intermediates(
+        cluster, kubelet, s3, uploaded, monkeypatch):
+    """policy.ttlSecondsAfterFinished: the operator deletes the finished PurificationJob (by uid),
+    the garbage collector its stage Jobs, and its clean-up handler the run's intermediates."""
+    store = S3Store(s3, ACCESS, SECRET, secure=False)
+    kubelet.standin_seconds = 0.2
+    with operator(cluster, monkeypatch):
+        uid = cluster.create_job(standin_manifest(s3, uploaded, cluster.namespace, "brief",
+                                                  policy={"ttlSecondsAfterFinished": 3, "cleanupArtifacts": True}))
+        cluster.create_job(standin_manifest(s3, uploaded, cluster.namespace, "lasting"))
+        body = cluster.wait_for(cluster.namespace, "brief", finished, 60, "the job to finish")
+        seen_finished = time.monotonic()
+        assert body["status"]["phase"] == "Succeeded"
+        wait_until(lambda: "brief" not in cluster.list_jobs(cluster.namespace), 30, "the job to expire")
+        lived = time.monotonic() - seen_finished
+        cluster.wait_for(cluster.namespace, "lasting", finished, 60, "the other job to finish")
+        time.sleep(2)
+    assert lived > 2.0  # not before its time (3 s after it finished, which the test saw a little later)
+    assert "lasting" in cluster.list_jobs(cluster.namespace)  # no TTL: kept
+    wait_until(lambda: not [j for j in cluster.jobs(cluster.namespace) if j["metadata"]["name"].startswith("brief-")],
+               30, "its stage Jobs to go")
+    run_key = f"{uploaded}/runs/{cluster.namespace}/brief/{uid}"
+    assert [key for key, _, _ in store.list("runs", run_key + "/")] == [f"{run_key}/provenance.json"]
+
+
 def test_a_job_deleted_while_no_operator_runs_goes_at_once_unless_it_asked_for_clean_up(cluster, kubelet, s3,
                                                                                        uploaded, monkeypatch):
     """Only a job with policy.cleanupArtifacts carries a finalizer: deleting it while the operator is

@@ -146,6 +146,31 @@ def test_figures_changed_after_publication_fail_the_job_and_show_no_figures_or_m
     assert done.status.stage(StageName.FINETUNE).phase is StagePhase.SUCCEEDED  # the stage itself ran
 
 
+def test_a_finished_job_is_deleted_once_its_time_to_live_is_over():
+    job = make_job(policy={"ttlSecondsAfterFinished": 600})
+    plan = run_to(job, StageName.FINETUNE)
+    done_at = T0 + timedelta(minutes=5)
+    waiting = step(job, plan.status, jobs=[k8s_job("purify-finetune", "succeeded")], at=done_at)
+    done = step(job, waiting.status, jobs=[k8s_job("purify-finetune", "succeeded")], at=done_at,
+                metrics=MetricsSummary(residual_rate=0.01))
+    assert done.status.phase is JobPhase.SUCCEEDED and not done.expired
+    soon = step(job, done.status, at=done_at + timedelta(seconds=599))
+    assert not soon.expired and soon.requeue_after == 1.0  # looked at again when it falls due
+    assert soon.status == done.status and soon.events == []
+    assert step(job, done.status, at=done_at + timedelta(seconds=600)).expired
+    # A failed job too (InvalidSpec included), counted from its failure.
+    failed = reject(PurificationJobStatus(), "spec.model.uri: no config.json", 1, done_at)
+    assert step(job, failed.status, at=done_at + timedelta(seconds=600)).expired
+    assert not step(job, failed.status, at=done_at + timedelta(seconds=599)).expired
+    # Without a TTL, or with its spec unreadable (no job), a finished job stays.
+    kept = step(make_job(), done.status, at=done_at + timedelta(days=365))
+    assert not kept.expired and kept.requeue_after is None
+    unreadable = reconcile(None, done.status, 1, Observation(now=done_at + timedelta(days=365)))
+    assert not unreadable.expired
+    # A running job never expires, whatever its TTL.
+    assert not step(job, plan.status, at=done_at + timedelta(days=365)).expired
+
+
 def test_a_sharded_stage_runs_an_indexed_job_then_a_merge():
     job = make_job(parallelism={"saliencyShards": 3})
     plan = step(job, PurificationJobStatus())

@@ -32,7 +32,7 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 {{- define "disp-operator.namespacedRules" -}}
 - apiGroups: ["disp.dev"]
   resources: ["purificationjobs"]
-  verbs: ["list", "watch", "patch"]
+  verbs: ["list", "watch", "patch", "delete"]  # delete: policy.ttlSecondsAfterFinished
 - apiGroups: ["disp.dev"]
   resources: ["purificationjobs/status"]
   verbs: ["patch"]
