@@ -5,7 +5,7 @@ the input is wrong and a retry cannot help, 75 means a dependency was unavailabl
 from __future__ import annotations
 
 import json
-
+import re
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from enum import Enum
@@ -55,6 +55,7 @@ class PodOutcome:
     reason: str  # container reason (OOMKilled, Error, Completed) or pod reason (Evicted)
     message: str  # the termination message: the runner's last error line
     disrupted: bool  # the pod carries a DisruptionTarget condition
+    image_id: str = ""  # the image the container ran, as the kubelet reports it (containerStatuses[].imageID)
 
     @classmethod
     def from_pod(cls, pod: Mapping[str, Any]) -> Optional["PodOutcome"]:
@@ -66,7 +67,7 @@ class PodOutcome:
             terminated = (container.get("state") or {}).get("terminated")
             if terminated:
                 return cls(name, terminated.get("exitCode"), terminated.get("reason") or "",
-                           (terminated.get("message") or "").strip(), disrupted)
+                           (terminated.get("message") or "").strip(), disrupted, container.get("imageID") or "")
         if status.get("phase") == "Failed":  # e.g. evicted before the container reported anything
             return cls(name, None, status.get("reason") or "", status.get("message") or "", disrupted)
         return None
@@ -74,6 +75,19 @@ class PodOutcome:
     @property
     def failed(self) -> bool:
         return self.exit_code != 0
+
+
+_DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
+
+
+def pinned_reference(image_id: str) -> Optional[str]:
+    """The by-digest reference (`repository@sha256:…`) of a container's imageID as the kubelet
+    reports it: containerd and CRI-O give the repository digest (`registry/repo@sha256:…`), the
+    Docker runtime the same behind `docker-pullable://`. None when there is no repository digest
+    (an image ID alone, `sha256:…`, names local content no other node can pull)."""
+    reference = image_id.split("://", 1)[-1]
+    repository, at, digest = reference.partition("@")
+    return reference if at and repository and _DIGEST.match(digest) else None
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
 
 from disp_api import LogFormat, PurificationJob, StageName
 from disp_api.contract import RUNNER_IMAGE_ENV, SIGNING_KEY_ENV, ExitCode
@@ -86,8 +86,9 @@ POD_FAILURE_POLICY: dict[str, Any] = {"rules": [
 
 
 def stage_job(job: PurificationJob, stage: StageName, step: StepKind, attempt: int,
-              defaults: RunnerDefaults) -> dict[str, Any]:
-    """The Job manifest for `attempt` (1-based) of one step of `stage`."""
+              defaults: RunnerDefaults, pinned_image: Optional[str] = None) -> dict[str, Any]:
+    """The Job manifest for `attempt` (1-based) of one step of `stage`; its pods run `pinned_image`
+    (the run's status.runnerImage, by digest) when given, else the spec's or the operator's image."""
     spec, meta = job.spec, job.metadata
     assert meta.uid, "stage Jobs are only built for objects the API server has accepted (they have a uid)"
     name = stage_job_name(meta.name, stage, step, attempt)
@@ -96,7 +97,7 @@ def stage_job(job: PurificationJob, stage: StageName, step: StepKind, attempt: i
     pod_metadata: dict[str, Any] = {"labels": {**(overlay.labels or {}), **labels}}
     if overlay.annotations:
         pod_metadata["annotations"] = dict(overlay.annotations)
-    pod = _pod_spec(job, stage, step, defaults, name)
+    pod = _pod_spec(job, stage, step, defaults, name, pinned_image)
     job_spec: dict[str, Any] = {
         "backoffLimit": 0,  # the operator retries, with its own backoff and failure classification
         "podFailurePolicy": POD_FAILURE_POLICY,
@@ -201,14 +202,14 @@ def _env(job: PurificationJob, image: str) -> list[dict[str, Any]]:
 
 
 def _pod_spec(job: PurificationJob, stage: StageName, step: StepKind, defaults: RunnerDefaults,
-              job_name: str) -> dict[str, Any]:
+              job_name: str, pinned_image: Optional[str]) -> dict[str, Any]:
     res = job.spec.resources
     request = res.for_stage(stage, defaults.gpus)
     limits: dict[str, Any] = {"cpu": request.cpu, "memory": request.memory}
     if request.gpus:
         limits[GPU_RESOURCE] = request.gpus
     multi_node = finetune_nodes(job, stage) > 1 and step is StepKind.RUN
-    image = res.image or defaults.image
+    image = pinned_image or res.image or defaults.image
     container = {
         "name": RUNNER_CONTAINER,
         "image": image,

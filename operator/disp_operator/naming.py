@@ -20,6 +20,10 @@ LABEL_JOB = "disp.dev/purification-job"  # the owning PurificationJob's name
 LABEL_STAGE = "disp.dev/stage"
 LABEL_STEP = "disp.dev/step"
 ANNOTATION_ATTEMPT = "disp.dev/attempt"
+# On a PurificationJob: `tag` runs its later stages by the configured image tag instead of the
+# digest its first stage ran (status.runnerImage); anything else, or none, pins the digest.
+ANNOTATION_RUNNER_IMAGE = "disp.dev/runner-image"
+FOLLOW_IMAGE_TAG = "tag"
 
 _MAX_NAME = 63  # Job names become pod labels (job-name), which allow at most 63 characters
 

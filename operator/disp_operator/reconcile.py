@@ -32,7 +32,8 @@ from disp_api.status import (
     StageStatus,
     StepKind,
 )
-from disp_operator.children import ChildJob, ChildState, FailureKind, PendingPod, PodOutcome, classify_failure
+from disp_operator.children import (ChildJob, ChildState, FailureKind, PendingPod, PodOutcome, classify_failure,
+                                    pinned_reference)
 from disp_operator.jobs import KUEUE_QUEUE_LABEL
 from disp_operator.naming import stage_job_name
 
@@ -75,6 +76,7 @@ class Observation:
     progress: Optional[RunnerProgress] = None
     metrics: Optional[MetricsSummary] = None  # the evaluate stage's metrics.json, once read
     tampered: Optional[str] = None  # why the figure file read is not the one its stage published
+    follow_image_tag: bool = False  # the job's disp.dev/runner-image annotation says `tag`: pin no digest
 
 
 @dataclass(frozen=True)
@@ -156,6 +158,7 @@ def reconcile(job: Optional[PurificationJob], status: PurificationJobStatus, gen
     if status.phase is JobPhase.SUSPENDED:
         plan.events.append(Event(EventType.NORMAL, Reason.RESUMED, "resumed from the last completed stage"))
 
+    _pin_runner_image(plan, observed)
     for index, stage in enumerate(stages):
         if stage.phase is StagePhase.SUCCEEDED:
             continue
@@ -193,6 +196,23 @@ def reconcile(job: Optional[PurificationJob], status: PurificationJobStatus, gen
     message = "purified model at " + plan.status.purified_model_uri + _figures(observed.metrics)
     _finish(plan, JobPhase.SUCCEEDED, Reason.COMPLETED, message, generation, now)
     return plan
+
+
+def _pin_runner_image(plan: Plan, observed: Observation) -> None:
+    """Record the digest the run's first ended stage pod ran; every stage Job created after it runs
+    that digest (service.py). Following the tag instead drops the record."""
+    if observed.follow_image_tag:
+        if plan.status.runner_image is not None:
+            plan.status = plan.status.model_copy(update={"runner_image": None})
+        return
+    if plan.status.runner_image is not None:
+        return
+    for outcomes in observed.pods.values():
+        for outcome in outcomes:
+            reference = pinned_reference(outcome.image_id)
+            if reference is not None:
+                plan.status = plan.status.model_copy(update={"runner_image": reference})
+                return
 
 
 def finished_at(status: PurificationJobStatus) -> Optional[datetime]:

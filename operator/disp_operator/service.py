@@ -30,6 +30,7 @@ from disp_operator.config import OperatorConfig
 from disp_operator.jobs import finetune_nodes, rendezvous_service, stage_job
 from disp_operator.kube import KubeApi
 from disp_operator.metrics import OperatorMetrics
+from disp_operator.naming import ANNOTATION_RUNNER_IMAGE, FOLLOW_IMAGE_TAG
 from disp_operator.reconcile import Observation, Plan, finished_at, reconcile, reject
 from disp_operator.validation import (ClusterFacts, InvalidSpec, check_cluster, check_policy, check_static,
                                       parse_job)
@@ -163,8 +164,10 @@ class JobLoop:
             await self._apply(reject(self.status, str(exc), generation, now), job=None)
             return FINISHED_INTERVAL
         ended, pending = self._pods()
+        annotations = self.body.metadata.get("annotations") or {}
         observed = Observation(now=now, children=self._children(), pods=ended, pending=pending,
-                               progress=await self._progress(job))
+                               progress=await self._progress(job),
+                               follow_image_tag=annotations.get(ANNOTATION_RUNNER_IMAGE) == FOLLOW_IMAGE_TAG)
         config = self.rt.config
         plan = reconcile(job, self.status, generation, observed, config.backoff, config.pending_threshold)
         if plan.wants_metrics:
@@ -241,7 +244,8 @@ class JobLoop:
             assert job is not None
             if finetune_nodes(job, create.stage) > 1:  # its pods find each other through this Service
                 await asyncio.to_thread(kube.create_service, rendezvous_service(job))
-            manifest = stage_job(job, create.stage, create.step, create.attempt, self.rt.config.runner)
+            manifest = stage_job(job, create.stage, create.step, create.attempt, self.rt.config.runner,
+                                 pinned_image=plan.status.runner_image)
             created = await asyncio.to_thread(kube.create_job, manifest)
             if created:
                 self.logger.info("created Job %s", manifest["metadata"]["name"])

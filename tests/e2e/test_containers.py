@@ -73,6 +73,24 @@ def test_the_images_are_configured_as_the_dockerfile_says(images):
         assert inspect_config(images[target]) == image_config(REPO / "Dockerfile", target), target
 
 
+def test_a_digest_names_the_same_image_after_its_tag_is_re_pointed(images):
+    """The rule the operator's pinning (status.runnerImage) and the node agent rest on, held by a
+    real runtime: `repository@sha256:<digest>` of a locally built image is a reference the runtime
+    runs, and it still runs the first image after the tag was moved to another one."""
+    probe = f"localhost/disp-pin-probe:{uuid.uuid4().hex[:8]}"
+    has_torch = "import importlib.util; print(importlib.util.find_spec('torch') is not None)"
+    podman("tag", images["operator"], probe)
+    try:
+        digest = podman("image", "inspect", probe, "--format", "{{.Digest}}").stdout.strip()
+        pinned = f"{probe.rsplit(':', 1)[0]}@{digest}"
+        podman("tag", images["runner"], probe)  # the tag now names the runner image
+        runs = {reference: podman("run", "--rm", *RUNTIME_FLAGS, "--network", "none", "--entrypoint", "python",
+                                  reference, "-c", has_torch).stdout.strip() for reference in (pinned, probe)}
+    finally:
+        podman("rmi", probe, check=False)
+    assert runs == {pinned: "False", probe: "True"}  # by digest: the operator image (no torch) still
+
+
 def test_the_runner_image_loads_its_shipped_model_as_the_pod_user_on_a_read_only_root(images, tmp_path):
     """The wheel carries the embedded model, the non-root user can read it, and nothing but the
     scratch volume is written (the default `disp` user, a read-only root, an empty scratch)."""

@@ -19,6 +19,7 @@ from disp_api import MetricsSummary, StageName
 from disp_runner.store.s3 import S3Store
 from tests.e2e.support import (ACCESS, CREDENTIALS_SECRET, SECRET, PodFault, chart_values, finished, free_port,
                                manifest, operator, standin_manifest, wait_until)
+from tests.harness.node_agent import IMAGE_BIN, STANDIN_IMAGE, LocalImage
 
 ALL_STAGES = [s.value for s in StageName]
 
@@ -419,3 +420,44 @@ def test_a_job_naming_an_endpoint_outside_the_fence_fails_before_any_connection(
     assert connections == []  # not one connection to the endpoint outside the fence
     assert ran["status"]["phase"] == "Succeeded", ran["status"]
     assert not any(job.startswith("fenced-") for job in kubelet.started)
+
+
+def test_every_stage_of_a_run_runs_the_image_digest_its_first_stage_ran_after_the_tag_moves(
+        cluster, kubelet, s3, uploaded, monkeypatch, tmp_path):
+    """status.runnerImage: the digest the first stage pod ran (its imageID). The tag is re-pointed
+    while the first stage runs (a re-pushed tag, an upgrade) at an image whose `disp` fails: every
+    later stage still runs the recorded digest, and the run succeeds."""
+    agent = kubelet.agent
+    moving = "registry.example/disp-standin:moving"
+    standin = agent.images[STANDIN_IMAGE]
+    broken_bin = tmp_path / "broken-bin"
+    broken_bin.mkdir()
+    (broken_bin / "disp").write_text("#!/bin/sh\necho 'this is not the image the run started with' >&2\nexit 1\n")
+    (broken_bin / "disp").chmod(0o755)
+    broken = LocalImage(standin.config, {**standin.folders, IMAGE_BIN: broken_bin})
+    agent.tag(moving, standin)
+    kubelet.standin_seconds = 1.5
+    try:
+        with operator(cluster, monkeypatch):
+            cluster.create_job(standin_manifest(s3, uploaded, cluster.namespace, "pinned",
+                                                resources={"gpus": 0, "cpu": "1", "memory": "1Gi", "image": moving}))
+            wait_until(lambda: "pinned-saliency" in kubelet.started, 60, "the first stage to start")
+            agent.tag(moving, broken)
+            body = cluster.wait_for(cluster.namespace, "pinned", finished, 90, "the job to finish")
+    finally:
+        agent.images.pop(moving, None)
+    assert body["status"]["phase"] == "Succeeded", body["status"]
+    pinned = f"registry.example/disp-standin@{standin.digest}"
+    assert body["status"]["runnerImage"] == pinned
+    images = {j["metadata"]["name"]: j["spec"]["template"]["spec"]["containers"][0]["image"]
+              for j in cluster.jobs(cluster.namespace)}
+    assert images.pop("pinned-saliency") == moving  # the first stage ran the tag, whose digest was recorded
+    assert set(images) == {"pinned-masking", "pinned-relabel", "pinned-finetune", "pinned-evaluate"}
+    assert set(images.values()) == {pinned}
+    env = {e["name"]: e.get("value") for j in cluster.jobs(cluster.namespace) if j["metadata"]["name"] == "pinned-evaluate"
+           for e in j["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["DISP_RUNNER_IMAGE"] == pinned  # what the stage manifest and provenance record
+    core = kubernetes.client.CoreV1Api(cluster.plane.admin())
+    ran = {p.metadata.labels["batch.kubernetes.io/job-name"]: p.status.container_statuses[0].image_id
+           for p in core.list_namespaced_pod(cluster.namespace).items}
+    assert set(ran.values()) == {pinned}, ran

@@ -37,7 +37,12 @@ DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
 class ContainerConfigError(Exception):
-    """What the kubelet reports as the container's waiting reason CreateContainerConfigError."""
+    """What the kubelet reports as a waiting container's reason: CreateContainerConfigError (a
+    Secret or key missing), ErrImagePull (no such image)."""
+
+    def __init__(self, message: str, reason: str = "CreateContainerConfigError"):
+        super().__init__(message)
+        self.reason = reason
 
 
 @dataclass(frozen=True)

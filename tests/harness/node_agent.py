@@ -14,6 +14,10 @@ what it may do, as for a real kubelet):
   environment (tests/e2e/test_containers.py runs the same pod specs in podman, unmapped);
 - enforces the container's limits as a runtime does, with a cgroup per container (memory limit:
   the kernel's OOM killer ends a process over it, reported OOMKilled; CPU limit: a CFS quota);
+- resolves images as a container runtime does: by tag (a tag a test may re-point, as a re-pushed
+  tag is), or by digest (`repository@sha256:…`, the content the digest names whatever its tags say
+  now; an unknown digest leaves the pod Pending with ErrImagePull); the container's status carries
+  the imageID containerd and CRI-O report, `repository@sha256:<digest>`;
 - writes pod status as a kubelet does: Running with a running container state, then Succeeded or
   Failed with the container's exit code, reason (Completed, Error, OOMKilled) and termination
   message (the file at terminationMessagePath, or with FallbackToLogsOnError the log's last 80
@@ -35,6 +39,7 @@ CPU limit; every pod shares the host's loopback network (the S3 server listens t
 from __future__ import annotations
 
 import base64
+import hashlib
 import os
 import shutil
 import signal
@@ -104,6 +109,24 @@ class LocalImage:
 
     config: ImageConfig
     folders: dict[str, Path]  # image path -> host path
+
+    @property
+    def digest(self) -> str:
+        """What this image is, as a content digest: its configuration and what its folders hold
+        (the folders' paths, and the stand-in's `disp` script, which differs from the runner's)."""
+        content = [repr(self.config)] + [f"{image_path}={host}" for image_path, host in sorted(self.folders.items())]
+        shim = self.folders.get(IMAGE_BIN, Path("/nonexistent")) / "disp"
+        if shim.is_file() and shim.stat().st_size < 4096:
+            content.append(shim.read_text())
+        return "sha256:" + hashlib.sha256("\n".join(content).encode()).hexdigest()
+
+
+def repository(reference: str) -> str:
+    """`registry/name` of `registry/name:tag` or `registry/name@sha256:…` (a registry's port stays)."""
+    name = reference.split("@", 1)[0]
+    slash = name.rfind("/")
+    colon = name.rfind(":")
+    return name[:colon] if colon > slash else name
 
 
 def local_images(workdir: Path) -> dict[str, LocalImage]:
@@ -234,7 +257,8 @@ class NodeAgent:
         self.workdir = workdir
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.nodes = nodes
-        self.images = local_images(workdir)
+        self.images = local_images(workdir)  # by tag; tag() re-points one
+        self._by_digest: dict[str, LocalImage] = {image.digest: image for image in self.images.values()}
         # Test hooks, by Job name (the pod's batch.kubernetes.io/job-name label): its first pod...
         self.faults: dict[str, PodFault] = {}  # ...ends with this state instead of running
         self.kill_when: dict[str, Callable[[], bool]] = {}  # ...is OOM-killed as soon as this holds
@@ -453,13 +477,19 @@ class NodeAgent:
         with self._lock:
             if (namespace, job_name) not in self.started:
                 self.started.append((namespace, job_name))
+        try:
+            _, image_id = self.resolve(container["image"])
+        except ContainerConfigError:
+            image_id = ""  # _prepare reports it, and the pod waits
         if fault is not None:
-            self._running(node, pod, container, started_at)
-            self._finish(node, pod, container, fault.exit_code, fault.reason, fault.message, started_at)
+            self._running(node, pod, container, started_at, image_id)
+            self._finish(node, pod, container, fault.exit_code, fault.reason, fault.message, started_at,
+                         image_id=image_id)
             return
         while True:
             try:
-                prepared = self._prepare(pod, container)
+                image, image_id = self.resolve(container["image"])  # the tag as it points now
+                prepared = self._prepare(pod, container, image)
                 break
             except ContainerConfigError as exc:
                 # The kubelet leaves such a pod Pending with this waiting reason and tries again on
@@ -467,19 +497,19 @@ class NodeAgent:
                 # not relate to this node yet, right after the pod was bound).
                 self._patch_status(node, pod, {"phase": "Pending", "containerStatuses": [{
                     "name": container["name"], "image": container["image"], "imageID": "", "ready": False,
-                    "restartCount": 0, "state": {"waiting": {"reason": "CreateContainerConfigError",
-                                                             "message": str(exc)}}}]})
+                    "restartCount": 0, "state": {"waiting": {"reason": exc.reason, "message": str(exc)}}}]})
                 if running.stop.wait(CONFIG_RETRY_SECONDS):
                     self._finish(node, pod, container, None, "", "", started_at, deleted=True)
                     return
         if prepared is None:  # no such executable in the image: the runtime could not start it
-            self._running(node, pod, container, started_at)
+            self._running(node, pod, container, started_at, image_id)
             self._finish(node, pod, container, 128, "StartError",
-                         f'exec: "{self._argv0(container)}": executable file not found in $PATH', started_at)
+                         f'exec: "{self._argv0(container)}": executable file not found in $PATH', started_at,
+                         image_id=image_id)
             return
         argv, env, cwd, scratch, termination_log = prepared
         cgroup = ContainerCgroup(meta["uid"], (container.get("resources") or {}).get("limits") or {})
-        self._running(node, pod, container, started_at)
+        self._running(node, pod, container, started_at, image_id)
         log = scratch / "container.log"
         with log.open("wb") as out:
             child = subprocess.Popen(cgroup.wrap(argv), env=env, stdout=out, stderr=subprocess.STDOUT, cwd=cwd,
@@ -514,7 +544,7 @@ class NodeAgent:
         if deleted:
             with self._lock:
                 self.killed.append((namespace, job_name))
-        self._finish(node, pod, container, code, reason, message, started_at, deleted=deleted)
+        self._finish(node, pod, container, code, reason, message, started_at, deleted=deleted, image_id=image_id)
         shutil.rmtree(scratch, ignore_errors=True)
 
     def _terminate(self, child: subprocess.Popen, grace: float) -> None:
@@ -544,14 +574,32 @@ class NodeAgent:
             return base64.b64decode(data[key]).decode() if key in data else None
         return value
 
-    def _prepare(self, pod: dict[str, Any], container: dict[str, Any]):
+    def tag(self, reference: str, image: LocalImage) -> None:
+        """Point the tag `reference` at `image` (as pushing to a tag does); the image it named before
+        stays reachable by its digest."""
+        with self._lock:
+            self.images[reference] = image
+            self._by_digest[image.digest] = image
+
+    def resolve(self, reference: str) -> tuple[LocalImage, str]:
+        """(the image, the imageID reported for it) of a container's `image`, by tag or digest;
+        ContainerConfigError (reported as ErrImagePull) when this node has no such image."""
+        with self._lock:
+            if "@" in reference:
+                image = self._by_digest.get(reference.split("@", 1)[1])
+                known = any(repository(tag) == repository(reference) for tag in self.images)
+                image = image if known else None
+            else:
+                image = self.images.get(reference)
+        if image is None:
+            raise ContainerConfigError(f"image {reference!r} is not on this node (known: {', '.join(self.images)})",
+                                       reason="ErrImagePull")
+        return image, f"{repository(reference)}@{image.digest}"
+
+    def _prepare(self, pod: dict[str, Any], container: dict[str, Any], image: LocalImage):
         """(argv, env, cwd, scratch folder, termination-log host path), or None when the image
         has no such executable. Raises ContainerConfigError as the kubelet would report it."""
         namespace = pod["metadata"]["namespace"]
-        image = self.images.get(container["image"])
-        if image is None:
-            raise ContainerConfigError(f"image {container['image']!r} is not on this node "
-                                       f"(known: {', '.join(self.images)})")
         node_client = self._clients[pod["spec"]["nodeName"]]
         process = container_process(image.config, pod, container,
                                     self._secret_value(namespace, node_client, pod["spec"]["nodeName"]))
@@ -577,18 +625,19 @@ class NodeAgent:
             argv[0] = found
         return argv, env, mounts.path(process.workdir), scratch, termination_log
 
-    def _running(self, node: NodeSpec, pod: dict[str, Any], container: dict[str, Any], started_at: str) -> None:
+    def _running(self, node: NodeSpec, pod: dict[str, Any], container: dict[str, Any], started_at: str,
+                 image_id: str) -> None:
         self._patch_status(node, pod, {
             "phase": "Running", "hostIP": "127.0.0.1", "podIP": "127.0.0.1", "podIPs": [{"ip": "127.0.0.1"}],
             "startTime": started_at,
             "conditions": [{"type": kind, "status": "True", "lastTransitionTime": started_at}
                            for kind in ("Initialized", "ContainersReady", "Ready")],
-            "containerStatuses": [{"name": container["name"], "image": container["image"], "imageID": "",
+            "containerStatuses": [{"name": container["name"], "image": container["image"], "imageID": image_id,
                                    "ready": True, "started": True, "restartCount": 0,
                                    "state": {"running": {"startedAt": started_at}}}]})
 
     def _finish(self, node: NodeSpec, pod: dict[str, Any], container: dict[str, Any], exit_code: Optional[int],
-                reason: str, message: str, started_at: str, deleted: bool = False) -> None:
+                reason: str, message: str, started_at: str, deleted: bool = False, image_id: str = "") -> None:
         finished_at = iso()
         if deleted and exit_code is None:
             exit_code, reason = 137, "ContainerStatusUnknown"
@@ -604,7 +653,7 @@ class NodeAgent:
             terminated = {"exitCode": exit_code, "reason": reason, "startedAt": started_at, "finishedAt": finished_at}
             if message:
                 terminated["message"] = message
-            status["containerStatuses"] = [{"name": container["name"], "image": container["image"], "imageID": "",
+            status["containerStatuses"] = [{"name": container["name"], "image": container["image"], "imageID": image_id,
                                             "ready": False, "started": False, "restartCount": 0,
                                             "state": {"terminated": terminated}}]
         self._patch_status(node, pod, status)

@@ -10,7 +10,7 @@ import kubernetes
 import pytest
 
 from tests.harness.cluster import Cluster
-from tests.harness.node_agent import LEASE_NAMESPACE, RUNNER_IMAGE
+from tests.harness.node_agent import LEASE_NAMESPACE, RUNNER_IMAGE, STANDIN_IMAGE, repository
 
 
 @pytest.fixture
@@ -144,3 +144,40 @@ def test_a_container_over_its_memory_limit_is_oom_killed_by_the_kernel(cluster):
     assert (hungry["exitCode"], hungry["reason"]) == (137, "OOMKilled")
     modest = wait_pod(cluster, "modest", lambda p: p["status"].get("phase") in ("Succeeded", "Failed"))
     assert modest["status"]["phase"] == "Succeeded"  # the same limit machinery lets a pod under it run
+
+
+def test_images_resolve_by_tag_or_by_digest_and_report_the_repository_digest(cluster, node_agent):
+    """As containerd reports it: imageID `repository@sha256:<digest>`; a digest names the same
+    content after its tag was re-pointed; a digest the node does not hold leaves the pod waiting
+    with ErrImagePull."""
+    first = pod(cluster, "by-tag", "print('a')", image=RUNNER_IMAGE)
+    ran = wait_pod(cluster, "by-tag", lambda p: terminated(p))
+    image_id = ran["status"]["containerStatuses"][0]["imageID"]
+    original = node_agent.images[RUNNER_IMAGE]
+    assert image_id == f"{repository(RUNNER_IMAGE)}@{original.digest}" and image_id.startswith("registry.example/")
+    assert first["spec"]["containers"][0]["image"] == RUNNER_IMAGE
+    other = node_agent.images[STANDIN_IMAGE]
+    assert other.digest != original.digest
+    try:
+        node_agent.tag(RUNNER_IMAGE, other)  # the tag now names other content, as after a push
+        pod(cluster, "moved-tag", "print('b')", image=RUNNER_IMAGE)
+        pod(cluster, "by-digest", "print('c')", image=image_id)
+        moved = wait_pod(cluster, "moved-tag", lambda p: terminated(p))
+        pinned = wait_pod(cluster, "by-digest", lambda p: terminated(p))
+        assert moved["status"]["containerStatuses"][0]["imageID"] == f"{repository(RUNNER_IMAGE)}@{other.digest}"
+        assert pinned["status"]["containerStatuses"][0]["imageID"] == image_id  # still the first content
+        assert terminated(pinned)["exitCode"] == 0
+        pod(cluster, "unknown", "print('d')", image=f"{repository(RUNNER_IMAGE)}@sha256:{'0' * 64}")
+        waiting = wait_pod(cluster, "unknown", lambda p: ((p["status"].get("containerStatuses") or [{}])[0]
+                                                          .get("state") or {}).get("waiting"))
+        assert waiting["status"]["containerStatuses"][0]["state"]["waiting"]["reason"] == "ErrImagePull"
+        assert waiting["status"]["phase"] == "Pending"
+    finally:
+        node_agent.tag(RUNNER_IMAGE, original)
+
+
+def test_repository_strips_a_tag_or_digest_and_keeps_a_registry_port():
+    assert repository("registry.example/disp-runner:test") == "registry.example/disp-runner"
+    assert repository("localhost:5000/team/disp@sha256:" + "a" * 64) == "localhost:5000/team/disp"
+    assert repository("localhost:5000/team/disp") == "localhost:5000/team/disp"
+    assert repository("stand-in") == "stand-in"

@@ -8,7 +8,8 @@ import pytest
 
 from disp_api import LogFormat, PurificationJob, StageName
 from disp_api.status import StepKind
-from disp_operator.children import ChildJob, ChildState, FailureKind, PodOutcome, classify_failure, readable_line
+from disp_operator.children import (ChildJob, ChildState, FailureKind, PodOutcome, classify_failure, pinned_reference,
+                                    readable_line)
 from disp_operator.jobs import JOB_ENV, RunnerDefaults, stage_job
 from disp_operator.naming import stage_job_name
 from tests.operator.conftest import k8s_job, k8s_pod, make_job
@@ -78,6 +79,28 @@ def test_cpu_only_pods_request_no_gpu_and_use_the_operator_image():
     pod = pod_of(stage_job(make_job(resources={"gpus": 0}), StageName.MASKING, StepKind.RUN, 1, DEFAULTS))
     assert "nvidia.com/gpu" not in pod["containers"][0]["resources"]["limits"]
     assert pod["containers"][0]["image"] == DEFAULTS.image
+
+
+def test_a_pinned_image_overrides_the_specs_and_the_operators_and_is_what_the_manifest_records():
+    pinned = "registry.example/disp@sha256:" + "ab" * 32
+    job = make_job(resources={"image": "team.example/disp:custom"})
+    assert pod_of(stage_job(job, StageName.MASKING, StepKind.RUN, 1, DEFAULTS))["containers"][0]["image"] == \
+        "team.example/disp:custom"
+    (container,) = pod_of(stage_job(job, StageName.MASKING, StepKind.RUN, 2, DEFAULTS, pinned_image=pinned))["containers"]
+    assert container["image"] == pinned
+    assert {e["name"]: e.get("value") for e in container["env"]}["DISP_RUNNER_IMAGE"] == pinned
+
+
+@pytest.mark.parametrize("image_id, expected", [
+    ("registry.example/disp@sha256:" + "ab" * 32, "registry.example/disp@sha256:" + "ab" * 32),  # containerd, CRI-O
+    ("docker-pullable://localhost:5000/disp@sha256:" + "cd" * 32, "localhost:5000/disp@sha256:" + "cd" * 32),
+    ("sha256:" + "ef" * 32, None),  # an image ID alone: local content, not pullable elsewhere
+    ("registry.example/disp@sha256:short", None),
+    ("registry.example/disp:1.0", None),
+    ("", None),
+])
+def test_only_a_repository_digest_is_pinned(image_id, expected):
+    assert pinned_reference(image_id) == expected
 
 
 def test_the_runner_gets_the_manifest_and_secret_refs_but_no_secret_values(job: PurificationJob):

@@ -171,6 +171,33 @@ def test_a_finished_job_is_deleted_once_its_time_to_live_is_over():
     assert not step(job, plan.status, at=done_at + timedelta(days=365)).expired
 
 
+def _ran(image_id: str) -> dict:
+    body = k8s_pod("purify-saliency-abc", 0, reason="Completed")
+    body["status"]["containerStatuses"][0]["imageID"] = image_id
+    return body
+
+
+def test_the_run_records_the_digest_its_first_stage_ran_and_keeps_it():
+    job = make_job()
+    first = "registry.example/disp@sha256:" + "ab" * 32
+    started = step(job, PurificationJobStatus())
+    assert started.status.runner_image is None
+    done = step(job, started.status, jobs=[k8s_job("purify-saliency", "succeeded")],
+                pods={"purify-saliency": [_ran(first)]})
+    assert done.status.runner_image == first and done.create[0].stage is StageName.MASKING
+    # Later pods (another digest, after the tag moved) do not replace it.
+    later = step(job, done.status, jobs=[k8s_job("purify-saliency", "succeeded"), k8s_job("purify-masking", "active")],
+                 pods={"purify-masking": [_ran("registry.example/disp@sha256:" + "cd" * 32)]})
+    assert later.status.runner_image == first
+    # A runtime that reports no repository digest pins nothing (the tag stays in use).
+    local = step(job, started.status, jobs=[k8s_job("purify-saliency", "succeeded")],
+                 pods={"purify-saliency": [_ran("sha256:" + "ef" * 32)]})
+    assert local.status.runner_image is None
+    # The disp.dev/runner-image: tag annotation drops the record; later stages follow the tag.
+    followed = reconcile(job, done.status, 1, Observation(now=T0, follow_image_tag=True), BACKOFF, PENDING_AFTER)
+    assert followed.status.runner_image is None
+
+
 def test_a_sharded_stage_runs_an_indexed_job_then_a_merge():
     job = make_job(parallelism={"saliencyShards": 3})
     plan = step(job, PurificationJobStatus())
