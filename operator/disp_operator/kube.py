@@ -15,6 +15,7 @@ from kubernetes.client.exceptions import ApiException
 from disp_operator.naming import GROUP, PLURAL, VERSION
 
 USER_AGENT = "disp-operator"
+PARTIAL_METADATA = "application/json;as=PartialObjectMetadata;g=meta.k8s.io;v=v1"
 SERVICE_ACCOUNT_TOKEN = "/var/run/secrets/kubernetes.io/serviceaccount/token"
 
 
@@ -75,6 +76,19 @@ class KubeApi:
                 return None
             raise
         return dict(secret.data or {})
+
+    def secret_exists(self, namespace: str, name: str) -> bool:
+        """Whether the Secret exists, asked for its metadata only (PartialObjectMetadata): what it
+        holds (a signing key) never reaches the operator."""
+        try:
+            response = self.core.read_namespaced_secret(name, namespace, _preload_content=False,
+                                                        _headers={"Accept": PARTIAL_METADATA})
+        except ApiException as exc:
+            if exc.status == 404:
+                return False
+            raise
+        response.release_conn()
+        return True
 
     def patch_status(self, namespace: str, name: str, status: dict[str, Any]) -> None:
         self.custom.patch_namespaced_custom_object_status(GROUP, VERSION, namespace, PLURAL, name, {"status": status})

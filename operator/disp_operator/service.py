@@ -187,17 +187,23 @@ class JobLoop:
         check_policy(job, self.rt.config.credential_namespaces, self.rt.config.forbid_unsafe_pickle,
                      self.rt.config.allowed_endpoints)
         data = await read_credentials(self.rt, job)
-        check_cluster(job, ClusterFacts(secret_keys=None if data is None else frozenset(data)))
+        signing = job.spec.provenance.signing_key_secret
+        signing_exists = None if signing is None else \
+            await asyncio.to_thread(self.rt.kube.secret_exists, job.metadata.namespace, signing.name)
+        check_cluster(job, ClusterFacts(secret_keys=None if data is None else frozenset(data),
+                                        signing_secret_exists=signing_exists))
         self.store = await self._open_store(job, data)
         try:
             files = await asyncio.to_thread(self.store.model_files)
-            check_cluster(job, ClusterFacts(secret_keys=frozenset(data), model_files=files))
+            check_cluster(job, ClusterFacts(secret_keys=frozenset(data), model_files=files,
+                                            signing_secret_exists=signing_exists))
             # Only now is there a config.json to read: the family must be one the runner loads.
             model_type = await asyncio.to_thread(self.store.model_type)
         except StoreError as exc:  # permanent: access denied, bad bucket name
             raise InvalidSpec(f"spec.model.uri: {exc}") from None
         # StoreUnavailableError propagates: the next pass validates again.
-        check_cluster(job, ClusterFacts(secret_keys=frozenset(data), model_files=files, model_type=model_type))
+        check_cluster(job, ClusterFacts(secret_keys=frozenset(data), model_files=files, model_type=model_type,
+                                        signing_secret_exists=signing_exists))
         self.validated = True
 
     async def _open_store(self, job: PurificationJob, data: Optional[dict[str, str]] = None) -> RunStore:

@@ -106,6 +106,7 @@ class ClusterFacts:
     model_files: Optional[tuple[str, ...]] = None  # file names under spec.model.uri; None if not looked up
     # config.json's model_type (None if not looked up), or a ConfigProblem saying why it could not be read
     model_type: Optional[object] = None
+    signing_secret_exists: Optional[bool] = None  # spec.provenance.signingKeySecret's Secret; None if not looked up
 
 
 @dataclass(frozen=True)
@@ -124,6 +125,11 @@ def check_cluster(job: PurificationJob, facts: ClusterFacts) -> None:
         for field, key in (("accessKeyKey", ref.access_key_key), ("secretKeyKey", ref.secret_key_key)):
             if key not in facts.secret_keys:
                 raise InvalidSpec(f"spec.storage.credentialsSecret.{field}: Secret {ref.name!r} has no key {key!r}")
+    signing = job.spec.provenance.signing_key_secret
+    if signing is not None and facts.signing_secret_exists is False:
+        # Checked before any stage runs: otherwise the first stage pod would wait, Pending, for it.
+        raise InvalidSpec(f"spec.provenance.signingKeySecret.name: Secret {signing.name!r} does not exist "
+                          f"in namespace {job.metadata.namespace!r}")
     if facts.model_files is not None:
         check_model_files(job, facts.model_files)
     if facts.model_type is not None:

@@ -160,6 +160,8 @@ def test_suspend_stops_the_running_stage_and_resume_continues_from_the_last_comp
      "spec.storage.credentialsSecret.name: Secret 'nope' does not exist"),
     ("pickle model", {"model": {"uri": "s3://models/PREFIX/pickled"}}, "spec.model.allowUnsafePickle"),
     ("unknown model family", {"model": {"uri": "s3://models/PREFIX/mmada"}}, "model_type is 'mmada'"),
+    ("missing signing secret", {"provenance": {"signingKeySecret": {"name": "no-signer", "key": "key.pem"}}},
+     "spec.provenance.signingKeySecret.name: Secret 'no-signer' does not exist"),
 ])
 def test_an_invalid_spec_fails_at_once_without_children(cluster, kubelet, s3, uploaded, monkeypatch, case, change,
                                                        message):
@@ -178,6 +180,29 @@ def test_an_invalid_spec_fails_at_once_without_children(cluster, kubelet, s3, up
     assert kubelet.started == [] and cluster.jobs(cluster.namespace) == []
     (event,) = [e for e in cluster.events(cluster.namespace) if e["reason"] == "InvalidSpec"]
     assert event["type"] == "Warning" and message in event["message"]
+
+
+def test_a_job_whose_signing_secret_exists_runs_and_its_pods_get_the_key(cluster, kubelet, s3, uploaded, monkeypatch):
+    """The operator asks only for the signing Secret's metadata (the key never reaches it); the
+    stage pods get it through a secretKeyRef."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    pem = Ed25519PrivateKey.generate().private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                     serialization.NoEncryption()).decode()
+    cluster.apply_secret(cluster.namespace, "signer", {"key.pem": pem})
+    kubelet.standin_seconds = 0.2
+    with operator(cluster, monkeypatch) as running:
+        uid = cluster.create_job(standin_manifest(s3, uploaded, cluster.namespace, "signed", provenance={
+            "signingKeySecret": {"name": "signer", "key": "key.pem"}}))
+        body = cluster.wait_for(cluster.namespace, "signed", finished, 60, "the job to finish")
+    assert body["status"]["phase"] == "Succeeded", body["status"]
+    store = S3Store(s3, ACCESS, SECRET, secure=False)
+    assert store.exists("runs", f"{uploaded}/runs/{cluster.namespace}/signed/{uid}/provenance.sig.json")
+    env = [e for j in cluster.jobs(cluster.namespace) for e in j["spec"]["template"]["spec"]["containers"][0]["env"]
+           if e["name"] == "DISP_SIGNING_KEY"]
+    assert env and all(e["valueFrom"]["secretKeyRef"] == {"name": "signer", "key": "key.pem"} for e in env)
+    assert "PRIVATE KEY" not in running.output and pem.splitlines()[1] not in running.output
 
 
 def test_deleting_a_job_with_cleanup_removes_its_intermediates_but_keeps_the_model(cluster, kubelet, s3, uploaded,

@@ -165,6 +165,8 @@ BAD_MANIFESTS = [
     ("shards without an index", job_body(), "2 safetensors shards but no model.safetensors.index.json"),
     ("unsupported model family", job_body(), "model_type is 'mmada'; supported: disp_mdlm, llava_llada"),
     ("config that is not an object", job_body(), "config.json: expected a JSON object, got list"),
+    ("signing secret does not exist", job_body(provenance={"signingKeySecret": {"name": "signer"}}),
+     "spec.provenance.signingKeySecret.name: Secret 'signer' does not exist in namespace 'team'"),
 ]
 FACTS = {
     "secret does not exist": ClusterFacts(secret_keys=None, model_files=SAFE_MODEL),
@@ -174,6 +176,7 @@ FACTS = {
     "shards without an index": ClusterFacts(SECRET, ("config.json", "model-00001-of-00002.safetensors",
                                                      "model-00002-of-00002.safetensors")),
     "unsupported model family": ClusterFacts(SECRET, SAFE_MODEL, model_type="mmada"),
+    "signing secret does not exist": ClusterFacts(SECRET, SAFE_MODEL, signing_secret_exists=False),
     "config that is not an object": ClusterFacts(SECRET, SAFE_MODEL,
                                                  model_type=ConfigProblem("expected a JSON object, got list")),
 }
