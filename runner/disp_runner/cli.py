@@ -440,6 +440,10 @@ def _cmd_run(args) -> None:
     signing_key = Path(args.signing_key) if args.signing_key else None
     load_signing_key(signing_key)  # a bad key is refused now, not after the fine-tune
     logs.set_context(job=job.metadata.name, namespace=job.metadata.namespace, stage=args.stage, shard=args.shard)
+    if args.no_progress:  # a pod's log says what the pod was given
+        threads, source = args.threads_chosen
+        logs.say(f"disp: {threads} CPU thread{'s' if threads > 1 else ''} for torch, from {source}",
+                 threads=threads, threadsFrom=source)
     shard = Shard.parse(args.shard) if args.shard else None  # before any heavy work
     stage = StageName(args.stage) if args.stage else None
     if (shard or args.merge) and stage is None:
@@ -536,9 +540,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.no_progress = True  # a bar's redrawn line is not a record
     threads, source = choose_threads(args.threads)
     apply_threads(threads)  # before torch sizes its thread pool
-    if args.command == "run" and args.no_progress:  # a pod's log says what the pod was given
-        logs.say(f"disp: {threads} CPU thread{'s' if threads > 1 else ''} for torch, from {source}",
-                 threads=threads, threadsFrom=source)
+    args.threads_chosen = (threads, source)  # `disp run` says so once its log lines name the job
     command = f"disp {args.command}"
 
     def fail(kind: str, message: str, code: int) -> int:

@@ -26,11 +26,13 @@ ALL_STAGES = [s.value for s in StageName]
 
 def test_a_manifest_runs_every_stage_and_ends_succeeded(cluster, kubelet, workspace, s3, uploaded,
                                                          monkeypatch):
-    """The happy path with the real runner in every pod, plus one stage pod OOM-killed once."""
+    """The happy path with the real runner in every pod, plus one stage pod OOM-killed once; the
+    chart's runner.logFormat json, so every line each pod writes is parsed."""
     port = free_port()
     job = manifest(workspace, s3, uploaded, cluster.namespace, parallelism={"saliencyShards": 2})
     kubelet.faults["tiny-masking"] = PodFault(137, "OOMKilled")
-    with operator(cluster, monkeypatch, metrics_port=port) as runner:
+    values = chart_values(cluster, runner={"logFormat": "json"})
+    with operator(cluster, monkeypatch, values, metrics_port=port) as runner:
         uid = cluster.create_job(job)
         body = cluster.wait_for(cluster.namespace, "tiny", finished, 300, "the job to finish")
         # kopf posts Events in the background, shortly after the status
@@ -89,6 +91,23 @@ def test_a_manifest_runs_every_stage_and_ends_succeeded(cluster, kubelet, worksp
     assert 'disp_stage_retries_total{failure="Transient",stage="masking"} 1.0' in scrape
     assert f'disp_job_asr_after_ratio{{name="tiny",namespace="{cluster.namespace}"}} {status["metrics"]["asrAfter"]}' in scrape
     assert "disp_operator_reconciles_total" in scrape
+
+    # Logs: every line every stage pod wrote is one JSON object naming the job, namespace and stage
+    # (and the shard, in a shard's pod).
+    pods = {job_name: kubelet.agent.pod_logs.get((cluster.namespace, job_name), []) for job_name in kubelet.started}
+    assert sum(len(logs) for logs in pods.values()) == 7  # two shards, one OOM-killed pod wrote nothing
+    for job_name, logs in pods.items():
+        stage = job_name.removeprefix("tiny-").removesuffix("-merge").removesuffix("-2")
+        for log in logs:
+            for number, line in enumerate(log.read_text().splitlines(), 1):
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    raise AssertionError(f"{log.name}:{number} is not JSON: {line[:200]}") from None
+                assert {"time", "level", "message"} <= set(record), (log.name, record)
+                assert (record.get("job"), record.get("namespace"), record.get("stage")) == \
+                    ("tiny", cluster.namespace, stage), (log.name, record)
+    assert any("shard" in json.loads(line) for log in pods["tiny-saliency"] for line in log.read_text().splitlines())
 
 
 def test_a_permanent_failure_fails_the_job_once_without_retries(cluster, kubelet, workspace, s3, uploaded,
