@@ -218,11 +218,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("verify", help="check a run folder against its provenance.json: the signature, every file's digest, "
                            "the chain of stage manifests and the inputs it was made from")
-    p.add_argument("run", help="the run folder: <output>/runs/<namespace>/<name>/<run id>")
+    p.add_argument("run", help="the run folder, <output>/runs/<namespace>/<name>/<run id>, local or s3://")
     p.add_argument("--key", metavar="PUBLIC.pem", default=None,
                    help="Ed25519 public key the run must be signed with (a signed run needs it)")
     p.add_argument("--skip-inputs", action="store_true",
                    help="do not read the inputs again (model, dataset, evaluation sets): check the run folder only")
+    p.add_argument("--endpoint", metavar="HOST[:PORT]", default=None,
+                   help="S3 endpoint of an s3:// run or input (credentials: DISP_S3_ACCESS_KEY, DISP_S3_SECRET_KEY)")
+    p.add_argument("--insecure", action="store_true", help="talk plain HTTP to the S3 endpoint")
 
     sub.add_parser("operator", help="run the PurificationJob operator (see `disp operator --help`)", add_help=False)
 
@@ -489,20 +492,43 @@ def _cmd_run(args) -> None:
 
 
 def _cmd_verify(args) -> None:
-    from disp_runner.provenance import verify_run
+    import tempfile
 
-    run = Path(args.run)
-    if not run.is_dir():
-        raise UserInputError(f"{run}: no such run folder")
-    result = verify_run(run, Path(args.key) if args.key else None, check_inputs=not args.skip_inputs)
+    from disp_api.contract import is_s3_uri
+    from disp_api.spec import StorageSpec
+    from disp_runner.provenance import verify_remote_run, verify_run
+    from disp_runner.store.credentials import open_s3_store
+    from disp_runner.store.location import Location
+
+    key = Path(args.key) if args.key else None
+    store = None
+    if args.endpoint:
+        try:
+            storage = StorageSpec(endpoint=args.endpoint, secure=not args.insecure)
+        except ValueError:
+            raise UserInputError(f"--endpoint {args.endpoint!r}: expected HOST or HOST:PORT") from None
+        store = open_s3_store(storage)
+    if is_s3_uri(args.run):
+        if store is None:
+            raise UserInputError(f"{args.run}: an s3:// run needs --endpoint HOST[:PORT]")
+        run = Location.parse(args.run.rstrip("/"), "RUN")
+        with tempfile.TemporaryDirectory(prefix="disp-verify-") as copy:
+            result = verify_remote_run(store, run, Path(copy), key, check_inputs=not args.skip_inputs)
+        where = str(run)
+    else:
+        folder = Path(args.run)
+        if not folder.is_dir():
+            raise UserInputError(f"{folder}: no such run folder")
+        result = verify_run(folder, key, check_inputs=not args.skip_inputs, store=store)
+        where = str(folder)
     for line in result.checked:
         logs.say(f"checked {line}", checked=line)
     for finding in result.findings:
         logs.say(f"MISMATCH {finding}", level="warning", file=finding.where, problem=finding.problem)
     if not result.ok:
-        raise NotVerifiedError(f"{run}: {len(result.findings)} mismatch{'es' if len(result.findings) > 1 else ''} "
+        raise NotVerifiedError(f"{where}: {len(result.findings)} mismatch{'es' if len(result.findings) > 1 else ''} "
                                "with its provenance (listed above)")
-    logs.say(f"{run}: verified: every file matches its provenance", verified=True)
+    logs.say(f"{where}: verified: every file matches its provenance", verified=True)
 
 
 def _cmd_demo(args) -> None:

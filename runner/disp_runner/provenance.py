@@ -39,7 +39,7 @@ from disp_runner.errors import UserInputError
 from disp_runner.pipeline.artifacts import (STAGE_MANIFEST, RunLayout, file_entries, read_stage_manifest,
                                             sha256_file, stage_file_problems)
 from disp_runner.safepaths import resolve_inside
-from disp_runner.store.location import Location
+from disp_runner.store.location import Location, Scheme
 
 STATEMENT_TYPE = "https://in-toto.io/Statement/v1"
 PREDICATE_TYPE = "https://slsa.dev/provenance/v1"
@@ -265,11 +265,13 @@ class Verification:
         return not self.findings
 
 
-def verify_run(run: Path, public_key_path: Path | None = None, check_inputs: bool = True) -> Verification:
+def verify_run(run: Path, public_key_path: Path | None = None, check_inputs: bool = True,
+               store: Any = None) -> Verification:
     """Check a run folder against its provenance: the signature (when the run is signed, with the
     public key given), every stage manifest against the Statement, every file against its stage
     manifest, the chain of manifests, the purified model against the subject and, with
-    `check_inputs`, every local input against the digests the stages recorded."""
+    `check_inputs`, every input against the digests the stages recorded (local ones, and those in
+    S3 when `store`, an S3Store, is given)."""
     checked: list[str] = []
     findings: list[Finding] = []
     statement_path = run / PROVENANCE_FILE
@@ -289,13 +291,13 @@ def verify_run(run: Path, public_key_path: Path | None = None, check_inputs: boo
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError) as exc:
         raise UserInputError(f"{statement_path}: unreadable provenance ({exc})") from None
     try:
-        return _verify_statement(run, byproducts, subject, dependencies, check_inputs, checked, findings)
+        return _verify_statement(run, byproducts, subject, dependencies, check_inputs, checked, findings, store)
     except (KeyError, TypeError, ValueError, AttributeError) as exc:  # an edited record of the wrong shape
         raise UserInputError(f"{statement_path}: malformed provenance ({type(exc).__name__}: {exc})") from None
 
 
 def _verify_statement(run: Path, byproducts: list, subject: list, dependencies: list, check_inputs: bool,
-                      checked: list[str], findings: list[Finding]) -> Verification:
+                      checked: list[str], findings: list[Finding], store: Any) -> Verification:
     manifests: dict[str, dict[str, Any]] = {}
     for index, product in enumerate(byproducts):
         path = resolve_inside(run, product["name"], f"{PROVENANCE_FILE} byproducts[{index}].name", "the run folder")
@@ -320,7 +322,7 @@ def _verify_statement(run: Path, byproducts: list, subject: list, dependencies: 
         elif sha256_file(path) != item["digest"]["sha256"]:
             findings.append(Finding(str(path), "the purified model's file differs from provenance.json's subject"))
     checked.append(f"subject: {_files(len(subject))} of the purified model")
-    findings += _check_dependencies(dependencies, check_inputs, checked)
+    findings += _check_dependencies(dependencies, check_inputs, checked, store)
     return Verification(checked, findings, sum(len(m["files"]) for m in manifests.values()))
 
 
@@ -373,7 +375,7 @@ def _check_chain(run: Path, manifests: dict[str, dict[str, Any]]) -> list[Findin
 
 
 def _check_dependencies(dependencies: Iterable[dict[str, Any]], check_inputs: bool,
-                        checked: list[str]) -> list[Finding]:
+                        checked: list[str], store: Any = None) -> list[Finding]:
     findings = []
     by_field: dict[str, set[str]] = {}
     for dependency in dependencies:
@@ -387,10 +389,15 @@ def _check_dependencies(dependencies: Iterable[dict[str, Any]], check_inputs: bo
         return findings
     for dependency in dependencies:
         uri = dependency.get("uri") or ""
-        if not uri or uri.startswith("s3://"):
-            checked.append(f"inputs: {dependency['name']} not checked here ({uri or 'no uri'})")
+        if not uri or (uri.startswith("s3://") and store is None):
+            why = f"{uri}; give --endpoint to read it" if uri else "no uri"
+            checked.append(f"inputs: {dependency['name']} not checked here ({why})")
             continue
-        findings += _check_local_input(Location.parse(uri, dependency["name"]).path, dependency)
+        location = Location.parse(uri, dependency["name"])
+        if location.scheme is Scheme.S3:
+            findings += _check_s3_input(store, location, dependency)
+        else:
+            findings += _check_local_input(location.path, dependency)
         checked.append(f"inputs: {dependency['name']} ({_files(len(dependency['annotations']['files']))})")
     return findings
 
@@ -402,6 +409,52 @@ def _relative(text: str, field_name: str) -> PurePosixPath:
     if not text or path.is_absolute() or ".." in path.parts:
         raise ValueError(f"{field_name}: a recorded file path must lie inside the input, got {text!r}")
     return path
+
+
+def _check_s3_input(store: Any, location: Location, dependency: dict[str, Any]) -> list[Finding]:
+    """_check_local_input for an input in S3: each recorded object's size and streamed SHA-256, and
+    for a folder no object added since."""
+    recorded = dependency["annotations"]["files"]
+    whole_folder = InputKind(dependency["annotations"]["kind"]) is InputKind.FOLDER
+    prefix = location.key
+    if not whole_folder and store.exists(location.bucket, location.key):  # the URI names the one file read
+        prefix = location.key.rpartition("/")[0]
+    base = f"{prefix}/" if prefix else ""
+    present = {name[len(base):]: size for name, size, _ in store.list(location.bucket, base)}
+    findings = []
+    for entry in recorded:
+        name = _relative(entry["path"], dependency["name"]).as_posix()
+        where = f"s3://{location.bucket}/{base}{name}"
+        if name not in present:
+            findings.append(Finding(where, f"an input file ({dependency['name']}) is missing"))
+        elif present[name] != entry["size"] or store.sha256(location.bucket, base + name) != entry["sha256"]:
+            findings.append(Finding(where, f"an input file ({dependency['name']}) changed since the run read it"))
+    if whole_folder:
+        known = {entry["path"] for entry in recorded}
+        findings += [Finding(f"s3://{location.bucket}/{base}{name}", f"a file added to the input "
+                             f"({dependency['name']}) since the run read it") for name in sorted(set(present) - known)]
+    return findings
+
+
+def verify_remote_run(store: Any, run: Location, into: Path, public_key_path: Path | None = None,
+                      check_inputs: bool = True) -> Verification:
+    """verify_run for a run in S3: its objects are copied into the empty folder `into` (each key kept
+    inside it), checked there, and every finding names the object (s3://…), not the copy."""
+    if not store.exists(run.bucket, f"{run.key}/{PROVENANCE_FILE}"):
+        raise UserInputError(f"{run}/{PROVENANCE_FILE}: no provenance there (is it a run whose fine-tune is "
+                             "complete? a run is <output>/runs/<namespace>/<name>/<run id>)")
+    for key, _, _ in store.list(run.bucket, f"{run.key}/"):
+        relative = key[len(run.key) + 1:]
+        store.download_file(run.bucket, key, resolve_inside(into, relative, f"{run} object", "the run's copy"))
+    result = verify_run(into, public_key_path, check_inputs, store=store)
+    local = str(into)
+
+    def remote(text: str) -> str:
+        return str(run) + text[len(local):] if text.startswith(local) else text
+
+    return Verification([remote(line) for line in result.checked],
+                        [Finding(remote(f.where), f.problem.replace(local, str(run))) for f in result.findings],
+                        result.stage_files)
 
 
 def _check_local_input(root: Path, dependency: dict[str, Any]) -> list[Finding]:

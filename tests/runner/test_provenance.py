@@ -175,3 +175,59 @@ def test_an_edited_record_that_points_outside_or_has_the_wrong_shape_is_one_line
     path.write_text(json.dumps(statement))
     code, _, err = _verify(capsys, layout.root)
     assert code == EXIT_USER_ERROR and message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_a_run_in_s3_is_verified_there_and_so_are_its_inputs_in_s3(workspace, capsys, s3_endpoint, monkeypatch):
+    """`disp verify s3://… --endpoint`: the run's objects are checked (findings name the objects),
+    and an input recorded at an s3:// URI is read back from the store, object by object."""
+    import uuid
+
+    from disp_runner.store.s3 import S3Store
+    from tests.harness.minio import S3_ACCESS, S3_SECRET
+
+    layout = _run(workspace, capsys)
+    monkeypatch.setenv("DISP_S3_ACCESS_KEY", S3_ACCESS)
+    monkeypatch.setenv("DISP_S3_SECRET_KEY", S3_SECRET)
+    store = S3Store(s3_endpoint, S3_ACCESS, S3_SECRET, secure=False)
+    for bucket in ("runs", "data"):
+        if not store.client.bucket_exists(bucket):
+            store.client.make_bucket(bucket)
+    prefix = uuid.uuid4().hex[:8]
+    run_key = f"{prefix}/{layout.root.relative_to(workspace / 'out').as_posix()}"
+    for path in layout.root.rglob("*"):
+        if path.is_file() and not path.name.endswith(".lock"):
+            store.upload_file(path, "runs", f"{run_key}/{path.relative_to(layout.root).as_posix()}")
+    for path in (workspace / "train").rglob("*"):
+        if path.is_file():
+            store.upload_file(path, "data", f"{prefix}/train/{path.relative_to(workspace / 'train').as_posix()}")
+    # The record as a cluster run writes it: the dataset at an s3:// URI (unsigned, so editable here).
+    statement = json.loads(store.get_bytes("runs", f"{run_key}/provenance.json"))
+    for dependency in statement["predicate"]["buildDefinition"]["resolvedDependencies"]:
+        if dependency["name"] == "spec.dataset.uri":
+            dependency["uri"] = f"s3://data/{prefix}/train"
+    store.put_bytes("runs", f"{run_key}/provenance.json", json.dumps(statement).encode())
+    run_uri = f"s3://runs/{run_key}"
+    flags = ("--endpoint", s3_endpoint, "--insecure")
+
+    code, out, err = _verify(capsys, run_uri, *flags)
+    assert code == 0, err
+    assert f"{run_uri}: verified" in out and "inputs: spec.dataset.uri (" in out and "not checked" not in out
+
+    images = sorted(name for name, _, _ in store.list("data", f"{prefix}/train/images/"))
+    store.put_bytes("data", images[2], b"another image")
+    store.put_bytes("data", f"{prefix}/train/extra.txt", b"not read by the run")
+    store.put_bytes("runs", f"{run_key}/evaluate/metrics.json", b'{"asrAfter": 0.0}')
+    code, _, err = _verify(capsys, run_uri, *flags)
+    assert code == EXIT_NOT_VERIFIED and "Traceback" not in err
+    mismatches = [line for line in err.splitlines() if line.startswith("MISMATCH")]
+    assert f"MISMATCH {run_uri}/evaluate/metrics.json: checksum mismatch with {run_uri}/evaluate/stage-manifest.json" \
+        in mismatches[0], mismatches
+    assert f"MISMATCH s3://data/{images[2]}: an input file (spec.dataset.uri) changed since the run read it" in mismatches
+    assert f"MISMATCH s3://data/{prefix}/train/extra.txt: a file added to the input (spec.dataset.uri)" \
+        " since the run read it" in mismatches
+    assert len(mismatches) == 3, mismatches
+
+    code, _, err = _verify(capsys, run_uri)
+    assert code == EXIT_USER_ERROR and err.strip().endswith("an s3:// run needs --endpoint HOST[:PORT]")
+    code, _, err = _verify(capsys, f"s3://runs/{prefix}/nothing-here", *flags)
+    assert code == EXIT_USER_ERROR and "provenance.json: no provenance there" in err

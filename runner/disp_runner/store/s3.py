@@ -193,6 +193,22 @@ class S3Store:
                              f"got {actual[:12]}…); the object changed or is corrupt")
         os.replace(tmp, path)
 
+    def sha256(self, bucket: str, key: str) -> str:
+        """The object's SHA-256, streamed in 4 MiB chunks (never whole in memory, nothing written)."""
+
+        def digest() -> str:
+            hasher = hashlib.sha256()
+            response = self.client.get_object(bucket, key)
+            try:
+                for chunk in response.stream(DOWNLOAD_CHUNK):
+                    hasher.update(chunk)
+            finally:
+                response.close()
+                response.release_conn()
+            return hasher.hexdigest()
+
+        return self._call("read of", bucket, key, digest)
+
     def _read(self, bucket: str, key: str, missing_ok: bool) -> bytes | None:
         def read() -> bytes | None:
             try:
