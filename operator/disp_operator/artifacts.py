@@ -15,18 +15,16 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-from datetime import datetime
 from typing import Mapping, Optional
 
 from pydantic import ValidationError
 
-from disp_api import AuditFigures, MetricsSummary, PurificationJob, PurificationMetrics, StageName
+from disp_api import AuditFigures, MetricsSummary, PurificationJob, PurificationMetrics, StageName, StageProgress
 from disp_api.contract import METRICS_FILE as STAGE_METRICS_FILE
 from disp_api.contract import (AUDIT_FILE, MAX_MODEL_CONFIG_BYTES, MODEL_CONFIG, PROGRESS_FILE, PROVENANCE_FILE,
                                PROVENANCE_SIGNATURE_FILE, split_s3_uri)
 from disp_api.contract import STAGE_MANIFEST_FILE
 from disp_api.spec import PURIFIED_MODEL_PATH
-from disp_operator.reconcile import RunnerProgress
 from disp_operator.validation import ConfigProblem
 from disp_runner.store.s3 import RetryPolicy, S3Store, StoreError
 
@@ -124,19 +122,14 @@ class RunStore:
             return ConfigProblem(f"expected a JSON object, got {type(config).__name__}")
         return config.get("model_type")
 
-    def progress(self) -> Optional[RunnerProgress]:
+    def progress(self) -> Optional[StageProgress]:
         """The running stage's last progress report, or None before the first one."""
-        key = f"{self.run_key}/{PROGRESS_FILE}"
-        if not self.store.exists(self.bucket, key):
+        raw = self.store.get_bytes_or_none(self.bucket, f"{self.run_key}/{PROGRESS_FILE}")
+        if raw is None:
             return None
         try:
-            record = json.loads(self.store.get_bytes(self.bucket, key))
-            updated = record.get("updatedAt")
-            eta = record.get("etaSeconds")
-            return RunnerProgress(stage=StageName(record["stage"]), fraction=float(record["fraction"]),
-                                  updated_at=datetime.fromisoformat(updated) if updated else None,
-                                  eta_seconds=float(eta) if eta is not None and float(eta) >= 0 else None)
-        except (ValueError, KeyError, TypeError, OverflowError):
+            return StageProgress.model_validate_json(raw)
+        except ValidationError:
             return None  # a torn or foreign file: progress is advisory, wait for the next write
 
     def metrics(self) -> MetricsSummary:

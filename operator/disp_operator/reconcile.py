@@ -18,7 +18,7 @@ from datetime import datetime, timedelta
 from enum import Enum
 from typing import Mapping, Optional
 
-from disp_api import MetricsSummary, PurificationJob, StageName
+from disp_api import MetricsSummary, PurificationJob, StageName, StageProgress
 from disp_api.spec import PURIFIED_MODEL_PATH
 from disp_api.status import (
     Condition,
@@ -58,22 +58,12 @@ class CreateJob:
 
 
 @dataclass(frozen=True)
-class RunnerProgress:
-    """progress.json as the runner writes it."""
-
-    stage: StageName
-    fraction: float
-    updated_at: Optional[datetime]
-    eta_seconds: Optional[float] = None  # time the stage has left, at the pod's rate so far
-
-
-@dataclass(frozen=True)
 class Observation:
     now: datetime
     children: Mapping[str, ChildJob] = field(default_factory=dict)  # this job's stage Jobs, by name
     pods: Mapping[str, list[PodOutcome]] = field(default_factory=dict)  # their pods' outcomes, by Job name
     pending: Mapping[str, list[PendingPod]] = field(default_factory=dict)  # their pods not started yet, by Job name
-    progress: Optional[RunnerProgress] = None
+    progress: Optional[StageProgress] = None  # the running stage's progress.json
     metrics: Optional[MetricsSummary] = None  # the evaluate stage's metrics.json, once read
     tampered: Optional[str] = None  # why the figure file read is not the one its stage published
     follow_image_tag: bool = False  # the job's disp.dev/runner-image annotation says `tag`: pin no digest

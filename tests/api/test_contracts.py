@@ -90,3 +90,24 @@ def test_a_folder_whose_only_pickle_is_training_args_is_judged_alike_by_runner_a
                                             "output": {"uri": "s3://out/y"}}})
     with pytest.raises(InvalidSpec, match="no weights at s3://models/m"):
         check_model_files(job, tuple(p.name for p in folder.iterdir()))
+
+
+def test_progress_json_is_written_and_read_through_one_model(tmp_path):
+    """The runner's ProgressReporter writes StageProgress; the operator reads the same model, and a
+    torn or foreign file reads as no progress (advisory), never as an error."""
+    import json
+
+    from disp_api import StageName, StageProgress
+    from disp_runner.pipeline.artifacts import ProgressReporter, Shard
+
+    path = tmp_path / "progress.json"
+    ProgressReporter(path, StageName.RELABEL, total=8, shard=Shard(1, 4), interval=0).update(3, force=True)
+    assert set(json.loads(path.read_text())) == {"stage", "shard", "fraction", "itemsDone", "itemsTotal",
+                                                 "etaSeconds", "updatedAt"}
+    progress = StageProgress.model_validate_json(path.read_text())
+    assert (progress.stage, progress.shard, progress.fraction, progress.items_done, progress.items_total) == \
+        (StageName.RELABEL, "1-of-4", 3 / 8, 3, 8)
+    assert progress.updated_at is not None and progress.updated_at.utcoffset().total_seconds() == 0
+    for torn in ('{"stage": "relabel", "fraction": 1.5}', '{"stage": "relabel", "fracti', '[]'):
+        with pytest.raises(ValidationError):
+            StageProgress.model_validate_json(torn)

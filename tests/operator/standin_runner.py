@@ -20,7 +20,8 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from disp_api import AuditFigures, PurificationJob, PurificationMetrics, StageName
+from disp_api import AuditFigures, PurificationJob, PurificationMetrics, StageName, StageProgress
+from disp_api.contract import PROGRESS_FILE
 from disp_runner.pipeline.artifacts import STAGE_MANIFEST, write_stage_manifest
 from disp_runner.provenance import publish_remote_provenance
 from disp_runner.store.s3 import S3Store
@@ -53,9 +54,9 @@ def main() -> int:
     seconds = float(os.environ.get("STANDIN_SECONDS", "0.5"))
     steps = 5
     for done in range(steps + 1):
-        progress = {"stage": args.stage, "shard": args.shard, "fraction": done / steps, "itemsDone": done,
-                    "itemsTotal": steps, "updatedAt": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-        store.put_bytes(bucket, f"{run_key}/progress.json", json.dumps(progress).encode())
+        progress = StageProgress(stage=StageName(args.stage), shard=args.shard, fraction=done / steps,
+                                 items_done=done, items_total=steps, updated_at=datetime.now(timezone.utc))
+        store.put_bytes(bucket, f"{run_key}/{PROGRESS_FILE}", progress.model_dump_json(by_alias=True).encode())
         time.sleep(seconds / steps)
     if args.stage == "finetune":
         AuditFigures.model_validate(AUDIT)  # the same schema the real stage writes

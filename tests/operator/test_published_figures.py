@@ -119,3 +119,18 @@ def test_each_way_a_record_can_be_wrong_is_named_without_a_traceback():
     chained = json.dumps({"predicate": {"runDetails": {"byproducts": [
         {"name": "evaluate/stage-manifest.json", "digest": {"sha256": hashlib.sha256(listed).hexdigest()}}]}}}).encode()
     assert published_problem(run, StageName.EVALUATE, "metrics.json", data, listed, chained) is None
+
+
+def test_progress_is_read_through_the_shared_model_and_a_torn_file_is_no_progress(run):
+    from datetime import datetime, timezone
+
+    from disp_api import StageProgress
+
+    reader, store, key = run
+    assert reader.progress() is None  # none written yet
+    written = StageProgress(stage=StageName.RELABEL, fraction=0.25, items_done=2, items_total=8, eta_seconds=30.0,
+                            updated_at=datetime(2026, 12, 6, 12, 0, tzinfo=timezone.utc))
+    store.put_bytes("runs", f"{key}/progress.json", written.model_dump_json(by_alias=True).encode())
+    assert reader.progress() == written
+    store.put_bytes("runs", f"{key}/progress.json", b'{"stage": "relabel", "fracti')
+    assert reader.progress() is None

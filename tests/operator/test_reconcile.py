@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta, timezone
 
-from disp_api import MetricsSummary, StageName
+from disp_api import MetricsSummary, StageName, StageProgress
 from disp_api.status import (
     ConditionStatus,
     ConditionType,
@@ -15,7 +15,7 @@ from disp_api.status import (
     StepKind,
 )
 from disp_operator.children import ChildJob, FailureKind, PendingPod, PodOutcome
-from disp_operator.reconcile import CreateJob, EventType, Observation, RetryBackoff, RunnerProgress, reconcile, reject
+from disp_operator.reconcile import CreateJob, EventType, Observation, RetryBackoff, reconcile, reject
 from tests.operator.conftest import k8s_job, k8s_pod, make_job
 
 T0 = datetime(2026, 11, 28, 12, 0, tzinfo=timezone.utc)
@@ -71,14 +71,14 @@ def test_a_job_not_yet_visible_is_created_again_idempotently(job):
 def test_a_running_stage_reports_progress_without_new_jobs(job):
     started = step(job, PurificationJobStatus())
     plan = step(job, started.status, jobs=[k8s_job("purify-saliency")],
-                progress=RunnerProgress(StageName.SALIENCY, 0.5, T0))
+                progress=StageProgress(stage=StageName.SALIENCY, fraction=0.5, updated_at=T0))
     assert plan.create == [] and plan.delete == []
     assert plan.status.stage(StageName.SALIENCY).progress == 0.5
     assert plan.status.progress.percent == int(100 * 0.5 / 4)
     assert plan.status.progress.last_update_time == T0
     # progress of another stage (a stale file) is ignored
     stale = step(job, plan.status, jobs=[k8s_job("purify-saliency")],
-                 progress=RunnerProgress(StageName.FINETUNE, 0.9, T0))
+                 progress=StageProgress(stage=StageName.FINETUNE, fraction=0.9, updated_at=T0))
     assert stale.status.stage(StageName.SALIENCY).progress == 0.5
 
 
@@ -452,5 +452,5 @@ def test_a_suspended_job_is_never_stalled(job):
 def test_the_running_stage_gets_an_estimated_completion_time(job):
     started = step(job, PurificationJobStatus())
     plan = step(job, started.status, jobs=[k8s_job("purify-saliency")],
-                progress=RunnerProgress(StageName.SALIENCY, 0.25, T0, eta_seconds=90.0))
+                progress=StageProgress(stage=StageName.SALIENCY, fraction=0.25, updated_at=T0, eta_seconds=90.0))
     assert plan.status.stage(StageName.SALIENCY).estimated_completion_time == T0 + timedelta(seconds=90)

@@ -29,7 +29,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from disp_api import PurificationJob, StageName
+from disp_api import PurificationJob, StageName, StageProgress
 from disp_api.contract import PROGRESS_FILE
 from disp_api.contract import STAGE_MANIFEST_FILE as STAGE_MANIFEST
 from disp_runner import logs
@@ -296,18 +296,14 @@ class ProgressReporter:
             return
         self._last_write = now
         eta = self.eta_seconds(done, now)
-        record = {
-            "stage": self.stage.value,
-            "shard": None if self.shard is None else self.shard.label,
-            "fraction": 1.0 if self.total == 0 else min(1.0, done / self.total),
-            "itemsDone": done,
-            "itemsTotal": self.total,
-            "etaSeconds": None if eta is None else round(eta, 1),
-            "updatedAt": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        }
+        record = StageProgress(
+            stage=self.stage, shard=None if self.shard is None else self.shard.label,
+            fraction=1.0 if self.total == 0 else min(1.0, done / self.total), items_done=done,
+            items_total=self.total, eta_seconds=None if eta is None else round(eta, 1),
+            updated_at=datetime.now(timezone.utc).replace(microsecond=0))
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(record))
+        tmp.write_text(record.model_dump_json(by_alias=True))
         os.replace(tmp, self.path)
         if self.mirror is not None:
             self.mirror(self.path)
