@@ -92,6 +92,9 @@ class OperatorConfig:
     # host[:port] patterns of the S3 endpoints jobs may name (the chart's storage.allowedEndpoints);
     # None: any. Keeps a tenant from pointing the operator, with its own keys, at any address.
     allowed_endpoints: Optional[tuple[str, ...]] = None
+    # Queued runs (a kueue.x-k8s.io/queue-name label) get one Kueue Workload each: the chart's
+    # kueue.enabled, which also grants the RBAC for Workloads and ResourceFlavors.
+    kueue: bool = False
 
     @classmethod
     def from_env(cls) -> "OperatorConfig":
@@ -115,6 +118,7 @@ class OperatorConfig:
             forbid_unsafe_pickle=_flag("DISP_FORBID_UNSAFE_PICKLE"),
             leader_election=LeaderElectionConfig.from_env(),
             allowed_endpoints=_endpoints("DISP_ALLOWED_S3_ENDPOINTS"),
+            kueue=_flag("DISP_KUEUE_ENABLED"),
         )
 
 

@@ -13,6 +13,7 @@ from typing import Any, Mapping, Optional
 
 from disp_api import LogFormat, PurificationJob, StageName
 from disp_api.contract import RUNNER_IMAGE_ENV, SIGNING_KEY_ENV, ExitCode
+from disp_operator.kueue import Admission, run_workload
 from disp_api.version import VERSION
 from disp_api.status import StepKind
 from disp_operator.naming import (ANNOTATION_ATTEMPT, LABEL_JOB, LABEL_STAGE, child_labels,
@@ -41,10 +42,6 @@ class RunnerDefaults:
     log_format: LogFormat = LogFormat.TEXT  # the chart's runner.logFormat, passed to every stage pod
 
 
-# Kueue reads these labels on the workloads it admits; a PurificationJob carrying them passes them
-# on to every stage Job (https://kueue.sigs.k8s.io/docs/tasks/run/jobs/).
-KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
-KUEUE_LABELS = (KUEUE_QUEUE_LABEL, "kueue.x-k8s.io/priority-class")
 RENDEZVOUS_PORT = 29500  # node 0's rendezvous store in a multi-node fine-tune (torchrun's default)
 
 
@@ -52,11 +49,6 @@ def _owner(job: PurificationJob) -> dict[str, Any]:
     meta = job.metadata
     return {"apiVersion": job.api_version, "kind": job.kind, "name": meta.name, "uid": meta.uid,
             "controller": True, "blockOwnerDeletion": True}
-
-
-def queue_name(job: PurificationJob) -> str | None:
-    """The Kueue LocalQueue the job's stage Jobs wait in, if the job names one."""
-    return job.metadata.labels.get(KUEUE_QUEUE_LABEL)
 
 
 def finetune_nodes(job: PurificationJob, stage: StageName) -> int:
@@ -86,9 +78,11 @@ POD_FAILURE_POLICY: dict[str, Any] = {"rules": [
 
 
 def stage_job(job: PurificationJob, stage: StageName, step: StepKind, attempt: int,
-              defaults: RunnerDefaults, pinned_image: Optional[str] = None) -> dict[str, Any]:
+              defaults: RunnerDefaults, pinned_image: Optional[str] = None,
+              admission: Optional[Admission] = None) -> dict[str, Any]:
     """The Job manifest for `attempt` (1-based) of one step of `stage`; its pods run `pinned_image`
-    (the run's status.runnerImage, by digest) when given, else the spec's or the operator's image."""
+    (the run's status.runnerImage, by digest) when given, else the spec's or the operator's image,
+    and, in a queued run, on the nodes of the flavors Kueue admitted the run's Workload to."""
     spec, meta = job.spec, job.metadata
     assert meta.uid, "stage Jobs are only built for objects the API server has accepted (they have a uid)"
     name = stage_job_name(meta.name, stage, step, attempt)
@@ -98,6 +92,8 @@ def stage_job(job: PurificationJob, stage: StageName, step: StepKind, attempt: i
     if overlay.annotations:
         pod_metadata["annotations"] = dict(overlay.annotations)
     pod = _pod_spec(job, stage, step, defaults, name, pinned_image)
+    if admission is not None:
+        _place(pod, admission)
     job_spec: dict[str, Any] = {
         "backoffLimit": 0,  # the operator retries, with its own backoff and failure classification
         "podFailurePolicy": POD_FAILURE_POLICY,
@@ -114,16 +110,13 @@ def stage_job(job: PurificationJob, stage: StageName, step: StepKind, attempt: i
         job_spec["activeDeadlineSeconds"] = spec.policy.active_deadline_seconds
     if spec.policy.ttl_seconds_after_finished is not None:
         job_spec["ttlSecondsAfterFinished"] = spec.policy.ttl_seconds_after_finished
-    kueue = {key: meta.labels[key] for key in KUEUE_LABELS if key in meta.labels}
-    if queue_name(job) is not None:
-        job_spec["suspend"] = True  # Kueue admits it by unsuspending it when its queue has quota
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",
         "metadata": {
             "name": name,
             "namespace": meta.namespace,
-            "labels": {**labels, **kueue},
+            "labels": labels,
             "annotations": {ANNOTATION_ATTEMPT: str(attempt)},
             "ownerReferences": [_owner(job)],
         },
@@ -199,6 +192,27 @@ def _env(job: PurificationJob, image: str) -> list[dict[str, Any]]:
     if signing is not None:
         env.append({"name": SIGNING_KEY_ENV, "valueFrom": {"secretKeyRef": {"name": signing.name, "key": signing.key}}})
     return env
+
+
+def _place(pod: dict[str, Any], admission: Admission) -> None:
+    """Run the pod where Kueue admitted the run: the flavors' node labels and tolerations added to
+    the pod's own, as Kueue does for a job it starts."""
+    if admission.node_selector:
+        pod["nodeSelector"] = {**pod.get("nodeSelector", {}), **admission.node_selector}
+    extra = [dict(t) for t in admission.tolerations if dict(t) not in pod.get("tolerations", [])]
+    if extra:
+        pod["tolerations"] = pod.get("tolerations", []) + extra
+
+
+def run_workload_manifest(job: PurificationJob, defaults: RunnerDefaults) -> dict[str, Any]:
+    """The queued run's Kueue Workload, sized from the pods its stages' Jobs would run."""
+    stage_pods = {}
+    for stage in job.spec.stages():
+        step = StepKind.SHARDS if job.spec.shards(stage) > 1 else StepKind.RUN
+        count = job.spec.shards(stage) if step is StepKind.SHARDS else finetune_nodes(job, stage)
+        stage_pods[stage] = (count, _pod_spec(job, stage, step, defaults, stage_job_name(job.metadata.name, stage,
+                                                                                       step, 1), None))
+    return run_workload(job, stage_pods, _owner(job))
 
 
 def _pod_spec(job: PurificationJob, stage: StageName, step: StepKind, defaults: RunnerDefaults,

@@ -12,6 +12,7 @@ from typing import Any, Callable, Optional
 import kubernetes
 from kubernetes.client.exceptions import ApiException
 
+from disp_operator.kueue import KUEUE_GROUP, KUEUE_VERSION
 from disp_operator.naming import GROUP, PLURAL, VERSION
 
 USER_AGENT = "disp-operator"
@@ -92,6 +93,45 @@ class KubeApi:
 
     def patch_status(self, namespace: str, name: str, status: dict[str, Any]) -> None:
         self.custom.patch_namespaced_custom_object_status(GROUP, VERSION, namespace, PLURAL, name, {"status": status})
+
+    # -- a queued run's Kueue Workload (kueue.py) ----------------------------------------------------
+    def workload(self, namespace: str, name: str) -> Optional[dict[str, Any]]:
+        try:
+            return self.custom.get_namespaced_custom_object(KUEUE_GROUP, KUEUE_VERSION, namespace, "workloads", name)
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+
+    def create_workload(self, manifest: dict[str, Any]) -> bool:
+        return _create(lambda namespace, body: self.custom.create_namespaced_custom_object(
+            KUEUE_GROUP, KUEUE_VERSION, namespace, "workloads", body), manifest)
+
+    def replace_workload_status(self, workload: dict[str, Any], status: dict[str, Any]) -> None:
+        """Write the Workload's status as read plus the change (its resourceVersion: a concurrent
+        write by Kueue makes this one fail, and the next pass decides again)."""
+        meta = workload["metadata"]
+        body = {"apiVersion": workload["apiVersion"], "kind": workload["kind"],
+                "metadata": {"name": meta["name"], "namespace": meta["namespace"],
+                             "resourceVersion": meta["resourceVersion"]},
+                "spec": workload["spec"], "status": status}
+        self.custom.replace_namespaced_custom_object_status(KUEUE_GROUP, KUEUE_VERSION, meta["namespace"],
+                                                            "workloads", meta["name"], body)
+
+    def delete_workload(self, namespace: str, name: str) -> None:
+        try:
+            self.custom.delete_namespaced_custom_object(KUEUE_GROUP, KUEUE_VERSION, namespace, "workloads", name)
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+
+    def resource_flavor(self, name: str) -> Optional[dict[str, Any]]:
+        try:
+            return self.custom.get_cluster_custom_object(KUEUE_GROUP, KUEUE_VERSION, "resourceflavors", name)
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
 
     def close(self) -> None:
         self.client.close()

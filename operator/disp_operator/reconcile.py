@@ -34,7 +34,7 @@ from disp_api.status import (
 )
 from disp_operator.children import (ChildJob, ChildState, FailureKind, PendingPod, PodOutcome, classify_failure,
                                     pinned_reference)
-from disp_operator.jobs import KUEUE_QUEUE_LABEL
+from disp_operator.kueue import Admission, AdmissionState, queue_name
 from disp_operator.naming import stage_job_name
 
 
@@ -48,6 +48,15 @@ class Event:
     type: EventType
     reason: Reason
     message: str
+
+
+class WorkloadAction(str, Enum):
+    """What becomes of a queued run's Kueue Workload (kueue.py)."""
+
+    CREATE = "create"  # the run waits for its one admission
+    RELEASE = "release"  # evicted, and its stage has stopped: give the reserved quota back
+    FINISH = "finish"  # the run ended: Kueue frees the quota
+    DELETE = "delete"  # suspended (the quota goes back until resumed), or a stale finished one
 
 
 @dataclass(frozen=True)
@@ -67,6 +76,7 @@ class Observation:
     metrics: Optional[MetricsSummary] = None  # the evaluate stage's metrics.json, once read
     tampered: Optional[str] = None  # why the figure file read is not the one its stage published
     follow_image_tag: bool = False  # the job's disp.dev/runner-image annotation says `tag`: pin no digest
+    admission: Optional[Admission] = None  # a queued run's Kueue Workload (None: there is none)
 
 
 @dataclass(frozen=True)
@@ -102,6 +112,7 @@ class Plan:
     retries: list[tuple[StageName, FailureKind]] = field(default_factory=list)  # failed attempts to retry
     holdup: Optional[Holdup] = None  # what keeps the running stage from running
     expired: bool = False  # a finished job past policy.ttlSecondsAfterFinished: delete it
+    workload: Optional["WorkloadAction"] = None  # what to do with a queued run's Kueue Workload
 
 
 def first_step(job: PurificationJob, stage: StageName) -> StepKind:
@@ -129,6 +140,19 @@ def reconcile(job: Optional[PurificationJob], status: PurificationJobStatus, gen
               pending_threshold: timedelta = PENDING_THRESHOLD) -> Plan:
     """One step of the state machine described in the module docstring. `job` may be None only
     for a finished job (whose spec then matters only for its time to live)."""
+    plan = _reconcile(job, status, generation, observed, backoff, pending_threshold)
+    admission = observed.admission
+    if admission is not None and admission.state is not AdmissionState.FINISHED and plan.workload is None:
+        # A run that ended holds no quota; a suspended one gives it back until it is resumed.
+        if plan.status.phase.finished:
+            plan.workload = WorkloadAction.FINISH
+        elif plan.status.phase is JobPhase.SUSPENDED:
+            plan.workload = WorkloadAction.DELETE
+    return plan
+
+
+def _reconcile(job: Optional[PurificationJob], status: PurificationJobStatus, generation: int,
+               observed: Observation, backoff: RetryBackoff, pending_threshold: timedelta) -> Plan:
     now = observed.now
     plan = Plan(status)
     if status.phase.finished:
@@ -148,6 +172,12 @@ def reconcile(job: Optional[PurificationJob], status: PurificationJobStatus, gen
     if status.phase is JobPhase.SUSPENDED:
         plan.events.append(Event(EventType.NORMAL, Reason.RESUMED, "resumed from the last completed stage"))
 
+    queue = queue_name(job)
+    unfinished = any(stage.phase is not StagePhase.SUCCEEDED for stage in stages)
+    if queue is not None and unfinished and \
+            (observed.admission is None or observed.admission.state is not AdmissionState.ADMITTED):
+        _await_admission(plan, stages, queue, observed, generation, now)
+        return plan
     _pin_runner_image(plan, observed)
     for index, stage in enumerate(stages):
         if stage.phase is StagePhase.SUCCEEDED:
@@ -313,7 +343,7 @@ def _holdup(job: PurificationJob, stage: StageStatus, child: Optional[ChildJob],
             now: datetime, threshold: timedelta) -> Optional[Holdup]:
     """What keeps a running stage's Job from running, if anything."""
     if child is not None and child.state is ChildState.QUEUED:
-        queue = job.metadata.labels.get(KUEUE_QUEUE_LABEL)
+        queue = queue_name(job)
         where = f" in Kueue queue {queue}" if queue else ""
         return Holdup(Reason.WAITING_FOR_ADMISSION,
                       f"stage {stage.name.value}: Job {child.name} is waiting for admission{where}", stalled=False)
@@ -342,6 +372,40 @@ def _start(plan: Plan, job: PurificationJob, stage: StageStatus, step: StepKind,
                                  f"stage {stage.name.value} attempt {attempt}: Job {name}"))
     return stage.model_copy(update={"phase": StagePhase.RUNNING, "step": step, "attempts": attempt, "job_name": name,
                                     "start_time": stage.start_time or now, "retry_after": None})
+
+
+def _await_admission(plan: Plan, stages: list[StageStatus], queue: str, observed: Observation, generation: int,
+                     now: datetime) -> None:
+    """A queued run without its admission: no stage runs. Without a Workload it gets one; evicted,
+    its running stage stops (a new attempt, not a failure, once admitted again) and, once no stage
+    Job of the run is active, the reserved quota is given back so that Kueue can queue it again."""
+    admission = observed.admission
+    if admission is None:
+        plan.workload = WorkloadAction.CREATE
+        message = f"waiting for admission in Kueue queue {queue}"
+    elif admission.state is AdmissionState.EVICTED:
+        for index, stage in enumerate(stages):
+            if stage.phase is StagePhase.RUNNING and stage.job_name:
+                plan.delete.append(stage.job_name)
+                stages[index] = stage.model_copy(update={"phase": StagePhase.PENDING, "progress": 0.0,
+                                                         "message": ""})
+        active = [c.name for c in observed.children.values() if c.state in (ChildState.ACTIVE, ChildState.QUEUED)]
+        if active:
+            plan.requeue_after = 1.0  # its pods are stopping: the quota goes back once they are gone
+        else:
+            plan.workload = WorkloadAction.RELEASE
+        message = f"evicted by Kueue ({admission.message or 'no reason given'}): the running stage stopped; " \
+                  f"waiting for admission in Kueue queue {queue}"
+    elif admission.state is AdmissionState.FINISHED:
+        plan.workload = WorkloadAction.DELETE  # not this run's (it has not ended): a new one next pass
+        message = f"waiting for admission in Kueue queue {queue}"
+    else:
+        message = f"waiting for admission in Kueue queue {queue}" + (f": {admission.message}" if admission.message
+                                                                      else "")
+    _set_stages(plan, stages, observed, generation)
+    plan.holdup = Holdup(Reason.WAITING_FOR_ADMISSION, message, stalled=False)
+    current = next((s for s in stages if s.phase is not StagePhase.SUCCEEDED), stages[-1])
+    _running(plan, current, generation, now)
 
 
 def _suspend(plan: Plan, stages: list[StageStatus], generation: int, now: datetime) -> None:

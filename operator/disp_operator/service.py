@@ -27,11 +27,13 @@ from disp_api.status import ConditionType, JobPhase, PurificationJobStatus, Reas
 from disp_operator.artifacts import ArtifactsTampered, RunStore
 from disp_operator.children import ChildJob, PendingPod, PodOutcome
 from disp_operator.config import OperatorConfig
-from disp_operator.jobs import finetune_nodes, rendezvous_service, stage_job
+from disp_operator.jobs import finetune_nodes, rendezvous_service, run_workload_manifest, stage_job
+from disp_operator.kueue import (QUEUE_LABEL, Admission, AdmissionState, admission_of, finished_status,
+                                 queue_name, released_status, with_flavors, workload_name)
 from disp_operator.kube import KubeApi
 from disp_operator.metrics import OperatorMetrics
 from disp_operator.naming import ANNOTATION_RUNNER_IMAGE, FOLLOW_IMAGE_TAG
-from disp_operator.reconcile import Observation, Plan, finished_at, reconcile, reject
+from disp_operator.reconcile import Observation, Plan, WorkloadAction, finished_at, reconcile, reject
 from disp_operator.validation import (ClusterFacts, InvalidSpec, check_cluster, check_policy, check_static,
                                       parse_job)
 from disp_runner.store.s3 import StoreError, StoreUnavailableError
@@ -93,6 +95,8 @@ class JobLoop:
         self.status = _read_status(body.get("status"))
         self.validated = any(s.attempts for s in self.status.stages)  # a job that ran before was valid
         self.store: Optional[RunStore] = None
+        self.workload: Optional[dict] = None  # a queued run's Kueue Workload, as last read
+        self.admission: Optional[Admission] = None  # and what it says (its flavors' placement when admitted)
         self.next_progress_read = 0.0
         self.wake = runtime.wakeups.setdefault((self.namespace, self.name), asyncio.Event())
         self.stopped = asyncio.Event()
@@ -148,7 +152,7 @@ class JobLoop:
                 job: Optional[PurificationJob] = effective_job(self.body, self.rt.config)
             except InvalidSpec:
                 job = None  # a spec that does not parse keeps its job (no TTL to trust)
-            plan = reconcile(job, self.status, generation, Observation(now=now))
+            plan = reconcile(job, self.status, generation, Observation(now=now, admission=await self._admission()))
             await self._apply(plan, job=None)
             if plan.expired:
                 await self._delete_self()
@@ -167,7 +171,8 @@ class JobLoop:
         annotations = self.body.metadata.get("annotations") or {}
         observed = Observation(now=now, children=self._children(), pods=ended, pending=pending,
                                progress=await self._progress(job),
-                               follow_image_tag=annotations.get(ANNOTATION_RUNNER_IMAGE) == FOLLOW_IMAGE_TAG)
+                               follow_image_tag=annotations.get(ANNOTATION_RUNNER_IMAGE) == FOLLOW_IMAGE_TAG,
+                               admission=await self._admission())
         config = self.rt.config
         plan = reconcile(job, self.status, generation, observed, config.backoff, config.pending_threshold)
         if plan.wants_metrics:
@@ -182,7 +187,29 @@ class JobLoop:
         interval = self.rt.config.reconcile_interval
         return min(interval, plan.requeue_after) if plan.requeue_after is not None else interval
 
+    async def _admission(self) -> Optional[Admission]:
+        """A queued run's Workload as Kueue left it (None for a run without a queue or a Workload);
+        admitted, with its flavors' node labels and tolerations."""
+        self.workload, self.admission = None, None
+        labels = self.body.metadata.get("labels") or {}
+        if QUEUE_LABEL not in labels or not self.rt.config.kueue:
+            return None
+        kube = self.rt.kube
+        name = workload_name(self.name, self.body.metadata.get("uid"))
+        self.workload = await asyncio.to_thread(kube.workload, self.namespace, name)
+        if self.workload is None:
+            return None
+        admission = admission_of(self.workload)
+        if admission.state is AdmissionState.ADMITTED:
+            flavors = [await asyncio.to_thread(kube.resource_flavor, flavor) for flavor in admission.flavors]
+            admission = with_flavors(admission, [f for f in flavors if f is not None])
+        self.admission = admission
+        return admission
+
     async def _validate(self, job: PurificationJob) -> None:
+        if queue_name(job) is not None and not self.rt.config.kueue:
+            raise InvalidSpec(f"metadata.labels[{QUEUE_LABEL}]: this operator runs no queued jobs; install its "
+                              "chart with kueue.enabled=true (and Kueue) to queue runs")
         check_static(job)
         check_policy(job, self.rt.config.credential_namespaces, self.rt.config.forbid_unsafe_pickle,
                      self.rt.config.allowed_endpoints)
@@ -246,18 +273,38 @@ class JobLoop:
             self.status = plan.status
         for name in plan.delete:
             await asyncio.to_thread(kube.delete_job, self.namespace, name)
+        if plan.workload is not None:
+            await self._workload_action(plan, job)
         for create in plan.create:
             assert job is not None
             if finetune_nodes(job, create.stage) > 1:  # its pods find each other through this Service
                 await asyncio.to_thread(kube.create_service, rendezvous_service(job))
             manifest = stage_job(job, create.stage, create.step, create.attempt, self.rt.config.runner,
-                                 pinned_image=plan.status.runner_image)
+                                 pinned_image=plan.status.runner_image, admission=self.admission)
             created = await asyncio.to_thread(kube.create_job, manifest)
             if created:
                 self.logger.info("created Job %s", manifest["metadata"]["name"])
         for event in plan.events:
             kopf.event(self.body, type=event.type.value, reason=event.reason.value, message=event.message)
         self._record_metrics(old, plan)
+
+    async def _workload_action(self, plan: Plan, job: Optional[PurificationJob]) -> None:
+        kube, action, now = self.rt.kube, plan.workload, datetime.now(timezone.utc)
+        if action is WorkloadAction.CREATE:
+            assert job is not None
+            if await asyncio.to_thread(kube.create_workload, run_workload_manifest(job, self.rt.config.runner)):
+                self.logger.info("created Workload %s in Kueue queue %s", workload_name(self.name, job.metadata.uid),
+                                 queue_name(job))
+            return
+        if self.workload is None:
+            return
+        if action is WorkloadAction.DELETE:
+            await asyncio.to_thread(kube.delete_workload, self.namespace, self.workload["metadata"]["name"])
+        elif action is WorkloadAction.RELEASE:
+            await asyncio.to_thread(kube.replace_workload_status, self.workload, released_status(self.workload, now))
+        elif action is WorkloadAction.FINISH:
+            status = finished_status(self.workload, plan.status.phase is JobPhase.SUCCEEDED, plan.status.message, now)
+            await asyncio.to_thread(kube.replace_workload_status, self.workload, status)
 
     async def _delete_self(self) -> None:
         """Delete this finished job (its time to live is over); only the object seen, by uid, so a

@@ -2,12 +2,13 @@
 kube-controller-manager, kube-scheduler; tests/harness/controlplane.py) with the CRD installed,
 the node agent that runs the pods the scheduler binds (tests/harness/node_agent.py), a namespace
 of each test's own with the S3 credentials Secret, the loopback S3 server holding the tiny model
-and data, and the container images."""
+and data, the container images, and the real Kueue with a ClusterQueue and LocalQueue for a test's namespace."""
 
 from __future__ import annotations
 
 import uuid
 
+import kubernetes
 import pytest
 from minio import Minio
 
@@ -15,7 +16,12 @@ from disp_runner.store.s3 import S3Store
 from tests.containers.podman import OPERATOR_IMAGE, RUNNER_IMAGE, RuntimeUnavailable, build_images
 from tests.e2e.support import ACCESS, CREDENTIALS_SECRET, SECRET, NodeView
 from tests.harness.cluster import Cluster
+from tests.harness.kueue import KUEUE_API, KueueManager
 from tests.harness.node_agent import RUNNER_IMAGE as LOCAL_RUNNER_IMAGE
+from tests.harness.tools import ToolError, toolbox
+
+KUEUE_GROUP, KUEUE_VERSION = KUEUE_API.split("/")
+
 
 @pytest.fixture
 def cluster(control_plane, monkeypatch):
@@ -78,3 +84,40 @@ def images():
     except RuntimeUnavailable as exc:
         pytest.fail(f"container runtime unavailable: {exc}", pytrace=False)
     return {"operator": OPERATOR_IMAGE, "runner": RUNNER_IMAGE}
+
+
+@pytest.fixture(scope="session")
+def kueue(control_plane, tmp_path_factory):
+    core = kubernetes.client.CoreV1Api(control_plane.admin())
+    core.create_namespace({"metadata": {"name": "kueue-system"}})
+    manager = KueueManager(control_plane, toolbox().path("kueue"), tmp_path_factory.mktemp("kueue"))
+    try:
+        manager.install_crds(toolbox().path("kubectl"))
+        manager.start()
+    except ToolError as exc:
+        pytest.fail(f"Kueue did not come up: {exc}", pytrace=False)
+    objects = kubernetes.client.CustomObjectsApi(control_plane.admin())
+    objects.create_cluster_custom_object(KUEUE_GROUP, KUEUE_VERSION, "resourceflavors",
+                                         {"apiVersion": KUEUE_API, "kind": "ResourceFlavor",
+                                          "metadata": {"name": "default-flavor"}})
+    yield manager
+    manager.stop()
+
+
+@pytest.fixture
+def queue(kueue, cluster):
+    """A ClusterQueue for this test's namespace with room for one stage pod (1 CPU, 2 GiB), and
+    the LocalQueue `gpu-batch` in the namespace."""
+    objects = kubernetes.client.CustomObjectsApi(cluster.plane.admin())
+    name = f"cq-{cluster.namespace}"
+    objects.create_cluster_custom_object(KUEUE_GROUP, KUEUE_VERSION, "clusterqueues", {
+        "apiVersion": KUEUE_API, "kind": "ClusterQueue", "metadata": {"name": name},
+        "spec": {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": cluster.namespace}},
+                 "resourceGroups": [{"coveredResources": ["cpu", "memory"], "flavors": [{
+                     "name": "default-flavor", "resources": [{"name": "cpu", "nominalQuota": "1"},
+                                                             {"name": "memory", "nominalQuota": "2Gi"}]}]}]}})
+    objects.create_namespaced_custom_object(KUEUE_GROUP, KUEUE_VERSION, cluster.namespace, "localqueues", {
+        "apiVersion": KUEUE_API, "kind": "LocalQueue", "metadata": {"name": "gpu-batch"},
+        "spec": {"clusterQueue": name}})
+    yield objects
+    objects.delete_cluster_custom_object(KUEUE_GROUP, KUEUE_VERSION, "clusterqueues", name)

@@ -1,58 +1,19 @@
 """Queued GPU work with the real Kueue (tests/harness/kueue.py): a PurificationJob labelled with a
-LocalQueue has each stage Job admitted by Kueue; with the queue's quota held by another workload it
-waits, saying so in its status, and runs once the quota is free."""
+LocalQueue is one Kueue Workload, admitted once for the whole run; with the queue's quota held by
+another workload it waits, saying so in its status, and runs once the quota is free; a competitor
+queued while it runs does not get in between its stages; evicted, it stops its stage, gives the
+quota back and resumes when admitted again."""
 
 from __future__ import annotations
 
 import time
 
-import kubernetes
-import pytest
-
-from tests.e2e.support import finished, operator, standin_manifest, wait_until
-from tests.harness.kueue import KUEUE_API, KueueManager
-from tests.harness.tools import ToolError, toolbox
+from tests.e2e.support import chart_values, finished, operator, standin_manifest, wait_until
+from tests.harness.kueue import KUEUE_API
 
 QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 STAGES = ("saliency", "masking", "relabel", "finetune", "evaluate")
 GROUP, VERSION = KUEUE_API.split("/")
-
-
-@pytest.fixture(scope="session")
-def kueue(control_plane, tmp_path_factory):
-    core = kubernetes.client.CoreV1Api(control_plane.admin())
-    core.create_namespace({"metadata": {"name": "kueue-system"}})
-    manager = KueueManager(control_plane, toolbox().path("kueue"), tmp_path_factory.mktemp("kueue"))
-    try:
-        manager.install_crds(toolbox().path("kubectl"))
-        manager.start()
-    except ToolError as exc:
-        pytest.fail(f"Kueue did not come up: {exc}", pytrace=False)
-    objects = kubernetes.client.CustomObjectsApi(control_plane.admin())
-    objects.create_cluster_custom_object(GROUP, VERSION, "resourceflavors",
-                                         {"apiVersion": KUEUE_API, "kind": "ResourceFlavor",
-                                          "metadata": {"name": "default-flavor"}})
-    yield manager
-    manager.stop()
-
-
-@pytest.fixture
-def queue(kueue, cluster):
-    """A ClusterQueue for this test's namespace with room for one stage pod (1 CPU, 2 GiB), and
-    the LocalQueue `gpu-batch` in the namespace."""
-    objects = kubernetes.client.CustomObjectsApi(cluster.plane.admin())
-    name = f"cq-{cluster.namespace}"
-    objects.create_cluster_custom_object(GROUP, VERSION, "clusterqueues", {
-        "apiVersion": KUEUE_API, "kind": "ClusterQueue", "metadata": {"name": name},
-        "spec": {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": cluster.namespace}},
-                 "resourceGroups": [{"coveredResources": ["cpu", "memory"], "flavors": [{
-                     "name": "default-flavor", "resources": [{"name": "cpu", "nominalQuota": "1"},
-                                                             {"name": "memory", "nominalQuota": "2Gi"}]}]}]}})
-    objects.create_namespaced_custom_object(GROUP, VERSION, cluster.namespace, "localqueues", {
-        "apiVersion": KUEUE_API, "kind": "LocalQueue", "metadata": {"name": "gpu-batch"},
-        "spec": {"clusterQueue": name}})
-    yield objects
-    objects.delete_cluster_custom_object(GROUP, VERSION, "clusterqueues", name)
 
 
 def workloads(objects, namespace: str) -> list[dict]:
@@ -80,17 +41,37 @@ def _queued(doc: dict) -> dict:
     return doc
 
 
-def test_kueue_admits_each_stage_job_of_a_queued_run(cluster, kubelet, s3, uploaded, queue, monkeypatch):
+def _with_kueue(cluster) -> dict:
+    return chart_values(cluster, kueue={"enabled": True})
+
+
+def _run_workload(objects, namespace: str, job: str) -> dict:
+    (workload,) = [w for w in workloads(objects, namespace)
+                   if (w["metadata"].get("ownerReferences") or [{}])[0].get("name") == job]
+    return workload
+
+
+def _condition(workload: dict, kind: str) -> dict:
+    return next((c for c in (workload.get("status") or {}).get("conditions", []) if c["type"] == kind), {})
+
+
+def test_kueue_admits_a_queued_run_once_for_all_its_stages(cluster, kubelet, s3, uploaded, queue, monkeypatch):
     kubelet.standin_seconds = 0.3
-    with operator(cluster, monkeypatch):
-        cluster.create_job(_queued(standin_manifest(s3, uploaded, cluster.namespace, "queued")))
+    with operator(cluster, monkeypatch, _with_kueue(cluster)):
+        uid = cluster.create_job(_queued(standin_manifest(s3, uploaded, cluster.namespace, "queued")))
         body = cluster.wait_for(cluster.namespace, "queued", finished, 120, "the job to finish")
+        wait_until(lambda: _condition(_run_workload(queue, cluster.namespace, "queued"), "Finished").get("status")
+                   == "True", 10, "the Workload to be finished")
     assert body["status"]["phase"] == "Succeeded", body["status"]
     assert kubelet.started == [f"queued-{stage}" for stage in STAGES]
-    # One Kueue Workload per stage Job, each admitted by Kueue (not by the test).
-    owned = {w["metadata"]["ownerReferences"][0]["name"]: w for w in workloads(queue, cluster.namespace)}
-    assert sorted(owned) == sorted(f"queued-{stage}" for stage in STAGES)
-    assert all(w["status"]["admission"]["clusterQueue"] == f"cq-{cluster.namespace}" for w in owned.values())
+    # One Kueue Workload for the run, owned by the PurificationJob, admitted by Kueue (not by the
+    # test), finished with the run; none for the stage Jobs, which carry no queue label.
+    (workload,) = workloads(queue, cluster.namespace)
+    owner = workload["metadata"]["ownerReferences"][0]
+    assert (owner["kind"], owner["uid"], owner["controller"]) == ("PurificationJob", uid, True)
+    assert workload["status"]["admission"]["clusterQueue"] == f"cq-{cluster.namespace}"
+    assert _condition(workload, "Finished")["reason"] == "Succeeded"
+    assert not any(QUEUE_LABEL in j["metadata"]["labels"] for j in cluster.jobs(cluster.namespace))
     assert sum(e["reason"] == "WaitingForAdmission" for e in cluster.events(cluster.namespace)) >= 1
 
 
@@ -99,20 +80,20 @@ def test_a_run_whose_queue_is_full_waits_visibly_and_runs_when_the_quota_is_free
     holder = quota_holder(queue, cluster.namespace)
     wait_until(lambda: any(admitted(w) for w in workloads(queue, cluster.namespace)), 30, "the holder's admission")
     kubelet.standin_seconds = 0.3
-    with operator(cluster, monkeypatch):
+    with operator(cluster, monkeypatch, _with_kueue(cluster)):
         cluster.create_job(_queued(standin_manifest(s3, uploaded, cluster.namespace, "waits")))
         body = cluster.wait_for(cluster.namespace, "waits",
                                 lambda b: "waiting for admission" in b.get("status", {}).get("message", ""), 30,
                                 "the job to say it waits for admission")
         time.sleep(2.0)  # Kueue has looked at it several times: the quota is taken
-        assert kubelet.started == []
-        (stage_job,) = cluster.jobs(cluster.namespace)
-        assert stage_job["spec"]["suspend"] is True
+        assert kubelet.started == [] and cluster.jobs(cluster.namespace) == []  # no stage Job at all
+        body = cluster.get(cluster.namespace, "waits")
         conditions = {c["type"]: c for c in body["status"]["conditions"]}
         assert conditions["Reconciling"]["reason"] == "WaitingForAdmission"
         assert conditions["Stalled"]["status"] == "False"  # queued is not stuck
-        pending = [w for w in workloads(queue, cluster.namespace) if w["metadata"]["name"] != holder]
-        assert len(pending) == 1 and not admitted(pending[0])
+        assert "insufficient" in body["status"]["message"].lower(), body["status"]["message"]  # Kueue's word
+        pending = _run_workload(queue, cluster.namespace, "waits")
+        assert not admitted(pending)
         freed = time.monotonic()
         queue.delete_namespaced_custom_object(GROUP, VERSION, cluster.namespace, "workloads", holder)
         wait_until(lambda: "waits-saliency" in kubelet.started, 30, "the first stage to start")
@@ -120,3 +101,64 @@ def test_a_run_whose_queue_is_full_waits_visibly_and_runs_when_the_quota_is_free
         body = cluster.wait_for(cluster.namespace, "waits", finished, 120, "the job to finish")
     assert body["status"]["phase"] == "Succeeded", body["status"]
     assert started_after < 15, started_after  # Kueue admits it as soon as the quota is back
+
+
+def test_a_competitor_queued_during_a_run_waits_for_the_whole_run(cluster, kubelet, s3, uploaded, queue, monkeypatch):
+    """The run keeps its admission from its first stage to its last: the competitor is admitted
+    only once the run's Workload is finished, and no stage of the run waits for it."""
+    kubelet.standin_seconds = 1.0
+    with operator(cluster, monkeypatch, _with_kueue(cluster)):
+        cluster.create_job(_queued(standin_manifest(s3, uploaded, cluster.namespace, "first")))
+        wait_until(lambda: "first-saliency" in kubelet.started, 60, "the run's first stage")
+        holder = quota_holder(queue, cluster.namespace)
+        admitted_while_running = False
+        while not finished(cluster.get(cluster.namespace, "first")):
+            competitor = next(w for w in workloads(queue, cluster.namespace) if w["metadata"]["name"] == holder)
+            admitted_while_running |= admitted(competitor)
+            time.sleep(0.1)
+        body = cluster.get(cluster.namespace, "first")
+        wait_until(lambda: admitted(next(w for w in workloads(queue, cluster.namespace)
+                                         if w["metadata"]["name"] == holder)), 30, "the competitor's admission")
+    assert body["status"]["phase"] == "Succeeded", body["status"]
+    assert not admitted_while_running
+    assert len([w for w in workloads(queue, cluster.namespace) if w["metadata"]["name"] != holder]) == 1
+
+
+def test_an_evicted_run_stops_gives_the_quota_back_and_resumes_when_admitted_again(
+        cluster, kubelet, s3, uploaded, queue, monkeypatch):
+    """Deactivating the run's Workload (spec.active: false) makes Kueue evict it, as preemption
+    does: the operator deletes the running stage Job, clears the reservation, and once the Workload
+    is active again and re-admitted the stage runs again — a new attempt, not a failure."""
+    kubelet.standin_seconds = 4.0
+    with operator(cluster, monkeypatch, _with_kueue(cluster)):
+        cluster.create_job(_queued(standin_manifest(s3, uploaded, cluster.namespace, "evicted")))
+        wait_until(lambda: "evicted-masking" in kubelet.started, 60, "the second stage to start")
+        workload = _run_workload(queue, cluster.namespace, "evicted")
+        patch = lambda active: queue.patch_namespaced_custom_object(  # noqa: E731
+            GROUP, VERSION, cluster.namespace, "workloads", workload["metadata"]["name"], {"spec": {"active": active}})
+        patch(False)
+        wait_until(lambda: "evicted-masking" in kubelet.killed, 30, "the running stage to stop")
+        wait_until(lambda: not admitted(_run_workload(queue, cluster.namespace, "evicted"))
+                   and _condition(_run_workload(queue, cluster.namespace, "evicted"), "QuotaReserved")
+                   .get("status") == "False", 30, "the quota to be given back")
+        body = cluster.get(cluster.namespace, "evicted")
+        assert "The workload is deactivated" in body["status"]["message"], body["status"]["message"]  # Kueue's word
+        wait_until(lambda: any(e["reason"] == "WaitingForAdmission" and "evicted by Kueue" in e["message"]
+                               for e in cluster.events(cluster.namespace)), 10, "the eviction's Event")
+        kubelet.standin_seconds = 0.3
+        patch(True)
+        body = cluster.wait_for(cluster.namespace, "evicted", finished, 120, "the job to finish")
+    assert body["status"]["phase"] == "Succeeded", body["status"]
+    masking = next(s for s in body["status"]["stages"] if s["name"] == "masking")
+    assert (masking["attempts"], masking.get("failures", 0)) == (2, 0)
+    assert kubelet.started == ["evicted-saliency", "evicted-masking", "evicted-masking-2", "evicted-relabel",
+                               "evicted-finetune", "evicted-evaluate"]
+
+
+def test_a_queued_job_is_refused_by_an_operator_installed_without_kueue(cluster, kubelet, s3, uploaded, monkeypatch):
+    with operator(cluster, monkeypatch):
+        cluster.create_job(_queued(standin_manifest(s3, uploaded, cluster.namespace, "unqueued")))
+        body = cluster.wait_for(cluster.namespace, "unqueued", finished, 30, "the job to be refused")
+    failed = next(c for c in body["status"]["conditions"] if c["type"] == "Failed")
+    assert failed["reason"] == "InvalidSpec" and "kueue.enabled" in failed["message"]
+    assert cluster.jobs(cluster.namespace) == []

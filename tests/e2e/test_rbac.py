@@ -5,6 +5,8 @@ the API server's audit log, and every rule the chart grants must have been used.
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from tests.deploy.helm_chart import by_kind, render
@@ -70,8 +72,9 @@ def test_the_chart_grants_exactly_what_the_operator_uses(cluster, kubelet, s3, u
     with operator(cluster, monkeypatch, values):
         # A two-pod fine-tune: the operator creates its rendezvous Service too; clean-up on deletion:
         # the job carries the operator's finalizer (patched in, and out once the artifacts are gone).
+        # A time to live: the operator deletes the finished job itself.
         cluster.create_job(standin_manifest(s3, uploaded, cluster.namespace, "rbac", parallelism={"finetuneNodes": 2},
-                                            policy={"cleanupArtifacts": True}))
+                                            policy={"cleanupArtifacts": True, "ttlSecondsAfterFinished": 1}))
         wait_until(lambda: "rbac-masking" in kubelet.started, 60, "the masking pod")
         cluster.set_suspend(cluster.namespace, "rbac", True)
         cluster.wait_for(cluster.namespace, "rbac", lambda b: b.get("status", {}).get("phase") == "Suspended", 20,
@@ -79,8 +82,8 @@ def test_the_chart_grants_exactly_what_the_operator_uses(cluster, kubelet, s3, u
         cluster.set_suspend(cluster.namespace, "rbac", False)
         body = cluster.wait_for(cluster.namespace, "rbac", finished, 90, "the job to finish")
         assert body["status"]["phase"] == "Succeeded", body["status"]
-        cluster.delete_job(cluster.namespace, "rbac")  # kopf removes its finalizer, then the object goes
-        wait_until(lambda: "rbac" not in cluster.list_jobs(cluster.namespace), 30, "the job to be deleted")
+        # kopf removes its finalizer once the artifacts are cleaned up, then the object goes
+        wait_until(lambda: "rbac" not in cluster.list_jobs(cluster.namespace), 30, "the job to expire")
     assert forbidden_calls(cluster) == []
     used = used_by_operator(cluster)
     granted = granted_by_chart(values)
@@ -89,6 +92,32 @@ def test_the_chart_grants_exactly_what_the_operator_uses(cluster, kubelet, s3, u
     # Secrets: never granted cluster-wide, read only in the job's namespace.
     assert not any(g[1] == "secrets" and g[3] == CLUSTER for g in granted)
     assert {c[3] for c in used if c[1] == "secrets"} == {cluster.namespace}
+
+
+def test_with_kueue_the_chart_grants_exactly_the_queue_calls_the_operator_makes(cluster, kubelet, s3, uploaded, queue,
+                                                                                 monkeypatch):
+    """kueue.enabled: the run's Workload is created, read, finished; deleted while the run is
+    suspended; the admitted flavor read. Every Kueue rule the chart adds is used, none is missing."""
+    values = chart_values(cluster, kueue={"enabled": True})
+    kubelet.standin_seconds = 1.5
+    with operator(cluster, monkeypatch, values):
+        queued = standin_manifest(s3, uploaded, cluster.namespace, "queued-rbac")
+        queued["metadata"]["labels"] = {"kueue.x-k8s.io/queue-name": "gpu-batch"}
+        cluster.create_job(queued)
+        wait_until(lambda: "queued-rbac-masking" in kubelet.started, 60, "the masking pod")
+        cluster.set_suspend(cluster.namespace, "queued-rbac", True)
+        cluster.wait_for(cluster.namespace, "queued-rbac", lambda b: b.get("status", {}).get("phase") == "Suspended",
+                         20, "suspension")
+        cluster.set_suspend(cluster.namespace, "queued-rbac", False)
+        body = cluster.wait_for(cluster.namespace, "queued-rbac", finished, 90, "the job to finish")
+        assert body["status"]["phase"] == "Succeeded", body["status"]
+        time.sleep(1.0)  # the Workload is finished in the pass after the status
+    assert forbidden_calls(cluster) == []
+    used = {c for c in used_by_operator(cluster) if c[0] == "kueue.x-k8s.io"}
+    granted = {g for g in granted_by_chart(values) if g[0] == "kueue.x-k8s.io"}
+    assert uncovered(used, granted) == set(), f"calls the chart does not allow: {sorted(uncovered(used, granted))}"
+    assert unused(granted, used) == set(), f"rules the operator never used: {sorted(unused(granted, used))}"
+    assert not any(g[0] == "kueue.x-k8s.io" for g in granted_by_chart(chart_values(cluster)))  # off by default
 
 
 def test_cluster_wide_the_operator_reads_no_secret_outside_its_credential_namespaces(cluster, kubelet, s3, uploaded,

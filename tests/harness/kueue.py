@@ -8,7 +8,8 @@ How it differs from a Kueue installed by its manifests, and why:
   the API server, which cannot reach a Service without a cluster network: what they do for a
   batch/v1 Job (suspend it at creation when it names a queue) the operator already does itself,
   and Kueue's controllers, which do the queueing and admission, are unaffected;
-- leader election is off (one manager), and only the batch/job integration is on;
+- leader election is off (one manager); the batch/job integration is on, and the operator's
+  PurificationJob is registered as an external framework (as the chart's README tells a team to);
 - without Kueue's internal certificate management (which would want a webhook Service and CRD
   conversion webhooks), Kueue reads a metrics certificate from the fixed path
   /etc/kueue/metrics/certs: the manager runs in a mount namespace of its own in which a test
@@ -24,6 +25,7 @@ from typing import Optional
 
 import yaml
 
+from disp_operator.kueue import EXTERNAL_FRAMEWORK
 from tests.harness.controlplane import ControlPlane, free_port
 from tests.harness.process import http_ok, stop, wait_ready
 from tests.harness.tools import BUILD_SCRIPT, ToolError
@@ -76,7 +78,9 @@ class KueueManager:
             "webhook": {"host": "127.0.0.1", "port": free_port(), "certDir": str(certs)},
             "leaderElection": {"leaderElect": False},
             "internalCertManagement": {"enable": False},
-            "integrations": {"frameworks": ["batch/job"]},
+            # The operator's PurificationJob is an external framework: it makes the run's Workload,
+            # and Kueue holds back (suspends) a stage Job of a run whose Workload is not admitted.
+            "integrations": {"frameworks": ["batch/job"], "externalFrameworks": [EXTERNAL_FRAMEWORK]},
         }))
         METRICS_CERTS.mkdir(parents=True, exist_ok=True)
         with open(self.log, "ab") as log:

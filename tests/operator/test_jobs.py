@@ -310,22 +310,41 @@ def test_multi_node_pod_hostnames_stay_dns_labels_for_long_job_names():
     assert len(service) <= 63 and service[0].isalpha()
 
 
-def test_a_kueue_queue_label_reaches_every_stage_job_which_starts_suspended():
+def test_a_queued_run_is_one_workload_sized_for_its_largest_stage_and_its_stage_jobs_are_not_queued():
     from tests.operator.conftest import job_body
+    from disp_operator.jobs import run_workload_manifest
+    from disp_operator.kueue import Admission, AdmissionState
     from disp_operator.validation import parse_job
 
-    body = job_body()
+    body = job_body(parallelism={"saliencyShards": 3, "relabelShards": 2},
+                    resources={"gpus": 1, "cpu": "4", "memory": "32Gi",
+                               "stages": {"finetune": {"gpus": 2, "memory": "64Gi"}}})
     body["metadata"]["labels"] = {"kueue.x-k8s.io/queue-name": "gpu-batch", "kueue.x-k8s.io/priority-class": "high",
                                   "team": "vision"}
     job = parse_job(body)
+    workload = run_workload_manifest(job, DEFAULTS)
+    assert workload["metadata"]["name"] == f"purificationjob-purify-{job.metadata.uid[:5]}"
+    assert workload["metadata"]["labels"] == {"kueue.x-k8s.io/priority-class": "high"}
+    (owner,) = workload["metadata"]["ownerReferences"]
+    assert (owner["kind"], owner["uid"], owner["controller"]) == ("PurificationJob", job.metadata.uid, True)
+    assert workload["spec"]["queueName"] == "gpu-batch"
+    (pod_set,) = workload["spec"]["podSets"]
+    assert pod_set["count"] == 3  # the widest stage: three saliency shards
+    requests = pod_set["template"]["spec"]["containers"][0]["resources"]["requests"]
+    assert requests == {"cpu": "4", "memory": "64Gi", "nvidia.com/gpu": 2}  # the most any stage asks, each
+    # Stage Jobs carry no queue label and are not suspended: the run is admitted as a whole.
+    admitted = Admission(AdmissionState.ADMITTED, flavors=("a100",), node_selector={"gpu": "a100"},
+                         tolerations=({"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"},
+                                      {"key": "reserved", "operator": "Exists"}))
     for stage in StageName:
-        manifest = _valid(stage_job(job, stage, StepKind.RUN, 1, DEFAULTS))
-        labels = manifest["metadata"]["labels"]
-        assert labels["kueue.x-k8s.io/queue-name"] == "gpu-batch" and labels["kueue.x-k8s.io/priority-class"] == "high"
-        assert "team" not in labels  # only Kueue's labels pass on
-        assert manifest["spec"]["suspend"] is True
-    plain = stage_job(make_job(), StageName.SALIENCY, StepKind.RUN, 1, DEFAULTS)
-    assert "suspend" not in plain["spec"] and not any(k.startswith("kueue") for k in plain["metadata"]["labels"])
+        manifest = _valid(stage_job(job, stage, StepKind.RUN, 1, DEFAULTS, admission=admitted))
+        assert not any(k.startswith("kueue") for k in manifest["metadata"]["labels"])
+        assert "suspend" not in manifest["spec"]
+        pod = pod_of(manifest)
+        assert pod["nodeSelector"]["gpu"] == "a100"  # where Kueue admitted the run
+        tolerations = pod["tolerations"]
+        assert {"key": "reserved", "operator": "Exists"} in tolerations
+        assert len(tolerations) == len({json.dumps(t, sort_keys=True) for t in tolerations})  # none twice
 
 
 def test_with_the_charts_json_log_format_stage_pods_log_json_and_a_failure_still_reads_as_its_message():

@@ -24,12 +24,13 @@ BACKOFF = RetryBackoff(base_seconds=10, maximum_seconds=60)
 
 
 def step(job, status, at=T0, jobs=(), pods=None, progress=None, metrics=None, generation=1, pending=None,
-         tampered=None):
+         tampered=None, admission=None):
     children = {j["metadata"]["name"]: ChildJob.from_job(j) for j in jobs}
     outcomes = {name: [PodOutcome.from_pod(p) for p in ps] for name, ps in (pods or {}).items()}
     waiting = {name: [PendingPod.from_pod(p) for p in ps] for name, ps in (pending or {}).items()}
     return reconcile(job, status, generation, Observation(now=at, children=children, pods=outcomes, pending=waiting,
-                                                          progress=progress, metrics=metrics, tampered=tampered),
+                                                          progress=progress, metrics=metrics, tampered=tampered,
+                                                          admission=admission),
                      BACKOFF,
                      PENDING_AFTER)
 
@@ -380,27 +381,92 @@ def _pending_pod(name, created, reason=None, message=""):
             "status": status}
 
 
-def test_a_stage_job_queued_by_kueue_says_it_waits_for_admission():
+def test_a_queued_run_is_admitted_once_and_gives_its_quota_back_only_when_evicted_or_done():
+    from disp_operator.kueue import Admission, AdmissionState
+    from disp_operator.reconcile import WorkloadAction
     from disp_operator.validation import parse_job
     from tests.operator.conftest import job_body
 
     body = job_body()
     body["metadata"]["labels"] = {"kueue.x-k8s.io/queue-name": "gpu-batch"}
     job = parse_job(body)
-    started = step(job, PurificationJobStatus())
-    queued = {"metadata": {"name": "purify-saliency"}, "spec": {"suspend": True}, "status": {}}
-    plan = step(job, started.status, jobs=[queued])
-    assert plan.create == [] and plan.status.phase is JobPhase.RUNNING
-    reconciling = plan.status.condition(ConditionType.RECONCILING)
+    # No Workload yet: it is created; no stage starts; the job says it waits, once.
+    fresh = step(job, PurificationJobStatus())
+    assert fresh.workload is WorkloadAction.CREATE and fresh.create == [] and fresh.status.phase is JobPhase.RUNNING
+    reconciling = fresh.status.condition(ConditionType.RECONCILING)
     assert (reconciling.status, reconciling.reason) == (ConditionStatus.TRUE, Reason.WAITING_FOR_ADMISSION)
-    assert "waiting for admission in Kueue queue gpu-batch" in plan.status.message
-    assert condition(plan.status, ConditionType.STALLED) is ConditionStatus.FALSE  # queued is not stuck
-    assert [(e.type, e.reason) for e in plan.events] == [(EventType.NORMAL, Reason.WAITING_FOR_ADMISSION)]
-    assert plan.holdup.pending_seconds == 0  # a suspended Job has no pod: nothing for the stall alert
-    again = step(job, plan.status, at=T0 + timedelta(minutes=1), jobs=[queued])
-    assert again.events == []  # said once
-    admitted = step(job, again.status, at=T0 + timedelta(minutes=2), jobs=[k8s_job("purify-saliency")])
-    assert admitted.status.condition(ConditionType.RECONCILING).reason is Reason.STAGE_RUNNING
+    assert fresh.status.message == "waiting for admission in Kueue queue gpu-batch"
+    assert condition(fresh.status, ConditionType.STALLED) is ConditionStatus.FALSE  # queued is not stuck
+    assert [(e.type, e.reason) for e in fresh.events] == [(EventType.NORMAL, Reason.WAITING_FOR_ADMISSION)]
+    pending = Admission(AdmissionState.PENDING, "couldn't assign flavors to pod set stage: insufficient quota")
+    waiting = step(job, fresh.status, at=T0 + timedelta(minutes=1), admission=pending)
+    assert waiting.workload is None and waiting.create == [] and waiting.events == []
+    assert waiting.status.message.endswith(": couldn't assign flavors to pod set stage: insufficient quota")
+    # Admitted: the stages run one after the other under that one admission.
+    admitted = Admission(AdmissionState.ADMITTED, flavors=("default",))
+    running = step(job, waiting.status, at=T0 + timedelta(minutes=2), admission=admitted)
+    assert running.create == [CreateJob(StageName.SALIENCY, StepKind.RUN, 1)] and running.workload is None
+    masking = step(job, running.status, jobs=[k8s_job("purify-saliency", "succeeded")], admission=admitted)
+    assert masking.create == [CreateJob(StageName.MASKING, StepKind.RUN, 1)] and masking.workload is None
+    # Evicted mid-stage: the stage Job goes (not a failure), the quota once its pods are gone.
+    evicted = Admission(AdmissionState.EVICTED, "Preempted to accommodate a workload (UID: 1) of higher priority")
+    stopping = step(job, masking.status, jobs=[k8s_job("purify-saliency", "succeeded"), k8s_job("purify-masking")],
+                    admission=evicted)
+    assert stopping.delete == ["purify-masking"] and stopping.workload is None and stopping.requeue_after == 1.0
+    stage = stopping.status.stage(StageName.MASKING)
+    assert stage.phase is StagePhase.PENDING and stage.failures == 0
+    assert "evicted by Kueue (Preempted to accommodate" in stopping.status.message
+    released = step(job, stopping.status, jobs=[k8s_job("purify-saliency", "succeeded")], admission=evicted)
+    assert released.workload is WorkloadAction.RELEASE and released.create == []
+    # Admitted again: the stage starts again as a new attempt, with no failure counted.
+    again = step(job, released.status, jobs=[k8s_job("purify-saliency", "succeeded")], admission=admitted)
+    assert again.create == [CreateJob(StageName.MASKING, StepKind.RUN, 2)]
+    assert again.status.stage(StageName.MASKING).failures == 0
+    # A suspended run gives its quota back; a finished one ends its Workload.
+    suspended = parse_job({**body, "spec": {**body["spec"], "policy": {"suspend": True}}})
+    assert step(suspended, again.status, admission=admitted).workload is WorkloadAction.DELETE
+    done = reconcile(None, reject(PurificationJobStatus(), "x", 1, T0).status, 1,
+                     Observation(now=T0, admission=admitted), BACKOFF, PENDING_AFTER)
+    assert done.workload is WorkloadAction.FINISH
+    assert reconcile(None, done.status, 1, Observation(now=T0, admission=Admission(AdmissionState.FINISHED)),
+                     BACKOFF, PENDING_AFTER).workload is None
+    # A job without a queue label never has one.
+    assert step(make_job(), PurificationJobStatus()).workload is None
+
+
+def test_a_workload_is_read_as_kueue_writes_it():
+    from disp_operator.kueue import AdmissionState, admission_of, released_status, with_flavors
+
+    def workload(*conditions, admission=None):
+        status = {"conditions": [{"type": t, "status": v, "reason": r, "message": m,
+                                  "lastTransitionTime": "2026-12-06T10:00:00Z"} for t, v, r, m in conditions]}
+        if admission:
+            status["admission"] = admission
+        return {"metadata": {"generation": 1}, "status": status}
+
+    assert admission_of({}).state is AdmissionState.PENDING
+    quota = workload(("QuotaReserved", "False", "Pending", "insufficient unused quota for cpu"))
+    assert admission_of(quota) == admission_of(quota).__class__(AdmissionState.PENDING, "insufficient unused quota for cpu")
+    admitted = workload(("QuotaReserved", "True", "QuotaReserved", ""), ("Admitted", "True", "Admitted", ""),
+                        admission={"clusterQueue": "cq", "podSetAssignments": [
+                            {"name": "stage", "flavors": {"cpu": "on-demand", "nvidia.com/gpu": "a100"}}]})
+    seen = admission_of(admitted)
+    assert seen.state is AdmissionState.ADMITTED and seen.flavors == ("a100", "on-demand")
+    placed = with_flavors(seen, [{"spec": {"nodeLabels": {"gpu": "a100"}, "tolerations": [{"key": "g"}]}},
+                                 {"spec": {"nodeLabels": {"pool": "od"}, "tolerations": [{"key": "g"}]}}])
+    assert placed.node_selector == {"gpu": "a100", "pool": "od"} and placed.tolerations == ({"key": "g"},)
+    evicted = workload(("QuotaReserved", "True", "QuotaReserved", ""), ("Admitted", "True", "Admitted", ""),
+                       ("Evicted", "True", "Preempted", "Preempted by a higher priority workload"),
+                       admission={"clusterQueue": "cq", "podSetAssignments": []})
+    assert admission_of(evicted).state is AdmissionState.EVICTED
+    status = released_status(evicted, T0)
+    assert status["admission"] is None
+    kinds = {c["type"]: c for c in status["conditions"]}
+    assert (kinds["QuotaReserved"]["status"], kinds["QuotaReserved"]["reason"]) == ("False", "Pending")
+    assert kinds["Admitted"]["status"] == "False" and kinds["Requeued"]["status"] == "True"
+    assert admission_of({"status": status}).state is AdmissionState.PENDING  # released: queued again
+    finished = workload(("Finished", "True", "Succeeded", "done"), ("Admitted", "True", "Admitted", ""))
+    assert admission_of(finished).state is AdmissionState.FINISHED
 
 
 def test_an_unschedulable_pod_stalls_the_job_with_the_schedulers_message(job):
