@@ -204,7 +204,8 @@ def _place(pod: dict[str, Any], admission: Admission) -> None:
         pod["tolerations"] = pod.get("tolerations", []) + extra
 
 
-def run_workload_manifest(job: PurificationJob, defaults: RunnerDefaults) -> dict[str, Any]:
+def run_workload_manifest(job: PurificationJob, defaults: RunnerDefaults,
+                          priority: Optional[int] = None) -> dict[str, Any]:
     """The queued run's Kueue Workload, sized from the pods its stages' Jobs would run."""
     stage_pods = {}
     for stage in job.spec.stages():
@@ -212,7 +213,7 @@ def run_workload_manifest(job: PurificationJob, defaults: RunnerDefaults) -> dic
         count = job.spec.shards(stage) if step is StepKind.SHARDS else finetune_nodes(job, stage)
         stage_pods[stage] = (count, _pod_spec(job, stage, step, defaults, stage_job_name(job.metadata.name, stage,
                                                                                        step, 1), None))
-    return run_workload(job, stage_pods, _owner(job))
+    return run_workload(job, stage_pods, _owner(job), priority)
 
 
 def _pod_spec(job: PurificationJob, stage: StageName, step: StepKind, defaults: RunnerDefaults,

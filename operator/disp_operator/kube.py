@@ -125,6 +125,16 @@ class KubeApi:
             if exc.status != 404:
                 raise
 
+    def workload_priority(self, name: str) -> Optional[int]:
+        """The value of the WorkloadPriorityClass `name`, or None when there is none."""
+        try:
+            found = self.custom.get_cluster_custom_object(KUEUE_GROUP, KUEUE_VERSION, "workloadpriorityclasses", name)
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+        return int(found.get("value", 0))
+
     def resource_flavor(self, name: str) -> Optional[dict[str, Any]]:
         try:
             return self.custom.get_cluster_custom_object(KUEUE_GROUP, KUEUE_VERSION, "resourceflavors", name)

@@ -104,11 +104,12 @@ def _quantity(value: Any) -> float:
 
 
 def run_workload(job: PurificationJob, stage_pods: Mapping[StageName, tuple[int, dict[str, Any]]],
-                 owner: Mapping[str, Any]) -> dict[str, Any]:
+                 owner: Mapping[str, Any], priority: Optional[int] = None) -> dict[str, Any]:
     """The run's Workload: one pod set as large as the run's largest stage — as many pods as its
     widest stage (shards, fine-tune nodes) and, per resource, the most any stage's pod requests —
     so the quota Kueue reserves once covers every stage. `stage_pods`: each stage's pod count and
-    pod spec (as its Job would run it)."""
+    pod spec (as its Job would run it); `priority`: the value of the job's WorkloadPriorityClass
+    (its kueue.x-k8s.io/priority-class label), which the Workload references."""
     count = max(pods for pods, _ in stage_pods.values())
     requests: dict[str, Any] = {}
     template: Optional[dict[str, Any]] = None
@@ -130,8 +131,23 @@ def run_workload(job: PurificationJob, stage_pods: Mapping[StageName, tuple[int,
         "metadata": {"name": workload_name(meta.name, meta.uid), "namespace": meta.namespace, "labels": labels,
                      "ownerReferences": [dict(owner)]},
         "spec": {"queueName": queue_name(job), "podSets": [{"name": POD_SET, "count": count,
-                                                             "template": {"spec": pod}}]},
+                                                             "template": {"spec": pod}}],
+                 **_priority(job, priority)},
     }
+
+
+def priority_class(job: PurificationJob) -> Optional[str]:
+    """The Kueue WorkloadPriorityClass the job names (its kueue.x-k8s.io/priority-class label)."""
+    return job.metadata.labels.get(PRIORITY_LABEL)
+
+
+def _priority(job: PurificationJob, value: Optional[int]) -> dict[str, Any]:
+    name = priority_class(job)
+    if name is None:
+        return {}
+    assert value is not None, "the WorkloadPriorityClass was read before the Workload is made"
+    return {"priorityClassRef": {"group": KUEUE_GROUP, "kind": "WorkloadPriorityClass", "name": name},
+            "priority": value}
 
 
 def _set_condition(conditions: list[dict[str, Any]], kind: str, status: bool, reason: str, message: str,

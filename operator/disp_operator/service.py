@@ -28,8 +28,9 @@ from disp_operator.artifacts import ArtifactsTampered, RunStore
 from disp_operator.children import ChildJob, PendingPod, PodOutcome
 from disp_operator.config import OperatorConfig
 from disp_operator.jobs import finetune_nodes, rendezvous_service, run_workload_manifest, stage_job
-from disp_operator.kueue import (QUEUE_LABEL, Admission, AdmissionState, admission_of, finished_status,
-                                 queue_name, released_status, with_flavors, workload_name)
+from disp_operator.kueue import (PRIORITY_LABEL, QUEUE_LABEL, Admission, AdmissionState, admission_of,
+                                 finished_status, priority_class, queue_name, released_status, with_flavors,
+                                 workload_name)
 from disp_operator.kube import KubeApi
 from disp_operator.metrics import OperatorMetrics
 from disp_operator.naming import ANNOTATION_RUNNER_IMAGE, FOLLOW_IMAGE_TAG
@@ -210,6 +211,10 @@ class JobLoop:
         if queue_name(job) is not None and not self.rt.config.kueue:
             raise InvalidSpec(f"metadata.labels[{QUEUE_LABEL}]: this operator runs no queued jobs; install its "
                               "chart with kueue.enabled=true (and Kueue) to queue runs")
+        if queue_name(job) is not None and priority_class(job) is not None and \
+                await asyncio.to_thread(self.rt.kube.workload_priority, priority_class(job)) is None:
+            raise InvalidSpec(f"metadata.labels[{PRIORITY_LABEL}]: no Kueue WorkloadPriorityClass "
+                              f"{priority_class(job)!r}")
         check_static(job)
         check_policy(job, self.rt.config.credential_namespaces, self.rt.config.forbid_unsafe_pickle,
                      self.rt.config.allowed_endpoints)
@@ -292,7 +297,12 @@ class JobLoop:
         kube, action, now = self.rt.kube, plan.workload, datetime.now(timezone.utc)
         if action is WorkloadAction.CREATE:
             assert job is not None
-            if await asyncio.to_thread(kube.create_workload, run_workload_manifest(job, self.rt.config.runner)):
+            name = priority_class(job)
+            priority = None if name is None else await asyncio.to_thread(kube.workload_priority, name)
+            if name is not None and priority is None:
+                return  # deleted since the job was validated: the next pass tries again
+            manifest = run_workload_manifest(job, self.rt.config.runner, priority)
+            if await asyncio.to_thread(kube.create_workload, manifest):
                 self.logger.info("created Workload %s in Kueue queue %s", workload_name(self.name, job.metadata.uid),
                                  queue_name(job))
             return

@@ -97,12 +97,18 @@ def test_the_chart_grants_exactly_what_the_operator_uses(cluster, kubelet, s3, u
 def test_with_kueue_the_chart_grants_exactly_the_queue_calls_the_operator_makes(cluster, kubelet, s3, uploaded, queue,
                                                                                  monkeypatch):
     """kueue.enabled: the run's Workload is created, read, finished; deleted while the run is
-    suspended; the admitted flavor read. Every Kueue rule the chart adds is used, none is missing."""
+    suspended; the admitted flavor and the job's WorkloadPriorityClass read. Every Kueue rule the
+    chart adds is used, none is missing."""
     values = chart_values(cluster, kueue={"enabled": True})
+    priority = f"research-{cluster.namespace[-6:]}"
+    queue.create_cluster_custom_object("kueue.x-k8s.io", "v1beta2", "workloadpriorityclasses", {
+        "apiVersion": "kueue.x-k8s.io/v1beta2", "kind": "WorkloadPriorityClass", "metadata": {"name": priority},
+        "value": 1000})
     kubelet.standin_seconds = 1.5
     with operator(cluster, monkeypatch, values):
         queued = standin_manifest(s3, uploaded, cluster.namespace, "queued-rbac")
-        queued["metadata"]["labels"] = {"kueue.x-k8s.io/queue-name": "gpu-batch"}
+        queued["metadata"]["labels"] = {"kueue.x-k8s.io/queue-name": "gpu-batch",
+                                        "kueue.x-k8s.io/priority-class": priority}
         cluster.create_job(queued)
         wait_until(lambda: "queued-rbac-masking" in kubelet.started, 60, "the masking pod")
         cluster.set_suspend(cluster.namespace, "queued-rbac", True)
@@ -112,6 +118,10 @@ def test_with_kueue_the_chart_grants_exactly_the_queue_calls_the_operator_makes(
         body = cluster.wait_for(cluster.namespace, "queued-rbac", finished, 90, "the job to finish")
         assert body["status"]["phase"] == "Succeeded", body["status"]
         time.sleep(1.0)  # the Workload is finished in the pass after the status
+    # The one left (suspension deleted the first) carries the priority class and its value.
+    (workload,) = queue.list_namespaced_custom_object("kueue.x-k8s.io", "v1beta2", cluster.namespace,
+                                                      "workloads")["items"]
+    assert (workload["spec"]["priorityClassRef"]["name"], workload["spec"]["priority"]) == (priority, 1000)
     assert forbidden_calls(cluster) == []
     used = {c for c in used_by_operator(cluster) if c[0] == "kueue.x-k8s.io"}
     granted = {g for g in granted_by_chart(values) if g[0] == "kueue.x-k8s.io"}

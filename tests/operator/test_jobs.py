@@ -322,8 +322,11 @@ def test_a_queued_run_is_one_workload_sized_for_its_largest_stage_and_its_stage_
     body["metadata"]["labels"] = {"kueue.x-k8s.io/queue-name": "gpu-batch", "kueue.x-k8s.io/priority-class": "high",
                                   "team": "vision"}
     job = parse_job(body)
-    workload = run_workload_manifest(job, DEFAULTS)
+    workload = run_workload_manifest(job, DEFAULTS, priority=1000)
     assert workload["metadata"]["name"] == f"purificationjob-purify-{job.metadata.uid[:5]}"
+    assert workload["spec"]["priorityClassRef"] == {"group": "kueue.x-k8s.io", "kind": "WorkloadPriorityClass",
+                                                    "name": "high"}
+    assert workload["spec"]["priority"] == 1000  # Kueue's schema requires the value with the reference
     assert workload["metadata"]["labels"] == {"kueue.x-k8s.io/priority-class": "high"}
     (owner,) = workload["metadata"]["ownerReferences"]
     assert (owner["kind"], owner["uid"], owner["controller"]) == ("PurificationJob", job.metadata.uid, True)
