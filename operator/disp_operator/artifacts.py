@@ -15,7 +15,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-from typing import Mapping, Optional
+from typing import Any, Callable, Mapping, Optional
 
 from pydantic import ValidationError
 
@@ -44,35 +44,42 @@ def published_problem(run_uri: str, stage: StageName, name: str, data: bytes, ma
     """Why `data`, read as <run>/<stage>/<name>, is not the file the stage published (None when it
     is): its SHA-256 against the stage manifest's record of it, and the manifest's against the
     record of the run's provenance.json (written after the stage's manifest, before its pod ends)."""
-    file_uri = f"{run_uri}/{stage.value}/{name}"
     manifest_name = f"{stage.value}/{STAGE_MANIFEST_FILE}"
-    if manifest is None:
-        return f"{file_uri}: {run_uri}/{manifest_name} is missing, so nothing records what the stage published"
+    manifest_uri, provenance_uri = f"{run_uri}/{manifest_name}", f"{run_uri}/{PROVENANCE_FILE}"
+    return _digest_problem(data, f"{run_uri}/{stage.value}/{name}", manifest, manifest_uri, "a stage manifest",
+                           lambda record: _digest_of(record["files"], "path", name, ("sha256",)),
+                           "changed after the stage published it") or \
+        _digest_problem(manifest or b"", manifest_uri, provenance, provenance_uri, "a provenance record",
+                        lambda record: _digest_of(record["predicate"]["runDetails"]["byproducts"], "name",
+                                                  manifest_name, ("digest", "sha256")),
+                        "changed after the run published it")
+
+
+def _digest_of(entries: list, key: str, value: str, digest: tuple[str, ...]) -> Optional[str]:
+    """The digest recorded for the entry whose `key` is `value` (a list of JSON objects)."""
+    entry = next((e for e in entries if isinstance(e, dict) and e.get(key) == value), None)
+    if entry is None:
+        return None
+    for part in digest:
+        entry = entry[part]
+    return str(entry)
+
+
+def _digest_problem(content: bytes, content_uri: str, record: Optional[bytes], record_uri: str, record_kind: str,
+                    find: Callable[[Any], Optional[str]], changed: str) -> Optional[str]:
+    """Why `content` is not what `record` (a JSON file, at `record_uri`) says it is, if it is not."""
+    if record is None:
+        return f"{content_uri}: {record_uri} is missing, so nothing records what was published"
     try:
-        entries = json.loads(manifest)["files"]
-        recorded = next((e["sha256"] for e in entries if isinstance(e, dict) and e.get("path") == name), None)
+        recorded = find(json.loads(record))
     except (ValueError, UnicodeDecodeError, RecursionError, KeyError, TypeError):
-        return f"{run_uri}/{manifest_name}: not a stage manifest"
-    actual = hashlib.sha256(data).hexdigest()
+        return f"{record_uri}: not {record_kind}"
     if recorded is None:
-        return f"{file_uri}: not listed in {run_uri}/{manifest_name}"
+        return f"{content_uri}: not recorded in {record_uri}"
+    actual = hashlib.sha256(content).hexdigest()
     if actual != recorded:
-        return (f"{file_uri}: SHA-256 {actual[:12]}… differs from the {recorded[:12]}… that "
-                f"{manifest_name} records (changed after the stage published it)")
-    if provenance is None:
-        return f"{run_uri}/{PROVENANCE_FILE}: missing, so nothing records the stage manifests of this run"
-    try:
-        byproducts = json.loads(provenance)["predicate"]["runDetails"]["byproducts"]
-        chained = next((b["digest"]["sha256"] for b in byproducts
-                        if isinstance(b, dict) and b.get("name") == manifest_name), None)
-    except (ValueError, UnicodeDecodeError, RecursionError, KeyError, TypeError):
-        return f"{run_uri}/{PROVENANCE_FILE}: not a provenance record"
-    actual = hashlib.sha256(manifest).hexdigest()
-    if chained is None:
-        return f"{run_uri}/{manifest_name}: not recorded in {PROVENANCE_FILE}"
-    if actual != chained:
-        return (f"{run_uri}/{manifest_name}: SHA-256 {actual[:12]}… differs from the {str(chained)[:12]}… that "
-                f"{PROVENANCE_FILE} records (changed after the run published it)")
+        return f"{content_uri}: SHA-256 {actual[:12]}… differs from the {recorded[:12]}… that {record_uri} records " \
+               f"({changed})"
     return None
 
 

@@ -69,18 +69,18 @@ def test_the_audit_is_checked_the_same_way_without_an_evaluation_set(run):
     audit_reader = RunStore(no_evaluation, S3_ACCESS, S3_SECRET)
     assert audit_reader.metrics().residual_rate == AUDIT["residualRate"]
     store.put_bytes("runs", f"{key}/finetune/audit.json", json.dumps({**AUDIT, "residualRate": 0.0}).encode())
-    with pytest.raises(ArtifactsTampered, match=r"finetune/audit\.json: SHA-256 .* differs .* finetune/stage-manifest"):
+    with pytest.raises(ArtifactsTampered, match=r"finetune/audit\.json: SHA-256 .* differs .*/finetune/stage-manifest"):
         audit_reader.metrics()
 
 
 @pytest.mark.parametrize("change, expected", [
-    ("metrics", r"/evaluate/metrics\.json: SHA-256 \w+… differs from the \w+… that evaluate/stage-manifest\.json "
+    ("metrics", r"/evaluate/metrics\.json: SHA-256 \w+… differs from the \w+… that s3://\S+/evaluate/stage-manifest\.json "
                 r"records \(changed after the stage published it\)"),
     # Whoever rewrites the manifest to match must also rewrite provenance.json, which records it.
     ("metrics and manifest", r"/evaluate/stage-manifest\.json: SHA-256 \w+… differs from the \w+… that "
-                             r"provenance\.json records"),
+                             r"s3://\S+/provenance\.json records"),
     ("manifest gone", r"/evaluate/metrics\.json: .*/evaluate/stage-manifest\.json is missing"),
-    ("provenance gone", r"/provenance\.json: missing"),
+    ("provenance gone", r"/evaluate/stage-manifest\.json: s3://\S+/provenance\.json is missing"),
     ("provenance garbled", r"/provenance\.json: not a provenance record"),
 ])
 def test_figures_changed_after_publication_are_refused_naming_the_file(run, change, expected):
@@ -111,11 +111,11 @@ def test_each_way_a_record_can_be_wrong_is_named_without_a_traceback():
         "s3://runs/r/evaluate/stage-manifest.json: not a stage manifest"
     unlisted = json.dumps({"files": [{"path": "other.json", "sha256": "0" * 64}]}).encode()
     assert published_problem(run, StageName.EVALUATE, "metrics.json", data, unlisted, b"{}") == \
-        "s3://runs/r/evaluate/metrics.json: not listed in s3://runs/r/evaluate/stage-manifest.json"
+        "s3://runs/r/evaluate/metrics.json: not recorded in s3://runs/r/evaluate/stage-manifest.json"
     listed = json.dumps({"files": [{"path": "metrics.json", "sha256": hashlib.sha256(data).hexdigest()}]}).encode()
     unchained = json.dumps({"predicate": {"runDetails": {"byproducts": []}}}).encode()
     assert published_problem(run, StageName.EVALUATE, "metrics.json", data, listed, unchained) == \
-        "s3://runs/r/evaluate/stage-manifest.json: not recorded in provenance.json"
+        "s3://runs/r/evaluate/stage-manifest.json: not recorded in s3://runs/r/provenance.json"
     chained = json.dumps({"predicate": {"runDetails": {"byproducts": [
         {"name": "evaluate/stage-manifest.json", "digest": {"sha256": hashlib.sha256(listed).hexdigest()}}]}}}).encode()
     assert published_problem(run, StageName.EVALUATE, "metrics.json", data, listed, chained) is None
