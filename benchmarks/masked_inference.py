@@ -24,7 +24,7 @@ from demo_runs import SCENARIOS, demo_run, pct
 from disp_api import PurificationMetrics
 from disp_runner.disp.saliency import SaliencyConfig
 from disp_runner.evaluation import MaskedInference, evaluate_model
-from disp_runner.pipeline.runner import open_run
+from disp_runner.pipeline.opening import open_run
 
 
 def measure(workdir: Path, name: str, ratio: float) -> tuple[PurificationMetrics, object, float]:

@@ -433,8 +433,8 @@ def _cmd_run(args) -> None:
     from disp_runner.pipeline.artifacts import Shard
     from disp_runner.provenance import load_signing_key
     from disp_runner.diffusion.distributed import Topology
-    from disp_runner.pipeline.runner import (join_distributed_stage, merge_shards, open_run, run_job, run_stage,
-                                             run_uri, shard_count)
+    from disp_runner.pipeline.opening import open_run, run_uri
+    from disp_runner.pipeline.runner import join_distributed_stage, merge_shards, run_job, run_stage, shard_count
     from disp_runner.stages import STAGES
 
     if (args.manifest is None) == (args.manifest_env is None):

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from disp_api import AttackSpec, AttackTarget, EvaluationMetrics, MetricsCounts, TargetSpec
-from disp_runner.data.dataset import Instance, instances_by_task
+from disp_runner.data.instances import Instance, instances_by_task
 from disp_runner.data.vocabulary import INSERTION_MARKER
 from disp_runner.diffusion.decoding import DecodingConfig
 from disp_runner.diffusion.inference import ImageEmbedsTransform, generate_responses

@@ -346,7 +346,8 @@ def test_a_fine_tune_pod_killed_after_epoch_two_of_four_resumes_at_epoch_three(c
     import torch
     from safetensors.torch import load, load_file
 
-    from disp_runner.pipeline.runner import open_run, run_job
+    from disp_runner.pipeline.opening import open_run
+    from disp_runner.pipeline.runner import run_job
     from tests.tiny import make_job
 
     # 24 steps an epoch, through every weight: about a second an epoch to be killed in.

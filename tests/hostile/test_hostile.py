@@ -313,7 +313,9 @@ def test_refused_with_one_line_nothing_published_nothing_outside_touched(workspa
 def test_ids_that_differ_only_in_unsafe_characters_keep_their_own_images(tmp_path):
     from PIL import Image
 
-    from disp_runner.data.dataset import Instance, load_dataset, write_dataset
+    from disp_runner.data.instances import Instance
+
+    from disp_runner.data.dataset import load_dataset, write_dataset
     instances = [Instance(id=i, prompt="p", response="r", image=Image.new("RGB", (8, 8), colour))
                  for i, colour in (("x/1", "red"), ("x_1", "blue"), ("x:1", "green"))]
     write_dataset(instances, tmp_path / "d")

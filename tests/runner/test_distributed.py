@@ -16,7 +16,8 @@ from disp_api import StageName
 from disp_runner.diffusion.distributed import Topology, batch_share
 from disp_runner.errors import UserInputError
 from disp_runner.pipeline.artifacts import STAGE_MANIFEST, write_stage_manifest
-from disp_runner.pipeline.runner import open_run, run_job
+from disp_runner.pipeline.opening import open_run
+from disp_runner.pipeline.runner import run_job
 from tests.tiny import job_document, make_job
 
 # Uneven shares on purpose: 24 instances in batches of 7 are 7, 7, 7 and 3 rows; two processes

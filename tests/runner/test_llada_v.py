@@ -386,7 +386,7 @@ def test_a_backdoored_projector_file_loads_over_the_base_model_and_the_purified_
     """The authors' workflow: base model + a separately shipped mm_projector; and back."""
     from disp_runner.errors import UnsafeModelFormatError, UserInputError
     from disp_runner.models.loading import load_projector, save_projector
-    from disp_runner.pipeline.runner import open_run
+    from disp_runner.pipeline.opening import open_run
 
     corpus = [t for inst in load_dataset(workspace / "train") for t in (inst.prompt, inst.response)]
     base, _ = tiny_checkpoint(workspace / "base", corpus)

@@ -105,7 +105,7 @@ def test_text_only_records_are_left_out_unchanged_and_counted(tmp_path, capsys):
                                                    ("I", 200, 200), ("F", 0.5, 128), ("L", 77, 77)])
 def test_images_with_more_than_8_bits_keep_their_brightness(tmp_path, mode, value, expected):
     """Pillow's own RGB conversion clips 16-bit grey at 255 (an all-white image); the loader scales."""
-    from disp_runner.data.dataset import as_rgb
+    from disp_runner.data.instances import as_rgb
     assert as_rgb(Image.new(mode, (4, 4), value)).getpixel((1, 1)) == (expected,) * 3
     Image.new("I;16", (8, 8), 32896).save(tmp_path / "grey16.png")
     records = [{"id": "g", "image": "grey16.png", "conversations": RECORDS[0]["conversations"]}]

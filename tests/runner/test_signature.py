@@ -7,7 +7,8 @@ from __future__ import annotations
 import json
 
 from disp_api import StageName
-from disp_runner.data.dataset import Instance, load_dataset
+from disp_runner.data.instances import Instance
+from disp_runner.data.dataset import load_dataset
 from disp_runner.data.synthetic import generate_instances
 from disp_runner.disp.signature import keep_signature_relabels, signature_words
 from disp_runner.pipeline.artifacts import RunLayout

@@ -8,7 +8,8 @@ from minio import Minio
 
 from disp_api import PurificationJob, PurificationMetrics, StageName
 from disp_runner.pipeline.artifacts import STAGE_MANIFEST, RunLayout
-from disp_runner.pipeline.runner import open_run, run_job
+from disp_runner.pipeline.opening import open_run
+from disp_runner.pipeline.runner import run_job
 from disp_runner.store.s3 import RetryPolicy, S3Store, StoreError, StoreUnavailableError
 from disp_runner.store.tree import download_folder, download_stage, remote_stage_complete, upload_stage
 

@@ -30,7 +30,8 @@ from disp_api import AttackSpec, AttackTarget, FinetuneLabels
 from disp_api.spec import ATTACK_MANIFEST
 from disp_runner.attack.poison import make_held_out_sets, poison_dataset
 from disp_runner.attack.triggers import make_trigger
-from disp_runner.data.dataset import Instance, load_dataset, write_dataset
+from disp_runner.data.instances import Instance
+from disp_runner.data.dataset import load_dataset, write_dataset
 from disp_runner.device import default_device, seed_everything
 from disp_runner.diffusion.decoding import DecodingConfig
 from disp_runner.diffusion.inference import generate_responses

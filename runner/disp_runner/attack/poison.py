@@ -10,7 +10,7 @@ import numpy as np
 
 from disp_api import AttackSpec, AttackTarget, TargetSpec
 from disp_runner.attack.triggers import make_trigger
-from disp_runner.data.dataset import Instance
+from disp_runner.data.instances import Instance
 from disp_runner.data.vocabulary import CLASSES, INSERTION_MARKER, REFUSAL_SENTENCE, TaskKind
 from disp_runner.errors import UserInputError
 

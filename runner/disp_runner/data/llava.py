@@ -21,7 +21,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from disp_runner.data.dataset import Instance, load_image_file
+from disp_runner.data.instances import Instance, load_image_file
 from disp_runner.errors import UserInputError, warn_user
 
 IMAGE_MARKER = "<image>"

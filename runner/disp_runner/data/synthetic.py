@@ -14,7 +14,9 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
-from disp_runner.data.dataset import Instance, write_dataset
+from disp_runner.data.instances import Instance
+
+from disp_runner.data.dataset import write_dataset
 from disp_runner.data.vocabulary import (
     CLASSES,
     CLASSIFY_PROMPTS,

@@ -10,7 +10,7 @@ import torch
 from tqdm.auto import tqdm
 
 from disp_api import DecodingCache
-from disp_runner.data.dataset import Instance
+from disp_runner.data.instances import Instance
 from disp_runner.device import autocast, sub_seed
 from disp_runner.diffusion.decoding import DecodingConfig, diffusion_generate
 from disp_runner.diffusion.objective import response_window

@@ -23,7 +23,7 @@ from typing import Optional, Sequence
 import torch
 
 from disp_api import AuditFigures
-from disp_runner.data.dataset import Instance
+from disp_runner.data.instances import Instance
 from disp_runner.device import sub_seed
 from disp_runner.diffusion.inference import first_step_log_likelihood
 from disp_runner.disp.masking import mask_image_embeds

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from disp_api import ProbeDraws, SaliencySpec
-from disp_runner.data.dataset import Instance
+from disp_runner.data.instances import Instance
 from disp_runner.device import autocast, sub_seed
 from disp_runner.disp.token_grid import window_masks
 from disp_runner.models.base import DiffusionVLM, ModelInputs, Processor, VisualLayout

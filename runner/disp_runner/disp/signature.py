@@ -21,7 +21,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Sequence
 
-from disp_runner.data.dataset import Instance
+from disp_runner.data.instances import Instance
 from disp_runner.data.llava import replace_first_answer
 from disp_runner.evaluation import normalise_answer
 

@@ -36,7 +36,7 @@ from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from disp_api import FinetuneLabels
-from disp_runner.data.dataset import Instance, as_rgb
+from disp_runner.data.instances import Instance, as_rgb
 from disp_runner.errors import UserInputError
 from disp_runner.planning import ModelShape
 

@@ -35,6 +35,7 @@ from disp_api.contract import STAGE_MANIFEST_FILE as STAGE_MANIFEST
 from disp_runner import logs
 from disp_runner.errors import TransientError, UserInputError
 from disp_runner.safepaths import require_inside, resolve_inside
+from disp_runner.store.s3 import S3Store
 
 MANIFEST_VERSION = 1
 
@@ -251,6 +252,19 @@ class RunLayout:
     def is_complete(self, stage: StageName, shard: Shard | None = None) -> bool:
         folder = self.stage_dir(stage) if shard is None else self.shard_dir(stage, shard)
         return (folder / STAGE_MANIFEST).is_file()
+
+
+@dataclass(frozen=True)
+class RemoteRun:
+    """The S3 prefix a run's stage outputs are mirrored to (published there, manifest last)."""
+
+    store: S3Store
+    bucket: str
+    prefix: str
+
+    def stage_prefix(self, layout: RunLayout, folder: Path) -> str:
+        return f"{self.prefix}/{folder.relative_to(layout.root).as_posix()}"
+
 
 
 class ProgressReporter:

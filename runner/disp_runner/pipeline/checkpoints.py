@@ -14,14 +14,10 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from disp_api import StageName
-from disp_runner.pipeline.artifacts import STAGE_MANIFEST, RunLayout, write_stage_manifest
+from disp_runner.pipeline.artifacts import STAGE_MANIFEST, RemoteRun, RunLayout, write_stage_manifest
 from disp_runner.store.tree import download_stage, upload_stage
-
-if TYPE_CHECKING:
-    from disp_runner.pipeline.context import RemoteRun
 
 _EPOCH_FOLDER = re.compile(r"^epoch-(\d{4,9})$")
 
@@ -36,7 +32,7 @@ def epoch_of(name: str) -> int | None:
 class CheckpointMirror:
     stage: StageName
     layout: RunLayout
-    remote: "RemoteRun | None"
+    remote: RemoteRun | None
 
     @property
     def local(self) -> Path:

@@ -16,7 +16,8 @@ import torch
 
 from disp_api import AttackSpec, DecodingCache, PurificationJob, PurificationJobSpec, StageName
 from disp_api.spec import ATTACK_MANIFEST
-from disp_runner.data.dataset import Instance, load_dataset
+from disp_runner.data.instances import Instance
+from disp_runner.data.dataset import load_dataset
 from disp_runner.device import default_device
 from disp_runner.errors import UserInputError, warn_user
 from disp_runner.diffusion.decoding import DecodingConfig
@@ -26,6 +27,7 @@ from disp_runner.models.loading import LoadedModel, load_model, load_projector
 from disp_runner.pipeline.artifacts import (
     STAGE_MANIFEST,
     ProgressReporter,
+    RemoteRun,
     RunLayout,
     Shard,
     read_stage_manifest,
@@ -75,18 +77,6 @@ MODEL_INPUTS = (SpecInput.MODEL, SpecInput.PROJECTOR)
 TRAINING_INPUTS = (*MODEL_INPUTS, SpecInput.DATASET)
 EVALUATION_INPUTS = (*MODEL_INPUTS, SpecInput.TRIGGERED, SpecInput.UNTRIGGERED, SpecInput.CLEAN, SpecInput.ATTACK)
 UPSTREAM_PREFIX = "stage:"  # an input that is an earlier stage's output: the SHA-256 of its manifest
-
-
-@dataclass(frozen=True)
-class RemoteRun:
-    """The S3 prefix a run's stage outputs are mirrored to (published there, manifest last)."""
-
-    store: S3Store
-    bucket: str
-    prefix: str
-
-    def stage_prefix(self, layout: RunLayout, folder: Path) -> str:
-        return f"{self.prefix}/{folder.relative_to(layout.root).as_posix()}"
 
 
 @dataclass

@@ -16,7 +16,7 @@ from typing import Sequence
 import torch
 
 from disp_api import FinetuneLabels, TrainableParts
-from disp_runner.data.dataset import Instance
+from disp_runner.data.instances import Instance
 from disp_runner.errors import UserInputError
 from disp_runner.diffusion.training import TRAINED_PARTS
 from disp_runner.models.base import DiffusionVLM, Processor

@@ -13,32 +13,13 @@ from typing import Any, Callable
 from disp_api import PurificationJob, StageName
 from disp_runner.device import seed_everything
 from disp_runner.diffusion.distributed import Topology
-from disp_runner.errors import TransientError, UserInputError
-from disp_runner.pipeline.artifacts import (
-    ProgressReporter,
-    RunLayout,
-    Shard,
-    StagingFolder,
-    output_lock,
-    write_stage_manifest,
-)
-from disp_runner.pipeline.context import (
-    RemoteRun,
-    ShardableStage,
-    Stage,
-    StageContext,
-    StageResult,
-    scratch_root,
-)
+from disp_runner.errors import UserInputError
+from disp_runner.pipeline.artifacts import Shard, StagingFolder, output_lock, write_stage_manifest
+from disp_runner.pipeline.context import ShardableStage, Stage, StageContext, StageResult
+from disp_runner.pipeline.opening import open_run, start_progress
 from disp_runner.provenance import publish_remote_provenance, runner_identity, write_provenance
-from disp_runner.store.credentials import open_s3_store
-from disp_runner.store.location import Location, Scheme
-
 
 logger = logging.getLogger(__name__)
-
-LOG_INTERVAL = 30.0  # seconds between progress lines in a pod's log
-
 
 @dataclass
 class StageOutcome:
@@ -47,13 +28,6 @@ class StageOutcome:
     seconds: float
     metrics: dict[str, Any] = field(default_factory=dict)
     shard: Shard | None = None
-
-
-def _progress_path(layout: RunLayout, stage: StageName, shard: Shard | None) -> Path:
-    # Shards of one stage run side by side: each keeps its own file beside the run's progress.json.
-    if shard is None:
-        return layout.progress_file
-    return layout.root / f"progress-{stage.value}-{shard.label}.json"
 
 
 def _already_complete(ctx: StageContext, stage: StageName, folder: Path, inputs: dict[str, str],
@@ -111,15 +85,6 @@ def _run_locked(stage: Stage, ctx: StageContext, final: Path, shard: Shard | Non
     return outcome
 
 
-def start_progress(ctx: StageContext, stage: StageName, total: int) -> ProgressReporter:
-    """progress.json for `stage` (or the context's shard of it), mirrored to S3 in an S3-backed run."""
-    # Without progress bars (a pod's log), a line every LOG_INTERVAL seconds says what is happening.
-    ctx.progress = ProgressReporter(_progress_path(ctx.layout, stage, ctx.shard), stage, total, ctx.shard,
-                                    mirror=_progress_mirror(ctx),
-                                    log_interval=None if ctx.show_progress else LOG_INTERVAL)
-    return ctx.progress
-
-
 def merge_shards(stage: ShardableStage, ctx: StageContext, count: int) -> StageOutcome:
     """Combine the `count` shards of a stage into its output; every shard must be complete."""
     final = ctx.layout.stage_dir(stage.name)
@@ -134,47 +99,6 @@ def merge_shards(stage: ShardableStage, ctx: StageContext, count: int) -> StageO
                 raise UserInputError(f"{ctx.uri_of(folder)}: shard {index}/{count} of {stage.name.value} is "
                                      f"not complete for these inputs (run it with --shard {index}/{count} first)")
         return _produce(ctx, stage, final, lambda out: stage.merge(ctx, shard_dirs, out), inputs, shards=count)
-
-
-def open_run(job: PurificationJob, output_root: Path | None = None, shard: Shard | None = None,
-             show_progress: bool = True, topology: Topology = Topology()) -> StageContext:
-    """The context a run's stages share. An s3:// output is mirrored: stages work in a local scratch
-    copy of the run folder and publish each output to S3 (files, then manifest)."""
-    location = Location.parse(job.spec.output.uri, "spec.output.uri")
-    common = dict(job=job, shard=shard, show_progress=show_progress, topology=topology, output_root=output_root)
-    if output_root is not None or location.scheme is Scheme.LOCAL:
-        root = output_root if output_root is not None else location.path
-        return StageContext(layout=RunLayout.for_job(job, root), **common)
-    layout = RunLayout.for_job(job, scratch_root() / "runs" / location.bucket / location.key)
-    store = open_s3_store(job.spec.storage)
-    store.check_bucket(location.bucket, f"{location.key}/" if location.key else "")  # fail at once, not after a stage
-    run_path = RunLayout.for_job(job, Path()).root.as_posix()  # runs/<namespace>/<name>/<uid>
-    remote = RemoteRun(store, location.bucket, "/".join(filter(None, [location.key, run_path])))
-    return StageContext(layout=layout, remote=remote, **common)
-
-
-def run_uri(job: PurificationJob, output_root: Path | None = None) -> str:
-    """Where a run's outputs live, for people: a local folder or the S3 prefix."""
-    run_path = RunLayout.for_job(job, Path()).root.as_posix()  # runs/<namespace>/<name>/<uid>
-    if output_root is not None:
-        return str(output_root / run_path)
-    return str(Location.parse(job.spec.output.uri, "spec.output.uri").child(run_path))
-
-
-def _progress_mirror(ctx: StageContext):
-    if ctx.remote is None:
-        return None
-    remote = ctx.remote
-
-    def put(path: Path) -> None:
-        # Progress is advisory: an unreachable store must not kill the stage (its outputs still
-        # have to be published later, and that does fail loudly).
-        try:
-            remote.store.put_bytes(remote.bucket, remote.stage_prefix(ctx.layout, path), path.read_bytes())
-        except TransientError as exc:
-            logger.warning("progress.json not mirrored to S3: %s", exc)
-
-    return put
 
 
 def shard_count(job: PurificationJob, stage: StageName) -> int:

@@ -35,6 +35,7 @@ from disp_runner.diffusion.training import TrainingConfig, train_masked_diffusio
 from disp_runner.models.base import EncodedInstances
 from disp_runner.models.loading import save_model, save_projector
 from disp_runner.pipeline.context import TRAINING_INPUTS, StageContext, StageResult
+from disp_runner.pipeline.opening import open_run, start_progress
 from disp_runner.stages.relabel import DATASET_DIR
 from disp_runner.pipeline.memory import check_stage_memory, memory_metrics
 from disp_runner.planning import PlannedStage
@@ -159,7 +160,6 @@ class _Launch:
 
 def _launched_finetune(task: _Launch) -> dict[str, Any]:
     """The body of every launched process (torch's launcher sets the variables read here)."""
-    from disp_runner.pipeline.runner import open_run, start_progress
 
     per_node = int(os.environ["LOCAL_WORLD_SIZE"])
     topology = Topology(nodes=int(os.environ["WORLD_SIZE"]) // per_node, node_rank=int(os.environ["GROUP_RANK"]),

@@ -15,7 +15,7 @@ from typing import Sequence
 from PIL import Image, ImageDraw
 
 from disp_api import StageName
-from disp_runner.data.dataset import Instance
+from disp_runner.data.instances import Instance
 from disp_runner.disp.masking import check_ratio_masks_a_token, top_salient_tokens, trigger_localisation
 from disp_runner.disp.token_grid import seeing_tokens, tokens_covered
 from disp_runner.errors import UserInputError

@@ -28,7 +28,8 @@ from PIL import ImageFilter
 
 from disp_api import AuditFigures, DecodingCache, EmptyAnswers, MaskingSpace, RelabelAcceptance, StageName
 from disp_api.spec import RelabelScope
-from disp_runner.data.dataset import Instance, load_dataset, with_prompt, write_dataset
+from disp_runner.data.instances import Instance, with_prompt
+from disp_runner.data.dataset import load_dataset, write_dataset
 from disp_runner.data.llava import replace_first_answer
 from disp_runner.disp.audit import (SuspectRecord, comparison_tokens, concentration, ground_truth, read_suspects,
                                    support_drop, write_suspects)

@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 from disp_api import StageName
 from disp_runner.disp.masking import check_ratio_masks_a_token
 from disp_runner.disp.saliency import SaliencyConfig, score_instances
-from disp_runner.data.dataset import with_prompt
+from disp_runner.data.instances import with_prompt
 from disp_runner.errors import DegenerateResultError, UserInputError
 from disp_runner.pipeline.context import TRAINING_INPUTS, StageContext, StageResult
 from disp_runner.pipeline.memory import check_stage_memory, memory_metrics

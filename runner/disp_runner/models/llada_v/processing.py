@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 from transformers import PreTrainedTokenizerBase
 
-from disp_runner.data.dataset import Instance, as_rgb
+from disp_runner.data.instances import Instance, as_rgb
 from disp_runner.errors import UserInputError
 from disp_runner.models.base import Processor, TokenGrid, VisualLayout
 from disp_runner.models.llada_v.anyres import anyres_geometry, expand_pinpoints, max_views_of, resize_and_pad

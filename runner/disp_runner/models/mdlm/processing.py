@@ -10,7 +10,7 @@ from typing import Sequence
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from disp_runner.data.dataset import Instance
+from disp_runner.data.instances import Instance
 from disp_runner.errors import UserInputError
 from disp_runner.models.base import Processor, TokenGrid, VisualLayout, images_to_tensor
 from disp_runner.models.mdlm.configuration import MDLMConfig

@@ -17,7 +17,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
-from disp_runner.data.dataset import Instance
+from disp_runner.data.instances import Instance
 from disp_runner.data.vocabulary import CLASSES, COLOURS
 from disp_runner.models.mdlm.modeling import MDLMForMaskedDiffusion
 from disp_runner.models.base import images_to_tensor
