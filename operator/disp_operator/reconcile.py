@@ -384,11 +384,7 @@ def _await_admission(plan: Plan, stages: list[StageStatus], queue: str, observed
         plan.workload = WorkloadAction.CREATE
         message = f"waiting for admission in Kueue queue {queue}"
     elif admission.state is AdmissionState.EVICTED:
-        for index, stage in enumerate(stages):
-            if stage.phase is StagePhase.RUNNING and stage.job_name:
-                plan.delete.append(stage.job_name)
-                stages[index] = stage.model_copy(update={"phase": StagePhase.PENDING, "progress": 0.0,
-                                                         "message": ""})
+        _stop_running(plan, stages, message="")
         active = [c.name for c in observed.children.values() if c.state in (ChildState.ACTIVE, ChildState.QUEUED)]
         if active:
             plan.requeue_after = 1.0  # its pods are stopping: the quota goes back once they are gone
@@ -408,12 +404,18 @@ def _await_admission(plan: Plan, stages: list[StageStatus], queue: str, observed
     _running(plan, current, generation, now)
 
 
-def _suspend(plan: Plan, stages: list[StageStatus], generation: int, now: datetime) -> None:
-    """Delete the running stage Job; the stage starts again (a new attempt, not a failure) on resume."""
+def _stop_running(plan: Plan, stages: list[StageStatus], **update: object) -> None:
+    """Delete the running stage's Job and make the stage pending again: its next start is a new
+    attempt, not a failure (suspension, a Kueue eviction)."""
     for index, stage in enumerate(stages):
         if stage.phase is StagePhase.RUNNING and stage.job_name:
             plan.delete.append(stage.job_name)
-            stages[index] = stage.model_copy(update={"phase": StagePhase.PENDING, "progress": 0.0})
+            stages[index] = stage.model_copy(update={"phase": StagePhase.PENDING, "progress": 0.0, **update})
+
+
+def _suspend(plan: Plan, stages: list[StageStatus], generation: int, now: datetime) -> None:
+    """Delete the running stage Job; the stage starts again (a new attempt, not a failure) on resume."""
+    _stop_running(plan, stages)
     was_suspended = plan.status.phase is JobPhase.SUSPENDED
     plan.status = plan.status.model_copy(update={
         "stages": stages, "phase": JobPhase.SUSPENDED, "observed_generation": generation,
