@@ -153,8 +153,8 @@ class PurificationJobStatus(ContractModel):
     run_uri: Optional[str] = None
     """Where this run's artifacts are."""
     runner_image: Optional[str] = None
-    """The runner image of this run, by digest: the one its first stage pod ran (the pod's
-    imageID). Every later stage, retry and merge runs it, so a helm upgrade or a re-pushed tag
+    """The runner image of this run, by digest: the one its first stage pod runs (the pod's
+    imageID, recorded once its container runs). Every later stage, retry and merge runs it, so a helm upgrade or a re-pushed tag
     cannot mix code versions within a run; the annotation disp.dev/runner-image: tag lets later
     stages follow the configured tag instead."""
     message: str = ""

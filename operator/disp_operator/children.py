@@ -151,6 +151,23 @@ class PendingPod:
         return cls(meta.get("name", ""), since, "Pending", "")
 
 
+@dataclass(frozen=True)
+class StartedPod:
+    """A stage pod whose container runs: the image it runs, as the kubelet reports it. Seen as soon
+    as the container starts, long before its Job completes, so the run's image digest is pinned
+    before the next stage's Job is made (a Job and its pods are two watches with no order)."""
+
+    pod_name: str
+    image_id: str
+
+    @classmethod
+    def from_pod(cls, pod: Mapping[str, Any]) -> Optional["StartedPod"]:
+        for container in (pod.get("status") or {}).get("containerStatuses") or []:
+            if (container.get("state") or {}).get("running") and container.get("imageID"):
+                return cls((pod.get("metadata") or {}).get("name", ""), container["imageID"])
+        return None
+
+
 def _timestamp(value: Any) -> Optional[datetime]:
     if isinstance(value, datetime):
         return value if value.tzinfo else value.replace(tzinfo=timezone.utc)

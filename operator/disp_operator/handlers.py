@@ -15,7 +15,7 @@ import kubernetes
 from prometheus_client import start_http_server
 
 from disp_operator.artifacts import RunStore
-from disp_operator.children import ChildJob, PendingPod, PodOutcome
+from disp_operator.children import ChildJob, PendingPod, PodOutcome, StartedPod
 from disp_operator.config import LeaderElectionConfig, OperatorConfig
 from disp_operator.kube import KubeApi, client_configuration
 from disp_operator.leadership import LeaderElector, identity, serve_standby_health
@@ -105,9 +105,10 @@ def stage_jobs(namespace: str, labels: kopf.Labels, body: kopf.Body, **_: Any) -
 
 @kopf.index("", "v1", "pods", labels=OURS)
 def stage_pods(namespace: str, labels: kopf.Labels, body: kopf.Body, **_: Any) -> dict:
-    """Each stage pod's outcome once it ended, or what holds it while it is Pending."""
+    """Each stage pod's outcome once it ended, what holds it while it is Pending, or the image it
+    runs once started."""
     job_name = labels.get("batch.kubernetes.io/job-name") or labels.get("job-name")
-    seen = PodOutcome.from_pod(body) or PendingPod.from_pod(body)
+    seen = PodOutcome.from_pod(body) or PendingPod.from_pod(body) or StartedPod.from_pod(body)
     return {(namespace, job_name): seen} if job_name and seen else {}
 
 

@@ -32,8 +32,8 @@ from disp_api.status import (
     StageStatus,
     StepKind,
 )
-from disp_operator.children import (ChildJob, ChildState, FailureKind, PendingPod, PodOutcome, classify_failure,
-                                    pinned_reference)
+from disp_operator.children import (ChildJob, ChildState, FailureKind, PendingPod, PodOutcome, StartedPod,
+                                    classify_failure, pinned_reference)
 from disp_operator.kueue import Admission, AdmissionState, queue_name
 from disp_operator.naming import stage_job_name
 
@@ -72,6 +72,7 @@ class Observation:
     children: Mapping[str, ChildJob] = field(default_factory=dict)  # this job's stage Jobs, by name
     pods: Mapping[str, list[PodOutcome]] = field(default_factory=dict)  # their pods' outcomes, by Job name
     pending: Mapping[str, list[PendingPod]] = field(default_factory=dict)  # their pods not started yet, by Job name
+    started: Mapping[str, list[StartedPod]] = field(default_factory=dict)  # their running pods, by Job name
     progress: Optional[StageProgress] = None  # the running stage's progress.json
     metrics: Optional[MetricsSummary] = None  # the evaluate stage's metrics.json, once read
     tampered: Optional[str] = None  # why the figure file read is not the one its stage published
@@ -178,7 +179,7 @@ def _reconcile(job: Optional[PurificationJob], status: PurificationJobStatus, ge
             (observed.admission is None or observed.admission.state is not AdmissionState.ADMITTED):
         _await_admission(plan, stages, queue, observed, generation, now)
         return plan
-    _pin_runner_image(plan, observed)
+    _pin_runner_image(plan, stages, observed)
     for index, stage in enumerate(stages):
         if stage.phase is StagePhase.SUCCEEDED:
             continue
@@ -218,18 +219,22 @@ def _reconcile(job: Optional[PurificationJob], status: PurificationJobStatus, ge
     return plan
 
 
-def _pin_runner_image(plan: Plan, observed: Observation) -> None:
-    """Record the digest the run's first ended stage pod ran; every stage Job created after it runs
-    that digest (service.py). Following the tag instead drops the record."""
+def _pin_runner_image(plan: Plan, stages: list[StageStatus], observed: Observation) -> None:
+    """Record the digest the run's earliest stage with a started or ended pod ran (its imageID);
+    every stage Job created after it runs that digest (service.py). Following the tag instead drops
+    the record."""
     if observed.follow_image_tag:
         if plan.status.runner_image is not None:
             plan.status = plan.status.model_copy(update={"runner_image": None})
         return
     if plan.status.runner_image is not None:
         return
-    for outcomes in observed.pods.values():
-        for outcome in outcomes:
-            reference = pinned_reference(outcome.image_id)
+    for stage in stages:  # in order: a later stage may already have run a re-pointed tag
+        job_name = stage.job_name or ""
+        image_ids = [p.image_id for p in observed.pods.get(job_name, [])] + \
+            [p.image_id for p in observed.started.get(job_name, [])]
+        for image_id in image_ids:
+            reference = pinned_reference(image_id)
             if reference is not None:
                 plan.status = plan.status.model_copy(update={"runner_image": reference})
                 return

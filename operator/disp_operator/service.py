@@ -25,7 +25,7 @@ from pydantic.alias_generators import to_camel
 from disp_api import PurificationJob
 from disp_api.status import ConditionType, JobPhase, PurificationJobStatus, Reason, StagePhase
 from disp_operator.artifacts import ArtifactsTampered, RunStore
-from disp_operator.children import ChildJob, PendingPod, PodOutcome
+from disp_operator.children import ChildJob, PendingPod, PodOutcome, StartedPod
 from disp_operator.config import OperatorConfig
 from disp_operator.jobs import finetune_nodes, rendezvous_service, run_workload_manifest, stage_job
 from disp_operator.kueue import (PRIORITY_LABEL, QUEUE_LABEL, Admission, AdmissionState, admission_of,
@@ -168,9 +168,9 @@ class JobLoop:
         except InvalidSpec as exc:
             await self._apply(reject(self.status, str(exc), generation, now), job=None)
             return FINISHED_INTERVAL
-        ended, pending = self._pods()
+        ended, pending, started = self._pods()
         annotations = self.body.metadata.get("annotations") or {}
-        observed = Observation(now=now, children=self._children(), pods=ended, pending=pending,
+        observed = Observation(now=now, children=self._children(), pods=ended, pending=pending, started=started,
                                progress=await self._progress(job),
                                follow_image_tag=annotations.get(ANNOTATION_RUNNER_IMAGE) == FOLLOW_IMAGE_TAG,
                                admission=await self._admission())
@@ -246,15 +246,17 @@ class JobLoop:
     def _children(self) -> dict[str, ChildJob]:
         return {child.name: child for child in self.jobs_index.get((self.namespace, self.name), [])}
 
-    def _pods(self) -> tuple[dict[str, list[PodOutcome]], dict[str, list[PendingPod]]]:
-        """The stage pods' outcomes and the pods still Pending, by Job name."""
+    def _pods(self) -> tuple[dict[str, list[PodOutcome]], dict[str, list[PendingPod]], dict[str, list[StartedPod]]]:
+        """The stage pods' outcomes, the pods still Pending and those running, by Job name."""
         ended: dict[str, list[PodOutcome]] = {}
         pending: dict[str, list[PendingPod]] = {}
+        started: dict[str, list[StartedPod]] = {}
         for job_name in self._children():
             seen = list(self.pods_index.get((self.namespace, job_name), []))
             ended[job_name] = [p for p in seen if isinstance(p, PodOutcome)]
             pending[job_name] = [p for p in seen if isinstance(p, PendingPod)]
-        return ended, pending
+            started[job_name] = [p for p in seen if isinstance(p, StartedPod)]
+        return ended, pending, started
 
     async def _progress(self, job: PurificationJob):
         """progress.json, read at most every progress_interval while a stage runs."""

@@ -469,7 +469,7 @@ def test_a_job_naming_an_endpoint_outside_the_fence_fails_before_any_connection(
 
 def test_every_stage_of_a_run_runs_the_image_digest_its_first_stage_ran_after_the_tag_moves(
         cluster, kubelet, s3, uploaded, monkeypatch, tmp_path):
-    """status.runnerImage: the digest the first stage pod ran (its imageID). The tag is re-pointed
+    """status.runnerImage: the digest the first stage pod runs (its imageID). The tag is re-pointed
     while the first stage runs (a re-pushed tag, an upgrade) at an image whose `disp` fails: every
     later stage still runs the recorded digest, and the run succeeds."""
     agent = kubelet.agent
@@ -486,7 +486,11 @@ def test_every_stage_of_a_run_runs_the_image_digest_its_first_stage_ran_after_th
         with operator(cluster, monkeypatch):
             cluster.create_job(standin_manifest(s3, uploaded, cluster.namespace, "pinned",
                                                 resources={"gpus": 0, "cpu": "1", "memory": "1Gi", "image": moving}))
-            wait_until(lambda: "pinned-saliency" in kubelet.started, 60, "the first stage to start")
+            # Re-pointed once the first stage's container runs (the operator has recorded its digest
+            # from the running pod, before its Job completes).
+            cluster.wait_for(cluster.namespace, "pinned", lambda b: (b.get("status") or {}).get("runnerImage"), 60,
+                             "the first stage's digest to be recorded")
+            assert "pinned-masking" not in kubelet.started
             agent.tag(moving, broken)
             body = cluster.wait_for(cluster.namespace, "pinned", finished, 90, "the job to finish")
     finally:

@@ -194,6 +194,21 @@ def test_the_run_records_the_digest_its_first_stage_ran_and_keeps_it():
     local = step(job, started.status, jobs=[k8s_job("purify-saliency", "succeeded")],
                  pods={"purify-saliency": [_ran("sha256:" + "ef" * 32)]})
     assert local.status.runner_image is None
+    # Pinned as soon as the first stage's container runs (its Job has not completed yet), and from
+    # the earliest stage when a later stage's pod, started by a re-pointed tag, is seen as well.
+    from disp_operator.children import StartedPod
+    running_pod = {"metadata": {"name": "purify-saliency-abc"}, "status": {"phase": "Running", "containerStatuses": [
+        {"name": "runner", "imageID": first, "state": {"running": {"startedAt": "2026-12-06T10:00:00Z"}}}]}}
+    assert StartedPod.from_pod(running_pod) == StartedPod("purify-saliency-abc", first)
+    running = reconcile(job, started.status, 1, Observation(now=T0, children={
+        "purify-saliency": ChildJob.from_job(k8s_job("purify-saliency"))}, started={
+        "purify-saliency": [StartedPod.from_pod(running_pod)]}), BACKOFF, PENDING_AFTER)
+    assert running.status.runner_image == first and running.create == []
+    mixed = step(job, done.status.model_copy(update={"runner_image": None}),
+                 jobs=[k8s_job("purify-saliency", "succeeded"), k8s_job("purify-masking", "failed")],
+                 pods={"purify-masking": [_ran("registry.example/disp@sha256:" + "cd" * 32)],
+                       "purify-saliency": [_ran(first)]})
+    assert mixed.status.runner_image == first
     # The disp.dev/runner-image: tag annotation drops the record; later stages follow the tag.
     followed = reconcile(job, done.status, 1, Observation(now=T0, follow_image_tag=True), BACKOFF, PENDING_AFTER)
     assert followed.status.runner_image is None
