@@ -1,9 +1,11 @@
 # syntax=docker/dockerfile:1
-# Two images from one Dockerfile, both with `disp` as the entry point:
-#   docker build --target operator -t disp-operator:0.1.0 .   # the controller: no torch, ~200 MB
-#   docker build --target runner   -t disp-runner:0.1.0 .     # the stage pods: torch with CUDA
-# Each installs the project as the README does (pip install of this source tree with an extra),
-# into a virtual environment built in a throw-away stage, so no compiler or pip cache ships.
+# Two images from one Dockerfile:
+#   docker build --target operator -t disp-operator:0.1.0 .   # the controller: no runner, no torch
+#   docker build --target runner   -t disp-runner:0.1.0 .     # the stage pods (`disp`): torch with CUDA
+# The operator installs its own distribution (operator/pyproject.toml: the contract, the store and
+# the controller); the runner installs the project as the README does (pip install of this source
+# tree with the `runner` extra). Each goes into a virtual environment built in a throw-away stage,
+# so no compiler or pip cache ships.
 
 ARG PYTHON_IMAGE=python:3.11.10-slim-bookworm
 
@@ -17,12 +19,11 @@ FROM build-base AS build-operator
 # should take torch from a local wheel folder passes that folder as PIP_FIND_LINKS
 # (containers/build-images.sh does both, with the files bind-mounted read-only).
 ARG PIP_CERT=""
-COPY pyproject.toml README.md ./
 COPY api ./api
-COPY runner ./runner
+COPY store ./store
 COPY operator ./operator
 RUN python -m venv /opt/disp \
-    && /opt/disp/bin/pip install --no-cache-dir ".[operator]"
+    && /opt/disp/bin/pip install --no-cache-dir ./operator
 
 FROM build-base AS build-runner
 # The PyPI torch wheel for Linux carries its CUDA runtime; the node provides the driver. It is
@@ -34,6 +35,7 @@ RUN python -m venv /opt/disp \
     && /opt/disp/bin/pip install --no-cache-dir "${TORCH_SPEC}"
 COPY pyproject.toml README.md ./
 COPY api ./api
+COPY store ./store
 COPY runner ./runner
 COPY operator ./operator
 RUN /opt/disp/bin/pip install --no-cache-dir ".[runner]"
@@ -53,8 +55,8 @@ USER 10001:10001
 EXPOSE 8080 9090
 # Kubernetes probes /healthz itself; this is for plain `docker run`.
 HEALTHCHECK --interval=30s --timeout=5s CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8080/healthz', timeout=4)"]
-ENTRYPOINT ["disp"]
-CMD ["operator", "--all-namespaces"]
+ENTRYPOINT ["disp-operator"]
+CMD ["--all-namespaces"]
 
 FROM final-base AS runner
 LABEL org.opencontainers.image.title="disp-runner" \

@@ -24,7 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from disp_runner.store.s3 import S3Store  # noqa: E402
+from disp_store.s3 import S3Store  # noqa: E402
 from tests.conftest import NODES  # noqa: E402
 from tests.e2e.support import CREDENTIALS_SECRET, Replica, finished, install, standin_manifest, wait_until  # noqa: E402
 from tests.harness.cluster import Cluster, install_crd  # noqa: E402

@@ -26,7 +26,7 @@ import kubernetes
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from disp_runner.store.s3 import S3Store  # noqa: E402
+from disp_store.s3 import S3Store  # noqa: E402
 from tests.conftest import NODES  # noqa: E402
 from tests.e2e.support import (CREDENTIALS_SECRET, Replica, chart_values, finished, install,  # noqa: E402
                                standin_manifest, wait_until)

@@ -27,7 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from disp_runner.store.s3 import S3Store  # noqa: E402
+from disp_store.s3 import S3Store  # noqa: E402
 from tests.harness.cluster import Cluster, install_crd  # noqa: E402
 from tests.harness.controlplane import free_port, running_control_plane  # noqa: E402
 from tests.harness.minio import S3_ACCESS as ACCESS, S3_SECRET as SECRET, MinioServer  # noqa: E402

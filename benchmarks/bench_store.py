@@ -26,7 +26,7 @@ from minio import Minio
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from disp_runner.store.s3 import S3Store  # noqa: E402
+from disp_store.s3 import S3Store  # noqa: E402
 from tests.harness.minio import S3_ACCESS as ACCESS, S3_SECRET as SECRET, MinioServer  # noqa: E402
 from tests.harness.tools import build_cluster_tools  # noqa: E402
 
@@ -65,7 +65,7 @@ def main(argv=None) -> int:
             sha = digest.hexdigest()
             rows = []
             # Same part size for both, so the comparison is of the layers, not of part sizes.
-            from disp_runner.store.s3 import PART_SIZE
+            from disp_store.s3 import PART_SIZE
 
             sdk_up = measure(lambda: sdk.fput_object(BUCKET, "sdk.bin", str(src), part_size=PART_SIZE,
                                                      num_parallel_uploads=1))

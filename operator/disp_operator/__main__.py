@@ -1,4 +1,4 @@
-"""`disp-operator` (also `disp operator`): run the PurificationJob operator.
+"""`disp-operator`: run the PurificationJob operator.
 
 Scope: --all-namespaces (default) or one --namespace per watched namespace. The operator's other
 settings come from its environment (see disp_operator.config; the Helm chart sets them)."""

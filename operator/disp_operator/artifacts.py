@@ -26,7 +26,7 @@ from disp_api.contract import (AUDIT_FILE, MAX_MODEL_CONFIG_BYTES, MODEL_CONFIG,
 from disp_api.contract import STAGE_MANIFEST_FILE
 from disp_api.spec import PURIFIED_MODEL_PATH
 from disp_operator.validation import ConfigProblem
-from disp_runner.store.s3 import RetryPolicy, S3Store, StoreError
+from disp_store.s3 import RetryPolicy, S3Store, StoreError
 
 METRICS_FILE = f"{StageName.EVALUATE.value}/{STAGE_METRICS_FILE}"
 

@@ -37,7 +37,7 @@ from disp_operator.naming import ANNOTATION_RUNNER_IMAGE, FOLLOW_IMAGE_TAG
 from disp_operator.reconcile import Observation, Plan, WorkloadAction, finished_at, reconcile, reject
 from disp_operator.validation import (ClusterFacts, InvalidSpec, check_cluster, check_policy, check_static,
                                       parse_job)
-from disp_runner.store.s3 import StoreError, StoreUnavailableError
+from disp_store.s3 import StoreError, StoreUnavailableError
 
 ERROR_BACKOFF = 5.0  # seconds before a pass that raised is repeated
 FINISHED_INTERVAL = 60.0  # a finished job is only looked at for spec edits to acknowledge

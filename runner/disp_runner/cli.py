@@ -227,8 +227,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="S3 endpoint of an s3:// run or input (credentials: DISP_S3_ACCESS_KEY, DISP_S3_SECRET_KEY)")
     p.add_argument("--insecure", action="store_true", help="talk plain HTTP to the S3 endpoint")
 
-    sub.add_parser("operator", help="run the PurificationJob operator (see `disp operator --help`)", add_help=False)
-
     p = add("demo", help="the whole story on the embedded default (no cluster, no server)")
     p.add_argument("--workdir", default="runs/demo")
     p.add_argument("--base", default=None, help="clean base model folder (default: the shipped one)")
@@ -497,8 +495,8 @@ def _cmd_verify(args) -> None:
     from disp_api.contract import is_s3_uri
     from disp_api.spec import StorageSpec
     from disp_runner.provenance import verify_remote_run, verify_run
-    from disp_runner.store.credentials import open_s3_store
-    from disp_runner.store.location import Location
+    from disp_store.credentials import open_s3_store
+    from disp_store.location import Location
 
     key = Path(args.key) if args.key else None
     store = None
@@ -551,10 +549,6 @@ _USER_ERRNOS = {errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EIS
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["operator"]:  # the operator's own CLI (no torch in its image)
-        from disp_operator.__main__ import main as operator_main
-
-        return operator_main(argv[1:])
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as exc:  # --help, or a wrong flag (already reported in one line)

@@ -12,6 +12,11 @@ from __future__ import annotations
 
 from disp_api.contract import ExitCode
 from disp_runner import logs
+# The base classes live with the store, which the operator shares without importing the runner.
+from disp_store.errors import TransientError, UserInputError
+
+__all__ = ["UserInputError", "TransientError", "UnsafeModelFormatError", "DegenerateResultError",
+           "WeakBackdoorError", "NotVerifiedError", "warn_user"]
 
 # The exit codes are the operator's contract (disp_api.contract): it treats EXIT_USER_ERROR as
 # permanent (retrying a bad input cannot help) and EXIT_TRANSIENT_ERROR as worth a retry.
@@ -21,10 +26,6 @@ EXIT_TRANSIENT_ERROR = ExitCode.TRANSIENT_ERROR
 EXIT_INTERNAL_ERROR = ExitCode.INTERNAL_ERROR
 EXIT_WEAK_BACKDOOR = ExitCode.WEAK_BACKDOOR
 EXIT_NOT_VERIFIED = ExitCode.NOT_VERIFIED
-
-
-class UserInputError(Exception):
-    """Bad input from the user. The message must name the file, line or field at fault."""
 
 
 class UnsafeModelFormatError(UserInputError):
@@ -46,11 +47,6 @@ class WeakBackdoorError(Exception):
 class NotVerifiedError(Exception):
     """`disp verify`: the run does not match its provenance; each mismatch has been printed. The CLI
     exits with `EXIT_NOT_VERIFIED`."""
-
-
-class TransientError(Exception):
-    """The environment failed in a way a later attempt may not (e.g. storage still unreachable after
-    the retry budget). The CLI prints one line and exits with `EXIT_TRANSIENT_ERROR`."""
 
 
 _warned: set[str] = set()

@@ -39,7 +39,7 @@ from disp_runner.errors import UserInputError
 from disp_runner.pipeline.artifacts import (STAGE_MANIFEST, RunLayout, file_entries, read_stage_manifest,
                                             sha256_file, stage_file_problems)
 from disp_runner.safepaths import resolve_inside
-from disp_runner.store.location import Location, Scheme
+from disp_store.location import Location, Scheme
 
 STATEMENT_TYPE = "https://in-toto.io/Statement/v1"
 PREDICATE_TYPE = "https://slsa.dev/provenance/v1"

@@ -3,7 +3,11 @@ by hand, and a package left off imports in the source checkout but not in the im
 
 from __future__ import annotations
 
+import shutil
+import subprocess
+import sys
 import tomllib
+import zipfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -25,3 +29,57 @@ def test_the_shipped_checkpoint_is_package_data():
     patterns = config["package-data"]["disp_runner.models.mdlm"]
     assert patterns == ["assets/**/*"]
     assert (ROOT / "runner/disp_runner/models/mdlm/assets/base-mdlm/model.safetensors").is_file()
+
+
+# --- the operator's own distribution (operator/pyproject.toml), what its image installs ------------
+
+def _operator_project() -> dict:
+    return tomllib.loads((ROOT / "operator" / "pyproject.toml").read_text())
+
+
+def test_the_operator_distribution_has_the_projects_version_and_dependencies_and_no_runner():
+    root = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    operator = _operator_project()
+    assert operator["project"]["version"] == root["project"]["version"]
+    wanted = root["project"]["dependencies"] + root["project"]["optional-dependencies"]["operator"]
+    assert sorted(operator["project"]["dependencies"]) == sorted(set(wanted))
+    assert operator["project"]["scripts"] == {"disp-operator": root["project"]["scripts"]["disp-operator"]}
+    config = operator["tool"]["setuptools"]
+    assert sorted(config["packages"]) == ["disp_api", "disp_operator", "disp_store"]
+    for package, folder in config["package-dir"].items():  # the root project's folders, seen from operator/
+        assert (ROOT / "operator" / folder).resolve() == (ROOT / root["tool"]["setuptools"]["package-dir"][package])
+
+
+def test_the_operator_wheel_holds_no_runner_code_and_its_operator_imports_without_it(tmp_path):
+    """Built as the operator image builds it (the folders its Dockerfile stage copies, pip from
+    operator/), then imported with the runner and torch made unimportable: what the image has is
+    enough to start the controller."""
+    source = tmp_path / "src"
+    for folder in ("api", "store", "operator"):  # the build stage's COPY lines
+        shutil.copytree(ROOT / folder, source / folder, ignore=shutil.ignore_patterns("__pycache__", "build",
+                                                                                      "*.egg-info"))
+    build = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--quiet",
+                            "--wheel-dir", str(tmp_path / "wheel"), str(source / "operator")],
+                           capture_output=True, text=True, timeout=300)
+    assert build.returncode == 0, build.stderr[-2000:]
+    (wheel,) = (tmp_path / "wheel").glob("disp_operator_controller-*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        names = archive.namelist()
+        archive.extractall(tmp_path / "site")
+        entry_points = archive.read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
+    top_level = {name.split("/", 1)[0] for name in names if not name.split("/", 1)[0].endswith(".dist-info")}
+    assert top_level == {"disp_api", "disp_store", "disp_operator"}
+    assert "disp-operator = disp_operator.__main__:main" in entry_points and "disp =" not in entry_points
+    probe = (
+        "import sys, importlib.abc\n"
+        "class Refuse(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] in ('disp_runner', 'torch'):\n"
+        "            raise ImportError(f'{name} is not in the operator image')\n"
+        "sys.meta_path.insert(0, Refuse())\n"
+        f"sys.path.insert(0, {str(tmp_path / 'site')!r})\n"
+        "import disp_operator.handlers, disp_operator.__main__, disp_operator.artifacts, disp_store.lease\n"
+        "assert disp_operator.handlers.__file__.startswith(sys.path[0]), disp_operator.handlers.__file__\n"
+        "print('ok')\n")
+    ran = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert ran.stdout.strip() == "ok", ran.stderr[-2000:]

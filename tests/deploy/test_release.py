@@ -54,7 +54,7 @@ def test_the_chart_packages_and_the_package_lints_and_renders_like_the_folder(tm
 def test_the_release_files_name_the_license_and_the_version_pyproject_does():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     license_text = (ROOT / "LICENSE").read_text()
-    assert project["license"]["text"] == "Apache-2.0"
+    assert project["license"] == "Apache-2.0"
     assert license_text.split()[:4] == ["Apache", "License", "Version", "2.0,"]
     assert "END OF TERMS AND CONDITIONS" in license_text
     changelog = (ROOT / "CHANGELOG.md").read_text()

@@ -18,7 +18,7 @@ from disp_api.status import StepKind
 from disp_operator.jobs import RunnerDefaults, stage_job
 from disp_runner.pipeline.artifacts import STAGE_MANIFEST, RunLayout
 from disp_runner.pipeline.runner import run_job
-from disp_runner.store.s3 import S3Store
+from disp_store.s3 import S3Store
 
 import tests.containers.podman as podman_module
 from tests.containers.podman import (
@@ -215,12 +215,13 @@ def _wait(predicate, timeout: float, what: str):
 
 def test_the_operator_image_runs_the_charts_deployment_without_torch(images, cluster, workspace, s3, uploaded,
                                                                      tmp_path):
-    help_run = podman("run", "--rm", *RUNTIME_FLAGS, "--network", "none", images["operator"], "operator", "--help")
+    help_run = podman("run", "--rm", *RUNTIME_FLAGS, "--network", "none", images["operator"], "--help")
     assert "usage: disp-operator" in help_run.stdout
     probe = podman("run", "--rm", *RUNTIME_FLAGS, "--network", "none", "--entrypoint", "python",
                    images["operator"], "-c",
-                   "import importlib.util, disp_operator.handlers; print(importlib.util.find_spec('torch'))")
-    assert probe.stdout.strip() == "None"  # the operator image starts, and has no torch
+                   "import importlib.util as u, disp_operator.handlers, disp_store.s3; "
+                   "print([u.find_spec(m) for m in ('torch', 'disp_runner')])")
+    assert probe.stdout.strip() == "[None, None]"  # the operator image starts, with no torch and no runner code
 
     # The chart's own Deployment (securityContext, volumes, args, env) with this image, against the
     # real API server with its ServiceAccount's token in a kubeconfig (outside a cluster no token

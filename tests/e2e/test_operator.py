@@ -16,7 +16,7 @@ import kubernetes
 import pytest
 
 from disp_api import MetricsSummary, StageName
-from disp_runner.store.s3 import S3Store
+from disp_store.s3 import S3Store
 from tests.e2e.support import (ACCESS, CREDENTIALS_SECRET, SECRET, PodFault, chart_values, finished, free_port,
                                manifest, operator, standin_manifest, wait_until)
 from tests.harness.node_agent import IMAGE_BIN, STANDIN_IMAGE, LocalImage

@@ -30,7 +30,7 @@ def test_the_runner_and_operator_targets_run_disp_as_the_non_root_user():
     assert runner.env["PATH"].startswith("/opt/disp/bin:") and runner.env["HOME"] == "/scratch/home"
     assert runner.env["HF_HUB_OFFLINE"] == "1"
     operator = image_config(DOCKERFILE, "operator")
-    assert (operator.entrypoint, operator.cmd) == (("disp",), ("operator", "--all-namespaces"))
+    assert (operator.entrypoint, operator.cmd) == (("disp-operator",), ("--all-namespaces",))
     assert "HF_HOME" not in operator.env  # each final stage starts from the base, not from the other
 
 

@@ -385,7 +385,7 @@ def test_disk_full_is_transient_and_other_bugs_are_one_line_with_a_pointer_to_de
 
 
 def test_tls_against_a_plain_http_server_is_a_setting_to_fix_not_retried(s3_endpoint):
-    from disp_runner.store.s3 import RetryPolicy, S3Store, StoreError
+    from disp_store.s3 import RetryPolicy, S3Store, StoreError
     sleeps: list[float] = []
     store = S3Store(s3_endpoint, S3_ACCESS, S3_SECRET, secure=True, retry=RetryPolicy(attempts=4), sleep=sleeps.append)
     with pytest.raises(StoreError, match="TLS handshake failed .*secure: false"):
@@ -396,8 +396,8 @@ def test_tls_against_a_plain_http_server_is_a_setting_to_fix_not_retried(s3_endp
 def test_the_s3_input_cache_drops_what_was_deleted_upstream(s3_endpoint, tmp_path):
     from minio import Minio
 
-    from disp_runner.store.s3 import S3Store
-    from disp_runner.store.tree import download_folder
+    from disp_store.s3 import S3Store
+    from disp_store.tree import download_folder
     client = Minio(s3_endpoint, access_key=S3_ACCESS, secret_key=S3_SECRET, secure=False)
     if not client.bucket_exists("cache"):
         client.make_bucket("cache")
@@ -458,8 +458,8 @@ def test_an_s3_lease_is_exclusive_lapses_when_its_holder_dies_and_is_released(s3
     from minio import Minio
 
     from disp_runner.errors import TransientError
-    from disp_runner.store.lease import S3Lease
-    from disp_runner.store.s3 import S3Store
+    from disp_store.lease import S3Lease
+    from disp_store.s3 import S3Store
     client = Minio(s3_endpoint, access_key=S3_ACCESS, secret_key=S3_SECRET, secure=False)
     if not client.bucket_exists("leases"):
         client.make_bucket("leases")

@@ -318,7 +318,7 @@ def test_an_endpoint_that_serves_web_pages_is_named(workspace, html_endpoint):
 # --- the store's own failure modes ----------------------------------------------------------------
 
 def test_an_endpoint_that_accepts_and_never_answers_fails_within_two_read_timeouts():
-    from disp_runner.store.s3 import RetryPolicy, S3Store, StoreUnavailableError
+    from disp_store.s3 import RetryPolicy, S3Store, StoreUnavailableError
     silent = socket.socket()
     silent.bind(("127.0.0.1", 0))
     silent.listen(16)  # the kernel accepts; nobody ever answers
@@ -334,8 +334,8 @@ def test_an_endpoint_that_accepts_and_never_answers_fails_within_two_read_timeou
 def test_a_lease_released_while_it_is_being_looked_at_is_taken_not_a_permanent_error(s3_endpoint):
     from minio import Minio
 
-    from disp_runner.store.lease import S3Lease
-    from disp_runner.store.s3 import S3Store
+    from disp_store.lease import S3Lease
+    from disp_store.s3 import S3Store
     client = Minio(s3_endpoint, access_key=S3_ACCESS, secret_key=S3_SECRET, secure=False)
     if not client.bucket_exists("race"):
         client.make_bucket("race")

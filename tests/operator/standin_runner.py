@@ -24,7 +24,7 @@ from disp_api import AuditFigures, PurificationJob, PurificationMetrics, StageNa
 from disp_api.contract import PROGRESS_FILE
 from disp_runner.pipeline.artifacts import STAGE_MANIFEST, write_stage_manifest
 from disp_runner.provenance import publish_remote_provenance
-from disp_runner.store.s3 import S3Store
+from disp_store.s3 import S3Store
 
 AUDIT = {"suspicionThreshold": 3.0, "instances": 100, "suspects": 21, "estimatedPoisonedShare": 0.21,
          "residualRate": 0.04, "residualSample": 21}

@@ -8,7 +8,7 @@ import json
 from disp_api.contract import SUPPORTED_MODEL_TYPES
 from disp_operator.artifacts import RunStore
 from disp_operator.validation import ConfigProblem
-from disp_runner.store.s3 import S3Store
+from disp_store.s3 import S3Store
 from tests.operator.conftest import make_job
 from tests.harness.minio import S3_ACCESS, S3_SECRET
 

@@ -16,7 +16,7 @@ from disp_api.contract import PROVENANCE_FILE, STAGE_MANIFEST_FILE
 from disp_operator.artifacts import ArtifactsTampered, RunStore, published_problem
 from disp_runner.pipeline.artifacts import RunLayout, write_stage_manifest
 from disp_runner.provenance import write_provenance
-from disp_runner.store.s3 import S3Store
+from disp_store.s3 import S3Store
 from tests.harness.minio import S3_ACCESS, S3_SECRET
 from tests.operator.conftest import make_job
 from tests.operator.standin_runner import AUDIT, METRICS, evaluation_metrics

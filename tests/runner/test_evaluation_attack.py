@@ -67,7 +67,7 @@ def test_attack_uri_reads_attack_json_from_s3_without_fetching_the_folder(worksp
     from minio import Minio
 
     from disp_runner.pipeline.context import StageContext
-    from disp_runner.store.s3 import S3Store
+    from disp_store.s3 import S3Store
     monkeypatch.setenv("DISP_S3_ACCESS_KEY", S3_ACCESS)
     monkeypatch.setenv("DISP_S3_SECRET_KEY", S3_SECRET)
     client = Minio(s3_endpoint, access_key=S3_ACCESS, secret_key=S3_SECRET, secure=False)

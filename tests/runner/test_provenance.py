@@ -182,7 +182,7 @@ def test_a_run_in_s3_is_verified_there_and_so_are_its_inputs_in_s3(workspace, ca
     and an input recorded at an s3:// URI is read back from the store, object by object."""
     import uuid
 
-    from disp_runner.store.s3 import S3Store
+    from disp_store.s3 import S3Store
     from tests.harness.minio import S3_ACCESS, S3_SECRET
 
     layout = _run(workspace, capsys)

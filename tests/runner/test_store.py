@@ -10,8 +10,8 @@ from disp_api import PurificationJob, PurificationMetrics, StageName
 from disp_runner.pipeline.artifacts import STAGE_MANIFEST, RunLayout
 from disp_runner.pipeline.opening import open_run
 from disp_runner.pipeline.runner import run_job
-from disp_runner.store.s3 import RetryPolicy, S3Store, StoreError, StoreUnavailableError
-from disp_runner.store.tree import download_folder, download_stage, remote_stage_complete, upload_stage
+from disp_store.s3 import RetryPolicy, S3Store, StoreError, StoreUnavailableError
+from disp_store.tree import download_folder, download_stage, remote_stage_complete, upload_stage
 
 from .s3_faults import FaultProxy
 from tests.tiny import job_document
@@ -142,7 +142,7 @@ def test_bad_credentials_fail_at_once_without_a_retry_storm(tmp_path, s3_endpoin
 
 
 def test_the_server_stopping_mid_upload_leaves_no_manifest(tmp_path, minio_binary):
-    from disp_runner.store import tree
+    from disp_store import tree
 
     src = make_stage(tmp_path / "src")
     server = MinioServer(minio_binary, tmp_path / "minio").start()  # a server of this test's own
@@ -265,7 +265,7 @@ def test_disp_run_on_s3_gives_the_local_metrics(workspace, tmp_path, s3_endpoint
 def test_credentials_come_from_the_environment_or_mounted_files(tmp_path, s3_endpoint, bucket, monkeypatch):
     from disp_api import StorageSpec
     from disp_runner.errors import UserInputError
-    from disp_runner.store.credentials import open_s3_store
+    from disp_store.credentials import open_s3_store
 
     storage = StorageSpec(endpoint=s3_endpoint, secure=False)
     for name in ("DISP_S3_ACCESS_KEY", "DISP_S3_SECRET_KEY", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):

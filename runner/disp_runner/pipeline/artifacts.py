@@ -35,7 +35,7 @@ from disp_api.contract import STAGE_MANIFEST_FILE as STAGE_MANIFEST
 from disp_runner import logs
 from disp_runner.errors import TransientError, UserInputError
 from disp_runner.safepaths import require_inside, resolve_inside
-from disp_runner.store.s3 import S3Store
+from disp_store.s3 import S3Store
 
 MANIFEST_VERSION = 1
 

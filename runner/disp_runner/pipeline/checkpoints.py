@@ -17,7 +17,7 @@ from pathlib import Path
 
 from disp_api import StageName
 from disp_runner.pipeline.artifacts import STAGE_MANIFEST, RemoteRun, RunLayout, write_stage_manifest
-from disp_runner.store.tree import download_stage, upload_stage
+from disp_store.tree import download_stage, upload_stage
 
 _EPOCH_FOLDER = re.compile(r"^epoch-(\d{4,9})$")
 

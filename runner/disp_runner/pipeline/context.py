@@ -35,12 +35,12 @@ from disp_runner.pipeline.artifacts import (
     verify_stage_output,
 )
 from disp_runner.pipeline.checkpoints import CheckpointMirror
-from disp_runner.store.credentials import open_s3_store
-from disp_runner.store.lease import LEASE_SUFFIX, S3Lease
-from disp_runner.store.location import Location, Scheme
-from disp_runner.store.fingerprint import local_fingerprint, s3_fingerprint
-from disp_runner.store.s3 import S3Store, StoreError
-from disp_runner.store.tree import (
+from disp_store.credentials import open_s3_store
+from disp_store.lease import LEASE_SUFFIX, S3Lease
+from disp_store.location import Location, Scheme
+from disp_store.fingerprint import local_fingerprint, s3_fingerprint
+from disp_store.s3 import S3Store, StoreError
+from disp_store.tree import (
     download_folder,
     download_stage,
     read_uploaded_etags,

@@ -13,8 +13,8 @@ from disp_runner.diffusion.distributed import Topology
 from disp_runner.errors import TransientError
 from disp_runner.pipeline.artifacts import ProgressReporter, RemoteRun, RunLayout, Shard
 from disp_runner.pipeline.context import StageContext, scratch_root
-from disp_runner.store.credentials import open_s3_store
-from disp_runner.store.location import Location, Scheme
+from disp_store.credentials import open_s3_store
+from disp_store.location import Location, Scheme
 
 logger = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ from enum import Enum
 from pathlib import Path
 
 from disp_api.contract import is_s3_uri, split_s3_uri, uri_problem
-from disp_runner.errors import UserInputError
+from disp_store.errors import UserInputError
 
 
 class Scheme(str, Enum):

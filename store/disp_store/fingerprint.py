@@ -13,8 +13,8 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-from disp_runner.errors import UserInputError
-from disp_runner.store.s3 import S3Store
+from disp_store.errors import UserInputError
+from disp_store.s3 import S3Store
 
 
 def _digest_of_lines(lines: list[str]) -> str:

@@ -6,8 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from disp_runner.pipeline.artifacts import STAGE_MANIFEST
-from disp_runner.store.s3 import S3Store, StoreError
+from disp_api.contract import STAGE_MANIFEST_FILE as STAGE_MANIFEST
+from disp_store.s3 import S3Store, StoreError
 
 ETAG_INDEX = ".disp-etags.json"
 

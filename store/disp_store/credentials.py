@@ -8,8 +8,8 @@ import os
 from pathlib import Path
 
 from disp_api import StorageSpec
-from disp_runner.errors import UserInputError
-from disp_runner.store.s3 import S3Store
+from disp_store.errors import UserInputError
+from disp_store.s3 import S3Store
 
 
 def _secret(name: str, aws_name: str) -> str | None:

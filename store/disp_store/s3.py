@@ -19,7 +19,7 @@ import urllib3
 from minio import Minio
 from minio.error import InvalidResponseError, S3Error, ServerError
 
-from disp_runner.errors import TransientError, UserInputError
+from disp_store.errors import TransientError, UserInputError
 
 T = TypeVar("T")
 

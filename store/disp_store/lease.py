@@ -22,8 +22,8 @@ import time
 from datetime import datetime, timezone
 from typing import Callable
 
-from disp_runner.errors import TransientError, UserInputError
-from disp_runner.store.s3 import S3Store
+from disp_store.errors import TransientError, UserInputError
+from disp_store.s3 import S3Store
 
 logger = logging.getLogger(__name__)
 LEASE_SUFFIX = ".lease"
