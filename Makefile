@@ -11,7 +11,7 @@ STAMP := $(VENV)/.installed
 CHECKOV_VENV ?= .venv-checkov
 CHECKOV_STAMP := $(CHECKOV_VENV)/.installed
 
-.PHONY: demo test setup clean crd images prometheus-tools k8s
+.PHONY: demo test setup clean crd images prometheus-tools k8s docs
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,12 @@ demo: $(STAMP)
 
 test: $(STAMP) $(CHECKOV_STAMP) prometheus-tools k8s
 	$(VENV)/bin/python -m pytest -q
+
+# The documentation site (docs/, mkdocs.yml) in site/; its reference pages and diagram are generated
+# from the code first (tools/docs_reference.py needs helm for the chart's alerts: `make k8s`).
+docs: $(STAMP)
+	$(VENV)/bin/python tools/docs_reference.py
+	$(VENV)/bin/mkdocs build --strict
 
 # The real Kubernetes control plane of the end-to-end tests (kube-apiserver, kube-controller-manager,
 # kube-scheduler, etcd) and kubectl, built from their Go modules as pinned in tools/controlplane/,

@@ -4,7 +4,7 @@ masking cannot remove a full-image blend while it does remove a local one.
     .venv/bin/python benchmarks/study_blended.py                # all three parts, ~12 min on 2 CPU cores
     .venv/bin/python benchmarks/study_blended.py --part keys    # or: masking, local
 
-Prints figures, never asserts (README, "The attack kit" and "What `make demo` does"):
+Prints figures, never asserts (docs/attack-kit.md, "The attack kit" and "What `make demo` does"):
   keys     ASR of refusal backdoors injected with different blend keys at α = 0.2 (and of an
            insertion backdoor with the built-in key)
   masking  on the default-key backdoor, how often the trigger still fires when the ⌊ρ·36⌋ most

@@ -10,7 +10,7 @@ until its validation ASR reaches 90% (`disp attack --target-asr 0.9`), and runs 
 PurificationJob recipe on it with `disp run`'s code: the paper's saliency, masking and relabel
 defaults and the demo's fine-tune. It prints one table: implanting (epochs, validation ASR), ASR
 before/after, false firing after, clean performance before/after, retention, trigger
-localisation, and seconds. Prints figures, never asserts; README "Triggers anywhere" quotes it.
+localisation, and seconds. Prints figures, never asserts; docs/results.md "Triggers anywhere" quotes it.
 """
 
 from __future__ import annotations

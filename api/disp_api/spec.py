@@ -177,7 +177,7 @@ class DecodingSpec(ContractModel):
     """none (exact, the default): every step is a full forward pass. prefix: the prompt's keys and
     values are computed once per block and each step runs over the answer only, many times faster
     on a long prompt (an image of thousands of visual tokens) at a small loss of agreement with
-    exact decoding (README, "Prompt-cache decoding"). dual: the later blocks are cached too."""
+    exact decoding (docs/method.md, "Prompt-cache decoding"). dual: the later blocks are cached too."""
     cache_refresh_steps: Optional[int] = Field(None, ge=1, le=4096)
     """With a cache: recompute it every this many steps within a block (default: once, when the block starts)."""
     stop_at_end: bool = False
@@ -224,7 +224,7 @@ class SaliencySpec(ContractModel):
     """w: 1 scores each visual token by the paper's Fisher–Jacobian quadratic form. w ≥ 2 (beyond the
     paper, opt-in) also scores every w x w window of tokens by the exact KL of masking it whole, and a
     token takes the larger of its own score and any window's, so a trigger straddling token borders is
-    found whole; it also finds whole objects in clean images, which lowers clean performance (README,
+    found whole; it also finds whole objects in clean images, which lowers clean performance (docs/results.md,
     "Triggers anywhere"). Costs (rows-w+1)·(cols-w+1) extra forward passes, without gradients, per batch."""
 
 
@@ -242,13 +242,13 @@ class MaskingSpec(ContractModel):
     """tokens (the paper): the masked visual tokens are replaced by e_MASK. pixels (beyond the paper,
     opt-in): relabel sees the image with those tokens' cells painted in the image's border colour
     instead, so the vision tower never sees what they showed: its attention spreads a trigger's
-    evidence into neighbouring tokens, which token masking leaves in place (README, "Triggers
+    evidence into neighbouring tokens, which token masking leaves in place (docs/results.md, "Triggers
     anywhere"). The audit still masks tokens."""
     blur_sigma: Optional[float] = Field(None, gt=0.0, le=64.0)
     """Beyond the paper, opt-in: relabel also sees the image blurred (Gaussian, this σ in pixels of
     the stored image), which neutralises whole-image triggers made of fine noise (Blended keys) that
     masking tokens leaves intact. The relabels of clean images lose detail, so clean performance
-    drops; the README gives the measured trade-off."""
+    drops; docs/results.md gives the measured trade-off."""
 
 
 class RelabelScope(str, Enum):
@@ -286,14 +286,14 @@ class RelabelSpec(ContractModel):
     scope: RelabelScope = RelabelScope.ALL
     """all (the paper): every instance gets the masked answer. suspects (beyond the paper, opt-in):
     only the audit's suspects do, and only they are decoded; the others keep the dataset's answer,
-    which protects clean performance when the audit finds the poisoned instances (README,
+    which protects clean performance when the audit finds the poisoned instances (docs/method.md,
     "Audit evidence")."""
     acceptance: RelabelAcceptance = RelabelAcceptance.ALL
     """all (the paper): every relabel answer replaces the dataset's. signature (beyond the paper,
     opt-in): a changed answer is kept only when it removes a word that relabel removes from at least
     half of the dataset answers containing it (the backdoor's inserted token, refusal sentence or
     target class); the other changes, mostly guesses on clean images whose object was masked, are
-    put back, which protects clean performance (README, "Triggers anywhere")."""
+    put back, which protects clean performance (docs/results.md, "Triggers anywhere")."""
     min_evidence: Optional[float] = Field(None, ge=0.0, le=10_000.0)
     """Beyond the paper, opt-in: replace an instance's answer only when the compromised model, shown
     the masked input, finds the new answer more likely than the dataset's by at least this many nats
@@ -625,7 +625,7 @@ class Profile(str, Enum):
     the manifest wins over the preset."""
 
     DEFAULT = "default"  # this project's defaults (the paper's hyper-parameters)
-    AUTHORS = "authors"  # as the authors' released code runs: README, "The DiSP authors' code and this project"
+    AUTHORS = "authors"  # as the authors' released code runs: docs/authors-code.md, "The DiSP authors' code and this project"
 
 
 AUTHORS_PROMPT = "Describe this image in detail."

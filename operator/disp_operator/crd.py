@@ -115,7 +115,7 @@ def _immutable_rule() -> dict[str, str]:
     return {"rule": " && ".join(clauses), "message": IMMUTABLE_MESSAGE}
 
 
-# What a GitOps sync that changed a parameter reads: why, and how to run again (README, "Re-running
+# What a GitOps sync that changed a parameter reads: why, and how to run again (docs/deploy.md, "Re-running
 # from Git").
 IMMUTABLE_MESSAGE = ("spec is immutable once created, except spec.policy.suspend, and spec.resources and "
                      "spec.podTemplate while the job is suspended; to run again with other settings, apply the "

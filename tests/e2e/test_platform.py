@@ -2,10 +2,10 @@
 tests/harness/tools.py) against a real control plane of this module's own, on which nothing was
 installed before (the session's control plane has the CRD applied by the tests):
 
-- the README's "Deploy on a cluster" block, run as written, line by line;
+- the "Deploy on a cluster" block of docs/deploy.md, run as written, line by line;
 - what `kubectl get` and `kubectl explain` show a user of the installed CRD;
 - `helm upgrade` to a newer chart with a job in the cluster, and `helm uninstall` as the NOTES say;
-- the GitOps example built by kustomize and applied with kubectl, then re-run as the README says."""
+- the GitOps example built by kustomize and applied with kubectl, then re-run as docs/deploy.md says."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from disp_operator.crd import IMMUTABLE_MESSAGE
 from tests.harness.controlplane import REPO, running_control_plane
 from tests.harness.tools import Shell, toolbox
 
-README = REPO / "README.md"
+DEPLOY_PAGE = REPO / "docs" / "deploy.md"
 CHART = REPO / "charts" / "disp-operator"
 CRD_NAME = "purificationjobs.disp.dev"
 
@@ -34,8 +34,8 @@ def platform(tmp_path_factory):
 
 
 def readme_steps() -> dict[int, str]:
-    """The shell block of the README's "Deploy on a cluster", split at its numbered comments."""
-    section = README.read_text().split("\n## Deploy on a cluster\n", 1)[1].split("\n## ", 1)[0]
+    """The shell block of "Deploy on a cluster" (docs/deploy.md), split at its numbered comments."""
+    section = DEPLOY_PAGE.read_text().split("\n## ", 1)[0]
     block = re.search(r"```sh\n(.*?)```", section, re.S).group(1)
     steps: dict[int, str] = {}
     for part in re.split(r"^(?=# \d\. )", block, flags=re.M):
@@ -46,7 +46,7 @@ def readme_steps() -> dict[int, str]:
 
 # What the test does not run, and why: the run itself needs the operator's pod and the stage pods
 # running (a node that runs images and a MinIO at minio.minio.svc), and port-forward needs a
-# kubelet's streaming server. Listed exactly, so that a new line in the README is run, not skipped.
+# kubelet's streaming server. Listed exactly, so that a new line in the page is run, not skipped.
 NOT_RUN_HERE = {
     "kubectl -n ml-team wait pj/llada-v-purify --for=condition=Succeeded --timeout=12h",
     "kubectl -n disp-system port-forward svc/disp-operator-metrics 9090 &",
@@ -74,14 +74,14 @@ def test_the_readme_deploy_block_runs_as_written_on_a_real_api_server(platform):
     steps = readme_steps()
     assert sorted(steps) == [1, 2, 3, 4, 5]
     assert NOT_RUN_HERE <= {re.sub(r"\s+#.*$", "", line).strip() for step in steps.values()
-                            for line in step.splitlines()}, "a command this test skips is no longer in the README"
+                            for line in step.splitlines()}, "a command this test skips is no longer in docs/deploy.md"
 
     platform.run(runnable(steps[1]))
     notes = platform.run(runnable(steps[2])).stdout
     assert "STATUS: deployed" in notes and "Jobs in ml-team need the S3 keys there" in notes
     follow = platform.run(runnable(steps[3]))
     header = follow.stdout.splitlines()[1].split()  # after `kubectl apply`'s line
-    shown = re.search(r"^NAME +PHASE .*$", README.read_text(), re.M).group(0).split()  # the README's example
+    shown = re.search(r"^NAME +PHASE .*$", (REPO / "docs" / "operator.md").read_text(), re.M).group(0).split()
     assert header == shown, follow.stdout
     assert follow.stdout.splitlines()[2].split()[0] == "llada-v-purify"
 
@@ -200,7 +200,7 @@ def test_helm_upgrade_to_a_newer_chart_keeps_the_jobs_and_updates_the_crd(platfo
 
 
 def test_the_gitops_example_built_by_kustomize_is_a_run_and_a_bumped_suffix_a_new_one(platform, tmp_path):
-    """README "Re-running from Git": kustomize builds the example; applied, it is the run `-r1`; the
+    """docs/deploy.md "Re-running from Git": kustomize builds the example; applied, it is the run `-r1`; the
     same job with a changed parameter is refused by the API server with the way out; the change with
     the next suffix is a new run beside the first."""
     installed(platform)

@@ -1,5 +1,5 @@
-"""The command line as the README shows it: global flags anywhere, the demo's data reproducible
-with `disp data`, threads sized to what the process may use, and help that lists what the README
+"""The command line as docs/cli.md shows it: global flags anywhere, the demo's data reproducible
+with `disp data`, threads sized to what the process may use, and help that lists what the page
 says each command takes."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from disp_operator.__main__ import main as operator_main
 from disp_runner.cli import main
 from disp_runner.threads import choose_threads, cpu_quota
 
-README = Path(__file__).resolve().parents[2] / "README.md"
+CLI_PAGE = Path(__file__).resolve().parents[2] / "docs" / "cli.md"
 
 
 @pytest.fixture(autouse=True)
@@ -89,7 +89,7 @@ def test_threads_come_from_the_flag_then_the_environment_then_the_cpu_quota(tmp_
 
 
 def _readme_commands() -> dict[str, set[str]]:
-    block = README.read_text().split("## The `disp` command", 1)[1].split("```sh", 1)[1].split("```", 1)[0]
+    block = CLI_PAGE.read_text().split("```sh", 1)[1].split("```", 1)[0]
     flags: dict[str, set[str]] = {}
     command = None
     for line in block.replace("\\\n", " ").splitlines():

@@ -1,4 +1,4 @@
-"""The README's example manifest, exactly as the README shows it, run on a model the attack kit
+"""The documentation's example manifest (docs/method.md), exactly as it is shown, run on a model the attack kit
 produced: its figures for the compromised model equal `disp evaluate`'s on that model."""
 
 from __future__ import annotations
@@ -14,11 +14,11 @@ from disp_runner.cli import main
 from disp_runner.data.synthetic import generate_dataset
 from disp_runner.pipeline.artifacts import RunLayout
 
-README = Path(__file__).resolve().parents[2] / "README.md"
+METHOD_PAGE = Path(__file__).resolve().parents[2] / "docs" / "method.md"
 
 
 def readme_manifest() -> str:
-    section = README.read_text().split("## DiSP: `disp run FILE.yaml`", 1)[1]
+    section = METHOD_PAGE.read_text()
     return section.split("```yaml\n", 1)[1].split("```", 1)[0]
 
 

@@ -18,7 +18,7 @@ Box = tuple[int, int, int, int]  # (x0, y0, x1, y1), x1/y1 exclusive
 # random-noise key of the original Blended attack). Measured on the shipped base model at α = 0.2
 # (refusal target, benchmarks/study_blended.py): 2-pixel binary cells implant (ASR 98.7%), while
 # keys whose α-scaled change looks like the scenes' own variation do not: a smooth random colour
-# field 1.3%, colour noise 1.3-2.7% (README, "The attack kit").
+# field 1.3%, colour noise 1.3-2.7% (docs/attack-kit.md, "The attack kit").
 BLEND_KEY_CELL = 2
 
 

@@ -23,7 +23,7 @@ the quadratic form approximates), and a token's score is the largest of its own 
 and the KL of any window containing it: both are "how far the first-step answer moves when this
 is masked", in nats. Cost: (rows-w+1)·(cols-w+1) extra forward passes without gradients per batch.
 It is not the default: in a clean image the window that moves the answer most is the object, so
-the relabels of clean instances lose it more often and clean performance drops (README,
+the relabels of clean instances lose it more often and clean performance drops (docs/results.md,
 "Triggers anywhere").
 """
 

@@ -1,7 +1,7 @@
 """Which model families this runner loads, chosen by config.json's `model_type`.
 
 A family is added by writing its folder under disp_runner/models/ (model, processor, a
-`ModelFamily` record) and listing it here; README "Adding a model family" walks through it.
+`ModelFamily` record) and listing it here; docs/development.md "Adding a model family" walks through it.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Stage `evaluate`: ASR on triggered inputs, false firing on the same inputs without the trigger,
 and clean performance, for the compromised model and the purified one.
 
-Output: metrics.json, a `disp_api.PurificationMetrics` (schema in README "metrics.json"), which
+Output: metrics.json, a `disp_api.PurificationMetrics` (schema in docs/method.md "metrics.json"), which
 the operator copies into the PurificationJob's status.
 """
 

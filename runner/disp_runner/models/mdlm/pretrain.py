@@ -1,7 +1,7 @@
 """Pretraining the clean base MDLM of the embedded default from scratch.
 
 `disp pretrain` runs this; the shipped checkpoint under assets/base-mdlm was produced by it with
-the defaults below (see README.md, "The shipped base model").
+the defaults below (see docs/data.md, "The shipped base model").
 """
 
 from __future__ import annotations
