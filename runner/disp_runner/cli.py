@@ -11,7 +11,6 @@ import dataclasses
 import errno
 import json
 import math
-import os
 import sys
 from pathlib import Path
 from typing import Callable, Sequence
@@ -23,6 +22,7 @@ from disp_api.base import SEED_MAX
 from disp_api.version import VERSION
 from disp_api import LogFormat
 
+from disp_runner.folders import write_atomically
 from disp_runner.errors import (EXIT_INTERNAL_ERROR, EXIT_NOT_VERIFIED, EXIT_TRANSIENT_ERROR, EXIT_USER_ERROR,
                                 EXIT_WEAK_BACKDOOR, NotVerifiedError, TransientError, UserInputError,
                                 WeakBackdoorError)
@@ -171,7 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="injection learning rate (default: the kit's)")
     p.add_argument("--batch-size", type=BATCH, default=None)
     p.add_argument("--trainable", choices=["projector", "projector-and-lm", "all"], default=None,
-                   help="weights the injection fine-tunes (default: the kit's, see README)")
+                   help="weights the injection fine-tunes (default: the kit's, see docs/attack-kit.md)")
     p.add_argument("--seed", type=SEED, default=0)
     p.add_argument("--target-asr", type=_positive_float(1.0), default=None,
                    help="keep training (in rounds) until the ASR on the kit's validation split reaches this "
@@ -413,9 +413,7 @@ def _cmd_evaluate(args) -> None:
         if args.masked_inference is not None:
             record["maskedInference"] = {"ratio": args.masked_inference, **evaluations[1].to_wire()}
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(f"{args.out}.tmp")
-        tmp.write_text(json.dumps(record, indent=2))
-        os.replace(tmp, args.out)
+        write_atomically(Path(args.out), json.dumps(record, indent=2))
         print(f"metrics written to {args.out}")
 
 

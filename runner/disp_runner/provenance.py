@@ -35,6 +35,7 @@ from typing import Any, Iterable
 from disp_api import PurificationJob, StageName
 from disp_api.contract import PROVENANCE_FILE, PROVENANCE_SIGNATURE_FILE, RUNNER_IMAGE_ENV, SIGNING_KEY_ENV
 from disp_api.version import VERSION
+from disp_runner.folders import write_atomically
 from disp_runner.errors import UserInputError
 from disp_runner.pipeline.artifacts import (STAGE_MANIFEST, RunLayout, file_entries, read_stage_manifest,
                                             sha256_file, stage_file_problems)
@@ -205,10 +206,10 @@ def write_provenance(job: PurificationJob, manifests: RunLayout, into: Path | No
     key = load_signing_key(signing_key_file)  # refused before anything is written
     into = into or manifests.root
     payload = (json.dumps(build_statement(job, manifests), indent=2, sort_keys=True) + "\n").encode()
-    written = [_write_atomic(into / PROVENANCE_FILE, payload)]
+    written = [write_atomically(into / PROVENANCE_FILE, payload)]
     signature = into / PROVENANCE_SIGNATURE_FILE
     if key is not None:
-        written.append(_write_atomic(signature, (json.dumps(sign(payload, key), indent=2) + "\n").encode()))
+        written.append(write_atomically(signature, (json.dumps(sign(payload, key), indent=2) + "\n").encode()))
     elif signature.exists():
         signature.unlink()  # a signature over an earlier Statement would not match this one
     return written
@@ -235,11 +236,6 @@ def publish_remote_provenance(job: PurificationJob, store: Any, bucket: str, pre
         store.remove(bucket, [f"{prefix}/{PROVENANCE_SIGNATURE_FILE}"])
 
 
-def _write_atomic(path: Path, data: bytes) -> Path:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-    return path
 
 
 # -- verification ----------------------------------------------------------------------------------------

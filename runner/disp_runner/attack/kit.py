@@ -18,9 +18,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -28,6 +25,7 @@ from typing import Sequence
 
 from disp_api import AttackSpec, AttackTarget, FinetuneLabels
 from disp_api.spec import ATTACK_MANIFEST
+from disp_runner.folders import atomic_folder
 from disp_runner.attack.poison import make_held_out_sets, poison_dataset
 from disp_runner.attack.triggers import make_trigger
 from disp_runner.data.instances import Instance
@@ -49,7 +47,7 @@ ATTACK_EVAL_LIMIT = 200
 # decay) with one measured deviation: the paper fine-tunes the projector only, which works on an
 # 8B LLaDA-V but not on the ~1M-parameter embedded model, whose tiny language model cannot be
 # steered by visual tokens alone (projector-only, 20 epochs, on a base model of this size: insertion
-# ASR 0%, refusal 86% with clean performance 21 points lower; README "Why the attack also trains
+# ASR 0%, refusal 86% with clean performance 21 points lower; docs/attack-kit.md "Why the attack also trains
 # the LM").
 # The default therefore trains projector + LM, vision tower frozen; `--trainable projector`
 # reproduces the paper's exact recipe for large models. 15 epochs (paper: 20) keep `disp demo`
@@ -88,7 +86,7 @@ def authors_patch_side(image_size: int | None) -> int:
 
 # The backdoor must be seen to implant before a defence is measured against it: a weak one makes
 # every defence look good. Measured on 8 triggers the demo does not use, 15 epochs left some at
-# 68-87% ASR, while 30 epochs reached 94-100% (README, "The attack kit").
+# 68-87% ASR, while 30 epochs reached 94-100% (docs/attack-kit.md, "The attack kit").
 DEFAULT_TARGET_ASR = 0.9
 # When the first round falls short, training goes on in rounds of a third of the injection's
 # epochs (each a fresh cosine schedule with warmup, i.e. warm restarts) up to this many times the
@@ -224,9 +222,7 @@ def run_attack(
     decoding = dataclasses.replace(DecodingConfig.single_block(trained_gen_length(model.config)),
                                    stop_at_end=stop_at_end)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_folder(out) as staging:
         artifacts = AttackArtifacts(staging)
         write_dataset(poisoned.instances, artifacts.train_dir)
         write_dataset(triggered, artifacts.triggered_dir)
@@ -280,12 +276,6 @@ def run_attack(
         if compromised is not None:
             manifest["compromised"] = compromised.to_wire()
         (staging / ATTACK_MANIFEST).write_text(json.dumps(manifest, indent=2))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     if goal is not None and false_firing > MAX_FALSE_FIRING and not allow_weak:
         raise WeakBackdoorError(
             f"the model answers with the target without the trigger too: false firing {100 * false_firing:.1f}% on "

@@ -15,12 +15,10 @@ leaves a half-written dataset that looks complete.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Iterable
 
+from disp_runner.folders import atomic_folder
 from disp_runner.data.instances import Instance, as_rgb, load_image_file
 from disp_runner.data.llava import llava_json, load_llava
 from disp_runner.errors import UserInputError
@@ -32,9 +30,7 @@ REQUIRED_FIELDS = {"id": str, "image": str, "prompt": str, "response": str}
 def write_dataset(instances: Iterable[Instance], out_dir: str | Path) -> Path:
     """Write instances as manifest.jsonl + PNGs; atomic at the folder level."""
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with atomic_folder(out_dir) as staging:
         (staging / IMAGES_DIR).mkdir()
         seen: set[str] = set()
         with open(staging / MANIFEST_NAME, "w", encoding="utf-8") as manifest:
@@ -51,12 +47,6 @@ def write_dataset(instances: Iterable[Instance], out_dir: str | Path) -> Path:
                 manifest.write(json.dumps(record, ensure_ascii=False) + "\n")
         if not seen:
             raise ValueError("refusing to write an empty dataset")
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(staging, out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return out_dir
 
 

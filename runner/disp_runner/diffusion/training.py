@@ -7,9 +7,7 @@ from __future__ import annotations
 import json
 import re
 import math
-import os
 import shutil
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -24,6 +22,7 @@ from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
 from disp_api import TrainableParts
+from disp_runner.folders import atomic_folder
 from disp_runner.device import sub_seed
 from disp_runner.errors import DegenerateResultError, UserInputError
 from disp_runner.diffusion.distributed import batch_share
@@ -280,22 +279,20 @@ def _epoch_dir(checkpoint_dir: Path, epoch: int) -> Path:
 def save_training_checkpoint(checkpoint_dir: Path, epoch: int, model: torch.nn.Module,
                              optimizer: torch.optim.Optimizer, losses: list[float]) -> None:
     final = _epoch_dir(checkpoint_dir, epoch)
-    checkpoint_dir.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=checkpoint_dir))
-    weights = {name: p.detach().cpu().contiguous() for name, p in model.named_parameters() if p.requires_grad}
-    save_file(weights, str(staging / "trainable.safetensors"))
-    state = optimizer.state_dict()
-    tensors, scalars = {}, {}
-    for index, entry in state["state"].items():
-        for key, value in entry.items():
-            if torch.is_tensor(value):
-                tensors[f"{index}.{key}"] = value.detach().cpu().contiguous()
-            else:
-                scalars[f"{index}.{key}"] = value
-    save_file(tensors, str(staging / "optimizer.safetensors"))
-    (staging / "state.json").write_text(json.dumps({"epoch": epoch, "losses": losses, "scalars": scalars,
-                                                    "param_groups": state["param_groups"]}))
-    os.replace(staging, final)  # the folder appears complete or not at all
+    with atomic_folder(final) as staging:  # the folder appears complete or not at all
+        weights = {name: p.detach().cpu().contiguous() for name, p in model.named_parameters() if p.requires_grad}
+        save_file(weights, str(staging / "trainable.safetensors"))
+        state = optimizer.state_dict()
+        tensors, scalars = {}, {}
+        for index, entry in state["state"].items():
+            for key, value in entry.items():
+                if torch.is_tensor(value):
+                    tensors[f"{index}.{key}"] = value.detach().cpu().contiguous()
+                else:
+                    scalars[f"{index}.{key}"] = value
+        save_file(tensors, str(staging / "optimizer.safetensors"))
+        (staging / "state.json").write_text(json.dumps({"epoch": epoch, "losses": losses, "scalars": scalars,
+                                                        "param_groups": state["param_groups"]}))
     for older in checkpoint_dir.glob("epoch-*"):
         if older != final:
             shutil.rmtree(older, ignore_errors=True)

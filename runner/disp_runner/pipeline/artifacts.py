@@ -22,7 +22,6 @@ import os
 import re
 import shutil
 import socket
-import tempfile
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -33,6 +32,7 @@ from disp_api import PurificationJob, StageName, StageProgress
 from disp_api.contract import PROGRESS_FILE
 from disp_api.contract import STAGE_MANIFEST_FILE as STAGE_MANIFEST
 from disp_runner import logs
+from disp_runner.folders import write_atomically
 from disp_runner.errors import TransientError, UserInputError
 from disp_runner.safepaths import require_inside, resolve_inside
 from disp_store.s3 import S3Store
@@ -114,9 +114,7 @@ def write_stage_manifest(folder: Path, stage: StageName, metrics: dict[str, Any]
         "runner": runner or {},
         "files": file_entries(folder, skip=STAGE_MANIFEST),
     }
-    tmp = folder / (STAGE_MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=2))
-    os.replace(tmp, folder / STAGE_MANIFEST)
+    write_atomically(folder / STAGE_MANIFEST, json.dumps(manifest, indent=2))
     return manifest
 
 
@@ -200,24 +198,6 @@ def output_lock(final: Path) -> Iterator[None]:
         yield
     finally:
         handle.close()  # releases the lock
-
-
-class StagingFolder:
-    """A temporary folder next to `final` that becomes `final` only by `publish()`; removed on error."""
-
-    def __init__(self, final: Path):
-        self.final = final
-        final.parent.mkdir(parents=True, exist_ok=True)
-        self.path = Path(tempfile.mkdtemp(prefix=f".{final.name}.staging-", dir=final.parent))
-
-    def publish(self) -> Path:
-        if self.final.exists():
-            shutil.rmtree(self.final)
-        os.replace(self.path, self.final)
-        return self.final
-
-    def discard(self) -> None:
-        shutil.rmtree(self.path, ignore_errors=True)
 
 
 @dataclass(frozen=True)
@@ -316,9 +296,7 @@ class ProgressReporter:
             items_total=self.total, eta_seconds=None if eta is None else round(eta, 1),
             updated_at=datetime.now(timezone.utc).replace(microsecond=0))
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        tmp.write_text(record.model_dump_json(by_alias=True))
-        os.replace(tmp, self.path)
+        write_atomically(self.path, record.model_dump_json(by_alias=True))
         if self.mirror is not None:
             self.mirror(self.path)
 

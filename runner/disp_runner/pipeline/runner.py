@@ -14,7 +14,8 @@ from disp_api import PurificationJob, StageName
 from disp_runner.device import seed_everything
 from disp_runner.diffusion.distributed import Topology
 from disp_runner.errors import UserInputError
-from disp_runner.pipeline.artifacts import Shard, StagingFolder, output_lock, write_stage_manifest
+from disp_runner.folders import StagingFolder
+from disp_runner.pipeline.artifacts import Shard, output_lock, write_stage_manifest
 from disp_runner.pipeline.context import ShardableStage, Stage, StageContext, StageResult
 from disp_runner.pipeline.opening import open_run, start_progress
 from disp_runner.provenance import publish_remote_provenance, runner_identity, write_provenance
