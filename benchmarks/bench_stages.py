@@ -21,8 +21,11 @@ import dataclasses
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the LLaDA-V stand-in lives with the tests
 
 from disp_api import DecodingCache
 from disp_runner.data.synthetic import generate_instances
@@ -31,8 +34,8 @@ from disp_runner.diffusion.decoding import DecodingConfig
 from disp_runner.disp.masking import mask_image_embeds, top_salient_tokens
 from disp_runner.disp.saliency import SaliencyConfig, fisher_jacobian_scores, region_kl_scores
 from disp_runner.disp.token_grid import window_masks
-from disp_runner.models.llada_v.stand_in import build_model as build_llada_v
-from disp_runner.models.llada_v.stand_in import stand_in_tokenizer
+from tests.stand_ins.llada_v import build_model as build_llada_v
+from tests.stand_ins.llada_v import stand_in_tokenizer
 from disp_runner.models.mdlm import build_model as build_mdlm
 from disp_runner.models.mdlm.embedded import EMBEDDED_MODEL_SIZE, build_embedded_tokenizer
 from disp_runner.diffusion.inference import generate_responses

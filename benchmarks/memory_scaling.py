@@ -20,6 +20,8 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the LLaDA-V stand-in lives with the tests
+
 STAGES = ("saliency", "masking", "relabel", "finetune")
 MEASURE = ("import resource, subprocess, sys; "
            "code = subprocess.run(sys.argv[1:]).returncode; "
@@ -51,7 +53,7 @@ def make_checkpoint(root: Path) -> Path:
     import torch
 
     from disp_runner.data.synthetic import generate_instances
-    from disp_runner.models.llada_v.stand_in import build_model, stand_in_tokenizer
+    from tests.stand_ins.llada_v import build_model, stand_in_tokenizer
     from disp_runner.models.loading import save_model
 
     corpus = [t for inst in generate_instances(2000, seed=3, image_size=16) for t in (inst.prompt, inst.response)]

@@ -162,6 +162,18 @@ def node_agent(control_plane, tmp_path_factory):
     agent.close()
 
 
+def pytest_collection_modifyitems(config, items):
+    """Markers from what a test needs, so that they cannot be forgotten: `e2e` for everything on
+    the real control plane, `containers` for everything that builds or runs the images (`slow` is
+    set by hand on the tests that take seconds on two cores). `make test-fast` leaves all three out."""
+    for item in items:
+        needs = set(getattr(item, "fixturenames", ()))
+        if "control_plane" in needs:
+            item.add_marker(pytest.mark.e2e)
+        if "images" in needs:
+            item.add_marker(pytest.mark.containers)
+
+
 def pytest_terminal_summary(terminalreporter):
     if VERSIONS_S3:
         terminalreporter.write_line(f"S3 server under test: {VERSIONS_S3['minio']}")

@@ -13,7 +13,7 @@ import pytest
 from minio import Minio
 
 from disp_store.s3 import S3Store
-from tests.containers.podman import OPERATOR_IMAGE, RUNNER_IMAGE, RuntimeUnavailable, build_images
+from tests.harness.podman import OPERATOR_IMAGE, RUNNER_IMAGE, RuntimeUnavailable, build_images
 from tests.e2e.support import ACCESS, CREDENTIALS_SECRET, SECRET, NodeView
 from tests.harness.cluster import Cluster
 from tests.harness.kueue import KUEUE_API, KueueManager

@@ -1,6 +1,6 @@
 """The images, built for real from the Dockerfile (podman, runc), and the pods the operator builds,
 run in them with their security settings: what a cluster would run, with no stand-in in between.
-See tests/containers/podman.py for how a pod spec becomes a `podman run`."""
+See tests/harness/podman.py for how a pod spec becomes a `podman run`."""
 
 from __future__ import annotations
 
@@ -20,8 +20,8 @@ from disp_runner.pipeline.artifacts import STAGE_MANIFEST, RunLayout
 from disp_runner.pipeline.runner import run_job
 from disp_store.s3 import S3Store
 
-import tests.containers.podman as podman_module
-from tests.containers.podman import (
+import tests.harness.podman as podman_module
+from tests.harness.podman import (
     OPERATOR_IMAGE,
     RUNNER_IMAGE,
     RUNTIME_FLAGS,

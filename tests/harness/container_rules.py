@@ -1,13 +1,13 @@
 """How a container's process is made from its image and its pod spec: the rules a container image
 builder, the kubelet and a container runtime follow, written once for both places where the tests
 start pods: the node agent (tests/harness/node_agent.py, local processes) and the real runtime
-(tests/containers, podman).
+(tests/e2e/test_containers.py, podman).
 
 Sources of truth, each followed as written there:
 - The image's configuration (ENTRYPOINT, CMD, ENV, WORKDIR, USER) is read from the build target
   in the project's Dockerfile, as the builder records it: instructions of a stage add to what its
   FROM gives; an ENTRYPOINT resets a CMD the stage inherited; shell-form ENTRYPOINT/CMD become
-  `/bin/sh -c "…"`. (tests/containers checks this reading against `podman image inspect` of the
+  `/bin/sh -c "…"`. (tests/e2e/test_containers.py checks this reading against `podman image inspect` of the
   images built from the same Dockerfile.)
 - Kubernetes' container command rules (Pod API, "Define a Command and Arguments for a Container"):
   `command` replaces the image's ENTRYPOINT and then the image's CMD is ignored; `args` alone

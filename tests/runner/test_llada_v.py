@@ -20,7 +20,7 @@ from disp_runner.data.synthetic import generate_instances
 from disp_runner.models.llada_v import LladaVForMaskedDiffusion, LladaVProcessor
 from disp_runner.models.llada_v.anyres import anyres_geometry, expand_pinpoints
 from disp_runner.models.llada_v.processing import Specials
-from disp_runner.models.llada_v.stand_in import (PUBLISHED_AUTO_MAP, PUBLISHED_IDS, PUBLISHED_VOCAB_SIZE, build_model,
+from tests.stand_ins.llada_v import (PUBLISHED_AUTO_MAP, PUBLISHED_IDS, PUBLISHED_VOCAB_SIZE, build_model,
                                                 publish_layout, stand_in_tokenizer)
 from disp_runner.models.loading import load_model, save_model
 from disp_runner.pipeline.artifacts import RunLayout

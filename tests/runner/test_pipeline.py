@@ -162,12 +162,12 @@ def test_top_k_larger_than_the_vocabulary_fails_before_anything_completes(worksp
 
 
 def test_a_cache_the_model_family_cannot_run_fails_before_anything_completes(workspace, capsys, monkeypatch):
-    import disp_runner.pipeline.context as context
+    import disp_runner.diffusion.prompt_cache as prompt_cache
 
     class NoFamilyHasIt:  # as if the model's family had no prompt cache
         pass
 
-    monkeypatch.setattr(context, "PromptCaching", NoFamilyHasIt)
+    monkeypatch.setattr(prompt_cache, "PromptCaching", NoFamilyHasIt)
     relabel = {"decoding": {**DECODING, "cache": "prefix"}, "batchSize": 4}
     code = main(["--no-progress", "run", write_manifest(workspace, job_document(workspace, relabel=relabel))])
     err = capsys.readouterr().err.strip()

@@ -110,5 +110,5 @@ def test_the_spec_carries_the_cache_and_refuses_a_refresh_without_one():
     assert (config.cache, config.cache_refresh_steps) == (DecodingCache.DUAL, 4)
     with pytest.raises(ValueError, match="cacheRefreshSteps needs cache prefix or dual"):
         DecodingSpec.model_validate({"cacheRefreshSteps": 4})
-    with pytest.raises(UserInputError, match="decoding.cache prefix: the object family has no prompt cache"):
+    with pytest.raises(UserInputError, match="decoding.cache: prefix needs a model family with a prompt cache; object has none"):
         require_prompt_caching(object(), dataclasses.replace(config, cache=DecodingCache.PREFIX))

@@ -60,9 +60,11 @@ class PromptCacheDenoiser:
         return logits[:, :block.stop - block.start]  # the window starts with the block
 
 
-def require_prompt_caching(model: object, decoding: DecodingConfig) -> PromptCaching:
-    """The model, when the decoding's cache can run on it; else a clear error."""
+def require_prompt_caching(model: object, decoding: DecodingConfig, field_name: str = "decoding") -> PromptCaching:
+    """The model, when the decoding's cache can run on it; else an error naming the field (the one
+    check of a cache against a model family: the pipeline runs it before anything expensive, the
+    decoder again for callers that come without a pipeline)."""
     if not isinstance(model, PromptCaching):
-        raise UserInputError(f"decoding.cache {decoding.cache.value}: the {type(model).__name__} family has no "
-                             "prompt cache; use cache none")
+        raise UserInputError(f"{field_name}.cache: {decoding.cache.value} needs a model family with a prompt "
+                             f"cache; {type(model).__name__} has none (use none)")
     return model

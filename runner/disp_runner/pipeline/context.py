@@ -22,7 +22,8 @@ from disp_runner.device import default_device
 from disp_runner.errors import UserInputError, warn_user
 from disp_runner.diffusion.decoding import DecodingConfig
 from disp_runner.diffusion.distributed import Topology
-from disp_runner.models.base import PromptCaching, trained_gen_length
+from disp_runner.diffusion.prompt_cache import require_prompt_caching
+from disp_runner.models.base import trained_gen_length
 from disp_runner.models.loading import LoadedModel, load_model, load_projector
 from disp_runner.pipeline.artifacts import (
     STAGE_MANIFEST,
@@ -159,10 +160,9 @@ class StageContext:
             warn_user(f"{field_name}.genLength {spec.gen_length}: the model was trained to answer in "
                       f"{model_gen_length} positions (config gen_length); leave genLength out to use them")
         config = DecodingConfig.for_model(spec, model_gen_length, field_name)
-        if config.cache is not DecodingCache.NONE and not isinstance(self.compromised_model().model, PromptCaching):
+        if config.cache is not DecodingCache.NONE:
             # Checked here, where saliency asks first, so nothing expensive runs before the refusal.
-            raise UserInputError(f"{field_name}.cache: {config.cache.value} needs a model family with a prompt "
-                                 f"cache; {type(self.compromised_model().model).__name__} has none (use none)")
+            require_prompt_caching(self.compromised_model().model, config, field_name)
         return config
 
     def evaluation_attack(self) -> AttackSpec:

@@ -1,5 +1,6 @@
-"""Small LLaDA-V-format checkpoints built here, for tests and benchmarks: no machine here reaches
-the hub, so the published weights and tokenizer.json are not available.
+"""Small LLaDA-V-format checkpoints built here, for tests and benchmarks (a test helper, kept out of
+the product package): no machine here reaches the hub, so the published weights and tokenizer.json
+are not available.
 
 `stand_in_tokenizer` is a word-level tokenizer over the given texts with LLaDA's special tokens
 under their published names, at small ids by default (the runner always looks ids up by name) or,
