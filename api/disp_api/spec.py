@@ -155,6 +155,22 @@ class DecodingCache(str, Enum):
     DUAL = "dual"  # the later blocks cached too; a step runs over the current block only
 
 
+def decoding_problem(gen_length: int | None, block_length: int | None, steps: int | None,
+                     cached: bool, cache_refresh_steps: int | None) -> str | None:
+    """The decoding rules, once: what is wrong with these settings (None: nothing). What is not
+    given (None) is not checked: the spec checks what a manifest says, the runner the settings once
+    the model has filled in the rest; the CRD's CEL rules above say the same for the API server."""
+    if gen_length is not None and block_length is not None:
+        if gen_length % block_length:
+            return f"genLength {gen_length} must be a multiple of blockLength {block_length}"
+        blocks = gen_length // block_length
+        if steps is not None and steps % blocks:
+            return f"steps {steps} must be a multiple of the number of blocks {blocks}"
+    if cache_refresh_steps is not None and not cached:
+        return "cacheRefreshSteps needs cache prefix or dual"
+    return None
+
+
 class DecodingSpec(ContractModel):
     model_config = with_cel_rules(
         ("!has(self.cacheRefreshSteps) || (has(self.cache) && self.cache != 'none')",
@@ -189,14 +205,10 @@ class DecodingSpec(ContractModel):
     @model_validator(mode="after")
     def _check_blocks(self) -> "DecodingSpec":
         # Only what is given can be checked here; the rest comes from the model (DecodingConfig.for_model).
-        if self.gen_length is not None and self.block_length is not None:
-            if self.gen_length % self.block_length:
-                raise ValueError(f"genLength {self.gen_length} must be a multiple of blockLength {self.block_length}")
-            blocks = self.gen_length // self.block_length
-            if self.steps is not None and self.steps % blocks:
-                raise ValueError(f"steps {self.steps} must be a multiple of the number of blocks {blocks}")
-        if self.cache_refresh_steps is not None and self.cache is DecodingCache.NONE:
-            raise ValueError("cacheRefreshSteps needs cache prefix or dual")
+        problem = decoding_problem(self.gen_length, self.block_length, self.steps, self.cache is not DecodingCache.NONE,
+                                   self.cache_refresh_steps)
+        if problem:
+            raise ValueError(problem)
         return self
 
 

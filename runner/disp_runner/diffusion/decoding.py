@@ -11,6 +11,7 @@ from typing import Callable, Protocol, Sequence
 import torch
 
 from disp_api import DecodingCache, DecodingSpec
+from disp_api.spec import decoding_problem
 from disp_runner.errors import UserInputError
 
 
@@ -47,17 +48,14 @@ class DecodingConfig:
     stop_at_end: bool = False  # the authors' stop rule (DecodingSpec.stop_at_end)
 
     def __post_init__(self) -> None:
-        if self.gen_length <= 0 or self.steps <= 0 or self.block_length <= 0:
-            raise ValueError("steps, gen_length and block_length must be positive")
-        if self.gen_length % self.block_length:
-            raise ValueError(f"gen_length {self.gen_length} must be a multiple of block_length {self.block_length}")
-        num_blocks = self.gen_length // self.block_length
-        if self.steps % num_blocks:
-            raise ValueError(f"steps {self.steps} must be a multiple of the number of blocks {num_blocks}")
-        if self.temperature < 0:
-            raise ValueError("temperature must be >= 0")
-        if self.cache_refresh_steps is not None and (self.cache is DecodingCache.NONE or self.cache_refresh_steps <= 0):
-            raise ValueError("cache_refresh_steps must be positive and needs a cache")
+        # The spec's rules (disp_api.decoding_problem), on the settings with the model's defaults
+        # filled in; the bounds the spec's fields carry, for configurations built in code.
+        if min(self.gen_length, self.steps, self.block_length, self.cache_refresh_steps or 1) <= 0 or self.temperature < 0:
+            raise ValueError("steps, genLength, blockLength and cacheRefreshSteps must be positive, temperature >= 0")
+        problem = decoding_problem(self.gen_length, self.block_length, self.steps, self.cache is not DecodingCache.NONE,
+                                   self.cache_refresh_steps)
+        if problem:
+            raise ValueError(problem)
 
     @classmethod
     def for_model(cls, spec: DecodingSpec, model_gen_length: int | None, field: str) -> "DecodingConfig":
