@@ -1,7 +1,7 @@
 """Typed contracts shared by the DiSP operator and runner (pydantic only: no torch, kopf or
 kubernetes imports, so the operator image stays small)."""
 
-from disp_api.attack import AttackSpec, AttackTarget, Corner, TargetSpec, TriggerKind, TriggerSpec
+from disp_api.attack import AttackRecord, AttackSpec, AttackTarget, Corner, TargetSpec, TriggerKind, TriggerSpec
 from disp_api.metrics import AuditFigures, EvaluationMetrics, MetricsCounts, MetricsSummary, PurificationMetrics
 from disp_api.progress import StageProgress
 from disp_api.spec import (
@@ -33,7 +33,7 @@ from disp_api.spec import (
 )
 
 __all__ = [
-    "AttackSpec", "AttackTarget", "AuditFigures", "Corner", "DatasetSource", "DecodingCache", "DecodingSpec", "EmptyAnswers", "EvaluationMetrics", "EvaluationSpec",
+    "AttackRecord", "AttackSpec", "AttackTarget", "AuditFigures", "Corner", "DatasetSource", "DecodingCache", "DecodingSpec", "EmptyAnswers", "EvaluationMetrics", "EvaluationSpec",
     "FinetuneLabels", "FinetuneSpec", "LogFormat", "MaskingSpace", "MaskingSpec", "MetricsCounts", "MetricsSummary", "ModelSource", "ObjectMeta", "OutputSpec", "ParallelismSpec",
     "PurificationJob", "PurificationJobSpec", "PurificationMetrics", "RelabelAcceptance", "RelabelSpec", "ProbeDraws", "Profile", "SaliencySpec", "SecretKeyRef", "StageName", "StageProgress", "StorageSpec",
     "TargetSpec", "TrainableParts", "TriggerKind", "TriggerSpec",

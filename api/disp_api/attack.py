@@ -3,10 +3,11 @@ PurificationJob spec, to describe the evaluation set's trigger/target so ASR can
 
 from __future__ import annotations
 
+import json
 from enum import Enum
-from typing import Optional
+from typing import Any, Optional
 
-from pydantic import Field, model_validator
+from pydantic import ConfigDict, Field, ValidationError, model_validator
 
 from disp_api.base import ContractModel, Seed, with_cel_rules
 
@@ -98,3 +99,31 @@ class AttackSpec(ContractModel):
     """Fraction of the training set that is poisoned (paper: 200 of 1000)."""
     seed: Seed = 0
     """Seed of the choice of poisoned instances."""
+
+
+class AttackRecord(ContractModel):
+    """An attack folder's attack.json as its readers use it, read in one place (`parse`): the attack
+    that was planted, how the implant went and what the compromised model measured. The kit writes
+    more (counts, poisoned ids, injection settings); readers ignore it."""
+
+    model_config = ConfigDict(extra="ignore")  # merged with ContractModel's by pydantic
+
+    attack: AttackSpec
+    """The trigger and target that were planted."""
+    implant: Optional[dict[str, Any]] = None
+    """The implant's record (epochs, rounds, validation ASR, whether the target was reached)."""
+    compromised: Optional[dict[str, Any]] = None
+    """The compromised model's held-out figures (an EvaluationMetrics on the wire)."""
+
+    @classmethod
+    def parse(cls, raw: bytes | str) -> "AttackRecord":
+        """The record in `raw`; ValueError with a one-line reason when it is not one."""
+        try:
+            return cls.model_validate(json.loads(raw))
+        except ValidationError as exc:
+            error = exc.errors()[0]
+            where = ".".join(str(part) for part in error["loc"]) or "the top level"
+            raise ValueError(f"not an attack record ({where}: {error['msg']})") from None
+        except (json.JSONDecodeError, UnicodeDecodeError, TypeError, ValueError) as exc:
+            first = (str(exc).strip().splitlines() or [""])[0]
+            raise ValueError(f"not an attack record ({first})") from None

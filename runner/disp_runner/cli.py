@@ -361,8 +361,10 @@ def _cmd_attack(args) -> None:
 
 
 def _print_attack_summary(folder: Path) -> None:
-    record = json.loads((folder / "attack.json").read_text())
-    implant, measured = record["implant"], record["compromised"]
+    from disp_runner.attack.kit import AttackArtifacts
+
+    record = AttackArtifacts(folder).record()
+    implant, measured = record.implant, record.compromised
     print(f"compromised model: {folder / 'model'}; poisoned data: {folder / 'train'}; test sets: {folder / 'test'}")
     print(f"implanting: {implant['epochs']:g} epochs in {len(implant['rounds'])} round(s), validation ASR "
           f"{100 * implant['validationAsr']:.1f}% on {implant['validationCount']} triggered inputs "

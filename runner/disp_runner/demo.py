@@ -7,7 +7,6 @@ same code as `disp run` -> ASR before/after, false firing, clean performance and
 
 from __future__ import annotations
 
-import json
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -26,7 +25,6 @@ from disp_api import (
     TriggerKind,
     TriggerSpec,
 )
-from disp_api.spec import ATTACK_MANIFEST
 from disp_runner.attack.kit import DEFAULT_INJECTION, AttackArtifacts, ImplantGoal, run_attack
 from disp_runner.data.dataset import load_dataset
 from disp_runner.data.synthetic import generate_dataset
@@ -175,7 +173,7 @@ def _print_verification(layout: RunLayout) -> None:
 
 
 def _print_implant(artifacts: AttackArtifacts) -> None:
-    implant = json.loads((artifacts.folder / ATTACK_MANIFEST).read_text())["implant"]
+    implant = artifacts.record().implant
     verdict = "" if implant["reached"] else "; BELOW TARGET: this row measures DiSP against a weak backdoor"
     print(f"      implanted in {implant['epochs']:g} epochs, validation ASR {100 * implant['validationAsr']:.1f}%"
           f"{verdict}", flush=True)

@@ -63,6 +63,25 @@ def test_an_attack_uri_without_an_attack_record_is_one_line(workspace, capsys):
     assert "spec.evaluation.attackUri" in err and "not found" in err and len(err.splitlines()) == 1
 
 
+@pytest.mark.parametrize("content, reason", [
+    (b'{"attack": {"target": {"kind": "teleport"}}}', "not an attack record (attack.target.kind: Input should be"),
+    (b'{"counts": {}}', "not an attack record (attack: Field required)"),
+    (b"\xff\xfe", "not an attack record (Expecting value"),
+])
+def test_a_malformed_attack_record_is_one_line_naming_the_field_and_the_reason(workspace, capsys, content, reason):
+    folder = workspace / "attack-folder"
+    folder.mkdir()
+    (folder / "attack.json").write_bytes(content)
+    doc = job_document(workspace)
+    del doc["spec"]["evaluation"]["attack"]
+    doc["spec"]["evaluation"]["attackUri"] = str(folder)
+    (workspace / "job.yaml").write_text(yaml.safe_dump(doc))
+    assert main(["--no-progress", "run", str(workspace / "job.yaml")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("disp run: error: spec.evaluation.attackUri: ") and reason in err, err
+    assert len(err.splitlines()) == 1
+
+
 def test_attack_uri_reads_attack_json_from_s3_without_fetching_the_folder(workspace, s3_endpoint, monkeypatch):
     from minio import Minio
 

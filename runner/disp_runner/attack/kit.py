@@ -23,7 +23,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Sequence
 
-from disp_api import AttackSpec, AttackTarget, FinetuneLabels
+from disp_api import AttackRecord, AttackSpec, AttackTarget, FinetuneLabels
 from disp_api.spec import ATTACK_MANIFEST
 from disp_runner.folders import atomic_folder
 from disp_runner.attack.poison import make_held_out_sets, poison_dataset
@@ -173,14 +173,17 @@ class AttackArtifacts:
     def validation_untriggered_dir(self) -> Path:
         return self.folder / "validation" / "untriggered"
 
-    def spec(self) -> AttackSpec:
+    def record(self) -> AttackRecord:
         path = self.folder / ATTACK_MANIFEST
         if not path.is_file():
             raise UserInputError(f"{path}: not found; {self.folder} is not a complete attack folder")
         try:
-            return AttackSpec.model_validate(json.loads(path.read_text())["attack"])
-        except (json.JSONDecodeError, KeyError, ValueError) as exc:
-            raise UserInputError(f"{path}: invalid attack manifest ({str(exc).splitlines()[0]})") from None
+            return AttackRecord.parse(path.read_bytes())
+        except ValueError as exc:
+            raise UserInputError(f"{path}: {exc}") from None
+
+    def spec(self) -> AttackSpec:
+        return self.record().attack
 
 
 def run_attack(

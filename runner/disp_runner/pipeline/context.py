@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
 import tempfile
@@ -14,7 +13,7 @@ from typing import Any, ClassVar, Protocol
 
 import torch
 
-from disp_api import AttackSpec, DecodingCache, PurificationJob, PurificationJobSpec, StageName
+from disp_api import AttackRecord, AttackSpec, DecodingCache, PurificationJob, PurificationJobSpec, StageName
 from disp_api.spec import ATTACK_MANIFEST
 from disp_runner.data.instances import Instance
 from disp_runner.data.dataset import load_dataset
@@ -174,12 +173,10 @@ class StageContext:
             return spec.attack
         field_name = "spec.evaluation.attackUri"
         uri, path = self.attack_record_file()
-        raw = path.read_bytes()
         try:
-            return AttackSpec.model_validate(json.loads(raw)["attack"])
-        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError) as exc:
-            first = (str(exc).strip().splitlines() or [""])[0]
-            raise UserInputError(f"{field_name}: {uri} is not an attack record ({first})") from None
+            return AttackRecord.parse(path.read_bytes()).attack
+        except ValueError as exc:
+            raise UserInputError(f"{field_name}: {uri} is {exc}") from None
 
     def input_fingerprints(self, stage: "Stage") -> dict[str, str]:
         """What `stage` reads, fingerprinted: each spec field it reads that the spec sets, and the
