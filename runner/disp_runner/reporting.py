@@ -1,11 +1,18 @@
-"""Plain-text tables for people reading a terminal."""
+"""What people read: plain-text tables for a terminal, and the image sheets a person checks (did
+DiSP find the trigger?): the masking stage's report and the audit's suspects sheet."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Sequence
 
+from PIL import Image, ImageDraw
+
 from disp_api import EvaluationMetrics, PurificationMetrics
+from disp_runner.data.instances import Instance
+from disp_runner.disp.masking import known_trigger_tokens
+from disp_runner.models.base import VisualLayout
 
 
 def _pct(x: float) -> str:
@@ -53,3 +60,47 @@ def format_purification_table(rows: Sequence[PurificationRow]) -> str:
     for row in rows:
         lines.append(f"{row.name:<26} " + " ".join(f"{row.stage_seconds.get(s, 0.0):10.1f}" for s in stages))
     return "\n".join(lines)
+
+
+# --- the sheets a person checks: did DiSP find the trigger? ---------------------------------------
+
+REPORT_SAMPLES = 8  # per row: instances with a known trigger, then others
+REPORT_SCALE = 4
+
+
+def draw_report(path: Path, instances: Sequence[Instance], masked: Sequence[Sequence[int]],
+                layouts: Sequence[VisualLayout], rows: Sequence[Sequence[int]] | None = None,
+                caption: str = "") -> None:
+    """A grid of sample images (`rows` of instance indices; default: top row with a known trigger,
+    bottom row without). Every masked token that sees a cell of the image is outlined in red
+    (thicker for the most salient); a known trigger box is outlined in green."""
+    if rows is None:
+        with_trigger = [i for i, (inst, layout) in enumerate(zip(instances, layouts))
+                        if known_trigger_tokens(inst, layout)]
+        without = [i for i in range(len(instances)) if i not in set(with_trigger)]
+        rows = [r for r in (with_trigger, without) if r]
+        caption = "top row: known trigger (green box); " if with_trigger else ""
+    rows = [list(r)[:REPORT_SAMPLES] for r in rows if r]
+    cell_w = max((instances[i].image_size[0] for row in rows for i in row), default=1) * REPORT_SCALE
+    cell_h = max((instances[i].image_size[1] for row in rows for i in row), default=1) * REPORT_SCALE
+    top = 18  # caption
+    sheet = Image.new("RGB", (REPORT_SAMPLES * (cell_w + 4) + 4, top + len(rows) * (cell_h + 4) + 4), "white")
+    caption += "red: masked visual tokens (thick: most salient)"
+    ImageDraw.Draw(sheet).text((4, 4), caption, fill=(0, 0, 0))
+    for r, row in enumerate(rows):
+        for c, index in enumerate(row):
+            inst, layout = instances[index], layouts[index]
+            width, height = inst.image_size
+            img = inst.image.convert("RGB").resize((width * REPORT_SCALE, height * REPORT_SCALE), Image.NEAREST)
+            draw = ImageDraw.Draw(img)
+            cells = {token: cell for grid in layout.grids for token, cell in grid.cells()}
+            for rank, token in enumerate(masked[index]):
+                if token in cells:
+                    x0, y0, x1, y1 = (v * REPORT_SCALE for v in cells[token])
+                    draw.rectangle([x0, y0, x1 - 1, y1 - 1], outline=(230, 0, 0), width=3 if rank == 0 else 1)
+            box = inst.metadata.get("trigger_box")
+            if box and known_trigger_tokens(inst, layout):
+                x0, y0, x1, y1 = (v * REPORT_SCALE for v in box)
+                draw.rectangle([x0, y0, x1 - 1, y1 - 1], outline=(0, 200, 0), width=2)
+            sheet.paste(img, (4 + c * (cell_w + 4), top + r * (cell_h + 4)))
+    sheet.save(path, format="PNG")

@@ -12,7 +12,7 @@ from disp_runner.models.base import TokenGrid, VisualLayout
 from disp_runner.data.synthetic import generate_instances
 from disp_runner.data.vocabulary import REFUSAL_SENTENCE
 from disp_runner.errors import UserInputError
-from disp_runner.stages.masking import known_trigger_tokens
+from disp_runner.disp.masking import known_trigger_tokens
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from disp_runner.data.instances import Instance
+from disp_runner.disp.token_grid import seeing_tokens, tokens_covered
 from disp_runner.errors import UserInputError
 from disp_runner.models.base import VisualLayout, visual_token_mask
 
@@ -68,3 +70,20 @@ def paint_token_cells(image: Image.Image, layout: VisualLayout, tokens: Sequence
             if token in chosen:
                 pixels[y0:y1, x0:x1] = colour
     return Image.fromarray(pixels)
+
+
+def known_trigger_tokens(inst: Instance, layout: VisualLayout) -> list[int] | None:
+    """Visual tokens the instance's trigger covers, when its metadata says where it is and it is
+    local (a patch or a positioned blend pattern; a full-image blend covers every token and
+    cannot be localised). Metadata comes from the untrusted dataset: a malformed box is an error."""
+    box = inst.metadata.get("trigger_box")
+    if not box:
+        return None
+    width, height = inst.image_size
+    if not (isinstance(box, list) and len(box) == 4 and all(isinstance(v, int) and not isinstance(v, bool)
+                                                              for v in box)
+            and 0 <= box[0] < box[2] <= width and 0 <= box[1] < box[3] <= height):
+        raise UserInputError(f"instance {inst.id}: metadata.trigger_box must be [x0, y0, x1, y1], whole pixels "
+                             f"inside the {width}x{height} image, got {box!r}")
+    tokens = tokens_covered(layout, tuple(box))
+    return tokens if 0 < len(tokens) < seeing_tokens(layout) else None

@@ -41,7 +41,8 @@ from disp_runner.evaluation import normalise_answer
 from disp_runner.diffusion.inference import ImageEmbedsTransform, first_step_log_likelihood, generate_responses
 from disp_runner.pipeline.artifacts import read_stage_manifest
 from disp_runner.pipeline.context import TRAINING_INPUTS, StageContext, StageResult
-from disp_runner.stages.masking import REPORT_SAMPLES, draw_report, read_masked
+from disp_runner.reporting import REPORT_SAMPLES, draw_report
+from disp_runner.stages.masking import read_masked
 from disp_runner.stages.saliency import read_scores
 from disp_runner.pipeline.memory import check_stage_memory, memory_metrics
 from disp_runner.planning import PlannedStage
