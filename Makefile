@@ -11,7 +11,7 @@ STAMP := $(VENV)/.installed
 CHECKOV_VENV ?= .venv-checkov
 CHECKOV_STAMP := $(CHECKOV_VENV)/.installed
 
-.PHONY: demo test setup clean crd images prometheus-tools k8s docs
+.PHONY: demo test test-fast setup clean crd images prometheus-tools k8s docs
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,13 @@ demo: $(STAMP)
 
 test: $(STAMP) $(CHECKOV_STAMP) prometheus-tools k8s
 	$(VENV)/bin/python -m pytest -q
+
+# The inner loop: every test but those on the real control plane (e2e), those with the images
+# (containers) and those that train a model or run several stages (slow). Tests that read or write
+# S3 still start the MinIO server, and the chart tests run helm: both are built by the first
+# `make test` (or `make k8s`). `make test` and CI run everything.
+test-fast: $(STAMP)
+	$(VENV)/bin/python -m pytest -q -m "not e2e and not containers and not slow"
 
 # The documentation site (docs/, mkdocs.yml) in site/; its reference pages and diagram are generated
 # from the code first (tools/docs_reference.py needs helm for the chart's alerts: `make k8s`).

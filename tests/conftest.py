@@ -164,11 +164,11 @@ def node_agent(control_plane, tmp_path_factory):
 
 def pytest_collection_modifyitems(config, items):
     """Markers from what a test needs, so that they cannot be forgotten: `e2e` for everything on
-    the real control plane, `containers` for everything that builds or runs the images (`slow` is
+    the real control plane and everything in tests/e2e, `containers` for everything that builds or runs the images (`slow` is
     set by hand on the tests that take seconds on two cores). `make test-fast` leaves all three out."""
     for item in items:
         needs = set(getattr(item, "fixturenames", ()))
-        if "control_plane" in needs:
+        if "control_plane" in needs or "e2e" in item.path.parts:
             item.add_marker(pytest.mark.e2e)
         if "images" in needs:
             item.add_marker(pytest.mark.containers)

@@ -10,6 +10,8 @@ import tomllib
 import zipfile
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -50,6 +52,7 @@ def test_the_operator_distribution_has_the_projects_version_and_dependencies_and
         assert (ROOT / "operator" / folder).resolve() == (ROOT / root["tool"]["setuptools"]["package-dir"][package])
 
 
+@pytest.mark.slow
 def test_the_operator_wheel_holds_no_runner_code_and_its_operator_imports_without_it(tmp_path):
     """Built as the operator image builds it (the folders its Dockerfile stage copies, pip from
     operator/), then imported with the runner and torch made unimportable: what the image has is

@@ -9,6 +9,7 @@ import re
 import subprocess
 from pathlib import Path
 
+import pytest
 import yaml
 
 from disp_api import StageName
@@ -28,6 +29,7 @@ def test_the_accepted_exceptions_are_the_documented_ones():
     assert set(re.findall(r"^\| (CKV2?_K8S_\d+) ", section, re.M)) == ACCEPTED
 
 
+@pytest.mark.slow
 def test_checkov_finds_nothing_beyond_the_accepted_exceptions(tmp_path):
     assert CHECKOV.exists(), f"{CHECKOV} missing: run `make setup` (it installs checkov in .venv-checkov)"
     values = {**TEAM, "monitoring": {"serviceMonitor": {"enabled": True}, "prometheusRule": {"enabled": True}}}

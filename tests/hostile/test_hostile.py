@@ -30,6 +30,9 @@ from tests.hostile.support import assert_refused
 from tests.tiny import job_document
 from tests.harness.minio import S3_ACCESS, S3_SECRET
 
+# Each case runs `disp` on hostile input in a fresh process: seconds apiece, so not in `make test-fast`.
+pytestmark = pytest.mark.slow
+
 
 @dataclass
 class Ran:

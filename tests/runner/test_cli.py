@@ -93,6 +93,7 @@ def test_attack_then_evaluate_writes_artifacts_and_metrics(capsys, workspace):
     assert "ASR" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_the_console_script_exits_with_the_user_error_code(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "disp_runner.cli", "evaluate", "--model", str(tmp_path / "none"),
                            "--clean", str(tmp_path)], capture_output=True, text=True)

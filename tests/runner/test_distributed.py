@@ -63,6 +63,7 @@ def test_the_topology_needs_the_rendezvous_address_for_several_nodes():
         (4, "job-0.svc", 1234, False)
 
 
+@pytest.mark.slow
 def test_two_processes_fine_tune_to_the_weights_one_process_reaches(workspace, tmp_path):
     job = _until_relabel(workspace)
     run_dir = open_run(job).layout.root
@@ -81,6 +82,7 @@ def test_two_processes_fine_tune_to_the_weights_one_process_reaches(workspace, t
     assert (twin_dir / "finetune" / STAGE_MANIFEST).is_file()
 
 
+@pytest.mark.slow
 def test_a_bad_input_in_a_launched_process_still_exits_as_a_bad_input(workspace):
     job = _until_relabel(workspace)
     # An image of the purified dataset that is no image, in an output whose manifest vouches for
@@ -94,6 +96,7 @@ def test_a_bad_input_in_a_launched_process_still_exits_as_a_bad_input(workspace)
     assert not (relabel_dir.parent / "finetune").exists()
 
 
+@pytest.mark.slow
 def test_two_nodes_of_one_process_each_train_like_one_process(workspace, tmp_path):
     """Two `disp run --nodes 2 --node-rank i` commands stand for the two pods of an Indexed Job,
     meeting at node 0's address as the operator's headless Service makes them."""

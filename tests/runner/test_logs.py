@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from disp_api import StageName
 from tests.tiny import job_document
 
@@ -20,6 +22,7 @@ def _lines(out: subprocess.CompletedProcess) -> list[dict]:
     return records
 
 
+@pytest.mark.slow
 def test_every_line_of_a_whole_run_and_of_a_stage_pod_is_a_json_record(workspace):
     doc = job_document(workspace)
     doc["metadata"]["namespace"] = "ml-team"
@@ -47,6 +50,7 @@ def test_every_line_of_a_whole_run_and_of_a_stage_pod_is_a_json_record(workspace
     assert any(r.get("itemsTotal") == 24 and r.get("itemsDone") == 24 for r in records)
 
 
+@pytest.mark.slow
 def test_a_bad_manifest_is_one_json_error_line(workspace):
     doc = job_document(workspace)
     doc["spec"]["saliency"]["probes"] = 0

@@ -129,7 +129,11 @@ def test_saliency_keeps_no_linear_input_even_for_a_model_whose_weights_require_g
         return kept.bytes, scores
 
     (trainable, scores_a), (frozen, scores_b) = kept_bytes(True), kept_bytes(False)
-    assert trainable == frozen and torch.equal(scores_a, scores_b)
+    assert trainable == frozen
+    # The same scores up to fp32 rounding: whether a weight requires a gradient can change which
+    # kernel computes a product (on an Intel CPU with MKL the two differ by ~4e-7 relative; on an
+    # AMD one they were bitwise equal).
+    torch.testing.assert_close(scores_a, scores_b, rtol=1e-5, atol=1e-6 * scores_b.abs().max().item())
 
 
 def test_the_estimate_grows_with_the_batch_and_the_length_and_halves_in_bf16():
@@ -201,6 +205,7 @@ def test_a_stage_records_its_estimate_and_one_that_cannot_fit_is_refused_in_one_
     assert not RunLayout.for_job(PurificationJob.model_validate(doc), workspace / "small").is_complete(StageName.SALIENCY)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", ["saliency", "finetune"])
 def test_the_estimate_is_within_a_fifth_of_the_peak_a_fresh_process_reaches(stage):
     """benchmarks/memory_planner.py's measurement for one stage: the ~120 M LLaDA-V-shaped model,

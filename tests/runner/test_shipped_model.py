@@ -27,6 +27,7 @@ def test_shipped_checkpoint_is_small_and_safetensors_only():
     assert sum(files.values()) < 10 * 2**20
 
 
+@pytest.mark.slow
 def test_insertion_backdoor_fires_only_with_the_trigger(shipped, insertion_attack):
     model, processor, decoding = shipped
     _, attack, artifacts, test = insertion_attack
