@@ -33,6 +33,7 @@ from tests.harness.minio import S3_ACCESS, S3_SECRET
 # Each case runs `disp` on hostile input in a fresh process: seconds apiece, so not in `make test-fast`.
 pytestmark = pytest.mark.slow
 
+
 def _job(ws: Path, *extra: str, edit: Callable[[dict], None] = lambda d: None, **spec) -> list[str]:
     doc = job_document(ws, **spec)
     edit(doc)
