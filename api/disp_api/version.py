@@ -7,17 +7,23 @@ from __future__ import annotations
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-DISTRIBUTION = "disp-operator"  # pyproject's [project] name
+# Where the contract can be installed from: the whole project (pyproject.toml's [project] name) or
+# the operator's own distribution (operator/pyproject.toml, what the operator image installs). Both
+# carry the same version (tests/deploy/test_packaging.py).
+DISTRIBUTIONS = ("disp-operator", "disp-operator-controller")
 
 
-def _version() -> str:
-    try:
-        return version(DISTRIBUTION)
-    except PackageNotFoundError:  # a source tree that was never installed: read pyproject itself
-        import tomllib
+def _version(distributions: tuple[str, ...] = DISTRIBUTIONS) -> str:
+    for name in distributions:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            continue
+    # A source tree that was never installed: read pyproject itself.
+    import tomllib
 
-        pyproject = Path(__file__).resolve().parents[2] / "pyproject.toml"
-        return tomllib.loads(pyproject.read_text())["project"]["version"]
+    pyproject = Path(__file__).resolve().parents[2] / "pyproject.toml"
+    return tomllib.loads(pyproject.read_text())["project"]["version"]
 
 
 VERSION = _version()

@@ -39,6 +39,17 @@ def _operator_project() -> dict:
     return tomllib.loads((ROOT / "operator" / "pyproject.toml").read_text())
 
 
+def test_the_version_is_found_under_either_distribution_name():
+    """The operator image has only the operator's distribution: the version comes from its metadata
+    there (a source-tree fallback would find no pyproject.toml in the image)."""
+    from importlib.metadata import version
+
+    from disp_api.version import DISTRIBUTIONS, VERSION, _version
+
+    assert DISTRIBUTIONS[1] == _operator_project()["project"]["name"]
+    assert _version(("not-installed-anywhere", "disp-operator")) == version("disp-operator") == VERSION
+
+
 def test_the_operator_distribution_has_the_projects_version_and_dependencies_and_no_runner():
     root = tomllib.loads((ROOT / "pyproject.toml").read_text())
     operator = _operator_project()
@@ -54,6 +65,8 @@ def test_the_operator_distribution_has_the_projects_version_and_dependencies_and
 
 @pytest.mark.slow
 def test_the_operator_wheel_holds_no_runner_code_and_its_operator_imports_without_it(tmp_path):
+    from disp_api.version import VERSION
+
     """Built as the operator image builds it (the folders its Dockerfile stage copies, pip from
     operator/), then imported with the runner and torch made unimportable: what the image has is
     enough to start the controller."""
@@ -83,6 +96,8 @@ def test_the_operator_wheel_holds_no_runner_code_and_its_operator_imports_withou
         f"sys.path.insert(0, {str(tmp_path / 'site')!r})\n"
         "import disp_operator.handlers, disp_operator.__main__, disp_operator.artifacts, disp_store.lease\n"
         "assert disp_operator.handlers.__file__.startswith(sys.path[0]), disp_operator.handlers.__file__\n"
+        "from importlib.metadata import version\n"
+        f"assert version('disp-operator-controller') == {VERSION!r}  # the wheel's own metadata\n"
         "print('ok')\n")
     ran = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
     assert ran.stdout.strip() == "ok", ran.stderr[-2000:]
