@@ -22,7 +22,7 @@ from typing import Any
 
 from disp_api import LogFormat
 
-OWN_LOGGERS = ("disp_runner", "disp_operator", "disp_api")
+OWN_LOGGERS = ("disp_runner", "disp_store", "disp_operator", "disp_api")
 LEVEL_VARIABLE = "DISP_LOG_LEVEL"
 
 

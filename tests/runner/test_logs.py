@@ -61,3 +61,23 @@ def test_a_bad_manifest_is_one_json_error_line(workspace):
     (error,) = [r for r in _lines(out) if r["level"] == "error"]
     assert error["errorKind"] == "user" and error["exitCode"] == 2 and "probes" in error["message"]
     assert out.stderr.count("\n") == 1
+
+
+def test_every_package_of_the_project_is_heard_and_a_library_is_not(capsys):
+    """The project's own warnings are printed, a library's are not (unless --debug): the shared
+    store is one of the project's packages (its lease says when it waits for a killed pod's lease)."""
+    import logging
+
+    from disp_runner import logs
+    from tests.test_import_graph import PACKAGES
+
+    assert set(logs.OWN_LOGGERS) == set(PACKAGES)
+    try:
+        logs.configure()
+        logging.getLogger("disp_store.lease").warning("s3://runs/x: took over the lapsed lease of pod-1")
+        logging.getLogger("urllib3.connectionpool").warning("a library's retry")
+        err = capsys.readouterr().err
+    finally:
+        logs.configure(debug=False)
+    assert "disp: warning: s3://runs/x: took over the lapsed lease of pod-1" in err
+    assert "a library's retry" not in err
