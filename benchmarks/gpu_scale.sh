@@ -12,7 +12,7 @@ if compgen -G ".whl/*.whl" >/dev/null; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/disp-site .whl/*.whl
     export PYTHONPATH=/tmp/disp-site
 fi
-export PYTHONPATH="$PWD/api:$PWD/runner${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+export PYTHONPATH="$PWD/api:$PWD/store:$PWD/runner:$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader || true
 report="${OUT:-/tmp}/gpu_scale.txt"
 python3 benchmarks/gpu_scale.py --relabel-batch 8 "$@" 2>&1 | tee "$report"

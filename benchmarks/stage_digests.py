@@ -2,7 +2,7 @@
 result: run it under two checkouts and compare the lines.
 
     .venv/bin/python benchmarks/stage_digests.py BASE_MODEL WORKDIR
-    PYTHONPATH=/path/to/other/checkout/api:/path/to/other/checkout/runner .venv/bin/python \\
+    PYTHONPATH=/path/to/other/checkout/api:/path/to/other/checkout/store:/path/to/other/checkout/runner .venv/bin/python \\
         benchmarks/stage_digests.py OTHER_BASE_MODEL OTHER_WORKDIR
 
 The job: 48 training instances (a quarter with the default patch trigger), saliency with
