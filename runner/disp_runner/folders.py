@@ -2,7 +2,8 @@
 its final place and renamed into it whole (os.replace is atomic within one filesystem), a file is
 written beside its final name and renamed over it. On an error the staging copy is removed and
 whatever was there before stays. Every writer of a folder or a record in the runner goes through
-these (stage outputs, datasets, attack folders, epoch checkpoints, manifests, progress, provenance)."""
+these (stage outputs, datasets, attack folders, epoch checkpoints and their restore from S3, manifests,
+progress, provenance)."""
 
 from __future__ import annotations
 

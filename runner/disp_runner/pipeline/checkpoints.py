@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import re
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from disp_api import StageName
+from disp_runner.folders import atomic_folder
 from disp_runner.pipeline.artifacts import STAGE_MANIFEST, RemoteRun, RunLayout, write_stage_manifest
 from disp_store.tree import download_stage, upload_stage
 
@@ -67,16 +67,11 @@ class CheckpointMirror:
         remote = self._remote_epochs()
         if remote and (not local or remote[-1] > local[-1]):
             epoch = remote[-1]
-            self.local.mkdir(parents=True, exist_ok=True)
-            staging = Path(tempfile.mkdtemp(prefix=".restore-", dir=self.local))
-            try:
+            with atomic_folder(self.local / f"epoch-{epoch:04d}") as staging:
                 download_stage(self.remote.store, self.remote.bucket, f"{self._prefix()}/epoch-{epoch:04d}", staging)
                 for older in self.local.iterdir():
                     if older != staging:
                         shutil.rmtree(older, ignore_errors=True)
-                staging.rename(self.local / f"epoch-{epoch:04d}")
-            finally:
-                shutil.rmtree(staging, ignore_errors=True)
             return epoch
         return local[-1] if local else None
 
