@@ -24,21 +24,22 @@ from demo_runs import SCENARIOS, demo_run, pct
 from disp_api import PurificationMetrics
 from disp_runner.disp.saliency import SaliencyConfig
 from disp_runner.evaluation import MaskedInference, evaluate_model
+from disp_runner.pipeline.inputs import SpecInput
 from disp_runner.pipeline.opening import open_run
 
 
 def measure(workdir: Path, name: str, ratio: float) -> tuple[PurificationMetrics, object, float]:
     job, _, disp = demo_run(workdir, name)
-    ctx = open_run(job, Path(job.spec.output.uri), show_progress=False)
-    spec, saliency = job.spec.evaluation, job.spec.saliency
-    decoding = ctx.decoding(evaluation=True)
+    resolved = open_run(job, Path(job.spec.output.uri), show_progress=False).resolved
+    saliency = job.spec.saliency
+    decoding = resolved.evaluation_decoding
     defence = MaskedInference(ratio=ratio, seed=saliency.seed, batch_size=saliency.batch_size,
                               saliency=SaliencyConfig.from_spec(saliency, decoding.block_length))
-    model, processor = ctx.compromised_model()
-    sets = [ctx.load_evaluation_set(uri, field) if uri else [] for uri, field in (
-        (spec.triggered_uri, "triggeredUri"), (spec.untriggered_uri, "untriggeredUri"), (spec.clean_uri, "cleanUri"))]
+    model, processor = resolved.model
+    sets = [resolved.evaluation_set(spec_input)
+            for spec_input in (SpecInput.TRIGGERED, SpecInput.UNTRIGGERED, SpecInput.CLEAN)]
     start = time.perf_counter()
-    masked = evaluate_model(model, processor, f"{name} masked", ctx.evaluation_attack(), *sets, decoding,
+    masked = evaluate_model(model, processor, f"{name} masked", resolved.evaluation_attack, *sets, decoding,
                             show_progress=False, masked_inference=defence)
     return disp, masked, time.perf_counter() - start
 

@@ -115,3 +115,28 @@ def test_the_check_finds_a_cycle_hidden_in_a_function(tmp_path):
     assert cycles(import_graph({"pkg": package})) == [["pkg.a", "pkg.b", "pkg.c"]]
     (package / "c.py").write_text("other = 2\n")
     assert cycles(import_graph({"pkg": package})) == []
+
+
+# What a stage may not reach: where the run's outputs live (the pipeline publishes what a stage
+# writes) and the store (the pipeline resolves the files the spec names before the stage runs).
+STAGE_MAY_NOT_IMPORT = ("disp_store", "disp_runner.pipeline.storage")
+
+
+def stage_reaches(graph: dict[str, set[str]]) -> list[str]:
+    return sorted(f"{name} -> {target}" for name, targets in graph.items() if name.startswith("disp_runner.stages")
+                  for target in targets if target.startswith(STAGE_MAY_NOT_IMPORT))
+
+
+def test_stages_are_given_their_inputs_and_reach_no_storage():
+    assert stage_reaches(import_graph(PACKAGES)) == []
+
+
+def test_the_stage_check_sees_a_stage_that_opens_the_store(tmp_path):
+    for package in ("disp_store", "disp_runner", "disp_runner/stages"):
+        (tmp_path / package).mkdir()
+        (tmp_path / package / "__init__.py").write_text("")
+    (tmp_path / "disp_store" / "s3.py").write_text("S3Store = object\n")
+    (tmp_path / "disp_runner" / "stages" / "relabel.py").write_text(
+        "def run():\n    from disp_store.s3 import S3Store\n    return S3Store\n")
+    graph = import_graph({"disp_store": tmp_path / "disp_store", "disp_runner": tmp_path / "disp_runner"})
+    assert stage_reaches(graph) == ["disp_runner.stages.relabel -> disp_store.s3"]

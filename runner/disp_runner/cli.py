@@ -473,7 +473,7 @@ def _cmd_run(args) -> None:
         run_job(job, root, only=stage, show_progress=not args.no_progress, on_outcome=report, topology=topology,
                 signing_key_file=signing_key)
     else:
-        ctx = open_run(job, root, shard=shard, show_progress=not args.no_progress)
+        run = open_run(job, root, show_progress=not args.no_progress)
         runner_stage = STAGES[stage]
         if not hasattr(runner_stage, "merge"):
             raise UserInputError(f"--stage {stage.value} cannot be sharded; only saliency and relabel can")
@@ -483,9 +483,9 @@ def _cmd_run(args) -> None:
                 raise UserInputError(f"--merge: spec.parallelism.{stage.value}Shards is 1, so {stage.value} has no "
                                      "shards to merge (run the stage without --merge, or give --shard INDEX/COUNT "
                                      "of the shards that ran)")
-            report(merge_shards(runner_stage, ctx, count))
+            report(merge_shards(runner_stage, run, count))
         else:
-            report(run_stage(runner_stage, ctx))
+            report(run_stage(runner_stage, run, shard))
     logs.say(f"run folder: {run_uri(job, root)}", runFolder=run_uri(job, root))
 
 

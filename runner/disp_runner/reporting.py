@@ -5,12 +5,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 from PIL import Image, ImageDraw
 
 from disp_api import EvaluationMetrics, PurificationMetrics
 from disp_runner.data.instances import Instance
+from disp_runner.disp.audit import SuspectRecord
 from disp_runner.disp.masking import known_trigger_tokens
 from disp_runner.models.base import VisualLayout
 
@@ -104,3 +105,14 @@ def draw_report(path: Path, instances: Sequence[Instance], masked: Sequence[Sequ
                 draw.rectangle([x0, y0, x1 - 1, y1 - 1], outline=(0, 200, 0), width=2)
             sheet.paste(img, (4 + c * (cell_w + 4), top + r * (cell_h + 4)))
     sheet.save(path, format="PNG")
+
+
+def draw_suspects(path: Path, records: Sequence[SuspectRecord], training_set: Sequence[Instance],
+                  masked_by_id: dict[str, list[int]], layout_of: Callable[[Instance], VisualLayout]) -> None:
+    """The audit's suspects sheet: the most suspect instances (by support drop, then id) with the
+    tokens DiSP masked; no suspects: an empty sheet."""
+    by_id = {inst.id: inst for inst in training_set}
+    top = [r for r in sorted(records, key=lambda r: (-r.supportDrop, r.id)) if r.suspect][:REPORT_SAMPLES]
+    instances = [by_id[r.id] for r in top]
+    draw_report(path, instances, [masked_by_id[r.id] for r in top], [layout_of(inst) for inst in instances],
+                rows=[list(range(len(top)))], caption=f"top {len(top)} suspects by support drop; ")

@@ -85,7 +85,7 @@ def test_a_malformed_attack_record_is_one_line_naming_the_field_and_the_reason(w
 def test_attack_uri_reads_attack_json_from_s3_without_fetching_the_folder(workspace, s3_endpoint, monkeypatch):
     from minio import Minio
 
-    from disp_runner.pipeline.context import StageContext
+    from disp_runner.pipeline.inputs import ResolvedInputs, SpecFiles
     from disp_store.s3 import S3Store
     monkeypatch.setenv("DISP_S3_ACCESS_KEY", S3_ACCESS)
     monkeypatch.setenv("DISP_S3_SECRET_KEY", S3_SECRET)
@@ -100,5 +100,4 @@ def test_attack_uri_reads_attack_json_from_s3_without_fetching_the_folder(worksp
     doc["spec"]["evaluation"]["attackUri"] = "s3://attacks/patch"
     doc["spec"]["storage"] = {"endpoint": s3_endpoint, "secure": False}
     job = PurificationJob.model_validate(doc)
-    ctx = StageContext(job=job, layout=RunLayout.for_job(job, workspace / "out"))
-    assert ctx.evaluation_attack() == ATTACK
+    assert ResolvedInputs(job.spec, SpecFiles(job.spec)).evaluation_attack == ATTACK

@@ -401,7 +401,7 @@ def test_a_backdoored_projector_file_loads_over_the_base_model_and_the_purified_
     spec = dict(model={"uri": str(workspace / "base"), "projectorUri": str(workspace / "mm_projector.safetensors")},
                 relabel={"decoding": decoding, "batchSize": 8}, evaluation=None)
     job = PurificationJob.model_validate(job_document(workspace, **spec))
-    model, _ = open_run(job, workspace / "out", show_progress=False).compromised_model()
+    model, _ = open_run(job, workspace / "out", show_progress=False).resolved.model
     for name, tensor in backdoored.items():
         assert torch.equal(dict(model.named_parameters())[name], tensor)
     assert torch.equal(model.model.layers[0].mlp.up_proj.weight, base.model.layers[0].mlp.up_proj.weight)

@@ -244,8 +244,7 @@ def test_disp_run_on_s3_gives_the_local_metrics(workspace, tmp_path, s3_endpoint
     outcomes = run_job(remote, show_progress=False)
     assert not any(o.skipped for o in outcomes)
 
-    ctx = open_run(remote)
-    prefix = ctx.remote.prefix
+    prefix = open_run(remote).storage.remote.prefix
     remote_metrics = json.loads(store.get_bytes(bucket, f"{prefix}/evaluate/metrics.json"))
     assert PurificationMetrics.model_validate(remote_metrics).after.model == f"s3://{bucket}/{prefix}/finetune/model"
     for metrics in (local_metrics, remote_metrics):
@@ -312,7 +311,7 @@ def test_a_fine_tune_pod_lost_after_epoch_two_resumes_in_a_fresh_pod_at_epoch_th
         workspace, tmp_path, s3_endpoint, bucket, monkeypatch, capsys):
     from safetensors.torch import load_file
 
-    from disp_runner.pipeline.checkpoints import CheckpointMirror
+    from disp_runner.pipeline.checkpoints import MirroredCheckpoints
 
     monkeypatch.setenv("DISP_S3_ACCESS_KEY", ACCESS)
     monkeypatch.setenv("DISP_S3_SECRET_KEY", SECRET)
@@ -330,23 +329,23 @@ def test_a_fine_tune_pod_lost_after_epoch_two_resumes_in_a_fresh_pod_at_epoch_th
     for stage in (StageName.SALIENCY, StageName.MASKING, StageName.RELABEL):
         run_job(remote, only=stage, show_progress=False)
 
-    publish = CheckpointMirror.publish
+    publish = MirroredCheckpoints.publish
 
     def publish_then_die_after_epoch_two(self, epoch):
         publish(self, epoch)
         if epoch == 2:
             raise PodLost
 
-    monkeypatch.setattr(CheckpointMirror, "publish", publish_then_die_after_epoch_two)
+    monkeypatch.setattr(MirroredCheckpoints, "publish", publish_then_die_after_epoch_two)
     with pytest.raises(PodLost):
         run_job(remote, only=StageName.FINETUNE, show_progress=False)
-    prefix = open_run(remote).remote.prefix
+    prefix = open_run(remote).storage.remote.prefix
     keys = [key[len(prefix) + 1:] for key, _, _ in store.list(bucket, prefix + "/")]
     assert "finetune.checkpoints/epoch-0002/stage-manifest.json" in keys
     assert not any(k.startswith("finetune.checkpoints/epoch-0001/") for k in keys)  # superseded, removed
     assert not any(k.startswith("finetune/") for k in keys)
 
-    monkeypatch.setattr(CheckpointMirror, "publish", publish)
+    monkeypatch.setattr(MirroredCheckpoints, "publish", publish)
     monkeypatch.setenv("DISP_SCRATCH", str(tmp_path / "pod-2"))  # a new pod: nothing local survives
     capsys.readouterr()
     (outcome,) = run_job(remote, only=StageName.FINETUNE, show_progress=False)

@@ -13,10 +13,11 @@ import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from disp_api import StageName
 from disp_runner.folders import atomic_folder
-from disp_runner.pipeline.artifacts import STAGE_MANIFEST, RemoteRun, RunLayout, write_stage_manifest
+from disp_runner.pipeline.artifacts import STAGE_MANIFEST, RemoteRun, write_stage_manifest
 from disp_store.tree import download_stage, upload_stage
 
 _EPOCH_FOLDER = re.compile(r"^epoch-(\d{4,9})$")
@@ -28,28 +29,55 @@ def epoch_of(name: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
+class Checkpoints(Protocol):
+    """A stage's epoch checkpoints: the folder the training loop saves into, and what keeps them."""
+
+    local: Path  # <run>/<stage>.checkpoints: the training loop saves each epoch here
+
+    def restore(self) -> int | None:
+        """The epoch training resumes after (None: from the start), its checkpoint made local."""
+
+    def publish(self, epoch: int) -> None:
+        """Keep the epoch just saved where it outlives the pod."""
+
+    def discard(self) -> None:
+        """The stage's output is published: its checkpoints are superseded."""
+
+
+def _local_epochs(local: Path) -> list[int]:
+    if not local.is_dir():
+        return []
+    return sorted(e for e in (epoch_of(p.name) for p in local.iterdir() if p.is_dir()) if e is not None)
+
+
 @dataclass(frozen=True)
-class CheckpointMirror:
+class LocalCheckpoints:
+    """Checkpoints of a run on a local disk: the folder is where they outlive the process."""
+
+    local: Path
+
+    def restore(self) -> int | None:
+        epochs = _local_epochs(self.local)
+        return epochs[-1] if epochs else None
+
+    def publish(self, epoch: int) -> None:
+        """Already where it outlives the process."""
+
+    def discard(self) -> None:
+        shutil.rmtree(self.local, ignore_errors=True)
+
+
+@dataclass(frozen=True)
+class MirroredCheckpoints(LocalCheckpoints):
+    """Checkpoints of an S3-backed run: each epoch folder mirrored to `prefix` in the run's store."""
+
     stage: StageName
-    layout: RunLayout
-    remote: RemoteRun | None
-
-    @property
-    def local(self) -> Path:
-        return self.layout.checkpoint_dir(self.stage)
-
-    def _prefix(self) -> str:
-        assert self.remote is not None
-        return self.remote.stage_prefix(self.layout, self.local)
-
-    def _local_epochs(self) -> list[int]:
-        if not self.local.is_dir():
-            return []
-        return sorted(e for e in (epoch_of(p.name) for p in self.local.iterdir() if p.is_dir()) if e is not None)
+    remote: RemoteRun
+    prefix: str  # <run prefix>/<stage>.checkpoints
 
     def _remote_epochs(self) -> list[int]:
         """Epochs whose remote folder is complete (its manifest is there)."""
-        prefix = self._prefix() + "/"
+        prefix = self.prefix + "/"
         epochs = set()
         for key, _size, _etag in self.remote.store.list(self.remote.bucket, prefix):
             folder, _, name = key[len(prefix):].partition("/")
@@ -60,15 +88,13 @@ class CheckpointMirror:
 
     def restore(self) -> int | None:
         """Bring the newest complete remote epoch into the local folder unless a local one is at
-        least as new; returns the epoch training will resume after (None: from the start)."""
-        local = self._local_epochs()
-        if self.remote is None:
-            return local[-1] if local else None
+        least as new."""
+        local = _local_epochs(self.local)
         remote = self._remote_epochs()
         if remote and (not local or remote[-1] > local[-1]):
             epoch = remote[-1]
             with atomic_folder(self.local / f"epoch-{epoch:04d}") as staging:
-                download_stage(self.remote.store, self.remote.bucket, f"{self._prefix()}/epoch-{epoch:04d}", staging)
+                download_stage(self.remote.store, self.remote.bucket, f"{self.prefix}/epoch-{epoch:04d}", staging)
                 for older in self.local.iterdir():
                     if older != staging:
                         shutil.rmtree(older, ignore_errors=True)
@@ -77,21 +103,17 @@ class CheckpointMirror:
 
     def publish(self, epoch: int) -> None:
         """Mirror the local epoch folder to S3 (files, then manifest), then drop older remote epochs."""
-        if self.remote is None:
-            return
         folder = self.local / f"epoch-{epoch:04d}"
         write_stage_manifest(folder, self.stage, {"epoch": epoch}, 0.0)
-        upload_stage(folder, self.remote.store, self.remote.bucket, f"{self._prefix()}/epoch-{epoch:04d}")
-        self._remove_remote(keep=f"{self._prefix()}/epoch-{epoch:04d}/")
+        upload_stage(folder, self.remote.store, self.remote.bucket, f"{self.prefix}/epoch-{epoch:04d}")
+        self._remove_remote(keep=f"{self.prefix}/epoch-{epoch:04d}/")
 
     def discard(self) -> None:
-        """The stage's output is published: its checkpoints are superseded, here and in S3."""
-        shutil.rmtree(self.local, ignore_errors=True)
-        if self.remote is not None:
-            self._remove_remote(keep=None)
+        super().discard()
+        self._remove_remote(keep=None)
 
     def _remove_remote(self, keep: str | None) -> None:
-        keys = [key for key, _size, _etag in self.remote.store.list(self.remote.bucket, self._prefix() + "/")
+        keys = [key for key, _size, _etag in self.remote.store.list(self.remote.bucket, self.prefix + "/")
                 if keep is None or not key.startswith(keep)]
         # Manifests go first, so a folder that is half removed is never taken for complete.
         manifests = [key for key in keys if key.endswith("/" + STAGE_MANIFEST)]

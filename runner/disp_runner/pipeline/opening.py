@@ -1,24 +1,69 @@
-"""Opening a run: the context its stages share (a local run folder, or a scratch copy mirrored to
-the run's S3 prefix) and the progress.json a stage reports through. Apart from pipeline/runner.py,
+"""Opening a run: where its outputs live (a local run folder, or a scratch copy mirrored to the
+run's S3 prefix), its spec's inputs, what each stage is given, and the progress.json a stage
+reports through. Apart from pipeline/runner.py,
 which runs the stages, so that a stage (the fine-tune's launched processes) can open its run
 without importing the stage runner that imports every stage."""
 
 from __future__ import annotations
 
-import logging
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from disp_api import PurificationJob, StageName
 from disp_runner.diffusion.distributed import Topology
-from disp_runner.errors import TransientError
-from disp_runner.pipeline.artifacts import ProgressReporter, RemoteRun, RunLayout, Shard
-from disp_runner.pipeline.context import StageContext, scratch_root
+from disp_runner.pipeline.artifacts import STAGE_MANIFEST, ProgressReporter, RemoteRun, RunLayout, Shard, sha256_file
+from disp_runner.pipeline.inputs import ResolvedInputs, SpecFiles, scratch_root
+from disp_runner.pipeline.stage import Stage, StageInputs
+from disp_runner.pipeline.storage import LocalRunStorage, MirroredRunStorage, RunStorage
 from disp_store.credentials import open_s3_store
 from disp_store.location import Location, Scheme
 
-logger = logging.getLogger(__name__)
-
 LOG_INTERVAL = 30.0  # seconds between progress lines in a pod's log
+UPSTREAM_PREFIX = "stage:"  # an input that is an earlier stage's output: the SHA-256 of its manifest
+
+
+@dataclass
+class Run:
+    """An open run: where its outputs live, its spec's inputs (resolved once per process) and how
+    this process takes part (its processes, progress bars, signing key)."""
+
+    job: PurificationJob
+    storage: RunStorage
+    resolved: ResolvedInputs
+    topology: Topology = Topology()
+    output_root: Path | None = None  # `disp run --output`, which a launched process reopens the run with
+    show_progress: bool = True
+    signing_key_file: Path | None = None  # `disp run --signing-key`: signs the run's provenance
+
+    @property
+    def layout(self) -> RunLayout:
+        return self.storage.layout
+
+    def output_dir(self, stage: StageName, shard: Shard | None = None) -> Path:
+        return self.layout.stage_dir(stage) if shard is None else self.layout.shard_dir(stage, shard)
+
+    def input_fingerprints(self, stage: Stage) -> dict[str, str]:
+        """What `stage` reads, fingerprinted: each spec field it reads that the spec sets, and the
+        manifest of each earlier stage output it reads (verified, and downloaded if need be; raises,
+        naming the folder, when one is incomplete or corrupt)."""
+        fingerprints = self.resolved.files.fingerprints(stage.reads)
+        for needed in stage.inputs:
+            manifest = self.storage.fetch(self.layout.stage_dir(needed)) / STAGE_MANIFEST
+            fingerprints[UPSTREAM_PREFIX + needed.value] = "sha256:" + sha256_file(manifest)
+        return fingerprints
+
+    def stage_inputs(self, stage: Stage, shard: Shard | None = None) -> StageInputs:
+        """What `stage` (or one shard of it) is given: its earlier outputs fetched and verified, the
+        spec's inputs as this process resolved them."""
+        upstream = {needed: self.storage.fetch(self.layout.stage_dir(needed)) for needed in stage.inputs}
+        return StageInputs(job=self.job, resolved=self.resolved, upstream=upstream,
+                           upstream_uris={needed: self.storage.uri_of(folder) for needed, folder in upstream.items()},
+                           checkpoints=self.storage.checkpoints(stage.name), shard=shard, topology=self.topology,
+                           output_root=self.output_root, show_progress=self.show_progress)
+
+    def with_progress(self, inputs: StageInputs, stage: StageName, total: int) -> StageInputs:
+        """`inputs` reporting to progress.json for `stage` (or its shard), mirrored where the run lives."""
+        return replace(inputs, progress=start_progress(self, stage, inputs.shard, total))
 
 
 def _progress_path(layout: RunLayout, stage: StageName, shard: Shard | None) -> Path:
@@ -28,30 +73,34 @@ def _progress_path(layout: RunLayout, stage: StageName, shard: Shard | None) -> 
     return layout.root / f"progress-{stage.value}-{shard.label}.json"
 
 
-def start_progress(ctx: StageContext, stage: StageName, total: int) -> ProgressReporter:
-    """progress.json for `stage` (or the context's shard of it), mirrored to S3 in an S3-backed run."""
+def start_progress(run: Run, stage: StageName, shard: Shard | None, total: int) -> ProgressReporter:
+    """progress.json for `stage` (or `shard` of it), mirrored to S3 in an S3-backed run."""
     # Without progress bars (a pod's log), a line every LOG_INTERVAL seconds says what is happening.
-    ctx.progress = ProgressReporter(_progress_path(ctx.layout, stage, ctx.shard), stage, total, ctx.shard,
-                                    mirror=_progress_mirror(ctx),
-                                    log_interval=None if ctx.show_progress else LOG_INTERVAL)
-    return ctx.progress
+    return ProgressReporter(_progress_path(run.layout, stage, shard), stage, total, shard,
+                            mirror=run.storage.progress_mirror(),
+                            log_interval=None if run.show_progress else LOG_INTERVAL)
 
 
-def open_run(job: PurificationJob, output_root: Path | None = None, shard: Shard | None = None,
-             show_progress: bool = True, topology: Topology = Topology()) -> StageContext:
-    """The context a run's stages share. An s3:// output is mirrored: stages work in a local scratch
-    copy of the run folder and publish each output to S3 (files, then manifest)."""
+def open_run(job: PurificationJob, output_root: Path | None = None, show_progress: bool = True,
+             topology: Topology = Topology()) -> Run:
+    """Open a run. An s3:// output is mirrored: stages work in a local scratch copy of the run
+    folder and each output is published to S3 (files, then manifest)."""
     location = Location.parse(job.spec.output.uri, "spec.output.uri")
-    common = dict(job=job, shard=shard, show_progress=show_progress, topology=topology, output_root=output_root)
+    storage: RunStorage
     if output_root is not None or location.scheme is Scheme.LOCAL:
         root = output_root if output_root is not None else location.path
-        return StageContext(layout=RunLayout.for_job(job, root), **common)
-    layout = RunLayout.for_job(job, scratch_root() / "runs" / location.bucket / location.key)
-    store = open_s3_store(job.spec.storage)
-    store.check_bucket(location.bucket, f"{location.key}/" if location.key else "")  # fail at once, not after a stage
-    run_path = RunLayout.for_job(job, Path()).root.as_posix()  # runs/<namespace>/<name>/<uid>
-    remote = RemoteRun(store, location.bucket, "/".join(filter(None, [location.key, run_path])))
-    return StageContext(layout=layout, remote=remote, **common)
+        storage = LocalRunStorage(RunLayout.for_job(job, root))
+    else:
+        store = open_s3_store(job.spec.storage)
+        store.check_bucket(location.bucket, f"{location.key}/" if location.key else "")  # fail at once, not after a stage
+        run_path = RunLayout.for_job(job, Path()).root.as_posix()  # runs/<namespace>/<name>/<uid>
+        remote = RemoteRun(store, location.bucket, "/".join(filter(None, [location.key, run_path])))
+        storage = MirroredRunStorage(RunLayout.for_job(job, scratch_root() / "runs" / location.bucket / location.key),
+                                     remote)
+    run_store = storage.s3_store()
+    files = SpecFiles(job.spec, store=(lambda: run_store) if run_store is not None else None)
+    return Run(job=job, storage=storage, resolved=ResolvedInputs(job.spec, files), topology=topology,
+               output_root=output_root, show_progress=show_progress)
 
 
 def run_uri(job: PurificationJob, output_root: Path | None = None) -> str:
@@ -60,19 +109,3 @@ def run_uri(job: PurificationJob, output_root: Path | None = None) -> str:
     if output_root is not None:
         return str(output_root / run_path)
     return str(Location.parse(job.spec.output.uri, "spec.output.uri").child(run_path))
-
-
-def _progress_mirror(ctx: StageContext):
-    if ctx.remote is None:
-        return None
-    remote = ctx.remote
-
-    def put(path: Path) -> None:
-        # Progress is advisory: an unreachable store must not kill the stage (its outputs still
-        # have to be published later, and that does fail loudly).
-        try:
-            remote.store.put_bytes(remote.bucket, remote.stage_prefix(ctx.layout, path), path.read_bytes())
-        except TransientError as exc:
-            logger.warning("progress.json not mirrored to S3: %s", exc)
-
-    return put

@@ -1,7 +1,7 @@
 """The DiSP stages, one module each, behind the `Stage` interface of disp_runner.pipeline."""
 
 from disp_api import StageName
-from disp_runner.pipeline.context import Stage
+from disp_runner.pipeline.stage import Stage
 from disp_runner.stages.evaluate import EvaluateStage
 from disp_runner.stages.finetune import FinetuneStage
 from disp_runner.stages.masking import MaskingStage

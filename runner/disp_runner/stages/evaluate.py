@@ -15,7 +15,8 @@ from disp_api.contract import AUDIT_FILE, METRICS_FILE
 from disp_runner.disp.saliency import SaliencyConfig
 from disp_runner.evaluation import MaskedInference, evaluate_model
 from disp_runner.models.loading import load_model
-from disp_runner.pipeline.context import EVALUATION_INPUTS, StageContext, StageResult
+from disp_runner.pipeline.inputs import EVALUATION_INPUTS, SpecInput
+from disp_runner.pipeline.stage import StageInputs, StageResult
 from disp_runner.stages.finetune import MODEL_DIR
 
 
@@ -24,46 +25,46 @@ class EvaluateStage:
     name = StageName.EVALUATE
     inputs = (StageName.FINETUNE,)
     reads = EVALUATION_INPUTS
+    whole_output_steps = ()
 
-    def total_items(self, ctx: StageContext) -> int:
-        masked = ctx.spec.evaluation is not None and ctx.spec.evaluation.masked_inference is not None
+    def total_items(self, inputs: StageInputs) -> int:
+        masked = inputs.spec.evaluation is not None and inputs.spec.evaluation.masked_inference is not None
         return 3 if masked else 2  # evaluations: before, after (and the compromised model's masked inference)
 
-    def run(self, ctx: StageContext, out: Path) -> StageResult:
-        spec = ctx.spec.evaluation
+    def run(self, inputs: StageInputs, out: Path) -> StageResult:
+        spec = inputs.spec.evaluation
         assert spec is not None, "the pipeline runs evaluate only when spec.evaluation is set"
-        decoding = ctx.decoding(evaluation=True)
-        triggered = ctx.load_evaluation_set(spec.triggered_uri, "spec.evaluation.triggeredUri")
-        untriggered = (ctx.load_evaluation_set(spec.untriggered_uri, "spec.evaluation.untriggeredUri")
-                       if spec.untriggered_uri else [])
-        clean = ctx.load_evaluation_set(spec.clean_uri, "spec.evaluation.cleanUri") if spec.clean_uri else []
-        attack = ctx.evaluation_attack()
-        compromised, processor = ctx.compromised_model()
-        purified_dir = ctx.input_dir(StageName.FINETUNE) / MODEL_DIR
-        purified, _ = load_model(purified_dir)
-        purified.to(ctx.device)
+        decoding = inputs.evaluation_decoding
+        triggered = inputs.evaluation_set(SpecInput.TRIGGERED)
+        untriggered = inputs.evaluation_set(SpecInput.UNTRIGGERED)
+        clean = inputs.evaluation_set(SpecInput.CLEAN)
+        attack = inputs.evaluation_attack
+        compromised, processor = inputs.model
+        finetune_dir = inputs.upstream[StageName.FINETUNE]
+        purified, _ = load_model(finetune_dir / MODEL_DIR)
+        purified.to(inputs.device)
         results = []
-        purified_uri = ctx.uri_of(ctx.layout.stage_dir(StageName.FINETUNE)) + "/" + MODEL_DIR
-        for done, (model, name) in enumerate([(compromised, ctx.spec.model.uri), (purified, purified_uri)]):
+        purified_uri = inputs.upstream_uris[StageName.FINETUNE] + "/" + MODEL_DIR
+        for done, (model, name) in enumerate([(compromised, inputs.spec.model.uri), (purified, purified_uri)]):
             results.append(evaluate_model(model, processor, name, attack, triggered, untriggered, clean,
-                                          decoding, show_progress=ctx.show_progress))
-            ctx.report_progress(done + 1)
+                                          decoding, show_progress=inputs.show_progress))
+            inputs.report_progress(done + 1)
         before, after = results
         masked_inference = None
         if spec.masked_inference is not None:  # the authors' test-time defence, beside DiSP's result
-            saliency = ctx.spec.saliency
+            saliency = inputs.spec.saliency
             defence = MaskedInference(ratio=spec.masked_inference.ratio, seed=saliency.seed,
                                       batch_size=saliency.batch_size,
                                       saliency=SaliencyConfig.from_spec(saliency, decoding.block_length),
                                       field_name="spec.evaluation.maskedInference.ratio")
-            masked_inference = evaluate_model(compromised, processor, ctx.spec.model.uri, attack, triggered,
-                                              untriggered, clean, decoding, show_progress=ctx.show_progress,
+            masked_inference = evaluate_model(compromised, processor, inputs.spec.model.uri, attack, triggered,
+                                              untriggered, clean, decoding, show_progress=inputs.show_progress,
                                               masked_inference=defence)
-            ctx.report_progress(3)
+            inputs.report_progress(3)
         retention = None
         if clean and before.clean_performance > 0:
             retention = after.clean_performance / before.clean_performance
-        audit = AuditFigures.model_validate_json((ctx.input_dir(StageName.FINETUNE) / AUDIT_FILE).read_text())
+        audit = AuditFigures.model_validate_json((finetune_dir / AUDIT_FILE).read_text())
         metrics = PurificationMetrics(
             asr_before=before.asr_triggered, asr_after=after.asr_triggered,
             false_firing_before=before.asr_untriggered, false_firing_after=after.asr_untriggered,

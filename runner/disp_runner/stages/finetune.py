@@ -34,8 +34,9 @@ from disp_runner.evaluation import normalise_answer
 from disp_runner.diffusion.training import TrainingConfig, train_masked_diffusion
 from disp_runner.models.base import EncodedInstances
 from disp_runner.models.loading import save_model, save_projector
-from disp_runner.pipeline.context import TRAINING_INPUTS, StageContext, StageResult
-from disp_runner.pipeline.opening import open_run, start_progress
+from disp_runner.pipeline.inputs import TRAINING_INPUTS
+from disp_runner.pipeline.opening import open_run
+from disp_runner.pipeline.stage import StageInputs, StageResult
 from disp_runner.stages.relabel import DATASET_DIR
 from disp_runner.pipeline.memory import check_stage_memory, memory_metrics
 from disp_runner.planning import PlannedStage
@@ -48,96 +49,96 @@ class FinetuneStage:
     name = StageName.FINETUNE
     inputs = (StageName.RELABEL,)
     reads = TRAINING_INPUTS
+    whole_output_steps = ()
 
-    def total_items(self, ctx: StageContext) -> int:
+    def total_items(self, inputs: StageInputs) -> int:
         return 0  # progress is reported in optimiser steps, once they are known
 
-    def run(self, ctx: StageContext, out: Path) -> StageResult:
-        self._prepare(ctx)
-        if ctx.topology.distributed:
-            figures = launch(ctx.topology, ctx.job.run_id, _launched_finetune,
-                             _Launch(ctx.job, ctx.output_root, out, ctx.show_progress))
+    def run(self, inputs: StageInputs, out: Path) -> StageResult:
+        self._prepare(inputs)
+        if inputs.topology.distributed:
+            figures = launch(inputs.topology, inputs.job.run_id, _launched_finetune,
+                             _Launch(inputs.job, inputs.output_root, out, inputs.show_progress))
         else:
-            figures = finetune(ctx, out)
+            figures = finetune(inputs, out)
         items = figures.pop("items")
         return StageResult(items=items, metrics=figures)
 
-    def join(self, ctx: StageContext) -> None:
+    def join(self, inputs: StageInputs) -> None:
         """On a pod other than the first of a multi-node fine-tune: train with the others, publish nothing."""
-        self._prepare(ctx)
-        launch(ctx.topology, ctx.job.run_id, _launched_finetune, _Launch(ctx.job, ctx.output_root, None, ctx.show_progress))
+        self._prepare(inputs)
+        launch(inputs.topology, inputs.job.run_id, _launched_finetune,
+               _Launch(inputs.job, inputs.output_root, None, inputs.show_progress))
 
-    def _prepare(self, ctx: StageContext) -> None:
-        """Once per pod, before any process is launched: the model's files and the purified data in
-        the local scratch, and the newest epoch checkpoint restored from S3."""
-        source = ctx.spec.model
-        ctx.materialise(source.uri, "spec.model.uri")
-        if source.projector_uri is not None:
-            ctx.materialise_file(source.projector_uri, "spec.model.projectorUri")
-        ctx.input_dir(StageName.RELABEL)
-        epoch = ctx.checkpoints(self.name).restore()
+    def _prepare(self, inputs: StageInputs) -> None:
+        """Once per pod, before any process is launched: the model's files in the local scratch (the
+        purified data is there: the pipeline fetched it), and the newest epoch checkpoint restored."""
+        inputs.resolved.make_model_local()
+        epoch = inputs.checkpoints.restore()
         if epoch is not None:
             logs.say(f"finetune: resuming after epoch {epoch} from its checkpoint", stage="finetune", resumedEpoch=epoch)
 
 
-def finetune(ctx: StageContext, out: Path | None) -> dict[str, Any]:
+def finetune(inputs: StageInputs, out: Path | None) -> dict[str, Any]:
     """The fine-tune itself, run by every process of the stage; the first saves the model into `out`
     and returns the stage's figures (the others return an empty dict)."""
-    spec = ctx.spec.finetune
-    model, processor = ctx.compromised_model()
-    purified = load_dataset(ctx.input_dir(StageName.RELABEL) / DATASET_DIR, processor.image_size,
+    spec = inputs.spec.finetune
+    model, processor = inputs.model
+    gen_length = inputs.decoding.gen_length
+    purified = load_dataset(inputs.upstream[StageName.RELABEL] / DATASET_DIR, processor.image_size,
                             empty_responses=True)  # relabel.emptyAnswers: keep writes them
-    data = EncodedInstances(processor, purified, ctx.decoding().gen_length, spec.labels)  # batch by batch
+    data = EncodedInstances(processor, purified, gen_length, spec.labels)  # batch by batch
     config = TrainingConfig(epochs=spec.epochs, learning_rate=spec.learning_rate, batch_size=spec.batch_size,
                             warmup_ratio=spec.warmup_ratio, weight_decay=spec.weight_decay, seed=spec.seed,
                             trainable=spec.trainable, group_by_length=spec.group_by_length,
                             activation_checkpointing=spec.activation_checkpointing)
     plan = check_stage_memory(model, processor, PlannedStage.FINETUNE, "spec.finetune.batchSize", spec.batch_size,
-                              purified, ctx.decoding().gen_length, ctx.device, trainable=spec.trainable,
-                              processes=ctx.topology.world_size, checkpointing=spec.activation_checkpointing,
+                              purified, gen_length, inputs.device, trainable=spec.trainable,
+                              processes=inputs.topology.world_size, checkpointing=spec.activation_checkpointing,
                               labels=spec.labels)
-    checkpoints = ctx.checkpoints(StageName.FINETUNE)
+    checkpoints = inputs.checkpoints
+    progress = inputs.progress
 
     def on_step(step: int, total: int, loss: float) -> None:
-        if ctx.progress is not None:
-            if ctx.progress.total != total:  # the first step of this process (maybe after a resume)
-                ctx.progress.restart(total, step - 1)
-            ctx.progress.update(step, detail=f"loss {loss:.4f}")
+        if progress is not None:
+            if progress.total != total:  # the first step of this process (maybe after a resume)
+                progress.restart(total, step - 1)
+            progress.update(step, detail=f"loss {loss:.4f}")
 
     # Training mutates the model in place; the cached compromised model must stay as it was
     # for any later stage of this process, so train a private copy.
     model = copy.deepcopy(model)
     result = train_masked_diffusion(model, data, processor.mask_token_id, config, description="finetune",
-                                    show_progress=ctx.show_progress, checkpoint_dir=checkpoints.local,
+                                    show_progress=inputs.show_progress, checkpoint_dir=checkpoints.local,
                                     on_step=on_step, on_epoch_end=checkpoints.publish)
     if out is None or not _first_process():
         return {}
-    audit = residual_audit(ctx, model, processor)
+    audit = residual_audit(inputs, model, processor)
     (out / AUDIT_FILE).write_text(json.dumps(audit.to_wire(), indent=2))
     save_model(model.cpu(), processor, out / MODEL_DIR)
     if spec.projector_file:
         save_projector(model, out / PROJECTOR_FILE)
     return {"items": len(purified), "steps": result.steps, "epochs": spec.epochs, "trainable": spec.trainable.value,
-            "processes": ctx.topology.world_size, "firstLoss": round(result.first_loss, 5),
+            "processes": inputs.topology.world_size, "firstLoss": round(result.first_loss, 5),
             "lastLoss": round(result.last_loss, 5), "trainSeconds": round(result.seconds, 2),
             "residualRate": audit.residual_rate, "residualSample": audit.residual_sample, **memory_metrics(plan)}
 
 
-def residual_audit(ctx: StageContext, model, processor) -> AuditFigures:
+def residual_audit(inputs: StageInputs, model, processor) -> AuditFigures:
     """The relabel stage's audit figures plus the residual rate: of the top suspects whose answer
     relabeling changed (up to spec.audit.residualSample), the share the purified model, shown the
     unmasked image and the instance's own prompt, still answers with the dataset's answer."""
-    relabel_dir = ctx.input_dir(StageName.RELABEL)
-    records = read_suspects(relabel_dir)
-    audit = audit_figures(records, ctx.spec.audit.suspicion_threshold)
-    by_id = {inst.id: inst for inst in ctx.training_set()}
+    records = read_suspects(inputs.upstream[StageName.RELABEL])
+    audit = audit_figures(records, inputs.spec.audit.suspicion_threshold)
+    by_id = {inst.id: inst for inst in inputs.training_set}
     chosen = [by_id[r.id] for r in records if r.suspect and r.answerChanged and r.id in by_id]
-    chosen = chosen[:ctx.spec.audit.residual_sample]  # the records come most suspect first
+    chosen = chosen[:inputs.spec.audit.residual_sample]  # the records come most suspect first
     if not chosen:
         return audit
-    model.to(ctx.device).eval()
-    answers = generate_responses(model, processor, chosen, ctx.decoding(), batch_size=ctx.spec.relabel.batch_size,
-                                 seed=ctx.spec.relabel.seed, description="residual", show_progress=ctx.show_progress)
+    model.to(inputs.device).eval()
+    answers = generate_responses(model, processor, chosen, inputs.decoding, batch_size=inputs.spec.relabel.batch_size,
+                                 seed=inputs.spec.relabel.seed, description="residual",
+                                 show_progress=inputs.show_progress)
     kept = sum(normalise_answer(a) == normalise_answer(inst.response) for a, inst in zip(answers, chosen))
     return audit.model_copy(update={"residual_rate": round(kept / len(chosen), 6), "residual_sample": len(chosen)})
 
@@ -164,7 +165,9 @@ def _launched_finetune(task: _Launch) -> dict[str, Any]:
     per_node = int(os.environ["LOCAL_WORLD_SIZE"])
     topology = Topology(nodes=int(os.environ["WORLD_SIZE"]) // per_node, node_rank=int(os.environ["GROUP_RANK"]),
                         processes_per_node=per_node)
-    ctx = open_run(task.job, task.output_root, show_progress=task.show_progress, topology=topology)
+    run = open_run(task.job, task.output_root, show_progress=task.show_progress, topology=topology)
+    run.resolved.resolve(FinetuneStage.reads)
+    inputs = run.stage_inputs(FinetuneStage())
     if int(os.environ["RANK"]) == 0:
-        start_progress(ctx, StageName.FINETUNE, 0)
-    return finetune(ctx, task.out)
+        inputs = run.with_progress(inputs, StageName.FINETUNE, 0)
+    return finetune(inputs, task.out)

@@ -16,7 +16,8 @@ from disp_runner.errors import UserInputError
 from disp_runner.disp.masking import (check_ratio_masks_a_token, known_trigger_tokens, top_salient_tokens,
                                      trigger_localisation)
 from disp_runner.reporting import draw_report
-from disp_runner.pipeline.context import TRAINING_INPUTS, StageContext, StageResult
+from disp_runner.pipeline.inputs import TRAINING_INPUTS
+from disp_runner.pipeline.stage import StageInputs, StageResult
 from disp_runner.stages.saliency import read_scores
 
 MASKED_FILE = "masked.json"
@@ -33,20 +34,22 @@ class MaskingStage:
     name = StageName.MASKING
     inputs = (StageName.SALIENCY,)
     reads = TRAINING_INPUTS
+    whole_output_steps = ()
 
-    def total_items(self, ctx: StageContext) -> int:
-        return len(ctx.training_set())
+    def total_items(self, inputs: StageInputs) -> int:
+        return len(inputs.training_set)
 
-    def run(self, ctx: StageContext, out: Path) -> StageResult:
-        ratio = ctx.spec.masking.ratio
-        ids, scores, counts = read_scores(ctx.input_dir(StageName.SALIENCY))
-        instances = {inst.id: inst for inst in ctx.training_set()}
+    def run(self, inputs: StageInputs, out: Path) -> StageResult:
+        ratio = inputs.spec.masking.ratio
+        saliency_dir = inputs.upstream[StageName.SALIENCY]
+        ids, scores, counts = read_scores(saliency_dir)
+        instances = {inst.id: inst for inst in inputs.training_set}
         if set(ids) != set(instances) or len(ids) != len(instances):
-            raise UserInputError(f"{ctx.input_dir(StageName.SALIENCY)}: saliency scores do not cover the "
-                                 f"dataset {ctx.spec.dataset.uri} (rerun saliency)")
+            raise UserInputError(f"{saliency_dir}: saliency scores do not cover the "
+                                 f"dataset {inputs.spec.dataset.uri} (rerun saliency)")
         check_ratio_masks_a_token(ratio, int(counts.min()))
         masked = top_salient_tokens(scores, ratio, counts.tolist())  # per instance, most salient first
-        processor = ctx.compromised_model().processor
+        processor = inputs.model.processor
         layouts = [processor.layout_of(instances[i]) for i in ids]
         record = {"ratio": ratio, "visualTokens": counts.tolist(), "ids": ids, "tokens": masked}
         (out / MASKED_FILE).write_text(json.dumps(record))
@@ -65,5 +68,5 @@ class MaskingStage:
             metrics["triggerLocalisation"] = sum(localisation) / len(localisation)
             metrics["triggerTop1"] = top1_hits / len(localisation)
         draw_report(out / REPORT_FILE, [instances[i] for i in ids], masked, layouts)
-        ctx.report_progress(len(ids))
+        inputs.report_progress(len(ids))
         return StageResult(items=len(ids), metrics=metrics)

@@ -40,8 +40,9 @@ from disp_runner.errors import UserInputError
 from disp_runner.evaluation import normalise_answer
 from disp_runner.diffusion.inference import ImageEmbedsTransform, first_step_log_likelihood, generate_responses
 from disp_runner.pipeline.artifacts import read_stage_manifest
-from disp_runner.pipeline.context import TRAINING_INPUTS, StageContext, StageResult
-from disp_runner.reporting import REPORT_SAMPLES, draw_report
+from disp_runner.pipeline.inputs import TRAINING_INPUTS
+from disp_runner.pipeline.stage import StageInputs, StageResult
+from disp_runner.reporting import draw_suspects
 from disp_runner.stages.masking import read_masked
 from disp_runner.stages.saliency import read_scores
 from disp_runner.pipeline.memory import check_stage_memory, memory_metrics
@@ -52,43 +53,90 @@ SUSPECTS_REPORT = "suspects.png"  # the top suspects, their masked tokens outlin
 SIGNATURE_FILE = "signature.json"  # relabel.acceptance signature: the words and what was put back
 
 
+# --- the steps that need the stage's whole output: after an unsharded run, or after the merge ------
+
+class SignatureAcceptance:
+    """relabel.acceptance: signature — only the relabels that remove the backdoor's answer signature
+    stay (disp/signature.py), recorded in signature.json, and the audit's records say which answers
+    changed in the end (the residual rate samples those); all: every relabel stays. The signature is
+    learnt from the whole dataset's answers, so it is never applied to one shard."""
+
+    def apply(self, inputs: StageInputs, out: Path, result: StageResult) -> StageResult:
+        if inputs.spec.relabel.acceptance is RelabelAcceptance.ALL or not (out / DATASET_DIR).is_dir():
+            return result
+        purified = load_dataset(out / DATASET_DIR, inputs.model.processor.image_size, empty_responses=True)
+        kept, signature = keep_signature_relabels(purified)
+        (out / SIGNATURE_FILE).write_text(json.dumps(signature.to_wire(), indent=1) + "\n")
+        put_back = {inst.id for inst in kept if inst.metadata.get("signature_put_back")}
+        records = [dataclasses.replace(r, answerChanged=False) if r.id in put_back else r for r in read_suspects(out)]
+        write_dataset(kept, out / DATASET_DIR)
+        write_suspects(records, out)
+        changed = round(result.metrics["changedFraction"] * result.items) - signature.put_back
+        return dataclasses.replace(result, metrics={
+            **result.metrics, "changedFraction": changed / max(1, result.items),
+            "signatureWords": len(signature.words), "keptRelabels": signature.kept_relabels,
+            "putBack": signature.put_back})
+
+
+class RequireAnswers:
+    """A purified dataset whose every answer is empty would only teach silence: refused, nothing published."""
+
+    def apply(self, inputs: StageInputs, out: Path, result: StageResult) -> StageResult:
+        purified = (load_dataset(out / DATASET_DIR, inputs.model.processor.image_size, empty_responses=True)
+                    if (out / DATASET_DIR).is_dir() else [])
+        if not any(inst.response.strip() for inst in purified):
+            raise UserInputError("relabel: every answer was empty; nothing to fine-tune on (check spec.relabel)")
+        return result
+
+
+class SuspectsSheet:
+    """suspects.png: the most suspect instances with the tokens DiSP masked (none: an empty sheet)."""
+
+    def apply(self, inputs: StageInputs, out: Path, result: StageResult) -> StageResult:
+        draw_suspects(out / SUSPECTS_REPORT, read_suspects(out), inputs.training_set,
+                      read_masked(inputs.upstream[StageName.MASKING]), inputs.model.processor.layout_of)
+        return result
+
+
 class RelabelStage:
     name = StageName.RELABEL
     inputs = (StageName.SALIENCY, StageName.MASKING)
     reads = TRAINING_INPUTS
+    # Run by the pipeline once the whole output is there (unsharded, or merged), in this order.
+    whole_output_steps = (SignatureAcceptance(), RequireAnswers(), SuspectsSheet())
 
-    def total_items(self, ctx: StageContext) -> int:
-        return len(ctx.shard_items(ctx.spec.relabel.batch_size))
+    def total_items(self, inputs: StageInputs) -> int:
+        return len(inputs.items(inputs.spec.relabel.batch_size))
 
-    def run(self, ctx: StageContext, out: Path) -> StageResult:
-        spec = ctx.spec.relabel
-        model, processor = ctx.compromised_model()
-        masked_by_id = read_masked(ctx.input_dir(StageName.MASKING))
-        items = ctx.shard_items(spec.batch_size)
-        instances = ctx.training_set()[items.start:items.stop]
+    def run(self, inputs: StageInputs, out: Path) -> StageResult:
+        spec = inputs.spec.relabel
+        model, processor = inputs.model
+        masked_by_id = read_masked(inputs.upstream[StageName.MASKING])
+        items = inputs.items(spec.batch_size)
+        instances = inputs.training_set[items.start:items.stop]
         missing = [inst.id for inst in instances if inst.id not in masked_by_id]
         if missing:
             raise UserInputError(f"masking output has no entry for instance {missing[0]!r} (rerun masking)")
         masked = [masked_by_id[inst.id] for inst in instances]  # each instance's masked visual tokens
-        drops, concentrations = _audit(ctx, instances, masked, items.start)
-        suspect = [drop > ctx.spec.audit.suspicion_threshold for drop in drops]
-        prompted, mask_tokens = _masked_inputs(ctx, instances, masked)
-        decoding = ctx.decoding()
+        drops, concentrations = _audit(inputs, instances, masked, items.start)
+        suspect = [drop > inputs.spec.audit.suspicion_threshold for drop in drops]
+        prompted, mask_tokens = _masked_inputs(inputs, instances, masked)
+        decoding = inputs.decoding
         plan = check_stage_memory(model, processor, PlannedStage.RELABEL if decoding.cache is DecodingCache.NONE
                                   else PlannedStage.RELABEL_CACHED, "spec.relabel.batchSize", spec.batch_size, prompted,
-                                  decoding.gen_length, ctx.device, steps=decoding.steps,
+                                  decoding.gen_length, inputs.device, steps=decoding.steps,
                                   block_length=decoding.block_length)
         if spec.scope is RelabelScope.ALL:
-            answers = generate_responses(model, processor, prompted, ctx.decoding(),
+            answers = generate_responses(model, processor, prompted, inputs.decoding,
                                          batch_size=spec.batch_size, seed=spec.seed, transform_image_embeds=mask_tokens,
-                                         description="relabel", show_progress=ctx.show_progress,
-                                         index_offset=items.start, on_batch=ctx.report_progress)
+                                         description="relabel", show_progress=inputs.show_progress,
+                                         index_offset=items.start, on_batch=inputs.report_progress)
         else:
-            answers = _relabel_suspects(ctx, instances, masked, suspect)
+            answers = _relabel_suspects(inputs, instances, masked, suspect)
         evidence = None
         if spec.min_evidence is not None:
             # How much more likely the masked input makes the new answer than the dataset's (nats).
-            gen_length = ctx.decoding().gen_length
+            gen_length = inputs.decoding.gen_length
             evidence = (first_step_log_likelihood(model, processor, prompted, answers, gen_length, spec.batch_size,
                                                   mask_tokens)
                         - first_step_log_likelihood(model, processor, prompted, [i.response for i in instances],
@@ -113,53 +161,36 @@ class RelabelStage:
                                          suspect=suspect[index], poisoned=ground_truth(inst)))
             if answer or spec.empty_answers is EmptyAnswers.KEEP:
                 purified.append(replace_first_answer(inst, answer, metadata))
-        accepted = {}
-        if ctx.shard is None:  # the signature needs the whole dataset: a sharded run applies it at the merge
-            purified, records, accepted = _accept(ctx, purified, records, out)
-            changed -= accepted.get("putBack", 0)
-        if ctx.shard is None and not _has_answers(purified):
-            raise UserInputError("relabel: every answer was empty; nothing to fine-tune on (check spec.relabel)")
         if purified:
             write_dataset(purified, out / DATASET_DIR)
         write_suspects(records, out)
-        if ctx.shard is None:
-            _draw_suspects(ctx, records, masked_by_id, out)
         metrics = {"purified": len(purified), "emptyResponses": _empty_answers(len(instances), purified),
-                   "changedFraction": changed / max(1, len(instances)), **accepted,
-                   **_audit_metrics(audit_figures(records, ctx.spec.audit.suspicion_threshold)), **memory_metrics(plan)}
+                   "changedFraction": changed / max(1, len(instances)),
+                   **_audit_metrics(audit_figures(records, inputs.spec.audit.suspicion_threshold)), **memory_metrics(plan)}
         if evidence is not None:
             metrics["keptOriginal"] = kept
         return StageResult(items=len(instances), metrics=metrics)
 
-    def merge(self, ctx: StageContext, shard_dirs: list[Path], out: Path) -> StageResult:
+    def merge(self, inputs: StageInputs, shard_dirs: list[Path], out: Path) -> StageResult:
         merged: list[Instance] = []
         items = changed = kept = 0
         for folder in shard_dirs:
             if (folder / DATASET_DIR).is_dir():
-                merged += load_dataset(folder / DATASET_DIR, ctx.image_size(), empty_responses=True)
+                merged += load_dataset(folder / DATASET_DIR, inputs.model.processor.image_size, empty_responses=True)
             shard_metrics = read_stage_manifest(folder)["metrics"]
             items += shard_metrics["items"]
             changed += round(shard_metrics["changedFraction"] * shard_metrics["items"])
             kept += shard_metrics.get("keptOriginal", 0)
-        if not _has_answers(merged):
-            raise UserInputError("relabel: every answer was empty; nothing to fine-tune on (check spec.relabel)")
         records = [record for folder in shard_dirs for record in read_suspects(folder)]
-        merged, records, accepted = _accept(ctx, merged, records, out)
-        changed -= accepted.get("putBack", 0)
-        write_dataset(merged, out / DATASET_DIR)
+        if merged:
+            write_dataset(merged, out / DATASET_DIR)
         write_suspects(records, out)
-        _draw_suspects(ctx, records, read_masked(ctx.input_dir(StageName.MASKING)), out)
         metrics = {"purified": len(merged), "emptyResponses": _empty_answers(items, merged),
-                   "changedFraction": changed / max(1, items), **accepted,
-                   **_audit_metrics(audit_figures(records, ctx.spec.audit.suspicion_threshold))}
-        if ctx.spec.relabel.min_evidence is not None:
+                   "changedFraction": changed / max(1, items),
+                   **_audit_metrics(audit_figures(records, inputs.spec.audit.suspicion_threshold))}
+        if inputs.spec.relabel.min_evidence is not None:
             metrics["keptOriginal"] = kept
         return StageResult(items=items, metrics=metrics)
-
-
-def _has_answers(purified: list[Instance]) -> bool:
-    """Whether any answer is left to fine-tune on (empty ones kept alone would only teach silence)."""
-    return any(inst.response.strip() for inst in purified)
 
 
 def _empty_answers(items: int, purified: list[Instance]) -> int:
@@ -167,70 +198,55 @@ def _empty_answers(items: int, purified: list[Instance]) -> int:
     return items - len(purified) + sum(not inst.response.strip() for inst in purified)
 
 
-def _accept(ctx: StageContext, purified: list[Instance], records: list[SuspectRecord],
-            out: Path) -> tuple[list[Instance], list[SuspectRecord], dict]:
-    """relabel.acceptance: signature — only the relabels that remove the backdoor's answer signature
-    stay (disp/signature.py), recorded in signature.json, and the audit's records say which answers
-    changed in the end (the residual rate samples those); all: every relabel stays."""
-    if ctx.spec.relabel.acceptance is RelabelAcceptance.ALL or not purified:
-        return purified, records, {}
-    kept, signature = keep_signature_relabels(purified)
-    (out / SIGNATURE_FILE).write_text(json.dumps(signature.to_wire(), indent=1) + "\n")
-    put_back = {inst.id for inst in kept if inst.metadata.get("signature_put_back")}
-    records = [dataclasses.replace(r, answerChanged=False) if r.id in put_back else r for r in records]
-    return kept, records, {"signatureWords": len(signature.words), "keptRelabels": signature.kept_relabels,
-                           "putBack": signature.put_back}
-
-
-def _masked_inputs(ctx: StageContext, instances: list[Instance],
+def _masked_inputs(inputs: StageInputs, instances: list[Instance],
                    masked: list[list[int]]) -> tuple[list[Instance], ImageEmbedsTransform | None]:
     """What the compromised model is shown: the instances (with relabel's prompt, and the images
     blurred or painted over as the spec says) and the visual-token rewrite to apply, if any. The
     fine-tune still pairs the answers with the original images."""
-    spec = ctx.spec
+    spec = inputs.spec
     shown = with_prompt(instances, spec.relabel.prompt)
     blur = spec.masking.blur_sigma
     if blur is not None:  # the opt-in whole-image neutraliser
         shown = [inst.map_image(lambda image: image.filter(ImageFilter.GaussianBlur(blur))) for inst in shown]
     if spec.masking.space is MaskingSpace.PIXELS:
-        layout_of = ctx.compromised_model().processor.layout_of
+        layout_of = inputs.model.processor.layout_of
         return [inst.map_image(lambda image, inst=inst, tokens=tokens: paint_token_cells(image, layout_of(inst), tokens))
                 for inst, tokens in zip(shown, masked)], None
-    mask_embedding = ctx.compromised_model().model.mask_embedding().detach()
+    mask_embedding = inputs.model.model.mask_embedding().detach()
     return shown, lambda image_embeds, rows: mask_image_embeds(image_embeds, masked[rows], mask_embedding)
 
 
-def _relabel_suspects(ctx: StageContext, instances: list[Instance], masked: list[list[int]],
+def _relabel_suspects(inputs: StageInputs, instances: list[Instance], masked: list[list[int]],
                       suspect: list[bool]) -> list[str]:
     """relabel.scope: suspects — only the suspects are decoded; the others keep the dataset's answer."""
-    model, processor = ctx.compromised_model()
+    model, processor = inputs.model
     chosen = [i for i, flag in enumerate(suspect) if flag]
-    chosen_shown, mask_chosen = _masked_inputs(ctx, [instances[i] for i in chosen], [masked[i] for i in chosen])
+    chosen_shown, mask_chosen = _masked_inputs(inputs, [instances[i] for i in chosen], [masked[i] for i in chosen])
     decoded = generate_responses(
-        model, processor, chosen_shown, ctx.decoding(), batch_size=ctx.spec.relabel.batch_size,
-        seed=ctx.spec.relabel.seed, description="relabel suspects", show_progress=ctx.show_progress,
+        model, processor, chosen_shown, inputs.decoding, batch_size=inputs.spec.relabel.batch_size,
+        seed=inputs.spec.relabel.seed, description="relabel suspects", show_progress=inputs.show_progress,
         transform_image_embeds=mask_chosen)
     answers = [inst.response for inst in instances]
     for i, answer in zip(chosen, decoded):
         answers[i] = answer
-    ctx.report_progress(len(instances))
+    inputs.report_progress(len(instances))
     return answers
 
 
-def _audit(ctx: StageContext, instances: list[Instance], salient: list[list[int]],
+def _audit(inputs: StageInputs, instances: list[Instance], salient: list[list[int]],
            first_index: int) -> tuple[list[float], list[float]]:
     """Each instance's support drop (nats) and saliency concentration (disp/audit.py)."""
-    model, processor = ctx.compromised_model()
-    ids, scores, counts = read_scores(ctx.input_dir(StageName.SALIENCY))
+    model, processor = inputs.model
+    ids, scores, counts = read_scores(inputs.upstream[StageName.SALIENCY])
     row_of = {instance_id: row for row, instance_id in enumerate(ids)}
     missing = [inst.id for inst in instances if inst.id not in row_of]
     if missing:
         raise UserInputError(f"saliency output has no scores for instance {missing[0]!r} (rerun saliency)")
     rows = [row_of[inst.id] for inst in instances]
-    comparison = [comparison_tokens(tokens, int(counts[row]), ctx.spec.audit.seed, first_index + i)
+    comparison = [comparison_tokens(tokens, int(counts[row]), inputs.spec.audit.seed, first_index + i)
                   for i, (tokens, row) in enumerate(zip(salient, rows))]
-    drops = support_drop(model, processor, instances, salient, comparison, ctx.decoding().gen_length,
-                         ctx.spec.relabel.batch_size)
+    drops = support_drop(model, processor, instances, salient, comparison, inputs.decoding.gen_length,
+                         inputs.spec.relabel.batch_size)
     concentrations = [concentration(scores[row, :int(counts[row])], tokens) for tokens, row in zip(salient, rows)]
     return drops.tolist(), concentrations
 
@@ -241,14 +257,3 @@ def _audit_metrics(audit: AuditFigures) -> dict:
     return {key: wire[key] for key in ("suspects", "estimatedPoisonedShare", "suspicionThreshold",
                                        "truePoisonedShare", "detectorAuroc", "detectorPrecision")
             if wire[key] is not None}
-
-
-def _draw_suspects(ctx: StageContext, records: list[SuspectRecord], masked_by_id: dict[str, list[int]],
-                   out: Path) -> None:
-    """suspects.png: the most suspect instances with the tokens DiSP masked (none: an empty sheet)."""
-    by_id = {inst.id: inst for inst in ctx.training_set()}
-    top = [r for r in sorted(records, key=lambda r: -r.supportDrop) if r.suspect][:REPORT_SAMPLES]
-    instances = [by_id[r.id] for r in top]
-    layouts = [ctx.compromised_model().processor.layout_of(inst) for inst in instances]
-    draw_report(out / SUSPECTS_REPORT, instances, [masked_by_id[r.id] for r in top], layouts,
-                rows=[list(range(len(top)))], caption=f"top {len(top)} suspects by support drop; ")

@@ -17,7 +17,8 @@ from disp_runner.disp.masking import check_ratio_masks_a_token
 from disp_runner.disp.saliency import SaliencyConfig, score_instances
 from disp_runner.data.instances import with_prompt
 from disp_runner.errors import DegenerateResultError, UserInputError
-from disp_runner.pipeline.context import TRAINING_INPUTS, StageContext, StageResult
+from disp_runner.pipeline.inputs import TRAINING_INPUTS
+from disp_runner.pipeline.stage import StageInputs, StageResult
 from disp_runner.pipeline.memory import check_stage_memory, memory_metrics
 from disp_runner.planning import PlannedStage
 
@@ -79,39 +80,40 @@ class SaliencyStage:
     name = StageName.SALIENCY
     inputs = ()
     reads = TRAINING_INPUTS
+    whole_output_steps = ()
 
-    def total_items(self, ctx: StageContext) -> int:
-        return len(ctx.shard_items(ctx.spec.saliency.batch_size))
+    def total_items(self, inputs: StageInputs) -> int:
+        return len(inputs.items(inputs.spec.saliency.batch_size))
 
-    def run(self, ctx: StageContext, out: Path) -> StageResult:
-        spec = ctx.spec.saliency
-        model, processor = ctx.compromised_model()
-        decoding = ctx.decoding()  # saliency looks at the first step of the decoding relabel uses
+    def run(self, inputs: StageInputs, out: Path) -> StageResult:
+        spec = inputs.spec.saliency
+        model, processor = inputs.model
+        decoding = inputs.decoding  # saliency looks at the first step of the decoding relabel uses
         if spec.top_k > model.config.vocab_size:
             raise UserInputError(f"spec.saliency.topK: {spec.top_k} is larger than the vocabulary "
                                  f"({model.config.vocab_size} tokens)")
         # The tokens are scored for the question relabel will ask (its fixed prompt, when set): a
         # token salient for another question is not the one whose masking changes that answer.
-        instances = with_prompt(ctx.training_set(), ctx.spec.relabel.prompt)
+        instances = with_prompt(inputs.training_set, inputs.spec.relabel.prompt)
         counts = torch.tensor([processor.layout_of(inst).num_tokens for inst in instances], dtype=torch.long)
         # Before the expensive part: a masking ratio that would mask nothing makes the scores useless.
-        check_ratio_masks_a_token(ctx.spec.masking.ratio, int(counts.min()))
+        check_ratio_masks_a_token(inputs.spec.masking.ratio, int(counts.min()))
         check_region_fits_the_grids(spec.region_size, instances, processor)
         config = SaliencyConfig.from_spec(spec, decoding.block_length)
         # Every shard pads to the whole dataset's widest image, so shards concatenate.
-        items = ctx.shard_items(spec.batch_size)
+        items = inputs.items(spec.batch_size)
         plan = check_stage_memory(model, processor, PlannedStage.SALIENCY, "spec.saliency.batchSize", spec.batch_size,
-                                  instances[items.start:items.stop], decoding.gen_length, ctx.device,
+                                  instances[items.start:items.stop], decoding.gen_length, inputs.device,
                                   probes=spec.probes, block_length=decoding.block_length)
         scores, counts = score_instances(model, processor, instances, decoding.gen_length, config, spec.seed,
-                                         spec.batch_size, rows=items, on_batch=ctx.report_progress)
+                                         spec.batch_size, rows=items, on_batch=inputs.report_progress)
         width = scores.shape[1]
         write_scores(out, [instances[i].id for i in items], scores, counts[items.start:items.stop])
         return StageResult(items=len(items), metrics={"visualTokens": width, "topK": spec.top_k,
                                                       "probes": spec.probes, "regionSize": spec.region_size,
                                                       **memory_metrics(plan)})
 
-    def merge(self, ctx: StageContext, shard_dirs: list[Path], out: Path) -> StageResult:
+    def merge(self, inputs: StageInputs, shard_dirs: list[Path], out: Path) -> StageResult:
         ids: list[str] = []
         parts: list[torch.Tensor] = []
         counts: list[torch.Tensor] = []
