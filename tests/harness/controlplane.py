@@ -20,7 +20,6 @@ import base64
 import contextlib
 import json
 import os
-import socket
 import ssl
 import subprocess
 import time
@@ -33,6 +32,7 @@ from typing import Any, Iterator, Optional
 import kubernetes
 import yaml
 
+from disp_runner.net import free_port
 from tests.harness.pki import ClusterPKI, KeyPair
 from tests.harness.process import build_folder, log_tail, stop
 
@@ -50,12 +50,6 @@ AUDIT_POLICY = {"apiVersion": "audit.k8s.io/v1", "kind": "Policy", "omitStages":
 
 class ControlPlaneError(RuntimeError):
     """A component did not build or come up; the message names it and ends with its log's tail."""
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def build_binaries() -> Path:

@@ -107,9 +107,9 @@ def test_two_nodes_of_one_process_each_train_like_one_process(workspace, tmp_pat
     (single,) = run_job(job, only=StageName.FINETUNE, show_progress=False)
     manifest = tmp_path / "job.json"
     manifest.write_text(json.dumps(job_document(workspace, evaluation=None, finetune=FINETUNE)))
-    from disp_runner.diffusion.distributed import _free_port
+    from disp_runner.net import free_port
 
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "OMP_NUM_THREADS": "1"}
     nodes = [subprocess.Popen([sys.executable, "-m", "disp_runner.cli", "--no-progress", "run", str(manifest),
                                "--output", str(twin), "--stage", "finetune", "--processes", "1", "--nodes", "2",
                                "--node-rank", str(rank)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +23,7 @@ from typing import Any, Callable, Mapping
 import torch
 
 from disp_runner.errors import DegenerateResultError, TransientError, UserInputError
+from disp_runner.net import free_port
 
 MASTER_ADDR_ENV, MASTER_PORT_ENV = "MASTER_ADDR", "MASTER_PORT"
 DEFAULT_MASTER_PORT = 29500
@@ -88,12 +88,6 @@ def batch_share(rows: torch.Tensor, rank: int, world: int) -> tuple[torch.Tensor
     return rows[positions], positions, len(positions) / len(rows)
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 # -- failures cross the process boundary as (kind, message): the CLI's exit code depends on the kind
 _KINDS: dict[str, Callable[[str], Exception]] = {
     "user": UserInputError, "degenerate": DegenerateResultError, "transient": TransientError}
@@ -129,7 +123,7 @@ def launch(topology: Topology, run_id: str, fn: Callable[..., Any], *args: Any) 
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-    port = topology.master_port or _free_port()
+    port = topology.master_port or free_port()
     config = LaunchConfig(
         min_nodes=topology.nodes, max_nodes=topology.nodes, nproc_per_node=topology.processes_per_node,
         run_id=run_id, rdzv_backend="static", rdzv_endpoint=f"{topology.master_addr}:{port}",
