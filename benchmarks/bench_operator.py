@@ -32,14 +32,14 @@ from tests.harness.cluster import Cluster, install_crd  # noqa: E402
 from tests.harness.controlplane import free_port, running_control_plane  # noqa: E402
 from tests.harness.minio import S3_ACCESS as ACCESS, S3_SECRET as SECRET, MinioServer  # noqa: E402
 from tests.harness.tools import build_cluster_tools  # noqa: E402
+from tests.jobs import job_document  # noqa: E402
 
 
 def manifest(name: str, namespace: str, endpoint: str) -> dict:
-    return {"apiVersion": "disp.dev/v1alpha1", "kind": "PurificationJob",
-            "metadata": {"name": name, "namespace": namespace},
-            "spec": {"model": {"uri": "s3://models/m"}, "dataset": {"uri": "s3://data/train"},
-                     "output": {"uri": "s3://runs"},
-                     "storage": {"endpoint": endpoint, "secure": False, "credentialsSecret": {"name": "minio"}}}}
+    return job_document({"model": {"uri": "s3://models/m"}, "dataset": {"uri": "s3://data/train"},
+                         "output": {"uri": "s3://runs"},
+                         "storage": {"endpoint": endpoint, "secure": False, "credentialsSecret": {"name": "minio"}}},
+                        name, namespace)
 
 
 def peak_rss_mib(pid: int) -> float:

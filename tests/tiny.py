@@ -4,6 +4,7 @@ attack its data carries."""
 
 from disp_api import AttackSpec, PurificationJob, TriggerSpec
 from disp_runner.pipeline.artifacts import RunLayout
+from tests.jobs import job_document as job_document_of, with_overrides
 
 TINY_SIZE = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
                  max_position_embeddings=128, image_size=16, patch_size=8, vision_hidden_size=16,
@@ -13,6 +14,7 @@ DECODING = {"steps": 8, "genLength": 16, "blockLength": 8}
 
 
 def job_document(ws, **spec_overrides):
+    """The tiny job over the workspace's folders (see tests.jobs.with_overrides for the overrides)."""
     spec = {
         "model": {"uri": str(ws / "model")},
         "dataset": {"uri": str(ws / "train")},
@@ -24,8 +26,7 @@ def job_document(ws, **spec_overrides):
                        "untriggeredUri": str(ws / "untriggered"), "cleanUri": str(ws / "clean"),
                        "decoding": DECODING},
     }
-    spec.update(spec_overrides)
-    return {"apiVersion": "disp.dev/v1alpha1", "kind": "PurificationJob", "metadata": {"name": "tiny"}, "spec": spec}
+    return job_document_of(with_overrides(spec, spec_overrides), "tiny")
 
 
 def make_job(ws, **spec_overrides) -> PurificationJob:

@@ -24,6 +24,7 @@ from tests.deploy.helm_chart import by_kind, render
 from tests.harness.cluster import OPERATOR_NAMESPACE, Cluster
 from tests.harness.controlplane import free_port  # noqa: F401 - the tests' one free-port helper
 from tests.harness.node_agent import STANDIN_IMAGE, NodeAgent, PodFault  # noqa: F401 - re-exported
+from tests.jobs import job_document as document_of, with_overrides
 from tests.tiny import job_document
 from tests.harness.minio import S3_ACCESS, S3_SECRET
 
@@ -37,19 +38,14 @@ TEST_SETTINGS = ("DISP_RUNNER_IMAGE", "DISP_RECONCILE_INTERVAL_SECONDS", "DISP_R
 
 def manifest(ws: Path, s3: str, prefix: str, namespace: str, name: str = "tiny", **spec_overrides) -> dict:
     """The pipeline tests' reduced job, pointed at S3."""
-    doc = job_document(ws)
-    spec = doc["spec"]
-    spec["model"]["uri"] = f"s3://models/{prefix}/model"
-    spec["dataset"]["uri"] = f"s3://data/{prefix}/train"
-    spec["output"]["uri"] = f"s3://runs/{prefix}"
-    for key in ("triggeredUri", "untriggeredUri", "cleanUri"):
-        spec["evaluation"][key] = f"s3://data/{prefix}/{key.removesuffix('Uri')}"
-    spec["storage"] = {"endpoint": s3, "secure": False, "credentialsSecret": {"name": CREDENTIALS_SECRET}}
-    spec["resources"] = {"gpus": 0, "cpu": "1", "memory": "2Gi"}
-    spec.update(spec_overrides)
-    spec = {k: v for k, v in spec.items() if v is not None}
-    return {"apiVersion": "disp.dev/v1alpha1", "kind": "PurificationJob",
-            "metadata": {"name": name, "namespace": namespace}, "spec": spec}
+    spec = with_overrides(job_document(ws)["spec"], {
+        "model__uri": f"s3://models/{prefix}/model", "dataset__uri": f"s3://data/{prefix}/train",
+        "output__uri": f"s3://runs/{prefix}",
+        **{f"evaluation__{key}": f"s3://data/{prefix}/{key.removesuffix('Uri')}"
+           for key in ("triggeredUri", "untriggeredUri", "cleanUri")},
+        "storage": {"endpoint": s3, "secure": False, "credentialsSecret": {"name": CREDENTIALS_SECRET}},
+        "resources": {"gpus": 0, "cpu": "1", "memory": "2Gi"}})
+    return document_of(with_overrides(spec, spec_overrides), name, namespace)
 
 
 def standin_manifest(s3: str, prefix: str, namespace: str, name: str, **spec_overrides) -> dict:
@@ -59,9 +55,7 @@ def standin_manifest(s3: str, prefix: str, namespace: str, name: str, **spec_ove
             "storage": {"endpoint": s3, "secure": False, "credentialsSecret": {"name": CREDENTIALS_SECRET}},
             "evaluation": {"attack": {"target": {"kind": "insertion"}}, "triggeredUri": f"s3://data/{prefix}/triggered"},
             "resources": {"gpus": 0, "cpu": "1", "memory": "1Gi", "image": STANDIN_IMAGE}}
-    spec.update(spec_overrides)
-    return {"apiVersion": "disp.dev/v1alpha1", "kind": "PurificationJob",
-            "metadata": {"name": name, "namespace": namespace}, "spec": spec}
+    return document_of(with_overrides(spec, spec_overrides), name, namespace)
 
 
 def chart_values(cluster: Cluster, **values: Any) -> dict[str, Any]:

@@ -2,35 +2,25 @@
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 import pytest
 
 from disp_api import PurificationJob
+from tests.jobs import job_document, with_overrides
 
-BASE_BODY: dict[str, Any] = {
-    "apiVersion": "disp.dev/v1alpha1",
-    "kind": "PurificationJob",
-    "metadata": {"name": "purify", "namespace": "team", "uid": "0c1d2e3f-0000-4000-8000-000000000001", "generation": 1},
-    "spec": {
-        "model": {"uri": "s3://models/compromised"},
-        "dataset": {"uri": "s3://datasets/train"},
-        "output": {"uri": "s3://runs"},
-        "storage": {"endpoint": "minio:9000", "secure": False, "credentialsSecret": {"name": "minio"}},
-    },
+BASE_SPEC: dict[str, Any] = {
+    "model": {"uri": "s3://models/compromised"},
+    "dataset": {"uri": "s3://datasets/train"},
+    "output": {"uri": "s3://runs"},
+    "storage": {"endpoint": "minio:9000", "secure": False, "credentialsSecret": {"name": "minio"}},
 }
 
 
 def job_body(**spec_overrides: Any) -> dict[str, Any]:
-    body = copy.deepcopy(BASE_BODY)
-    for dotted, value in spec_overrides.items():
-        node = body["spec"]
-        *parents, leaf = dotted.split("__")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
-    return body
+    """The job as the API server hands it to the operator (uid and generation set)."""
+    return job_document(with_overrides(BASE_SPEC, spec_overrides), "purify", "team",
+                        uid="0c1d2e3f-0000-4000-8000-000000000001", generation=1)
 
 
 def make_job(**spec_overrides: Any) -> PurificationJob:
