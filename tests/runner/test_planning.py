@@ -17,7 +17,7 @@ from disp_runner.models.llada_v.configuration import model_shape
 from disp_runner.pipeline.artifacts import RunLayout, read_stage_manifest
 from disp_runner.planning import (BATCH_MARGIN, PlannedStage, Precision, Workload, estimate_memory, largest_batch,
                                   saved_bytes_per_token_layer, stage_flops)
-from tests.runner.test_llada_v import tiny_checkpoint
+from tests.runner.models.test_llada_v import tiny_checkpoint
 from tests.tiny import job_document
 
 # LLaDA-V as published (LLaDA-8B after SigLIP so400m): what the sizing table in the docs is for.

@@ -129,7 +129,7 @@ def test_length_grouped_batches_cover_the_epoch_once_and_pad_far_less():
 def test_cutting_the_shared_padding_leaves_every_logit_as_it_was():
     from PIL import Image
 
-    from tests.runner.test_llada_v import tiny_checkpoint
+    from tests.runner.models.test_llada_v import tiny_checkpoint
 
     model, processor = tiny_checkpoint(None)
     instances = [inst.replace(image=Image.new("RGB", size)) for inst, size in
@@ -155,7 +155,7 @@ def test_a_grouped_fine_tune_trains_on_batches_no_longer_than_their_longest_row(
     from PIL import Image
 
     from disp_runner.models.base import EncodedInstances
-    from tests.runner.test_llada_v import tiny_checkpoint
+    from tests.runner.models.test_llada_v import tiny_checkpoint
 
     model, processor = tiny_checkpoint(None)
     sizes = [(16, 16), (40, 20), (28, 28), (56, 56)]
@@ -177,7 +177,7 @@ def test_activation_checkpointing_trains_to_the_same_weights_and_is_refused_wher
 
     from disp_runner.errors import UserInputError
     from disp_runner.models.base import EncodedInstances
-    from tests.runner.test_llada_v import tiny_checkpoint
+    from tests.runner.models.test_llada_v import tiny_checkpoint
 
     trained = []
     for checkpointing in (False, True):

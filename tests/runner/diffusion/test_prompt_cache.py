@@ -18,7 +18,7 @@ from disp_runner.diffusion.prompt_cache import require_prompt_caching
 from disp_runner.errors import UserInputError
 from disp_runner.models.base import PromptCaching
 from disp_runner.models.loading import load_model
-from tests.runner.test_llada_v import tiny_checkpoint
+from tests.runner.models.test_llada_v import tiny_checkpoint
 
 SHIPPED = "runner/disp_runner/models/mdlm/assets/base-mdlm"
 
