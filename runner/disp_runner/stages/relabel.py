@@ -29,7 +29,7 @@ from PIL import ImageFilter
 from disp_api import AuditFigures, DecodingCache, EmptyAnswers, MaskingSpace, RelabelAcceptance, StageName
 from disp_api.spec import RelabelScope
 from disp_runner.data.instances import Instance, with_prompt
-from disp_runner.data.dataset import load_dataset, write_dataset
+from disp_runner.data.dataset import MANIFEST_NAME, load_dataset, write_dataset
 from disp_runner.data.llava import replace_first_answer
 from disp_runner.disp.audit import (SuspectRecord, comparison_tokens, concentration, ground_truth, read_suspects,
                                    support_drop, write_suspects)
@@ -82,9 +82,10 @@ class RequireAnswers:
     """A purified dataset whose every answer is empty would only teach silence: refused, nothing published."""
 
     def apply(self, inputs: StageInputs, out: Path, result: StageResult) -> StageResult:
-        purified = (load_dataset(out / DATASET_DIR, inputs.model.processor.image_size, empty_responses=True)
-                    if (out / DATASET_DIR).is_dir() else [])
-        if not any(inst.response.strip() for inst in purified):
+        manifest = out / DATASET_DIR / MANIFEST_NAME  # written by this stage a moment ago: its answers only
+        answers = ([json.loads(line)["response"] for line in manifest.read_text(encoding="utf-8").splitlines()]
+                   if manifest.is_file() else [])
+        if not any(answer.strip() for answer in answers):
             raise UserInputError("relabel: every answer was empty; nothing to fine-tune on (check spec.relabel)")
         return result
 

@@ -394,6 +394,15 @@ def test_empty_relabel_answers_are_dropped_or_kept_and_counted_either_way(worksp
             run_job(job, only=stage, show_progress=False)
         with pytest.raises(UserInputError, match="every answer was empty"):
             run_job(job, only=StageName.RELABEL, show_progress=False)
+        assert not RunLayout.for_job(job, workspace / "silent").stage_dir(StageName.RELABEL).exists()
+        # Sharded, each shard's part is published; the whole output is refused at the merge.
+        sharded = {**spec, "output": {"uri": str(workspace / "silent-sharded")}, "parallelism": {"relabelShards": 2}}
+        sharded_job = make_job(workspace, **sharded)
+        with pytest.raises(UserInputError, match="every answer was empty"):
+            run_job(sharded_job, show_progress=False)
+        sharded_layout = RunLayout.for_job(sharded_job, workspace / "silent-sharded")
+        assert sharded_layout.is_complete(StageName.RELABEL, Shard(1, 2))
+        assert not sharded_layout.stage_dir(StageName.RELABEL).exists()
     # A user's dataset with an empty response is still refused, naming the line.
     manifest = workspace / "train" / "manifest.jsonl"
     lines = manifest.read_text().splitlines()
