@@ -178,7 +178,7 @@ def process_argv(image: ImageConfig, container: Mapping[str, Any], env: Mapping[
 _FIELD_ANNOTATION = re.compile(r"metadata\.(annotations|labels)\['([^']+)'\]")
 
 
-def _field_value(pod: Mapping[str, Any], path: str) -> str:
+def field_value(pod: Mapping[str, Any], path: str) -> str:
     meta = pod.get("metadata", {})
     if path in ("metadata.name", "metadata.namespace", "metadata.uid"):
         return str(meta.get(path.split(".", 1)[1], ""))
@@ -209,7 +209,7 @@ def container_env(pod: Mapping[str, Any], container: Mapping[str, Any],
                 raise ContainerConfigError(f'secret "{ref["name"]}" has no key "{ref["key"]}" (or does not exist)')
             env[name] = value
         elif "fieldRef" in source:
-            env[name] = _field_value(pod, source["fieldRef"]["fieldPath"])
+            env[name] = field_value(pod, source["fieldRef"]["fieldPath"])
         else:
             raise ContainerConfigError(f"env {name}: unsupported valueFrom {sorted(source)}")
     return env

@@ -175,7 +175,8 @@ class ControlPlane:
             "--authorization-mode=Node,RBAC",
             "--enable-admission-plugins=NodeRestriction",  # added to the default plugins
             # The `kubernetes` Service's endpoints would name 127.0.0.1, which EndpointSlice
-            # validation refuses; nothing in a test reaches the API server through that Service.
+            # validation refuses; a pod reaches the API server through the node agent's stand-in
+            # for that Service instead (its variables, and a relay at port 443).
             "--endpoint-reconciler-type=none",
             f"--audit-policy-file={policy}", f"--audit-log-path={self.audit_log}", "--audit-log-format=json",
             "--audit-log-mode=blocking",  # each call is in the log when it returns

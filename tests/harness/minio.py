@@ -25,19 +25,20 @@ class MinioError(RuntimeError):
 
 
 class MinioServer:
-    """`minio server FOLDER` on 127.0.0.1, its console off. `start` waits until the server says it is
+    """`minio server FOLDER` on a loopback address (127.0.0.1 unless told), its console off. `start` waits until the server says it is
     ready (GET /minio/health/ready) and may be called again after `stop`, on the same port."""
 
-    def __init__(self, binary: Path, folder: Path, port: Optional[int] = None):
+    def __init__(self, binary: Path, folder: Path, port: Optional[int] = None, address: str = "127.0.0.1"):
         self.binary, self.folder = binary, folder
         self.data = folder / "data"
         self.log = folder / "minio.log"
+        self.address = address  # any of 127.0.0.0/8: a Service's own address, as kube-proxy gives one
         self.port = port or free_port()
         self.process: Optional[subprocess.Popen] = None
 
     @property
     def endpoint(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        return f"{self.address}:{self.port}"
 
     def start(self, timeout: float = 60) -> "MinioServer":
         self.data.mkdir(parents=True, exist_ok=True)

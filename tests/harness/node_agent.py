@@ -31,10 +31,20 @@ given state instead of running it (e.g. OOMKilled, or Evicted as node-pressure e
 it). Everything else (which pods exist, when, where, what fails a Job) comes from the real
 Job controller and scheduler.
 
+- fills projected volumes as the kubelet does (the service-account token, bound to the pod by a
+  TokenRequest the Node authorizer grants, the cluster's CA from kube-root-ca.crt, the namespace),
+  and sets KUBERNETES_SERVICE_HOST/PORT, so an operator pod logs in as its ServiceAccount.
+
 What a local process cannot do, it maps, and says so here: each volume is a temporary folder and
-paths under a mount path in env values and arguments are rewritten to it; the process runs as this
+paths under a mount path in env values and arguments are rewritten to it, except the token's
+folder, which client libraries read at a fixed path: with root and unshare(1) it is bind-mounted
+there in a mount namespace of the pod's own (as is /etc/hosts, below); the process runs as this
 test's user after the pod's user has passed the non-root check; OMP_NUM_THREADS is the container's
-CPU limit; every pod shares the host's loopback network (the S3 server listens there)."""
+CPU limit; every pod shares the host's loopback network (the S3 server listens there). Cluster DNS
+and kube-proxy are stood in for by names in the pod's /etc/hosts (`host_aliases`, e.g. a MinIO
+Service's name -> the loopback address the test's MinIO listens on at the Service's port) and, for
+the `kubernetes` Service at port 443 (kopf dials https://kubernetes.default.svc), a relay from a
+loopback address of this control plane's own to the API server."""
 
 from __future__ import annotations
 
@@ -42,7 +52,10 @@ import base64
 import hashlib
 import os
 import shutil
+import select
+import shlex
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -57,14 +70,20 @@ from typing import Any, Callable, Optional
 import kubernetes
 from kubernetes.client.exceptions import ApiException
 
-from tests.harness.container_rules import ContainerConfigError, ImageConfig, container_process, image_config
+from tests.harness.container_rules import (ContainerConfigError, ImageConfig, container_process, field_value,
+                                          image_config)
 from tests.harness.controlplane import ControlPlane, api_client
 
 REPO = Path(__file__).resolve().parents[2]
 RUNNER_IMAGE = "registry.example/disp-runner:test"  # the Dockerfile's runner target, over this venv
+OPERATOR_IMAGE = "registry.example/disp-operator:test"  # the Dockerfile's operator target, over this venv
 STANDIN_IMAGE = "stand-in"  # the same image with tests/operator/standin_runner.py as its `disp`
 IMAGE_BIN = "/opt/disp/bin"  # where the images' venv puts `disp` (the Dockerfile's PATH)
 GPU = "nvidia.com/gpu"
+# Where client libraries (client-go, the Python client, kopf) read a pod's service-account token,
+# whatever the environment says: mounted there, in the process's own mount namespace.
+SERVICE_ACCOUNT_PATH = "/var/run/secrets/kubernetes.io/serviceaccount"
+HOSTS_FILE = "/etc/hosts"
 LEASE_NAMESPACE = "kube-node-lease"
 LEASE_SECONDS = 40
 RENEW_SECONDS = 5.0
@@ -130,9 +149,10 @@ def repository(reference: str) -> str:
 
 
 def local_images(workdir: Path) -> dict[str, LocalImage]:
-    """The runner image and the stand-in image (the runner image with `disp` replaced by a script
-    that runs standin_runner.py with this interpreter)."""
+    """The runner image, the operator image and the stand-in image (the runner image with `disp`
+    replaced by a script that runs standin_runner.py with this interpreter)."""
     runner = image_config(REPO / "Dockerfile", "runner")
+    operator = image_config(REPO / "Dockerfile", "operator")
     shim_bin = workdir / "standin-image-bin"
     shim_bin.mkdir(parents=True, exist_ok=True)
     shim = shim_bin / "disp"
@@ -140,6 +160,7 @@ def local_images(workdir: Path) -> dict[str, LocalImage]:
                     f"{REPO / 'tests' / 'operator' / 'standin_runner.py'} \"$@\"\n")
     shim.chmod(0o755)
     return {RUNNER_IMAGE: LocalImage(runner, {IMAGE_BIN: Path(sys.executable).parent}),
+            OPERATOR_IMAGE: LocalImage(operator, {IMAGE_BIN: Path(sys.executable).parent}),
             STANDIN_IMAGE: LocalImage(runner, {IMAGE_BIN: shim_bin})}
 
 
@@ -265,6 +286,20 @@ class NodeAgent:
         # Added to every container's environment: runner settings a test tunes for speed (as a
         # cluster's admission webhook or a team's image might set them), never Kubernetes' own.
         self.extra_env: dict[str, str] = {}
+        # name -> address, in every pod's /etc/hosts: what cluster DNS and kube-proxy give a pod for
+        # a Service (e.g. minio.minio.svc -> the loopback address a test's MinIO listens on).
+        self.host_aliases: dict[str, str] = {}
+        # The `kubernetes` Service by name, at port 443 as in a cluster (kopf's in-cluster login
+        # dials https://kubernetes.default.svc): a loopback address of this control plane's own,
+        # relayed to the API server. Needs root (port 443); without it, pods use the variables only.
+        # Resolved so in the pods that mount a service-account token (the others have no business there).
+        self._proxies: list[ServiceProxy] = []
+        self._api_aliases: dict[str, str] = {}
+        if os.geteuid() == 0:
+            address = f"127.1.{plane.port // 256}.{plane.port % 256}"
+            self._proxies.append(ServiceProxy(address, 443, ("127.0.0.1", plane.port)))
+            self._api_aliases = {name: address for name in ("kubernetes", "kubernetes.default", "kubernetes.default.svc",
+                                                             "kubernetes.default.svc.cluster.local")}
         # (namespace, Job name) of each Job whose first pod started, in order; of each pod stopped
         # by its deletion; (namespace, pod, argv as the image sees it) of each process started.
         self.started: list[tuple[str, str]] = []
@@ -308,6 +343,8 @@ class NodeAgent:
             thread.join(10)
         for client in self._clients.values():
             client.close()
+        for proxy in self._proxies:
+            proxy.close()
 
     # --- the node object and its lease ------------------------------------------------------------
     def _register(self, node: NodeSpec) -> None:
@@ -607,12 +644,33 @@ class NodeAgent:
         volumes = {mount["mountPath"]: scratch / mount["name"] for mount in container.get("volumeMounts", [])}
         for host in volumes.values():
             host.mkdir(exist_ok=True)
+        pod_volumes = {volume["name"]: volume for volume in pod["spec"].get("volumes") or []}
+        for mount in container.get("volumeMounts", []):
+            volume = pod_volumes.get(mount["name"], {})
+            if "projected" in volume:
+                try:
+                    self._fill_projected(pod, volume, volumes[mount["mountPath"]], node_client)
+                except ContainerConfigError:
+                    shutil.rmtree(scratch, ignore_errors=True)
+                    raise
+        # What a path cannot be rewritten for (read at a fixed path by libraries, not named in the
+        # environment or arguments) is bind-mounted in the process's own mount namespace.
+        binds = [(volumes[path], path) for path in volumes if path == SERVICE_ACCOUNT_PATH]
+        aliases = {**self.host_aliases, **(self._api_aliases if binds else {})}
+        if aliases:
+            hosts = scratch / "hosts"
+            hosts.write_text(Path(HOSTS_FILE).read_text() + "".join(
+                f"{address} {name}\n" for name, address in sorted(aliases.items())))
+            binds.append((hosts, HOSTS_FILE))
         termination_path = container.get("terminationMessagePath") or "/dev/termination-log"
         termination_log = scratch / "termination-log"
         termination_log.touch()
         mounts = _Mounts({**volumes, **image.folders, termination_path: termination_log})
         env = {name: mounts.value(value) for name, value in process.env.items()}
         env["OMP_NUM_THREADS"] = cpu_threads(container)
+        # The kubelet's variables for the `kubernetes` Service, at the address kube-proxy would
+        # route its ClusterIP to: the API server on this host's loopback.
+        env["KUBERNETES_SERVICE_HOST"], env["KUBERNETES_SERVICE_PORT"] = "127.0.0.1", str(self.plane.port)
         env.update(self.extra_env)
         with self._lock:
             self.processes.append((namespace, pod["metadata"]["name"], process.argv))
@@ -623,7 +681,45 @@ class NodeAgent:
                 shutil.rmtree(scratch, ignore_errors=True)
                 return None
             argv[0] = found
-        return argv, env, mounts.path(process.workdir), scratch, termination_log
+        return bind_mounted(binds, argv), env, mounts.path(process.workdir), scratch, termination_log
+
+    def _fill_projected(self, pod: dict[str, Any], volume: dict[str, Any], host: Path,
+                        node_client: kubernetes.client.ApiClient) -> None:
+        """A projected volume's files as the kubelet writes them (the API server's ServiceAccount
+        admission gives every pod that mounts its token one): a service-account token bound to the
+        pod (TokenRequest, which the Node authorizer grants a node for the pods bound to it), the
+        keys of a ConfigMap (kube-root-ca.crt: the cluster's CA) and downward-API fields."""
+        core = kubernetes.client.CoreV1Api(node_client)
+        meta = pod["metadata"]
+        for source in volume["projected"].get("sources") or []:
+            if "serviceAccountToken" in source:
+                request = source["serviceAccountToken"]
+                spec = {"expirationSeconds": request.get("expirationSeconds", 3600),
+                        "boundObjectRef": {"apiVersion": "v1", "kind": "Pod", "name": meta["name"], "uid": meta["uid"]}}
+                if request.get("audience"):
+                    spec["audiences"] = [request["audience"]]
+                account = pod["spec"].get("serviceAccountName") or "default"
+                try:
+                    token = core.create_namespaced_service_account_token(account, meta["namespace"], {
+                        "apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest", "spec": spec})
+                except ApiException as exc:
+                    raise ContainerConfigError(f"token for service account {account!r}: {exc.status} {exc.reason}") from None
+                (host / request["path"]).write_text(token.status.token)
+            elif "configMap" in source:
+                ref = source["configMap"]
+                try:
+                    data = core.read_namespaced_config_map(ref["name"], meta["namespace"]).data or {}
+                except ApiException as exc:
+                    if exc.status == 404 and ref.get("optional"):
+                        continue
+                    raise ContainerConfigError(f'configmap "{ref["name"]}": {exc.status} {exc.reason}') from None
+                for item in ref.get("items") or [{"key": key, "path": key} for key in data]:
+                    (host / item["path"]).write_text(data[item["key"]])
+            elif "downwardAPI" in source:
+                for item in source["downwardAPI"].get("items") or []:
+                    (host / item["path"]).write_text(field_value(pod, item["fieldRef"]["fieldPath"]))
+            else:
+                raise ContainerConfigError(f"volume {volume['name']}: unsupported projected source {sorted(source)}")
 
     def _running(self, node: NodeSpec, pod: dict[str, Any], container: dict[str, Any], started_at: str,
                  image_id: str) -> None:
@@ -662,6 +758,70 @@ class NodeAgent:
             self._finished.add(pod["metadata"]["uid"])
         if deleted:
             self._delete_now(node, pod)
+
+
+class ServiceProxy:
+    """What kube-proxy does for one Service port: each connection to `address:port` is relayed to
+    the Service's endpoint, byte for byte (TLS passes through untouched)."""
+
+    def __init__(self, address: str, port: int, endpoint: tuple[str, int]):
+        self.address, self.port, self.endpoint = address, port, endpoint
+        self._listener = socket.create_server((address, port))
+        self._listener.settimeout(0.5)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._accept, name=f"proxy-{address}:{port}", daemon=True)
+        self._thread.start()
+
+    def _accept(self) -> None:
+        while not self._stop.is_set():
+            try:
+                client, _ = self._listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            threading.Thread(target=self._relay, args=(client,), daemon=True).start()
+
+    def _relay(self, client: socket.socket) -> None:
+        try:
+            upstream = socket.create_connection(self.endpoint, timeout=10)
+        except OSError:
+            client.close()
+            return
+        with client, upstream:
+            upstream.settimeout(None)
+            sockets = [client, upstream]
+            while not self._stop.is_set():
+                readable, _, _ = select.select(sockets, [], [], 0.5)
+                for source in readable:
+                    data = source.recv(65536)
+                    if not data:
+                        return
+                    (upstream if source is client else client).sendall(data)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._listener.close()
+        self._thread.join(5)
+
+
+def bind_mounted(binds: list[tuple[Path, str]], argv: list[str]) -> list[str]:
+    """argv run in a mount namespace of its own where each host path is bind-mounted at its path
+    (the mount point made on the host when missing: an empty folder or file, which nothing else
+    sees filled). Needs root and unshare(1); without them, or with nothing to bind, argv as is."""
+    if not binds or os.geteuid() != 0 or shutil.which("unshare") is None:
+        return argv
+    steps = []
+    for host, path in binds:
+        target = Path(path)
+        if host.is_dir():
+            target.mkdir(parents=True, exist_ok=True)
+        elif not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.touch()
+        steps.append(f"mount --bind {shlex.quote(str(host))} {shlex.quote(path)}")
+    return ["unshare", "--mount", "--propagation", "private", "/bin/sh", "-c",
+            " && ".join(steps) + ' && exec "$@"', "container", *argv]
 
 
 def _signal_group(child: subprocess.Popen, sig: int) -> None:

@@ -4,7 +4,11 @@ them (or says why not), and each bound pod runs and ends with the status a kubel
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
 import time
+from pathlib import Path
 
 import kubernetes
 import pytest
@@ -24,15 +28,19 @@ def pod(cluster: Cluster, name: str, script: str, **container: object) -> dict:
     """A pod of the runner image (whose PATH finds this test run's python) running `script`, which
     finds the termination-message file as $TERMINATION_LOG (a local process sees the host's /dev:
     the agent maps paths in env values and arguments, not inside a script)."""
+    body = pod_body(cluster, name, script, **container)
+    cluster.core.create_namespaced_pod(cluster.namespace, body)
+    return body
+
+
+def pod_body(cluster: Cluster, name: str, script: str, **container: object) -> dict:
     env = [{"name": "TERMINATION_LOG", "value": "/dev/termination-log"}, *container.pop("env", [])]
-    body = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "namespace": cluster.namespace},
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "namespace": cluster.namespace},
             "spec": {"restartPolicy": "Never", "automountServiceAccountToken": False,
                      "terminationGracePeriodSeconds": 2,
                      "securityContext": {"runAsNonRoot": True, "runAsUser": 10001},
                      "containers": [{"name": "main", "image": RUNNER_IMAGE, "command": ["python", "-c", script], "env": env,
                                      "resources": {"requests": {"cpu": "100m", "memory": "64Mi"}}, **container}]}}
-    cluster.core.create_namespaced_pod(cluster.namespace, body)
-    return body
 
 
 def wait_pod(cluster: Cluster, name: str, predicate, timeout: float = 60) -> dict:
@@ -105,6 +113,47 @@ def test_secret_values_reach_the_container_through_the_node_authorizer(cluster):
         env=[{"name": "TOKEN", "valueFrom": {"secretKeyRef": {"name": "keys", "key": "token"}}}])
     done = wait_pod(cluster, "secret", lambda p: p["status"].get("phase") == "Succeeded")
     assert terminated(done)["message"] == "t3rc3s"
+
+
+IN_CLUSTER_CLIENT = """
+import json, os, pathlib, ssl, urllib.request
+account = pathlib.Path("/var/run/secrets/kubernetes.io/serviceaccount")
+token, namespace = (account / "token").read_text(), (account / "namespace").read_text()
+context = ssl.create_default_context(cafile=str(account / "ca.crt"))
+review = urllib.request.Request(
+    "https://kubernetes.default.svc/apis/authentication.k8s.io/v1/selfsubjectreviews", method="POST",
+    data=json.dumps({"apiVersion": "authentication.k8s.io/v1", "kind": "SelfSubjectReview"}).encode(),
+    headers={"Authorization": "Bearer " + token, "Content-Type": "application/json"})
+user = json.load(urllib.request.urlopen(review, context=context, timeout=10))["status"]["userInfo"]
+open(os.environ["TERMINATION_LOG"], "w").write(json.dumps(
+    {"namespace": namespace, "user": user["username"], "pod": user["extra"]["authentication.kubernetes.io/pod-name"],
+     "service": os.environ["KUBERNETES_SERVICE_HOST"] + ":" + os.environ["KUBERNETES_SERVICE_PORT"]}))
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("unshare") is None,
+                    reason="a pod's own mount namespace (and port 443) needs root and unshare(1)")
+def test_a_pod_that_mounts_its_token_reaches_the_api_server_in_cluster_as_its_service_account(cluster):
+    """What the API server's ServiceAccount admission adds (a projected token, the cluster's CA,
+    the namespace at the fixed path client libraries read) is filled in as the kubelet does, and
+    the `kubernetes` Service answers by name at port 443, as cluster DNS and kube-proxy make it."""
+    body = pod_body(cluster, "in-cluster", IN_CLUSTER_CLIENT)
+    body["spec"]["automountServiceAccountToken"] = True
+    deadline = time.monotonic() + 30
+    while True:  # the namespace's `default` ServiceAccount is made by the controller-manager, shortly
+        try:
+            cluster.core.create_namespaced_pod(cluster.namespace, body)
+            break
+        except kubernetes.client.ApiException as exc:
+            if exc.status != 403 or time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+    done = wait_pod(cluster, "in-cluster", lambda p: p["status"].get("phase") in ("Succeeded", "Failed"))
+    assert done["status"]["phase"] == "Succeeded", terminated(done)
+    seen = json.loads(terminated(done)["message"])
+    assert seen == {"namespace": cluster.namespace, "user": f"system:serviceaccount:{cluster.namespace}:default",
+                    "pod": ["in-cluster"], "service": f"127.0.0.1:{cluster.plane.port}"}
+    assert not Path("/var/run/secrets/kubernetes.io/serviceaccount/token").exists()  # the host never sees it
 
 
 def test_deleting_a_running_pod_stops_it_within_its_grace_period_and_removes_it(cluster):
