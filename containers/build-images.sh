@@ -86,7 +86,10 @@ main() {
   for target in "${targets[@]}"; do
     case "$target" in operator|runner) build_target "$target" ;; *) die "unknown target $target (operator, runner)" ;; esac
   done
-  podman image prune --force >/dev/null  # the layers of earlier builds that no tag uses any more
+  # The layers of earlier builds that no tag uses any more. Housekeeping only: when a build cut
+  # short earlier left its working containers holding some of them, the images are still built.
+  podman image prune --force >/dev/null 2>&1 ||
+    say "kept unused layers: containers of an interrupted build hold them (podman ps --all --external)"
   podman images --format '{{.Repository}}:{{.Tag}} {{.Size}}' --filter reference='localhost/disp-*' >&2
 }
 
