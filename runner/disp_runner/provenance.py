@@ -37,8 +37,8 @@ from disp_api.contract import PROVENANCE_FILE, PROVENANCE_SIGNATURE_FILE, RUNNER
 from disp_api.version import VERSION
 from disp_runner.folders import write_atomically
 from disp_runner.errors import UserInputError
-from disp_runner.pipeline.artifacts import (STAGE_MANIFEST, RunLayout, file_entries, read_stage_manifest,
-                                            sha256_file, stage_file_problems)
+from disp_runner.pipeline.artifacts import (STAGE_MANIFEST, UPSTREAM_PREFIX, RunLayout, file_entries,
+                                            read_stage_manifest, sha256_file, stage_file_problems)
 from disp_runner.safepaths import resolve_inside
 from disp_store.location import Location, Scheme
 
@@ -362,9 +362,9 @@ def _check_chain(run: Path, manifests: dict[str, dict[str, Any]]) -> list[Findin
     findings = []
     for stage, manifest in manifests.items():
         for name, fingerprint in manifest.get("inputs", {}).items():
-            if not name.startswith("stage:"):
+            if not name.startswith(UPSTREAM_PREFIX):
                 continue
-            upstream = run / StageName(name.removeprefix("stage:")).value / STAGE_MANIFEST
+            upstream = run / StageName(name.removeprefix(UPSTREAM_PREFIX)).value / STAGE_MANIFEST
             if not upstream.is_file() or f"sha256:{sha256_file(upstream)}" != fingerprint:
                 findings.append(Finding(str(upstream), f"is not the output the {stage} stage was built from"))
     return findings

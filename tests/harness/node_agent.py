@@ -791,13 +791,16 @@ class ServiceProxy:
         with client, upstream:
             upstream.settimeout(None)
             sockets = [client, upstream]
-            while not self._stop.is_set():
-                readable, _, _ = select.select(sockets, [], [], 0.5)
-                for source in readable:
-                    data = source.recv(65536)
-                    if not data:
-                        return
-                    (upstream if source is client else client).sendall(data)
+            try:
+                while not self._stop.is_set():
+                    readable, _, _ = select.select(sockets, [], [], 0.5)
+                    for source in readable:
+                        data = source.recv(65536)
+                        if not data:
+                            return
+                        (upstream if source is client else client).sendall(data)
+            except OSError:  # reset by either side: that connection ends, as it would through kube-proxy
+                return
 
     def close(self) -> None:
         self._stop.set()

@@ -38,6 +38,8 @@ from disp_runner.safepaths import require_inside, resolve_inside
 from disp_store.s3 import S3Store
 
 MANIFEST_VERSION = 1
+# A manifest input that is an earlier stage's output: "stage:<stage>" -> the SHA-256 of its manifest.
+UPSTREAM_PREFIX = "stage:"
 
 
 MAX_SHARDS = 1024  # as spec.parallelism allows

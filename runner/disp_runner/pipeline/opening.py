@@ -1,8 +1,8 @@
 """Opening a run: where its outputs live (a local run folder, or a scratch copy mirrored to the
 run's S3 prefix), its spec's inputs, what each stage is given, and the progress.json a stage
-reports through. Apart from pipeline/runner.py,
-which runs the stages, so that a stage (the fine-tune's launched processes) can open its run
-without importing the stage runner that imports every stage."""
+reports through. Apart from pipeline/runner.py, which runs the stages, so that a stage (the
+fine-tune's launched processes) can open its run without importing the stage runner that imports
+every stage."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ from pathlib import Path
 
 from disp_api import PurificationJob, StageName
 from disp_runner.diffusion.distributed import Topology
-from disp_runner.pipeline.artifacts import STAGE_MANIFEST, ProgressReporter, RemoteRun, RunLayout, Shard, sha256_file
+from disp_runner.pipeline.artifacts import (STAGE_MANIFEST, UPSTREAM_PREFIX, ProgressReporter, RemoteRun, RunLayout,
+                                            Shard, sha256_file)
 from disp_runner.pipeline.inputs import ResolvedInputs, SpecFiles, scratch_root
 from disp_runner.pipeline.stage import Stage, StageInputs
 from disp_runner.pipeline.storage import LocalRunStorage, MirroredRunStorage, RunStorage
@@ -19,7 +20,6 @@ from disp_store.credentials import open_s3_store
 from disp_store.location import Location, Scheme
 
 LOG_INTERVAL = 30.0  # seconds between progress lines in a pod's log
-UPSTREAM_PREFIX = "stage:"  # an input that is an earlier stage's output: the SHA-256 of its manifest
 
 
 @dataclass
