@@ -2,10 +2,12 @@
 largest difference, the losses, optimiser steps, rows each process trains per step, and time.
 
     .venv/bin/python benchmarks/distributed_finetune.py [--processes 2] [--trainable projector-and-lm]
+        [--sharding fsdp]
 
 The job: the shipped base model, 96 training instances (a quarter with the default patch trigger),
 relabelled once; then `disp run --stage finetune` with 1 and with N processes on copies of that
-run (gloo on CPU here; one process per GPU on a GPU pod). On a machine with fewer free cores than
+run (gloo on CPU here; one process per GPU on a GPU pod), the N processes each holding the whole
+model (`--sharding none`, DDP) or a share of it (`--sharding fsdp`). On a machine with fewer free cores than
 processes the N-process run is not faster: it shows the results agree, not a speed-up.
 """
 
@@ -26,6 +28,8 @@ from disp_runner.attack.poison import poison_dataset
 from disp_runner.cli import main as disp
 from disp_runner.data.dataset import write_dataset
 from disp_runner.data.synthetic import generate_instances
+from disp_runner.jobfile import load_job
+from disp_runner.pipeline.artifacts import RunLayout
 from disp_runner.models.mdlm.embedded import SHIPPED_BASE_MODEL
 
 INSTANCES, BATCH, EPOCHS = 96, 16, 2
@@ -44,6 +48,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--processes", type=int, default=2)
     parser.add_argument("--trainable", default="projector-and-lm", choices=["projector", "projector-and-lm", "all"])
+    parser.add_argument("--sharding", default="none", choices=["none", "fsdp"])
     args = parser.parse_args()
     ws = Path(tempfile.mkdtemp(prefix="disp-ddp-"))
     attack = AttackSpec(trigger=TriggerSpec(), poison_rate=0.25)
@@ -52,17 +57,22 @@ def main() -> None:
         "model": {"uri": str(SHIPPED_BASE_MODEL)}, "dataset": {"uri": str(ws / "train")},
         "output": {"uri": str(ws / "one")}, "saliency": {"batchSize": 16}, "relabel": {"batchSize": 32},
         "finetune": {"epochs": EPOCHS, "batchSize": BATCH, "trainable": args.trainable, "learningRate": 1e-4}}}
-    manifest = ws / "job.json"
+    manifest, sharded = ws / "job.json", ws / "sharded.json"
     manifest.write_text(json.dumps(job))
+    job["spec"]["finetune"]["sharding"] = args.sharding
+    sharded.write_text(json.dumps(job))
     for stage in ("saliency", "masking", "relabel"):
         if disp(["--no-progress", "run", str(manifest), "--stage", stage]) != 0:
             raise SystemExit(f"stage {stage} failed")
-    shutil.copytree(ws / "one", ws / "many")
+    # the relabelled run, under the run folder the N-process manifest names (its spec differs)
+    shutil.copytree(RunLayout.for_job(load_job(manifest), ws / "one").root,
+                    RunLayout.for_job(load_job(sharded), ws / "many").root)
     one = finetune(manifest, ws / "one", 1)
-    many = finetune(manifest, ws / "many", args.processes)
+    many = finetune(sharded, ws / "many", args.processes)
     worst = max(float((one["weights"][k].float() - many["weights"][k].float()).abs().max()) for k in one["weights"])
     scale = max(float(t.float().abs().max()) for t in one["weights"].values())
-    print(f"\n{INSTANCES} instances, global batch {BATCH}, {EPOCHS} epochs, trainable {args.trainable}")
+    print(f"\n{INSTANCES} instances, global batch {BATCH}, {EPOCHS} epochs, trainable {args.trainable}, "
+          f"sharding of the {args.processes}-process run: {args.sharding}")
     print(f"{'processes':>10} {'steps':>6} {'rows/process/step':>18} {'first loss':>11} {'last loss':>10} "
           f"{'train s':>8}")
     for n, run in ((1, one), (args.processes, many)):

@@ -11,7 +11,7 @@ loaded checkpoint is held there; nothing is downloaded. Images: 384x384 (1,485 v
 2 views) and 1024x768 (3,627 visual tokens, 7 views), the anyres_max_4 packing of the runner.
 
 MFU = model FLOPs / seconds / the GPU's dense bf16 peak (H100 and H200 SXM: 989.4 TFLOP/s), model
-FLOPs from the config (disp_runner.planning.stage_flops): 2 FLOPs per parameter per token for the
+FLOPs from the config (disp_api.planning.stage_flops): 2 FLOPs per parameter per token for the
 language model's blocks, 4·L²·D per layer for bidirectional attention, the head on the answer's
 positions only, the vision tower and projector on every view; a backward for input gradients as
 much as the forward (saliency: 1 forward + m backward; the projector fine-tune: 1 forward + 1
@@ -35,10 +35,10 @@ from disp_runner.diffusion.inference import generate_responses
 from disp_runner.diffusion.training import TrainableParts, TrainingConfig, train_masked_diffusion
 from disp_runner.disp.masking import mask_image_embeds, top_salient_tokens
 from disp_runner.disp.saliency import SaliencyConfig, fisher_jacobian_scores
-from disp_runner.models.llada_v.configuration import model_shape
+from disp_api.model_shapes import llada_v_shape
 from disp_api import DecodingCache
 from bench_stages import FAMILY_SIZES, build_llada_v_on  # noqa: E402 - benchmarks/ is the script's folder
-from disp_runner.planning import PlannedStage, Precision, Workload, estimate_memory, largest_batch, stage_flops
+from disp_api.planning import PlannedStage, Precision, Workload, estimate_memory, largest_batch, stage_flops
 
 IMAGES = {1485: (384, 384), 3627: (1024, 768)}  # (width, height) -> visual tokens under anyres_max_4
 DENSE_BF16_PEAK = {"H100": 989.4e12, "H200": 989.4e12, "A100": 312e12}
@@ -102,7 +102,7 @@ def guarded(label, tokens, fn):
 
 
 def run_length(model, processor, config, visual_tokens: int, args, device, peak) -> None:
-    shape = model_shape(config.to_dict())
+    shape = llada_v_shape(config.to_dict())
     precision = Precision.for_device(device.type)
     width, height = IMAGES[visual_tokens]
     instances = [inst.replace(image=inst.image.resize((width, height)))
@@ -209,7 +209,7 @@ def main(argv=None) -> int:
     params = sum(p.numel() for p in model.parameters())
     peak = peak_flops(device)
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
-    shape = model_shape(config.to_dict())
+    shape = llada_v_shape(config.to_dict())
     print(f"device: {name}; torch {torch.__version__}; model {args.size}: {params / 1e9:.3f} B parameters "
           f"(planner's count {shape.parameters / 1e9:.3f} B), weights {next(model.parameters()).dtype}, attention "
           f"{config._attn_implementation}; built in {time.perf_counter() - start:.1f} s; dense bf16 peak "

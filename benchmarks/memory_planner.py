@@ -1,7 +1,7 @@
 """The memory planner against measured peaks on a CPU: saliency, relabel (exact and prefix-cached)
 and the projector fine-tune of the ~120 M LLaDA-V-shaped configuration at 1,485 and 3,627 visual
 tokens, each run in a fresh process whose peak resident memory (ru_maxrss) is compared with
-disp_runner.planning's estimate of the same batch.
+disp_api.planning's estimate of the same batch.
 
     .venv/bin/python benchmarks/memory_planner.py [--size llada-v-100m] [--batch 2] [--tokens 1485,3627]
     .venv/bin/python benchmarks/memory_planner.py --compare benchmarks/results/gpu_scale-h100.txt
@@ -40,8 +40,8 @@ def child(size: str, stage: str, tokens: int, batch: int) -> dict:
     from disp_runner.diffusion.inference import generate_responses
     from disp_runner.diffusion.training import TrainableParts, TrainingConfig, train_masked_diffusion
     from disp_runner.disp.saliency import SaliencyConfig, fisher_jacobian_scores
-    from disp_runner.models.llada_v.configuration import model_shape
-    from disp_runner.planning import PlannedStage, Precision, Workload, estimate_memory
+    from disp_api.model_shapes import llada_v_shape
+    from disp_api.planning import PlannedStage, Precision, Workload, estimate_memory
 
     torch.manual_seed(0)
     device = torch.device("cpu")
@@ -51,7 +51,7 @@ def child(size: str, stage: str, tokens: int, batch: int) -> dict:
     instances = [inst.replace(image=inst.image.resize((width, height)), response="a red square in the middle")
                  for inst in generate_instances(batch, seed=tokens, image_size=64)]
     prompts = processor.encode(instances, GEN, with_response=False)
-    shape = model_shape(model.config.to_dict())
+    shape = llada_v_shape(model.config.to_dict())
     work = Workload(batch=batch, sequence=int(prompts.input_ids.shape[1]), answer=GEN,
                     views=int(prompts.pixel_values.shape[1]), trainable_parameters=shape.projector_parameters)
     planned = {"saliency": PlannedStage.SALIENCY, "relabel": PlannedStage.RELABEL,
@@ -84,11 +84,11 @@ def compare(report: Path) -> int:
     import re
 
     from bench_stages import LLADA_V_8B
-    from disp_runner.models.llada_v.configuration import model_shape
-    from disp_runner.planning import (PlannedStage, Precision, Workload, estimate_memory,
+    from disp_api.model_shapes import llada_v_shape
+    from disp_api.planning import (PlannedStage, Precision, Workload, estimate_memory,
                                       saved_bytes_per_token_layer)
 
-    shape, precision = model_shape(LLADA_V_8B), Precision.for_device("cuda")
+    shape, precision = llada_v_shape(LLADA_V_8B), Precision.for_device("cuda")
     stages = {"saliency": PlannedStage.SALIENCY, "relabel (prefix cache)": PlannedStage.RELABEL_CACHED,
               "relabel": PlannedStage.RELABEL, "finetune": PlannedStage.FINETUNE}
     geometry = {1485: (1565, 2), 3627: (3707, 7)}  # sequence (prompt + 32 answer positions), views

@@ -11,6 +11,7 @@ from disp_api.spec import (
     EmptyAnswers,
     EvaluationSpec,
     FinetuneLabels,
+    FinetuneSharding,
     FinetuneSpec,
     LogFormat,
     MaskingSpace,
@@ -34,7 +35,7 @@ from disp_api.spec import (
 
 __all__ = [
     "AttackRecord", "AttackSpec", "AttackTarget", "AuditFigures", "Corner", "DatasetSource", "DecodingCache", "DecodingSpec", "EmptyAnswers", "EvaluationMetrics", "EvaluationSpec",
-    "FinetuneLabels", "FinetuneSpec", "LogFormat", "MaskingSpace", "MaskingSpec", "MetricsCounts", "MetricsSummary", "ModelSource", "ObjectMeta", "OutputSpec", "ParallelismSpec",
+    "FinetuneLabels", "FinetuneSharding", "FinetuneSpec", "LogFormat", "MaskingSpace", "MaskingSpec", "MetricsCounts", "MetricsSummary", "ModelSource", "ObjectMeta", "OutputSpec", "ParallelismSpec",
     "PurificationJob", "PurificationJobSpec", "PurificationMetrics", "RelabelAcceptance", "RelabelSpec", "ProbeDraws", "Profile", "SaliencySpec", "SecretKeyRef", "StageName", "StageProgress", "StorageSpec",
     "TargetSpec", "TrainableParts", "TriggerKind", "TriggerSpec",
 ]

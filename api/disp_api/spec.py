@@ -330,6 +330,13 @@ class FinetuneLabels(str, Enum):
     CHAT_TURNS = "chat-turns"
 
 
+class FinetuneSharding(str, Enum):
+    """How the processes of a multi-GPU fine-tune hold the model."""
+
+    NONE = "none"  # each holds all of it, its gradients and optimiser state (DDP)
+    FSDP = "fsdp"  # parameters, gradients and optimiser state split among them (fully sharded data parallel)
+
+
 class FinetuneSpec(ContractModel):
     epochs: float = Field(4.0, gt=0.0, le=1000.0)
     """Passes over the purified dataset (rule of thumb: 1/5 to 1/10 of the injection's)."""
@@ -363,6 +370,12 @@ class FinetuneSpec(ContractModel):
     layer (about one more forward of compute): the fine-tune's activation memory drops from every
     layer's to one layer's, so a batch several times larger fits. For model families that support
     it (LLaDA-V does); refused otherwise."""
+    sharding: FinetuneSharding = FinetuneSharding.NONE
+    """With several processes (GPUs): none (the default) keeps a whole copy of the model, its
+    gradients and its optimiser state in every process. fsdp splits all three among the processes,
+    each layer gathered only while it computes: for a fine-tune whose trainable part (trainable:
+    projector-and-lm or all) and AdamW state do not fit one GPU. Same global batch, schedule and
+    results as one process; one process ignores it."""
 
 
 class AuditSpec(ContractModel):

@@ -15,7 +15,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional, Union
 
 from pydantic import ValidationError
 
@@ -114,6 +114,11 @@ class RunStore:
 
     def model_type(self) -> object:
         """config.json's model_type, or a ConfigProblem when config.json is not a small JSON object."""
+        config = self.model_config()
+        return config if isinstance(config, ConfigProblem) else config.get("model_type")
+
+    def model_config(self) -> Union[dict, ConfigProblem]:
+        """config.json as a JSON object, or a ConfigProblem when it is not a small one."""
         bucket, key = split_s3_uri(self.job.spec.model.uri)
         name = f"{key}/{MODEL_CONFIG}" if key else MODEL_CONFIG
         size = next((size for found, size, _ in self.store.list(bucket, name) if found == name), None)
@@ -127,7 +132,7 @@ class RunStore:
             return ConfigProblem("not valid JSON")
         if not isinstance(config, dict):
             return ConfigProblem(f"expected a JSON object, got {type(config).__name__}")
-        return config.get("model_type")
+        return config
 
     def progress(self) -> Optional[StageProgress]:
         """The running stage's last progress report, or None before the first one."""

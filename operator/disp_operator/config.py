@@ -31,6 +31,11 @@ def _number(name: str, default: float, minimum: float) -> float:
     return value
 
 
+def _optional_number(name: str, minimum: float) -> Optional[float]:
+    """A number at least `minimum`, or None when the variable is unset or empty."""
+    return _number(name, 0.0, minimum) if os.environ.get(name, "").strip() else None
+
+
 def _json(name: str, default: Any, kind: type) -> Any:
     """A JSON value (the chart renders node selectors and tolerations with toJson)."""
     raw = os.environ.get(name)
@@ -105,7 +110,8 @@ class OperatorConfig:
                                   node_selector=_json("DISP_RUNNER_NODE_SELECTOR", {}, dict),
                                   tolerations=tuple(_json("DISP_RUNNER_TOLERATIONS", [], list)),
                                   priority_class_name=os.environ.get("DISP_RUNNER_PRIORITY_CLASS", ""),
-                                  log_format=_log_format("DISP_RUNNER_LOG_FORMAT")),
+                                  log_format=_log_format("DISP_RUNNER_LOG_FORMAT"),
+                                  gpu_memory_gib=_optional_number("DISP_RUNNER_GPU_MEMORY_GIB", 1.0)),
             backoff=RetryBackoff(base_seconds=_number("DISP_RETRY_BASE_SECONDS", 10.0, 0.0),
                                  maximum_seconds=_number("DISP_RETRY_MAX_SECONDS", 600.0, 0.0)),
             metrics_port=int(_number("DISP_METRICS_PORT", 9090, 0)),

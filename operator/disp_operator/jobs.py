@@ -40,6 +40,9 @@ class RunnerDefaults:
     tolerations: tuple[Mapping[str, Any], ...] = ()
     priority_class_name: str = ""
     log_format: LogFormat = LogFormat.TEXT  # the chart's runner.logFormat, passed to every stage pod
+    # GPU memory of the cluster's GPU nodes (the chart's runner.gpuMemoryGiB): a job whose batch cannot
+    # fit it is refused at admission. None: not known, the stages' own plans decide.
+    gpu_memory_gib: Optional[float] = None
 
 
 RENDEZVOUS_PORT = 29500  # node 0's rendezvous store in a multi-node fine-tune (torchrun's default)

@@ -78,6 +78,7 @@ class Observation:
     tampered: Optional[str] = None  # why the figure file read is not the one its stage published
     follow_image_tag: bool = False  # the job's disp.dev/runner-image annotation says `tag`: pin no digest
     admission: Optional[Admission] = None  # a queued run's Kueue Workload (None: there is none)
+    memory_floors: Mapping[StageName, float] = field(default_factory=dict)  # the planner's, in GiB, by stage
 
 
 @dataclass(frozen=True)
@@ -166,7 +167,9 @@ def _reconcile(job: Optional[PurificationJob], status: PurificationJobStatus, ge
             plan.requeue_after = None if plan.expired else left.total_seconds()
         return plan
     assert job is not None, "an unfinished job is reconciled against its spec"
-    stages = list(status.stages) or initial_stages(job)
+    stages = [stage if stage.name not in observed.memory_floors else
+              stage.model_copy(update={"minimum_memory_gib": observed.memory_floors[stage.name]})
+              for stage in list(status.stages) or initial_stages(job)]
     if job.spec.policy.suspend:
         _suspend(plan, stages, generation, now)
         return plan

@@ -22,7 +22,7 @@ import kopf
 from pydantic import ValidationError
 from pydantic.alias_generators import to_camel
 
-from disp_api import PurificationJob
+from disp_api import PurificationJob, StageName
 from disp_api.status import ConditionType, JobPhase, PurificationJobStatus, Reason, StagePhase
 from disp_operator.artifacts import ArtifactsTampered, RunStore
 from disp_operator.children import ChildJob, PendingPod, PodOutcome, StartedPod
@@ -32,10 +32,11 @@ from disp_operator.kueue import (PRIORITY_LABEL, QUEUE_LABEL, Admission, Admissi
                                  finished_status, priority_class, queue_name, released_status, with_flavors,
                                  workload_name)
 from disp_operator.kube import KubeApi
+from disp_operator.memory import check_floors, stage_floors
 from disp_operator.metrics import OperatorMetrics
 from disp_operator.naming import ANNOTATION_RUNNER_IMAGE, FOLLOW_IMAGE_TAG
 from disp_operator.reconcile import Observation, Plan, WorkloadAction, finished_at, reconcile, reject
-from disp_operator.validation import (ClusterFacts, InvalidSpec, check_cluster, check_policy, check_static,
+from disp_operator.validation import (ClusterFacts, ConfigProblem, InvalidSpec, check_cluster, check_policy, check_static,
                                       parse_job)
 from disp_store.s3 import StoreError, StoreUnavailableError
 
@@ -99,6 +100,7 @@ class JobLoop:
         self.workload: Optional[dict] = None  # a queued run's Kueue Workload, as last read
         self.admission: Optional[Admission] = None  # and what it says (its flavors' placement when admitted)
         self.next_progress_read = 0.0
+        self.memory_floors: dict[StageName, float] = {}  # the planner's per-stage floors, found at validation
         self.wake = runtime.wakeups.setdefault((self.namespace, self.name), asyncio.Event())
         self.stopped = asyncio.Event()
         self.task: Optional[asyncio.Task] = None
@@ -173,7 +175,7 @@ class JobLoop:
         observed = Observation(now=now, children=self._children(), pods=ended, pending=pending, started=started,
                                progress=await self._progress(job),
                                follow_image_tag=annotations.get(ANNOTATION_RUNNER_IMAGE) == FOLLOW_IMAGE_TAG,
-                               admission=await self._admission())
+                               admission=await self._admission(), memory_floors=self.memory_floors)
         config = self.rt.config
         plan = reconcile(job, self.status, generation, observed, config.backoff, config.pending_threshold)
         if plan.wants_metrics:
@@ -230,12 +232,18 @@ class JobLoop:
             check_cluster(job, ClusterFacts(secret_keys=frozenset(data), model_files=files,
                                             signing_secret_exists=signing_exists))
             # Only now is there a config.json to read: the family must be one the runner loads.
-            model_type = await asyncio.to_thread(self.store.model_type)
+            model_config = await asyncio.to_thread(self.store.model_config)
         except StoreError as exc:  # permanent: access denied, bad bucket name
             raise InvalidSpec(f"spec.model.uri: {exc}") from None
         # StoreUnavailableError propagates: the next pass validates again.
+        model_type = model_config if isinstance(model_config, ConfigProblem) else model_config.get("model_type")
         check_cluster(job, ClusterFacts(secret_keys=frozenset(data), model_files=files, model_type=model_type,
                                         signing_secret_exists=signing_exists))
+        # A batch that cannot fit the cluster's GPUs even at the shortest rows is refused now, not
+        # in its first GPU pod; the floors go into status either way.
+        floors = stage_floors(job, model_config, self.rt.config.runner.gpus) if isinstance(model_config, dict) else []
+        check_floors(floors, self.rt.config.runner.gpu_memory_gib)
+        self.memory_floors = {floor.stage: floor.gib for floor in floors}
         self.validated = True
 
     async def _open_store(self, job: PurificationJob, data: Optional[dict[str, str]] = None) -> RunStore:

@@ -13,9 +13,9 @@ from disp_runner.cli import main
 from disp_runner.data.dataset import load_dataset
 from disp_runner.data.synthetic import generate_instances
 from disp_runner.disp.saliency import SaliencyConfig, fisher_jacobian_scores
-from disp_runner.models.llada_v.configuration import model_shape
+from disp_api.model_shapes import llada_v_shape
 from disp_runner.pipeline.artifacts import RunLayout, read_stage_manifest
-from disp_runner.planning import (BATCH_MARGIN, PlannedStage, Precision, Workload, estimate_memory, largest_batch,
+from disp_api.planning import (BATCH_MARGIN, PlannedStage, Precision, Workload, estimate_memory, largest_batch,
                                   saved_bytes_per_token_layer, stage_flops)
 from tests.runner.models.test_llada_v import tiny_checkpoint
 from tests.tiny import job_document
@@ -29,11 +29,11 @@ GPU = Precision.for_device("cuda")
 @pytest.mark.parametrize("overrides", [{}, {"num_key_value_heads": 2}, {"head_dim": 16, "intermediate_size": 48}])
 def test_the_shape_counts_exactly_the_parameters_the_model_has(overrides):
     model, _ = tiny_checkpoint(None, **overrides)
-    assert model_shape(model.config.to_dict()).parameters == sum(p.numel() for p in model.parameters())
+    assert llada_v_shape(model.config.to_dict()).parameters == sum(p.numel() for p in model.parameters())
 
 
 def test_the_published_size_is_eight_point_four_billion_parameters():
-    assert 8.40e9 < model_shape(PUBLISHED).parameters < 8.45e9
+    assert 8.40e9 < llada_v_shape(PUBLISHED).parameters < 8.45e9
 
 
 class KeptByAutograd:
@@ -86,7 +86,7 @@ def test_the_per_token_term_is_what_autograd_keeps_per_layer(bf16, rows):
     per_layer = (_saved_bytes(3, rows, length, bf16, kv_heads) - _saved_bytes(1, rows, length, bf16, kv_heads)) / 2
     model, _ = tiny_checkpoint(None, num_hidden_layers=1, num_key_value_heads=kv_heads, hidden_size=64,
                                intermediate_size=160, num_attention_heads=4)
-    shape = model_shape(model.config.to_dict())
+    shape = llada_v_shape(model.config.to_dict())
     precision = Precision(2, 2, "cuda") if bf16 else Precision.for_device("cpu")
     expected = rows * length * saved_bytes_per_token_layer(shape, precision, length if rows > 1 else 0)
     assert per_layer == pytest.approx(expected, rel=0.05)
@@ -109,7 +109,7 @@ def test_with_activation_checkpointing_a_fine_tune_keeps_each_layers_input_only(
     assert per_layer == pytest.approx(300 * 64 * 4, rel=0.02)  # the layer's input, in fp32: what the planner counts
     # On the published size: every layer's input plus one layer's recompute, a small part of 32 layers' tensors.
     work = Workload(batch=1, sequence=3707, answer=32, views=7, checkpointing=True)
-    saved = lambda w: estimate_memory(model_shape(PUBLISHED), PlannedStage.FINETUNE, w, GPU).parts["saved activations"]  # noqa: E731
+    saved = lambda w: estimate_memory(llada_v_shape(PUBLISHED), PlannedStage.FINETUNE, w, GPU).parts["saved activations"]  # noqa: E731
     assert saved(work) < saved(dataclasses.replace(work, checkpointing=False)) / 10
 
 
@@ -137,7 +137,7 @@ def test_saliency_keeps_no_linear_input_even_for_a_model_whose_weights_require_g
 
 
 def test_the_estimate_grows_with_the_batch_and_the_length_and_halves_in_bf16():
-    shape = model_shape(PUBLISHED)
+    shape = llada_v_shape(PUBLISHED)
     one = Workload(batch=1, sequence=1565, answer=32, views=2, trainable_parameters=shape.projector_parameters)
     for stage in PlannedStage:
         small = estimate_memory(shape, stage, one, GPU)
@@ -149,7 +149,7 @@ def test_the_estimate_grows_with_the_batch_and_the_length_and_halves_in_bf16():
 
 
 def test_the_largest_batch_keeps_the_margin_and_zero_means_nothing_fits():
-    shape = model_shape(PUBLISHED)
+    shape = llada_v_shape(PUBLISHED)
     work = Workload(batch=1, sequence=3707, answer=32, views=7, trainable_parameters=shape.projector_parameters)
     device = 80 * 2**30
     batch = largest_batch(shape, PlannedStage.FINETUNE, work, GPU, device)
@@ -163,7 +163,7 @@ def test_the_largest_batch_keeps_the_margin_and_zero_means_nothing_fits():
 
 
 def test_flops_follow_the_stated_formula():
-    shape = model_shape(PUBLISHED)
+    shape = llada_v_shape(PUBLISHED)
     work = Workload(batch=1, sequence=3707, answer=32, views=7, probes=6)
     forward = (2 * shape.body_parameters * 3707 + 4 * 32 * 3707 ** 2 * 4096 + 2 * shape.head_parameters * 32)
     tower = stage_flops(shape, PlannedStage.RELABEL, Workload(**{**work.__dict__, "steps": 0}))

@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
-from disp_api import TrainableParts
+from disp_api import FinetuneSharding, TrainableParts
 from disp_runner.folders import atomic_folder
 from disp_runner.device import sub_seed
 from disp_runner.errors import DegenerateResultError, UserInputError
@@ -46,6 +46,8 @@ class TrainingConfig:
     group_by_length: bool = False
     # Recompute each layer in the backward from its input (transformers' gradient checkpointing).
     activation_checkpointing: bool = False
+    # With several processes: split parameters, gradients and optimiser state among them (FSDP).
+    sharding: FinetuneSharding = FinetuneSharding.NONE
 
     def __post_init__(self) -> None:
         # Written as "not > 0" so that NaN, which compares false to everything, is refused too.
@@ -65,6 +67,9 @@ class TrainingResult:
     steps: int
     seconds: float
     losses: list[float] = field(default_factory=list)
+    # A sharded run's trained parameters, whole, by name: the model itself stays split among the
+    # processes (FSDP cannot be undone in place), so its caller builds the trained model from these.
+    sharded_weights: dict[str, torch.Tensor] | None = None
 
     @property
     def first_loss(self) -> float:
@@ -126,6 +131,10 @@ def train_masked_diffusion(
     if world > 1 and visual_token_mask is not None:
         raise ValueError("visual-token masking draws per process; train with it in one process")
     params = select_trainable(model, config.trainable)
+    sharded = world > 1 and config.sharding is FinetuneSharding.FSDP
+    if sharded:
+        _shard(model, accelerator.device, world)
+        params = [p for p in model.parameters() if p.requires_grad]  # sharding replaced every parameter
     projector_ids = {id(p) for p in model.parameter_parts()[ModelPart.PROJECTOR]}
     projector_lr = config.projector_learning_rate or config.learning_rate
     groups = [{"params": [p for p in params if id(p) in projector_ids], "lr": projector_lr},
@@ -152,8 +161,10 @@ def train_masked_diffusion(
                                  "does not support it; turn it off")
         _set_activation_checkpointing(model, True)
     # The scheduler stays unprepared: accelerate would step it once per process per optimiser step
-    # (its rule for per-process batches), and here every process shares one global batch.
-    model, optimizer = accelerator.prepare(model, optimizer)
+    # (its rule for per-process batches), and here every process shares one global batch. A sharded
+    # model is not prepared: accelerate would wrap it in DDP on top of its sharding.
+    if not sharded:
+        model, optimizer = accelerator.prepare(model, optimizer)
     unwrapped = accelerator.unwrap_model(model)
     noise_generator = torch.Generator(device=accelerator.device)
     start = time.perf_counter()
@@ -189,9 +200,12 @@ def train_masked_diffusion(
             if not bool(torch.isfinite(batch_loss)):  # every process sees the same sum and stops together
                 raise DegenerateResultError(f"training diverged at step {result.steps + 1}: the loss is "
                                             f"{float(batch_loss)} (learning rate {config.learning_rate}); nothing was saved")
-            accelerator.backward(loss * world)  # DDP averages gradients over the world
+            accelerator.backward(loss * world)  # DDP and FSDP average gradients over the world
             if config.max_grad_norm:
-                accelerator.clip_grad_norm_(params, config.max_grad_norm)
+                if sharded:  # the norm of the whole gradient, its shards summed over the processes
+                    torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+                else:
+                    accelerator.clip_grad_norm_(params, config.max_grad_norm)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -205,11 +219,14 @@ def train_masked_diffusion(
                 break
         epoch += 1
         if result.steps == epoch * steps_per_epoch:  # a whole epoch: a resumable point
-            if checkpoint_dir is not None and main:
-                save_training_checkpoint(checkpoint_dir, epoch, unwrapped, optimizer, result.losses)
+            if checkpoint_dir is not None:  # every process joins the gathering of a sharded state
+                save_training_checkpoint(checkpoint_dir, epoch, unwrapped, optimizer, result.losses, write=main)
             if on_epoch_end is not None and main:
                 on_epoch_end(epoch)
     bar.close()
+    if sharded:
+        result.sharded_weights = {name: _whole(p.detach()).cpu() for name, p in unwrapped.named_parameters()
+                                  if p.requires_grad}
     # accelerate wraps (never copies) the module, so the caller's object is the one trained.
     if config.activation_checkpointing:
         _set_activation_checkpointing(unwrapped, False)
@@ -218,6 +235,48 @@ def train_masked_diffusion(
         p.requires_grad_(False)
     result.seconds = time.perf_counter() - start
     return result
+
+
+def _shard(model: DiffusionVLM, device: torch.device, world: int) -> None:
+    """FSDP (torch's fully_shard, per-parameter sharding, the engine of accelerate's FSDP2): each of
+    the model's blocks (its `_no_split_modules`: the language model's layers) a unit gathered only
+    while it computes, the rest (embeddings, tower, projector, head) one more. Frozen parameters are
+    split too but get no gradient or optimiser state. Runs in every process, on CPU (gloo) as on GPU.
+    accelerate's own FSDP plugin is not used: it enables itself for GPU worlds only, and one code
+    path for both is the one the CPU tests check."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+
+    # A block returns its keys and values as views beside its output; FSDP warns that an in-place op
+    # on a returned view would skip its gather. Nothing modifies them (the fine-tune reaches the
+    # one-process weights: tests/runner/diffusion/test_distributed.py), so the warning only alarms.
+    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
+    mesh = init_device_mesh(device.type, (world,))
+    model.to(device)
+    block_names = set(getattr(model, "_no_split_modules", None) or ())
+    for module in [m for m in model.modules() if type(m).__name__ in block_names]:
+        fully_shard(module, mesh=mesh)
+        for method in getattr(model, "block_forward_methods", ()):  # blocks called other than by __call__
+            register_fsdp_forward_method(module, method)
+    fully_shard(model, mesh=mesh)
+
+
+def _whole(tensor: torch.Tensor) -> torch.Tensor:
+    """A sharded tensor gathered whole (a collective: every process calls it, in the same order); any
+    other tensor as it is."""
+    from torch.distributed.tensor import DTensor
+
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def _like(tensor: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """A whole tensor split the way `reference` is (a collective for a sharded one), else as it is."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if isinstance(reference, DTensor):
+        return distribute_tensor(tensor.to(reference.device, reference.dtype), reference.device_mesh,
+                                 reference.placements)
+    return tensor
 
 
 def _set_activation_checkpointing(model, on: bool) -> None:
@@ -277,19 +336,25 @@ def _epoch_dir(checkpoint_dir: Path, epoch: int) -> Path:
 
 
 def save_training_checkpoint(checkpoint_dir: Path, epoch: int, model: torch.nn.Module,
-                             optimizer: torch.optim.Optimizer, losses: list[float]) -> None:
+                             optimizer: torch.optim.Optimizer, losses: list[float], write: bool = True) -> None:
+    """Save the trainable weights and optimiser state after `epoch`, whole: a sharded model's are
+    gathered by every process (call it in all of them), and the one with `write` writes them."""
+    weights = {name: _whole(p.detach()).cpu().contiguous() for name, p in model.named_parameters() if p.requires_grad}
+    state = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for index in sorted(state["state"]):  # the same order in every process: gathering is collective
+        entry = state["state"][index]
+        for key in sorted(entry):
+            value = entry[key]
+            if torch.is_tensor(value):
+                tensors[f"{index}.{key}"] = _whole(value.detach()).cpu().contiguous()
+            else:
+                scalars[f"{index}.{key}"] = value
+    if not write:
+        return
     final = _epoch_dir(checkpoint_dir, epoch)
     with atomic_folder(final) as staging:  # the folder appears complete or not at all
-        weights = {name: p.detach().cpu().contiguous() for name, p in model.named_parameters() if p.requires_grad}
         save_file(weights, str(staging / "trainable.safetensors"))
-        state = optimizer.state_dict()
-        tensors, scalars = {}, {}
-        for index, entry in state["state"].items():
-            for key, value in entry.items():
-                if torch.is_tensor(value):
-                    tensors[f"{index}.{key}"] = value.detach().cpu().contiguous()
-                else:
-                    scalars[f"{index}.{key}"] = value
         save_file(tensors, str(staging / "optimizer.safetensors"))
         (staging / "state.json").write_text(json.dumps({"epoch": epoch, "losses": losses, "scalars": scalars,
                                                         "param_groups": state["param_groups"]}))
@@ -313,12 +378,15 @@ def load_training_checkpoint(checkpoint_dir: Path, model: torch.nn.Module,
         raise UserInputError(f"{folder}: checkpoint holds other trainable weights than this fine-tune "
                              f"(was `trainable` changed?); delete {checkpoint_dir} to start over")
     with torch.no_grad():
-        for name, tensor in weights.items():
-            own[name].copy_(tensor)
+        for name in sorted(weights):  # the same order in every process: splitting is collective
+            own[name].copy_(_like(weights[name], own[name]))
     tensors = load_file(str(folder / "optimizer.safetensors"))
+    params = [p for group in optimizer.param_groups for p in group["params"]]
     per_param: dict[int, dict] = {}
-    for key, value in [*tensors.items(), *state["scalars"].items()]:
+    for key, value in sorted([*tensors.items(), *state["scalars"].items()]):
         index, name = key.split(".", 1)
-        per_param.setdefault(int(index), {})[name] = value
+        # AdamW's moments are split like their parameter; its step count stays whole
+        shaped = torch.is_tensor(value) and value.dim() > 0
+        per_param.setdefault(int(index), {})[name] = _like(value, params[int(index)]) if shaped else value
     optimizer.load_state_dict({"state": per_param, "param_groups": state["param_groups"]})
     return int(state["epoch"]), list(state["losses"])

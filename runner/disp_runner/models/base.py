@@ -38,7 +38,7 @@ from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerB
 from disp_api import FinetuneLabels
 from disp_runner.data.instances import Instance, as_rgb
 from disp_runner.errors import UserInputError
-from disp_runner.planning import ModelShape
+from disp_api.planning import ModelShape
 
 
 class ModelPart(enum.Enum):
@@ -521,14 +521,8 @@ class ModelFamily:
     # The published checkpoint ships its own code (config.json's auto_map) for what this family
     # implements natively: the entry is ignored, never run. For other families auto_map is refused.
     native_for_auto_map: bool = False
-    # The sizes the memory planner needs, from a config.json dict (disp_runner.planning); None: the
+    # The sizes the memory planner needs, from a config.json dict (disp_api.planning); None: the
     # family's stages run unplanned.
     model_shape: Callable[[dict], ModelShape] | None = None
 
 
-def config_size(config: dict, key: str, default: int) -> int:
-    """A size from an untrusted config dict: a positive integer, else ValueError naming `key`."""
-    value = config.get(key, default)
-    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        raise ValueError(f"{key} must be a positive integer, got {value!r}")
-    return value

@@ -1,7 +1,7 @@
 """The memory planner applied to a stage about to run: the estimate of its widest batch on this
 device, logged and reported, and a batch that cannot fit refused in one line before any compute.
 
-The planner itself (disp_runner.planning) is pure arithmetic over a config; this module finds the
+The planner itself (disp_api.planning) is pure arithmetic over a config; this module finds the
 numbers it needs: the family's shape of the loaded model, the longest row of the stage's data
 (token ids only; no image is decoded), the views the tower sees, and the device's memory.
 """
@@ -22,7 +22,7 @@ from disp_runner.diffusion.training import TRAINED_PARTS
 from disp_runner.models.base import DiffusionVLM, Processor
 from disp_runner.models.loading import memory_budget
 from disp_runner.models.registry import family_for
-from disp_runner.planning import (GPU_HEADROOM_BYTES, MemoryEstimate, PlannedStage, Precision, Workload,
+from disp_api.planning import (GPU_HEADROOM_BYTES, MemoryEstimate, PlannedStage, Precision, Workload,
                                   estimate_memory, largest_batch)
 
 logger = logging.getLogger(__name__)
@@ -48,11 +48,12 @@ def check_stage_memory(model: DiffusionVLM, processor: Processor, stage: Planned
                        instances: Sequence[Instance], gen_length: int, device: torch.device, *,
                        probes: int = 6, steps: int = 32, block_length: int | None = None,
                        trainable: TrainableParts = TrainableParts.PROJECTOR, processes: int = 1,
-                       checkpointing: bool = False,
+                       checkpointing: bool = False, sharded: bool = False,
                        labels: FinetuneLabels = FinetuneLabels.PADDED_ANSWER) -> MemoryEstimate | None:
     """The estimate of the stage's widest batch (`batch_size` rows, or its share on each of
-    `processes`), or None for a family the planner has no shape for. Raises UserInputError naming
-    `field` when it cannot fit the device."""
+    `processes`, which split the weights and optimiser state among them when `sharded`), or None
+    for a family the planner has no shape for. Raises UserInputError naming `field` when it cannot
+    fit the device."""
     family = family_for(getattr(model.config, "model_type", None), "config.json")
     if family.model_shape is None or not instances:
         return None
@@ -71,7 +72,8 @@ def check_stage_memory(model: DiffusionVLM, processor: Processor, stage: Planned
         answer = min(block_length or gen_length, gen_length)
     work = Workload(batch=per_process, sequence=longest, answer=answer, views=views, probes=probes, steps=steps,
                     trainable_parameters=trainable_parameters,
-                    trains_language_model=trainable is not TrainableParts.PROJECTOR, checkpointing=checkpointing)
+                    trains_language_model=trainable is not TrainableParts.PROJECTOR, checkpointing=checkpointing,
+                    shards=processes if sharded else 1)
     precision = precision_of(model, device)
     estimate = estimate_memory(shape, stage, work, precision)
     usable = usable_memory(device)

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from disp_api import AuditFigures, PurificationJob, StageName
+from disp_api import AuditFigures, FinetuneSharding, PurificationJob, StageName
 from disp_api.contract import AUDIT_FILE
 from disp_api.spec import PURIFIED_MODEL_PATH
 from disp_runner import logs
@@ -39,7 +39,7 @@ from disp_runner.pipeline.opening import open_run
 from disp_runner.pipeline.stage import StageInputs, StageResult
 from disp_runner.stages.relabel import DATASET_DIR
 from disp_runner.pipeline.memory import check_stage_memory, memory_metrics
-from disp_runner.planning import PlannedStage
+from disp_api.planning import PlannedStage
 
 MODEL_DIR = PURIFIED_MODEL_PATH.split("/")[-1]  # the operator reports <run>/finetune/model
 PROJECTOR_FILE = "projector.safetensors"  # with spec.finetune.projectorFile
@@ -91,11 +91,11 @@ def finetune(inputs: StageInputs, out: Path | None) -> dict[str, Any]:
     config = TrainingConfig(epochs=spec.epochs, learning_rate=spec.learning_rate, batch_size=spec.batch_size,
                             warmup_ratio=spec.warmup_ratio, weight_decay=spec.weight_decay, seed=spec.seed,
                             trainable=spec.trainable, group_by_length=spec.group_by_length,
-                            activation_checkpointing=spec.activation_checkpointing)
+                            activation_checkpointing=spec.activation_checkpointing, sharding=spec.sharding)
     plan = check_stage_memory(model, processor, PlannedStage.FINETUNE, "spec.finetune.batchSize", spec.batch_size,
                               purified, gen_length, inputs.device, trainable=spec.trainable,
                               processes=inputs.topology.world_size, checkpointing=spec.activation_checkpointing,
-                              labels=spec.labels)
+                              sharded=spec.sharding is FinetuneSharding.FSDP, labels=spec.labels)
     checkpoints = inputs.checkpoints
     progress = inputs.progress
 
@@ -107,19 +107,24 @@ def finetune(inputs: StageInputs, out: Path | None) -> dict[str, Any]:
 
     # Training mutates the model in place; the cached compromised model must stay as it was
     # for any later stage of this process, so train a private copy.
-    model = copy.deepcopy(model)
+    compromised, model = model, copy.deepcopy(model)
     result = train_masked_diffusion(model, data, processor.mask_token_id, config, description="finetune",
                                     show_progress=inputs.show_progress, checkpoint_dir=checkpoints.local,
                                     on_step=on_step, on_epoch_end=checkpoints.publish)
     if out is None or not _first_process():
         return {}
+    if result.sharded_weights is not None:  # the trained copy stays split: the model is rebuilt whole
+        model = copy.deepcopy(compromised)
+        unknown = model.load_state_dict(result.sharded_weights, strict=False).unexpected_keys
+        if unknown:
+            raise RuntimeError(f"the sharded fine-tune returned weights the model does not have: {unknown[:3]}")
     audit = residual_audit(inputs, model, processor)
     (out / AUDIT_FILE).write_text(json.dumps(audit.to_wire(), indent=2))
     save_model(model.cpu(), processor, out / MODEL_DIR)
     if spec.projector_file:
         save_projector(model, out / PROJECTOR_FILE)
     return {"items": len(purified), "steps": result.steps, "epochs": spec.epochs, "trainable": spec.trainable.value,
-            "processes": inputs.topology.world_size, "firstLoss": round(result.first_loss, 5),
+            "processes": inputs.topology.world_size, "sharding": spec.sharding.value, "firstLoss": round(result.first_loss, 5),
             "lastLoss": round(result.last_loss, 5), "trainSeconds": round(result.seconds, 2),
             "residualRate": audit.residual_rate, "residualSample": audit.residual_sample, **memory_metrics(plan)}
 

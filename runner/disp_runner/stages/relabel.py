@@ -46,7 +46,7 @@ from disp_runner.reporting import draw_suspects
 from disp_runner.stages.masking import read_masked
 from disp_runner.stages.saliency import read_scores
 from disp_runner.pipeline.memory import check_stage_memory, memory_metrics
-from disp_runner.planning import PlannedStage
+from disp_api.planning import PlannedStage
 
 DATASET_DIR = "dataset"
 SUSPECTS_REPORT = "suspects.png"  # the top suspects, their masked tokens outlined

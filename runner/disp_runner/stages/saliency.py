@@ -20,7 +20,7 @@ from disp_runner.errors import DegenerateResultError, UserInputError
 from disp_runner.pipeline.inputs import TRAINING_INPUTS
 from disp_runner.pipeline.stage import StageInputs, StageResult
 from disp_runner.pipeline.memory import check_stage_memory, memory_metrics
-from disp_runner.planning import PlannedStage
+from disp_api.planning import PlannedStage
 
 SCORES_FILE = "scores.safetensors"
 IDS_FILE = "ids.json"

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from disp_api import StageName
 from disp_runner.diffusion.distributed import Topology, batch_share
 from disp_runner.errors import UserInputError
-from disp_runner.pipeline.artifacts import STAGE_MANIFEST, write_stage_manifest
+from disp_runner.pipeline.artifacts import STAGE_MANIFEST, RunLayout, write_stage_manifest
 from disp_runner.pipeline.opening import open_run
 from disp_runner.pipeline.runner import run_job
 from tests.tiny import job_document, make_job
@@ -83,6 +83,25 @@ def test_two_processes_fine_tune_to_the_weights_one_process_reaches(workspace, t
 
 
 @pytest.mark.slow
+def test_two_fully_sharded_processes_fine_tune_to_the_weights_one_process_reaches(workspace, tmp_path):
+    job = _until_relabel(workspace)
+    sharded = make_job(workspace, evaluation=None, finetune={**FINETUNE, "sharding": "fsdp"})
+    run_dir = open_run(job).layout.root
+    twin = tmp_path / "twin"  # the same relabelled run, under the sharded job's own run folder
+    twin_dir = RunLayout.for_job(sharded, twin).root
+    shutil.copytree(run_dir, twin_dir)
+    (single,) = run_job(job, only=StageName.FINETUNE, show_progress=False)
+    (double,) = run_job(sharded, twin, only=StageName.FINETUNE, show_progress=False,
+                        topology=Topology(processes_per_node=2))
+    assert double.metrics["sharding"] == "fsdp" and double.metrics["processes"] == 2
+    assert single.metrics["steps"] == double.metrics["steps"] == 8  # the same global batch and schedule
+    assert double.metrics["firstLoss"] == pytest.approx(single.metrics["firstLoss"], rel=1e-5)
+    assert double.metrics["lastLoss"] == pytest.approx(single.metrics["lastLoss"], rel=1e-5)
+    one, two = _weights(run_dir / "finetune" / "model"), _weights(twin_dir / "finetune" / "model")
+    assert _max_difference(one, two) < WEIGHT_TOLERANCE
+
+
+@pytest.mark.slow
 def test_a_bad_input_in_a_launched_process_still_exits_as_a_bad_input(workspace):
     job = _until_relabel(workspace)
     # An image of the purified dataset that is no image, in an output whose manifest vouches for
@@ -121,3 +140,50 @@ def test_two_nodes_of_one_process_each_train_like_one_process(workspace, tmp_pat
     assert _max_difference(_weights(run_dir / "finetune" / "model"),
                            _weights(twin_dir / "finetune" / "model")) < WEIGHT_TOLERANCE
     assert single.metrics["steps"] == 8
+
+
+def _sharded_training(checkpoints: str | None, crash_after: int | None, trainable: str):
+    """What each launched process runs: the tiny model, seeded alike in every process, fine-tuned
+    with FSDP; `crash_after` an epoch makes every process stop there, as a lost pod would."""
+    from disp_api import FinetuneSharding, TrainableParts
+    from disp_runner.data.synthetic import generate_instances
+    from disp_runner.diffusion.training import TrainingConfig, train_masked_diffusion
+    from disp_runner.models.mdlm import build_model
+    from disp_runner.models.mdlm.embedded import build_embedded_tokenizer
+    from tests.tiny import TINY_SIZE
+
+    torch.manual_seed(0)
+    model, processor = build_model(build_embedded_tokenizer(), **TINY_SIZE)
+    data = processor.encode(generate_instances(40, 1, image_size=16), 16)
+    config = TrainingConfig(epochs=3, batch_size=16, learning_rate=1e-2, seed=3, trainable=TrainableParts(trainable),
+                            sharding=FinetuneSharding.FSDP)
+
+    def crash(epoch):  # a main-process callback: the others then fail in their next collective
+        if epoch == crash_after:
+            raise RuntimeError("pod lost")
+
+    result = train_masked_diffusion(model, data, processor.mask_token_id, config, show_progress=False,
+                                    checkpoint_dir=Path(checkpoints) if checkpoints else None, on_epoch_end=crash)
+    return {"weights": result.sharded_weights, "losses": result.losses, "steps": result.steps}
+
+
+@pytest.mark.slow
+def test_a_fully_sharded_fine_tune_resumes_from_its_whole_epoch_checkpoint(tmp_path):
+    from disp_runner.diffusion.distributed import launch
+
+    checkpoints = tmp_path / "ckpt"
+    two = Topology(processes_per_node=2)
+    uninterrupted = launch(two, "fsdp-whole", _sharded_training, None, None, "projector-and-lm")
+    with pytest.raises(RuntimeError, match="pod lost"):
+        launch(two, "fsdp-lost", _sharded_training, str(checkpoints), 2, "projector-and-lm")
+    assert [p.name for p in checkpoints.iterdir()] == ["epoch-0002"]
+    saved = load_file(str(checkpoints / "epoch-0002" / "optimizer.safetensors"))
+    # the checkpoint holds whole tensors (the shards gathered), as a one-process run writes them
+    weights = load_file(str(checkpoints / "epoch-0002" / "trainable.safetensors"))
+    assert set(weights) == set(uninterrupted["weights"])
+    assert all(weights[k].shape == uninterrupted["weights"][k].shape for k in weights)
+    assert {k.split(".", 1)[1] for k in saved} == {"step", "exp_avg", "exp_avg_sq"}
+    resumed = launch(two, "fsdp-resumed", _sharded_training, str(checkpoints), None, "projector-and-lm")
+    assert resumed["steps"] == uninterrupted["steps"] == 9
+    assert resumed["losses"][-3:] == pytest.approx(uninterrupted["losses"][-3:], rel=1e-5)
+    assert _max_difference(resumed["weights"], uninterrupted["weights"]) < WEIGHT_TOLERANCE

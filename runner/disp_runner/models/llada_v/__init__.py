@@ -1,7 +1,8 @@
 """LLaDA-V (`GSAI-ML/LLaDA-V`, model_type "llava_llada"), natively: no remote code."""
 
 from disp_runner.models.base import ModelFamily
-from disp_runner.models.llada_v.configuration import LladaVConfig, config_for_weights, model_shape, parameter_count
+from disp_api.model_shapes import llada_v_shape
+from disp_runner.models.llada_v.configuration import LladaVConfig, config_for_weights, parameter_count
 from disp_runner.models.llada_v.modeling import LladaVForMaskedDiffusion
 from disp_runner.models.llada_v.processing import LladaVProcessor, Specials
 
@@ -16,7 +17,7 @@ FAMILY = ModelFamily(
     parameter_count=parameter_count,
     config_for_weights=config_for_weights,
     native_for_auto_map=True,  # GSAI-ML/LLaDA-V ships configuration_llada.py and an auto_map
-    model_shape=model_shape,
+    model_shape=llada_v_shape,
 )
 
 __all__ = ["FAMILY", "LladaVConfig", "LladaVForMaskedDiffusion", "LladaVProcessor"]

@@ -14,14 +14,8 @@ import re
 
 from transformers import LlamaConfig, SiglipVisionConfig
 
-from disp_runner.models.base import config_size
-from disp_runner.planning import ModelShape
+from disp_api.model_shapes import SO400M_PATCH14_384, config_size
 
-# SigLIP2 so400m-patch14-384, 27 encoder layers of which LLaDA-V keeps 26 (its features are the
-# second-to-last layer's: mm_vision_select_layer -2).
-SO400M_PATCH14_384 = dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=26, num_attention_heads=16,
-                          image_size=384, patch_size=14, hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6,
-                          vision_use_head=False)
 LLADA_MASK_TOKEN_ID = 126336  # <|mdm_mask|> in LLaDA's tokenizer; the tokenizer is checked to agree
 
 
@@ -75,32 +69,6 @@ def parameter_count(config: dict) -> int:
     tower = (config_size(vision, "num_hidden_layers", 26) * (4 * dv * dv + 2 * dv * config_size(vision, "intermediate_size", 4304))
              + side * side * dv)
     return language + tower + config_size(config, "mm_hidden_size", dv) * d + d * d
-
-
-def model_shape(config: dict) -> ModelShape:
-    """The sizes the memory planner and the FLOP count need, from a config.json dict."""
-    d = config_size(config, "hidden_size", 4096)
-    heads = config_size(config, "num_attention_heads", 32)
-    kv = config_size(config, "num_key_value_heads", heads)
-    head_dim = config_size(config, "head_dim", max(1, d // heads))
-    inter = config_size(config, "intermediate_size", 12288)
-    layers = config_size(config, "num_hidden_layers", 32)
-    vision = {**SO400M_PATCH14_384, **(config.get("vision_config") or {})}
-    dv, iv = config_size(vision, "hidden_size", 1152), config_size(vision, "intermediate_size", 4304)
-    vision_layers = config_size(vision, "num_hidden_layers", 26)
-    side = config_size(vision, "image_size", 384) // config_size(vision, "patch_size", 14)
-    patch = config_size(vision, "patch_size", 14)
-    mm = config_size(config, "mm_hidden_size", dv)
-    return ModelShape(
-        vocab=config_size(config, "vocab_size", 126464), hidden=d, intermediate=inter, layers=layers, heads=heads,
-        kv_heads=kv, head_dim=head_dim,
-        body_parameters=layers * (2 * d * heads * head_dim + 2 * d * kv * head_dim + 3 * d * inter + 2 * d),
-        # SigLIP: attention and MLP with biases, two LayerNorms a layer; patch and position
-        # embeddings; the final LayerNorm (kept, unused: the features are taken before it).
-        vision_parameters=(vision_layers * (4 * dv * dv + 2 * dv * iv + 9 * dv + iv)
-                           + (3 * patch * patch + 1 + side * side + 2) * dv),
-        vision_hidden=dv, vision_intermediate=iv, vision_layers=vision_layers, tokens_per_view=side * side,
-        projector_parameters=mm * d + d * d + 2 * d)
 
 
 _VISION_LAYER = re.compile(r"^model\.vision_tower\.vision_tower\.vision_model\.encoder\.layers\.(\d+)\.")

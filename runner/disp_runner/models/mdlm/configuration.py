@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from transformers import PretrainedConfig
 
-from disp_runner.models.base import config_size
+from disp_api.model_shapes import config_size
 
 
 class MDLMConfig(PretrainedConfig):

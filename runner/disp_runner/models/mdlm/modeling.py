@@ -170,6 +170,9 @@ class MDLMPreTrainedModel(PreTrainedModel):
     base_model_prefix = "mdlm"
     supports_gradient_checkpointing = False
     _no_split_modules = ["TransformerBlock"]
+    # How the language model calls its blocks (not through __call__): sharding gathers a block's
+    # weights around these calls too.
+    block_forward_methods = ("forward_with_keys",)
 
     def _init_weights(self, module: nn.Module) -> None:
         std = self.config.initializer_range

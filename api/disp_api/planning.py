@@ -20,7 +20,8 @@ The estimate counts what PyTorch holds at the stage's peak, term by term:
   a backward, one layer's intermediates (the MLP's three I-wide tensors dominate);
 * logits of the answer's positions only (the head is never applied elsewhere) and their fp32 and
   fp64 copies; the prompt cache's keys and values when relabel uses one; the optimiser state
-  and gradients of the trainable parameters.
+  and gradients of the trainable parameters (a process's share of both under FSDP, which also
+  holds two layers' weights whole while they compute).
 
 What it leaves out: the CUDA context and allocator slack (about 0.5–1 GiB outside PyTorch's
 tensors, left as headroom), and on a CPU the interpreter and libraries (RUNTIME_BYTES_CPU).
@@ -107,6 +108,7 @@ class Workload:
     trainable_parameters: int = 0  # the fine-tune's (the projector by default)
     trains_language_model: bool = False
     checkpointing: bool = False  # the fine-tune's activation checkpointing: layer inputs kept, one layer recomputed
+    shards: int = 1  # the fine-tune's FSDP processes: each holds 1/shards of the weights and optimiser state
 
 
 @dataclass(frozen=True)
@@ -174,6 +176,18 @@ def _backward_working_set(shape: ModelShape, rows: int, precision: Precision) ->
     return rows * (a * 3 * shape.intermediate + FP32 * 2 * shape.hidden + a * 2 * shape.hidden)
 
 
+def _held_weights(shape: ModelShape, work: Workload, precision: Precision) -> int:
+    """The weights one process holds: all of them, or under FSDP its share of the language model's
+    layers, two layers gathered whole (the one computing and the next, prefetched) and the rest of
+    the model (embeddings, tower, projector, head: the outer unit, whole from forward to backward)."""
+    whole = shape.parameters * precision.weight_bytes
+    if work.shards <= 1:
+        return whole
+    layer = shape.body_parameters // shape.layers
+    outer = shape.parameters - shape.body_parameters
+    return (outer + shape.body_parameters // work.shards + 2 * layer) * precision.weight_bytes
+
+
 def _visual_tokens(work: Workload) -> int:
     return work.batch * work.sequence  # an upper bound: the visual span is most of the sequence
 
@@ -182,7 +196,7 @@ def estimate_memory(shape: ModelShape, stage: PlannedStage, work: Workload, prec
     """Peak bytes of one batch of `stage` (see the module docstring for what is counted)."""
     a = precision.activation_bytes
     rows = work.batch * work.sequence
-    parts = {"weights": shape.parameters * precision.weight_bytes}
+    parts = {"weights": _held_weights(shape, work, precision)}
     logits = work.batch * work.answer * shape.vocab
     if stage in (PlannedStage.SALIENCY, PlannedStage.FINETUNE):
         padded = work.sequence if work.batch > 1 else 0  # one row is never padded
@@ -202,7 +216,7 @@ def estimate_memory(shape: ModelShape, stage: PlannedStage, work: Workload, prec
         else:
             trainable = work.trainable_parameters
             # gradient + AdamW's two moments, in the parameters' precision
-            parts["optimiser"] = trainable * 3 * precision.weight_bytes
+            parts["optimiser"] = trainable * 3 * precision.weight_bytes // work.shards
             parts["visual tokens"] = _visual_tokens(work) * shape.hidden * 2 * a
     else:
         parts["layer working set"] = _layer_working_set(shape, rows, precision)
