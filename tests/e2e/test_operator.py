@@ -201,6 +201,37 @@ def test_an_invalid_spec_fails_at_once_without_children(cluster, kubelet, s3, up
     assert event["type"] == "Warning" and message in event["message"]
 
 
+# LLaDA-V's published sizes, as its config.json states them.
+LLADA_V_CONFIG = {"model_type": "llava_llada", "vocab_size": 126464, "hidden_size": 4096, "intermediate_size": 12288,
+                  "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 32,
+                  "torch_dtype": "bfloat16"}
+
+
+def test_the_chart_gpu_memory_refuses_a_batch_that_cannot_fit_and_status_shows_each_stage_floor(
+        cluster, kubelet, s3, uploaded, monkeypatch):
+    store = S3Store(s3, ACCESS, SECRET, secure=False)
+    store.put_bytes("models", f"{uploaded}/llada-v/config.json", json.dumps(LLADA_V_CONFIG).encode())
+    store.put_bytes("models", f"{uploaded}/llada-v/model.safetensors", b"")
+    gpu_job = {"model": {"uri": f"s3://models/{uploaded}/llada-v"}, "resources": {"gpus": 1}}
+    with operator(cluster, monkeypatch, chart_values(cluster, runner={"gpuMemoryGiB": 80})):
+        cluster.create_job(standin_manifest(s3, uploaded, cluster.namespace, "too-wide", saliency={"batchSize": 64},
+                                            **gpu_job))
+        # suspended: admitted and planned, but no pod asks for a GPU this machine does not have
+        cluster.create_job(standin_manifest(s3, uploaded, cluster.namespace, "fits", saliency={"batchSize": 4},
+                                            relabel={"batchSize": 8}, finetune={"batchSize": 8},
+                                            policy={"suspend": True}, **gpu_job))
+        refused = cluster.wait_for(cluster.namespace, "too-wide", finished, 30, "the job to be refused")
+        planned = cluster.wait_for(cluster.namespace, "fits", lambda b: (b.get("status") or {}).get("phase") ==
+                                   "Suspended", 30, "the job to be suspended")
+    failed = next(c for c in refused["status"]["conditions"] if c["type"] == "Failed")
+    assert failed["reason"] == "InvalidSpec"
+    assert failed["message"].startswith("spec.saliency.batchSize: 64 rows per GPU need at least ")
+    assert "of the cluster's 80 GiB GPUs (the chart's runner.gpuMemoryGiB); at most " in failed["message"]
+    floors = {s["name"]: s.get("minimumMemoryGiB") for s in planned["status"]["stages"]}
+    assert floors["masking"] is None and all(15.7 < floors[s] < 78 for s in ("saliency", "relabel", "finetune")), floors
+    assert kubelet.started == [] and cluster.jobs(cluster.namespace) == []
+
+
 def test_a_job_whose_signing_secret_exists_runs_and_its_pods_get_the_key(cluster, kubelet, s3, uploaded, monkeypatch):
     """The operator asks only for the signing Secret's metadata (the key never reaches it); the
     stage pods get it through a secretKeyRef."""
