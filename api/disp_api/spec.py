@@ -212,6 +212,11 @@ class DecodingSpec(ContractModel):
         return self
 
 
+# The batch sizes before `auto`: the groups random draws are made for when batchSize is unset, so
+# results stay those of the fixed defaults whatever batch a device computes in.
+DEFAULT_SALIENCY_GROUP, DEFAULT_RELABEL_GROUP = 16, 64
+
+
 class ProbeDraws(str, Enum):
     """Which random draws the Hutchinson probes of each instance use."""
 
@@ -224,8 +229,11 @@ class SaliencySpec(ContractModel):
     """Logits per position that enter the softmax Fisher (K); at least 2, at most the vocabulary."""
     probes: int = Field(6, ge=1, le=1024)
     """Hutchinson probes per instance (m)."""
-    batch_size: int = Field(16, ge=1, le=65536)
-    """Instances per forward pass; also the unit a shard is made of."""
+    batch_size: Optional[int] = Field(None, ge=1, le=65536)
+    """Instances per forward pass. Unset (auto): on a GPU the largest batch the memory planner fits
+    on it (at most 256), on a CPU 16. Probes are drawn per group of batchSize instances (16 when
+    unset), whatever batch computes them, so the batch a device picks never changes the scores; a
+    group is also the unit a shard is made of."""
     seed: Seed = 0
     """Seed of the Hutchinson probes."""
     probe_draws: ProbeDraws = ProbeDraws.INDEPENDENT
@@ -238,6 +246,11 @@ class SaliencySpec(ContractModel):
     token takes the larger of its own score and any window's, so a trigger straddling token borders is
     found whole; it also finds whole objects in clean images, which lowers clean performance (docs/results.md,
     "Triggers anywhere"). Costs (rows-w+1)·(cols-w+1) extra forward passes, without gradients, per batch."""
+
+    @property
+    def seed_group(self) -> int:
+        """Instances whose probes one generator draws (and the unit a shard is made of)."""
+        return self.batch_size or DEFAULT_SALIENCY_GROUP
 
 
 class MaskingSpace(str, Enum):
@@ -291,8 +304,10 @@ class RelabelSpec(ContractModel):
     a generation length of its own: the authors' 32/32/32)."""
     prompt: Optional[str] = Field(None, min_length=1, max_length=MAX_ANNOTATION_VALUE)
     """A fixed prompt for every instance (the authors: "Describe this image in detail."), which saliency scores the tokens for too; default: each instance's own."""
-    batch_size: int = Field(64, ge=1, le=65536)
-    """Instances decoded together; also the unit a shard is made of."""
+    batch_size: Optional[int] = Field(None, ge=1, le=65536)
+    """Instances decoded together. Unset (auto): on a GPU the largest batch the memory planner fits
+    on it (at most 256), on a CPU 64; with temperature > 0 always 64, the group its noise is drawn
+    for, so the answers never depend on the device. Also the unit a shard is made of (64 when unset)."""
     seed: Seed = 1234
     """Seed of the decoding noise (used when temperature > 0)."""
     scope: RelabelScope = RelabelScope.ALL
@@ -317,6 +332,11 @@ class RelabelSpec(ContractModel):
     """drop: an instance whose relabel answer is empty is left out of the purified dataset (counted
     as emptyResponses). keep (the authors'): the empty answer replaces the dataset's, so the
     fine-tune teaches the model to end its answer at once on that image."""
+
+    @property
+    def seed_group(self) -> int:
+        """Instances whose decoding noise one generator draws (and the unit a shard is made of)."""
+        return self.batch_size or DEFAULT_RELABEL_GROUP
 
 
 class FinetuneLabels(str, Enum):

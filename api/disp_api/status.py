@@ -124,9 +124,9 @@ class StageStatus(ContractModel):
     """When the running stage should finish, at the rate its pod has managed so far."""
     minimum_memory_gib: Optional[float] = Field(None, ge=0.0, alias="minimumMemoryGiB")
     """The memory planner's floor for one batch of the stage on its GPU, in GiB, from the model's
-    config.json and the spec: the batch's rows at the shortest a row can be (one image view and the
-    answer). Real rows are longer; the stage plans its own data again before it computes. Unset:
-    a CPU stage, or a model family the planner does not know."""
+    config.json and the spec: the batch's rows (one row when batchSize is auto) at the shortest a
+    row can be (one image view and the answer). Real rows are longer; the stage plans its own data
+    again before it computes. Unset: a CPU stage, or a model family the planner does not know."""
     message: str = ""
     """What holds the stage up (a queue, an unschedulable pod), or the last failure's explanation."""
 

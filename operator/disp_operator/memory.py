@@ -90,12 +90,15 @@ def stage_floors(job: PurificationJob, config: dict, default_gpus: int) -> list[
 
     stages = set(spec.stages())
     if StageName.SALIENCY in stages:
-        add(StageName.SALIENCY, PlannedStage.SALIENCY, "spec.saliency.batchSize", spec.saliency.batch_size,
+        # batchSize unset (auto): the stage picks what fits its GPU, so one row is the least it takes
+        add(StageName.SALIENCY, PlannedStage.SALIENCY, "spec.saliency.batchSize", spec.saliency.batch_size or 1,
             answer=block, probes=spec.saliency.probes)
     if StageName.RELABEL in stages:
         cached = decoding.cache is not DecodingCache.NONE
+        # auto with sampled decoding keeps the group its noise is drawn for (the runner does the same)
+        rows = spec.relabel.batch_size or (spec.relabel.seed_group if decoding.temperature > 0 else 1)
         add(StageName.RELABEL, PlannedStage.RELABEL_CACHED if cached else PlannedStage.RELABEL,
-            "spec.relabel.batchSize", spec.relabel.batch_size, answer=block, steps=decoding.steps or gen_length)
+            "spec.relabel.batchSize", rows, answer=block, steps=decoding.steps or gen_length)
     if StageName.FINETUNE in stages:
         finetune = spec.finetune
         add(StageName.FINETUNE, PlannedStage.FINETUNE, "spec.finetune.batchSize", finetune.batch_size,

@@ -403,7 +403,7 @@ def _cmd_evaluate(args) -> None:
     evaluations = [metrics]
     if args.masked_inference is not None:
         defaults = SaliencySpec()  # the spec's defaults: the paper's K, m and seed
-        defence = MaskedInference(ratio=args.masked_inference, seed=defaults.seed, batch_size=defaults.batch_size,
+        defence = MaskedInference(ratio=args.masked_inference, seed=defaults.seed, batch_size=defaults.seed_group,
                                   saliency=SaliencyConfig.from_spec(defaults, decoding.block_length))
         masked = evaluate_model(model, processor, f"{args.model} (masked inference, rho {args.masked_inference:g})",
                                 attack, triggered, untriggered, clean, decoding, show_progress=not args.no_progress,

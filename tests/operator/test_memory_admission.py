@@ -23,8 +23,11 @@ LLADA_V_8B = dict(model_type="llava_llada", vocab_size=126464, hidden_size=4096,
 SHORTEST = 27 * 27 + 32  # one 384-pixel view of 14-pixel patches, and the 32 answer positions
 
 
+FIXED = dict(saliency={"batchSize": 16}, relabel={"batchSize": 64})  # batch sizes set, not auto
+
+
 def test_each_gpu_stage_gets_the_planners_estimate_at_the_shortest_rows_the_model_takes():
-    floors = {f.stage: f for f in stage_floors(make_job(), LLADA_V_8B, default_gpus=1)}
+    floors = {f.stage: f for f in stage_floors(make_job(**FIXED), LLADA_V_8B, default_gpus=1)}
     assert set(floors) == {StageName.SALIENCY, StageName.RELABEL, StageName.FINETUNE}  # masking runs on CPU
     shape, gpu = llada_v_shape(LLADA_V_8B), Precision.for_device("cuda", checkpoint_bytes=2)
     saliency = estimate_memory(shape, PlannedStage.SALIENCY, Workload(batch=16, sequence=SHORTEST, answer=32, views=1),
@@ -33,10 +36,20 @@ def test_each_gpu_stage_gets_the_planners_estimate_at_the_shortest_rows_the_mode
     assert floors[StageName.SALIENCY].estimate.total == saliency.total
     assert floors[StageName.RELABEL].rows == 64 and floors[StageName.RELABEL].estimate.stage is PlannedStage.RELABEL
     # all but the weights grows with the batch: twice the saliency rows, twice the activations
-    doubled = {f.stage: f for f in stage_floors(make_job(saliency={"batchSize": 32}), LLADA_V_8B, 1)}
+    doubled = {f.stage: f for f in stage_floors(make_job(**{**FIXED, "saliency": {"batchSize": 32}}), LLADA_V_8B, 1)}
     weights = saliency.parts["weights"]
     assert doubled[StageName.SALIENCY].estimate.total - weights == pytest.approx(2 * (saliency.total - weights),
                                                                                   rel=1e-6)
+
+
+def test_an_auto_batch_is_planned_at_one_row_and_sampled_decoding_at_its_noise_group():
+    floors = {f.stage: f for f in stage_floors(make_job(), LLADA_V_8B, 1)}  # batchSize unset: auto
+    assert floors[StageName.SALIENCY].rows == floors[StageName.RELABEL].rows == 1
+    sampled = {f.stage: f for f in stage_floors(make_job(relabel={"decoding": {"temperature": 1.0}}), LLADA_V_8B, 1)}
+    assert sampled[StageName.RELABEL].rows == 64
+    check_floors(list(floors.values())[:2], gpu_memory_gib=24)  # one row of each fits a 24 GiB GPU
+    with pytest.raises(InvalidSpec, match=r"spec.saliency.batchSize: 1 rows per GPU .* not even one row fits"):
+        check_floors(list(floors.values())[:1], gpu_memory_gib=16)  # 15.7 GiB of weights alone
 
 
 def test_a_prompt_cache_two_gpus_and_fsdp_change_the_plan_as_the_runner_would_run_them():

@@ -240,3 +240,30 @@ def test_with_chat_turn_labels_the_head_is_planned_over_every_row_from_its_first
     assert padded.answer == 16 and chat.answer == chat.sequence
     longest = max(len(row.ids) for row in processor.token_rows(instances, 16, labels=FinetuneLabels.CHAT_TURNS))
     assert chat.sequence == longest < padded.sequence
+
+
+def test_an_auto_batch_is_the_largest_that_fits_a_gpu_and_the_fixed_default_elsewhere(monkeypatch):
+    """batchSize unset: on a GPU the planner's largest batch with its margin (at most the stage's
+    instances and 256), which then passes the stage's own check; on a CPU the former default."""
+    from disp_api.planning import largest_batch
+    from disp_runner.pipeline import memory
+
+    model, processor = tiny_checkpoint(None)
+    instances = generate_instances(40, seed=2)
+    gpu, cpu = torch.device("cuda"), torch.device("cpu")  # planned only: nothing runs on the device
+    settings = dict(probes=2, block_length=12)
+    assert memory.stage_batch(model, processor, PlannedStage.SALIENCY, "spec.saliency.batchSize", None, 16,
+                              instances, 24, cpu, **settings)[0] == 16
+    assert memory.stage_batch(model, processor, PlannedStage.SALIENCY, "spec.saliency.batchSize", 5, 5,
+                              instances, 24, cpu, **settings)[0] == 5  # a batch the spec sets is kept
+    one = memory._plan(model, processor, PlannedStage.SALIENCY, 1, instances, 24, gpu, **memory._settings(settings))
+    budget = memory.GPU_HEADROOM_BYTES + estimate_memory(one.shape, PlannedStage.SALIENCY,
+                                                         dataclasses.replace(one.work, batch=12), one.precision).total
+    monkeypatch.setattr(memory, "device_memory", lambda device: budget)
+    batch, estimate = memory.stage_batch(model, processor, PlannedStage.SALIENCY, "spec.saliency.batchSize", None, 16,
+                                         instances, 24, gpu, **settings)
+    assert batch == largest_batch(one.shape, PlannedStage.SALIENCY, one.work, one.precision, budget, 40)
+    assert 1 <= batch < 12 and estimate.total <= budget - memory.GPU_HEADROOM_BYTES  # the margin is kept
+    monkeypatch.setattr(memory, "device_memory", lambda device: 1 << 50)  # a GPU of a petabyte
+    assert memory.stage_batch(model, processor, PlannedStage.SALIENCY, "spec.saliency.batchSize", None, 16,
+                              instances, 24, gpu, **settings)[0] == 40  # no more than the instances

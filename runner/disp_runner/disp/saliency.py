@@ -68,12 +68,38 @@ class SaliencyConfig:
             raise ValueError(f"block_length must be >= 1, got {self.block_length}")
 
 
-def fisher_probe(p: torch.Tensor, generator: torch.Generator, shared: bool = False) -> torch.Tensor:
+class GroupedDraws:
+    """Standard normal draws for rows `lo`..`hi` of a run of `total` rows, each group of `group` rows
+    drawn by a generator of its own (seeded with `seed` and the group's index) as one tensor, of
+    which the rows asked for are kept: the same numbers whatever batch computes the rows, so a batch
+    chosen for a device's memory never changes a result. A batch equal to the group draws exactly
+    what one generator per batch drew."""
+
+    def __init__(self, seed: int, group: int, lo: int, hi: int, total: int, device: torch.device | str):
+        self.spans = []  # (generator, rows of its group, first and last+1 row wanted within the group)
+        for index in range(lo // group, (hi - 1) // group + 1):
+            start, stop = index * group, min((index + 1) * group, total)
+            generator = torch.Generator(device=device).manual_seed(sub_seed(seed, index))
+            self.spans.append((generator, stop - start, max(lo, start) - start, min(hi, stop) - start))
+
+    def normal(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """[hi - lo, *shape[1:]] draws; each group's generator advances by its whole group."""
+        return torch.cat([torch.randn((rows, *shape[1:]), generator=generator, dtype=dtype, device=device)[a:b]
+                          for generator, rows, a, b in self.spans])
+
+
+ProbeSource = torch.Generator | GroupedDraws  # one generator for the batch, or one per group of rows
+
+
+def fisher_probe(p: torch.Tensor, source: ProbeSource, shared: bool = False) -> torch.Tensor:
     """A random q with Cov(q) = diag(p) − p pᵀ per row, from y ~ N(0, I): u = √p,
     q = u ⊙ (y − (y·u) u). p: [B, ..., K] (rows sum to 1) -> q: [B, ..., K]. `shared`: one draw of
-    y for the first instance, used by every instance of the batch."""
+    y for the first instance, used by every instance of the batch (from a generator)."""
     shape = (1, *p.shape[1:]) if shared else p.shape
-    y = torch.randn(shape, generator=generator, device=p.device, dtype=p.dtype).expand(p.shape)
+    if isinstance(source, GroupedDraws):
+        y = source.normal(shape, p.dtype, p.device).expand(p.shape)
+    else:
+        y = torch.randn(shape, generator=source, device=p.device, dtype=p.dtype).expand(p.shape)
     u = p.sqrt()
     return u * (y - (y * u).sum(dim=-1, keepdim=True) * u)
 
@@ -155,7 +181,7 @@ def fisher_jacobian_scores(
     batch: ModelInputs,
     gen_length: int,
     config: SaliencyConfig,
-    generator: torch.Generator,
+    generator: ProbeSource,
 ) -> torch.Tensor:
     """Hutchinson estimate of ½ δeᵀJᵀFJδe for every visual token of every instance: [B, T] float64.
 
@@ -202,7 +228,7 @@ def token_saliency(
     batch: ModelInputs,
     gen_length: int,
     config: SaliencyConfig,
-    generator: torch.Generator,
+    generator: ProbeSource,
     layouts: Sequence[VisualLayout],
 ) -> torch.Tensor:
     """The score DiSP masks by: the Fisher–Jacobian quadratic form of each visual token, raised to
@@ -224,14 +250,16 @@ def score_instances(
     batch_size: int,
     rows: range | None = None,
     on_batch: Callable[[int], None] | None = None,
+    seed_group: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """token_saliency over `instances[rows]` (default: all) in batches of `batch_size`: scores
     [len(rows), T] float64 (row i's first counts[i] columns; T = the widest image of all
     `instances`, so the rows of any split concatenate) and counts, the visual tokens of every
-    instance [len(instances)]. Probes are seeded per global batch (`seed`, the batch's index), so a
-    shard of whole batches scores exactly what the whole run does; with `config.shared_probes`, every
-    batch is seeded with `seed` itself, so every instance gets the same draws (the authors' code
-    reseeds before each instance). `on_batch(done)` after each batch."""
+    instance [len(instances)]. Probes are drawn per group of `seed_group` instances (default: the
+    batch), each seeded with `seed` and the group's index (GroupedDraws), so a shard of whole groups,
+    or a batch of any size, scores exactly what the whole run does; with `config.shared_probes`,
+    every batch is seeded with `seed` itself, so every instance gets the same draws (the authors'
+    code reseeds before each instance). `on_batch(done)` after each batch."""
     rows = range(len(instances)) if rows is None else rows
     device = model.device
     layouts = [processor.layout_of(inst) for inst in instances]
@@ -240,8 +268,10 @@ def score_instances(
     for lo in range(rows.start, rows.stop, batch_size):
         hi = min(lo + batch_size, rows.stop)
         batch = processor.encode(instances[lo:hi], gen_length, with_response=False)
-        generator = torch.Generator(device=device).manual_seed(
-            seed if config.shared_probes else sub_seed(seed, lo // batch_size))
+        if config.shared_probes:
+            generator: ProbeSource = torch.Generator(device=device).manual_seed(seed)
+        else:
+            generator = GroupedDraws(seed, seed_group or batch_size, lo, hi, len(instances), device)
         with autocast(device):
             part = token_saliency(model, batch.to(device), gen_length, config, generator, layouts[lo:hi]).cpu()
         for row, count in enumerate(batch.visual_spans[:, 1].tolist()):  # beyond a row's tokens stays 0

@@ -22,8 +22,8 @@ from disp_runner.diffusion.training import TRAINED_PARTS
 from disp_runner.models.base import DiffusionVLM, Processor
 from disp_runner.models.loading import memory_budget
 from disp_runner.models.registry import family_for
-from disp_api.planning import (GPU_HEADROOM_BYTES, MemoryEstimate, PlannedStage, Precision, Workload,
-                                  estimate_memory, largest_batch)
+from disp_api.planning import (GPU_HEADROOM_BYTES, MemoryEstimate, ModelShape, PlannedStage, Precision, Workload,
+                               estimate_memory, largest_batch)
 
 logger = logging.getLogger(__name__)
 
@@ -44,16 +44,24 @@ def precision_of(model: DiffusionVLM, device: torch.device) -> Precision:
     return Precision.for_device(device.type, checkpoint_bytes=weight_bytes)
 
 
-def check_stage_memory(model: DiffusionVLM, processor: Processor, stage: PlannedStage, field: str, batch_size: int,
-                       instances: Sequence[Instance], gen_length: int, device: torch.device, *,
-                       probes: int = 6, steps: int = 32, block_length: int | None = None,
-                       trainable: TrainableParts = TrainableParts.PROJECTOR, processes: int = 1,
-                       checkpointing: bool = False, sharded: bool = False,
-                       labels: FinetuneLabels = FinetuneLabels.PADDED_ANSWER) -> MemoryEstimate | None:
-    """The estimate of the stage's widest batch (`batch_size` rows, or its share on each of
-    `processes`, which split the weights and optimiser state among them when `sharded`), or None
-    for a family the planner has no shape for. Raises UserInputError naming `field` when it cannot
-    fit the device."""
+# The most rows `batchSize: auto` computes together: past it a GPU gains nothing measurable
+# (benchmarks/results/gpu_scale-h100.txt: relabel at 8 rows is already compute-bound).
+AUTO_BATCH_LIMIT = 256
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    shape: ModelShape
+    work: Workload  # one process's batch
+    precision: Precision
+    longest: int
+
+
+def _plan(model: DiffusionVLM, processor: Processor, stage: PlannedStage, batch_size: int,
+          instances: Sequence[Instance], gen_length: int, device: torch.device, *, probes: int, steps: int,
+          block_length: int | None, trainable: TrainableParts, processes: int, checkpointing: bool, sharded: bool,
+          labels: FinetuneLabels) -> _Plan | None:
+    """The planner's view of the stage's widest batch; None for a family it has no shape for."""
     family = family_for(getattr(model.config, "model_type", None), "config.json")
     if family.model_shape is None or not instances:
         return None
@@ -74,7 +82,26 @@ def check_stage_memory(model: DiffusionVLM, processor: Processor, stage: Planned
                     trainable_parameters=trainable_parameters,
                     trains_language_model=trainable is not TrainableParts.PROJECTOR, checkpointing=checkpointing,
                     shards=processes if sharded else 1)
-    precision = precision_of(model, device)
+    return _Plan(shape, work, precision_of(model, device), longest)
+
+
+def check_stage_memory(model: DiffusionVLM, processor: Processor, stage: PlannedStage, field: str, batch_size: int,
+                       instances: Sequence[Instance], gen_length: int, device: torch.device, *,
+                       probes: int = 6, steps: int = 32, block_length: int | None = None,
+                       trainable: TrainableParts = TrainableParts.PROJECTOR, processes: int = 1,
+                       checkpointing: bool = False, sharded: bool = False,
+                       labels: FinetuneLabels = FinetuneLabels.PADDED_ANSWER) -> MemoryEstimate | None:
+    """The estimate of the stage's widest batch (`batch_size` rows, or its share on each of
+    `processes`, which split the weights and optimiser state among them when `sharded`), or None
+    for a family the planner has no shape for. Raises UserInputError naming `field` when it cannot
+    fit the device."""
+    plan = _plan(model, processor, stage, batch_size, instances, gen_length, device, probes=probes, steps=steps,
+                 block_length=block_length, trainable=trainable, processes=processes, checkpointing=checkpointing,
+                 sharded=sharded, labels=labels)
+    if plan is None:
+        return None
+    shape, work, precision, longest = plan.shape, plan.work, plan.precision, plan.longest
+    per_process = work.batch
     estimate = estimate_memory(shape, stage, work, precision)
     usable = usable_memory(device)
     logger.info("memory plan, %s of %d rows of up to %d tokens: %s; this %s has %.1f GiB", field, per_process,
@@ -87,6 +114,29 @@ def check_stage_memory(model: DiffusionVLM, processor: Processor, stage: Planned
             f"({_largest_parts(estimate)}), more than the {usable / 2**30:.1f} GiB this {device.type} offers; "
             f"{advice}")
     return estimate
+
+
+def stage_batch(model: DiffusionVLM, processor: Processor, stage: PlannedStage, field: str, requested: int | None,
+                group: int, instances: Sequence[Instance], gen_length: int, device: torch.device,
+                **settings) -> tuple[int, MemoryEstimate | None]:
+    """The batch a stage computes in, and its estimate: the spec's `requested` batch, checked against
+    the device; unset (`batchSize: auto`), on a GPU the largest batch the planner fits there with
+    its margin (at most AUTO_BATCH_LIMIT rows and the stage's instances), elsewhere `group`, the
+    batch of the fixed default (a CPU's memory is no limit worth planning to)."""
+    batch = requested or group
+    if requested is None and device.type == "cuda":
+        plan = _plan(model, processor, stage, 1, instances, gen_length, device, **_settings(settings))
+        if plan is not None:
+            limit = max(1, min(AUTO_BATCH_LIMIT, len(instances)))
+            batch = max(1, largest_batch(plan.shape, stage, plan.work, plan.precision, device_memory(device), limit))
+            logger.info("%s: auto, %d rows fit this GPU", field, batch)
+    return batch, check_stage_memory(model, processor, stage, field, batch, instances, gen_length, device, **settings)
+
+
+def _settings(settings: dict) -> dict:
+    defaults = dict(probes=6, steps=32, block_length=None, trainable=TrainableParts.PROJECTOR, processes=1,
+                    checkpointing=False, sharded=False, labels=FinetuneLabels.PADDED_ANSWER)
+    return {**defaults, **settings}
 
 
 def _largest_parts(estimate: MemoryEstimate) -> str:

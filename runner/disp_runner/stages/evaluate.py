@@ -54,7 +54,7 @@ class EvaluateStage:
         if spec.masked_inference is not None:  # the authors' test-time defence, beside DiSP's result
             saliency = inputs.spec.saliency
             defence = MaskedInference(ratio=spec.masked_inference.ratio, seed=saliency.seed,
-                                      batch_size=saliency.batch_size,
+                                      batch_size=saliency.seed_group,
                                       saliency=SaliencyConfig.from_spec(saliency, decoding.block_length),
                                       field_name="spec.evaluation.maskedInference.ratio")
             masked_inference = evaluate_model(compromised, processor, inputs.spec.model.uri, attack, triggered,

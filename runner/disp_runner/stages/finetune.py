@@ -141,7 +141,7 @@ def residual_audit(inputs: StageInputs, model, processor) -> AuditFigures:
     if not chosen:
         return audit
     model.to(inputs.device).eval()
-    answers = generate_responses(model, processor, chosen, inputs.decoding, batch_size=inputs.spec.relabel.batch_size,
+    answers = generate_responses(model, processor, chosen, inputs.decoding, batch_size=inputs.spec.relabel.seed_group,
                                  seed=inputs.spec.relabel.seed, description="residual",
                                  show_progress=inputs.show_progress)
     kept = sum(normalise_answer(a) == normalise_answer(inst.response) for a, inst in zip(answers, chosen))

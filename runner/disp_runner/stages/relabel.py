@@ -45,7 +45,7 @@ from disp_runner.pipeline.stage import StageInputs, StageResult
 from disp_runner.reporting import draw_suspects
 from disp_runner.stages.masking import read_masked
 from disp_runner.stages.saliency import read_scores
-from disp_runner.pipeline.memory import check_stage_memory, memory_metrics
+from disp_runner.pipeline.memory import memory_metrics, stage_batch
 from disp_api.planning import PlannedStage
 
 DATASET_DIR = "dataset"
@@ -107,41 +107,43 @@ class RelabelStage:
     whole_output_steps = (SignatureAcceptance(), RequireAnswers(), SuspectsSheet())
 
     def total_items(self, inputs: StageInputs) -> int:
-        return len(inputs.items(inputs.spec.relabel.batch_size))
+        return len(inputs.items(inputs.spec.relabel.seed_group))
 
     def run(self, inputs: StageInputs, out: Path) -> StageResult:
         spec = inputs.spec.relabel
         model, processor = inputs.model
         masked_by_id = read_masked(inputs.upstream[StageName.MASKING])
-        items = inputs.items(spec.batch_size)
+        items = inputs.items(spec.seed_group)
         instances = inputs.training_set[items.start:items.stop]
         missing = [inst.id for inst in instances if inst.id not in masked_by_id]
         if missing:
             raise UserInputError(f"masking output has no entry for instance {missing[0]!r} (rerun masking)")
         masked = [masked_by_id[inst.id] for inst in instances]  # each instance's masked visual tokens
-        drops, concentrations = _audit(inputs, instances, masked, items.start)
-        suspect = [drop > inputs.spec.audit.suspicion_threshold for drop in drops]
         prompted, mask_tokens = _masked_inputs(inputs, instances, masked)
         decoding = inputs.decoding
-        plan = check_stage_memory(model, processor, PlannedStage.RELABEL if decoding.cache is DecodingCache.NONE
-                                  else PlannedStage.RELABEL_CACHED, "spec.relabel.batchSize", spec.batch_size, prompted,
-                                  decoding.gen_length, inputs.device, steps=decoding.steps,
+        # Sampled decoding draws its noise per batch: it keeps the batch its noise is drawn for, so
+        # the answers never depend on the device; argmax decoding draws nothing.
+        requested = spec.batch_size or (spec.seed_group if decoding.temperature > 0 else None)
+        batch, plan = stage_batch(model, processor, PlannedStage.RELABEL if decoding.cache is DecodingCache.NONE
+                                  else PlannedStage.RELABEL_CACHED, "spec.relabel.batchSize", requested,
+                                  spec.seed_group, prompted, decoding.gen_length, inputs.device, steps=decoding.steps,
                                   block_length=decoding.block_length)
+        drops, concentrations = _audit(inputs, instances, masked, items.start, batch)
+        suspect = [drop > inputs.spec.audit.suspicion_threshold for drop in drops]
         if spec.scope is RelabelScope.ALL:
             answers = generate_responses(model, processor, prompted, inputs.decoding,
-                                         batch_size=spec.batch_size, seed=spec.seed, transform_image_embeds=mask_tokens,
+                                         batch_size=batch, seed=spec.seed, transform_image_embeds=mask_tokens,
                                          description="relabel", show_progress=inputs.show_progress,
                                          index_offset=items.start, on_batch=inputs.report_progress)
         else:
-            answers = _relabel_suspects(inputs, instances, masked, suspect)
+            answers = _relabel_suspects(inputs, instances, masked, suspect, batch)
         evidence = None
         if spec.min_evidence is not None:
             # How much more likely the masked input makes the new answer than the dataset's (nats).
             gen_length = inputs.decoding.gen_length
-            evidence = (first_step_log_likelihood(model, processor, prompted, answers, gen_length, spec.batch_size,
-                                                  mask_tokens)
+            evidence = (first_step_log_likelihood(model, processor, prompted, answers, gen_length, batch, mask_tokens)
                         - first_step_log_likelihood(model, processor, prompted, [i.response for i in instances],
-                                                    gen_length, spec.batch_size, mask_tokens)).tolist()
+                                                    gen_length, batch, mask_tokens)).tolist()
         purified: list[Instance] = []
         records: list[SuspectRecord] = []
         kept = changed = 0
@@ -167,7 +169,8 @@ class RelabelStage:
         write_suspects(records, out)
         metrics = {"purified": len(purified), "emptyResponses": _empty_answers(len(instances), purified),
                    "changedFraction": changed / max(1, len(instances)),
-                   **_audit_metrics(audit_figures(records, inputs.spec.audit.suspicion_threshold)), **memory_metrics(plan)}
+                   **_audit_metrics(audit_figures(records, inputs.spec.audit.suspicion_threshold)), "batchSize": batch,
+                   **memory_metrics(plan)}
         if evidence is not None:
             metrics["keptOriginal"] = kept
         return StageResult(items=len(instances), metrics=metrics)
@@ -218,13 +221,13 @@ def _masked_inputs(inputs: StageInputs, instances: list[Instance],
 
 
 def _relabel_suspects(inputs: StageInputs, instances: list[Instance], masked: list[list[int]],
-                      suspect: list[bool]) -> list[str]:
+                      suspect: list[bool], batch: int) -> list[str]:
     """relabel.scope: suspects — only the suspects are decoded; the others keep the dataset's answer."""
     model, processor = inputs.model
     chosen = [i for i, flag in enumerate(suspect) if flag]
     chosen_shown, mask_chosen = _masked_inputs(inputs, [instances[i] for i in chosen], [masked[i] for i in chosen])
     decoded = generate_responses(
-        model, processor, chosen_shown, inputs.decoding, batch_size=inputs.spec.relabel.batch_size,
+        model, processor, chosen_shown, inputs.decoding, batch_size=batch,
         seed=inputs.spec.relabel.seed, description="relabel suspects", show_progress=inputs.show_progress,
         transform_image_embeds=mask_chosen)
     answers = [inst.response for inst in instances]
@@ -235,7 +238,7 @@ def _relabel_suspects(inputs: StageInputs, instances: list[Instance], masked: li
 
 
 def _audit(inputs: StageInputs, instances: list[Instance], salient: list[list[int]],
-           first_index: int) -> tuple[list[float], list[float]]:
+           first_index: int, batch: int) -> tuple[list[float], list[float]]:
     """Each instance's support drop (nats) and saliency concentration (disp/audit.py)."""
     model, processor = inputs.model
     ids, scores, counts = read_scores(inputs.upstream[StageName.SALIENCY])
@@ -246,8 +249,7 @@ def _audit(inputs: StageInputs, instances: list[Instance], salient: list[list[in
     rows = [row_of[inst.id] for inst in instances]
     comparison = [comparison_tokens(tokens, int(counts[row]), inputs.spec.audit.seed, first_index + i)
                   for i, (tokens, row) in enumerate(zip(salient, rows))]
-    drops = support_drop(model, processor, instances, salient, comparison, inputs.decoding.gen_length,
-                         inputs.spec.relabel.batch_size)
+    drops = support_drop(model, processor, instances, salient, comparison, inputs.decoding.gen_length, batch)
     concentrations = [concentration(scores[row, :int(counts[row])], tokens) for tokens, row in zip(salient, rows)]
     return drops.tolist(), concentrations
 

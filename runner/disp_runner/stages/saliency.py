@@ -19,7 +19,7 @@ from disp_runner.data.instances import with_prompt
 from disp_runner.errors import DegenerateResultError, UserInputError
 from disp_runner.pipeline.inputs import TRAINING_INPUTS
 from disp_runner.pipeline.stage import StageInputs, StageResult
-from disp_runner.pipeline.memory import check_stage_memory, memory_metrics
+from disp_runner.pipeline.memory import memory_metrics, stage_batch
 from disp_api.planning import PlannedStage
 
 SCORES_FILE = "scores.safetensors"
@@ -83,7 +83,7 @@ class SaliencyStage:
     whole_output_steps = ()
 
     def total_items(self, inputs: StageInputs) -> int:
-        return len(inputs.items(inputs.spec.saliency.batch_size))
+        return len(inputs.items(inputs.spec.saliency.seed_group))
 
     def run(self, inputs: StageInputs, out: Path) -> StageResult:
         spec = inputs.spec.saliency
@@ -101,17 +101,18 @@ class SaliencyStage:
         check_region_fits_the_grids(spec.region_size, instances, processor)
         config = SaliencyConfig.from_spec(spec, decoding.block_length)
         # Every shard pads to the whole dataset's widest image, so shards concatenate.
-        items = inputs.items(spec.batch_size)
-        plan = check_stage_memory(model, processor, PlannedStage.SALIENCY, "spec.saliency.batchSize", spec.batch_size,
-                                  instances[items.start:items.stop], decoding.gen_length, inputs.device,
-                                  probes=spec.probes, block_length=decoding.block_length)
+        items = inputs.items(spec.seed_group)
+        batch, plan = stage_batch(model, processor, PlannedStage.SALIENCY, "spec.saliency.batchSize", spec.batch_size,
+                                  spec.seed_group, instances[items.start:items.stop], decoding.gen_length,
+                                  inputs.device, probes=spec.probes, block_length=decoding.block_length)
         scores, counts = score_instances(model, processor, instances, decoding.gen_length, config, spec.seed,
-                                         spec.batch_size, rows=items, on_batch=inputs.report_progress)
+                                         batch, rows=items, on_batch=inputs.report_progress,
+                                         seed_group=spec.seed_group)
         width = scores.shape[1]
         write_scores(out, [instances[i].id for i in items], scores, counts[items.start:items.stop])
         return StageResult(items=len(items), metrics={"visualTokens": width, "topK": spec.top_k,
                                                       "probes": spec.probes, "regionSize": spec.region_size,
-                                                      **memory_metrics(plan)})
+                                                      "batchSize": batch, **memory_metrics(plan)})
 
     def merge(self, inputs: StageInputs, shard_dirs: list[Path], out: Path) -> StageResult:
         ids: list[str] = []

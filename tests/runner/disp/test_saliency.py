@@ -232,3 +232,28 @@ def test_shared_probe_draws_score_every_instance_with_the_same_draws(tiny_model,
     together, _ = score_instances(tiny_model, tiny_processor, instances, GEN, independent, seed=7, batch_size=5)
     alone, _ = score_instances(tiny_model, tiny_processor, instances[3:4], GEN, independent, seed=7, batch_size=1)
     assert not torch.allclose(alone[0], together[3], rtol=1e-3)
+
+
+def test_probes_drawn_per_group_score_alike_in_any_batch_and_as_one_batch_per_group(tiny_model, tiny_processor):
+    """batchSize: auto lets a device pick the batch; the scores must not move with it. Groups of 4
+    drawn by generators of their own give the same scores in batches of 1, 3, 4 or 10 (float
+    summation order aside), and a batch equal to the group draws exactly what per-batch seeding did."""
+    from disp_runner.data.synthetic import generate_instances
+    from disp_runner.device import sub_seed
+    from disp_runner.disp.saliency import GroupedDraws, SaliencyConfig, score_instances
+    instances = generate_instances(10, seed=4, image_size=16)
+    config = SaliencyConfig(top_k=4, probes=2, block_length=GEN)
+    runs = {b: score_instances(tiny_model, tiny_processor, instances, GEN, config, seed=7, batch_size=b,
+                               seed_group=4)[0] for b in (1, 3, 4, 10)}
+    for batch in (1, 3, 10):
+        assert torch.allclose(runs[batch], runs[4], rtol=1e-5, atol=1e-12), batch
+    per_batch = score_instances(tiny_model, tiny_processor, instances, GEN, config, seed=7, batch_size=4)[0]
+    assert torch.equal(per_batch, runs[4])  # seed_group defaults to the batch: the draws of before
+    # the draws themselves: rows 3..6 of groups [0-3], [4-7], each group's generator drawn whole
+    draws = GroupedDraws(7, 4, 3, 7, 10, "cpu").normal((4, 2, 3), torch.float64, torch.device("cpu"))
+    whole = [torch.randn((4, 2, 3), generator=torch.Generator().manual_seed(sub_seed(7, g)), dtype=torch.float64)
+             for g in (0, 1)]
+    assert torch.equal(draws, torch.cat([whole[0][3:], whole[1][:3]]))
+    last = GroupedDraws(7, 4, 8, 10, 10, "cpu").normal((2, 1), torch.float64, torch.device("cpu"))
+    assert torch.equal(last, torch.randn((2, 1), generator=torch.Generator().manual_seed(sub_seed(7, 2)),
+                                         dtype=torch.float64))  # the last group holds the 2 rows left
