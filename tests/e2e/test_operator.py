@@ -193,6 +193,9 @@ def test_an_invalid_spec_fails_at_once_without_children(cluster, kubelet, s3, up
     with operator(cluster, monkeypatch):
         cluster.create_job(standin_manifest(s3, uploaded, cluster.namespace, "bad", **change))
         body = cluster.wait_for(cluster.namespace, "bad", finished, 30, "the job to be rejected")
+        # kopf posts Events from a queue after the status patch: wait for it before the operator stops
+        wait_until(lambda: any(e["reason"] == "InvalidSpec" for e in cluster.events(cluster.namespace)), 10,
+                   "the InvalidSpec Event")
     failed = next(c for c in body["status"]["conditions"] if c["type"] == "Failed")
     assert body["status"]["phase"] == "Failed" and failed["reason"] == "InvalidSpec"
     assert message in failed["message"]
