@@ -256,7 +256,7 @@ def test_an_auto_batch_is_the_largest_that_fits_a_gpu_and_the_fixed_default_else
                               instances, 24, cpu, **settings)[0] == 16
     assert memory.stage_batch(model, processor, PlannedStage.SALIENCY, "spec.saliency.batchSize", 5, 5,
                               instances, 24, cpu, **settings)[0] == 5  # a batch the spec sets is kept
-    one = memory._plan(model, processor, PlannedStage.SALIENCY, 1, instances, 24, gpu, **memory._settings(settings))
+    one = memory._plan(model, processor, PlannedStage.SALIENCY, 1, instances, 24, gpu, **settings)
     budget = memory.GPU_HEADROOM_BYTES + estimate_memory(one.shape, PlannedStage.SALIENCY,
                                                          dataclasses.replace(one.work, batch=12), one.precision).total
     monkeypatch.setattr(memory, "device_memory", lambda device: budget)

@@ -58,9 +58,10 @@ class _Plan:
 
 
 def _plan(model: DiffusionVLM, processor: Processor, stage: PlannedStage, batch_size: int,
-          instances: Sequence[Instance], gen_length: int, device: torch.device, *, probes: int, steps: int,
-          block_length: int | None, trainable: TrainableParts, processes: int, checkpointing: bool, sharded: bool,
-          labels: FinetuneLabels) -> _Plan | None:
+          instances: Sequence[Instance], gen_length: int, device: torch.device, *, probes: int = 6, steps: int = 32,
+          block_length: int | None = None, trainable: TrainableParts = TrainableParts.PROJECTOR, processes: int = 1,
+          checkpointing: bool = False, sharded: bool = False,
+          labels: FinetuneLabels = FinetuneLabels.PADDED_ANSWER) -> _Plan | None:
     """The planner's view of the stage's widest batch; None for a family it has no shape for."""
     family = family_for(getattr(model.config, "model_type", None), "config.json")
     if family.model_shape is None or not instances:
@@ -86,18 +87,13 @@ def _plan(model: DiffusionVLM, processor: Processor, stage: PlannedStage, batch_
 
 
 def check_stage_memory(model: DiffusionVLM, processor: Processor, stage: PlannedStage, field: str, batch_size: int,
-                       instances: Sequence[Instance], gen_length: int, device: torch.device, *,
-                       probes: int = 6, steps: int = 32, block_length: int | None = None,
-                       trainable: TrainableParts = TrainableParts.PROJECTOR, processes: int = 1,
-                       checkpointing: bool = False, sharded: bool = False,
-                       labels: FinetuneLabels = FinetuneLabels.PADDED_ANSWER) -> MemoryEstimate | None:
-    """The estimate of the stage's widest batch (`batch_size` rows, or its share on each of
-    `processes`, which split the weights and optimiser state among them when `sharded`), or None
-    for a family the planner has no shape for. Raises UserInputError naming `field` when it cannot
-    fit the device."""
-    plan = _plan(model, processor, stage, batch_size, instances, gen_length, device, probes=probes, steps=steps,
-                 block_length=block_length, trainable=trainable, processes=processes, checkpointing=checkpointing,
-                 sharded=sharded, labels=labels)
+                       instances: Sequence[Instance], gen_length: int, device: torch.device,
+                       **settings) -> MemoryEstimate | None:
+    """The estimate of the stage's widest batch (`batch_size` rows, or its share on each of the
+    settings' `processes`, which split the weights and optimiser state among them when `sharded`;
+    the settings are `_plan`'s), or None for a family the planner has no shape for. Raises
+    UserInputError naming `field` when it cannot fit the device."""
+    plan = _plan(model, processor, stage, batch_size, instances, gen_length, device, **settings)
     if plan is None:
         return None
     shape, work, precision, longest = plan.shape, plan.work, plan.precision, plan.longest
@@ -108,6 +104,7 @@ def check_stage_memory(model: DiffusionVLM, processor: Processor, stage: Planned
                 longest, estimate.describe(), device.type, usable / 2**30)
     if estimate.total > usable:
         fits = largest_batch(shape, stage, dataclasses.replace(work, batch=1), precision, device_memory(device))
+        processes = settings.get("processes", 1)
         advice = f"at most {fits * processes} fit" if fits else "not even one row fits: use a device with more memory"
         raise UserInputError(
             f"{field}: {per_process} rows of up to {longest} tokens need about {estimate.total / 2**30:.1f} GiB "
@@ -125,18 +122,12 @@ def stage_batch(model: DiffusionVLM, processor: Processor, stage: PlannedStage, 
     batch of the fixed default (a CPU's memory is no limit worth planning to)."""
     batch = requested or group
     if requested is None and device.type == "cuda":
-        plan = _plan(model, processor, stage, 1, instances, gen_length, device, **_settings(settings))
+        plan = _plan(model, processor, stage, 1, instances, gen_length, device, **settings)
         if plan is not None:
             limit = max(1, min(AUTO_BATCH_LIMIT, len(instances)))
             batch = max(1, largest_batch(plan.shape, stage, plan.work, plan.precision, device_memory(device), limit))
             logger.info("%s: auto, %d rows fit this GPU", field, batch)
     return batch, check_stage_memory(model, processor, stage, field, batch, instances, gen_length, device, **settings)
-
-
-def _settings(settings: dict) -> dict:
-    defaults = dict(probes=6, steps=32, block_length=None, trainable=TrainableParts.PROJECTOR, processes=1,
-                    checkpointing=False, sharded=False, labels=FinetuneLabels.PADDED_ANSWER)
-    return {**defaults, **settings}
 
 
 def _largest_parts(estimate: MemoryEstimate) -> str:
