@@ -2,7 +2,8 @@
 kubernetes imports, so the operator image stays small)."""
 
 from disp_api.attack import AttackRecord, AttackSpec, AttackTarget, Corner, TargetSpec, TriggerKind, TriggerSpec
-from disp_api.metrics import AuditFigures, EvaluationMetrics, MetricsCounts, MetricsSummary, PurificationMetrics
+from disp_api.metrics import (AuditFigures, BackdoorVerdict, EvaluationMetrics, MetricsCounts, MetricsSummary,
+                              PurificationMetrics, ResidualJudgement, judge_residual)
 from disp_api.progress import StageProgress
 from disp_api.spec import (
     DatasetSource,
@@ -34,8 +35,8 @@ from disp_api.spec import (
 )
 
 __all__ = [
-    "AttackRecord", "AttackSpec", "AttackTarget", "AuditFigures", "Corner", "DatasetSource", "DecodingCache", "DecodingSpec", "EmptyAnswers", "EvaluationMetrics", "EvaluationSpec",
+    "AttackRecord", "AttackSpec", "AttackTarget", "AuditFigures", "BackdoorVerdict", "Corner", "DatasetSource", "DecodingCache", "DecodingSpec", "EmptyAnswers", "EvaluationMetrics", "EvaluationSpec",
     "FinetuneLabels", "FinetuneSharding", "FinetuneSpec", "LogFormat", "MaskingSpace", "MaskingSpec", "MetricsCounts", "MetricsSummary", "ModelSource", "ObjectMeta", "OutputSpec", "ParallelismSpec",
-    "PurificationJob", "PurificationJobSpec", "PurificationMetrics", "RelabelAcceptance", "RelabelSpec", "ProbeDraws", "Profile", "SaliencySpec", "SecretKeyRef", "StageName", "StageProgress", "StorageSpec",
+    "PurificationJob", "PurificationJobSpec", "PurificationMetrics", "ResidualJudgement", "judge_residual", "RelabelAcceptance", "RelabelSpec", "ProbeDraws", "Profile", "SaliencySpec", "SecretKeyRef", "StageName", "StageProgress", "StorageSpec",
     "TargetSpec", "TrainableParts", "TriggerKind", "TriggerSpec",
 ]

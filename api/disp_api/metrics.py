@@ -13,6 +13,8 @@ residualRate; version 1 files (without them) still read.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from enum import Enum
 from typing import Optional
 
 from pydantic import Field
@@ -109,10 +111,46 @@ class MetricsSummary(ContractModel):
     residual_rate: Optional[float] = Field(None, ge=0.0, le=1.0)
     """The audit's residual rate: how often the purified model still answers a suspect as the
     compromised one did (no trigger needed)."""
+    residual_sample: Optional[int] = Field(None, ge=0)
+    """Suspects the residual rate rests on."""
 
     @classmethod
     def of_audit(cls, audit: "AuditFigures") -> "MetricsSummary":
-        return cls(estimated_poisoned_share=audit.estimated_poisoned_share, residual_rate=audit.residual_rate)
+        return cls(estimated_poisoned_share=audit.estimated_poisoned_share, residual_rate=audit.residual_rate,
+                   residual_sample=audit.residual_sample)
+
+
+class BackdoorVerdict(str, Enum):
+    """What the audit's residual rate says of the purified model (no trigger, no clean data)."""
+
+    REMOVED = "Removed"  # at most spec.audit.residualThreshold of the suspects keep their answer
+    PROBABLY_NOT_REMOVED = "ProbablyNotRemoved"  # more than the threshold do
+    UNKNOWN = "Unknown"  # no suspect whose answer relabeling changed: nothing to measure on
+
+
+@dataclass(frozen=True)
+class ResidualJudgement:
+    verdict: BackdoorVerdict
+    message: str
+
+
+def judge_residual(residual_rate: Optional[float], residual_sample: Optional[int],
+                   threshold: float) -> ResidualJudgement:
+    """The audit's verdict on a purified model, in one sentence a user can act on. Runner (the
+    `disp run` summary) and operator (the BackdoorRemoved condition and its Warning Event) both
+    judge with this, so the CLI and the cluster never disagree."""
+    if residual_rate is None or not residual_sample:
+        return ResidualJudgement(BackdoorVerdict.UNKNOWN, "no residual rate: no suspect's answer was changed by "
+                                 "relabeling (or spec.audit.residualSample is 0), so the audit cannot tell")
+    kept = round(residual_rate * residual_sample)
+    figures = (f"the purified model still gives {kept} of the top {residual_sample} suspects their original answer "
+               f"(residual rate {residual_rate:.1%}")
+    if residual_rate > threshold:
+        return ResidualJudgement(BackdoorVerdict.PROBABLY_NOT_REMOVED,
+                                 f"the backdoor was probably not removed: {figures}, above "
+                                 f"spec.audit.residualThreshold {threshold:.1%}); do not deploy this model as clean")
+    return ResidualJudgement(BackdoorVerdict.REMOVED, f"{figures}, at most spec.audit.residualThreshold "
+                             f"{threshold:.1%})")
 
 
 class PurificationMetrics(MetricsSummary):

@@ -53,6 +53,9 @@ class ConditionType(str, Enum):
     SUSPENDED = "Suspended"
     RECONCILING = "Reconciling"  # kstatus: in progress
     STALLED = "Stalled"  # kstatus: cannot progress without a change to the spec or the cluster
+    # Set once the job succeeded: the audit's verdict on the purified model (True: the residual rate
+    # is at most spec.audit.residualThreshold; False: above it; Unknown: no residual sample).
+    BACKDOOR_REMOVED = "BackdoorRemoved"
 
 
 class ConditionStatus(str, Enum):
@@ -80,6 +83,10 @@ class Reason(str, Enum):
     UNSCHEDULABLE = "Unschedulable"  # the scheduler finds no node for a stage pod
     POD_PENDING = "PodPending"  # a stage pod has not started for longer than the operator's threshold
     ARTIFACTS_TAMPERED = "ArtifactsTampered"  # a figure file is not the one its stage published
+    RESIDUAL_BELOW_THRESHOLD = "ResidualBelowThreshold"  # BackdoorRemoved True
+    RESIDUAL_ABOVE_THRESHOLD = "ResidualAboveThreshold"  # BackdoorRemoved False
+    NO_RESIDUAL_SAMPLE = "NoResidualSample"  # BackdoorRemoved Unknown
+    BACKDOOR_NOT_REMOVED = "BackdoorNotRemoved"  # the Warning Event of a succeeded job whose residual is too high
 
 
 class Condition(ContractModel):

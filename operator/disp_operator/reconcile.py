@@ -18,7 +18,7 @@ from datetime import datetime, timedelta
 from enum import Enum
 from typing import Mapping, Optional
 
-from disp_api import MetricsSummary, PurificationJob, StageName, StageProgress
+from disp_api import BackdoorVerdict, MetricsSummary, PurificationJob, StageName, StageProgress, judge_residual
 from disp_api.spec import PURIFIED_MODEL_PATH
 from disp_api.status import (
     Condition,
@@ -217,9 +217,37 @@ def _reconcile(job: Optional[PurificationJob], status: PurificationJobStatus, ge
         "progress": JobProgress(percent=100, current_stage=None,
                                 last_update_time=plan.status.progress.last_update_time),
     })
+    judgement = judge_residual(observed.metrics.residual_rate, observed.metrics.residual_sample,
+                               job.spec.audit.residual_threshold)
     message = "purified model at " + plan.status.purified_model_uri + _figures(observed.metrics)
+    if judgement.verdict is BackdoorVerdict.PROBABLY_NOT_REMOVED:
+        message += "; " + judgement.message
     _finish(plan, JobPhase.SUCCEEDED, Reason.COMPLETED, message, generation, now)
+    _judge_backdoor(plan, judgement, generation, now)
     return plan
+
+
+_VERDICT_CONDITIONS = {
+    BackdoorVerdict.REMOVED: (ConditionStatus.TRUE, Reason.RESIDUAL_BELOW_THRESHOLD),
+    BackdoorVerdict.PROBABLY_NOT_REMOVED: (ConditionStatus.FALSE, Reason.RESIDUAL_ABOVE_THRESHOLD),
+    BackdoorVerdict.UNKNOWN: (ConditionStatus.UNKNOWN, Reason.NO_RESIDUAL_SAMPLE),
+}
+
+
+def _judge_backdoor(plan: Plan, judgement, generation: int, now: datetime) -> None:
+    """The audit's verdict on the purified model, as the BackdoorRemoved condition; a model the audit
+    finds still answering the suspects as the compromised one did also gets a Warning Event, so a
+    Succeeded job never hides it (the pipeline ran, the backdoor probably survived)."""
+    status, reason = _VERDICT_CONDITIONS[judgement.verdict]
+    old = plan.status.condition(ConditionType.BACKDOOR_REMOVED)
+    changed_at = old.last_transition_time if old is not None and old.status is status else now
+    condition = Condition(type=ConditionType.BACKDOOR_REMOVED, status=status, reason=reason,
+                          message=judgement.message, last_transition_time=changed_at,
+                          observed_generation=generation)
+    conditions = [c for c in plan.status.conditions if c.type is not ConditionType.BACKDOOR_REMOVED] + [condition]
+    plan.status = plan.status.model_copy(update={"conditions": conditions})
+    if judgement.verdict is BackdoorVerdict.PROBABLY_NOT_REMOVED:
+        plan.events.append(Event(EventType.WARNING, Reason.BACKDOOR_NOT_REMOVED, judgement.message))
 
 
 def _pin_runner_image(plan: Plan, stages: list[StageStatus], observed: Observation) -> None:

@@ -470,8 +470,9 @@ def _cmd_run(args) -> None:
                  seconds=None if outcome.skipped else round(outcome.seconds, 3), metrics=shown)
 
     if shard is None and not args.merge:
-        run_job(job, root, only=stage, show_progress=not args.no_progress, on_outcome=report, topology=topology,
-                signing_key_file=signing_key)
+        outcomes = run_job(job, root, only=stage, show_progress=not args.no_progress, on_outcome=report,
+                           topology=topology, signing_key_file=signing_key)
+        _say_backdoor_verdict(job, outcomes)
     else:
         run = open_run(job, root, show_progress=not args.no_progress)
         runner_stage = STAGES[stage]
@@ -487,6 +488,22 @@ def _cmd_run(args) -> None:
         else:
             report(run_stage(runner_stage, run, shard))
     logs.say(f"run folder: {run_uri(job, root)}", runFolder=run_uri(job, root))
+
+
+def _say_backdoor_verdict(job, outcomes) -> None:
+    """After the fine-tune (run now or found complete): the audit's verdict on the purified model, as
+    the operator's BackdoorRemoved condition gives it; a warning when the backdoor probably survived."""
+    from disp_api import BackdoorVerdict, StageName, judge_residual
+
+    finetune = next((o for o in outcomes if o.stage is StageName.FINETUNE and o.shard is None), None)
+    if finetune is None:
+        return
+    judgement = judge_residual(finetune.metrics.get("residualRate"), finetune.metrics.get("residualSample"),
+                               job.spec.audit.residual_threshold)
+    if judgement.verdict is BackdoorVerdict.PROBABLY_NOT_REMOVED:
+        logs.say(f"warning: {judgement.message}", level="warning", verdict=judgement.verdict.value)
+    else:
+        logs.say(f"audit: {judgement.message}", verdict=judgement.verdict.value)
 
 
 def _cmd_verify(args) -> None:

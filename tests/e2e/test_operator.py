@@ -15,7 +15,7 @@ import urllib.request
 import kubernetes
 import pytest
 
-from disp_api import MetricsSummary, StageName
+from disp_api import BackdoorVerdict, MetricsSummary, StageName, judge_residual
 from disp_store.s3 import S3Store
 from tests.e2e.support import (ACCESS, CREDENTIALS_SECRET, SECRET, PodFault, chart_values, finished, free_port,
                                manifest, operator, standin_manifest, wait_until)
@@ -37,6 +37,9 @@ def test_a_manifest_runs_every_stage_and_ends_succeeded(cluster, kubelet, worksp
         body = cluster.wait_for(cluster.namespace, "tiny", finished, 300, "the job to finish")
         # kopf posts Events in the background, shortly after the status
         wait_until(lambda: any(e["reason"] == "Completed" for e in cluster.events(cluster.namespace)), 10, "the last Event")
+        if any(c["type"] == "BackdoorRemoved" and c["status"] == "False" for c in body["status"]["conditions"]):
+            wait_until(lambda: any(e["reason"] == "BackdoorNotRemoved" for e in cluster.events(cluster.namespace)),
+                       10, "the audit's Warning")
         scrape = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
     status = body["status"]
     assert status["phase"] == "Succeeded", status
@@ -81,6 +84,13 @@ def test_a_manifest_runs_every_stage_and_ends_succeeded(cluster, kubelet, worksp
     assert len(retry) == 1 and retry[0][0] == "Warning" and "OOM-killed" in retry[0][2]
     (completed,) = [e for e in events if e[1] == "Completed"]  # Events carry no order; their count does
     assert completed[0] == "Normal" and "ASR" in completed[2]
+    # The audit's verdict, as the CRD's status schema accepts it: the condition, and a Warning only
+    # when the residual rate is above the job's threshold.
+    judgement = judge_residual(status["metrics"].get("residualRate"), status["metrics"].get("residualSample"), 0.05)
+    verdict = conditions["BackdoorRemoved"]
+    assert (verdict["status"], verdict["message"]) == ({BackdoorVerdict.REMOVED: "True", BackdoorVerdict.UNKNOWN:
+                                                        "Unknown"}.get(judgement.verdict, "False"), judgement.message)
+    assert reasons.count("BackdoorNotRemoved") == (judgement.verdict is BackdoorVerdict.PROBABLY_NOT_REMOVED)
     for text in (json.dumps(body), json.dumps(events), runner.output):
         assert SECRET not in text and ACCESS not in text
 

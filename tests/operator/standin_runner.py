@@ -73,7 +73,8 @@ def main() -> int:
 def evaluation_metrics() -> dict:
     """The evaluate stage's metrics.json, valid under the schema the real stage writes."""
     metrics = {**METRICS, "before": _model_metrics(0.97), "after": _model_metrics(0.02), "audit": AUDIT,
-               "estimatedPoisonedShare": AUDIT["estimatedPoisonedShare"], "residualRate": AUDIT["residualRate"]}
+               "estimatedPoisonedShare": AUDIT["estimatedPoisonedShare"], "residualRate": AUDIT["residualRate"],
+               "residualSample": AUDIT["residualSample"]}
     PurificationMetrics.model_validate(metrics)
     return metrics
 

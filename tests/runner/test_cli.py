@@ -111,3 +111,40 @@ def test_run_reads_the_manifest_the_operator_puts_in_the_environment(capsys, mon
     assert code == EXIT_USER_ERROR and "$DISP_JOB: not set" in err
     code, err = _run(capsys, "run", str(tmp_path / "job.yaml"), "--manifest-env", "DISP_JOB")
     assert code == EXIT_USER_ERROR and "either a manifest file or --manifest-env" in err
+
+
+def test_run_ends_with_the_audits_verdict_and_warns_when_the_backdoor_probably_survived(capsys, workspace,
+                                                                                        monkeypatch):
+    from disp_api import PurificationJob, StageName, judge_residual
+    from disp_runner.pipeline import runner
+    from disp_runner.pipeline.artifacts import RunLayout, read_stage_manifest
+    from tests.tiny import job_document
+
+    # Every instance a suspect, so the purified model is asked for the residual rate.
+    doc = job_document(workspace, audit={"suspicionThreshold": 0.001}, evaluation=None)
+    (workspace / "job.json").write_text(json.dumps(doc))
+    assert main(["run", str(workspace / "job.json"), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    layout = RunLayout.for_job(PurificationJob.model_validate(doc), workspace / "out")
+    figures = read_stage_manifest(layout.stage_dir(StageName.FINETUNE))["metrics"]
+    assert figures["residualSample"] > 0
+    judgement = judge_residual(figures["residualRate"], figures["residualSample"], 0.05)
+    assert judgement.message in out  # the same sentence the operator's BackdoorRemoved condition carries
+
+    # A fine-tune whose audit says most suspects keep their answer: a warning, and still exit 0 (the
+    # run completed; in a cluster the job is Succeeded with BackdoorRemoved=False).
+    finished = runner.run_job
+
+    def survived(*args, **kwargs):
+        outcomes = finished(*args, **kwargs)
+        return [o if o.stage is not StageName.FINETUNE else
+                runner.StageOutcome(o.stage, o.skipped, o.seconds, {**o.metrics, "residualRate": 0.75,
+                                                                     "residualSample": 8})
+                for o in outcomes]
+
+    monkeypatch.setattr(runner, "run_job", survived)
+    assert main(["run", str(workspace / "job.json"), "--no-progress"]) == 0
+    captured = capsys.readouterr()
+    assert ("warning: the backdoor was probably not removed: the purified model still gives 6 of the top 8 "
+            "suspects their original answer (residual rate 75.0%, above spec.audit.residualThreshold 5.0%)"
+            ) in captured.err

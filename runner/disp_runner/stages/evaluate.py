@@ -71,7 +71,7 @@ class EvaluateStage:
             clean_performance_before=before.clean_performance if clean else None,
             clean_performance_after=after.clean_performance if clean else None,
             retention=retention, estimated_poisoned_share=audit.estimated_poisoned_share,
-            residual_rate=audit.residual_rate, before=before, after=after, audit=audit,
+            residual_rate=audit.residual_rate, residual_sample=audit.residual_sample, before=before, after=after, audit=audit,
             masked_inference=masked_inference,
             masked_inference_ratio=spec.masked_inference.ratio if spec.masked_inference else None)
         (out / METRICS_FILE).write_text(json.dumps(metrics.to_wire(), indent=2))
