@@ -15,6 +15,7 @@ from disp_api.spec import (
     FinetuneSharding,
     FinetuneSpec,
     LogFormat,
+    MaskingFill,
     MaskingSpace,
     MaskingSpec,
     ModelSource,
@@ -36,7 +37,7 @@ from disp_api.spec import (
 
 __all__ = [
     "AttackRecord", "AttackSpec", "AttackTarget", "AuditFigures", "BackdoorVerdict", "Corner", "DatasetSource", "DecodingCache", "DecodingSpec", "EmptyAnswers", "EvaluationMetrics", "EvaluationSpec",
-    "FinetuneLabels", "FinetuneSharding", "FinetuneSpec", "LogFormat", "MaskingSpace", "MaskingSpec", "MetricsCounts", "MetricsSummary", "ModelSource", "ObjectMeta", "OutputSpec", "ParallelismSpec",
+    "FinetuneLabels", "FinetuneSharding", "FinetuneSpec", "LogFormat", "MaskingFill", "MaskingSpace", "MaskingSpec", "MetricsCounts", "MetricsSummary", "ModelSource", "ObjectMeta", "OutputSpec", "ParallelismSpec",
     "PurificationJob", "PurificationJobSpec", "PurificationMetrics", "ResidualJudgement", "judge_residual", "RelabelAcceptance", "RelabelSpec", "ProbeDraws", "Profile", "SaliencySpec", "SecretKeyRef", "StageName", "StageProgress", "StorageSpec",
     "TargetSpec", "TrainableParts", "TriggerKind", "TriggerSpec",
 ]

@@ -260,7 +260,18 @@ class MaskingSpace(str, Enum):
     PIXELS = "pixels"  # their image cells are painted over before the vision tower sees the image
 
 
+class MaskingFill(str, Enum):
+    """What the painted cells show, with masking.space: pixels."""
+
+    BORDER = "border"  # the median colour of the image's border (the scene's background, where it has one)
+    INPAINT = "inpaint"  # drawn in from the surrounding pixels (Telea's fast marching, OpenCV's inpaint)
+
+
 class MaskingSpec(ContractModel):
+    model_config = with_cel_rules(
+        ("!has(self.fill) || self.fill != 'inpaint' || (has(self.space) && self.space == 'pixels')",
+         "fill: inpaint paints image cells, so it needs space: pixels"))
+
     ratio: float = Field(0.3, gt=0.0, le=1.0)
     """ρ: the top ⌊ρ·T_img⌋ most salient visual tokens of each instance are masked."""
     space: MaskingSpace = MaskingSpace.TOKENS
@@ -269,6 +280,17 @@ class MaskingSpec(ContractModel):
     instead, so the vision tower never sees what they showed: its attention spreads a trigger's
     evidence into neighbouring tokens, which token masking leaves in place (docs/results.md, "Triggers
     anywhere"). The audit still masks tokens."""
+    fill: MaskingFill = MaskingFill.BORDER
+    """With space: pixels, what the painted cells show. border: the image's border colour, which
+    erases whatever the cells showed, an object's part included. inpaint: the cells drawn in from
+    the pixels around them, so a trigger over an object is replaced by the object's surface rather
+    than by background (docs/results.md gives the measured effect)."""
+
+    @model_validator(mode="after")
+    def _fill_paints_pixels(self) -> "MaskingSpec":
+        if self.fill is MaskingFill.INPAINT and self.space is not MaskingSpace.PIXELS:
+            raise ValueError("fill: inpaint paints image cells, so it needs space: pixels")
+        return self
     blur_sigma: Optional[float] = Field(None, gt=0.0, le=64.0)
     """Beyond the paper, opt-in: relabel also sees the image blurred (Gaussian, this σ in pixels of
     the stored image), which neutralises whole-image triggers made of fine noise (Blended keys) that

@@ -351,6 +351,8 @@ CEL_REFUSED = [
      job_body(evaluation=_evaluation(decoding={"genLength": 20, "blockLength": 16})), "genLength", True),
     ("cache refresh without a cache",
      job_body(relabel={"decoding": {"cacheRefreshSteps": 4}}), "cacheRefreshSteps", True),
+    ("inpainting without painting pixels", job_body(masking={"fill": "inpaint"}), "fill", True),
+    ("inpainting while masking tokens", job_body(masking={"fill": "inpaint", "space": "tokens"}), "fill", True),
     ("evaluation with both attack and attackUri", job_body(evaluation=_evaluation(attackUri="s3://attacks/attack")),
      "attackUri", True),
     ("evaluation with neither attack nor attackUri", job_body(evaluation={"triggeredUri": "s3://eval/t"}),
@@ -412,6 +414,7 @@ def test_the_api_server_refuses_at_apply_what_disp_run_and_the_operator_refuse(c
 
 def test_the_generated_cel_rules_accept_every_example_and_a_valid_spec():
     assert cel_refusals(job_body()) == []
+    assert cel_refusals(job_body(masking={"space": "pixels", "fill": "inpaint"})) == []
     assert cel_refusals(job_body(evaluation=_attack(trigger={"kind": "blended"}, target={
         "kind": "misclassification", "sourceClass": "circle", "targetClass": "square"}))) == []
     for example in EXAMPLES:

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from disp_api import MaskingFill
 from disp_runner.data.instances import Instance
 from disp_runner.disp.token_grid import seeing_tokens, tokens_covered
 from disp_runner.errors import UserInputError
@@ -57,18 +58,31 @@ def trigger_localisation(masked: Sequence[int], trigger_tokens: Sequence[int]) -
     return sum(t in chosen for t in trigger_tokens) / len(trigger_tokens)
 
 
-def paint_token_cells(image: Image.Image, layout: VisualLayout, tokens: Sequence[int]) -> Image.Image:
-    """`masking.space: pixels`: the image with the cells the given visual tokens see painted in the
-    median colour of its border (the scene's background, where it has one), so the vision tower
-    never sees what they showed. Tokens that see no cell (row separators) paint nothing."""
+def paint_token_cells(image: Image.Image, layout: VisualLayout, tokens: Sequence[int],
+                      fill: MaskingFill = MaskingFill.BORDER) -> Image.Image:
+    """`masking.space: pixels`: the image with the cells the given visual tokens see painted over,
+    so the vision tower never sees what they showed: in the median colour of its border (the
+    scene's background, where it has one), or, with `fill` inpaint, drawn in from the pixels
+    around the cells. Tokens that see no cell (row separators) paint nothing."""
     pixels = np.array(image.convert("RGB"))
-    border = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
-    colour = np.median(border, axis=0).astype(np.uint8)
-    chosen = set(tokens)
+    painted = np.zeros(pixels.shape[:2], dtype=np.uint8)
+    chosen, side = set(tokens), 0
     for grid in layout.grids:
         for token, (x0, y0, x1, y1) in grid.cells():
             if token in chosen:
-                pixels[y0:y1, x0:x1] = colour
+                painted[y0:y1, x0:x1] = 1
+                side = max(side, x1 - x0, y1 - y0)
+    if not painted.any():
+        return Image.fromarray(pixels)
+    if fill is MaskingFill.INPAINT and not painted.all():
+        import cv2  # only this fill needs it
+
+        # Telea's fast marching fills each painted pixel from the known ones around it, nearest
+        # first, so a cell inside an object takes the object's colour and one on its edge the
+        # edge's; each pixel's estimate weighs the known pixels within half a cell.
+        return Image.fromarray(cv2.inpaint(pixels, painted, max(1, side // 2), cv2.INPAINT_TELEA))
+    border = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
+    pixels[painted.astype(bool)] = np.median(border, axis=0).astype(np.uint8)
     return Image.fromarray(pixels)
 
 

@@ -214,7 +214,9 @@ def _masked_inputs(inputs: StageInputs, instances: list[Instance],
         shown = [inst.map_image(lambda image: image.filter(ImageFilter.GaussianBlur(blur))) for inst in shown]
     if spec.masking.space is MaskingSpace.PIXELS:
         layout_of = inputs.model.processor.layout_of
-        return [inst.map_image(lambda image, inst=inst, tokens=tokens: paint_token_cells(image, layout_of(inst), tokens))
+        fill = spec.masking.fill
+        return [inst.map_image(lambda image, inst=inst, tokens=tokens: paint_token_cells(image, layout_of(inst), tokens,
+                                                                                        fill))
                 for inst, tokens in zip(shown, masked)], None
     mask_embedding = inputs.model.model.mask_embedding().detach()
     return shown, lambda image_embeds, rows: mask_image_embeds(image_embeds, masked[rows], mask_embedding)
