@@ -230,6 +230,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("demo", help="the whole story on the embedded default (no cluster, no server)")
     p.add_argument("--workdir", default="runs/demo")
     p.add_argument("--base", default=None, help="clean base model folder (default: the shipped one)")
+    p.add_argument("--processes", type=_bounded_int(1, 64), default=None,
+                   help="scenarios run at once, each in its own process with a share of --threads "
+                        "(default: one per thread on a CPU, one on a GPU)")
     return parser
 
 
@@ -547,10 +550,14 @@ def _cmd_verify(args) -> None:
 
 
 def _cmd_demo(args) -> None:
-    from disp_runner.demo import run_demo
+    from disp_runner.demo import DEMO_SCENARIOS, demo_processes, run_demo
+    from disp_runner.device import default_device
     from disp_runner.models.mdlm.embedded import SHIPPED_BASE_MODEL
 
-    run_demo(args.workdir, base_model=args.base or SHIPPED_BASE_MODEL, show_progress=not args.no_progress)
+    threads, _ = args.threads_chosen
+    processes = args.processes or demo_processes(threads, len(DEMO_SCENARIOS), default_device().type)
+    run_demo(args.workdir, base_model=args.base or SHIPPED_BASE_MODEL, show_progress=not args.no_progress,
+             processes=processes)
 
 
 COMMANDS = {"data": _cmd_data, "pretrain": _cmd_pretrain, "attack": _cmd_attack, "evaluate": _cmd_evaluate,
