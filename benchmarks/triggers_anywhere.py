@@ -10,7 +10,8 @@ until its validation ASR reaches 90% (`disp attack --target-asr 0.9`), and runs 
 PurificationJob recipe on it with `disp run`'s code: the paper's saliency, masking and relabel
 defaults and the demo's fine-tune. It prints one table: implanting (epochs, validation ASR), ASR
 before/after, false firing after, clean performance before/after, retention, trigger
-localisation, and seconds. Prints figures, never asserts; docs/results.md "Triggers anywhere" quotes it.
+localisation, the audit's residual rate and the BackdoorRemoved verdict a cluster would show
+(spec.audit.residualThreshold), and seconds. Prints figures, never asserts; docs/results.md "Triggers anywhere" quotes it.
 """
 
 from __future__ import annotations
@@ -89,7 +90,7 @@ def run_combination(combo: Combination, work: str, overrides: list[tuple[str, ob
     import torch
 
     torch.set_num_threads(threads)
-    from disp_api import AttackSpec, PurificationJob, PurificationMetrics, StageName
+    from disp_api import AttackSpec, PurificationJob, PurificationMetrics, StageName, judge_residual
     from disp_runner.attack.kit import AttackArtifacts, ImplantGoal, run_attack
     from disp_runner.data.dataset import load_dataset
     from disp_runner.demo import demo_job
@@ -131,23 +132,37 @@ def run_combination(combo: Combination, work: str, overrides: list[tuple[str, ob
             "falseFiringAfter": metrics.false_firing_after, "cleanBefore": metrics.clean_performance_before,
             "cleanAfter": metrics.clean_performance_after, "retention": metrics.retention,
             "localisation": masking.get("triggerLocalisation"), "attackSeconds": attack_seconds,
-            "disSeconds": sum(o.seconds for o in outcomes)}
+            "disSeconds": sum(o.seconds for o in outcomes), "residualRate": metrics.residual_rate,
+            "residualSample": metrics.residual_sample,
+            "verdict": judge_residual(metrics.residual_rate, metrics.residual_sample,
+                                      job.spec.audit.residual_threshold).verdict.value}
 
 
 def _pct(value) -> str:
     return "n/a" if value is None else f"{100 * value:.1f}%"
 
 
+# The BackdoorRemoved condition a cluster would show for the row's job (spec.audit.residualThreshold).
+_VERDICT_SHOWN = {"Removed": "True", "ProbablyNotRemoved": "**False**", "Unknown": "Unknown"}
+
+
+def _residual(row: dict) -> str:
+    if not row["residualSample"]:
+        return "n/a"
+    return f"{_pct(row['residualRate'])} of {row['residualSample']}"
+
+
 def format_table(rows: list[dict]) -> str:
     lines = ["| combination | implanted (epochs, validation ASR) | ASR before | ASR after | false firing after | "
-             "clean before | clean after | retention | localisation | seconds (attack + DiSP) |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "clean before | clean after | retention | localisation | residual (audit) | BackdoorRemoved | "
+             "seconds (attack + DiSP) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         implanted = f"{'yes' if r['implanted'] else 'NO'} ({r['implantEpochs']:g}, {_pct(r['validationAsr'])})"
         lines.append(f"| {r['name']} | {implanted} | {_pct(r['asrBefore'])} | **{_pct(r['asrAfter'])}** | "
                      f"{_pct(r['falseFiringAfter'])} | {_pct(r['cleanBefore'])} | {_pct(r['cleanAfter'])} | "
-                     f"{_pct(r['retention'])} | {_pct(r['localisation'])} | "
-                     f"{r['attackSeconds']:.0f} + {r['disSeconds']:.0f} |")
+                     f"{_pct(r['retention'])} | {_pct(r['localisation'])} | {_residual(r)} | "
+                     f"{_VERDICT_SHOWN[r['verdict']]} | {r['attackSeconds']:.0f} + {r['disSeconds']:.0f} |")
     return "\n".join(lines)
 
 
