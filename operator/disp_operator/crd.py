@@ -167,6 +167,8 @@ def build_crd() -> dict[str, Any]:
          "description": "Share of the training data the audit finds carried by a few visual tokens"},
         {"name": "Residual", "type": "number", "jsonPath": ".status.metrics.residualRate",
          "description": "How often the purified model still answers a suspect as the compromised one did"},
+        {"name": "Removed", "type": "string", "jsonPath": '.status.conditions[?(@.type=="BackdoorRemoved")].status',
+         "description": "The audit's verdict: False when the residual rate is above spec.audit.residualThreshold"},
         {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
     ]
     return {

@@ -91,6 +91,14 @@ def test_a_manifest_runs_every_stage_and_ends_succeeded(cluster, kubelet, worksp
     assert (verdict["status"], verdict["message"]) == ({BackdoorVerdict.REMOVED: "True", BackdoorVerdict.UNKNOWN:
                                                         "Unknown"}.get(judgement.verdict, "False"), judgement.message)
     assert reasons.count("BackdoorNotRemoved") == (judgement.verdict is BackdoorVerdict.PROBABLY_NOT_REMOVED)
+    # `kubectl get pj` shows it: the API server's own table for the resource (its printer columns).
+    table = cluster.plane.admin().call_api(
+        f"/apis/disp.dev/v1alpha1/namespaces/{cluster.namespace}/purificationjobs/tiny", "GET",
+        header_params={"Accept": "application/json;as=Table;v=v1;g=meta.k8s.io"}, auth_settings=["BearerToken"],
+        _preload_content=False, _return_http_data_only=True)
+    table = json.loads(table.data)
+    columns = [c["name"] for c in table["columnDefinitions"]]
+    assert table["rows"][0]["cells"][columns.index("Removed")] == verdict["status"]
     for text in (json.dumps(body), json.dumps(events), runner.output):
         assert SECRET not in text and ACCESS not in text
 
