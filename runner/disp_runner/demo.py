@@ -233,7 +233,8 @@ def _purify_saying(task: _Scenario, show_progress: bool, say: Callable[[str], No
         (layout.stage_dir(StageName.EVALUATE) / METRICS_FILE).read_text())
     masking = next(o for o in outcomes if o.stage is StageName.MASKING).metrics
     return PurificationRow(name=name, metrics=metrics, localisation=masking.get("triggerLocalisation"),
-                           stage_seconds=_seconds_per_stage(outcomes))
+                           stage_seconds=_seconds_per_stage(outcomes),
+                           residual_threshold=job.spec.audit.residual_threshold)
 
 
 def _seconds_per_stage(outcomes: list[StageOutcome]) -> dict[str, float]:

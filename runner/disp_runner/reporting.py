@@ -9,7 +9,8 @@ from typing import Callable, Sequence
 
 from PIL import Image, ImageDraw
 
-from disp_api import EvaluationMetrics, PurificationMetrics
+from disp_api import BackdoorVerdict, EvaluationMetrics, PurificationMetrics, judge_residual
+from disp_api.spec import AuditSpec
 from disp_runner.data.instances import Instance
 from disp_runner.disp.audit import SuspectRecord
 from disp_runner.disp.masking import known_trigger_tokens
@@ -40,22 +41,29 @@ class PurificationRow:
     metrics: PurificationMetrics
     localisation: float | None = None
     stage_seconds: dict[str, float] = field(default_factory=dict)
+    residual_threshold: float = AuditSpec().residual_threshold  # the job's spec.audit.residualThreshold
 
 
 def format_purification_table(rows: Sequence[PurificationRow]) -> str:
     """ASR before -> after, false firing, clean performance before -> after, retention, trigger
-    localisation, and the seconds each stage took."""
+    localisation, the audit's residual rate and the BackdoorRemoved verdict a cluster would show
+    (True, False or Unknown), and the seconds each stage took."""
     header = (f"{'scenario':<26} {'ASR before':>10} {'ASR after':>10} {'false-fire':>10} {'clean before':>12} "
-              f"{'clean after':>11} {'retention':>9} {'localised':>9}")
+              f"{'clean after':>11} {'retention':>9} {'localised':>9} {'residual':>9} {'removed':>8}")
     lines = [header, "-" * len(header)]
+    shown = {BackdoorVerdict.REMOVED: "True", BackdoorVerdict.PROBABLY_NOT_REMOVED: "False",
+             BackdoorVerdict.UNKNOWN: "Unknown"}
     for row in rows:
         m = row.metrics
         clean_b = _pct(m.clean_performance_before) if m.clean_performance_before is not None else "-"
         clean_a = _pct(m.clean_performance_after) if m.clean_performance_after is not None else "-"
         retention = _pct(m.retention) if m.retention is not None else "-"
         local = _pct(row.localisation) if row.localisation is not None else "n/a"
+        residual = _pct(m.residual_rate) if m.residual_rate is not None and m.residual_sample else "n/a"
+        verdict = judge_residual(m.residual_rate, m.residual_sample, row.residual_threshold).verdict
         lines.append(f"{row.name:<26} {_pct(m.asr_before):>10} {_pct(m.asr_after):>10} "
-                     f"{_pct(m.false_firing_after):>10} {clean_b:>12} {clean_a:>11} {retention:>9} {local:>9}")
+                     f"{_pct(m.false_firing_after):>10} {clean_b:>12} {clean_a:>11} {retention:>9} {local:>9} "
+                     f"{residual:>9} {shown[verdict]:>8}")
     stages = list(dict.fromkeys(s for row in rows for s in row.stage_seconds))
     lines += ["", f"{'seconds per stage':<26} " + " ".join(f"{s:>10}" for s in stages)]
     for row in rows:

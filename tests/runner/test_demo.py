@@ -67,3 +67,19 @@ def test_one_after_another_every_line_is_printed_as_it_comes_in_this_process(tmp
     assert [r.name for r in rows] == ["patch-insertion", "patch-refusal", "patch-misclassification"]
     assert "scenarios at once" not in out and "patch-insertion: a stage's progress line" in out
     assert f"patch-refusal: pid {os.getpid()}" in out
+
+
+def test_the_table_gives_the_audits_residual_rate_and_verdict_beside_the_measured_asr():
+    from disp_runner.reporting import format_purification_table
+
+    metrics = PurificationMetrics.model_validate(evaluation_metrics())
+    rows = [PurificationRow("removed", metrics.model_copy(update={"residual_rate": 2 / 64, "residual_sample": 64})),
+            PurificationRow("survived", metrics.model_copy(update={"residual_rate": 7 / 12, "residual_sample": 12})),
+            PurificationRow("lenient", metrics.model_copy(update={"residual_rate": 7 / 12, "residual_sample": 12}),
+                            residual_threshold=0.6),
+            PurificationRow("no sample", metrics.model_copy(update={"residual_rate": None, "residual_sample": 0}))]
+    table = format_purification_table(rows).splitlines()
+    assert table[0].split()[-2:] == ["residual", "removed"]
+    cells = {line[:26].strip(): line.split()[-2:] for line in table[2:6]}
+    assert cells == {"removed": ["3.1%", "True"], "survived": ["58.3%", "False"], "lenient": ["58.3%", "True"],
+                     "no sample": ["n/a", "Unknown"]}
