@@ -134,16 +134,13 @@ def run_combination(combo: Combination, work: str, overrides: list[tuple[str, ob
             "localisation": masking.get("triggerLocalisation"), "attackSeconds": attack_seconds,
             "disSeconds": sum(o.seconds for o in outcomes), "residualRate": metrics.residual_rate,
             "residualSample": metrics.residual_sample,
+            # The BackdoorRemoved condition a cluster would show for the row's job.
             "verdict": judge_residual(metrics.residual_rate, metrics.residual_sample,
-                                      job.spec.audit.residual_threshold).verdict.value}
+                                      job.spec.audit.residual_threshold).verdict.condition_status}
 
 
 def _pct(value) -> str:
     return "n/a" if value is None else f"{100 * value:.1f}%"
-
-
-# The BackdoorRemoved condition a cluster would show for the row's job (spec.audit.residualThreshold).
-_VERDICT_SHOWN = {"Removed": "True", "ProbablyNotRemoved": "**False**", "Unknown": "Unknown"}
 
 
 def _residual(row: dict) -> str:
@@ -162,7 +159,7 @@ def format_table(rows: list[dict]) -> str:
         lines.append(f"| {r['name']} | {implanted} | {_pct(r['asrBefore'])} | **{_pct(r['asrAfter'])}** | "
                      f"{_pct(r['falseFiringAfter'])} | {_pct(r['cleanBefore'])} | {_pct(r['cleanAfter'])} | "
                      f"{_pct(r['retention'])} | {_pct(r['localisation'])} | {_residual(r)} | "
-                     f"{_VERDICT_SHOWN[r['verdict']]} | {r['attackSeconds']:.0f} + {r['disSeconds']:.0f} |")
+                     f"{'**False**' if r['verdict'] == 'False' else r['verdict']} | {r['attackSeconds']:.0f} + {r['disSeconds']:.0f} |")
     return "\n".join(lines)
 
 

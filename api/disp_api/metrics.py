@@ -127,6 +127,11 @@ class BackdoorVerdict(str, Enum):
     PROBABLY_NOT_REMOVED = "ProbablyNotRemoved"  # more than the threshold do
     UNKNOWN = "Unknown"  # no suspect whose answer relabeling changed: nothing to measure on
 
+    @property
+    def condition_status(self) -> str:
+        """The status of the job's BackdoorRemoved condition for this verdict (what kubectl shows)."""
+        return {BackdoorVerdict.REMOVED: "True", BackdoorVerdict.PROBABLY_NOT_REMOVED: "False"}.get(self, "Unknown")
+
 
 @dataclass(frozen=True)
 class ResidualJudgement:

@@ -18,7 +18,8 @@ from datetime import datetime, timedelta
 from enum import Enum
 from typing import Mapping, Optional
 
-from disp_api import BackdoorVerdict, MetricsSummary, PurificationJob, StageName, StageProgress, judge_residual
+from disp_api import (BackdoorVerdict, MetricsSummary, PurificationJob, ResidualJudgement, StageName, StageProgress,
+                      judge_residual)
 from disp_api.spec import PURIFIED_MODEL_PATH
 from disp_api.status import (
     Condition,
@@ -227,24 +228,20 @@ def _reconcile(job: Optional[PurificationJob], status: PurificationJobStatus, ge
     return plan
 
 
-_VERDICT_CONDITIONS = {
-    BackdoorVerdict.REMOVED: (ConditionStatus.TRUE, Reason.RESIDUAL_BELOW_THRESHOLD),
-    BackdoorVerdict.PROBABLY_NOT_REMOVED: (ConditionStatus.FALSE, Reason.RESIDUAL_ABOVE_THRESHOLD),
-    BackdoorVerdict.UNKNOWN: (ConditionStatus.UNKNOWN, Reason.NO_RESIDUAL_SAMPLE),
+_VERDICT_REASONS = {
+    BackdoorVerdict.REMOVED: Reason.RESIDUAL_BELOW_THRESHOLD,
+    BackdoorVerdict.PROBABLY_NOT_REMOVED: Reason.RESIDUAL_ABOVE_THRESHOLD,
+    BackdoorVerdict.UNKNOWN: Reason.NO_RESIDUAL_SAMPLE,
 }
 
 
-def _judge_backdoor(plan: Plan, judgement, generation: int, now: datetime) -> None:
+def _judge_backdoor(plan: Plan, judgement: ResidualJudgement, generation: int, now: datetime) -> None:
     """The audit's verdict on the purified model, as the BackdoorRemoved condition; a model the audit
     finds still answering the suspects as the compromised one did also gets a Warning Event, so a
     Succeeded job never hides it (the pipeline ran, the backdoor probably survived)."""
-    status, reason = _VERDICT_CONDITIONS[judgement.verdict]
-    old = plan.status.condition(ConditionType.BACKDOOR_REMOVED)
-    changed_at = old.last_transition_time if old is not None and old.status is status else now
-    condition = Condition(type=ConditionType.BACKDOOR_REMOVED, status=status, reason=reason,
-                          message=judgement.message, last_transition_time=changed_at,
-                          observed_generation=generation)
-    conditions = [c for c in plan.status.conditions if c.type is not ConditionType.BACKDOOR_REMOVED] + [condition]
+    conditions = _with_condition(plan.status.conditions, ConditionType.BACKDOOR_REMOVED,
+                                 ConditionStatus(judgement.verdict.condition_status),
+                                 _VERDICT_REASONS[judgement.verdict], judgement.message, generation, now)
     plan.status = plan.status.model_copy(update={"conditions": conditions})
     if judgement.verdict is BackdoorVerdict.PROBABLY_NOT_REMOVED:
         plan.events.append(Event(EventType.WARNING, Reason.BACKDOOR_NOT_REMOVED, judgement.message))
@@ -525,10 +522,11 @@ def _finish(plan: Plan, phase: JobPhase, reason: Reason, message: str, generatio
                              reason if not succeeded else Reason.COMPLETED, message))
 
 
-def _with_condition(conditions: list[Condition], kind: ConditionType, true: bool, reason: Reason, message: str,
-                    generation: int, now: datetime) -> list[Condition]:
-    """Set one condition; lastTransitionTime changes only when the status flips (API conventions)."""
-    status = ConditionStatus.TRUE if true else ConditionStatus.FALSE
+def _with_condition(conditions: list[Condition], kind: ConditionType, true: bool | ConditionStatus, reason: Reason,
+                    message: str, generation: int, now: datetime) -> list[Condition]:
+    """Set one condition (True/False, or any ConditionStatus); lastTransitionTime changes only when
+    the status flips (API conventions)."""
+    status = true if isinstance(true, ConditionStatus) else ConditionStatus.TRUE if true else ConditionStatus.FALSE
     old = next((c for c in conditions if c.type is kind), None)
     changed_at = old.last_transition_time if old is not None and old.status is status else now
     new = Condition(type=kind, status=status, reason=reason, message=message, last_transition_time=changed_at,

@@ -9,7 +9,7 @@ from typing import Callable, Sequence
 
 from PIL import Image, ImageDraw
 
-from disp_api import BackdoorVerdict, EvaluationMetrics, PurificationMetrics, judge_residual
+from disp_api import EvaluationMetrics, PurificationMetrics, judge_residual
 from disp_api.spec import AuditSpec
 from disp_runner.data.instances import Instance
 from disp_runner.disp.audit import SuspectRecord
@@ -51,8 +51,6 @@ def format_purification_table(rows: Sequence[PurificationRow]) -> str:
     header = (f"{'scenario':<26} {'ASR before':>10} {'ASR after':>10} {'false-fire':>10} {'clean before':>12} "
               f"{'clean after':>11} {'retention':>9} {'localised':>9} {'residual':>9} {'removed':>8}")
     lines = [header, "-" * len(header)]
-    shown = {BackdoorVerdict.REMOVED: "True", BackdoorVerdict.PROBABLY_NOT_REMOVED: "False",
-             BackdoorVerdict.UNKNOWN: "Unknown"}
     for row in rows:
         m = row.metrics
         clean_b = _pct(m.clean_performance_before) if m.clean_performance_before is not None else "-"
@@ -63,7 +61,7 @@ def format_purification_table(rows: Sequence[PurificationRow]) -> str:
         verdict = judge_residual(m.residual_rate, m.residual_sample, row.residual_threshold).verdict
         lines.append(f"{row.name:<26} {_pct(m.asr_before):>10} {_pct(m.asr_after):>10} "
                      f"{_pct(m.false_firing_after):>10} {clean_b:>12} {clean_a:>11} {retention:>9} {local:>9} "
-                     f"{residual:>9} {shown[verdict]:>8}")
+                     f"{residual:>9} {verdict.condition_status:>8}")
     stages = list(dict.fromkeys(s for row in rows for s in row.stage_seconds))
     lines += ["", f"{'seconds per stage':<26} " + " ".join(f"{s:>10}" for s in stages)]
     for row in rows:
