@@ -5,6 +5,7 @@ from disp_api.attack import AttackRecord, AttackSpec, AttackTarget, Corner, Targ
 from disp_api.metrics import (AuditFigures, BackdoorVerdict, EvaluationMetrics, MetricsCounts, MetricsSummary,
                               PurificationMetrics, ResidualJudgement, judge_residual)
 from disp_api.progress import StageProgress
+from disp_api.rounds import Recipe, RoundRecord
 from disp_api.spec import (
     DatasetSource,
     DecodingCache,
@@ -26,6 +27,8 @@ from disp_api.spec import (
     PurificationJobSpec,
     RelabelAcceptance,
     RelabelSpec,
+    RoundPolicy,
+    RoundsSpec,
     ProbeDraws,
     Profile,
     SaliencySpec,
@@ -38,6 +41,6 @@ from disp_api.spec import (
 __all__ = [
     "AttackRecord", "AttackSpec", "AttackTarget", "AuditFigures", "BackdoorVerdict", "Corner", "DatasetSource", "DecodingCache", "DecodingSpec", "EmptyAnswers", "EvaluationMetrics", "EvaluationSpec",
     "FinetuneLabels", "FinetuneSharding", "FinetuneSpec", "LogFormat", "MaskingFill", "MaskingSpace", "MaskingSpec", "MetricsCounts", "MetricsSummary", "ModelSource", "ObjectMeta", "OutputSpec", "ParallelismSpec",
-    "PurificationJob", "PurificationJobSpec", "PurificationMetrics", "ResidualJudgement", "judge_residual", "RelabelAcceptance", "RelabelSpec", "ProbeDraws", "Profile", "SaliencySpec", "SecretKeyRef", "StageName", "StageProgress", "StorageSpec",
+    "PurificationJob", "PurificationJobSpec", "PurificationMetrics", "ResidualJudgement", "judge_residual", "Recipe", "RoundPolicy", "RoundRecord", "RoundsSpec", "RelabelAcceptance", "RelabelSpec", "ProbeDraws", "Profile", "SaliencySpec", "SecretKeyRef", "StageName", "StageProgress", "StorageSpec",
     "TargetSpec", "TrainableParts", "TriggerKind", "TriggerSpec",
 ]

@@ -435,6 +435,29 @@ class AuditSpec(ContractModel):
     """Seed of the comparison tokens (as many as the salient ones, drawn from the others)."""
 
 
+# The first round and the escalation ladder's recipes (disp_api.rounds.ESCALATIONS).
+MAX_ROUNDS = 3
+
+
+class RoundPolicy(str, Enum):
+    """Whether the run purifies again when its own audit says the backdoor survived."""
+
+    CLOSED_LOOP = "closed-loop"  # beyond the paper: escalate round by round while the residual rate is too high
+    SINGLE_PASS = "single-pass"  # the paper: one round, whatever the audit finds
+
+
+class RoundsSpec(ContractModel):
+    policy: RoundPolicy = RoundPolicy.CLOSED_LOOP
+    """closed-loop (beyond the paper, the default): after each round's fine-tune the audit's residual
+    rate decides; above audit.residualThreshold the run purifies the compromised model again with the
+    next recipe of the escalation ladder (round 2: region saliency, pixel masking and signature
+    acceptance, for triggers that straddle tokens or lie over the object; round 3: the blurred
+    relabel, for whole-image keys) until a round's residual rate is at most the threshold or
+    maxRounds ran. single-pass (the paper): one round with the spec's settings."""
+    max_rounds: int = Field(MAX_ROUNDS, ge=1, le=MAX_ROUNDS)
+    """Rounds at most, the first included (1 is the single pass)."""
+
+
 class MaskedInferenceSpec(ContractModel):
     """The DiSP authors' test-time defence, measured beside DiSP: the compromised model answers each
     evaluation input with the top ⌊ρ·T⌋ most salient visual tokens of that input replaced by e_MASK
@@ -755,6 +778,9 @@ class PurificationJobSpec(ContractModel):
     audit: AuditSpec = AuditSpec()
     """Evidence that needs no trigger: suspects among the training instances (relabel) and the
     purified model's residual rate on them (finetune)."""
+    rounds: RoundsSpec = RoundsSpec()
+    """Closed-loop purification: further rounds, each from the compromised model with a stronger
+    recipe, while the audit says the backdoor survived."""
     parallelism: ParallelismSpec = ParallelismSpec()
     """Sharding of the per-instance stages."""
     resources: ResourcesSpec = ResourcesSpec()

@@ -13,6 +13,7 @@ from pydantic import Field
 
 from disp_api.base import ContractModel
 from disp_api.metrics import MetricsSummary
+from disp_api.rounds import RoundRecord
 from disp_api.spec import StageName
 
 
@@ -107,6 +108,9 @@ class Condition(ContractModel):
 class StageStatus(ContractModel):
     name: StageName
     """The stage."""
+    round: int = Field(1, ge=1)
+    """The purification round it belongs to (spec.rounds; the evaluation: the round whose model the
+    run publishes)."""
     phase: StagePhase = StagePhase.PENDING
     """Where the stage stands."""
     step: StepKind = StepKind.RUN
@@ -160,6 +164,8 @@ class PurificationJobStatus(ContractModel):
     """Whole-job progress."""
     metrics: Optional[MetricsSummary] = None
     """ASR and clean performance before and after (when the job has an evaluation set)."""
+    rounds: list[RoundRecord] = []
+    """The purification rounds started so far, in order, each with why it ran and its audit's verdict."""
     purified_model_uri: Optional[str] = None
     """The purified model, in Hugging Face format."""
     run_uri: Optional[str] = None
@@ -172,8 +178,9 @@ class PurificationJobStatus(ContractModel):
     message: str = ""
     """What is happening, or why the job failed."""
 
-    def stage(self, name: StageName) -> Optional[StageStatus]:
-        return next((s for s in self.stages if s.name is name), None)
+    def stage(self, name: StageName, round_number: Optional[int] = None) -> Optional[StageStatus]:
+        """The stage's entry (of `round_number`; without it, the first round that has one)."""
+        return next((s for s in self.stages if s.name is name and round_number in (None, s.round)), None)
 
     def condition(self, kind: ConditionType) -> Optional[Condition]:
         return next((c for c in self.conditions if c.type is kind), None)

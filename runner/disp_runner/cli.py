@@ -19,6 +19,7 @@ from pydantic import ValidationError
 
 from disp_api.attack import AttackTarget, TriggerKind
 from disp_api.base import SEED_MAX
+from disp_api.spec import MAX_ROUNDS
 from disp_api.version import VERSION
 from disp_api import LogFormat
 
@@ -203,6 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run only this stage (what a runner pod does); default: all, in order")
     p.add_argument("--shard", default=None, help="INDEX/COUNT: only this shard of a sharded stage (saliency, relabel)")
     p.add_argument("--merge", action="store_true", help="combine the completed shards of --stage")
+    p.add_argument("--round", type=_bounded_int(1, MAX_ROUNDS), default=None, dest="round_number",
+                   help="with --stage: the purification round it belongs to (spec.rounds; default 1)")
     p.add_argument("--output", default=None, help="output root (default: the manifest's spec.output.uri)")
     p.add_argument("--processes", type=_bounded_int(1, 64), default=None,
                    help="fine-tune processes on this node, one per GPU (default: the GPUs visible, 1 on CPU)")
@@ -435,7 +438,8 @@ def _cmd_run(args) -> None:
     from disp_runner.provenance import load_signing_key
     from disp_runner.diffusion.distributed import Topology
     from disp_runner.pipeline.opening import open_run, run_uri
-    from disp_runner.pipeline.runner import join_distributed_stage, merge_shards, run_job, run_stage, shard_count
+    from disp_api.rounds import round_job
+    from disp_runner.pipeline.runner import join_distributed_stage, merge_shards, run_rounds, run_stage, shard_count
     from disp_runner.stages import STAGES
 
     if (args.manifest is None) == (args.manifest_env is None):
@@ -450,8 +454,11 @@ def _cmd_run(args) -> None:
                  threads=threads, threadsFrom=source)
     shard = Shard.parse(args.shard) if args.shard else None  # before any heavy work
     stage = StageName(args.stage) if args.stage else None
-    if (shard or args.merge) and stage is None:
-        raise UserInputError("--shard and --merge need --stage")
+    if (shard or args.merge or args.round_number) and stage is None:
+        raise UserInputError("--shard, --merge and --round need --stage (without it, spec.rounds decides the rounds)")
+    round_number = args.round_number or 1
+    if round_number > job.spec.rounds.max_rounds:
+        raise UserInputError(f"--round {round_number}: spec.rounds.maxRounds is {job.spec.rounds.max_rounds}")
     if stage is not None and stage not in job.spec.stages():
         raise UserInputError(f"--stage {stage.value}: this job has no such stage (no spec.evaluation?)")
     root = Path(args.output) if args.output else None
@@ -459,7 +466,7 @@ def _cmd_run(args) -> None:
     if topology.nodes > 1 and stage is not StageName.FINETUNE:
         raise UserInputError("--nodes applies to --stage finetune only (the other stages shard instead)")
     if not topology.publishes:
-        join_distributed_stage(job, root, topology, show_progress=not args.no_progress)
+        join_distributed_stage(job, root, topology, show_progress=not args.no_progress, round_number=round_number)
         logs.say(f"finetune: node {topology.node_rank} of {topology.nodes} done", nodeRank=topology.node_rank)
         return
 
@@ -473,11 +480,12 @@ def _cmd_run(args) -> None:
                  seconds=None if outcome.skipped else round(outcome.seconds, 3), metrics=shown)
 
     if shard is None and not args.merge:
-        outcomes = run_job(job, root, only=stage, show_progress=not args.no_progress, on_outcome=report,
-                           topology=topology, signing_key_file=signing_key)
-        _say_backdoor_verdict(job, outcomes)
+        result = run_rounds(job, root, only=stage, show_progress=not args.no_progress, on_outcome=report,
+                            topology=topology, signing_key_file=signing_key, round_number=round_number)
+        _say_backdoor_verdict(job, result, run_uri(job, root))
     else:
-        run = open_run(job, root, show_progress=not args.no_progress)
+        run = open_run(round_job(job, round_number), root, show_progress=not args.no_progress,
+                       round_number=round_number)
         runner_stage = STAGES[stage]
         if not hasattr(runner_stage, "merge"):
             raise UserInputError(f"--stage {stage.value} cannot be sharded; only saliency and relabel can")
@@ -493,20 +501,31 @@ def _cmd_run(args) -> None:
     logs.say(f"run folder: {run_uri(job, root)}", runFolder=run_uri(job, root))
 
 
-def _say_backdoor_verdict(job, outcomes) -> None:
-    """After the fine-tune (run now or found complete): the audit's verdict on the purified model, as
-    the operator's BackdoorRemoved condition gives it; a warning when the backdoor probably survived."""
+def _say_backdoor_verdict(job, result, run_folder: str) -> None:
+    """After the fine-tune (run now or found complete): the audit's verdict on each round's model,
+    as the operator's BackdoorRemoved condition gives it for the model the run keeps; a warning
+    when the backdoor probably survived."""
     from disp_api import BackdoorVerdict, StageName, judge_residual
+    from disp_api.rounds import purified_model_uri, rounds_summary
 
-    finetune = next((o for o in outcomes if o.stage is StageName.FINETUNE and o.shard is None), None)
-    if finetune is None:
-        return
-    judgement = judge_residual(finetune.metrics.get("residualRate"), finetune.metrics.get("residualSample"),
-                               job.spec.audit.residual_threshold)
-    if judgement.verdict is BackdoorVerdict.PROBABLY_NOT_REMOVED:
-        logs.say(f"warning: {judgement.message}", level="warning", verdict=judgement.verdict.value)
-    else:
-        logs.say(f"audit: {judgement.message}", verdict=judgement.verdict.value)
+    finetunes = [o for o in result.outcomes if o.stage is StageName.FINETUNE and o.shard is None]
+    for outcome in finetunes:
+        judgement = judge_residual(outcome.metrics.get("residualRate"), outcome.metrics.get("residualSample"),
+                                   job.spec.audit.residual_threshold)
+        kept = outcome.round == result.chosen
+        where = f"round {outcome.round}: " if len(finetunes) > 1 else ""
+        if kept and judgement.verdict is BackdoorVerdict.PROBABLY_NOT_REMOVED:
+            logs.say(f"warning: {where}{judgement.message}", level="warning", verdict=judgement.verdict.value,
+                     round=outcome.round)
+        else:
+            logs.say(f"audit: {where}{judgement.message}", verdict=judgement.verdict.value, round=outcome.round)
+    if result.rounds:
+        for record in result.rounds[1:]:
+            logs.say(f"round {record.round} ran: {record.reason}", round=record.round, recipe=record.recipe.value)
+        summary = rounds_summary(result.rounds, result.chosen)
+        if summary:
+            logs.say(summary, rounds=len(result.rounds), keptRound=result.chosen)
+        logs.say(f"purified model: {purified_model_uri(run_folder, result.chosen)}")
 
 
 def _cmd_verify(args) -> None:

@@ -1,5 +1,6 @@
 """User mistakes end in one line naming the file/line/field and exit code 2, never a traceback."""
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -133,16 +134,16 @@ def test_run_ends_with_the_audits_verdict_and_warns_when_the_backdoor_probably_s
 
     # A fine-tune whose audit says most suspects keep their answer: a warning, and still exit 0 (the
     # run completed; in a cluster the job is Succeeded with BackdoorRemoved=False).
-    finished = runner.run_job
+    finished = runner.run_rounds
 
     def survived(*args, **kwargs):
-        outcomes = finished(*args, **kwargs)
-        return [o if o.stage is not StageName.FINETUNE else
-                runner.StageOutcome(o.stage, o.skipped, o.seconds, {**o.metrics, "residualRate": 0.75,
-                                                                     "residualSample": 8})
-                for o in outcomes]
+        result = finished(*args, **kwargs)
+        return dataclasses.replace(result, outcomes=[
+            o if o.stage is not StageName.FINETUNE else
+            dataclasses.replace(o, metrics={**o.metrics, "residualRate": 0.75, "residualSample": 8})
+            for o in result.outcomes])
 
-    monkeypatch.setattr(runner, "run_job", survived)
+    monkeypatch.setattr(runner, "run_rounds", survived)
     assert main(["run", str(workspace / "job.json"), "--no-progress"]) == 0
     captured = capsys.readouterr()
     assert ("warning: the backdoor was probably not removed: the purified model still gives 6 of the top 8 "

@@ -218,6 +218,10 @@ class RunLayout:
             require_inside(output_root, root, "metadata")
         return cls(root)
 
+    def within(self, folder: str) -> "RunLayout":
+        """The layout of a folder of the run (a purification round's, rounds.round_folder)."""
+        return RunLayout(self.root / folder) if folder else self
+
     def stage_dir(self, stage: StageName) -> Path:
         return self.root / stage.value
 

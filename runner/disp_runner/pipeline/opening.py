@@ -10,6 +10,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from disp_api import PurificationJob, StageName
+from disp_api.rounds import round_folder
 from disp_runner.diffusion.distributed import Topology
 from disp_runner.pipeline.artifacts import (STAGE_MANIFEST, UPSTREAM_PREFIX, ProgressReporter, RemoteRun, RunLayout,
                                             Shard, sha256_file)
@@ -34,6 +35,7 @@ class Run:
     output_root: Path | None = None  # `disp run --output`, which a launched process reopens the run with
     show_progress: bool = True
     signing_key_file: Path | None = None  # `disp run --signing-key`: signs the run's provenance
+    round_number: int = 1  # the purification round (spec.rounds) whose folder this is
 
     @property
     def layout(self) -> RunLayout:
@@ -59,7 +61,8 @@ class Run:
         return StageInputs(job=self.job, resolved=self.resolved, upstream=upstream,
                            upstream_uris={needed: self.storage.uri_of(folder) for needed, folder in upstream.items()},
                            checkpoints=self.storage.checkpoints(stage.name), shard=shard, topology=self.topology,
-                           output_root=self.output_root, show_progress=self.show_progress)
+                           output_root=self.output_root, show_progress=self.show_progress,
+                           round_number=self.round_number)
 
     def with_progress(self, inputs: StageInputs, stage: StageName, total: int) -> StageInputs:
         """`inputs` reporting to progress.json for `stage` (or its shard), mirrored where the run lives."""
@@ -82,25 +85,27 @@ def start_progress(run: Run, stage: StageName, shard: Shard | None, total: int) 
 
 
 def open_run(job: PurificationJob, output_root: Path | None = None, show_progress: bool = True,
-             topology: Topology = Topology()) -> Run:
-    """Open a run. An s3:// output is mirrored: stages work in a local scratch copy of the run
-    folder and each output is published to S3 (files, then manifest)."""
+             topology: Topology = Topology(), round_number: int = 1) -> Run:
+    """Open a run (round `round_number`'s folder in it: give that round's job, rounds.round_job).
+    An s3:// output is mirrored: stages work in a local scratch copy of the run folder and each
+    output is published to S3 (files, then manifest)."""
+    folder = round_folder(round_number)
     location = Location.parse(job.spec.output.uri, "spec.output.uri")
     storage: RunStorage
     if output_root is not None or location.scheme is Scheme.LOCAL:
         root = output_root if output_root is not None else location.path
-        storage = LocalRunStorage(RunLayout.for_job(job, root))
+        storage = LocalRunStorage(RunLayout.for_job(job, root).within(folder))
     else:
         store = open_s3_store(job.spec.storage)
         store.check_bucket(location.bucket, f"{location.key}/" if location.key else "")  # fail at once, not after a stage
         run_path = RunLayout.for_job(job, Path()).root.as_posix()  # runs/<namespace>/<name>/<uid>
-        remote = RemoteRun(store, location.bucket, "/".join(filter(None, [location.key, run_path])))
-        storage = MirroredRunStorage(RunLayout.for_job(job, scratch_root() / "runs" / location.bucket / location.key),
-                                     remote)
+        remote = RemoteRun(store, location.bucket, "/".join(filter(None, [location.key, run_path, folder])))
+        storage = MirroredRunStorage(RunLayout.for_job(job, scratch_root() / "runs" / location.bucket / location.key)
+                                     .within(folder), remote)
     run_store = storage.s3_store()
     files = SpecFiles(job.spec, store=(lambda: run_store) if run_store is not None else None)
     return Run(job=job, storage=storage, resolved=ResolvedInputs(job.spec, files), topology=topology,
-               output_root=output_root, show_progress=show_progress)
+               output_root=output_root, show_progress=show_progress, round_number=round_number)
 
 
 def run_uri(job: PurificationJob, output_root: Path | None = None) -> str:

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from disp_api import PurificationJob, StageName
+from disp_api.rounds import RoundRecord, chosen_round, first_round, judged, next_round, round_job
 from disp_runner.device import seed_everything
 from disp_runner.diffusion.distributed import Topology
 from disp_runner.errors import UserInputError
@@ -29,6 +30,7 @@ class StageOutcome:
     seconds: float
     metrics: dict[str, Any] = field(default_factory=dict)
     shard: Shard | None = None
+    round: int = 1
 
 
 def _already_complete(run: Run, stage: StageName, folder: Path, inputs: dict[str, str],
@@ -36,7 +38,8 @@ def _already_complete(run: Run, stage: StageName, folder: Path, inputs: dict[str
     manifest = run.storage.completed_manifest(folder, inputs)
     if manifest is None:
         return None
-    return StageOutcome(stage, skipped=True, seconds=0.0, metrics=manifest.get("metrics", {}), shard=shard)
+    return StageOutcome(stage, skipped=True, seconds=0.0, metrics=manifest.get("metrics", {}), shard=shard,
+                        round=run.round_number)
 
 
 def _produce(run: Run, stage: Stage, final: Path, build: Callable[[Path], StageResult],
@@ -56,7 +59,8 @@ def _produce(run: Run, stage: Stage, final: Path, build: Callable[[Path], StageR
         staging.discard()
         raise
     run.storage.publish(final)  # files first, manifest last: a crash here leaves the stage incomplete
-    return StageOutcome(stage.name, skipped=False, seconds=seconds, metrics=metrics, shard=shard)
+    return StageOutcome(stage.name, skipped=False, seconds=seconds, metrics=metrics, shard=shard,
+                        round=run.round_number)
 
 
 def run_stage(stage: Stage, run: Run, shard: Shard | None = None) -> StageOutcome:
@@ -121,40 +125,80 @@ def shard_count(job: PurificationJob, stage: StageName) -> int:
     return job.spec.shards(stage)
 
 
+@dataclass
+class RunResult:
+    """What `run_rounds` did: every stage outcome (each tagged with its round), the rounds with their
+    audit's verdicts, and the round whose model is the run's purified model."""
+
+    outcomes: list[StageOutcome]
+    rounds: list[RoundRecord]
+    chosen: int
+
+
 def run_job(job: PurificationJob, output_root: Path | None = None, only: StageName | None = None,
             show_progress: bool = True, on_outcome=None, topology: Topology = Topology(),
-            signing_key_file: Path | None = None) -> list[StageOutcome]:
-    """Run the job's stages in order in this process (all of them, or `only` one), each skipped when
-    complete. Sharded stages run shard by shard, then merge, exactly as the cluster would. Once the
-    fine-tune is complete, the run's provenance is written (signed with `signing_key_file`, or the
-    key in $DISP_SIGNING_KEY, when either is given)."""
+            signing_key_file: Path | None = None, round_number: int = 1) -> list[StageOutcome]:
+    """`run_rounds`' stage outcomes."""
+    return run_rounds(job, output_root, only, show_progress, on_outcome, topology, signing_key_file,
+                      round_number).outcomes
+
+
+def run_rounds(job: PurificationJob, output_root: Path | None = None, only: StageName | None = None,
+               show_progress: bool = True, on_outcome=None, topology: Topology = Topology(),
+               signing_key_file: Path | None = None, round_number: int = 1) -> RunResult:
+    """Run the job in this process, each stage skipped when complete: its purification rounds
+    (spec.rounds: after each round's fine-tune the audit decides whether the next runs), then the
+    evaluation of the round whose model the run keeps; or, with `only`, that one stage of round
+    `round_number`. Sharded stages run shard by shard, then merge, exactly as the cluster would.
+    Once a round's fine-tune is complete, its provenance is written (signed with
+    `signing_key_file`, or the key in $DISP_SIGNING_KEY, when either is given)."""
+    outcomes: list[StageOutcome] = []
+
+    def ran(outcome: StageOutcome) -> None:
+        outcomes.append(outcome)
+        if on_outcome:
+            on_outcome(outcome)
+
+    def open_round(number: int) -> Run:
+        run = open_run(round_job(job, number), output_root, show_progress=show_progress, topology=topology,
+                       round_number=number)
+        run.signing_key_file = signing_key_file
+        return run
+
+    if only is not None:
+        _run_stages(open_round(round_number), [only], ran)
+        return RunResult(outcomes, [], round_number)
+    records: list[RoundRecord] = []
+    record: RoundRecord | None = first_round()
+    while record is not None:
+        _run_stages(open_round(record.round), [s for s in job.spec.stages() if s is not StageName.EVALUATE], ran)
+        audit = next(o for o in reversed(outcomes) if o.stage is StageName.FINETUNE and o.shard is None).metrics
+        records.append(judged(record, audit.get("residualRate"), audit.get("residualSample"),
+                              job.spec.audit.residual_threshold))
+        record = next_round(job.spec, records)
+    chosen = chosen_round(records)
+    if StageName.EVALUATE in job.spec.stages():
+        _run_stages(open_round(chosen), [StageName.EVALUATE], ran)
+    return RunResult(outcomes, records, chosen)
+
+
+def _run_stages(run: Run, names: list[StageName], ran: Callable[[StageOutcome], None]) -> None:
     from disp_runner.stages import STAGES  # the stage registry imports torch-heavy modules
 
-    run = open_run(job, output_root, show_progress=show_progress, topology=topology)
-    run.signing_key_file = signing_key_file
-    outcomes: list[StageOutcome] = []
     finetune_dir = run.output_dir(StageName.FINETUNE)
-    for name in job.spec.stages():
-        if only is not None and name is not only:
-            continue
+    for name in names:
         stage = STAGES[name]
-        count = shard_count(job, name)
+        count = shard_count(run.job, name)
         if count > 1 and not run.storage.is_complete(run.output_dir(name)):
             for index in range(count):
-                outcome = run_stage(stage, run, Shard(index, count))
-                outcomes.append(outcome)
-                if on_outcome:
-                    on_outcome(outcome)
+                ran(run_stage(stage, run, Shard(index, count)))
             outcome = merge_shards(stage, run, count)
         else:
             outcome = run_stage(stage, run)
-        outcomes.append(outcome)
         if name in PROVENANCE_STAGES and run.storage.is_complete(finetune_dir):
             # Again after a skipped stage: a crash may have left it unwritten.
             run.storage.publish_provenance(run.job, run.signing_key_file)
-        if on_outcome:
-            on_outcome(outcome)
-    return outcomes
+        ran(outcome)
 
 
 # The stages after which the run's provenance is (re)written: the purified model exists, and then
@@ -163,13 +207,14 @@ PROVENANCE_STAGES = (StageName.FINETUNE, StageName.EVALUATE)
 
 
 def join_distributed_stage(job: PurificationJob, output_root: Path | None, topology: Topology,
-                           show_progress: bool = True) -> None:
+                           show_progress: bool = True, round_number: int = 1) -> None:
     """On a pod other than node 0 of a multi-node fine-tune: train alongside node 0, publish nothing
     (node 0 writes the output and its manifest). Nothing to do once the output is complete."""
     from disp_runner.stages import STAGES
 
     stage = STAGES[StageName.FINETUNE]
-    run = open_run(job, output_root, show_progress=show_progress, topology=topology)
+    run = open_run(round_job(job, round_number), output_root, show_progress=show_progress, topology=topology,
+                   round_number=round_number)
     if run.storage.is_complete(run.output_dir(stage.name)):
         return
     stage.join(run.stage_inputs(stage))

@@ -43,6 +43,7 @@ class StageInputs:
     topology: Topology = Topology()  # the processes a distributed stage (the fine-tune) runs on
     output_root: Path | None = None  # `disp run --output`: what a launched process reopens the run with
     show_progress: bool = True
+    round_number: int = 1  # the purification round (spec.rounds) the stage runs in
     progress: ProgressReporter | None = None  # set once the pipeline knows the stage's total
 
     @property

@@ -58,7 +58,7 @@ class FinetuneStage:
         self._prepare(inputs)
         if inputs.topology.distributed:
             figures = launch(inputs.topology, inputs.job.run_id, _launched_finetune,
-                             _Launch(inputs.job, inputs.output_root, out, inputs.show_progress))
+                             _Launch(inputs.job, inputs.output_root, out, inputs.show_progress, inputs.round_number))
         else:
             figures = finetune(inputs, out)
         items = figures.pop("items")
@@ -68,7 +68,7 @@ class FinetuneStage:
         """On a pod other than the first of a multi-node fine-tune: train with the others, publish nothing."""
         self._prepare(inputs)
         launch(inputs.topology, inputs.job.run_id, _launched_finetune,
-               _Launch(inputs.job, inputs.output_root, None, inputs.show_progress))
+               _Launch(inputs.job, inputs.output_root, None, inputs.show_progress, inputs.round_number))
 
     def _prepare(self, inputs: StageInputs) -> None:
         """Once per pod, before any process is launched: the model's files in the local scratch (the
@@ -162,6 +162,7 @@ class _Launch:
     output_root: Path | None
     out: Path | None  # the staging folder the model is saved into (on the first pod)
     show_progress: bool
+    round_number: int  # the purification round whose folder the run is reopened in
 
 
 def _launched_finetune(task: _Launch) -> dict[str, Any]:
@@ -170,7 +171,8 @@ def _launched_finetune(task: _Launch) -> dict[str, Any]:
     per_node = int(os.environ["LOCAL_WORLD_SIZE"])
     topology = Topology(nodes=int(os.environ["WORLD_SIZE"]) // per_node, node_rank=int(os.environ["GROUP_RANK"]),
                         processes_per_node=per_node)
-    run = open_run(task.job, task.output_root, show_progress=task.show_progress, topology=topology)
+    run = open_run(task.job, task.output_root, show_progress=task.show_progress, topology=topology,
+                   round_number=task.round_number)
     run.resolved.resolve(FinetuneStage.reads)
     inputs = run.stage_inputs(FinetuneStage())
     if int(os.environ["RANK"]) == 0:

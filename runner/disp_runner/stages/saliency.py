@@ -58,22 +58,34 @@ def write_scores(folder: Path, ids: list[str], scores: torch.Tensor, counts: tor
     (folder / IDS_FILE).write_text(json.dumps(ids))
 
 
-def check_region_fits_the_grids(region_size: int, instances, processor) -> None:
-    """A window as large as a token grid covers all of it: every window holds every token, so every
-    token gets the same score. Refused before any scoring, naming the smallest grid."""
-    if region_size <= 1:
-        return
+def _smallest_grid(instances, processor):
+    """(side, grid, instance id) of the smallest token grid among `instances`' images, or None."""
     smallest = None
     for inst in instances:
         for grid in processor.layout_of(inst).grids:
             side = min(grid.rows, grid.cols)
             if smallest is None or side < smallest[0]:
                 smallest = (side, grid, inst.id)
+    return smallest
+
+
+def check_region_fits_the_grids(region_size: int, instances, processor) -> None:
+    """A window as large as a token grid covers all of it: every window holds every token, so every
+    token gets the same score. Refused before any scoring, naming the smallest grid."""
+    if region_size <= 1:
+        return
+    smallest = _smallest_grid(instances, processor)
     if smallest is not None and region_size >= smallest[0]:
         side, grid, instance_id = smallest
         raise UserInputError(f"spec.saliency.regionSize: {region_size} covers a whole {grid.rows}x{grid.cols} token "
                              f"grid (instance {instance_id!r}), so every token would score the same; use at most "
                              f"{max(1, side - 1)}")
+
+
+def fitted_region(region_size: int, instances, processor) -> int:
+    """`region_size`, or the largest window smaller than every token grid when it is not."""
+    smallest = _smallest_grid(instances, processor)
+    return region_size if smallest is None else max(1, min(region_size, smallest[0] - 1))
 
 
 class SaliencyStage:
@@ -98,7 +110,10 @@ class SaliencyStage:
         counts = torch.tensor([processor.layout_of(inst).num_tokens for inst in instances], dtype=torch.long)
         # Before the expensive part: a masking ratio that would mask nothing makes the scores useless.
         check_ratio_masks_a_token(inputs.spec.masking.ratio, int(counts.min()))
-        check_region_fits_the_grids(spec.region_size, instances, processor)
+        if inputs.round_number == 1:
+            check_region_fits_the_grids(spec.region_size, instances, processor)
+        else:  # the escalation ladder's window, not the user's: as large as the smallest grid allows
+            spec = spec.model_copy(update={"region_size": fitted_region(spec.region_size, instances, processor)})
         config = SaliencyConfig.from_spec(spec, decoding.block_length)
         # Every shard pads to the whole dataset's widest image, so shards concatenate.
         items = inputs.items(spec.seed_group)

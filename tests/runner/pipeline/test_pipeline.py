@@ -184,7 +184,8 @@ def test_a_cache_the_model_family_cannot_run_fails_before_anything_completes(wor
 def test_shard_flag_errors(workspace, capsys):
     path = write_manifest(workspace, job_document(workspace))
     for argv, message in [(["--stage", "saliency", "--shard", "3/2"], "--shard 3/2: need 0 <= index < count"),
-                          (["--shard", "0/2"], "--shard and --merge need --stage"),
+                          (["--shard", "0/2"], "--shard, --merge and --round need --stage"),
+                          (["--round", "2"], "--shard, --merge and --round need --stage"),
                           (["--stage", "finetune", "--shard", "0/2"], "finetune cannot be sharded")]:
         code = main(["--no-progress", "run", path, *argv])
         assert code == EXIT_USER_ERROR and message in capsys.readouterr().err
