@@ -88,6 +88,7 @@ class Reason(str, Enum):
     RESIDUAL_ABOVE_THRESHOLD = "ResidualAboveThreshold"  # BackdoorRemoved False
     NO_RESIDUAL_SAMPLE = "NoResidualSample"  # BackdoorRemoved Unknown
     BACKDOOR_NOT_REMOVED = "BackdoorNotRemoved"  # the Warning Event of a succeeded job whose residual is too high
+    ROUND_STARTED = "RoundStarted"  # the Event of a closed-loop run purifying again (spec.rounds)
 
 
 class Condition(ContractModel):
@@ -147,6 +148,8 @@ class JobProgress(ContractModel):
     """Whole-job progress: finished stages plus the running stage's fraction."""
     current_stage: Optional[StageName] = None
     """The stage running now."""
+    current_round: Optional[int] = Field(None, ge=1)
+    """The purification round it belongs to (spec.rounds)."""
     last_update_time: Optional[datetime] = None
     """When the runner last reported progress (alert on it going stale)."""
 

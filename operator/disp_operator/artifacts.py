@@ -24,6 +24,7 @@ from disp_api.contract import METRICS_FILE as STAGE_METRICS_FILE
 from disp_api.contract import (AUDIT_FILE, MAX_MODEL_CONFIG_BYTES, MODEL_CONFIG, PROGRESS_FILE, PROVENANCE_FILE,
                                PROVENANCE_SIGNATURE_FILE, split_s3_uri)
 from disp_api.contract import STAGE_MANIFEST_FILE
+from disp_api.rounds import round_folder
 from disp_api.spec import PURIFIED_MODEL_PATH
 from disp_operator.validation import ConfigProblem
 from disp_store.s3 import RetryPolicy, S3Store, StoreError
@@ -134,9 +135,13 @@ class RunStore:
             return ConfigProblem(f"expected a JSON object, got {type(config).__name__}")
         return config
 
-    def progress(self) -> Optional[StageProgress]:
-        """The running stage's last progress report, or None before the first one."""
-        raw = self.store.get_bytes_or_none(self.bucket, f"{self.run_key}/{PROGRESS_FILE}")
+    def _round_key(self, round_number: int) -> str:
+        folder = round_folder(round_number)
+        return f"{self.run_key}/{folder}" if folder else self.run_key
+
+    def progress(self, round_number: int = 1) -> Optional[StageProgress]:
+        """The running stage's last progress report (in its round's folder), or None before the first one."""
+        raw = self.store.get_bytes_or_none(self.bucket, f"{self._round_key(round_number)}/{PROGRESS_FILE}")
         if raw is None:
             return None
         try:
@@ -144,40 +149,47 @@ class RunStore:
         except ValidationError:
             return None  # a torn or foreign file: progress is advisory, wait for the next write
 
-    def metrics(self) -> MetricsSummary:
-        """The headline numbers of a finished run: evaluate/metrics.json when the job has an
-        evaluation set, else the audit alone (finetune/audit.json); each only as its stage
-        published it (ArtifactsTampered otherwise)."""
+    def audit(self, round_number: int) -> MetricsSummary:
+        """A round's audit figures (its finetune/audit.json), only as its stage published it."""
+        raw = self._published(StageName.FINETUNE, AUDIT_FILE, round_number)
+        try:
+            return MetricsSummary.of_audit(AuditFigures.model_validate(json.loads(raw)))
+        except (ValueError, ValidationError) as exc:
+            key = f"{self._round_key(round_number)}/{StageName.FINETUNE.value}/{AUDIT_FILE}"
+            raise StoreError(f"s3://{self.bucket}/{key}: not an audit file ({exc})") from None
+
+    def metrics(self, round_number: int = 1) -> MetricsSummary:
+        """The headline numbers of a finished run, from the round whose model it keeps:
+        evaluate/metrics.json when the job has an evaluation set, else the audit alone
+        (finetune/audit.json); each only as its stage published it (ArtifactsTampered otherwise)."""
         if self.job.spec.evaluation is None:
-            key = f"{self.run_key}/{StageName.FINETUNE.value}/{AUDIT_FILE}"
-            raw = self._published(StageName.FINETUNE, AUDIT_FILE)
-            try:
-                return MetricsSummary.of_audit(AuditFigures.model_validate(json.loads(raw)))
-            except (ValueError, ValidationError) as exc:
-                raise StoreError(f"s3://{self.bucket}/{key}: not an audit file ({exc})") from None
-        raw = self._published(StageName.EVALUATE, STAGE_METRICS_FILE)
+            return self.audit(round_number)
+        raw = self._published(StageName.EVALUATE, STAGE_METRICS_FILE, round_number)
         try:
             metrics = PurificationMetrics.model_validate(json.loads(raw))
         except (ValueError, ValidationError) as exc:
-            raise StoreError(f"s3://{self.bucket}/{self.run_key}/{METRICS_FILE}: not a metrics file ({exc})") from None
+            key = f"{self._round_key(round_number)}/{StageName.EVALUATE.value}/{STAGE_METRICS_FILE}"
+            raise StoreError(f"s3://{self.bucket}/{key}: not a metrics file ({exc})") from None
         return MetricsSummary.model_validate(metrics.model_dump(include=set(MetricsSummary.model_fields)))
 
-    def _published(self, stage: StageName, name: str) -> bytes:
-        """<run>/<stage>/<name>, checked against its stage manifest and the run's provenance."""
-        stage_key = f"{self.run_key}/{stage.value}"
+    def _published(self, stage: StageName, name: str, round_number: int = 1) -> bytes:
+        """<round folder>/<stage>/<name>, checked against its stage manifest and the round's provenance."""
+        round_key = self._round_key(round_number)
+        stage_key = f"{round_key}/{stage.value}"
         data = self.store.get_bytes(self.bucket, f"{stage_key}/{name}")
         manifest = self.store.get_bytes_or_none(self.bucket, f"{stage_key}/{STAGE_MANIFEST_FILE}")
-        provenance = self.store.get_bytes_or_none(self.bucket, f"{self.run_key}/{PROVENANCE_FILE}")
-        problem = published_problem(f"s3://{self.bucket}/{self.run_key}", stage, name, data, manifest, provenance)
+        provenance = self.store.get_bytes_or_none(self.bucket, f"{round_key}/{PROVENANCE_FILE}")
+        problem = published_problem(f"s3://{self.bucket}/{round_key}", stage, name, data, manifest, provenance)
         if problem is not None:
             raise ArtifactsTampered(problem)
         return data
 
-    def delete_intermediates(self) -> int:
-        """Delete the run's files except the purified model and its provenance record (what made
-        the model; its digests still check the model); returns how many were deleted."""
-        keep = f"{self.run_key}/{PURIFIED_MODEL_PATH}/"
-        records = {f"{self.run_key}/{PROVENANCE_FILE}", f"{self.run_key}/{PROVENANCE_SIGNATURE_FILE}"}
+    def delete_intermediates(self, kept_round: int = 1) -> int:
+        """Delete the run's files except the purified model (the kept round's) and its provenance
+        record (what made the model; its digests still check the model); returns how many were deleted."""
+        round_key = self._round_key(kept_round)
+        keep = f"{round_key}/{PURIFIED_MODEL_PATH}/"
+        records = {f"{round_key}/{PROVENANCE_FILE}", f"{round_key}/{PROVENANCE_SIGNATURE_FILE}"}
         keys = [name for name, _, _ in self.store.list(self.bucket, self.run_key + "/")
                 if not name.startswith(keep) and name not in records]
         self.store.remove(self.bucket, keys)

@@ -154,11 +154,14 @@ def build_crd() -> dict[str, Any]:
     spec_schema["x-kubernetes-validations"] = [_immutable_rule(), *_cluster_rules()]
     status_schema = openapi_schema(PurificationJobStatus)
     status_schema["description"] = "Written by the operator."
-    for field, key in (("conditions", "type"), ("stages", "name")):  # merge by key, as kstatus expects
-        status_schema["properties"][field].update({"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": [key]})
+    # Merged by key, as kstatus expects; a stage runs once per purification round.
+    for field, keys in (("conditions", ["type"]), ("stages", ["name", "round"]), ("rounds", ["round"])):
+        status_schema["properties"][field].update({"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": keys})
     columns = [
         {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
         {"name": "Stage", "type": "string", "jsonPath": ".status.progress.currentStage"},
+        {"name": "Round", "type": "integer", "jsonPath": ".status.progress.currentRound",
+         "description": "The purification round the running stage belongs to (spec.rounds)", "priority": 1},
         {"name": "Progress", "type": "integer", "jsonPath": ".status.progress.percent",
          "description": "Percent of the stages done"},
         {"name": "ASR-Before", "type": "number", "jsonPath": ".status.metrics.asrBefore"},

@@ -21,7 +21,8 @@ from disp_operator.kube import KubeApi, client_configuration
 from disp_operator.leadership import LeaderElector, identity, serve_standby_health
 from disp_operator.metrics import OperatorMetrics
 from disp_operator.naming import GROUP, LABEL_JOB, LABEL_MANAGED_BY, MANAGED_BY, PLURAL, VERSION
-from disp_operator.service import OperatorRuntime, effective_job, read_credentials
+from disp_operator.reconcile import kept_round
+from disp_operator.service import OperatorRuntime, effective_job, read_credentials, read_status
 from disp_operator.validation import InvalidSpec
 
 OURS = {LABEL_MANAGED_BY: MANAGED_BY}
@@ -167,5 +168,6 @@ async def deleted(body: kopf.Body, memo: kopf.Memo, logger: logging.Logger, **_:
         logger.warning("artifacts of %s not cleaned up: credentials Secret gone", job.run_uri())
         return
     store = RunStore.from_secret_data(job, data)
-    deleted_count = await asyncio.to_thread(store.delete_intermediates)
+    kept = kept_round(read_status(body.get("status")))  # the purified model the run published
+    deleted_count = await asyncio.to_thread(store.delete_intermediates, kept)
     logger.info("deleted %d intermediate artifacts of %s (the purified model is kept)", deleted_count, job.run_uri())

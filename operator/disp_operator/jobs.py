@@ -82,19 +82,20 @@ POD_FAILURE_POLICY: dict[str, Any] = {"rules": [
 
 def stage_job(job: PurificationJob, stage: StageName, step: StepKind, attempt: int,
               defaults: RunnerDefaults, pinned_image: Optional[str] = None,
-              admission: Optional[Admission] = None) -> dict[str, Any]:
-    """The Job manifest for `attempt` (1-based) of one step of `stage`; its pods run `pinned_image`
+              admission: Optional[Admission] = None, round_number: int = 1) -> dict[str, Any]:
+    """The Job manifest for `attempt` (1-based) of one step of `stage` in purification round
+    `round_number` (spec.rounds); its pods run `pinned_image`
     (the run's status.runnerImage, by digest) when given, else the spec's or the operator's image,
     and, in a queued run, on the nodes of the flavors Kueue admitted the run's Workload to."""
     spec, meta = job.spec, job.metadata
     assert meta.uid, "stage Jobs are only built for objects the API server has accepted (they have a uid)"
-    name = stage_job_name(meta.name, stage, step, attempt)
-    labels = child_labels(meta.name, stage, step)
+    name = stage_job_name(meta.name, stage, step, attempt, round_number)
+    labels = child_labels(meta.name, stage, step, round_number)
     overlay = spec.pod_template.metadata
     pod_metadata: dict[str, Any] = {"labels": {**(overlay.labels or {}), **labels}}
     if overlay.annotations:
         pod_metadata["annotations"] = dict(overlay.annotations)
-    pod = _pod_spec(job, stage, step, defaults, name, pinned_image)
+    pod = _pod_spec(job, stage, step, defaults, name, pinned_image, round_number)
     if admission is not None:
         _place(pod, admission)
     job_spec: dict[str, Any] = {
@@ -148,9 +149,11 @@ def rendezvous_service(job: PurificationJob) -> dict[str, Any]:
 
 
 def _runner_args(job: PurificationJob, stage: StageName, step: StepKind, gpus: int,
-                 log_format: LogFormat = LogFormat.TEXT) -> list[str]:
+                 log_format: LogFormat = LogFormat.TEXT, round_number: int = 1) -> list[str]:
     """The arguments after RUNNER_COMMAND."""
     args = ["--no-progress", "run", "--manifest-env", JOB_ENV, "--stage", stage.value]
+    if round_number > 1:
+        args += ["--round", str(round_number)]
     if log_format is not LogFormat.TEXT:
         args += ["--log-format", log_format.value]
     if step is StepKind.SHARDS:
@@ -220,7 +223,7 @@ def run_workload_manifest(job: PurificationJob, defaults: RunnerDefaults,
 
 
 def _pod_spec(job: PurificationJob, stage: StageName, step: StepKind, defaults: RunnerDefaults,
-              job_name: str, pinned_image: Optional[str]) -> dict[str, Any]:
+              job_name: str, pinned_image: Optional[str], round_number: int = 1) -> dict[str, Any]:
     res = job.spec.resources
     request = res.for_stage(stage, defaults.gpus)
     limits: dict[str, Any] = {"cpu": request.cpu, "memory": request.memory}
@@ -233,7 +236,7 @@ def _pod_spec(job: PurificationJob, stage: StageName, step: StepKind, defaults: 
         "image": image,
         "imagePullPolicy": res.image_pull_policy.value,
         "command": list(RUNNER_COMMAND),
-        "args": _runner_args(job, stage, step, request.gpus, defaults.log_format),
+        "args": _runner_args(job, stage, step, request.gpus, defaults.log_format, round_number),
         "env": _env(job, image) + (_rendezvous_env(job, job_name) if multi_node else []),
         "resources": {"requests": dict(limits), "limits": limits},
         "volumeMounts": [{"name": "scratch", "mountPath": SCRATCH_PATH}, {"name": "dshm", "mountPath": "/dev/shm"}],

@@ -63,6 +63,11 @@ class OperatorMetrics:
                               ["namespace", "name"], registry=r)
         self.retention = Gauge("disp_job_retention_ratio", "Clean performance after / before purification, finished "
                                "jobs with a clean set.", ["namespace", "name"], registry=r)
+        self.round = Gauge("disp_job_round", "The purification round (spec.rounds) an active job is in; once it "
+                           "finished, the round whose model it kept.", ["namespace", "name"], registry=r)
+        self.backdoor_removed = Gauge("disp_job_backdoor_removed", "The audit's verdict on a finished job's purified "
+                                      "model, as its BackdoorRemoved condition: 1 removed, 0 probably not removed "
+                                      "(no series without a residual sample).", ["namespace", "name"], registry=r)
         self.handler_runs = Counter("disp_operator_reconciles_total", "Reconcile passes.", registry=r)
         self.leader = Gauge("disp_operator_leader", "1 while this replica leads (only the leader reconciles and "
                             "exports job series), 0 while it waits.", registry=r)
@@ -109,6 +114,15 @@ class OperatorMetrics:
         else:
             _remove(self.pending, namespace, name)
 
+    def set_round(self, namespace: str, name: str, round_number: int) -> None:
+        self.round.labels(namespace, name).set(round_number)
+
+    def set_verdict(self, namespace: str, name: str, removed: Optional[bool]) -> None:
+        if removed is None:
+            _remove(self.backdoor_removed, namespace, name)
+        else:
+            self.backdoor_removed.labels(namespace, name).set(1 if removed else 0)
+
     def set_outcome(self, namespace: str, name: str, metrics: Optional[MetricsSummary]) -> None:
         """A finished job: its ASR and clean performance stay visible, its activity series go."""
         for gauge in (self.progress, self.last_progress, self.pending):
@@ -135,7 +149,8 @@ class OperatorMetrics:
         if old is not None:
             self.jobs.labels(old.value).dec()
         for gauge in (self.progress, self.last_progress, self.pending, self.asr_before, self.asr_after,
-                      self.clean_before, self.clean_after, self.retention, self.poisoned_share, self.residual):
+                      self.clean_before, self.clean_after, self.retention, self.poisoned_share, self.residual,
+                      self.round, self.backdoor_removed):
             _remove(gauge, namespace, name)
         for phase in JobPhase:
             _remove(self.job_phase, namespace, name, phase.value)

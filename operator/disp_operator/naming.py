@@ -19,6 +19,7 @@ LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
 LABEL_JOB = "disp.dev/purification-job"  # the owning PurificationJob's name
 LABEL_STAGE = "disp.dev/stage"
 LABEL_STEP = "disp.dev/step"
+LABEL_ROUND = "disp.dev/round"  # the purification round (spec.rounds) a stage Job belongs to
 ANNOTATION_ATTEMPT = "disp.dev/attempt"
 # On a PurificationJob: `tag` runs its later stages by the configured image tag instead of the
 # digest its first stage ran (status.runnerImage); anything else, or none, pins the digest.
@@ -43,10 +44,11 @@ def _bounded(base: str, suffix: str, limit: int) -> str:
     return f"{base[:keep].rstrip('-')}-{digest}{suffix}"
 
 
-def stage_job_name(job_name: str, stage: StageName, step: StepKind, attempt: int) -> str:
-    """`<name>-<stage>[-merge][-<attempt>]` (no suffix on the first attempt), at most 63
-    characters, and short enough for the fine-tune's pod hostnames."""
-    suffix = f"-{stage.value}" + ("-merge" if step is StepKind.MERGE else "") + (f"-{attempt}" if attempt > 1 else "")
+def stage_job_name(job_name: str, stage: StageName, step: StepKind, attempt: int, round_number: int = 1) -> str:
+    """`<name>[-r<round>]-<stage>[-merge][-<attempt>]` (no round in round 1, no suffix on the first
+    attempt), at most 63 characters, and short enough for the fine-tune's pod hostnames."""
+    suffix = (f"-r{round_number}" if round_number > 1 else "") + f"-{stage.value}" + \
+        ("-merge" if step is StepKind.MERGE else "") + (f"-{attempt}" if attempt > 1 else "")
     limit = _MAX_NAME - _INDEX_ROOM if stage is StageName.FINETUNE else _MAX_NAME
     return _bounded(job_name, suffix, limit)
 
@@ -58,5 +60,6 @@ def rendezvous_service_name(job_name: str) -> str:
     return _bounded(base, "-finetune-nodes", _MAX_NAME)
 
 
-def child_labels(job_name: str, stage: StageName, step: StepKind) -> dict[str, str]:
-    return {LABEL_MANAGED_BY: MANAGED_BY, LABEL_JOB: job_name, LABEL_STAGE: stage.value, LABEL_STEP: step.value}
+def child_labels(job_name: str, stage: StageName, step: StepKind, round_number: int = 1) -> dict[str, str]:
+    return {LABEL_MANAGED_BY: MANAGED_BY, LABEL_JOB: job_name, LABEL_STAGE: stage.value, LABEL_STEP: step.value,
+            LABEL_ROUND: str(round_number)}

@@ -20,7 +20,9 @@ from typing import Mapping, Optional
 
 from disp_api import (BackdoorVerdict, MetricsSummary, PurificationJob, ResidualJudgement, StageName, StageProgress,
                       judge_residual)
-from disp_api.spec import PURIFIED_MODEL_PATH
+from disp_api.rounds import (chosen_round, first_round, judged, next_round, purified_model_uri, round_uri,
+                             rounds_summary)
+from disp_api.spec import RoundPolicy
 from disp_api.status import (
     Condition,
     ConditionStatus,
@@ -65,6 +67,7 @@ class CreateJob:
     stage: StageName
     step: StepKind
     attempt: int
+    round: int = 1  # the purification round (spec.rounds) the stage belongs to
 
 
 @dataclass(frozen=True)
@@ -75,7 +78,8 @@ class Observation:
     pending: Mapping[str, list[PendingPod]] = field(default_factory=dict)  # their pods not started yet, by Job name
     started: Mapping[str, list[StartedPod]] = field(default_factory=dict)  # their running pods, by Job name
     progress: Optional[StageProgress] = None  # the running stage's progress.json
-    metrics: Optional[MetricsSummary] = None  # the evaluate stage's metrics.json, once read
+    metrics: Optional[MetricsSummary] = None  # the kept round's figures (evaluate's metrics.json or its audit), once read
+    audits: Mapping[int, MetricsSummary] = field(default_factory=dict)  # each finished round's audit.json, by round
     tampered: Optional[str] = None  # why the figure file read is not the one its stage published
     follow_image_tag: bool = False  # the job's disp.dev/runner-image annotation says `tag`: pin no digest
     admission: Optional[Admission] = None  # a queued run's Kueue Workload (None: there is none)
@@ -110,7 +114,8 @@ class Plan:
     delete: list[str] = field(default_factory=list)  # Job names
     events: list[Event] = field(default_factory=list)
     requeue_after: Optional[float] = None  # seconds until a decision falls due (a retry's backoff)
-    wants_metrics: bool = False  # read the evaluate stage's metrics.json and reconcile again
+    wants_metrics: bool = False  # read the kept round's figures and reconcile again
+    wants_audit: Optional[int] = None  # read this round's audit.json and reconcile again
     failure_reason: Optional[Reason] = None  # why the current stage failed for good
     retries: list[tuple[StageName, FailureKind]] = field(default_factory=list)  # failed attempts to retry
     holdup: Optional[Holdup] = None  # what keeps the running stage from running
@@ -123,7 +128,18 @@ def first_step(job: PurificationJob, stage: StageName) -> StepKind:
 
 
 def initial_stages(job: PurificationJob) -> list[StageStatus]:
+    """Round 1's stages and the evaluation (further rounds are inserted before it as they start)."""
     return [StageStatus(name=stage, step=first_step(job, stage)) for stage in job.spec.stages()]
+
+
+def round_stages(job: PurificationJob, round_number: int) -> list[StageStatus]:
+    return [StageStatus(name=stage, step=first_step(job, stage), round=round_number)
+            for stage in job.spec.stages() if stage is not StageName.EVALUATE]
+
+
+def loops(job: PurificationJob) -> bool:
+    """Whether a round's audit can start another round (else it is read only with the run's figures)."""
+    return job.spec.rounds.policy is RoundPolicy.CLOSED_LOOP and job.spec.rounds.max_rounds > 1
 
 
 def reject(status: PurificationJobStatus, message: str, generation: int, now: datetime) -> Plan:
@@ -184,21 +200,34 @@ def _reconcile(job: Optional[PurificationJob], status: PurificationJobStatus, ge
         _await_admission(plan, stages, queue, observed, generation, now)
         return plan
     _pin_runner_image(plan, stages, observed)
-    for index, stage in enumerate(stages):
-        if stage.phase is StagePhase.SUCCEEDED:
-            continue
-        stage = _advance(plan, job, stage, observed, backoff, pending_threshold)
-        stages[index] = stage
-        if stage.phase is StagePhase.SUCCEEDED:
-            continue  # the next stage starts in this same pass
-        if stage.phase is StagePhase.FAILED:
-            _set_stages(plan, stages, observed, generation)
-            _finish(plan, JobPhase.FAILED, plan.failure_reason or Reason.STAGE_FAILED,
-                    f"stage {stage.name.value} failed: {stage.message}", generation, now)
-            return plan
-        _set_stages(plan, stages, observed, generation)
-        _running(plan, stage, generation, now)
-        return plan
+    if not plan.status.rounds:
+        plan.status = plan.status.model_copy(update={"rounds": [first_round()]})
+    index = 0
+    while index < len(stages):  # a round's end may insert the next round's stages after it
+        stage = stages[index]
+        if stage.phase is not StagePhase.SUCCEEDED:
+            stage = _advance(plan, job, stage, observed, backoff, pending_threshold)
+            stages[index] = stage
+            if stage.phase is StagePhase.FAILED:
+                _set_stages(plan, stages, observed, generation)
+                _finish(plan, JobPhase.FAILED, plan.failure_reason or Reason.STAGE_FAILED,
+                        f"{_stage_label(stage)} failed: {stage.message}", generation, now)
+                return plan
+            if stage.phase is not StagePhase.SUCCEEDED:
+                _set_stages(plan, stages, observed, generation)
+                _running(plan, stage, generation, now)
+                return plan
+        # Done (in this pass or before): the next stage starts in this same pass, after a round's
+        # fine-tune once its audit has decided whether another round runs.
+        if stage.name is StageName.FINETUNE and loops(job) and _unjudged(plan.status, stage.round):
+            if not _end_round(plan, job, stages, index, observed):
+                _set_stages(plan, stages, observed, generation)
+                if observed.tampered is not None:
+                    _finish(plan, JobPhase.FAILED, Reason.ARTIFACTS_TAMPERED,
+                            f"figures not taken: {observed.tampered}; `disp verify` on the run names every changed "
+                            "file", generation, now)
+                return plan
+        index += 1
 
     # Every stage succeeded: the run's figures (the audit's, and ASR with an evaluation set) first.
     _set_stages(plan, stages, observed, generation)
@@ -212,20 +241,66 @@ def _reconcile(job: Optional[PurificationJob], status: PurificationJobStatus, ge
     if observed.metrics is None:
         plan.wants_metrics = True
         return plan
+    rounds = plan.status.rounds
+    chosen = kept_round(plan.status)
+    if any(r.round == chosen and r.verdict is None for r in rounds):  # a single pass: judged with the figures
+        rounds = [r if r.round != chosen else judged(r, observed.metrics.residual_rate, observed.metrics.residual_sample,
+                                                     job.spec.audit.residual_threshold) for r in rounds]
     plan.status = plan.status.model_copy(update={
         "metrics": observed.metrics,
-        "purified_model_uri": f"{job.run_uri()}/{PURIFIED_MODEL_PATH}",
+        "rounds": rounds,
+        "purified_model_uri": purified_model_uri(job.run_uri(), chosen),
         "progress": JobProgress(percent=100, current_stage=None,
                                 last_update_time=plan.status.progress.last_update_time),
     })
     judgement = judge_residual(observed.metrics.residual_rate, observed.metrics.residual_sample,
                                job.spec.audit.residual_threshold)
     message = "purified model at " + plan.status.purified_model_uri + _figures(observed.metrics)
+    summary = rounds_summary(rounds, chosen)
+    if summary:
+        message += "; " + summary
     if judgement.verdict is BackdoorVerdict.PROBABLY_NOT_REMOVED:
         message += "; " + judgement.message
     _finish(plan, JobPhase.SUCCEEDED, Reason.COMPLETED, message, generation, now)
     _judge_backdoor(plan, judgement, generation, now)
     return plan
+
+
+def kept_round(status: PurificationJobStatus) -> int:
+    """The round whose model the run keeps (and evaluates): decided once the last round is judged;
+    round 1 until then."""
+    return chosen_round(status.rounds) if status.rounds else 1
+
+
+def _unjudged(status: PurificationJobStatus, round_number: int) -> bool:
+    return any(r.round == round_number and r.verdict is None for r in status.rounds)
+
+
+def _end_round(plan: Plan, job: PurificationJob, stages: list[StageStatus], index: int,
+               observed: Observation) -> bool:
+    """Round `stages[index]`'s fine-tune is done: its audit's verdict decides whether the next round
+    of the ladder runs (its stages inserted after this one) or the loop ends (the evaluation then
+    measures the kept round's model). False while the audit is still to be read."""
+    round_number = stages[index].round
+    audit = observed.audits.get(round_number)
+    if audit is None:
+        if observed.tampered is None:
+            plan.wants_audit = round_number
+        return False
+    threshold = job.spec.audit.residual_threshold
+    rounds = [judged(r, audit.residual_rate, audit.residual_sample, threshold) if r.round == round_number else r
+              for r in plan.status.rounds]
+    following = next_round(job.spec, rounds)
+    if following is not None:
+        rounds.append(following)
+        stages[index + 1:index + 1] = round_stages(job, following.round)
+        plan.events.append(Event(EventType.NORMAL, Reason.ROUND_STARTED,
+                                 f"round {following.round} ({following.recipe.value} recipe) starts: {following.reason}"))
+    else:
+        chosen = chosen_round(rounds)
+        stages[:] = [s.model_copy(update={"round": chosen}) if s.name is StageName.EVALUATE else s for s in stages]
+    plan.status = plan.status.model_copy(update={"rounds": rounds})
+    return True
 
 
 _VERDICT_REASONS = {
@@ -245,6 +320,11 @@ def _judge_backdoor(plan: Plan, judgement: ResidualJudgement, generation: int, n
     plan.status = plan.status.model_copy(update={"conditions": conditions})
     if judgement.verdict is BackdoorVerdict.PROBABLY_NOT_REMOVED:
         plan.events.append(Event(EventType.WARNING, Reason.BACKDOOR_NOT_REMOVED, judgement.message))
+
+
+def _stage_label(stage: StageStatus) -> str:
+    """How messages name a stage: "stage relabel", or "stage relabel (round 2)" in a later round."""
+    return f"stage {stage.name.value}" + (f" (round {stage.round})" if stage.round > 1 else "")
 
 
 def _pin_runner_image(plan: Plan, stages: list[StageStatus], observed: Observation) -> None:
@@ -315,7 +395,7 @@ def _advance(plan: Plan, job: PurificationJob, stage: StageStatus, observed: Obs
     child = observed.children.get(stage.job_name or "")
     if child is None or child.state in (ChildState.ACTIVE, ChildState.QUEUED):
         if child is None:  # not seen yet (just created) or gone: (re)create it, idempotently
-            plan.create.append(CreateJob(stage.name, stage.step, stage.attempts))
+            plan.create.append(CreateJob(stage.name, stage.step, stage.attempts, stage.round))
         plan.holdup = _holdup(job, stage, child, observed.pending.get(stage.job_name or "", []), now,
                               pending_threshold)
         update: dict = {"message": plan.holdup.message if plan.holdup else ""}
@@ -330,10 +410,10 @@ def _advance(plan: Plan, job: PurificationJob, stage: StageStatus, observed: Obs
         if stage.step is StepKind.SHARDS:  # every shard is done: merge them
             return _start(plan, job, stage, StepKind.MERGE, stage.attempts, now, announce=False)
         plan.events.append(Event(EventType.NORMAL, Reason.STAGE_SUCCEEDED,
-                                 f"stage {stage.name.value} succeeded (attempt {stage.attempts})"))
+                                 f"{_stage_label(stage)} succeeded (attempt {stage.attempts})"))
         return stage.model_copy(update={
             "phase": StagePhase.SUCCEEDED, "completion_time": now, "progress": 1.0, "message": "",
-            "artifact_uri": f"{job.run_uri()}/{stage.name.value}"})
+            "artifact_uri": f"{round_uri(job.run_uri(), stage.round)}/{stage.name.value}"})
 
     # The attempt failed.
     pods = list(observed.pods.get(child.name, []))
@@ -354,7 +434,7 @@ def _advance(plan: Plan, job: PurificationJob, stage: StageStatus, observed: Obs
         plan.retries.append((stage.name, failure.kind))
         plan.requeue_after = (retry_after - now).total_seconds()
         plan.events.append(Event(EventType.WARNING, Reason.STAGE_RETRYING,
-                                 f"stage {stage.name.value} attempt {stage.attempts} failed ({failure.kind.value}): "
+                                 f"{_stage_label(stage)} attempt {stage.attempts} failed ({failure.kind.value}): "
                                  f"{failure.message}; retry {failures} of {limit} in "
                                  f"{backoff.delay(failures).total_seconds():.0f}s"))
         return stage.model_copy(update={"phase": StagePhase.RETRYING, "failures": failures,
@@ -379,7 +459,7 @@ def _holdup(job: PurificationJob, stage: StageStatus, child: Optional[ChildJob],
         queue = queue_name(job)
         where = f" in Kueue queue {queue}" if queue else ""
         return Holdup(Reason.WAITING_FOR_ADMISSION,
-                      f"stage {stage.name.value}: Job {child.name} is waiting for admission{where}", stalled=False)
+                      f"{_stage_label(stage)}: Job {child.name} is waiting for admission{where}", stalled=False)
     if not pending:
         return None
     oldest = min(pending, key=lambda p: p.since)
@@ -388,21 +468,21 @@ def _holdup(job: PurificationJob, stage: StageStatus, child: Optional[ChildJob],
     pod = blocked or oldest
     detail = f": {pod.message}" if pod.message else ""
     if blocked is not None:
-        return Holdup(Reason.UNSCHEDULABLE, f"stage {stage.name.value}: pod {pod.pod_name} cannot be scheduled"
+        return Holdup(Reason.UNSCHEDULABLE, f"{_stage_label(stage)}: pod {pod.pod_name} cannot be scheduled"
                       f"{detail}", stalled=True, pending_seconds=waited)
     if waited >= threshold.total_seconds():
-        return Holdup(Reason.POD_PENDING, f"stage {stage.name.value}: pod {pod.pod_name} pending for "
+        return Holdup(Reason.POD_PENDING, f"{_stage_label(stage)}: pod {pod.pod_name} pending for "
                       f"{waited / 60:.0f} min ({pod.reason}){detail}", stalled=True, pending_seconds=waited)
     return Holdup(Reason.POD_PENDING, "", stalled=False, pending_seconds=waited)
 
 
 def _start(plan: Plan, job: PurificationJob, stage: StageStatus, step: StepKind, attempt: int, now: datetime,
            announce: bool = True) -> StageStatus:
-    name = stage_job_name(job.metadata.name, stage.name, step, attempt)
-    plan.create.append(CreateJob(stage.name, step, attempt))
+    name = stage_job_name(job.metadata.name, stage.name, step, attempt, stage.round)
+    plan.create.append(CreateJob(stage.name, step, attempt, stage.round))
     if announce:
         plan.events.append(Event(EventType.NORMAL, Reason.STAGE_STARTED,
-                                 f"stage {stage.name.value} attempt {attempt}: Job {name}"))
+                                 f"{_stage_label(stage)} attempt {attempt}: Job {name}"))
     return stage.model_copy(update={"phase": StagePhase.RUNNING, "step": step, "attempts": attempt, "job_name": name,
                                     "start_time": stage.start_time or now, "retry_after": None})
 
@@ -477,17 +557,17 @@ def _set_stages(plan: Plan, stages: list[StageStatus], observed: Observation, ge
     plan.status = plan.status.model_copy(update={
         "stages": stages, "observed_generation": generation,
         "progress": JobProgress(percent=min(100, percent), current_stage=current.name if current else None,
-                                last_update_time=last_update)})
+                                current_round=current.round if current else None, last_update_time=last_update)})
 
 
 def _running(plan: Plan, stage: StageStatus, generation: int, now: datetime) -> None:
     holdup = plan.holdup if plan.holdup is not None and plan.holdup.message else None
     if stage.phase is StagePhase.RETRYING:
-        reason, message = Reason.STAGE_RETRYING, f"stage {stage.name.value} failed, retrying: {stage.message}"
+        reason, message = Reason.STAGE_RETRYING, f"{_stage_label(stage)} failed, retrying: {stage.message}"
     elif holdup is not None:
         reason, message = holdup.reason, holdup.message
     else:
-        reason, message = Reason.STAGE_RUNNING, f"stage {stage.name.value} running (attempt {stage.attempts})"
+        reason, message = Reason.STAGE_RUNNING, f"{_stage_label(stage)} running (attempt {stage.attempts})"
     conditions = plan.status.conditions
     stalled = holdup is not None and holdup.stalled
     old = plan.status.condition(ConditionType.STALLED)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import logging
 import time
 from dataclasses import dataclass, field
@@ -23,7 +24,7 @@ from pydantic import ValidationError
 from pydantic.alias_generators import to_camel
 
 from disp_api import PurificationJob, StageName
-from disp_api.status import ConditionType, JobPhase, PurificationJobStatus, Reason, StagePhase
+from disp_api.status import ConditionStatus, ConditionType, JobPhase, PurificationJobStatus, Reason, StagePhase
 from disp_operator.artifacts import ArtifactsTampered, RunStore
 from disp_operator.children import ChildJob, PendingPod, PodOutcome, StartedPod
 from disp_operator.config import OperatorConfig
@@ -35,7 +36,7 @@ from disp_operator.kube import KubeApi
 from disp_operator.memory import check_floors, stage_floors
 from disp_operator.metrics import OperatorMetrics
 from disp_operator.naming import ANNOTATION_RUNNER_IMAGE, FOLLOW_IMAGE_TAG
-from disp_operator.reconcile import Observation, Plan, WorkloadAction, finished_at, reconcile, reject
+from disp_operator.reconcile import Observation, Plan, WorkloadAction, finished_at, kept_round, reconcile, reject
 from disp_operator.validation import (ClusterFacts, ConfigProblem, InvalidSpec, check_cluster, check_policy, check_static,
                                       parse_job)
 from disp_store.s3 import StoreError, StoreUnavailableError
@@ -94,7 +95,7 @@ class JobLoop:
         self.rt, self.body, self.logger = runtime, body, logger
         self.jobs_index, self.pods_index = jobs_index, pods_index
         self.namespace, self.name = body.metadata.namespace, body.metadata.name
-        self.status = _read_status(body.get("status"))
+        self.status = read_status(body.get("status"))
         self.validated = any(s.attempts for s in self.status.stages)  # a job that ran before was valid
         self.store: Optional[RunStore] = None
         self.workload: Optional[dict] = None  # a queued run's Kueue Workload, as last read
@@ -178,11 +179,25 @@ class JobLoop:
                                admission=await self._admission(), memory_floors=self.memory_floors)
         config = self.rt.config
         plan = reconcile(job, self.status, generation, observed, config.backoff, config.pending_threshold)
-        if plan.wants_metrics:
-            try:
-                observed = dataclasses.replace(observed, metrics=await asyncio.to_thread(self.store.metrics))
-            except ArtifactsTampered as exc:
-                observed = dataclasses.replace(observed, tampered=str(exc))
+        # A round's audit decides the next round; the kept round's figures end the run. Each read is
+        # followed by a reconcile on it, and a pass reads at most one file per round plus the figures.
+        for _ in range(job.spec.rounds.max_rounds + 1):
+            if plan.wants_audit is not None:
+                read = functools.partial(self.store.audit, plan.wants_audit)
+                audits = observed.audits
+                try:
+                    observed = dataclasses.replace(observed, audits={**audits, plan.wants_audit: await
+                                                                     asyncio.to_thread(read)})
+                except ArtifactsTampered as exc:
+                    observed = dataclasses.replace(observed, tampered=str(exc))
+            elif plan.wants_metrics:
+                read = functools.partial(self.store.metrics, kept_round(plan.status))
+                try:
+                    observed = dataclasses.replace(observed, metrics=await asyncio.to_thread(read))
+                except ArtifactsTampered as exc:
+                    observed = dataclasses.replace(observed, tampered=str(exc))
+            else:
+                break
             plan = reconcile(job, self.status, generation, observed, config.backoff, config.pending_threshold)
         await self._apply(plan, job)
         if plan.status.phase.finished:
@@ -273,7 +288,8 @@ class JobLoop:
             return None
         self.next_progress_read = time.monotonic() + self.rt.config.progress_interval
         try:
-            return await asyncio.to_thread(self.store.progress)
+            current = next((s for s in self.status.stages if s.phase is StagePhase.RUNNING), None)
+            return await asyncio.to_thread(self.store.progress, current.round if current else 1)
         except (StoreError, StoreUnavailableError) as exc:
             self.logger.warning("progress not readable: %s", exc)
             return None
@@ -295,7 +311,8 @@ class JobLoop:
             if finetune_nodes(job, create.stage) > 1:  # its pods find each other through this Service
                 await asyncio.to_thread(kube.create_service, rendezvous_service(job))
             manifest = stage_job(job, create.stage, create.step, create.attempt, self.rt.config.runner,
-                                 pinned_image=plan.status.runner_image, admission=self.admission)
+                                 pinned_image=plan.status.runner_image, admission=self.admission,
+                                 round_number=create.round)
             created = await asyncio.to_thread(kube.create_job, manifest)
             if created:
                 self.logger.info("created Job %s", manifest["metadata"]["name"])
@@ -342,10 +359,10 @@ class JobLoop:
         metrics.set_phase(self.namespace, self.name, new.phase)
         for stage, kind in plan.retries:
             metrics.stage_retries.labels(stage.value, kind.value).inc()
-        previous = {s.name: s.phase for s in old.stages}
+        previous = {(s.name, s.round): s.phase for s in old.stages}
         for stage in new.stages:
             finished = stage.phase in (StagePhase.SUCCEEDED, StagePhase.FAILED)
-            if finished and previous.get(stage.name) != stage.phase and stage.completion_time:
+            if finished and previous.get((stage.name, stage.round)) != stage.phase and stage.completion_time:
                 start = stage.start_time or stage.completion_time
                 metrics.stage_finished(stage.name, stage.phase is StagePhase.SUCCEEDED,
                                        (stage.completion_time - start).total_seconds())
@@ -354,10 +371,15 @@ class JobLoop:
                     metrics.stage_failures.labels(stage.name.value, reason).inc()
         if new.phase.finished:
             metrics.set_outcome(self.namespace, self.name, new.metrics)
+            metrics.set_round(self.namespace, self.name, kept_round(new))
+            verdict = new.condition(ConditionType.BACKDOOR_REMOVED)
+            metrics.set_verdict(self.namespace, self.name, None if verdict is None or
+                                verdict.status is ConditionStatus.UNKNOWN else verdict.status is ConditionStatus.TRUE)
             if new.phase is JobPhase.FAILED and old.phase is not JobPhase.FAILED:
                 failed = new.condition(ConditionType.FAILED)
                 metrics.job_failed(failed.reason if failed else Reason.STAGE_FAILED)
         elif new.phase is JobPhase.RUNNING:
+            metrics.set_round(self.namespace, self.name, new.progress.current_round or 1)
             updated = new.progress.last_update_time
             metrics.set_progress(self.namespace, self.name, new.progress.percent / 100,
                                  updated.timestamp() if updated else time.time())
@@ -380,7 +402,7 @@ def effective_job(body: Mapping[str, Any], config: OperatorConfig) -> Purificati
     return job
 
 
-def _read_status(raw: Optional[Mapping[str, Any]]) -> PurificationJobStatus:
+def read_status(raw: Optional[Mapping[str, Any]]) -> PurificationJobStatus:
     """The status this operator wrote before a restart; anything else (kopf's own bookkeeping, an
     edited or foreign status) starts the job's record afresh: the runner skips completed stages."""
     if not raw:

@@ -293,6 +293,47 @@ def test_deleting_a_job_with_cleanup_removes_its_intermediates_but_keeps_the_mod
     assert left == [f"{run_key}/finetune/model/config.json", f"{run_key}/provenance.json"]
 
 
+def test_a_backdoor_the_first_round_leaves_gets_a_second_round_of_stage_jobs(cluster, kubelet, s3, uploaded,
+                                                                             monkeypatch):
+    """The closed loop on the real control plane: round 1's audit (30% of the suspects keep their
+    answer) starts round 2's stage Jobs; its audit (0%) ends the loop; the evaluation measures round
+    2's model, which the status names and clean-up keeps."""
+    store = S3Store(s3, ACCESS, SECRET, secure=False)
+    kubelet.agent.extra_env["STANDIN_RESIDUALS"] = "loop:0.3,0.0"
+    with operator(cluster, monkeypatch):
+        uid = cluster.create_job(standin_manifest(s3, uploaded, cluster.namespace, "loop",
+                                                  policy={"cleanupArtifacts": True}))
+        body = cluster.wait_for(cluster.namespace, "loop", finished, 90, "the job to finish")
+        wait_until(lambda: any(e["reason"] == "RoundStarted" for e in cluster.events(cluster.namespace)), 10,
+                   "the RoundStarted Event")
+        run_key = f"{uploaded}/runs/{cluster.namespace}/loop/{uid}"
+        assert store.exists("runs", f"{run_key}/round-2/evaluate/metrics.json")
+        assert not store.exists("runs", f"{run_key}/evaluate/metrics.json")
+        store.put_bytes("runs", f"{run_key}/round-2/finetune/model/config.json", b"{}")  # what the real finetune leaves
+        events = [e for e in cluster.events(cluster.namespace) if e["reason"] == "RoundStarted"]
+        cluster.delete_job(cluster.namespace, "loop")
+        wait_until(lambda: "loop" not in cluster.list_jobs(cluster.namespace), 20, "the job to be deleted")
+    status = body["status"]
+    assert status["phase"] == "Succeeded", status
+    assert kubelet.started == ["loop-saliency", "loop-masking", "loop-relabel", "loop-finetune",
+                               "loop-r2-saliency", "loop-r2-masking", "loop-r2-relabel", "loop-r2-finetune",
+                               "loop-r2-evaluate"]
+    argvs = [argv for _, argv in kubelet.processes]
+    assert [argv[argv.index("--round") + 1] for argv in argvs if "--round" in argv] == ["2"] * 5
+    # The API server kept what the operator wrote: the rounds, each stage's round, the kept model.
+    assert [(r["round"], r["recipe"], r.get("verdict")) for r in status["rounds"]] == \
+        [(1, "spec", "ProbablyNotRemoved"), (2, "pixels", "Removed")]
+    assert status["rounds"][1]["reason"].startswith("round 1 left a residual rate of 30.0% of 21 suspects")
+    assert [(s["name"], s.get("round", 1)) for s in status["stages"]][-2:] == [("finetune", 2), ("evaluate", 2)]
+    assert status["purifiedModelUri"] == f"s3://runs/{run_key}/round-2/finetune/model"
+    removed = next(c for c in status["conditions"] if c["type"] == "BackdoorRemoved")
+    assert removed["status"] == "True"
+    assert "round 2's model kept" in status["message"]
+    assert len(events) == 1 and events[0]["type"] == "Normal" and "round 2 (pixels recipe) starts" in events[0]["message"]
+    left = sorted(key for key, _, _ in store.list("runs", run_key + "/"))
+    assert left == [f"{run_key}/round-2/finetune/model/config.json", f"{run_key}/round-2/provenance.json"]
+
+
 def test_without_cleanup_a_deleted_job_leaves_its_artifacts(cluster, kubelet, s3, uploaded, monkeypatch):
     store = S3Store(s3, ACCESS, SECRET, secure=False)
     with operator(cluster, monkeypatch):

@@ -1,12 +1,15 @@
 """A stand-in for the runner image in operator tests that are about the operator's own behaviour
 (restart, suspend), where importing torch in every pod would only cost time. It honours the
 runner's contract with the operator: the same command line (`disp run --manifest-env VAR --stage S
-[--shard i/N | --merge] [--processes N --nodes M --node-rank I]`), progress.json in the run's S3 folder while it works, the finetune
-stage's audit.json and the evaluate stage's metrics.json, each published as the runner publishes
-a stage (its files, then its stage manifest, written by the runner's own code) and followed by the
-run's provenance.json (the runner's own code again), and exit code 0. How long each stage takes
-comes from STANDIN_SECONDS; STANDIN_OVERWRITE_METRICS=<job name> makes that job's evaluate pod
-overwrite its metrics.json after publishing it, as someone holding the run's S3 keys could.
+[--round R] [--shard i/N | --merge] [--processes N --nodes M --node-rank I]`), progress.json in the
+round's S3 folder while it works (the run's for round 1, round-R/ in it for a later round), the
+finetune stage's audit.json and the evaluate stage's metrics.json, each published as the runner
+publishes a stage (its files, then its stage manifest, written by the runner's own code) and
+followed by the round's provenance.json (the runner's own code again), and exit code 0. How long
+each stage takes comes from STANDIN_SECONDS; STANDIN_RESIDUALS=<job name>:<rate>,<rate>,... gives
+that job's audit a residual rate per round (else 4% of 21 suspects, below the default threshold);
+STANDIN_OVERWRITE_METRICS=<job name> makes that job's evaluate pod overwrite its metrics.json after
+publishing it, as someone holding the run's S3 keys could.
 The real runner is exercised end to end in tests/e2e/test_operator.py."""
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from pathlib import Path
 
 from disp_api import AuditFigures, PurificationJob, PurificationMetrics, StageName, StageProgress
 from disp_api.contract import PROGRESS_FILE
+from disp_api.rounds import round_folder, round_job
 from disp_runner.pipeline.artifacts import STAGE_MANIFEST, write_stage_manifest
 from disp_runner.provenance import publish_remote_provenance
 from disp_store.s3 import S3Store
@@ -38,6 +42,7 @@ def main() -> int:
     parser.add_argument("command")
     parser.add_argument("--manifest-env", required=True)
     parser.add_argument("--stage", required=True)
+    parser.add_argument("--round", type=int, default=1)
     parser.add_argument("--shard")
     parser.add_argument("--merge", action="store_true")
     parser.add_argument("--processes", type=int, default=1)
@@ -51,6 +56,9 @@ def main() -> int:
     store = S3Store(storage.endpoint, os.environ["DISP_S3_ACCESS_KEY"], os.environ["DISP_S3_SECRET_KEY"],
                     secure=storage.secure)
     bucket, _, run_key = job.run_uri().removeprefix("s3://").partition("/")
+    run_key = "/".join(filter(None, [run_key, round_folder(args.round)]))
+    job = round_job(job, args.round)  # its provenance records the round's settings, as the runner's does
+    audit = {**AUDIT, **_residual(job.metadata.name, args.round)}
     seconds = float(os.environ.get("STANDIN_SECONDS", "0.5"))
     steps = 5
     for done in range(steps + 1):
@@ -59,10 +67,10 @@ def main() -> int:
         store.put_bytes(bucket, f"{run_key}/{PROGRESS_FILE}", progress.model_dump_json(by_alias=True).encode())
         time.sleep(seconds / steps)
     if args.stage == "finetune":
-        AuditFigures.model_validate(AUDIT)  # the same schema the real stage writes
-        _publish(job, store, bucket, run_key, StageName.FINETUNE, {"audit.json": AUDIT})
+        AuditFigures.model_validate(audit)  # the same schema the real stage writes
+        _publish(job, store, bucket, run_key, StageName.FINETUNE, {"audit.json": audit})
     if args.stage == "evaluate":
-        metrics = evaluation_metrics()
+        metrics = evaluation_metrics(audit)
         _publish(job, store, bucket, run_key, StageName.EVALUATE, {"metrics.json": metrics})
         if os.environ.get("STANDIN_OVERWRITE_METRICS") == job.metadata.name:
             store.put_bytes(bucket, f"{run_key}/evaluate/metrics.json",
@@ -70,11 +78,19 @@ def main() -> int:
     return 0
 
 
-def evaluation_metrics() -> dict:
+def _residual(job_name: str, round_number: int) -> dict:
+    """The residual rate STANDIN_RESIDUALS gives this job's round, if it gives one."""
+    named, _, rates = os.environ.get("STANDIN_RESIDUALS", "").partition(":")
+    if named != job_name:
+        return {}
+    return {"residualRate": float(rates.split(",")[round_number - 1])}
+
+
+def evaluation_metrics(audit: dict = AUDIT) -> dict:
     """The evaluate stage's metrics.json, valid under the schema the real stage writes."""
-    metrics = {**METRICS, "before": _model_metrics(0.97), "after": _model_metrics(0.02), "audit": AUDIT,
-               "estimatedPoisonedShare": AUDIT["estimatedPoisonedShare"], "residualRate": AUDIT["residualRate"],
-               "residualSample": AUDIT["residualSample"]}
+    metrics = {**METRICS, "before": _model_metrics(0.97), "after": _model_metrics(0.02), "audit": audit,
+               "estimatedPoisonedShare": audit["estimatedPoisonedShare"], "residualRate": audit["residualRate"],
+               "residualSample": audit["residualSample"]}
     PurificationMetrics.model_validate(metrics)
     return metrics
 

@@ -39,8 +39,11 @@ def _finish(job, metrics, at=T0):
     return step(job, waiting.status, jobs=[k8s_job("purify-finetune", "succeeded")], metrics=metrics, at=at)
 
 
+SINGLE_PASS = {"policy": "single-pass"}  # the closed loop's rounds: tests/operator/test_rounds.py
+
+
 def test_a_residual_above_the_threshold_ends_succeeded_with_backdoor_removed_false_and_a_warning():
-    job = make_job()
+    job = make_job(rounds=SINGLE_PASS)
     done = _finish(job, MetricsSummary(estimated_poisoned_share=0.016, residual_rate=7 / 12, residual_sample=12))
     assert done.status.phase is JobPhase.SUCCEEDED  # the pipeline ran: the model and its figures are there
     removed = done.status.condition(ConditionType.BACKDOOR_REMOVED)
@@ -76,7 +79,7 @@ def test_no_residual_sample_leaves_the_verdict_unknown():
 def test_the_threshold_is_the_jobs_own():
     figures = MetricsSummary(residual_rate=0.25, residual_sample=16)
     lenient = _finish(make_job(audit={"residualThreshold": 0.3}), figures)
-    strict = _finish(make_job(audit={"residualThreshold": 0.0}), MetricsSummary(residual_rate=1 / 64,
+    strict = _finish(make_job(audit={"residualThreshold": 0.0}, rounds=SINGLE_PASS), MetricsSummary(residual_rate=1 / 64,
                                                                                   residual_sample=64))
     assert lenient.status.condition(ConditionType.BACKDOOR_REMOVED).status is ConditionStatus.TRUE
     assert strict.status.condition(ConditionType.BACKDOOR_REMOVED).status is ConditionStatus.FALSE

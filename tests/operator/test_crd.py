@@ -56,7 +56,7 @@ def test_the_crd_names_printer_columns_and_status_subresource():
     assert names["categories"]
     assert version["subresources"] == {"status": {}}
     assert [c["name"] for c in version["additionalPrinterColumns"]] == \
-        ["Phase", "Stage", "Progress", "ASR-Before", "ASR-After", "Suspects", "Residual", "Removed", "Age"]
+        ["Phase", "Stage", "Round", "Progress", "ASR-Before", "ASR-After", "Suspects", "Residual", "Removed", "Age"]
 
 
 def _walk(schema: dict, path: str = ""):

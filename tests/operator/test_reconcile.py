@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta, timezone
 
-from disp_api import MetricsSummary, StageName, StageProgress
+from disp_api import BackdoorVerdict, MetricsSummary, StageName, StageProgress
 from disp_api.status import (
     ConditionStatus,
     ConditionType,
@@ -24,23 +24,31 @@ BACKOFF = RetryBackoff(base_seconds=10, maximum_seconds=60)
 
 
 def step(job, status, at=T0, jobs=(), pods=None, progress=None, metrics=None, generation=1, pending=None,
-         tampered=None, admission=None):
+         tampered=None, admission=None, audits=None):
+    """One reconcile on what the cluster shows. Given the run's figures and no `audits`, round 1's
+    audit is taken to say what the figures say (the closed loop reads it before the figures)."""
+    if audits is None:
+        audits = {1: metrics} if metrics is not None else {}
     children = {j["metadata"]["name"]: ChildJob.from_job(j) for j in jobs}
     outcomes = {name: [PodOutcome.from_pod(p) for p in ps] for name, ps in (pods or {}).items()}
     waiting = {name: [PendingPod.from_pod(p) for p in ps] for name, ps in (pending or {}).items()}
     return reconcile(job, status, generation, Observation(now=at, children=children, pods=outcomes, pending=waiting,
                                                           progress=progress, metrics=metrics, tampered=tampered,
-                                                          admission=admission),
+                                                          admission=admission, audits=audits),
                      BACKOFF,
                      PENDING_AFTER)
 
 
-def run_to(job, stage: StageName):
-    """Drive a fresh job until `stage` is the running one (all earlier stages succeeded)."""
+REMOVED = MetricsSummary(estimated_poisoned_share=0.1, residual_rate=0.0, residual_sample=64)
+
+
+def run_to(job, stage: StageName, audits=None):
+    """Drive a fresh job until `stage` is the running one (all earlier stages succeeded); round 1's
+    audit, once read, says the backdoor was removed unless `audits` says otherwise."""
     plan = step(job, PurificationJobStatus())
-    while plan.status.progress.current_stage is not stage:
-        current = plan.status.stage(plan.status.progress.current_stage)
-        plan = step(job, plan.status, jobs=[k8s_job(current.job_name, "succeeded")])
+    while plan.status.progress.current_stage is not stage or plan.status.stage(stage).job_name is None:
+        current = next(s for s in plan.status.stages if s.phase is not StagePhase.SUCCEEDED)
+        plan = step(job, plan.status, jobs=[k8s_job(current.job_name, "succeeded")], audits=audits or {1: REMOVED})
     return plan
 
 
@@ -99,11 +107,16 @@ def test_the_last_stage_succeeding_finishes_the_job_with_the_purified_model_and_
     job = make_job()
     plan = run_to(job, StageName.FINETUNE)
     waiting = step(job, plan.status, jobs=[k8s_job("purify-finetune", "succeeded")])
-    assert waiting.wants_metrics and waiting.status.phase is JobPhase.RUNNING  # reads finetune/audit.json first
-    audit = MetricsSummary(estimated_poisoned_share=0.2, residual_rate=0.03)
+    # Round 1's audit first: it decides whether another round runs.
+    assert waiting.wants_audit == 1 and not waiting.wants_metrics and waiting.status.phase is JobPhase.RUNNING
+    audit = MetricsSummary(estimated_poisoned_share=0.2, residual_rate=0.03, residual_sample=64)
+    judged = step(job, plan.status, jobs=[k8s_job("purify-finetune", "succeeded")], audits={1: audit})
+    assert judged.wants_metrics and judged.wants_audit is None  # removed: no round 2, the figures next
+    assert [(r.round, r.verdict) for r in judged.status.rounds] == [(1, BackdoorVerdict.REMOVED)]
     done = step(job, plan.status, jobs=[k8s_job("purify-finetune", "succeeded")], metrics=audit)
     assert done.status.phase is JobPhase.SUCCEEDED and done.status.metrics == audit
     assert "audit: 20.0% of the data suspect; residual rate 3.0%" in done.status.message
+    assert "round" not in done.status.message  # one round: nothing to say about rounds
     assert "ASR" not in done.status.message  # no evaluation set, no ASR
     assert done.status.purified_model_uri == f"s3://runs/runs/team/purify/{job.metadata.uid}/finetune/model"
     assert condition(done.status, ConditionType.SUCCEEDED) is ConditionStatus.TRUE
