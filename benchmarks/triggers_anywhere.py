@@ -11,7 +11,9 @@ PurificationJob recipe on it with `disp run`'s code: the paper's saliency, maski
 defaults and the demo's fine-tune. It prints one table: implanting (epochs, validation ASR), ASR
 before/after, false firing after, clean performance before/after, retention, trigger
 localisation, the audit's residual rate and the BackdoorRemoved verdict a cluster would show
-(spec.audit.residualThreshold), and seconds. Prints figures, never asserts; docs/results.md "Triggers anywhere" quotes it.
+(spec.audit.residualThreshold), the purification rounds used (spec.rounds: the closed loop by
+default; `--set rounds.policy=single-pass` for the paper's one pass) with each round's residual
+rate, and seconds. The figures are the kept round's. Prints figures, never asserts; docs/results.md "Triggers anywhere" quotes it.
 """
 
 from __future__ import annotations
@@ -96,7 +98,8 @@ def run_combination(combo: Combination, work: str, overrides: list[tuple[str, ob
     from disp_runner.demo import demo_job
     from disp_runner.models.mdlm.embedded import SHIPPED_BASE_MODEL
     from disp_runner.pipeline.artifacts import RunLayout
-    from disp_runner.pipeline.runner import run_job
+    from disp_api.rounds import round_folder
+    from disp_runner.pipeline.runner import run_rounds
     from disp_runner.stages.evaluate import METRICS_FILE
 
     root = Path(work)
@@ -123,17 +126,19 @@ def run_combination(combo: Combination, work: str, overrides: list[tuple[str, ob
     for dotted, value in [*combo.job.items(), *overrides]:
         _set_dotted(document["spec"], dotted, value)
     job = PurificationJob.model_validate(document)
-    outcomes = run_job(job, root, show_progress=False)
-    metrics = PurificationMetrics.model_validate_json(
-        (RunLayout.for_job(job, root).stage_dir(StageName.EVALUATE) / METRICS_FILE).read_text())
-    masking = next(o for o in outcomes if o.stage is StageName.MASKING).metrics
+    result = run_rounds(job, root, show_progress=False)
+    outcomes = result.outcomes
+    kept = RunLayout.for_job(job, root).within(round_folder(result.chosen))
+    metrics = PurificationMetrics.model_validate_json((kept.stage_dir(StageName.EVALUATE) / METRICS_FILE).read_text())
+    masking = next(o for o in outcomes if o.stage is StageName.MASKING and o.round == result.chosen).metrics
     return {"name": combo.name, "implantEpochs": implant["epochs"], "validationAsr": implant["validationAsr"],
             "implanted": implant["reached"], "asrBefore": metrics.asr_before, "asrAfter": metrics.asr_after,
             "falseFiringAfter": metrics.false_firing_after, "cleanBefore": metrics.clean_performance_before,
             "cleanAfter": metrics.clean_performance_after, "retention": metrics.retention,
             "localisation": masking.get("triggerLocalisation"), "attackSeconds": attack_seconds,
             "disSeconds": sum(o.seconds for o in outcomes), "residualRate": metrics.residual_rate,
-            "residualSample": metrics.residual_sample,
+            "residualSample": metrics.residual_sample, "rounds": len(result.rounds), "keptRound": result.chosen,
+            "roundResiduals": [r.residual_rate for r in result.rounds],
             # The BackdoorRemoved condition a cluster would show for the row's job.
             "verdict": judge_residual(metrics.residual_rate, metrics.residual_sample,
                                       job.spec.audit.residual_threshold).verdict.condition_status}
@@ -149,17 +154,25 @@ def _residual(row: dict) -> str:
     return f"{_pct(row['residualRate'])} of {row['residualSample']}"
 
 
+def _rounds(row: dict) -> str:
+    """Rounds used, each round's residual rate, and the round kept when it is not the last."""
+    residuals = " / ".join(_pct(rate) for rate in row["roundResiduals"])
+    kept = f", kept {row['keptRound']}" if row["keptRound"] != row["rounds"] else ""
+    return f"{row['rounds']} ({residuals}{kept})"
+
+
 def format_table(rows: list[dict]) -> str:
     lines = ["| combination | implanted (epochs, validation ASR) | ASR before | ASR after | false firing after | "
              "clean before | clean after | retention | localisation | residual (audit) | BackdoorRemoved | "
-             "seconds (attack + DiSP) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "rounds used (residual per round) | seconds (attack + DiSP) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         implanted = f"{'yes' if r['implanted'] else 'NO'} ({r['implantEpochs']:g}, {_pct(r['validationAsr'])})"
         lines.append(f"| {r['name']} | {implanted} | {_pct(r['asrBefore'])} | **{_pct(r['asrAfter'])}** | "
                      f"{_pct(r['falseFiringAfter'])} | {_pct(r['cleanBefore'])} | {_pct(r['cleanAfter'])} | "
                      f"{_pct(r['retention'])} | {_pct(r['localisation'])} | {_residual(r)} | "
-                     f"{'**False**' if r['verdict'] == 'False' else r['verdict']} | {r['attackSeconds']:.0f} + {r['disSeconds']:.0f} |")
+                     f"{'**False**' if r['verdict'] == 'False' else r['verdict']} | {_rounds(r)} | "
+                     f"{r['attackSeconds']:.0f} + {r['disSeconds']:.0f} |")
     return "\n".join(lines)
 
 

@@ -20,6 +20,7 @@ from typing import Callable
 import torch
 import yaml
 
+from disp_api.rounds import round_folder
 from disp_api import (
     AttackSpec,
     AttackTarget,
@@ -43,7 +44,7 @@ from disp_runner.models.base import trained_gen_length
 from disp_runner.models.loading import load_model
 from disp_runner.models.mdlm.embedded import SHIPPED_BASE_MODEL
 from disp_runner.pipeline.artifacts import RunLayout
-from disp_runner.pipeline.runner import StageOutcome, run_job
+from disp_runner.pipeline.runner import RunResult, StageOutcome, run_rounds
 from disp_runner.provenance import verify_run
 from disp_runner.reporting import PurificationRow, format_purification_table
 from disp_runner.stages.evaluate import METRICS_FILE
@@ -225,21 +226,25 @@ def _purify_saying(task: _Scenario, show_progress: bool, say: Callable[[str], No
     job = PurificationJob.model_validate(document)
     layout = RunLayout.for_job(job, workdir)
     shutil.rmtree(layout.root, ignore_errors=True)  # the model was just re-injected: start the run afresh
-    outcomes: list[StageOutcome] = timer.run(f"{name}: DiSP (disp run {manifest})", run_job, job, workdir,
-                                             show_progress=show_progress,
-                                             on_outcome=lambda outcome: say(_outcome_line(outcome)))
-    say(_verification_line(layout))
-    metrics = PurificationMetrics.model_validate_json(
-        (layout.stage_dir(StageName.EVALUATE) / METRICS_FILE).read_text())
-    masking = next(o for o in outcomes if o.stage is StageName.MASKING).metrics
+    result: RunResult = timer.run(f"{name}: DiSP (disp run {manifest})", run_rounds, job, workdir,
+                                  show_progress=show_progress,
+                                  on_outcome=lambda outcome: say(_outcome_line(outcome)))
+    for record in result.rounds[1:]:
+        say(f"      round {record.round} ran: {record.reason}")
+    kept = layout.within(round_folder(result.chosen))
+    for record in result.rounds:
+        say(_verification_line(layout.within(round_folder(record.round))))
+    metrics = PurificationMetrics.model_validate_json((kept.stage_dir(StageName.EVALUATE) / METRICS_FILE).read_text())
+    masking = next(o for o in result.outcomes if o.stage is StageName.MASKING and o.round == result.chosen).metrics
     return PurificationRow(name=name, metrics=metrics, localisation=masking.get("triggerLocalisation"),
-                           stage_seconds=_seconds_per_stage(outcomes),
-                           residual_threshold=job.spec.audit.residual_threshold)
+                           stage_seconds=_seconds_per_stage(result.outcomes),
+                           residual_threshold=job.spec.audit.residual_threshold, rounds=len(result.rounds),
+                           kept_round=result.chosen)
 
 
 def _seconds_per_stage(outcomes: list[StageOutcome]) -> dict[str, float]:
     seconds: dict[str, float] = {}
-    for o in outcomes:  # shards and their merge add up
+    for o in outcomes:  # shards and their merge add up, and so do the rounds
         seconds[o.stage.value] = seconds.get(o.stage.value, 0.0) + o.seconds
     return seconds
 
@@ -262,7 +267,7 @@ def _implant_line(artifacts: AttackArtifacts) -> str:
 
 def _outcome_line(outcome: StageOutcome) -> str:
     state = "skipped (complete)" if outcome.skipped else f"{outcome.seconds:5.1f}s"
-    return f"      {outcome.stage.value:<9} {state}"
+    return f"      {'r' + str(outcome.round):<3} {outcome.stage.value:<9} {state}"
 
 
 def make_demo_data(workdir: Path, image_size: int) -> None:

@@ -42,14 +42,21 @@ class PurificationRow:
     localisation: float | None = None
     stage_seconds: dict[str, float] = field(default_factory=dict)
     residual_threshold: float = AuditSpec().residual_threshold  # the job's spec.audit.residualThreshold
+    rounds: int = 1  # purification rounds that ran (spec.rounds)
+    kept_round: int = 1  # the round whose model the figures measure
+
+
+def _rounds(row: PurificationRow) -> str:
+    return str(row.rounds) if row.kept_round == row.rounds else f"{row.rounds} (kept {row.kept_round})"
 
 
 def format_purification_table(rows: Sequence[PurificationRow]) -> str:
     """ASR before -> after, false firing, clean performance before -> after, retention, trigger
     localisation, the audit's residual rate and the BackdoorRemoved verdict a cluster would show
-    (True, False or Unknown), and the seconds each stage took."""
+    (True, False or Unknown), the rounds that ran (and the one kept, when not the last), and the
+    seconds each stage took (all rounds together)."""
     header = (f"{'scenario':<26} {'ASR before':>10} {'ASR after':>10} {'false-fire':>10} {'clean before':>12} "
-              f"{'clean after':>11} {'retention':>9} {'localised':>9} {'residual':>9} {'removed':>8}")
+              f"{'clean after':>11} {'retention':>9} {'localised':>9} {'residual':>9} {'removed':>8} {'rounds':>11}")
     lines = [header, "-" * len(header)]
     for row in rows:
         m = row.metrics
@@ -61,7 +68,7 @@ def format_purification_table(rows: Sequence[PurificationRow]) -> str:
         verdict = judge_residual(m.residual_rate, m.residual_sample, row.residual_threshold).verdict
         lines.append(f"{row.name:<26} {_pct(m.asr_before):>10} {_pct(m.asr_after):>10} "
                      f"{_pct(m.false_firing_after):>10} {clean_b:>12} {clean_a:>11} {retention:>9} {local:>9} "
-                     f"{residual:>9} {verdict.condition_status:>8}")
+                     f"{residual:>9} {verdict.condition_status:>8} {_rounds(row):>11}")
     stages = list(dict.fromkeys(s for row in rows for s in row.stage_seconds))
     lines += ["", f"{'seconds per stage':<26} " + " ".join(f"{s:>10}" for s in stages)]
     for row in rows:

@@ -300,7 +300,8 @@ def test_a_backdoor_the_first_round_leaves_gets_a_second_round_of_stage_jobs(clu
     2's model, which the status names and clean-up keeps."""
     store = S3Store(s3, ACCESS, SECRET, secure=False)
     kubelet.agent.extra_env["STANDIN_RESIDUALS"] = "loop:0.3,0.0"
-    with operator(cluster, monkeypatch):
+    port = free_port()
+    with operator(cluster, monkeypatch, metrics_port=port):
         uid = cluster.create_job(standin_manifest(s3, uploaded, cluster.namespace, "loop",
                                                   policy={"cleanupArtifacts": True}))
         body = cluster.wait_for(cluster.namespace, "loop", finished, 90, "the job to finish")
@@ -311,6 +312,7 @@ def test_a_backdoor_the_first_round_leaves_gets_a_second_round_of_stage_jobs(clu
         assert not store.exists("runs", f"{run_key}/evaluate/metrics.json")
         store.put_bytes("runs", f"{run_key}/round-2/finetune/model/config.json", b"{}")  # what the real finetune leaves
         events = [e for e in cluster.events(cluster.namespace) if e["reason"] == "RoundStarted"]
+        scrape = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
         cluster.delete_job(cluster.namespace, "loop")
         wait_until(lambda: "loop" not in cluster.list_jobs(cluster.namespace), 20, "the job to be deleted")
     status = body["status"]
@@ -330,6 +332,8 @@ def test_a_backdoor_the_first_round_leaves_gets_a_second_round_of_stage_jobs(clu
     assert removed["status"] == "True"
     assert "round 2's model kept" in status["message"]
     assert len(events) == 1 and events[0]["type"] == "Normal" and "round 2 (pixels recipe) starts" in events[0]["message"]
+    labels = f'name="loop",namespace="{cluster.namespace}"'
+    assert f"disp_job_round{{{labels}}} 2.0" in scrape and f"disp_job_backdoor_removed{{{labels}}} 1.0" in scrape
     left = sorted(key for key, _, _ in store.list("runs", run_key + "/"))
     assert left == [f"{run_key}/round-2/finetune/model/config.json", f"{run_key}/round-2/provenance.json"]
 

@@ -36,8 +36,15 @@ def test_a_deleted_job_leaves_no_series_behind():
     m.set_progress("ns", "a", 0.4, 1_700_000_000)
     m.set_phase("ns", "a", JobPhase.SUCCEEDED)
     m.set_outcome("ns", "a", SUMMARY)
+    m.set_round("ns", "a", 2)
+    m.set_verdict("ns", "a", False)
+    m.set_verdict("ns", "b", True)
+    m.set_verdict("ns", "b", None)  # Unknown: no series
     text = scrape(m)
     assert 'disp_job_asr_after_ratio{name="a",namespace="ns"} 0.01' in text
+    assert 'disp_job_round{name="a",namespace="ns"} 2.0' in text
+    assert 'disp_job_backdoor_removed{name="a",namespace="ns"} 0.0' in text
+    assert 'disp_job_backdoor_removed{name="b"' not in text
     assert 'disp_job_progress_ratio{name="a"' not in text  # a finished job is not "active"
     m.forget("ns", "a")
     text = scrape(m)

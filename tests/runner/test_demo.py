@@ -77,9 +77,12 @@ def test_the_table_gives_the_audits_residual_rate_and_verdict_beside_the_measure
             PurificationRow("survived", metrics.model_copy(update={"residual_rate": 7 / 12, "residual_sample": 12})),
             PurificationRow("lenient", metrics.model_copy(update={"residual_rate": 7 / 12, "residual_sample": 12}),
                             residual_threshold=0.6),
-            PurificationRow("no sample", metrics.model_copy(update={"residual_rate": None, "residual_sample": 0}))]
+            PurificationRow("no sample", metrics.model_copy(update={"residual_rate": None, "residual_sample": 0})),
+            PurificationRow("third round", metrics.model_copy(update={"residual_rate": 7 / 12, "residual_sample": 12}),
+                            rounds=3, kept_round=2)]
     table = format_purification_table(rows).splitlines()
-    assert table[0].split()[-2:] == ["residual", "removed"]
-    cells = {line[:26].strip(): line.split()[-2:] for line in table[2:6]}
-    assert cells == {"removed": ["3.1%", "True"], "survived": ["58.3%", "False"], "lenient": ["58.3%", "True"],
-                     "no sample": ["n/a", "Unknown"]}
+    assert table[0].split()[-3:] == ["residual", "removed", "rounds"]
+    cells = {line[:26].strip(): line[26:].replace("(kept ", "(kept_").split()[-3:] for line in table[2:7]}
+    assert cells == {"removed": ["3.1%", "True", "1"], "survived": ["58.3%", "False", "1"],
+                     "lenient": ["58.3%", "True", "1"], "no sample": ["n/a", "Unknown", "1"],
+                     "third round": ["False", "3", "(kept_2)"]}

@@ -71,3 +71,24 @@ def test_a_single_pass_runs_one_round_whatever_the_audit_says(workspace, monkeyp
     monkeypatch.setattr("disp_runner.pipeline.runner.judged", _audit_says({1: 0.9}))
     result = run_rounds(make_job(workspace, evaluation=None, rounds=rounds), show_progress=False)
     assert [o.round for o in result.outcomes] == [1] * 4 and [r.round for r in result.rounds] == [1]
+
+
+def test_disp_run_says_which_rounds_ran_why_and_which_model_it_kept(workspace, monkeypatch, capsys):
+    from disp_runner.cli import main
+    from tests.tiny import job_document
+
+    monkeypatch.setattr("disp_runner.pipeline.runner.judged", _audit_says({1: 0.4, 2: 0.25, 3: 0.3}))
+    (workspace / "job.json").write_text(json.dumps(job_document(workspace, evaluation=None)))
+    assert main(["run", str(workspace / "job.json"), "--no-progress"]) == 0
+    captured = capsys.readouterr()
+    layout = layout_of(workspace, evaluation=None)
+    assert "round 2 ran: round 1 left a residual rate of 40.0% of 64 suspects" in captured.out
+    assert "round 3 ran: round 2 left a residual rate of 25.0% of 64 suspects" in captured.out
+    assert "rounds 1 (spec, residual 40.0%), 2 (pixels, residual 25.0%), 3 (blur, residual 30.0%); " \
+           "round 2's model kept" in captured.out
+    assert f"purified model: {layout.root}/round-2/finetune/model" in captured.out
+    # The stage pods' form: one stage of one round.
+    assert main(["run", str(workspace / "job.json"), "--no-progress", "--stage", "masking", "--round", "3"]) == 0
+    assert "masking: complete, skipped" in capsys.readouterr().out
+    assert main(["run", str(workspace / "job.json"), "--no-progress", "--stage", "masking", "--round", "4"]) == 2
+    assert "--round" in capsys.readouterr().err
