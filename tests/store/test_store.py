@@ -1,5 +1,6 @@
 """The artifact store against a real MinIO server on loopback, through the minio SDK."""
 
+import hashlib
 import json
 
 import pytest
@@ -359,3 +360,47 @@ def test_a_fine_tune_pod_lost_after_epoch_two_resumes_in_a_fresh_pod_at_epoch_th
     assert resumed.keys() == uninterrupted.keys()
     assert all(torch.equal(resumed[k], uninterrupted[k]) for k in resumed)
     assert not list(store.list(bucket, f"{prefix}/finetune.checkpoints/"))  # superseded by the model
+
+
+def test_a_later_round_on_s3_lives_under_its_round_prefix_and_is_judged_on_round_one(workspace, tmp_path, s3_endpoint,
+                                                                                     bucket, monkeypatch):
+    """The closed loop against MinIO, as stage pods run it (each stage of round 2 a fresh process
+    with an empty scratch): round 2's outputs and provenance under round-2/, its fine-tune's audit
+    fetched round 1's relabel output from the store."""
+    from disp_api.rounds import judged
+    from disp_runner.pipeline.runner import run_rounds
+
+    monkeypatch.setenv("DISP_S3_ACCESS_KEY", ACCESS)
+    monkeypatch.setenv("DISP_S3_SECRET_KEY", SECRET)
+    store = S3Store(s3_endpoint, ACCESS, SECRET, secure=False)
+    upload_inputs(store, bucket, workspace, ("model", "train"))
+    document = job_document(workspace, evaluation=None)
+    spec = document["spec"]
+    spec["model"]["uri"] = f"s3://{bucket}/inputs/model"
+    spec["dataset"]["uri"] = f"s3://{bucket}/inputs/train"
+    spec["output"]["uri"] = f"s3://{bucket}/loop"
+    spec["storage"] = {"endpoint": s3_endpoint, "secure": False, "credentialsSecret": {"name": "minio"}}
+    remote = PurificationJob.model_validate(document)
+    monkeypatch.setenv("DISP_SCRATCH", str(tmp_path / "round-one-pods"))
+    for stage in (StageName.SALIENCY, StageName.MASKING, StageName.RELABEL, StageName.FINETUNE):
+        run_job(remote, only=stage, show_progress=False)
+    for index, stage in enumerate((StageName.SALIENCY, StageName.MASKING, StageName.RELABEL, StageName.FINETUNE)):
+        monkeypatch.setenv("DISP_SCRATCH", str(tmp_path / f"round-two-pod-{index}"))
+        (outcome,) = run_job(remote, only=stage, show_progress=False, round_number=2)
+        assert not outcome.skipped and outcome.round == 2
+    prefix = open_run(remote).storage.remote.prefix
+    for stage in (StageName.SALIENCY, StageName.MASKING, StageName.RELABEL, StageName.FINETUNE):
+        assert remote_stage_complete(store, bucket, f"{prefix}/round-2/{stage.value}")
+    manifest = json.loads(store.get_bytes(bucket, f"{prefix}/round-2/finetune/{STAGE_MANIFEST}"))
+    round_one = hashlib.sha256(store.get_bytes(bucket, f"{prefix}/relabel/{STAGE_MANIFEST}")).hexdigest()
+    assert manifest["inputs"]["stage:round-1-relabel"] == f"sha256:{round_one}"
+    provenance = json.loads(store.get_bytes(bucket, f"{prefix}/round-2/provenance.json"))
+    assert provenance["predicate"]["buildDefinition"]["externalParameters"]["spec"]["masking"]["space"] == "pixels"
+
+    # `disp run` of the whole job later finds both rounds complete (its judge sees round 1 survive).
+    monkeypatch.setattr("disp_runner.pipeline.runner.judged",
+                        lambda record, rate, sample, threshold: judged(record, {1: 0.5, 2: 0.0}[record.round], 64,
+                                                                       threshold))
+    monkeypatch.setenv("DISP_SCRATCH", str(tmp_path / "whole"))
+    result = run_rounds(remote, show_progress=False)
+    assert all(o.skipped for o in result.outcomes) and result.chosen == 2
