@@ -36,7 +36,6 @@ class Run:
     show_progress: bool = True
     signing_key_file: Path | None = None  # `disp run --signing-key`: signs the run's provenance
     round_number: int = 1  # the purification round (spec.rounds) whose folder this is
-    first_round: "Run | None" = None  # in a later round: round 1's folder, whose suspects every round is judged on
 
     @property
     def layout(self) -> RunLayout:
@@ -53,21 +52,7 @@ class Run:
         for needed in stage.inputs:
             manifest = self.storage.fetch(self.layout.stage_dir(needed)) / STAGE_MANIFEST
             fingerprints[UPSTREAM_PREFIX + needed.value] = "sha256:" + sha256_file(manifest)
-        suspects = self.audit_suspects_dir(stage)
-        if suspects is not None:
-            fingerprints[UPSTREAM_PREFIX + "round-1-" + StageName.RELABEL.value] = \
-                "sha256:" + sha256_file(suspects / STAGE_MANIFEST)
         return fingerprints
-
-    def audit_suspects_dir(self, stage: Stage) -> Path | None:
-        """For a later round's fine-tune: round 1's relabel output (fetched and verified), whose
-        suspects its audit judges the model on. Every round is judged on the same suspects, found
-        with the spec's own settings; a later recipe's relabel can keep fewer changed answers (a
-        signature accepts only some), and a residual rate on a handful of other suspects could
-        call a backdoor that still fires removed. None for round 1 and the other stages."""
-        if stage.name is not StageName.FINETUNE or self.first_round is None:
-            return None
-        return self.first_round.storage.fetch(self.first_round.layout.stage_dir(StageName.RELABEL))
 
     def stage_inputs(self, stage: Stage, shard: Shard | None = None) -> StageInputs:
         """What `stage` (or one shard of it) is given: its earlier outputs fetched and verified, the
@@ -77,7 +62,7 @@ class Run:
                            upstream_uris={needed: self.storage.uri_of(folder) for needed, folder in upstream.items()},
                            checkpoints=self.storage.checkpoints(stage.name), shard=shard, topology=self.topology,
                            output_root=self.output_root, show_progress=self.show_progress,
-                           round_number=self.round_number, audit_suspects=self.audit_suspects_dir(stage))
+                           round_number=self.round_number)
 
     def with_progress(self, inputs: StageInputs, stage: StageName, total: int) -> StageInputs:
         """`inputs` reporting to progress.json for `stage` (or its shard), mirrored where the run lives."""
@@ -119,11 +104,8 @@ def open_run(job: PurificationJob, output_root: Path | None = None, show_progres
                                      .within(folder), remote)
     run_store = storage.s3_store()
     files = SpecFiles(job.spec, store=(lambda: run_store) if run_store is not None else None)
-    run = Run(job=job, storage=storage, resolved=ResolvedInputs(job.spec, files), topology=topology,
-              output_root=output_root, show_progress=show_progress, round_number=round_number)
-    if round_number > 1:  # the same run id and output place: the round's job pins them (rounds.round_job)
-        run.first_round = open_run(job, output_root, show_progress, topology)
-    return run
+    return Run(job=job, storage=storage, resolved=ResolvedInputs(job.spec, files), topology=topology,
+               output_root=output_root, show_progress=show_progress, round_number=round_number)
 
 
 def run_uri(job: PurificationJob, output_root: Path | None = None) -> str:

@@ -44,7 +44,6 @@ class StageInputs:
     output_root: Path | None = None  # `disp run --output`: what a launched process reopens the run with
     show_progress: bool = True
     round_number: int = 1  # the purification round (spec.rounds) the stage runs in
-    audit_suspects: Path | None = None  # a later round's fine-tune: round 1's relabel output, the audit's suspects
     progress: ProgressReporter | None = None  # set once the pipeline knows the stage's total
 
     @property

@@ -132,10 +132,8 @@ def finetune(inputs: StageInputs, out: Path | None) -> dict[str, Any]:
 def residual_audit(inputs: StageInputs, model, processor) -> AuditFigures:
     """The relabel stage's audit figures plus the residual rate: of the top suspects whose answer
     relabeling changed (up to spec.audit.residualSample), the share the purified model, shown the
-    unmasked image and the instance's own prompt, still answers with the dataset's answer. In a
-    later round, round 1's relabel gives the suspects."""
-    # Every round is judged on round 1's suspects (Run.audit_suspects_dir says why).
-    records = read_suspects(inputs.audit_suspects or inputs.upstream[StageName.RELABEL])
+    unmasked image and the instance's own prompt, still answers with the dataset's answer."""
+    records = read_suspects(inputs.upstream[StageName.RELABEL])
     audit = audit_figures(records, inputs.spec.audit.suspicion_threshold)
     by_id = {inst.id: inst for inst in inputs.training_set}
     chosen = [by_id[r.id] for r in records if r.suspect and r.answerChanged and r.id in by_id]

@@ -10,7 +10,7 @@ import pytest
 
 from disp_api import BackdoorVerdict, StageName
 from disp_api.rounds import Recipe, judged
-from disp_runner.pipeline.artifacts import STAGE_MANIFEST, sha256_file
+from disp_runner.pipeline.artifacts import STAGE_MANIFEST
 from disp_runner.pipeline.runner import run_rounds
 from tests.tiny import layout_of, make_job
 
@@ -43,14 +43,6 @@ def test_a_surviving_backdoor_gets_the_next_recipe_in_its_own_folder(workspace, 
     assert not (layout.stage_dir(StageName.EVALUATE)).exists()  # round 1's model is not the one kept
     assert (second.stage_dir(StageName.EVALUATE) / STAGE_MANIFEST).is_file()
     assert (second.stage_dir(StageName.FINETUNE) / "model" / "config.json").is_file()
-    # Every round's audit judges its model on round 1's suspects (found with the spec's settings),
-    # and a changed round-1 relabel would build round 2's fine-tune again.
-    first_audit, second_audit = (json.loads((folder.stage_dir(StageName.FINETUNE) / "audit.json").read_text())
-                                 for folder in (layout, second))
-    assert (second_audit["instances"], second_audit["suspects"]) == (first_audit["instances"], first_audit["suspects"])
-    finetune = json.loads((second.stage_dir(StageName.FINETUNE) / STAGE_MANIFEST).read_text())
-    round_one_relabel = "sha256:" + sha256_file(layout.stage_dir(StageName.RELABEL) / STAGE_MANIFEST)
-    assert finetune["inputs"]["stage:round-1-relabel"] == round_one_relabel
     # Each round's provenance records the settings it purified with, under the run's own id.
     first, then = (_recorded_spec(folder) for folder in (layout.root, second.root))
     assert first["masking"]["space"] == "tokens" and first["relabel"]["acceptance"] == "all"
