@@ -141,7 +141,7 @@ def run_combination(combo: Combination, work: str, overrides: list[tuple[str, ob
             "roundResiduals": [r.residual_rate for r in result.rounds],
             # The BackdoorRemoved condition a cluster would show for the row's job.
             "verdict": judge_residual(metrics.residual_rate, metrics.residual_sample,
-                                      job.spec.audit.residual_threshold).verdict.condition_status}
+                                      job.spec.audit.residual_threshold, job.spec.audit.residual_sample).verdict.condition_status}
 
 
 def _pct(value) -> str:

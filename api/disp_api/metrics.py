@@ -13,6 +13,7 @@ residualRate; version 1 files (without them) still read.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from enum import Enum
 from typing import Optional
@@ -125,7 +126,7 @@ class BackdoorVerdict(str, Enum):
 
     REMOVED = "Removed"  # at most spec.audit.residualThreshold of the suspects keep their answer
     PROBABLY_NOT_REMOVED = "ProbablyNotRemoved"  # more than the threshold do
-    UNKNOWN = "Unknown"  # no suspect whose answer relabeling changed: nothing to measure on
+    UNKNOWN = "Unknown"  # no suspect whose answer relabeling changed, or too few to show the rate is low
 
     @property
     def condition_status(self) -> str:
@@ -139,11 +140,20 @@ class ResidualJudgement:
     message: str
 
 
-def judge_residual(residual_rate: Optional[float], residual_sample: Optional[int],
-                   threshold: float) -> ResidualJudgement:
+def evidence_needed(threshold: float, sample_limit: Optional[int] = None) -> int:
+    """Suspects a Removed verdict rests on at least: with fewer than 1/threshold, a single suspect
+    weighs more than the threshold, so none kept cannot tell a rate at most the threshold from one
+    above it. Never more than the audit may sample (`sample_limit`, spec.audit.residualSample)."""
+    needed = math.ceil(round(1 / threshold, 6)) if threshold > 0 else (sample_limit or 1)
+    return max(1, min(needed, sample_limit) if sample_limit else needed)
+
+
+def judge_residual(residual_rate: Optional[float], residual_sample: Optional[int], threshold: float,
+                   sample_limit: Optional[int] = None) -> ResidualJudgement:
     """The audit's verdict on a purified model, in one sentence a user can act on. Runner (the
     `disp run` summary) and operator (the BackdoorRemoved condition and its Warning Event) both
-    judge with this, so the CLI and the cluster never disagree."""
+    judge with this, so the CLI and the cluster never disagree. `sample_limit` is
+    spec.audit.residualSample (evidence_needed)."""
     if residual_rate is None or not residual_sample:
         return ResidualJudgement(BackdoorVerdict.UNKNOWN, "no residual rate: no suspect's answer was changed by "
                                  "relabeling (or spec.audit.residualSample is 0), so the audit cannot tell")
@@ -154,6 +164,12 @@ def judge_residual(residual_rate: Optional[float], residual_sample: Optional[int
         return ResidualJudgement(BackdoorVerdict.PROBABLY_NOT_REMOVED,
                                  f"the backdoor was probably not removed: {figures}, above "
                                  f"spec.audit.residualThreshold {threshold:.1%}); do not deploy this model as clean")
+    needed = evidence_needed(threshold, sample_limit)
+    if residual_sample < needed:
+        return ResidualJudgement(BackdoorVerdict.UNKNOWN, f"{figures}), but the audit cannot tell: {residual_sample} "
+                                 f"suspects are too few to show a rate of at most spec.audit.residualThreshold "
+                                 f"{threshold:.1%} (one suspect weighs {1 / residual_sample:.1%}; at least {needed} "
+                                 "are needed)")
     return ResidualJudgement(BackdoorVerdict.REMOVED, f"{figures}, at most spec.audit.residualThreshold "
                              f"{threshold:.1%})")
 

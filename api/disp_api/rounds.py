@@ -18,8 +18,8 @@ from pydantic import Field
 
 from disp_api.base import ContractModel
 from disp_api.metrics import BackdoorVerdict, judge_residual
-from disp_api.spec import (MAX_ROUNDS, PURIFIED_MODEL_PATH, MaskingSpace, PurificationJob, PurificationJobSpec,
-                           RelabelAcceptance, RoundPolicy)
+from disp_api.spec import (MAX_ROUNDS, PURIFIED_MODEL_PATH, AuditSpec, MaskingSpace, PurificationJob,
+                           PurificationJobSpec, RelabelAcceptance, RoundPolicy)
 
 
 class Recipe(str, Enum):
@@ -121,42 +121,47 @@ def first_round() -> RoundRecord:
 
 
 def judged(record: RoundRecord, residual_rate: Optional[float], residual_sample: Optional[int],
-           threshold: float) -> RoundRecord:
-    """`record` with its audit's figures and verdict."""
-    verdict = judge_residual(residual_rate, residual_sample, threshold).verdict
+           audit: AuditSpec) -> RoundRecord:
+    """`record` with its audit's figures and verdict (against the spec's audit settings)."""
+    verdict = judge_residual(residual_rate, residual_sample, audit.residual_threshold, audit.residual_sample).verdict
     return record.model_copy(update={"residual_rate": residual_rate, "residual_sample": residual_sample,
                                      "verdict": verdict})
 
 
 def next_round(spec: PurificationJobSpec, records: list[RoundRecord]) -> Optional[RoundRecord]:
     """The round to run after `records` (each judged), or None: the loop ends when the policy is a
-    single pass, the last round's verdict is not ProbablyNotRemoved (Removed, or Unknown: without a
-    residual sample nothing says a stronger recipe is needed), or the ladder up to maxRounds is
-    spent. A rung whose settings are those of a round that already ran (the spec set them itself)
-    is passed over."""
+    single pass, a round's verdict is Removed, round 1's is Unknown (no evidence of a backdoor, so
+    nothing says a stronger recipe is needed; a later round's Unknown, after a round found one,
+    shows no removal and the loop goes on), or the ladder up to maxRounds is spent. A rung whose
+    settings are those of a round that already ran (the spec set them itself) is passed over."""
     last = records[-1]
-    if spec.rounds.policy is RoundPolicy.SINGLE_PASS or last.verdict is not BackdoorVerdict.PROBABLY_NOT_REMOVED:
+    found = any(r.verdict is BackdoorVerdict.PROBABLY_NOT_REMOVED for r in records)
+    if spec.rounds.policy is RoundPolicy.SINGLE_PASS or last.verdict is BackdoorVerdict.REMOVED or not found:
         return None
+    evidence = next(r for r in reversed(records) if r.verdict is BackdoorVerdict.PROBABLY_NOT_REMOVED)
     ran = [round_spec(spec, r.round).model_dump(mode="json") for r in records]
     for number in range(last.round + 1, spec.rounds.max_rounds + 1):
         if round_spec(spec, number).model_dump(mode="json") in ran:
             continue
         rung = ESCALATIONS[number - 2]
-        why = (f"round {last.round} left a residual rate of {last.residual_rate:.1%} of {last.residual_sample} "
-               f"suspects, above spec.audit.residualThreshold {spec.audit.residual_threshold:.1%}: the {rung.recipe.value} "
-               f"recipe, for {rung.aimed_at}")
+        why = (f"round {evidence.round} left a residual rate of {evidence.residual_rate:.1%} of "
+               f"{evidence.residual_sample} suspects, above spec.audit.residualThreshold "
+               f"{spec.audit.residual_threshold:.1%}" +
+               (f", and round {last.round}'s audit could not tell" if last is not evidence else "") +
+               f": the {rung.recipe.value} recipe, for {rung.aimed_at}")
         return RoundRecord(round=number, recipe=rung.recipe, reason=why)
     return None
 
 
 def chosen_round(records: list[RoundRecord]) -> int:
     """The round whose model the run publishes: the first whose verdict is Removed; when none is,
-    the one with the lowest residual rate (the earliest among equals: fewer changes to the spec's
-    recipe); round 1 when no round measured one."""
+    of those judged ProbablyNotRemoved the one with the lowest residual rate (the earliest among
+    equals: fewer changes to the spec's recipe; a rate on too few suspects to judge is not compared);
+    round 1 when no round was judged."""
     removed = [r for r in records if r.verdict is BackdoorVerdict.REMOVED]
     if removed:
         return removed[0].round
-    measured = [r for r in records if r.residual_rate is not None]
+    measured = [r for r in records if r.verdict is BackdoorVerdict.PROBABLY_NOT_REMOVED]
     if not measured:
         return records[0].round
     return min(measured, key=lambda r: (r.residual_rate, r.round)).round

@@ -245,7 +245,7 @@ def _reconcile(job: Optional[PurificationJob], status: PurificationJobStatus, ge
     chosen = kept_round(plan.status)
     if any(r.round == chosen and r.verdict is None for r in rounds):  # a single pass: judged with the figures
         rounds = [r if r.round != chosen else judged(r, observed.metrics.residual_rate, observed.metrics.residual_sample,
-                                                     job.spec.audit.residual_threshold) for r in rounds]
+                                                     job.spec.audit) for r in rounds]
     plan.status = plan.status.model_copy(update={
         "metrics": observed.metrics,
         "rounds": rounds,
@@ -254,7 +254,7 @@ def _reconcile(job: Optional[PurificationJob], status: PurificationJobStatus, ge
                                 last_update_time=plan.status.progress.last_update_time),
     })
     judgement = judge_residual(observed.metrics.residual_rate, observed.metrics.residual_sample,
-                               job.spec.audit.residual_threshold)
+                               job.spec.audit.residual_threshold, job.spec.audit.residual_sample)
     message = "purified model at " + plan.status.purified_model_uri + _figures(observed.metrics)
     summary = rounds_summary(rounds, chosen)
     if summary:
@@ -287,8 +287,7 @@ def _end_round(plan: Plan, job: PurificationJob, stages: list[StageStatus], inde
         if observed.tampered is None:
             plan.wants_audit = round_number
         return False
-    threshold = job.spec.audit.residual_threshold
-    rounds = [judged(r, audit.residual_rate, audit.residual_sample, threshold) if r.round == round_number else r
+    rounds = [judged(r, audit.residual_rate, audit.residual_sample, job.spec.audit) if r.round == round_number else r
               for r in plan.status.rounds]
     following = next_round(job.spec, rounds)
     if following is not None:

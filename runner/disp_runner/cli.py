@@ -511,7 +511,7 @@ def _say_backdoor_verdict(job, result, run_folder: str) -> None:
     finetunes = [o for o in result.outcomes if o.stage is StageName.FINETUNE and o.shard is None]
     for outcome in finetunes:
         judgement = judge_residual(outcome.metrics.get("residualRate"), outcome.metrics.get("residualSample"),
-                                   job.spec.audit.residual_threshold)
+                                   job.spec.audit.residual_threshold, job.spec.audit.residual_sample)
         kept = outcome.round == result.chosen
         where = f"round {outcome.round}: " if len(finetunes) > 1 else ""
         if kept and judgement.verdict is BackdoorVerdict.PROBABLY_NOT_REMOVED:

@@ -238,7 +238,8 @@ def _purify_saying(task: _Scenario, show_progress: bool, say: Callable[[str], No
     masking = next(o for o in result.outcomes if o.stage is StageName.MASKING and o.round == result.chosen).metrics
     return PurificationRow(name=name, metrics=metrics, localisation=masking.get("triggerLocalisation"),
                            stage_seconds=_seconds_per_stage(result.outcomes),
-                           residual_threshold=job.spec.audit.residual_threshold, rounds=len(result.rounds),
+                           residual_threshold=job.spec.audit.residual_threshold,
+                           residual_sample_limit=job.spec.audit.residual_sample, rounds=len(result.rounds),
                            kept_round=result.chosen)
 
 

@@ -42,6 +42,7 @@ class PurificationRow:
     localisation: float | None = None
     stage_seconds: dict[str, float] = field(default_factory=dict)
     residual_threshold: float = AuditSpec().residual_threshold  # the job's spec.audit.residualThreshold
+    residual_sample_limit: int = AuditSpec().residual_sample  # the job's spec.audit.residualSample
     rounds: int = 1  # purification rounds that ran (spec.rounds)
     kept_round: int = 1  # the round whose model the figures measure
 
@@ -65,7 +66,8 @@ def format_purification_table(rows: Sequence[PurificationRow]) -> str:
         retention = _pct(m.retention) if m.retention is not None else "-"
         local = _pct(row.localisation) if row.localisation is not None else "n/a"
         residual = _pct(m.residual_rate) if m.residual_rate is not None and m.residual_sample else "n/a"
-        verdict = judge_residual(m.residual_rate, m.residual_sample, row.residual_threshold).verdict
+        verdict = judge_residual(m.residual_rate, m.residual_sample, row.residual_threshold,
+                                 row.residual_sample_limit).verdict
         lines.append(f"{row.name:<26} {_pct(m.asr_before):>10} {_pct(m.asr_after):>10} "
                      f"{_pct(m.false_firing_after):>10} {clean_b:>12} {clean_a:>11} {retention:>9} {local:>9} "
                      f"{residual:>9} {verdict.condition_status:>8} {_rounds(row):>11}")

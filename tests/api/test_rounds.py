@@ -7,7 +7,7 @@ import pytest
 from disp_api import BackdoorVerdict, PurificationJob
 from disp_api.rounds import (ESCALATIONS, Recipe, chosen_round, first_round, judged, next_round, purified_model_uri,
                              round_folder, round_job, round_spec, rounds_summary)
-from disp_api.spec import MAX_ROUNDS, MaskingSpace, RelabelAcceptance
+from disp_api.spec import MAX_ROUNDS, AuditSpec, MaskingSpace, RelabelAcceptance
 
 
 def _job(**spec) -> PurificationJob:
@@ -18,9 +18,9 @@ def _job(**spec) -> PurificationJob:
 
 def _rounds(spec, rates):
     """Run the loop's decisions on residual rates given per round (of 64 suspects)."""
-    records = [judged(first_round(), rates[1], 64, spec.audit.residual_threshold)]
+    records = [judged(first_round(), rates[1], 64, spec.audit)]
     while (following := next_round(spec, records)) is not None:
-        records.append(judged(following, rates[following.round], 64, spec.audit.residual_threshold))
+        records.append(judged(following, rates[following.round], 64, spec.audit))
     return records
 
 
@@ -36,7 +36,7 @@ def test_the_default_escalates_while_the_residual_rate_is_above_the_threshold():
 
 def test_no_residual_sample_ends_the_loop():
     spec = _job().spec
-    records = [judged(first_round(), None, 0, 0.05)]
+    records = [judged(first_round(), None, 0, AuditSpec())]
     assert records[0].verdict is BackdoorVerdict.UNKNOWN and next_round(spec, records) is None
 
 
@@ -79,8 +79,39 @@ def test_the_kept_model_is_the_first_removed_else_the_lowest_residual():
     assert chosen_round(_rounds(spec, {1: 0.4, 2: 0.0})) == 2
     assert chosen_round(_rounds(spec, {1: 0.2, 2: 0.5, 3: 0.3})) == 1
     assert chosen_round(_rounds(spec, {1: 0.3, 2: 0.1, 3: 0.1})) == 2  # the earlier of equals
-    assert chosen_round([judged(first_round(), None, 0, 0.05)]) == 1
+    assert chosen_round([judged(first_round(), None, 0, AuditSpec())]) == 1
     records = _rounds(spec, {1: 0.4, 2: 0.0})
     assert rounds_summary(records, 2) == "rounds 1 (spec, residual 40.0%), 2 (pixels, residual 0.0%); " \
                                          "round 2's model kept"
     assert rounds_summary(records[:1], 1) == ""
+
+
+def test_a_removed_verdict_needs_enough_suspects_to_show_the_rate_is_low():
+    from disp_api import judge_residual
+    from disp_api.metrics import evidence_needed
+
+    assert [evidence_needed(0.05), evidence_needed(0.05, 64), evidence_needed(0.01, 64), evidence_needed(0.0, 64),
+            evidence_needed(0.3), evidence_needed(0.05, 10)] == [20, 20, 64, 64, 4, 10]
+    few = judge_residual(0.0, 11, 0.05, 64)
+    assert few.verdict is BackdoorVerdict.UNKNOWN
+    assert few.message == ("the purified model still gives 0 of the top 11 suspects their original answer (residual "
+                           "rate 0.0%), but the audit cannot tell: 11 suspects are too few to show a rate of at most "
+                           "spec.audit.residualThreshold 5.0% (one suspect weighs 9.1%; at least 20 are needed)")
+    assert judge_residual(0.0, 20, 0.05, 64).verdict is BackdoorVerdict.REMOVED
+    assert judge_residual(0.5, 4, 0.05, 64).verdict is BackdoorVerdict.PROBABLY_NOT_REMOVED  # above: any sample
+
+
+def test_a_later_round_the_audit_cannot_judge_does_not_end_the_loop_or_get_kept():
+    spec = _job().spec
+    records = [judged(first_round(), 0.6, 10, spec.audit)]
+    second = next_round(spec, records)
+    records.append(judged(second, 0.0, 11, spec.audit))  # a handful of suspects: no evidence of removal
+    assert records[1].verdict is BackdoorVerdict.UNKNOWN
+    third = next_round(spec, records)
+    assert third.round == 3 and third.reason.startswith(
+        "round 1 left a residual rate of 60.0% of 10 suspects, above spec.audit.residualThreshold 5.0%, and round "
+        "2's audit could not tell: the blur recipe")
+    records.append(judged(third, 0.4, 30, spec.audit))
+    assert next_round(spec, records) is None and chosen_round(records) == 3  # not round 2's 0.0% of 11
+    # Round 1 without evidence of a backdoor starts nothing.
+    assert next_round(spec, [judged(first_round(), 0.0, 11, spec.audit)]) is None

@@ -17,6 +17,7 @@ from tests.operator.test_reconcile import T0, run_to, step
 @pytest.mark.parametrize("rate, sample, verdict", [
     (0.0, 64, BackdoorVerdict.REMOVED),
     (0.05, 20, BackdoorVerdict.REMOVED),  # at the threshold: not above it
+    (0.0, 19, BackdoorVerdict.UNKNOWN),  # none kept, but one suspect would weigh more than the threshold
     (0.0625, 16, BackdoorVerdict.PROBABLY_NOT_REMOVED),
     (7 / 12, 12, BackdoorVerdict.PROBABLY_NOT_REMOVED),
     (None, 0, BackdoorVerdict.UNKNOWN),

@@ -173,8 +173,7 @@ def run_rounds(job: PurificationJob, output_root: Path | None = None, only: Stag
     while record is not None:
         _run_stages(open_round(record.round), [s for s in job.spec.stages() if s is not StageName.EVALUATE], ran)
         audit = next(o for o in reversed(outcomes) if o.stage is StageName.FINETUNE and o.shard is None).metrics
-        records.append(judged(record, audit.get("residualRate"), audit.get("residualSample"),
-                              job.spec.audit.residual_threshold))
+        records.append(judged(record, audit.get("residualRate"), audit.get("residualSample"), job.spec.audit))
         record = next_round(job.spec, records)
     chosen = chosen_round(records)
     if StageName.EVALUATE in job.spec.stages():

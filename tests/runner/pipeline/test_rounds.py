@@ -20,8 +20,8 @@ PURIFYING = [StageName.SALIENCY, StageName.MASKING, StageName.RELABEL, StageName
 def _audit_says(rates: dict[int, float]):
     """A judge that sees `rates[round]` as the round's residual rate (of 64 suspects): the tiny
     model's audit finds no suspect, so the verdict the loop acts on is given here."""
-    def judge(record, residual_rate, residual_sample, threshold):
-        return judged(record, rates[record.round], 64, threshold)
+    def judge(record, residual_rate, residual_sample, audit):
+        return judged(record, rates[record.round], 64, audit)
     return judge
 
 
