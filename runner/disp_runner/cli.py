@@ -438,7 +438,6 @@ def _cmd_run(args) -> None:
     from disp_runner.provenance import load_signing_key
     from disp_runner.diffusion.distributed import Topology
     from disp_runner.pipeline.opening import open_run, run_uri
-    from disp_api.rounds import round_job
     from disp_runner.pipeline.runner import join_distributed_stage, merge_shards, run_rounds, run_stage, shard_count
     from disp_runner.stages import STAGES
 
@@ -484,8 +483,7 @@ def _cmd_run(args) -> None:
                             topology=topology, signing_key_file=signing_key, round_number=round_number)
         _say_backdoor_verdict(job, result, run_uri(job, root))
     else:
-        run = open_run(round_job(job, round_number), root, show_progress=not args.no_progress,
-                       round_number=round_number)
+        run = open_run(job, root, show_progress=not args.no_progress, round_number=round_number)
         runner_stage = STAGES[stage]
         if not hasattr(runner_stage, "merge"):
             raise UserInputError(f"--stage {stage.value} cannot be sharded; only saliency and relabel can")

@@ -10,7 +10,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from disp_api import PurificationJob, StageName
-from disp_api.rounds import round_folder
+from disp_api.rounds import round_folder, round_job
 from disp_runner.diffusion.distributed import Topology
 from disp_runner.pipeline.artifacts import (STAGE_MANIFEST, UPSTREAM_PREFIX, ProgressReporter, RemoteRun, RunLayout,
                                             Shard, sha256_file)
@@ -86,9 +86,11 @@ def start_progress(run: Run, stage: StageName, shard: Shard | None, total: int) 
 
 def open_run(job: PurificationJob, output_root: Path | None = None, show_progress: bool = True,
              topology: Topology = Topology(), round_number: int = 1) -> Run:
-    """Open a run (round `round_number`'s folder in it: give that round's job, rounds.round_job).
-    An s3:// output is mirrored: stages work in a local scratch copy of the run folder and each
-    output is published to S3 (files, then manifest)."""
+    """Open a run, in the folder of its round `round_number` with that round's settings
+    (rounds.round_job; `job` may already be the round's). An s3:// output is mirrored: stages work
+    in a local scratch copy of the run folder and each output is published to S3 (files, then
+    manifest)."""
+    job = round_job(job, round_number)
     folder = round_folder(round_number)
     location = Location.parse(job.spec.output.uri, "spec.output.uri")
     storage: RunStorage

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from disp_api import PurificationJob, StageName
-from disp_api.rounds import RoundRecord, chosen_round, first_round, judged, next_round, round_job
+from disp_api.rounds import RoundRecord, chosen_round, first_round, judged, next_round
 from disp_runner.device import seed_everything
 from disp_runner.diffusion.distributed import Topology
 from disp_runner.errors import UserInputError
@@ -160,8 +160,7 @@ def run_rounds(job: PurificationJob, output_root: Path | None = None, only: Stag
             on_outcome(outcome)
 
     def open_round(number: int) -> Run:
-        run = open_run(round_job(job, number), output_root, show_progress=show_progress, topology=topology,
-                       round_number=number)
+        run = open_run(job, output_root, show_progress=show_progress, topology=topology, round_number=number)
         run.signing_key_file = signing_key_file
         return run
 
@@ -212,8 +211,7 @@ def join_distributed_stage(job: PurificationJob, output_root: Path | None, topol
     from disp_runner.stages import STAGES
 
     stage = STAGES[StageName.FINETUNE]
-    run = open_run(round_job(job, round_number), output_root, show_progress=show_progress, topology=topology,
-                   round_number=round_number)
+    run = open_run(job, output_root, show_progress=show_progress, topology=topology, round_number=round_number)
     if run.storage.is_complete(run.output_dir(stage.name)):
         return
     stage.join(run.stage_inputs(stage))
