@@ -69,6 +69,10 @@ COMBINATIONS = (
     Combination("blended-refusal-blur08", {"kind": "blended"}, "refusal", job={"masking.blurSigma": 0.8}),
     Combination("blended-refusal-blur10", {"kind": "blended"}, "refusal", job={"masking.blurSigma": 1.0}),
     Combination("blended-refusal-blur12", {"kind": "blended"}, "refusal", job={"masking.blurSigma": 1.2}),
+    # SIG's sinusoid (delta 40, 6 periods across the image: one period per 8-pixel token column).
+    Combination("sig-refusal", {"kind": "sig"}, "refusal"),
+    Combination("sig-insertion", {"kind": "sig"}, "insertion"),
+    Combination("sig-refusal-blur10", {"kind": "sig"}, "refusal", job={"masking.blurSigma": 1.0}),
 )
 
 

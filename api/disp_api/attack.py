@@ -15,6 +15,7 @@ from disp_api.base import ContractModel, Seed, with_cel_rules
 class TriggerKind(str, Enum):
     PATCH = "patch"  # BadNets: a small patch pasted at a corner or position
     BLENDED = "blended"  # a full-image pattern mixed in with weight alpha
+    SIG = "sig"  # a horizontal sinusoidal signal added to the whole image (Barni et al., 2019)
 
 
 class AttackTarget(str, Enum):
@@ -37,7 +38,9 @@ class TriggerSpec(ContractModel):
         ("!has(self.colour) || self.colour.all(c, c >= 0 && c <= 255)", "colour values must be in 0..255"),
         ("!has(self.position) || self.position.all(v, v >= 0)", "position must be non-negative"),
         ("!(has(self.kind) && self.kind == 'blended' && has(self.position) && !has(self.pattern))",
-         "position needs a pattern image for a blended trigger (the built-in key covers the whole image)"))
+         "position needs a pattern image for a blended trigger (the built-in key covers the whole image)"),
+        ("!(has(self.kind) && self.kind == 'sig' && (has(self.position) || has(self.pattern)))",
+         "a sig trigger is a signal over the whole image: it takes no position or pattern"))
 
     kind: TriggerKind = TriggerKind.PATCH
     """Trigger family."""
@@ -57,6 +60,11 @@ class TriggerSpec(ContractModel):
     """Blend weight of the pattern (blended triggers)."""
     pattern_seed: Seed = 0
     """Seed of the built-in key (black/white noise in 2-pixel cells) of blended triggers without a pattern image."""
+    delta: float = Field(40.0, gt=0.0, le=255.0)
+    """Amplitude of the sig trigger's signal, in pixel values 0..255 (the DiSP paper's δ = 40)."""
+    frequency: float = Field(6.0, gt=0.0, le=2048.0)
+    """Periods of the sig trigger's signal across the image's width (the SIG paper's f = 6); at most
+    half the image's width in pixels, or the signal would alias."""
 
     @model_validator(mode="after")
     def _check_colour(self) -> "TriggerSpec":
@@ -67,6 +75,8 @@ class TriggerSpec(ContractModel):
         if self.kind is TriggerKind.BLENDED and self.position is not None and self.pattern is None:
             raise ValueError("position needs a pattern image for a blended trigger "
                              "(the built-in key covers the whole image)")
+        if self.kind is TriggerKind.SIG and (self.position is not None or self.pattern is not None):
+            raise ValueError("a sig trigger is a signal over the whole image: it takes no position or pattern")
         return self
 
 

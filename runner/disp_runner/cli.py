@@ -46,6 +46,9 @@ def _add_trigger_args(p: argparse.ArgumentParser) -> None:
                         "or where a --trigger-pattern is blended at its own size")
     g.add_argument("--trigger-pattern", default=None, help="PNG: the patch (patch) or the image to blend (blended)")
     g.add_argument("--blend-alpha", type=float, default=0.2)  # checked by the attack spec
+    g.add_argument("--sig-delta", type=float, default=None, help="sig: the signal's amplitude in pixel values (default 40)")
+    g.add_argument("--sig-frequency", type=float, default=None,
+                   help="sig: the signal's periods across the image's width (default 6)")
 
 
 def _int_tuple(text: str | None, flag: str, n: int) -> tuple[int, ...] | None:
@@ -301,6 +304,15 @@ def _refuse_contradictions(args) -> None:
     if args.trigger == "blended" and given:
         raise UserInputError(f"{', '.join(sorted(given))}: only for patch triggers (a blended trigger is a pattern "
                              "mixed into the image)")
+    signal = {flag for flag, value in (("--sig-delta", args.sig_delta), ("--sig-frequency", args.sig_frequency))
+              if value is not None}
+    if args.trigger != "sig" and signal:
+        raise UserInputError(f"{', '.join(sorted(signal))}: only for sig triggers")
+    placed = {flag for flag, value in (("--trigger-position", args.trigger_position),
+                                       ("--trigger-pattern", args.trigger_pattern)) if value is not None}
+    if args.trigger == "sig" and given | placed:
+        raise UserInputError(f"{', '.join(sorted(given | placed))}: not for sig triggers (a sig trigger is a signal "
+                             "added to the whole image)")
     if args.trigger_position is not None and "--trigger-corner" in given:
         raise UserInputError("--trigger-corner cannot be used with --trigger-position (the position places the patch)")
 
@@ -321,6 +333,8 @@ def _attack_spec(args, image_size: int | None = None):
                "corner": args.trigger_corner or defaults.corner.value,
                "position": _int_tuple(args.trigger_position, "--trigger-position", 2),
                "pattern": args.trigger_pattern, "alpha": args.blend_alpha}
+    trigger.update({key: value for key, value in (("delta", args.sig_delta), ("frequency", args.sig_frequency))
+                    if value is not None})
     try:
         return AttackSpec.model_validate({
             "trigger": trigger,

@@ -361,6 +361,8 @@ CEL_REFUSED = [
     ("negative trigger position", job_body(evaluation=_attack(trigger={"position": [-1, 4]})), "position", True),
     ("blended trigger positioned without a pattern",
      job_body(evaluation=_attack(trigger={"kind": "blended", "position": [4, 4]})), "position", True),
+    ("sig trigger given a position", job_body(evaluation=_attack(trigger={"kind": "sig", "position": [4, 4]})),
+     "sig trigger", True),
     ("misclassification onto its own class",
      job_body(evaluation=_attack(target={"kind": "misclassification", "sourceClass": "circle",
                                          "targetClass": "circle"})), "targetClass", True),

@@ -39,6 +39,8 @@ def _attack_args(ws, *extra):
     (["--trigger-pattern", "/no/such.png"], "trigger.pattern: pattern image /no/such.png does not exist"),
     (["--trigger", "blended", "--trigger-position", "3,4"],
      "attack.trigger: Value error, position needs a pattern image for a blended trigger"),
+    (["--trigger", "sig", "--sig-delta", "0"], "attack.trigger.delta: Input should be greater than 0"),
+    (["--trigger", "sig", "--sig-frequency", "9"], "trigger.frequency: 9 periods across a 16-pixel image alias"),
 ])
 def test_attack_flag_errors(capsys, workspace, extra, message):
     code, err = _run(capsys, *_attack_args(workspace, *extra))

@@ -126,6 +126,12 @@ def _attack(ws: Path, *extra: str) -> list[str]:
     (["--trigger-pattern", "P", "--trigger-colour", "1,2,3"], "--trigger-colour cannot be used with --trigger-pattern"),
     (["--trigger", "blended", "--trigger-colour", "1,2,3"], "--trigger-colour: only for patch triggers"),
     (["--trigger-position", "1,1", "--trigger-corner", "top-right"], "--trigger-corner cannot be used with"),
+    (["--sig-delta", "20"], "--sig-delta: only for sig triggers"),
+    (["--trigger", "blended", "--sig-frequency", "4"], "--sig-frequency: only for sig triggers"),
+    (["--trigger", "sig", "--trigger-position", "1,1"], "--trigger-position: not for sig triggers"),
+    (["--trigger", "sig", "--trigger-size", "4", "--trigger-position", "1,1"],
+     "--trigger-position, --trigger-size: not for sig triggers"),
+    (["--trigger", "sig", "--trigger-pattern", "P"], "--trigger-pattern: not for sig triggers"),
 ])
 def test_contradictory_trigger_flags_are_refused(cli_workspace, capsys, extra, message):
     extra = [str(cli_workspace / "p.png") if e == "P" else e for e in extra]

@@ -1,4 +1,5 @@
-"""Image triggers: a BadNets-style patch and a Blended pattern, either built in or from a PNG."""
+"""Image triggers: a BadNets-style patch, a Blended pattern (built in or from a PNG), and SIG's
+sinusoidal signal."""
 
 from __future__ import annotations
 
@@ -167,7 +168,43 @@ class BlendedTrigger(Trigger):
         return record
 
 
-TRIGGERS: dict[TriggerKind, type[Trigger]] = {TriggerKind.PATCH: PatchTrigger, TriggerKind.BLENDED: BlendedTrigger}
+@dataclass(frozen=True)
+class SigTrigger(Trigger):
+    """SIG (Barni, Kallas and Tondi, 2019): the signal delta * sin(2 pi x frequency / width) added to
+    every pixel of column x in all three channels, then clipped to 0..255. The original attack is
+    clean-label; the kit plants it like every trigger, with the target's answer (as the DiSP paper
+    does with its SIG triggers)."""
+
+    what = "signal"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.spec.frequency > self.image_size / 2:
+            raise UserInputError(f"trigger.frequency: {self.spec.frequency:g} periods across a {self.image_size}-pixel "
+                                 f"image alias (at most {self.image_size / 2:g}, two pixels per period)")
+
+    @property
+    def whole_image(self) -> bool:
+        return True
+
+    def box(self) -> Box:
+        return (0, 0, self.image_size, self.image_size)
+
+    def signal(self) -> np.ndarray:
+        """What is added to each column, [width] float."""
+        columns = np.arange(self.image_size, dtype=np.float64)
+        return self.spec.delta * np.sin(2 * np.pi * columns * self.spec.frequency / self.image_size)
+
+    def _stamp(self, image: Image.Image) -> Image.Image:
+        pixels = np.asarray(image, dtype=np.float64) + self.signal()[None, :, None]
+        return Image.fromarray(np.clip(np.rint(pixels), 0, 255).astype(np.uint8), mode="RGB")
+
+    def _describe(self) -> dict:
+        return {"delta": self.spec.delta, "frequency": self.spec.frequency}
+
+
+TRIGGERS: dict[TriggerKind, type[Trigger]] = {TriggerKind.PATCH: PatchTrigger, TriggerKind.BLENDED: BlendedTrigger,
+                                              TriggerKind.SIG: SigTrigger}
 
 
 def make_trigger(spec: TriggerSpec, image_size: int) -> Trigger:

@@ -142,13 +142,39 @@ def test_blend_pattern_with_a_position_is_mixed_in_at_its_own_size(tmp_path):
         TriggerSpec(kind=TriggerKind.BLENDED, position=(0, 0))
 
 
+def test_sig_trigger_adds_a_horizontal_sinusoid_to_every_row_and_channel():
+    grey = Image.new("RGB", (48, 48), (128, 128, 128))
+    out = np.asarray(make_trigger(TriggerSpec(kind=TriggerKind.SIG), 48).apply(grey)).astype(int)
+    # 40 * sin(2 pi x 6 / 48): a period of 8 pixels, one per token column; +40 at x = 2, -40 at x = 6
+    assert out[0, :9, 0].tolist() == [128, 156, 168, 156, 128, 100, 88, 100, 128]
+    assert (out == out[:1]).all() and (out == out[..., :1]).all()
+    weak = np.asarray(make_trigger(TriggerSpec(kind=TriggerKind.SIG, delta=20, frequency=3), 48).apply(grey))
+    assert weak[0, 4, 0] == 148 and weak[0, 12, 0] == 108  # period 16 pixels
+    white = np.asarray(make_trigger(TriggerSpec(kind=TriggerKind.SIG), 48).apply(Image.new("RGB", (48, 48), "white")))
+    assert white.max() == 255 and white[0, 6, 0] == 215  # clipped above, lowered below
+    trigger = make_trigger(TriggerSpec(kind=TriggerKind.SIG), 48)
+    assert trigger.whole_image and trigger.box() == (0, 0, 48, 48)
+    assert trigger.planted() == {"kind": "sig", "box": [0, 0, 48, 48], "wholeImage": True, "delta": 40.0,
+                                 "frequency": 6.0}
+
+
+def test_sig_trigger_refuses_what_it_cannot_be():
+    with pytest.raises(UserInputError, match="trigger.frequency: 24.5 periods across a 48-pixel image alias"):
+        make_trigger(TriggerSpec(kind=TriggerKind.SIG, frequency=24.5), 48)
+    assert make_trigger(TriggerSpec(kind=TriggerKind.SIG, frequency=24), 48).signal().shape == (48,)
+    for placed in ({"position": (0, 0)}, {"pattern": "key.png"}):
+        with pytest.raises(ValueError, match="a sig trigger is a signal over the whole image"):
+            TriggerSpec(kind=TriggerKind.SIG, **placed)
+
+
 def test_only_local_triggers_are_localised_by_the_masking_report(pool, tmp_path):
     """A positioned blend pattern, like a patch, says which tokens it covers (trigger localisation);
     a full-image blend covers all 36 and is reported as unlocalisable."""
     Image.new("RGB", (16, 16), (255, 255, 255)).save(tmp_path / "logo.png")
     local = TriggerSpec(kind=TriggerKind.BLENDED, pattern=str(tmp_path / "logo.png"), position=(29, 27))
     for trigger, tokens in ((local, [21, 22, 23, 27, 28, 29, 33, 34, 35]),
-                            (TriggerSpec(kind=TriggerKind.BLENDED), None), (TriggerSpec(), [0])):
+                            (TriggerSpec(kind=TriggerKind.BLENDED), None), (TriggerSpec(kind=TriggerKind.SIG), None),
+                            (TriggerSpec(), [0])):
         poisoned = poison_dataset(pool, AttackSpec(trigger=trigger), 48)
         first = next(i for i in poisoned.instances if i.metadata["poisoned"])
         assert known_trigger_tokens(first, VisualLayout.single_grid(TokenGrid(6, 6, 8, 8))) == tokens
@@ -174,12 +200,13 @@ def test_tokens_covered_by_a_box():
 
 
 def test_every_trigger_kind_has_its_class_and_a_command_line_choice():
-    from disp_runner.attack.triggers import BlendedTrigger, PatchTrigger
+    from disp_runner.attack.triggers import BlendedTrigger, PatchTrigger, SigTrigger
     from disp_runner.cli import build_parser
 
     assert set(TRIGGERS) == set(TriggerKind)
     assert isinstance(make_trigger(TriggerSpec(), 48), PatchTrigger)
     assert isinstance(make_trigger(TriggerSpec(kind=TriggerKind.BLENDED), 48), BlendedTrigger)
+    assert isinstance(make_trigger(TriggerSpec(kind=TriggerKind.SIG), 48), SigTrigger)
     attack = next(a for a in build_parser()._subparsers._group_actions[0].choices["attack"]._actions
                   if a.dest == "trigger")
     assert attack.choices == [kind.value for kind in TriggerKind]
