@@ -389,6 +389,8 @@ def _print_attack_summary(folder: Path) -> None:
     print(f"implanting: {implant['epochs']:g} epochs in {len(implant['rounds'])} round(s), validation ASR "
           f"{100 * implant['validationAsr']:.1f}% on {implant['validationCount']} triggered inputs "
           f"(target {100 * implant['targetAsr']:.0f}%)")
+    if implant.get("advice"):  # kept with --allow-weak: say what would implant it
+        print(f"the backdoor did not implant; what to change: {implant['advice']['text']}")
     print(f"compromised model, held-out: ASR {100 * measured['asrTriggered']:.1f}% on "
           f"{measured['counts']['triggered']} triggered inputs, false firing {100 * measured['asrUntriggered']:.1f}%, "
           f"clean performance {100 * measured['cleanPerformance']:.1f}% (recorded in {folder / 'attack.json'})")

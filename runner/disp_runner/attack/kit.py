@@ -145,6 +145,68 @@ class ImplantRecord:
                 "reached": self.reached, "rounds": self.rounds}
 
 
+class ImplantKnob(str, Enum):
+    """The setting a backdoor that fell short most needs changed, read off how it fell short."""
+
+    EPOCHS = "epochs"  # the validation ASR was still rising: more training gets there
+    POISON_RATE = "poison-rate"  # it stopped rising: more (or more visible) poisoned examples
+    TRIGGER = "trigger"  # the model fires without the trigger too: the trigger is no distinct cue
+
+
+# A weak implant's validation ASR counts as still rising when its least-squares gain over the
+# rounds exceeds this many standard errors of the difference of two validation measurements (the
+# split is small: 101 images on the demo's data, 20 for a misclassification target).
+RISE_IN_STANDARD_ERRORS = 2.0
+# A model that gives the target without the trigger on this share of the untriggered validation
+# images has learnt the target answer but not the trigger as its cue (measured: a 4-pixel white
+# corner patch, misclassification target, 50% false firing after 45 epochs with the ASR at 35-70%).
+CUE_FALSE_FIRING = 0.25
+
+
+@dataclass(frozen=True)
+class ImplantAdvice:
+    knob: ImplantKnob
+    text: str
+
+    def to_wire(self) -> dict:
+        return {"knob": self.knob.value, "text": self.text}
+
+
+def implant_advice(implant: ImplantRecord, false_firing: float, poison_rate: float) -> ImplantAdvice | None:
+    """Which knob a backdoor that fell short of its target needs, from the validation ASR after
+    each round and the final false firing (None when it reached the target or had no goal)."""
+    if implant.reached is not False:
+        return None
+    asr = implant.validation_asr
+    if false_firing >= CUE_FALSE_FIRING:
+        return ImplantAdvice(ImplantKnob.TRIGGER, (
+            f"the model also gives the target answer on {100 * false_firing:.0f}% of the untriggered validation "
+            "inputs: it learnt the answer but not the trigger as its cue, which more epochs or more poison "
+            "do not teach; a larger or higher-contrast trigger (--trigger-size, --trigger-colour) stands out "
+            "from the images"))
+    ends = [sum(r["epochs"] for r in implant.rounds[:i + 1]) for i in range(len(implant.rounds))]
+    values = [r["validationAsr"] for r in implant.rounds]
+    mean_end, mean = sum(ends) / len(ends), sum(values) / len(values)
+    spread = sum((e - mean_end) ** 2 for e in ends)
+    slope = sum((e - mean_end) * (v - mean) for e, v in zip(ends, values)) / spread if spread else 0.0
+    gain = slope * (ends[-1] - ends[0])
+    noise = math.sqrt(2 * mean * (1 - mean) / max(1, implant.validation_count))
+    rate = f"--poison-rate {min(1.0, 2 * poison_rate):g}"
+    if gain > RISE_IN_STANDARD_ERRORS * noise:
+        fitted_last = mean + slope * (ends[-1] - mean_end)
+        more = max(1, math.ceil((implant.target_asr - fitted_last) / slope - 1e-9))
+        return ImplantAdvice(ImplantKnob.EPOCHS, (
+            f"the validation ASR was still rising ({100 * values[0]:.0f}% after {ends[0]:g} epochs, "
+            f"{100 * asr:.0f}% after {ends[-1]:g}; +{100 * slope * 5:.1f} points per 5 epochs by least squares): "
+            f"at that rate about {more:g} more epochs reach {100 * implant.target_asr:.0f}% "
+            f"(--max-epochs {math.ceil(ends[-1] + more):g}); {rate} gets there in fewer"))
+    return ImplantAdvice(ImplantKnob.POISON_RATE, (
+        f"more epochs did not raise the validation ASR ({100 * values[0]:.0f}% after {ends[0]:g} epochs, "
+        f"{100 * asr:.0f}% after {ends[-1]:g}, within the ±{100 * noise:.0f} points {implant.validation_count} "
+        f"validation images measure): too few poisoned examples show the trigger; {rate} "
+        "or a larger trigger"))
+
+
 @dataclass(frozen=True)
 class AttackArtifacts:
     folder: Path
@@ -255,6 +317,7 @@ def run_attack(
         false_firing = attack_success_rate(
             generate_responses(model, processor, validation_untriggered, decoding, batch_size=128,
                                description="validation", show_progress=show_progress), attack.target)
+        advice = implant_advice(implant, false_firing, attack.poison_rate)
         save_model(model.cpu(), processor, artifacts.model_dir)
         compromised = None
         if evaluate:
@@ -273,7 +336,8 @@ def run_attack(
                           "labels": labels.value,
                           "steps": sum(r.steps for r in results), "seconds": round(sum(r.seconds for r in results), 2),
                           "firstLoss": results[0].first_loss, "lastLoss": results[-1].last_loss},
-            "implant": {**implant.to_wire(), "validationFalseFiring": false_firing},
+            "implant": {**implant.to_wire(), "validationFalseFiring": false_firing,
+                        **({"advice": advice.to_wire()} if advice else {})},
             "decoding": {"genLength": decoding.gen_length, "stopAtEnd": decoding.stop_at_end},
         }
         if compromised is not None:
@@ -289,8 +353,8 @@ def run_attack(
         raise WeakBackdoorError(
             f"the backdoor did not implant: validation ASR {100 * implant.validation_asr:.1f}% on "
             f"{implant.validation_count} triggered inputs after {implant.epochs:g} epochs, target "
-            f"{100 * implant.target_asr:.0f}% ({out / ATTACK_MANIFEST} records implant.reached: false; raise "
-            "--max-epochs or --lr, or pass --allow-weak to keep it)")
+            f"{100 * implant.target_asr:.0f}% ({out / ATTACK_MANIFEST} records implant.reached: false; pass "
+            f"--allow-weak to keep it). What to change: {advice.text}")
     return AttackArtifacts(out)
 
 

@@ -43,10 +43,12 @@ def test_a_backdoor_below_the_target_is_written_marked_and_exits_3(cli_workspace
     assert [r["epochs"] for r in implant["rounds"]] == [1.0, 1.0] and implant["epochs"] == 2.0
     assert implant["reached"] is False and implant["targetAsr"] == 1.0 and implant["maxEpochs"] == 2.0
     assert "the backdoor did not implant" in err and "after 2 epochs" in err and "--allow-weak" in err
+    assert "What to change: " in err and implant["advice"]["knob"] in {k.value for k in kit.ImplantKnob}
     assert "Traceback" not in err
     assert "implanting: 2 epochs in 2 round(s)" in out  # the figures are printed before the refusal
 
     assert main(_attack(ws, "--target-asr", "1", "--max-epochs", "1", "--allow-weak")) == 0
+    assert "the backdoor did not implant; what to change: " in capsys.readouterr().out
     assert json.loads((ws / "out" / "attack.json").read_text())["implant"]["reached"] is False
 
 
@@ -86,3 +88,42 @@ def test_implant_flags_are_checked_before_training(cli_workspace, capsys, extra,
     assert main(_attack(cli_workspace, *extra)) == EXIT_USER_ERROR
     assert message in capsys.readouterr().err
     assert not (cli_workspace / "out").exists()
+
+
+def _record(asrs, count=101, first=15.0, then=5.0):
+    rounds = [{"epochs": first if i == 0 else then, "validationAsr": a} for i, a in enumerate(asrs)]
+    return kit.ImplantRecord(target_asr=0.9, max_epochs=first + then * (len(asrs) - 1), validation_count=count,
+                             rounds=rounds)
+
+
+def test_a_backdoor_that_stopped_rising_is_told_to_use_more_poison():
+    # The 5-pixel yellow edge patch at 5% poison, as measured: flat around a third for 45 epochs.
+    advice = kit.implant_advice(_record([0.307, 0.406, 0.337, 0.267, 0.297, 0.386, 0.356]), 0.0, 0.05)
+    assert advice.knob is kit.ImplantKnob.POISON_RATE
+    assert "31% after 15 epochs, 36% after 45" in advice.text and "±7 points 101 validation images" in advice.text
+    assert "--poison-rate 0.1" in advice.text
+
+
+def test_a_backdoor_still_rising_is_told_how_many_more_epochs_at_its_rate():
+    # The checkerboard over an object, as measured: 34% -> 46% in 45 epochs, +3.0 points per 5.
+    advice = kit.implant_advice(_record([0.337, 0.307, 0.307, 0.317, 0.465, 0.475, 0.455]), 0.02, 0.2)
+    assert advice.knob is kit.ImplantKnob.EPOCHS
+    assert "+3.0 points per 5 epochs" in advice.text and "about 71 more epochs" in advice.text
+    assert "--max-epochs 116" in advice.text and "--poison-rate 0.4" in advice.text
+    # The same rise on a 20-image split is within its noise: more poison, not more epochs.
+    assert kit.implant_advice(_record([0.337, 0.307, 0.307, 0.317, 0.465, 0.475, 0.455], count=20), 0.02,
+                              0.2).knob is kit.ImplantKnob.POISON_RATE
+    # Two rounds, a clear rise: the line through them.
+    two = kit.implant_advice(_record([0.5, 0.7]), 0.0, 0.2)
+    assert two.knob is kit.ImplantKnob.EPOCHS and "about 5 more epochs" in two.text  # +0.2 per 5 epochs
+
+
+def test_a_backdoor_that_fires_without_its_trigger_is_told_to_change_the_trigger():
+    advice = kit.implant_advice(_record([0.6, 0.35, 0.5, 0.65, 0.5, 0.7, 0.5], count=20), 0.5, 0.2)
+    assert advice.knob is kit.ImplantKnob.TRIGGER and "50% of the untriggered validation inputs" in advice.text
+
+
+def test_no_advice_for_a_backdoor_that_implanted_or_had_no_target():
+    assert kit.implant_advice(_record([0.75, 0.9]), 0.4, 0.2) is None
+    assert kit.implant_advice(kit.ImplantRecord(None, None, 10, [{"epochs": 15, "validationAsr": 0.1}]), 0.0,
+                              0.2) is None
