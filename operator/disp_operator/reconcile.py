@@ -550,6 +550,11 @@ def _set_stages(plan: Plan, stages: list[StageStatus], observed: Observation, ge
     current = next((s for s in stages if s.phase is not StagePhase.SUCCEEDED), None)
     fraction = current.progress if current is not None else 0.0
     percent = int(100 * (done + fraction) / len(stages)) if stages else 0
+    if any(s.round > 1 for s in stages):
+        # A later round's stages, inserted when the round before it ended, add to the work left:
+        # the share done would fall (80% -> 44% when round 2 starts); the percent holds instead
+        # until the new round's work passes it, so a dashboard or alert never sees it go back.
+        percent = max(percent, plan.status.progress.percent)
     last_update = plan.status.progress.last_update_time
     if observed.progress is not None and observed.progress.updated_at is not None:
         last_update = max(filter(None, [last_update, observed.progress.updated_at]))

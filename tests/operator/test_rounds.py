@@ -39,7 +39,9 @@ def test_a_surviving_backdoor_starts_round_two_with_its_own_stage_jobs():
         plan = step(job, plan.status, jobs=[k8s_job(name, "succeeded")])
     waiting = step(job, plan.status, jobs=[k8s_job("purify-finetune", "succeeded")])
     assert waiting.wants_audit == 1 and waiting.create == []
-    started = step(job, plan.status, jobs=[k8s_job("purify-finetune", "succeeded")], audits={1: _audit(0.3)})
+    assert waiting.status.progress.percent == 80  # four of round 1's five stages
+    started = step(job, waiting.status, jobs=[k8s_job("purify-finetune", "succeeded")], audits={1: _audit(0.3)})
+    assert started.status.progress.percent == 80  # 4 of 9 stages now, but the percent never goes back
     assert started.create == [CreateJob(StageName.SALIENCY, StepKind.RUN, 1, round=2)]
     assert [(s.name.value, s.round) for s in started.status.stages] == [
         ("saliency", 1), ("masking", 1), ("relabel", 1), ("finetune", 1),
