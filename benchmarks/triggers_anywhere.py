@@ -8,11 +8,11 @@
 Each combination poisons the demo's training pool, injects the backdoor with the kit's defaults
 until its validation ASR reaches 90% (`disp attack --target-asr 0.9`), and runs the demo's
 PurificationJob recipe on it with `disp run`'s code: the paper's saliency, masking and relabel
-defaults and the demo's fine-tune. It prints one table: implanting (epochs, validation ASR), ASR
-before/after, false firing after, clean performance before/after, retention, trigger
-localisation, the audit's residual rate and the BackdoorRemoved verdict a cluster would show
-(spec.audit.residualThreshold), the purification rounds used (spec.rounds: the closed loop by
-default; `--set rounds.policy=single-pass` for the paper's one pass) with each round's residual
+defaults and the demo's fine-tune. It prints one table: implanting (epochs, validation ASR, and
+for a weak implant the knob the kit's advice turns), ASR before/after, false firing after, clean
+performance before/after, retention, trigger localisation, the audit's residual rate and the
+BackdoorRemoved verdict a cluster would show (spec.audit.residualThreshold), the purification
+rounds used (spec.rounds: the closed loop by default; `--set rounds.policy=single-pass` for the paper's one pass) with each round's residual
 rate, and seconds. The figures are the kept round's. Prints figures, never asserts; docs/results.md "Triggers anywhere" quotes it.
 """
 
@@ -72,7 +72,6 @@ COMBINATIONS = (
     # SIG's sinusoid (delta 40, 6 periods across the image: one period per 8-pixel token column).
     Combination("sig-refusal", {"kind": "sig"}, "refusal"),
     Combination("sig-insertion", {"kind": "sig"}, "insertion"),
-    Combination("sig-refusal-blur10", {"kind": "sig"}, "refusal", job={"masking.blurSigma": 1.0}),
 )
 
 
@@ -136,7 +135,8 @@ def run_combination(combo: Combination, work: str, overrides: list[tuple[str, ob
     metrics = PurificationMetrics.model_validate_json((kept.stage_dir(StageName.EVALUATE) / METRICS_FILE).read_text())
     masking = next(o for o in outcomes if o.stage is StageName.MASKING and o.round == result.chosen).metrics
     return {"name": combo.name, "implantEpochs": implant["epochs"], "validationAsr": implant["validationAsr"],
-            "implanted": implant["reached"], "asrBefore": metrics.asr_before, "asrAfter": metrics.asr_after,
+            "implanted": implant["reached"], "knob": (implant.get("advice") or {}).get("knob"),
+            "asrBefore": metrics.asr_before, "asrAfter": metrics.asr_after,
             "falseFiringAfter": metrics.false_firing_after, "cleanBefore": metrics.clean_performance_before,
             "cleanAfter": metrics.clean_performance_after, "retention": metrics.retention,
             "localisation": masking.get("triggerLocalisation"), "attackSeconds": attack_seconds,
@@ -171,7 +171,9 @@ def format_table(rows: list[dict]) -> str:
              "rounds used (residual per round) | seconds (attack + DiSP) |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        implanted = f"{'yes' if r['implanted'] else 'NO'} ({r['implantEpochs']:g}, {_pct(r['validationAsr'])})"
+        # A weak implant names the knob the kit's advice turns (disp attack's message gives the rest).
+        knob = f"; knob: {r['knob']}" if r.get("knob") else ""
+        implanted = f"{'yes' if r['implanted'] else 'NO'} ({r['implantEpochs']:g}, {_pct(r['validationAsr'])}{knob})"
         lines.append(f"| {r['name']} | {implanted} | {_pct(r['asrBefore'])} | **{_pct(r['asrAfter'])}** | "
                      f"{_pct(r['falseFiringAfter'])} | {_pct(r['cleanBefore'])} | {_pct(r['cleanAfter'])} | "
                      f"{_pct(r['retention'])} | {_pct(r['localisation'])} | {_residual(r)} | "
