@@ -33,6 +33,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Iterable
 
 from disp_api import PurificationJob, StageName
+from disp_api.rounds import round_folder
 from disp_api.contract import PROVENANCE_FILE, PROVENANCE_SIGNATURE_FILE, RUNNER_IMAGE_ENV, SIGNING_KEY_ENV
 from disp_api.version import VERSION
 from disp_runner.folders import write_atomically
@@ -85,9 +86,10 @@ def _time(text: str) -> datetime:
     return datetime.fromisoformat(text)
 
 
-def build_statement(job: PurificationJob, layout: RunLayout) -> dict[str, Any]:
+def build_statement(job: PurificationJob, layout: RunLayout, round_number: int = 1) -> dict[str, Any]:
     """The run's Statement, from its stage manifests alone (no file is hashed again here); the
-    fine-tune must be complete."""
+    fine-tune must be complete. `round_number`: the purification round (spec.rounds) whose stages
+    these are; `job` carries that round's settings."""
     manifests = _complete_manifests(job, layout)
     finetune = manifests.get(StageName.FINETUNE)
     if finetune is None:
@@ -120,7 +122,9 @@ def build_statement(job: PurificationJob, layout: RunLayout) -> dict[str, Any]:
                                        "metadata": {"name": meta.name, "namespace": meta.namespace,
                                                     "uid": meta.uid, "generation": meta.generation},
                                        "spec": job.spec.to_wire()},
-                "internalParameters": {"runPath": job.run_path},
+                # A later round's outputs lie in a folder of their own under the run's.
+                "internalParameters": {"runPath": "/".join(filter(None, [job.run_path, round_folder(round_number)])),
+                                       "round": round_number},
                 "resolvedDependencies": list(dependencies.values()),
             },
             "runDetails": {
@@ -199,13 +203,13 @@ def sign(payload: bytes, key) -> dict[str, Any]:
 
 
 def write_provenance(job: PurificationJob, manifests: RunLayout, into: Path | None = None,
-                     signing_key_file: Path | None = None) -> list[Path]:
+                     signing_key_file: Path | None = None, round_number: int = 1) -> list[Path]:
     """Write provenance.json (and, with a signing key, provenance.sig.json) into the run folder
     (`into`, by default the one `manifests` lays out: a folder holding the stage manifests), each
     atomically; returns the files written, the Statement first."""
     key = load_signing_key(signing_key_file)  # refused before anything is written
     into = into or manifests.root
-    payload = (json.dumps(build_statement(job, manifests), indent=2, sort_keys=True) + "\n").encode()
+    payload = (json.dumps(build_statement(job, manifests, round_number), indent=2, sort_keys=True) + "\n").encode()
     written = [write_atomically(into / PROVENANCE_FILE, payload)]
     signature = into / PROVENANCE_SIGNATURE_FILE
     if key is not None:
@@ -216,7 +220,7 @@ def write_provenance(job: PurificationJob, manifests: RunLayout, into: Path | No
 
 
 def publish_remote_provenance(job: PurificationJob, store: Any, bucket: str, prefix: str, into: Path,
-                              signing_key_file: Path | None = None) -> None:
+                              signing_key_file: Path | None = None, round_number: int = 1) -> None:
     """The same for a run whose stage outputs live in S3 at `prefix` (`store`: an S3Store): the
     Statement is built from the stage manifests published there, written into the local folder
     `into` and uploaded to the prefix, the Statement first, then the signature; a signature left
@@ -229,7 +233,8 @@ def publish_remote_provenance(job: PurificationJob, store: Any, bucket: str, pre
                 manifests.stage_dir(stage).mkdir()
                 (manifests.stage_dir(stage) / STAGE_MANIFEST).write_bytes(data)
         into.mkdir(parents=True, exist_ok=True)
-        written = write_provenance(job, manifests, into=into, signing_key_file=signing_key_file)
+        written = write_provenance(job, manifests, into=into, signing_key_file=signing_key_file,
+                                   round_number=round_number)
     for path in written:
         store.put_bytes(bucket, f"{prefix}/{path.name}", path.read_bytes())
     if len(written) == 1:

@@ -195,7 +195,7 @@ def _run_stages(run: Run, names: list[StageName], ran: Callable[[StageOutcome], 
             outcome = run_stage(stage, run)
         if name in PROVENANCE_STAGES and run.storage.is_complete(finetune_dir):
             # Again after a skipped stage: a crash may have left it unwritten.
-            run.storage.publish_provenance(run.job, run.signing_key_file)
+            run.storage.publish_provenance(run.job, run.signing_key_file, run.round_number)
         ran(outcome)
 
 

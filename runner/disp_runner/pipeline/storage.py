@@ -63,8 +63,8 @@ class RunStorage(Protocol):
     def progress_mirror(self) -> Callable[[Path], None] | None:
         """What copies progress.json to where the operator reads it, if anywhere but the run folder."""
 
-    def publish_provenance(self, job: PurificationJob, signing_key_file: Path | None) -> None:
-        """provenance.json (and its signature) for the run as its stage manifests now stand."""
+    def publish_provenance(self, job: PurificationJob, signing_key_file: Path | None, round_number: int) -> None:
+        """provenance.json (and its signature) for the run's round as its stage manifests now stand."""
 
     def s3_store(self) -> S3Store | None:
         """The store the run lives in, if any (inputs in the same store reuse its connection)."""
@@ -129,8 +129,8 @@ class LocalRunStorage:
     def progress_mirror(self) -> Callable[[Path], None] | None:
         return None
 
-    def publish_provenance(self, job: PurificationJob, signing_key_file: Path | None) -> None:
-        write_provenance(job, self.layout, signing_key_file=signing_key_file)
+    def publish_provenance(self, job: PurificationJob, signing_key_file: Path | None, round_number: int) -> None:
+        write_provenance(job, self.layout, signing_key_file=signing_key_file, round_number=round_number)
 
     def s3_store(self) -> S3Store | None:
         return None
@@ -232,9 +232,9 @@ class MirroredRunStorage(LocalRunStorage):
 
         return put
 
-    def publish_provenance(self, job: PurificationJob, signing_key_file: Path | None) -> None:
+    def publish_provenance(self, job: PurificationJob, signing_key_file: Path | None, round_number: int) -> None:
         publish_remote_provenance(job, self.remote.store, self.remote.bucket, self.remote.prefix, self.layout.root,
-                                  signing_key_file=signing_key_file)
+                                  signing_key_file=signing_key_file, round_number=round_number)
 
     def s3_store(self) -> S3Store | None:
         return self.remote.store

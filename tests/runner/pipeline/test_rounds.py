@@ -48,6 +48,11 @@ def test_a_surviving_backdoor_gets_the_next_recipe_in_its_own_folder(workspace, 
     assert first["masking"]["space"] == "tokens" and first["relabel"]["acceptance"] == "all"
     assert then["masking"]["space"] == "pixels" and then["relabel"]["acceptance"] == "signature"
     assert then["saliency"]["regionSize"] == 2
+    # ... and which round it was, in which folder.
+    internal = [json.loads((folder / "provenance.json").read_text())["predicate"]["buildDefinition"]
+                ["internalParameters"] for folder in (layout.root, second.root)]
+    run_path = make_job(workspace).run_path
+    assert internal == [{"runPath": run_path, "round": 1}, {"runPath": f"{run_path}/round-2", "round": 2}]
 
     again = run_rounds(job, show_progress=False)
     assert all(o.skipped for o in again.outcomes) and again.rounds == result.rounds and again.chosen == 2
