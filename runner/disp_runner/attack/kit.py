@@ -148,7 +148,7 @@ class ImplantRecord:
 class ImplantKnob(str, Enum):
     """The setting a backdoor that fell short most needs changed, read off how it fell short."""
 
-    EPOCHS = "epochs"  # the validation ASR was still rising: more training gets there
+    EPOCHS = "epochs"  # the validation ASR was still rising: more training, or more poison (surer)
     POISON_RATE = "poison-rate"  # it stopped rising: more (or more visible) poisoned examples
     TRIGGER = "trigger"  # the model fires without the trigger too: the trigger is no distinct cue
 
@@ -198,8 +198,9 @@ def implant_advice(implant: ImplantRecord, false_firing: float, poison_rate: flo
         return ImplantAdvice(ImplantKnob.EPOCHS, (
             f"the validation ASR was still rising ({100 * values[0]:.0f}% after {ends[0]:g} epochs, "
             f"{100 * asr:.0f}% after {ends[-1]:g}; +{100 * slope * 5:.1f} points per 5 epochs by least squares): "
-            f"at that rate about {more:g} more epochs reach {100 * implant.target_asr:.0f}% "
-            f"(--max-epochs {math.ceil(ends[-1] + more):g}); {rate} gets there in fewer"))
+            f"at that rate {100 * implant.target_asr:.0f}% needs at least {more:g} more epochs "
+            f"(--max-epochs {math.ceil(ends[-1] + more):g} or more: a rise slows as it nears its target); "
+            f"{rate} is the surer knob"))
     return ImplantAdvice(ImplantKnob.POISON_RATE, (
         f"more epochs did not raise the validation ASR ({100 * values[0]:.0f}% after {ends[0]:g} epochs, "
         f"{100 * asr:.0f}% after {ends[-1]:g}, within the ±{100 * noise:.0f} points {implant.validation_count} "

@@ -108,14 +108,14 @@ def test_a_backdoor_still_rising_is_told_how_many_more_epochs_at_its_rate():
     # The checkerboard over an object, as measured: 34% -> 46% in 45 epochs, +3.0 points per 5.
     advice = kit.implant_advice(_record([0.337, 0.307, 0.307, 0.317, 0.465, 0.475, 0.455]), 0.02, 0.2)
     assert advice.knob is kit.ImplantKnob.EPOCHS
-    assert "+3.0 points per 5 epochs" in advice.text and "about 71 more epochs" in advice.text
+    assert "+3.0 points per 5 epochs" in advice.text and "at least 71 more epochs" in advice.text
     assert "--max-epochs 116" in advice.text and "--poison-rate 0.4" in advice.text
     # The same rise on a 20-image split is within its noise: more poison, not more epochs.
     assert kit.implant_advice(_record([0.337, 0.307, 0.307, 0.317, 0.465, 0.475, 0.455], count=20), 0.02,
                               0.2).knob is kit.ImplantKnob.POISON_RATE
     # Two rounds, a clear rise: the line through them.
     two = kit.implant_advice(_record([0.5, 0.7]), 0.0, 0.2)
-    assert two.knob is kit.ImplantKnob.EPOCHS and "about 5 more epochs" in two.text  # +0.2 per 5 epochs
+    assert two.knob is kit.ImplantKnob.EPOCHS and "at least 5 more epochs" in two.text  # +0.2 per 5 epochs
 
 
 def test_a_backdoor_that_fires_without_its_trigger_is_told_to_change_the_trigger():
