@@ -162,6 +162,12 @@ def test_attack_json_records_what_was_planted_and_how_the_compromised_model_scor
                         "--trigger-corner", "bottom-right")) == 0
     planted = json.loads((cli_workspace / "out" / "attack.json").read_text())["planted"]
     assert planted == {"kind": "patch", "box": [13, 13, 16, 16], "wholeImage": False, "size": 3, "colour": [9, 8, 7]}
+    # a sig trigger: its signal's amplitude and frequency, over the whole (16-pixel) image
+    assert main(_attack(cli_workspace, "--trigger", "sig", "--sig-delta", "30", "--sig-frequency", "2")) == 0
+    record = json.loads((cli_workspace / "out" / "attack.json").read_text())
+    assert record["planted"] == {"kind": "sig", "box": [0, 0, 16, 16], "wholeImage": True, "delta": 30.0,
+                                 "frequency": 2.0}
+    assert record["attack"]["trigger"]["delta"] == 30.0 and record["attack"]["trigger"]["frequency"] == 2.0
 
 
 def test_the_authors_preset_plants_their_attack_and_the_other_flags_still_win(cli_workspace, capsys):
